@@ -1,0 +1,133 @@
+"""Model checkpoints: a directory with `config.json` + `model.safetensors` (+ tokenizer files).
+
+Loading never unpickles anything: weights come from safetensors, the config from JSON. Every
+problem with a checkpoint directory (missing file, corrupt file, wrong shapes, unknown config key)
+is a `UserError` that names the file. Files are written to a temporary name and renamed, so a kill
+mid-save leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from modernlm.errors import UserError
+
+if TYPE_CHECKING:
+    from modernlm.model import ModelConfig, ModernDecoderLM
+    from modernlm.tokenizer import Tokenizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+MODEL_TYPE = "modernlm"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_model(model: ModernDecoderLM, path: str | Path, tokenizer: Tokenizer | None = None) -> None:
+    from safetensors.torch import save
+
+    from modernlm.config import to_dict
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)  # the same tensor as tok_emb.weight; safetensors forbids aliases
+    atomic_write_bytes(path / WEIGHTS_FILE, save(state, metadata={"format": "pt"}))
+    config = {"model_type": MODEL_TYPE, **to_dict(model.config)}
+    atomic_write_bytes(path / CONFIG_FILE, json.dumps(config, indent=2).encode())
+    if tokenizer is not None:
+        tokenizer.save(path)
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    from modernlm.config import from_dict
+    from modernlm.model import ModelConfig
+
+    path = Path(path)
+    file = path / CONFIG_FILE
+    if not path.is_dir():
+        raise UserError(f"checkpoint directory not found: {path}")
+    if not file.is_file():
+        raise UserError(f"checkpoint {path}: missing {CONFIG_FILE}")
+    try:
+        data: dict[str, Any] = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"checkpoint {file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"checkpoint {file}: expected a JSON object")
+    model_type = data.pop("model_type", MODEL_TYPE)
+    if model_type != MODEL_TYPE:
+        hint = " (a Hugging Face model: convert it first with `modernlm convert`)" if "architectures" in data else ""
+        raise UserError(f"checkpoint {file}: model_type is {model_type!r}, not {MODEL_TYPE!r}{hint}")
+    try:
+        return from_dict(ModelConfig, data, prefix=f"{file}: ")
+    except UserError as e:
+        raise UserError(str(e)) from None
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = Path(path) / WEIGHTS_FILE
+    if not file.is_file():
+        raise UserError(f"checkpoint {Path(path)}: missing {WEIGHTS_FILE}")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"checkpoint {file}: cannot read safetensors ({e})") from None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModernDecoderLM:
+    """Build the model from config.json and fill it from model.safetensors, strictly."""
+    from modernlm.model import ModernDecoderLM
+
+    cfg = load_model_config(path)
+    state = load_state_dict(path)
+    with torch.device("meta"):
+        model = ModernDecoderLM(cfg)
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    check_state_dict(model, state, Path(path) / WEIGHTS_FILE)
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    # buffers (RoPE tables) were built on meta: rebuild them for real
+    model.rope = type(model.rope)(cfg.head_dim, cfg.max_seq_len + int(cfg.attn_sink), cfg.rope_theta)
+    return model.to(device)
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
+    """Fail with one clear message on missing, unexpected or mis-shaped tensors."""
+    expected = {k: v for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_embeddings", False):
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{k}: file has {tuple(state[k].shape)}, config needs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    if wrong:
+        problems.append("wrong shapes: " + "; ".join(wrong[:5]))
+    if problems:
+        raise UserError(f"checkpoint {file} does not match its config.json: " + "; ".join(problems))

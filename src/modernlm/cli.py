@@ -1,0 +1,112 @@
+"""The `modernlm` command: a table of subcommands, each a module with `Config` and `main(cfg)`.
+
+    modernlm <command> [POSITIONAL ...] [-c config.yaml] [key=value ...] [--print-config]
+
+Modules are imported only when their command runs, so `modernlm --help` never imports torch.
+A command module may declare `POSITIONALS = ["src", "dst"]` (config fields filled, in order, by
+bare arguments) and `FLAGS = {"--to": "to"}` (flags that take a value). Anything containing `=`
+is a dotted override. A `UserError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import textwrap
+
+# name -> (module, one-line summary). Two-word names are command groups (`modernlm tokenizer train`).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("modernlm.commands.convert", "convert an HF Llama model or .gguf to modernlm (or back)"),
+    "generate": ("modernlm.commands.generate", "generate text from a checkpoint"),
+    "tokenizer train": ("modernlm.commands.tokenizer_train", "train a byte-level BPE tokenizer"),
+    "prepare": ("modernlm.commands.prepare", "tokenize a corpus into token shards on disk"),
+    "pretrain": ("modernlm.commands.pretrain", "pretrain a ModernDecoderLM from token shards"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return (
+        "usage: modernlm <command> [args] [-c CONFIG] [key=value ...] [--print-config]\n\n"
+        "commands:\n" + "\n".join(lines) + "\n\n"
+        "`modernlm <command> --help` shows a command's options and defaults."
+    )
+
+
+def _find_command(argv: list[str]) -> tuple[str, list[str]] | None:
+    if len(argv) >= 2 and f"{argv[0]} {argv[1]}" in COMMANDS:
+        return f"{argv[0]} {argv[1]}", argv[2:]
+    if argv and argv[0] in COMMANDS:
+        return argv[0], argv[1:]
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return
+    if argv[0] in ("-V", "--version"):
+        from modernlm import __version__
+
+        print(__version__)
+        return
+    found = _find_command(argv)
+    if found is None:
+        import difflib
+
+        words = " ".join(argv[:2])
+        close = difflib.get_close_matches(argv[0], {n.split()[0] for n in COMMANDS}, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        print(f"modernlm: unknown command '{words}'{hint}\n\n{_usage()}", file=sys.stderr)
+        sys.exit(2)
+    name, rest = found
+    sys.exit(run_command(name, rest))
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    """Parse `argv` for command `name`, run it, and return the exit code."""
+    from modernlm.config import load_config, to_yaml
+    from modernlm.errors import UserError
+
+    module = importlib.import_module(COMMANDS[name][0])
+    positionals: list[str] = getattr(module, "POSITIONALS", [])
+    flags: dict[str, str] = getattr(module, "FLAGS", {})
+
+    parser = argparse.ArgumentParser(
+        prog=f"modernlm {name}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent(module.__doc__ or "").strip(),
+        epilog="defaults (override with key=value):\n" + textwrap.indent(to_yaml(module.Config()), "  "),
+    )
+    parser.add_argument("-c", "--config", help="YAML or JSON config file")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    for flag, field in flags.items():
+        parser.add_argument(flag, dest=f"flag_{field}", metavar=field.upper())
+    parser.add_argument("args", nargs="*", help=" ".join(p.upper() for p in positionals) + " key=value ...")
+    ns = parser.parse_args(argv)
+
+    overrides = [a for a in ns.args if "=" in a]
+    bare = [a for a in ns.args if "=" not in a]
+    if len(bare) > len(positionals):
+        parser.print_usage(sys.stderr)
+        print(f"modernlm {name}: error: unexpected argument {bare[len(positionals)]!r}", file=sys.stderr)
+        return 2
+    # Positionals and flags come first so that an explicit key=value still wins.
+    pre = [f"{field}={value}" for field, value in zip(positionals, bare)]
+    pre += [f"{field}={getattr(ns, f'flag_{field}')}" for field in flags.values() if getattr(ns, f"flag_{field}") is not None]
+    try:
+        cfg = load_config(module.Config, ns.config, pre + overrides)
+        if ns.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        module.main(cfg)
+    except UserError as e:
+        print(f"modernlm {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"modernlm {name}: interrupted", file=sys.stderr)
+        return 130
+    return 0

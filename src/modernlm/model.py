@@ -1,0 +1,532 @@
+"""ModernDecoderLM: a Llama-style decoder-only transformer, read top to bottom.
+
+Architecture: token embedding -> n_layer pre-norm blocks [RMSNorm -> causal self-attention with
+RoPE and GQA -> residual; RMSNorm -> SwiGLU (or top-k routed SwiGLU experts) -> residual] ->
+final RMSNorm -> LM head (tied to the embedding or not). Attention goes through
+`F.scaled_dot_product_attention`, so the flash / memory-efficient kernels are used where they
+exist. With `tie_embeddings`, no MoE and no sinks, the weights map one to one onto HF's
+LlamaForCausalLM (see hf.py), and the logits agree to float32 rounding.
+
+Options, each one visible `if` in the forward that uses it:
+- GQA: `n_kv_head` divides `n_head`; each K/V head serves n_head // n_kv_head query heads.
+- MoE: `n_expert > 0` replaces the FFN of `moe_layers` by top-k routed SwiGLU experts with the
+  Switch-Transformer load-balancing loss (see MoE).
+- Attention sink: `attn_sink` prepends one learned sink token to every sequence, as in the
+  StreamingLLM paper's pre-training with a sink token (see `ModernDecoderLM.forward`).
+
+Shape glossary: B batch, T new tokens, S key/value length (cache + new), C d_model, H query heads,
+K kv heads, D head dim, F ffn hidden, V vocab, E experts, N tokens (B*T).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192  # tokens; pad to a multiple of 64 for speed
+    d_model: int = 256  # C: residual stream width
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # H: query heads
+    n_kv_head: int = 0  # K: key/value heads (GQA); 0 = n_head (MHA), 1 = MQA
+    head_dim: int = 0  # D: per-head width; 0 = d_model // n_head
+    d_ff: int = 0  # F: SwiGLU hidden width; 0 = 8/3 * d_model rounded up to a multiple of 64
+    max_seq_len: int = 256  # trained context length (tokens)
+    rope_theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = True  # LM head shares the embedding matrix
+    dropout: float = 0.0  # residual dropout (embedding, attention output, FFN output)
+    attn_dropout: float = 0.0  # dropout on attention probabilities (training only)
+    init_std: float = 0.02  # std of the normal init; residual projections get / sqrt(2 n_layer)
+    # MoE: 0 experts = dense model
+    n_expert: int = 0  # E: experts per MoE layer
+    n_expert_per_token: int = 2  # top-k experts each token is sent to
+    moe_layers: list[int] | None = None  # which blocks use MoE; None = all of them
+    moe_d_ff: int = 0  # hidden width of each expert; 0 = d_ff
+    moe_aux_loss_coef: float = 0.01  # weight of the load-balancing loss (Switch Transformer's alpha)
+    # Attention sink
+    attn_sink: bool = False  # prepend a learned sink token to every sequence (StreamingLLM)
+
+    def __post_init__(self) -> None:
+        # Derive, then validate. Messages name the field: the config loader shows them to the user.
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        if self.head_dim == 0:
+            if self.d_model % self.n_head:
+                raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+            self.head_dim = self.d_model // self.n_head
+        if self.d_ff == 0:
+            self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
+        if self.moe_d_ff == 0:
+            self.moe_d_ff = self.d_ff
+        for name in ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
+        if self.n_expert:
+            if not 1 <= self.n_expert_per_token <= self.n_expert:
+                raise ValueError(
+                    f"n_expert_per_token ({self.n_expert_per_token}) must be in 1..n_expert ({self.n_expert})"
+                )
+            bad = [i for i in self.moe_layers or [] if not 0 <= i < self.n_layer]
+            if bad:
+                raise ValueError(f"moe_layers {bad} out of range for n_layer={self.n_layer}")
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.n_expert > 0 and (self.moe_layers is None or i in self.moe_layers)
+
+
+class LMOutput(NamedTuple):
+    logits: Tensor  # (B, T, V), or (B, 1, V) with last_only
+    aux_loss: Tensor | None  # MoE load-balancing loss, already weighted by moe_aux_loss_coef
+
+
+# --------------------------------------------------------------------------------------------
+# Leaf pieces: RMSNorm and rotary position embeddings
+# --------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 like Llama's reference (matters under bf16)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for RoPE in the "rotate half" layout HF Llama uses (no weight permutation).
+
+    The tables are float32 buffers, not parameters, and are not saved in checkpoints. They grow on
+    demand when generation runs past the trained context without a rolling cache.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._build(max_seq_len)
+
+    def _build(self, length: int) -> None:
+        t = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
+        freqs = torch.outer(t, self.inv_freq)  # (L, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (L, D)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, start: int, length: int) -> tuple[Tensor, Tensor]:
+        """cos, sin for positions start .. start+length-1, each (length, D)."""
+        if start + length > self.cos.size(0):
+            self._build(max(start + length, 2 * self.cos.size(0)))
+        return self.cos[start : start + length], self.sin[start : start + length]
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, heads, T, D) by the angles of its positions; cos/sin are (T, D) float32."""
+    return (x * cos.to(x.dtype)) + (rotate_half(x) * sin.to(x.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache
+# --------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Preallocated per-layer keys and values, (B, K, capacity, D) each.
+
+    Plain mode (window=0): slots are absolute positions; keys are stored after RoPE.
+    Rolling mode (window>0, StreamingLLM): the cache keeps the first `sink_size` slots plus the
+    most recent `window`; keys are stored *before* RoPE and rotated by their slot inside the cache
+    on every step, so positions never exceed sink_size + window + chunk and generation can run
+    for any length in constant memory. `chunk` bounds how many tokens one forward may add.
+
+    `valid` (B, capacity) marks real tokens when a batch is left-padded; None when no padding.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        capacity: int,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        window: int = 0,
+        sink_size: int = 4,
+        chunk: int = 1,
+    ):
+        self.window, self.sink_size, self.chunk = window, sink_size, chunk
+        if window:
+            capacity = sink_size + window + chunk
+        shape = (batch_size, cfg.n_kv_head, capacity, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.capacity = capacity
+        self.length = 0  # filled slots
+        self.seen = 0  # tokens ever added (equals length in plain mode)
+        self.valid: Tensor | None = None
+
+    @property
+    def rolling(self) -> bool:
+        return self.window > 0
+
+    def check_room(self, t: int) -> None:
+        limit = self.chunk if self.rolling else self.capacity - self.length
+        if t > limit:
+            raise ValueError(f"KVCache: cannot add {t} tokens (room for {limit})")
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, K, T, D) at the next slots; return all keys/values (B, K, S, D)."""
+        t = k.size(2)
+        self.k[layer][:, :, self.length : self.length + t] = k
+        self.v[layer][:, :, self.length : self.length + t] = v
+        s = self.length + t
+        return self.k[layer][:, :, :s], self.v[layer][:, :, :s]
+
+    def set_valid(self, mask: Tensor) -> None:
+        """Record which of the next T slots hold real tokens (mask: (B, T) bool)."""
+        if self.valid is None:
+            b = mask.size(0)
+            self.valid = torch.ones(b, self.capacity, dtype=torch.bool, device=mask.device)
+        self.valid[:, self.length : self.length + mask.size(1)] = mask
+
+    def advance(self, t: int) -> None:
+        """Commit the t tokens just written; in rolling mode evict the oldest non-sink slots."""
+        self.length += t
+        self.seen += t
+        if self.rolling and self.length > self.sink_size + self.window:
+            keep_from, dst = self.length - self.window, self.sink_size
+            for buf in (*self.k, *self.v):
+                buf[:, :, dst : dst + self.window] = buf[:, :, keep_from : self.length].clone()
+            if self.valid is not None:
+                self.valid[:, dst : dst + self.window] = self.valid[:, keep_from : self.length].clone()
+            self.length = self.sink_size + self.window
+
+    def memory_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in (*self.k, *self.v))
+
+
+# --------------------------------------------------------------------------------------------
+# Attention, SwiGLU, MoE, Block
+# --------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.attn_dropout = cfg.attn_dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        cache: KVCache | None = None,
+        mask: Tensor | None = None,
+        key_rope: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+
+        q = apply_rope(q, *rope)
+        if cache is not None and cache.rolling:
+            # StreamingLLM: cache raw keys, then rotate every cached key by its slot in the cache.
+            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D), not yet rotated
+            k = apply_rope(k, *key_rope)
+        else:
+            k = apply_rope(k, *rope)
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
+
+        if self.n_kv_head != self.n_head:
+            # GQA: each K/V head serves n_head // n_kv_head query heads. SDPA's enable_gqa would
+            # skip this copy but is not supported by every backend (and not by older torch).
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+
+        dropout = self.attn_dropout if self.training else 0.0
+        if mask is None:
+            # Causal among the T new tokens, full view of the cache: is_causal covers T == S
+            # (no cache) and T == 1 (one decode step sees everything).
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
+        return self.resid_dropout(self.wo(y))
+
+
+class SwiGLU(nn.Module):
+    """w_down(silu(w_gate x) * w_up x): the Llama feed-forward."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
+        super().__init__()
+        self.w_gate = nn.Linear(d_model, d_ff, bias=False)
+        self.w_up = nn.Linear(d_model, d_ff, bias=False)
+        self.w_down = nn.Linear(d_ff, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.w_down(F.silu(self.w_gate(x)) * self.w_up(x)))
+
+
+class MoE(nn.Module):
+    """Top-k routed SwiGLU experts (Mixtral-style routing, Switch-Transformer balancing loss).
+
+    Routing: p = softmax(router(x)) over E experts; each token goes to its top-k experts and their
+    weights are renormalised to sum to 1 (Mixtral). Load balancing (Switch Transformer eq. 4,
+    generalised to top-k as HF's Mixtral does):
+        aux = E * sum_e f_e * P_e
+    f_e = fraction of the N*k token->expert assignments that went to expert e,
+    P_e = mean router probability of expert e over the N tokens. aux is 1 when routing is uniform
+    and grows as it collapses. We follow this formulation because it is the one whose balanced
+    value does not depend on E or k, and it is what Mixtral/OLMoE checkpoints were trained with.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_expert, self.top_k = cfg.n_expert, cfg.n_expert_per_token
+        self.router = nn.Linear(cfg.d_model, cfg.n_expert, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(cfg.d_model, cfg.moe_d_ff) for _ in range(cfg.n_expert))
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (N, C) -> probs (N, E), top-k weights (N, k), top-k expert ids (N, k)."""
+        probs = F.softmax(self.router(x).float(), dim=-1)  # (N, E)
+        weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return probs, weights, experts
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)  # (N, C)
+        probs, weights, experts = self.route(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(experts == e)  # which tokens chose e, in which top-k slot
+            if token.numel():
+                y = expert(x[token]) * weights[token, slot, None].to(x.dtype)
+                out.index_add_(0, token, y)
+        # load balancing: fraction of assignments per expert times mean probability per expert
+        counts = torch.bincount(experts.flatten(), minlength=self.n_expert).float()  # (E,)
+        f = counts / experts.numel()
+        aux = self.n_expert * (f * probs.mean(dim=0)).sum()
+        return self.dropout(out.view(B, T, C)), aux
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, layer_idx)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.ffn = MoE(cfg) if self.is_moe else SwiGLU(cfg.d_model, cfg.d_ff, cfg.dropout)
+
+    def forward(self, x: Tensor, rope, cache=None, mask=None, key_rope=None) -> tuple[Tensor, Tensor | None]:
+        x = x + self.attn(self.attn_norm(x), rope, cache, mask, key_rope)
+        if self.is_moe:
+            h, aux = self.ffn(self.ffn_norm(x))
+            return x + h, aux
+        return x + self.ffn(self.ffn_norm(x)), None
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+class ModernDecoderLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.sink = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.attn_sink else None
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len + int(cfg.attn_sink), cfg.rope_theta)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Every init rule, in one place (GPT-2 / nanoGPT scheme).
+
+        | parameter                         | init                                   |
+        |-----------------------------------|----------------------------------------|
+        | embedding, q/k/v, gate/up, router | normal(0, init_std)                    |
+        | attention wo, FFN w_down          | normal(0, init_std / sqrt(2 n_layer))  |
+        | untied LM head                    | normal(0, init_std)                    |
+        | RMSNorm weights                   | 1                                      |
+        | sink token                        | normal(0, init_std)                    |
+
+        The residual projections are scaled down so the residual stream's variance does not grow
+        with depth. NOTE: call this again after materialising a model built on the meta device;
+        the RoPE tables are buffers and must be rebuilt too (`model.rope._build(...)`).
+        """
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if name.endswith(("wo.weight", "w_down.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
+            elif name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(
+        self,
+        idx: Tensor,
+        *,
+        cache: KVCache | None = None,
+        pad_mask: Tensor | None = None,
+        last_only: bool = False,
+    ) -> LMOutput:
+        """idx (B, T) token ids -> LMOutput(logits (B, T, V), aux_loss).
+
+        cache: continue from (and append to) a KVCache; positions continue from the cache.
+        pad_mask: (B, T) bool, False at padding (left-padded batched prompts); padding is never
+            attended to. Without padding, attention runs SDPA's causal fast path.
+        last_only: compute logits for the last position only (generation).
+        """
+        cfg = self.config
+        B, T = idx.shape
+        x = self.tok_emb(idx)  # (B, T, C)
+        add_sink = self.sink is not None and (cache is None or cache.seen == 0)
+        if add_sink:
+            # StreamingLLM sink token: a learned vector at position 0 that every query can attend
+            # to, so attention has somewhere to put probability mass it does not want to spend.
+            x = torch.cat([self.sink.to(x.dtype).expand(B, 1, -1), x], dim=1)  # (B, 1+T, C)
+            if pad_mask is not None:
+                # Left padding goes before the sink ([pad pad sink a b], not [sink pad pad a b]) so
+                # the sink keeps the same distance to the first token as in an unpadded row.
+                n_pad = (~pad_mask).sum(dim=1, keepdim=True)  # (B, 1)
+                t = torch.arange(T + 1, device=x.device)[None]  # (1, 1+T)
+                order = torch.where(t < n_pad, t + 1, torch.where(t == n_pad, 0, t))  # (B, 1+T)
+                x = x.gather(1, order[..., None].expand(-1, -1, x.size(-1)))
+                pad_mask = t >= n_pad
+            T += 1
+        x = self.emb_dropout(x)
+
+        start = 0
+        key_rope = None
+        if cache is not None:
+            cache.check_room(T)
+            start = cache.length
+            if pad_mask is not None:
+                cache.set_valid(pad_mask)
+            if cache.rolling:
+                key_rope = self.rope(0, start + T)  # rotate cached keys by slot
+        rope = self.rope(start, T)
+        mask = self._attention_mask(T, start, cache, pad_mask, x.device)
+
+        aux_total = None
+        for layer in self.layers:
+            x, aux = layer(x, rope, cache, mask, key_rope)
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
+        if cache is not None:
+            cache.advance(T)
+
+        if add_sink:
+            x = x[:, 1:]  # the sink position predicts nothing
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if aux_total is not None:
+            aux_total = cfg.moe_aux_loss_coef * aux_total
+        return LMOutput(logits, aux_total)
+
+    @staticmethod
+    def _attention_mask(T: int, start: int, cache: KVCache | None, pad_mask: Tensor | None, device) -> Tensor | None:
+        """None when SDPA's is_causal is exact (see Attention); else a (B or 1, 1, T, S) bool mask."""
+        valid = cache.valid if cache is not None else None
+        if valid is None and pad_mask is None and (start == 0 or T == 1):
+            return None
+        S = start + T
+        q_pos = torch.arange(start, S, device=device)[:, None]  # (T, 1)
+        k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+        mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S) causal with offset
+        keys = valid[:, :S] if valid is not None else pad_mask
+        if keys is not None:
+            # A padded query may see no real key at all; let it see itself so softmax stays finite.
+            mask = mask & keys[:, None, None, :] | (k_pos == q_pos)[None, None]  # (B, 1, T, S)
+        return mask
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def num_params(self, exclude_embedding: bool = False, active: bool = False) -> int:
+        """Parameter count. `exclude_embedding` drops the embedding (kept if tied, as the head);
+        `active` counts only the top-k experts of each MoE layer (what one token uses)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding and not self.config.tie_embeddings:
+            n -= self.tok_emb.weight.numel()
+        if active:
+            for layer in self.layers:
+                if layer.is_moe:
+                    per_expert = sum(p.numel() for p in layer.ffn.experts[0].parameters())
+                    n -= per_expert * (layer.ffn.n_expert - layer.ffn.top_k)
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B:
+        6 * active non-embedding parameters (plus the LM head) + 12 * L * H * D * T for attention."""
+        cfg = self.config
+        T = seq_len or cfg.max_seq_len
+        n = self.num_params(active=True) - self.tok_emb.weight.numel()
+        n += self.lm_head.weight.numel() if cfg.tie_embeddings else 0
+        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+
+    def new_cache(self, batch_size: int, capacity: int, **kwargs) -> KVCache:
+        p = next(self.parameters())
+        kwargs.setdefault("dtype", p.dtype)
+        return KVCache(self.config, batch_size, capacity + int(self.config.attn_sink), device=p.device, **kwargs)
+
+    def generate(self, idx: Tensor, **kwargs) -> Tensor:
+        """Autoregressive generation with a KV cache; see `modernlm.generation.generate`."""
+        from modernlm.generation import generate
+
+        return generate(self, idx, **kwargs)
+
+    def save_pretrained(self, path: str | Path, tokenizer=None) -> None:
+        """Write config.json + model.safetensors (+ tokenizer files) into directory `path`."""
+        from modernlm.checkpoint import save_model
+
+        save_model(self, path, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> ModernDecoderLM:
+        """Load a directory written by `save_pretrained`. Never unpickles code (safetensors)."""
+        from modernlm.checkpoint import load_model
+
+        return load_model(path, device=device)

@@ -1,0 +1,151 @@
+"""Tokenizers: one small interface over the `tokenizers` library (no transformers needed).
+
+`load_tokenizer(path)` accepts a directory holding `tokenizer.json` (ours, or any HF tokenizer
+directory), a `tokenizer.json` file, or a directory with GPT-2 style `vocab.json` + `merges.txt`.
+`Tokenizer.save(dir)` writes `tokenizer.json` + `tokenizer_config.json`, which both modernlm and
+`transformers.AutoTokenizer` load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from modernlm.errors import UserError
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the special tokens a language model needs."""
+
+    def __init__(
+        self,
+        backend: Any,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        chat_template: str | None = None,
+    ):
+        self.backend = backend
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.chat_template = chat_template
+        for name in ("bos_token", "eos_token", "pad_token"):
+            tok = getattr(self, name)
+            if tok is not None and backend.token_to_id(tok) is None:
+                raise UserError(f"tokenizer: {name} {tok!r} is not in the vocabulary")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return None if self.bos_token is None else self.backend.token_to_id(self.bos_token)
+
+    @property
+    def eos_id(self) -> int | None:
+        return None if self.eos_token is None else self.backend.token_to_id(self.eos_token)
+
+    @property
+    def pad_id(self) -> int | None:
+        if self.pad_token is not None:
+            return self.backend.token_to_id(self.pad_token)
+        return self.eos_id
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_bos and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(path / TOKENIZER_FILE))
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        for name in ("bos_token", "eos_token", "pad_token"):
+            if getattr(self, name) is not None:
+                config[name] = getattr(self, name)
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        (path / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
+
+
+def _special(value: Any) -> str | None:
+    # tokenizer_config.json stores special tokens as strings or as AddedToken dicts
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer directory or tokenizer.json file (see module docstring)."""
+    from tokenizers import Tokenizer as Backend
+
+    path = Path(path)
+    if path.is_dir() and (path / TOKENIZER_FILE).is_file():
+        file = path / TOKENIZER_FILE
+    elif path.is_file() and path.suffix == ".json":
+        file, path = path, path.parent
+    elif path.is_dir() and (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        return _load_gpt2_files(path)
+    else:
+        raise UserError(
+            f"no tokenizer at {path}: expected a directory with tokenizer.json "
+            "(or vocab.json + merges.txt), or a tokenizer.json file"
+        )
+    try:
+        backend = Backend.from_file(str(file))
+    except Exception as e:
+        raise UserError(f"cannot read tokenizer {file}: {e}") from None
+    config: dict[str, Any] = {}
+    config_file = path / TOKENIZER_CONFIG_FILE
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"cannot parse {config_file}: {e}") from None
+    return Tokenizer(
+        backend,
+        bos_token=_special(config.get("bos_token")),
+        eos_token=_special(config.get("eos_token")),
+        pad_token=_special(config.get("pad_token")),
+        chat_template=config.get("chat_template"),
+    )
+
+
+def _load_gpt2_files(path: Path) -> Tokenizer:
+    """GPT-2's byte-level BPE from vocab.json + merges.txt; <|endoftext|> is bos, eos and pad."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+
+    try:
+        bpe = models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt"))
+    except Exception as e:
+        raise UserError(f"cannot read GPT-2 tokenizer files in {path}: {e}") from None
+    backend = Backend(bpe)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    eot = "<|endoftext|>"
+    if backend.token_to_id(eot) is not None:
+        backend.add_special_tokens([eot])
+        return Tokenizer(backend, bos_token=eot, eos_token=eot)
+    return Tokenizer(backend)
