@@ -93,21 +93,31 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModernDecoderLM:
     """Build the model from config.json and fill it from model.safetensors, strictly."""
-    from modernlm.model import ModernDecoderLM
-
     cfg = load_model_config(path)
     state = load_state_dict(path)
+    return build_model(cfg, state, Path(path) / WEIGHTS_FILE).to(device)
+
+
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str | Path) -> ModernDecoderLM:
+    """A ModernDecoderLM holding exactly the tensors of `state` (no init, no copy).
+
+    Shared by `load_model` and the HF converter (hf.py); `source` names the file in errors.
+    """
+    from modernlm.model import ModernDecoderLM
+
+    # Built on meta so no time goes into a random init that load_state_dict would overwrite.
     with torch.device("meta"):
         model = ModernDecoderLM(cfg)
+    state = dict(state)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
-    check_state_dict(model, state, Path(path) / WEIGHTS_FILE)
+    check_state_dict(model, state, Path(source))
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
     # buffers (RoPE tables) were built on meta: rebuild them for real
     model.rope = type(model.rope)(cfg.head_dim, cfg.max_seq_len + int(cfg.attn_sink), cfg.rope_theta)
-    return model.to(device)
+    return model
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:

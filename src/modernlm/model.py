@@ -332,9 +332,8 @@ class MoE(nn.Module):
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(experts == e)  # which tokens chose e, in which top-k slot
-            if token.numel():
-                y = expert(x[token]) * weights[token, slot, None].to(x.dtype)
-                out.index_add_(0, token, y)
+            y = expert(x[token]) * weights[token, slot, None].to(x.dtype)  # (N_e, C)
+            out.index_add_(0, token, y)
         # load balancing: fraction of assignments per expert times mean probability per expert
         counts = torch.bincount(experts.flatten(), minlength=self.n_expert).float()  # (E,)
         f = counts / experts.numel()
@@ -530,3 +529,15 @@ class ModernDecoderLM(nn.Module):
         from modernlm.checkpoint import load_model
 
         return load_model(path, device=device)
+
+
+def compile_model(model: nn.Module, **kwargs) -> nn.Module:
+    """torch.compile, set up so the whole forward is one graph (no break per layer).
+
+    MoE routing has data-dependent shapes (which tokens chose expert e); letting dynamo capture
+    such ops keeps it in the graph instead of breaking at every expert of every layer.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    return torch.compile(model, **kwargs)
