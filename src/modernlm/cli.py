@@ -86,7 +86,7 @@ def run_command(name: str, argv: list[str]) -> int:
     for flag, field in flags.items():
         parser.add_argument(flag, dest=f"flag_{field}", metavar=field.upper())
     parser.add_argument("args", nargs="*", help=" ".join(p.upper() for p in positionals) + " key=value ...")
-    ns = parser.parse_args(argv)
+    ns = parser.parse_intermixed_args(argv)  # flags may come after positionals
 
     overrides = [a for a in ns.args if "=" in a]
     bare = [a for a in ns.args if "=" not in a]

@@ -44,13 +44,20 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             raise UserError(f"config file {path}: expected a .yaml, .yml or .json file")
     except UserError:
         raise
-    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError: both name the line
-        raise UserError(f"config file {path}: cannot parse: {e}") from None
+    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
+        raise UserError(f"config file {path}: cannot parse: {_one_line(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"config file {path}: expected a mapping at the top level")
     return data
+
+
+def _one_line(e: Exception) -> str:
+    mark = getattr(e, "problem_mark", None)  # PyYAML errors carry the position separately
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {getattr(e, 'problem', e)}"
+    return " ".join(str(e).split())
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -117,7 +124,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     for key in data:
         if key not in fields:
             msg = f"unknown key '{prefix}{key}'"
-            close = difflib.get_close_matches(key, list(fields), n=1)
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
             if close:
                 msg += f"; did you mean '{prefix}{close[0]}'?"
             else:

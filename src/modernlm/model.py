@@ -158,8 +158,9 @@ class KVCache:
     Plain mode (window=0): slots are absolute positions; keys are stored after RoPE.
     Rolling mode (window>0, StreamingLLM): the cache keeps the first `sink_size` slots plus the
     most recent `window`; keys are stored *before* RoPE and rotated by their slot inside the cache
-    on every step, so positions never exceed sink_size + window + chunk and generation can run
-    for any length in constant memory. `chunk` bounds how many tokens one forward may add.
+    on every step, so positions stay below `capacity` and generation can run for any length in
+    constant memory. Room beyond sink_size + window bounds how many tokens one forward may add
+    (`ModernDecoderLM.new_cache` sizes it from `chunk`).
 
     `valid` (B, capacity) marks real tokens when a batch is left-padded; None when no padding.
     """
@@ -174,11 +175,10 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         window: int = 0,
         sink_size: int = 4,
-        chunk: int = 1,
     ):
-        self.window, self.sink_size, self.chunk = window, sink_size, chunk
-        if window:
-            capacity = sink_size + window + chunk
+        self.window, self.sink_size = window, sink_size
+        if window and capacity <= sink_size + window:
+            raise ValueError(f"KVCache: capacity {capacity} leaves no room beyond sink_size + window")
         shape = (batch_size, cfg.n_kv_head, capacity, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
@@ -192,9 +192,8 @@ class KVCache:
         return self.window > 0
 
     def check_room(self, t: int) -> None:
-        limit = self.chunk if self.rolling else self.capacity - self.length
-        if t > limit:
-            raise ValueError(f"KVCache: cannot add {t} tokens (room for {limit})")
+        if t > self.capacity - self.length:
+            raise ValueError(f"KVCache: cannot add {t} tokens (room for {self.capacity - self.length})")
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, K, T, D) at the next slots; return all keys/values (B, K, S, D)."""
@@ -506,10 +505,19 @@ class ModernDecoderLM(nn.Module):
         n += self.lm_head.weight.numel() if cfg.tie_embeddings else 0
         return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
 
-    def new_cache(self, batch_size: int, capacity: int, **kwargs) -> KVCache:
+    def new_cache(
+        self, batch_size: int, capacity: int = 0, *, window: int = 0, sink_size: int = 4, chunk: int = 1, **kwargs
+    ) -> KVCache:
+        """A cache for `capacity` tokens, or with `window`, a rolling one that takes up to `chunk`
+        tokens per forward. Room for the learned sink token is added when the model has one."""
         p = next(self.parameters())
         kwargs.setdefault("dtype", p.dtype)
-        return KVCache(self.config, batch_size, capacity + int(self.config.attn_sink), device=p.device, **kwargs)
+        if window:
+            capacity = sink_size + window + chunk
+        capacity += int(self.config.attn_sink)
+        return KVCache(
+            self.config, batch_size, capacity, device=p.device, window=window, sink_size=sink_size, **kwargs
+        )
 
     def generate(self, idx: Tensor, **kwargs) -> Tensor:
         """Autoregressive generation with a KV cache; see `modernlm.generation.generate`."""

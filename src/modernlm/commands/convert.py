@@ -1,0 +1,68 @@
+"""Convert a Hugging Face Llama model (directory, hub id or .gguf file) to a modernlm checkpoint, or back.
+
+    modernlm convert path/to/SmolLM2-135M-Instruct.Q4_1.gguf runs/smollm2
+    modernlm convert HuggingFaceTB/SmolLM2-135M-Instruct runs/smollm2 dtype=bfloat16
+    modernlm convert runs/smollm2 hf/smollm2 --to hf
+
+Weights map one to one (no permutation); logits match transformers to float32 rounding.
+MoE and sink models have no Llama equivalent and cannot go `--to hf`. Needs the `hf` extra.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from modernlm.errors import UserError
+
+POSITIONALS = ["src", "dst"]
+FLAGS = {"--to": "to"}
+
+
+@dataclass
+class Config:
+    src: str = ""  # to=modernlm: HF model dir, hub id or .gguf file; to=hf: modernlm checkpoint dir
+    dst: str = ""  # output directory (must be empty or absent unless overwrite)
+    to: Literal["modernlm", "hf"] = "modernlm"  # direction
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the written weights
+    overwrite: bool = False  # allow writing into a non-empty dst
+
+
+def main(cfg: Config) -> None:
+    if not cfg.src or not cfg.dst:
+        raise UserError("usage: modernlm convert SRC DST [--to hf]  (SRC and DST are required)")
+    dst = Path(cfg.dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not cfg.overwrite:
+        raise UserError(f"{dst} exists and is not empty (pass overwrite=true to write into it)")
+    if Path(cfg.src).expanduser().resolve() == dst.expanduser().resolve():
+        raise UserError("src and dst must differ")
+
+    if cfg.to == "hf":
+        import torch
+
+        from modernlm.checkpoint import load_model
+        from modernlm.hf import save_hf, model_config_to_llama_config
+        from modernlm.tokenizer import TOKENIZER_FILE, load_tokenizer
+
+        src = Path(cfg.src)
+        if not src.exists():
+            raise UserError(f"{src}: no such checkpoint directory")
+        model = load_model(src)  # UserErrors name the broken file; no transformers needed yet
+        model_config_to_llama_config(model.config)  # MoE / sink -> UserError before writing anything
+        tokenizer = load_tokenizer(src) if (src / TOKENIZER_FILE).is_file() else None
+        save_hf(model, tokenizer, dst, dtype=getattr(torch, cfg.dtype))
+        what = "HF LlamaForCausalLM" + (" + tokenizer" if tokenizer else "")
+    else:
+        from modernlm.hf import load_hf_model
+
+        model, tokenizer = load_hf_model(cfg.src, dtype=cfg.dtype)
+        model.save_pretrained(dst, tokenizer)
+        what = "modernlm checkpoint" + (" + tokenizer" if tokenizer else "")
+
+    c = model.config
+    heads = f"{c.n_head}/{c.n_kv_head} heads" if c.n_kv_head != c.n_head else f"{c.n_head} heads"
+    print(
+        f"converted {cfg.src} -> {dst} ({what}, {cfg.dtype}): {model.num_params() / 1e6:.1f}M params, "
+        f"{c.n_layer} layers, d_model {c.d_model}, {heads}, vocab {c.vocab_size}"
+    )

@@ -1,0 +1,642 @@
+"""Corpora and token shards: read documents, mix sources by weight, tokenize once to disk.
+
+Sources (`SourceConfig`): a local file, directory or glob, or a Hugging Face hub dataset.
+- `.txt` (and WikiText's `.tokens` / `.raw`): how a file becomes documents is `documents`:
+  `auto` (default) splits WikiText files at top-level ` = Title = ` headings (one article per
+  document) and any other text file at blank lines (one paragraph per document); `paragraph`,
+  `line` (one per non-blank line), `file` (whole file) and `wikitext` force a rule, and a non-empty
+  `separator` (e.g. `<|endoftext|>`) splits on that string instead. Text documents are stripped of
+  surrounding whitespace.
+- `.jsonl` (the `text_field` of each line), `.parquet` (the `text_field` column; needs pyarrow) and
+  hub datasets (`hf_dataset`, needs `datasets`) give one document per row, verbatim; with another
+  `documents` rule the rows are read as the lines of a text file (a hub WikiText has one row per
+  line: `documents: wikitext` regroups them into articles).
+- Any of these may be gzipped (`.txt.gz`, `.jsonl.gz`, ...). A directory means its files with a
+  known extension, sorted; a glob its matches, sorted.
+
+Mixing (`CorpusConfig`): when every source has weight 0 (the default) all documents are read, source
+after source. Otherwise the weights are shares of the mix, counted in UTF-8 bytes (a proxy for
+tokens known before tokenizing; `prepare` records the real token count per source) or documents
+(`mix_by`): the next document always comes from the source furthest below its share, so shares hold
+to within one document, and the mix stops when the first source runs out, so no document repeats.
+
+Token shards (`prepare_tokens`), the format the trainer memory-maps (modernlm-tokens-v1):
+`DIR/meta.json`, `DIR/{train,val}_NNNNN.bin` (little-endian uint16 when the vocabulary fits, else
+uint32; documents concatenated, each followed by eos) and the tokenizer files. See `prepare_tokens`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import gzip
+import io
+import itertools
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from modernlm.errors import UserError
+
+FORMAT = "modernlm-tokens-v1"
+META_FILE = "meta.json"
+TEXT_EXTENSIONS = (".txt", ".text", ".md", ".tokens", ".raw")
+JSONL_EXTENSIONS = (".jsonl", ".ndjson")
+PARQUET_EXTENSIONS = (".parquet",)
+WIKITEXT_EXTENSIONS = (".tokens", ".raw")
+
+
+@dataclass
+class SourceConfig:
+    """One corpus source: a local `path` or a hub `hf_dataset` (exactly one)."""
+
+    path: str = ""  # file, directory or glob: .txt/.tokens/.raw/.jsonl/.parquet, optionally .gz
+    hf_dataset: str = ""  # or a Hugging Face hub dataset id, e.g. "roneneldan/TinyStories"
+    hf_config: str = ""  # the hub dataset's config name, e.g. "wikitext-103-raw-v1"
+    split: str = "train"  # the hub split to read
+    hf_streaming: bool = False  # stream the hub dataset instead of downloading it first
+    text_field: str = "text"  # jsonl key / parquet or hub column that holds the text
+    documents: Literal["auto", "paragraph", "line", "file", "wikitext"] = "auto"  # see module doc
+    separator: str = ""  # if set, text is split into documents on this string instead
+    weight: float = 0.0  # share of the mix (see CorpusConfig); 0 everywhere = all documents
+    max_documents: int = 0  # read at most this many documents from the source (0 = all)
+
+    def __post_init__(self):
+        if bool(self.path) == bool(self.hf_dataset):
+            raise ValueError("give exactly one of path (a local file or glob) or hf_dataset")
+        if self.weight < 0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
+        if self.max_documents < 0:
+            raise ValueError(f"max_documents must be >= 0, got {self.max_documents}")
+
+    @property
+    def name(self) -> str:
+        if self.path:
+            return self.path
+        return ":".join(x for x in ("hf", self.hf_dataset, self.hf_config, self.split) if x)
+
+
+@dataclass
+class CorpusConfig:
+    """Where the text comes from, and how several sources are mixed (see module docstring)."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    mix_by: Literal["bytes", "documents"] = "bytes"  # what the source weights are shares of
+
+    def __post_init__(self):
+        weighted = [s.weight > 0 for s in self.sources]
+        if any(weighted) and not all(weighted):
+            raise ValueError("give every source a weight > 0 (a weighted mix) or none (all documents)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading documents
+
+
+def source_files(path: str) -> list[Path]:
+    """The files a source path names: a file, a directory's known files, or a glob's matches."""
+    if glob.has_magic(path):
+        files = sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
+        if not files:
+            raise UserError(f"no files match {path!r}")
+        return files
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and _kind(f, strict=False))
+        if not files:
+            raise UserError(f"no .txt/.jsonl/.parquet files in directory {p}")
+        return files
+    if not p.is_file():
+        raise UserError(f"file not found: {p}")
+    return [p]
+
+
+def _kind(path: Path, strict: bool = True) -> str | None:
+    """'text', 'jsonl' or 'parquet' from the extension (under an optional .gz)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    ext = suffixes[-1] if suffixes else ""
+    for kind, exts in (("text", TEXT_EXTENSIONS), ("jsonl", JSONL_EXTENSIONS), ("parquet", PARQUET_EXTENSIONS)):
+        if ext in exts:
+            return kind
+    if strict:
+        known = ", ".join(TEXT_EXTENSIONS + JSONL_EXTENSIONS + PARQUET_EXTENSIONS)
+        raise UserError(f"{path}: unknown file type {ext or '(no extension)'!r}; expected {known} (optionally .gz)")
+    return None
+
+
+@contextlib.contextmanager
+def _open_text(path: Path) -> Iterator[io.TextIOBase]:
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            yield f
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"{path}: cannot read: {e}") from None
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    with _open_text(path) as f:
+        yield from f
+
+
+def _jsonl_rows(path: Path, text_field: str) -> Iterator[str]:
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+            if not isinstance(row, dict) or text_field not in row:
+                raise UserError(f"{path}:{lineno}: no {text_field!r} field (set text_field=...)")
+            text = row[text_field]
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{lineno}: {text_field!r} is {type(text).__name__}, expected a string")
+            yield text
+
+
+def _parquet_rows(path: Path, text_field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading .parquet files needs pyarrow (pip install pyarrow)") from None
+    try:
+        source: Any = io.BytesIO(gzip.decompress(path.read_bytes())) if path.suffix.lower() == ".gz" else path
+        pf = pq.ParquetFile(source)
+    except Exception as e:
+        raise UserError(f"{path}: cannot read parquet: {e}") from None
+    if text_field not in pf.schema_arrow.names:
+        raise UserError(f"{path}: no column {text_field!r}; columns: {', '.join(pf.schema_arrow.names)}")
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if text is not None:
+                yield text
+
+
+def _hub_rows(src: SourceConfig) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"source {src.name}: hub datasets need the `datasets` package (pip install datasets)") from None
+    try:
+        ds = datasets.load_dataset(
+            src.hf_dataset, src.hf_config or None, split=src.split, streaming=src.hf_streaming
+        )
+    except Exception as e:  # no network, unknown id/config/split: all user-fixable
+        raise UserError(f"source {src.name}: cannot load hub dataset: {e}") from None
+    columns = getattr(ds, "column_names", None)
+    if columns is not None and src.text_field not in columns:
+        raise UserError(f"source {src.name}: no column {src.text_field!r}; columns: {', '.join(columns)}")
+    for row in ds:
+        text = row.get(src.text_field)
+        if isinstance(text, str):
+            yield text
+
+
+# Top-level WikiText headings look like " = Title = "; sections are " = = Title = = ".
+_WIKITEXT_TITLE = re.compile(r"^\s*= (?!=).*[^=\s].* =\s*$")
+
+
+def _group_lines(lines: Iterable[str], rule: str) -> Iterator[str]:
+    """Turn lines (with their newlines) into stripped, non-empty documents by `rule`."""
+    if rule == "line":
+        for line in lines:
+            if line.strip():
+                yield line.strip()
+        return
+    if rule == "file":
+        text = "".join(lines).strip()
+        if text:
+            yield text
+        return
+    buf: list[str] = []
+    for line in lines:
+        if rule == "paragraph":
+            if line.strip():
+                buf.append(line)
+                continue
+        elif _WIKITEXT_TITLE.match(line) is None:  # wikitext: a title starts the next article
+            buf.append(line)
+            continue
+        text = "".join(buf).strip()
+        if text:
+            yield text
+        buf = [] if rule == "paragraph" else [line]
+    text = "".join(buf).strip()
+    if text:
+        yield text
+
+
+def _split_separator(lines: Iterable[str], separator: str) -> Iterator[str]:
+    for part in "".join(lines).split(separator):
+        if part.strip():
+            yield part.strip()
+
+
+def _as_lines(rows: Iterable[str]) -> Iterator[str]:
+    for row in rows:
+        yield row if row.endswith("\n") else row + "\n"
+
+
+def _file_documents(path: Path, src: SourceConfig) -> Iterator[str]:
+    kind = _kind(path)
+    if kind == "text":
+        lines: Iterable[str] = _text_lines(path)
+        rule = src.documents
+        if rule == "auto":
+            inner = path.with_suffix("") if path.suffix.lower() == ".gz" else path
+            rule = "wikitext" if inner.suffix.lower() in WIKITEXT_EXTENSIONS else "paragraph"
+        if src.separator:
+            return _split_separator(lines, src.separator)
+        return _group_lines(lines, rule)
+    rows = _jsonl_rows(path, src.text_field) if kind == "jsonl" else _parquet_rows(path, src.text_field)
+    return _rows_to_documents(rows, src)
+
+
+def _rows_to_documents(rows: Iterable[str], src: SourceConfig) -> Iterator[str]:
+    if src.separator:
+        return _split_separator(_as_lines(rows), src.separator)
+    if src.documents == "auto":
+        return (r for r in rows if r.strip())
+    return _group_lines(_as_lines(rows), src.documents)
+
+
+def _nonempty(docs: Iterable[str], what: str) -> Iterator[str]:
+    n = 0
+    for doc in docs:
+        n += 1
+        yield doc
+    if n == 0:
+        raise UserError(f"{what}: no documents (empty file?)")
+
+
+def read_source(src: SourceConfig) -> Iterator[str]:
+    """All documents of one source, in order (at most `max_documents`)."""
+
+    def docs() -> Iterator[str]:
+        if src.hf_dataset:
+            yield from _nonempty(_rows_to_documents(_hub_rows(src), src), f"source {src.name}")
+            return
+        for path in source_files(src.path):
+            yield from _nonempty(_file_documents(path, src), str(path))
+
+    it = docs()
+    return itertools.islice(it, src.max_documents) if src.max_documents else it
+
+
+def iter_documents(corpus: CorpusConfig) -> Iterator[tuple[int, str]]:
+    """(source index, document) pairs for the whole corpus, mixed as the module docstring says."""
+    if not corpus.sources:
+        raise UserError("no corpus sources: give an input path or corpus.sources")
+    streams = [read_source(s) for s in corpus.sources]
+    if all(s.weight == 0 for s in corpus.sources):
+        for i, stream in enumerate(streams):
+            for doc in stream:
+                yield i, doc
+        return
+    total = sum(s.weight for s in corpus.sources)
+    shares = [s.weight / total for s in corpus.sources]
+    taken = [0] * len(streams)
+    while True:
+        # Deficit round-robin: the source furthest below its share goes next (ties: first listed).
+        i = min(range(len(streams)), key=lambda k: taken[k] / shares[k])
+        doc = next(streams[i], None)
+        if doc is None:  # first source exhausted: stop, so the shares hold and nothing repeats
+            return
+        taken[i] += len(doc.encode("utf-8")) if corpus.mix_by == "bytes" else 1
+        yield i, doc
+
+
+def corpus_with_input(input: str, corpus: CorpusConfig) -> CorpusConfig:
+    """A command's `input` shorthand (one path or glob) as a corpus; it excludes corpus.sources."""
+    if input and corpus.sources:
+        raise UserError("give either input (one path) or corpus.sources, not both")
+    if input:
+        return dataclasses.replace(corpus, sources=[SourceConfig(path=input)])
+    if not corpus.sources:
+        raise UserError("no corpus: give an input path (e.g. ../shared/data/wikitext-2/wiki.train.tokens) or corpus.sources")
+    return corpus
+
+
+# ---------------------------------------------------------------------------------------------
+# Token shards
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Little-endian uint16 when every id fits (vocab <= 65536), else uint32."""
+    if vocab_size <= 1 << 16:
+        return np.dtype("<u2")
+    if vocab_size <= 1 << 32:
+        return np.dtype("<u4")
+    raise UserError(f"tokenizer vocabulary of {vocab_size} does not fit in uint32 token files")
+
+
+class _ShardWriter:
+    """Appends token arrays to NAME_00000.bin, NAME_00001.bin, ... of exactly `shard_tokens` each."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
+        self.files: list[str] = []
+        self.tokens = self.documents = 0
+        self._file: io.BufferedWriter | None = None
+        self._left = 0
+
+    def write(self, tokens: np.ndarray, documents: int) -> None:
+        tokens = tokens.astype(self.dtype, copy=False)
+        self.documents += documents
+        while tokens.size:
+            if self._left == 0:
+                self.close()
+                name = f"{self.split}_{len(self.files):05d}.bin"
+                self._file = open(self.directory / name, "wb")  # noqa: SIM115 (closed in close())
+                self.files.append(name)
+                self._left = self.shard_tokens
+            n = min(self._left, tokens.size)
+            self._file.write(tokens[:n].tobytes())
+            tokens, self._left, self.tokens = tokens[n:], self._left - n, self.tokens + n
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def meta(self) -> dict[str, Any]:
+        return {"files": self.files, "tokens": self.tokens, "documents": self.documents}
+
+
+# Worker state: each process builds the tokenizer once, from its JSON, in `_init_worker`.
+_BACKEND: Any = None
+_EOS: int | None = None
+
+
+def _init_worker(tokenizer_json: str, eos_id: int | None) -> None:
+    global _BACKEND, _EOS
+    from tokenizers import Tokenizer as Backend
+
+    # One thread per process, so num_workers is the number of cores used (and never oversubscribed).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _BACKEND, _EOS = Backend.from_str(tokenizer_json), eos_id
+
+
+def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of a chunk of documents, each followed by eos, flat; and each document's length."""
+    flat: list[int] = []
+    lengths = np.empty(len(texts), dtype=np.int64)
+    for k, enc in enumerate(_BACKEND.encode_batch(texts, add_special_tokens=False)):
+        flat.extend(enc.ids)
+        if _EOS is not None:
+            flat.append(_EOS)
+        lengths[k] = len(enc.ids) + (_EOS is not None)
+    return np.array(flat, dtype=np.uint32), lengths
+
+
+def _map_ordered(func: Callable, items: Iterable, num_workers: int, initargs: tuple) -> Iterator:
+    """`map(func, items)` over `num_workers` processes, in order, with a bounded number in flight."""
+    if num_workers <= 1:
+        previous = os.environ.get("TOKENIZERS_PARALLELISM")
+        _init_worker(*initargs)
+        try:
+            yield from map(func, items)
+        finally:
+            if previous is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = previous
+        return
+    import multiprocessing as mp
+
+    # spawn, not fork: forking a process whose tokenizers threads have run can deadlock, and spawn
+    # behaves the same on Linux and macOS.
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(num_workers, initializer=_init_worker, initargs=initargs) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.apply_async(func, (item,)))
+            if len(pending) >= 2 * num_workers:  # backpressure: never read far ahead of the workers
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _chunks(docs: Iterable[tuple[int, str]], chunk_bytes: int) -> Iterator[tuple[list[int], list[str], list[int]]]:
+    """Group documents into chunks of about `chunk_bytes`: (source ids, texts, UTF-8 sizes)."""
+    sources: list[int] = []
+    texts: list[str] = []
+    sizes: list[int] = []
+    for i, text in docs:
+        sources.append(i)
+        texts.append(text)
+        sizes.append(len(text.encode("utf-8")))
+        if sum(sizes) >= chunk_bytes:
+            yield sources, texts, sizes
+            sources, texts, sizes = [], [], []
+    if texts:
+        yield sources, texts, sizes
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def prepare_tokens(
+    corpus: CorpusConfig,
+    tokenizer: Any,
+    out_dir: str | Path,
+    *,
+    val_fraction: float = 0.0005,
+    seed: int = 0,
+    num_workers: int = 0,
+    shard_tokens: int = 100_000_000,
+    chunk_bytes: int = 1 << 20,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenize `corpus` with `tokenizer` (a `modernlm.tokenizer.Tokenizer`) into `out_dir`.
+
+    Each document goes to val with probability `val_fraction` (a seeded draw per document, in corpus
+    order; if none did, the last document does), otherwise to train; both splits hold whole
+    documents, never shared. Documents are tokenized in chunks of about `chunk_bytes` by
+    `num_workers` processes (0 = one per core); chunking and the draws do not depend on the worker
+    count, so the output is byte-identical for any `num_workers`. Everything is written to a
+    temporary sibling directory that is renamed to `out_dir` at the end, so an interrupted run never
+    leaves a complete-looking dataset. Returns the meta.json dict.
+    """
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if shard_tokens < 1 or chunk_bytes < 1:
+        raise UserError("shard_tokens and chunk_bytes must be >= 1")
+    dtype = token_dtype(tokenizer.vocab_size)
+    eos = tokenizer.eos_id
+    if eos is None:
+        print("warning: the tokenizer has no eos token; documents are concatenated without a separator")
+    out = Path(out_dir)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+        raise UserError(f"{out} already exists; pass overwrite=true to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    workers = num_workers if num_workers > 0 else default_workers()
+
+    from tqdm import tqdm
+
+    n_sources = len(corpus.sources)
+    per_source = {"documents": np.zeros(n_sources, np.int64), "bytes": np.zeros(n_sources, np.int64),
+                  "tokens": np.zeros(n_sources, np.int64)}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
+        rng = np.random.default_rng(seed)
+        held: np.ndarray | None = None  # the latest train document, kept back in case val ends empty
+        chunks = _chunks(iter_documents(corpus), chunk_bytes)
+        meta_chunks = _tee_meta(chunks)
+        bar = tqdm(total=None, unit="B", unit_scale=True, desc="prepare", disable=not progress or None)
+        initargs = (tokenizer.backend.to_str(), eos)
+        for (sources, sizes), (ids, lengths) in zip(meta_chunks, _map_ordered(_encode_chunk, meta_chunks.texts(), workers, initargs)):
+            src = np.asarray(sources)
+            np.add.at(per_source["documents"], src, 1)
+            np.add.at(per_source["bytes"], src, np.asarray(sizes))
+            np.add.at(per_source["tokens"], src, lengths - (eos is not None))
+            is_val = rng.random(len(lengths)) < val_fraction
+            token_is_val = np.repeat(is_val, lengths)
+            if is_val.any():
+                writers["val"].write(ids[token_is_val], int(is_val.sum()))
+            train_lengths = lengths[~is_val]
+            if train_lengths.size:
+                train = ids[~token_is_val]
+                if held is not None:
+                    writers["train"].write(held, 1)
+                last = int(train_lengths[-1])
+                writers["train"].write(train[:-last], train_lengths.size - 1)
+                held = train[-last:]
+            bar.update(sum(sizes))
+        bar.close()
+        if held is not None:
+            writers["val" if writers["val"].documents == 0 else "train"].write(held, 1)
+        for w in writers.values():
+            w.close()
+        if writers["train"].documents == 0:
+            raise UserError(
+                f"the corpus has {writers['val'].documents} document(s), all in val: "
+                "need at least 2 documents, or a smaller val_fraction"
+            )
+        total_bytes = int(per_source["bytes"].sum())
+        text_tokens = int(per_source["tokens"].sum())
+        meta = {
+            "format": FORMAT,
+            "dtype": dtype.name,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": eos,
+            "bos_id": tokenizer.bos_id,
+            "splits": {s: w.meta() for s, w in writers.items()},
+            "source": {
+                "sources": [
+                    {**_source_record(s), **{k: int(v[i]) for k, v in per_source.items()}}
+                    for i, s in enumerate(corpus.sources)
+                ],
+                "mix_by": corpus.mix_by,
+                "val_fraction": val_fraction,
+                "seed": seed,
+                "shard_tokens": shard_tokens,
+                "text_tokens": text_tokens,  # tokens without the eos separators
+            },
+            "bytes": total_bytes,
+            # bytes per text token (eos separators are not text), the tokenizer's compression
+            "bytes_per_token": total_bytes / max(text_tokens, 1),
+        }
+        tokenizer.save(tmp)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # last: marks it complete
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+class _tee_meta:
+    """Split a chunk stream into (sources, sizes) for the main process and texts for the workers.
+
+    The workers' side runs ahead by at most the in-flight window, so keep the metadata in a queue.
+    """
+
+    def __init__(self, chunks: Iterator[tuple[list[int], list[str], list[int]]]):
+        self._chunks, self._queue = chunks, deque()
+
+    def texts(self) -> Iterator[list[str]]:
+        for sources, texts, sizes in self._chunks:
+            self._queue.append((sources, sizes))
+            yield texts
+
+    def __iter__(self) -> Iterator[tuple[list[int], list[int]]]:
+        while True:
+            yield self._queue.popleft() if self._queue else (None, None)
+
+
+def _source_record(src: SourceConfig) -> dict[str, Any]:
+    record = {k: v for k, v in dataclasses.asdict(src).items() if v not in ("", 0, 0.0, False) or k == "path"}
+    if src.path:
+        record["files"] = [str(p) for p in source_files(src.path)]
+    return record
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        out.rename(trash / out.name)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """Read and check DIR/meta.json of a prepared dataset: format, and every shard's size."""
+    directory = Path(directory)
+    file = directory / META_FILE
+    if not file.is_file():
+        raise UserError(f"{directory} is not a prepared dataset (no {META_FILE}); run `modernlm prepare`")
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"cannot parse {file}: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{file}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split, info in meta["splits"].items():
+        size = 0
+        for name in info["files"]:
+            path = directory / name
+            if not path.is_file():
+                raise UserError(f"{path}: missing shard of split {split!r}")
+            size += path.stat().st_size
+        if size != info["tokens"] * itemsize:
+            raise UserError(f"{directory}: split {split!r} has {size} bytes, meta.json says {info['tokens']} tokens")
+    return meta
+
+
+__all__ = [
+    "CorpusConfig",
+    "SourceConfig",
+    "corpus_with_input",
+    "iter_documents",
+    "prepare_tokens",
+    "read_meta",
+    "read_source",
+    "source_files",
+    "token_dtype",
+]

@@ -1,0 +1,325 @@
+"""Hugging Face interop: exact conversion between ModernDecoderLM and transformers' Llama.
+
+The only module that imports `transformers`, always inside the function that needs it, so the rest
+of modernlm works without it (`pip install modernlm[hf]` adds it).
+
+A dense ModernDecoderLM *is* a Llama: same pre-norm block, RMSNorm, SwiGLU, GQA, and RoPE in the
+"rotate half" layout HF uses, so the weights map name for name with no permutation:
+
+| modernlm                        | transformers LlamaForCausalLM                      |
+|---------------------------------|----------------------------------------------------|
+| tok_emb                         | model.embed_tokens                                 |
+| layers.i.attn.{wq,wk,wv,wo}     | model.layers.i.self_attn.{q,k,v,o}_proj            |
+| layers.i.ffn.{w_gate,w_up,w_down} | model.layers.i.mlp.{gate,up,down}_proj           |
+| layers.i.attn_norm / ffn_norm   | model.layers.i.input_layernorm / post_attention_layernorm |
+| norm / lm_head                  | model.norm / lm_head                               |
+
+GGUF files go through transformers' GGUF loader, which de-quantizes to float and undoes the
+llama.cpp q/k row permutation, so they land in the same HF layout. What has no Llama equivalent
+(MoE, the sink token; rope scaling, biases, other activations on the HF side) is a `UserError`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from modernlm.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+    from modernlm.model import ModelConfig, ModernDecoderLM
+    from modernlm.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# (our name, HF name) with {i} for the layer index; a per-layer pattern serves both directions.
+_LAYER_NAMES = [
+    ("attn.wq", "self_attn.q_proj"),
+    ("attn.wk", "self_attn.k_proj"),
+    ("attn.wv", "self_attn.v_proj"),
+    ("attn.wo", "self_attn.o_proj"),
+    ("ffn.w_gate", "mlp.gate_proj"),
+    ("ffn.w_up", "mlp.up_proj"),
+    ("ffn.w_down", "mlp.down_proj"),
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+]
+_TOP_NAMES = [("tok_emb", "model.embed_tokens"), ("norm", "model.norm"), ("lm_head", "lm_head")]
+_OURS_TO_HF = {ours: hf for ours, hf in _TOP_NAMES} | {f"layers.{{i}}.{o}": f"model.layers.{{i}}.{h}" for o, h in _LAYER_NAMES}
+_HF_TO_OURS = {hf: ours for ours, hf in _OURS_TO_HF.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------
+
+
+def _rope_theta(hf_config: Any) -> float:
+    """RoPE base of an HF config; only the default (unscaled) RoPE is supported.
+
+    transformers 5.x keeps it in `rope_parameters` {"rope_type", "rope_theta"}; 4.x has a
+    `rope_theta` attribute and `rope_scaling` (None, or {"type"/"rope_type": ...}).
+    """
+    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise UserError(
+            f"rope scaling {rope_type!r} is not supported (modernlm implements plain RoPE); "
+            "models such as Llama 3.1+ with 'llama3' scaling cannot be converted"
+        )
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
+    return float(theta if theta is not None else 10000.0)
+
+
+def llama_config_to_model_config(hf_config: Any) -> ModelConfig:
+    """An HF LlamaConfig -> the ModelConfig that computes the same function."""
+    from modernlm.model import ModelConfig
+
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type != "llama":
+        archs = ", ".join(getattr(hf_config, "architectures", None) or []) or "?"
+        raise UserError(f"only Llama-architecture models can be converted; this one is {model_type!r} ({archs})")
+    if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
+        raise UserError("attention_bias / mlp_bias are not supported: modernlm's linear layers have no bias")
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise UserError(f"hidden_act {act!r} is not supported: modernlm's FFN is SwiGLU (silu)")
+    n_head = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_head
+    try:
+        return ModelConfig(
+            vocab_size=hf_config.vocab_size,
+            d_model=hf_config.hidden_size,
+            n_layer=hf_config.num_hidden_layers,
+            n_head=n_head,
+            n_kv_head=getattr(hf_config, "num_key_value_heads", None) or n_head,
+            head_dim=head_dim,
+            d_ff=hf_config.intermediate_size,
+            # The context the model was trained for; our RoPE tables grow on demand past it.
+            max_seq_len=hf_config.max_position_embeddings,
+            rope_theta=_rope_theta(hf_config),
+            norm_eps=hf_config.rms_norm_eps,
+            tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            attn_dropout=float(getattr(hf_config, "attention_dropout", 0.0) or 0.0),
+            init_std=getattr(hf_config, "initializer_range", 0.02),
+        )
+    except ValueError as e:
+        raise UserError(f"HF config cannot be mapped: {e}") from None
+
+
+def model_config_to_llama_config(cfg: ModelConfig, **extra: Any) -> LlamaConfig:
+    """Our ModelConfig -> an equivalent `transformers.LlamaConfig` (extra kwargs pass through,
+    e.g. bos_token_id). Residual `dropout` has no Llama field and is dropped (inference-neutral)."""
+    import inspect
+
+    from transformers import LlamaConfig
+
+    if cfg.n_expert:
+        raise UserError("MoE models (n_expert > 0) have no Llama equivalent: cannot convert to HF")
+    if cfg.attn_sink:
+        raise UserError("models with a learned sink token (attn_sink) have no Llama equivalent: cannot convert to HF")
+    kwargs: dict[str, Any] = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        attention_dropout=cfg.attn_dropout,
+        initializer_range=cfg.init_std,
+    )
+    if "rope_parameters" in inspect.signature(LlamaConfig.__init__).parameters:  # transformers >= 5
+        kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    else:
+        kwargs["rope_theta"] = cfg.rope_theta
+    return LlamaConfig(**(kwargs | extra))
+
+
+# --------------------------------------------------------------------------------------------
+# State dicts
+# --------------------------------------------------------------------------------------------
+
+
+def _rename(name: str, table: dict[str, str]) -> str | None:
+    if name.removesuffix(".weight") in table:
+        return table[name.removesuffix(".weight")] + ".weight"
+    # layer parameters: replace the index by {i}, look up, put it back
+    m = re.fullmatch(r"((?:model\.)?layers\.)(\d+)(\..+)\.weight", name)
+    if m and (target := table.get(f"{m[1]}{{i}}{m[3]}")):
+        return target.format(i=m[2]) + ".weight"
+    return None
+
+
+def state_dict_to_hf(state: dict[str, torch.Tensor], tie_embeddings: bool) -> dict[str, torch.Tensor]:
+    """Our parameter names -> LlamaForCausalLM's. Tensors are shared, not copied."""
+    out = {}
+    for name, t in state.items():
+        target = _rename(name, _OURS_TO_HF)
+        if target is None:
+            raise UserError(f"parameter {name!r} has no Llama equivalent (MoE or sink models cannot go to HF)")
+        out[target] = t
+    if tie_embeddings:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+def state_dict_from_hf(state: dict[str, torch.Tensor], tie_embeddings: bool) -> dict[str, torch.Tensor]:
+    """LlamaForCausalLM's parameter names -> ours. Tensors are shared, not copied."""
+    out = {}
+    for name, t in state.items():
+        if name.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints saved; we recompute it
+            continue
+        target = _rename(name, _HF_TO_OURS)
+        if target is None:
+            raise UserError(f"HF parameter {name!r} has no modernlm equivalent")
+        out[target] = t
+    if tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+def from_hf(hf_model: PreTrainedModel, dtype: torch.dtype | None = None) -> ModernDecoderLM:
+    """An HF LlamaForCausalLM (in memory) -> a ModernDecoderLM with the same weights.
+
+    `dtype` casts the weights (default: keep the HF model's dtype).
+    """
+    from modernlm.checkpoint import build_model
+
+    cfg = llama_config_to_model_config(hf_model.config)
+    state = state_dict_from_hf(hf_model.state_dict(), cfg.tie_embeddings)
+    # clone so our model owns its memory (the HF model may be freed or keep training)
+    state = {k: v.detach().to(dtype or v.dtype, copy=True) for k, v in state.items()}
+    return build_model(cfg, state, "the HF model")
+
+
+def to_hf(
+    model: ModernDecoderLM, dtype: torch.dtype | None = None, attn_implementation: str = "sdpa", **config_extra: Any
+) -> LlamaForCausalLM:
+    """A ModernDecoderLM -> transformers' LlamaForCausalLM computing the same logits."""
+    from transformers import LlamaForCausalLM
+
+    cfg = model.config
+    hf_config = model_config_to_llama_config(cfg, **config_extra)
+    hf_config._attn_implementation = attn_implementation
+    state = state_dict_to_hf(dict(model.named_parameters()), cfg.tie_embeddings)
+    dtype = dtype or next(model.parameters()).dtype
+    hf = LlamaForCausalLM(hf_config).to(dtype)
+    with torch.no_grad():
+        hf.load_state_dict({k: v.detach() for k, v in state.items()}, strict=True)
+    hf.eval()
+    return hf
+
+
+def save_hf(model: ModernDecoderLM, tokenizer: Tokenizer | None, dst: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Write an HF model directory (config.json, model.safetensors, tokenizer files) that
+    `AutoModelForCausalLM.from_pretrained(dst)` loads as a LlamaForCausalLM."""
+    ids: dict[str, Any] = {}
+    if tokenizer is not None:
+        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    hf = to_hf(model, dtype=dtype, **ids)
+    hf.config.architectures = ["LlamaForCausalLM"]
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(dst)  # safetensors
+    if tokenizer is not None:
+        tokenizer.save(dst)
+
+
+def _from_pretrained_kwargs(dtype: torch.dtype) -> dict[str, Any]:
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    # `dtype=` replaced `torch_dtype=` in 4.56
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def _looks_local(src: str) -> bool:
+    # A hub id is `name` or `org/name`; anything else (absolute, ./, ~, deeper paths) is a local path.
+    return src.startswith(("/", ".", "~")) or src.count("/") > 1 or "\\" in src or src.endswith(".gguf")
+
+
+def hf_tokenizer_to_ours(hf_tok: Any) -> Tokenizer:
+    """An HF fast tokenizer -> our Tokenizer (same backend, special tokens and chat template)."""
+    from modernlm.tokenizer import Tokenizer
+
+    backend = getattr(hf_tok, "backend_tokenizer", None)
+    if backend is None:
+        raise UserError(f"tokenizer {type(hf_tok).__name__} is not a fast (tokenizers-backed) tokenizer")
+    template = getattr(hf_tok, "chat_template", None)
+    return Tokenizer(
+        backend,
+        bos_token=hf_tok.bos_token,
+        eos_token=hf_tok.eos_token,
+        pad_token=hf_tok.pad_token,
+        chat_template=template if isinstance(template, str) else None,
+    )
+
+
+def load_hf_model(
+    src: str | Path, dtype: str = "float32", with_tokenizer: bool = True
+) -> tuple[ModernDecoderLM, Tokenizer | None]:
+    """Load an HF Llama (model directory, hub id or `.gguf` file) as our model + tokenizer.
+
+    dtype: "float32" (default), "bfloat16" or "float16"; GGUF weights are de-quantized to it.
+    The tokenizer is None when the source has none.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise UserError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    src = str(src)
+    path = Path(src).expanduser()
+    kwargs: dict[str, Any] = {}
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"{path}: expected an HF model directory, a hub id or a .gguf file")
+        where, kwargs["gguf_file"] = str(path.parent), path.name
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path}: not an HF model directory (no config.json)")
+        where = str(path)
+    elif _looks_local(src):
+        raise UserError(f"{src}: no such file or directory")
+    else:
+        where = src  # a hub id: transformers downloads (or finds it in the HF cache)
+
+    try:
+        if "gguf_file" not in kwargs:
+            # Check the architecture before reading any weights.
+            llama_config_to_model_config(AutoConfig.from_pretrained(where))
+        hf_model = AutoModelForCausalLM.from_pretrained(where, **kwargs, **_from_pretrained_kwargs(DTYPES[dtype]))
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        # missing files, unknown repo, no network, unsupported gguf architecture, corrupt weights
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load {src} with transformers: {first}") from None
+    model = from_hf(hf_model, DTYPES[dtype])
+    del hf_model
+
+    tokenizer = None
+    if with_tokenizer:
+        try:
+            hf_tok = AutoTokenizer.from_pretrained(where, **kwargs)
+        except (OSError, ValueError, KeyError, TypeError):
+            hf_tok = None  # a weights-only directory: the model still converts
+        if hf_tok is not None:
+            tokenizer = hf_tokenizer_to_ours(hf_tok)
+    return model, tokenizer

@@ -1,0 +1,117 @@
+"""AdamW with sensible parameter groups, and the learning-rate schedule as a pure function.
+
+- `build_optimizer(model, cfg)`: AdamW where weight decay applies only to matrices that are not
+  embeddings. Norm gains, biases, the sink vector (all 1-D) and embedding tables are not decayed:
+  decaying a gain pulls it towards 0 (not towards its init of 1), and decaying an embedding
+  shrinks the rows of rare tokens, which get few gradient updates to push back (nanoGPT, OLMo).
+  With tied embeddings the LM head *is* the embedding table, so it is not decayed either.
+- `lr_at(step, cfg, num_steps)`: linear warmup, then cosine / WSD / constant down to a floor.
+  Pure, so it can be unit-tested and plotted (nanoGPT's `get_lr`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4  # peak learning rate, reached at the end of warmup
+    min_lr_ratio: float = 0.1  # floor of the decay, as a fraction of lr
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"  # shape after warmup
+    warmup_steps: int = 100  # linear warmup from lr/warmup_steps to lr
+    decay_fraction: float = 0.2  # WSD only: final fraction of the steps spent decaying linearly
+    weight_decay: float = 0.1  # decoupled (AdamW) decay, on non-embedding matrices only
+    betas: tuple[float, float] = (0.9, 0.95)  # Adam moments
+    eps: float = 1e-8  # Adam epsilon
+    grad_clip: float = 1.0  # max global gradient L2 norm; 0 = no clipping
+    fused: bool | None = None  # fused AdamW kernel; None = on when every parameter is on CUDA
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
+
+
+def lr_at(step: int, cfg: OptimConfig, num_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based) of a run of `num_steps` steps.
+
+    warmup:   lr * (step + 1) / warmup_steps for step < warmup_steps
+    cosine:   floor + (lr - floor) * (1 + cos(pi * p)) / 2, p = progress through the post-warmup steps
+    wsd:      lr until the last decay_fraction of the steps, then linear to the floor
+              (warmup-stable-decay, MiniCPM / "Scaling Laws and Compute-Optimal Training Beyond
+              Fixed Training Durations"): the stable phase can be extended without restarting.
+    constant: lr
+    floor = lr * min_lr_ratio; the value holds at the floor past num_steps.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        span = max(num_steps - cfg.warmup_steps, 1)
+        p = min((step - cfg.warmup_steps) / span, 1.0)
+        return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
+    # wsd
+    decay_steps = max(round(cfg.decay_fraction * num_steps), 1)
+    decay_start = max(num_steps - decay_steps, cfg.warmup_steps)
+    if step < decay_start:
+        return cfg.lr
+    p = min((step - decay_start) / max(num_steps - decay_start, 1), 1.0)
+    return cfg.lr + (floor - cfg.lr) * p
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed matrices, and everything else (1-D params and embeddings).
+
+    Only trainable parameters are included; a parameter shared between modules (the tied
+    embedding / LM head) appears once, and counts as an embedding.
+    """
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():  # named_parameters() de-duplicates shared tensors
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or id(p) in embedding_ids:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def decayed_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters `build_optimizer` applies weight decay to (for logs and tests)."""
+    decayed = {id(p) for g in param_groups(model, 1.0) if g["weight_decay"] > 0 for p in g["params"]}
+    return [n for n, p in model.named_parameters() if id(p) in decayed]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over `param_groups`, fused when every parameter is on CUDA (one kernel per step)."""
+    groups = param_groups(model, cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    fused = cfg.fused
+    if fused is None:
+        fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+__all__ = ["OptimConfig", "build_optimizer", "decayed_parameter_names", "lr_at", "param_groups", "set_lr"]

@@ -1,0 +1,210 @@
+"""Where and how a run executes: device, precision, seeding, DDP, rank-0 printing, peak FLOPs.
+
+`setup_runtime(cfg)` turns the `run:` config section into a `Runtime`: it reads torchrun's
+RANK / WORLD_SIZE / LOCAL_RANK, starts the process group (nccl on GPU, gloo on CPU), picks the
+device and the autocast dtype. Everything else asks the `Runtime`, never the environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from modernlm.errors import UserError
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs"  # parent of the run directory
+    name: str = "run"  # run directory = out_dir/name
+    seed: int = 1337  # seeds python, numpy and torch (per rank: seed + rank after model init)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast dtype; auto = bf16 on GPUs that have it, else fp16 on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the model
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look the GPU up (no MFU on CPU)
+    tensorboard: bool = True  # also write TensorBoard events when tensorboard is installed
+
+
+# Dense bf16/fp16 tensor-core peak FLOP/s per device, from the vendors' datasheets (no sparsity).
+PEAK_FLOPS: dict[str, float] = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "RTX 3060": 51e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype; float32 = no autocast
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    compile: bool = False
+    peak_flops: float = 0.0  # per device; 0 = unknown (no MFU)
+    tensorboard: bool = True
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16/fp16 autocast around forward and loss; a no-op in fp32."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def print0(self, *args: Any, **kwargs: Any) -> None:
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+
+def setup_runtime(cfg: RunConfig) -> Runtime:
+    """Resolve device/dtype, join the process group under torchrun, seed everything."""
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("run.device: cuda requested but no CUDA device is available (use run.device=cpu)")
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        # TF32 matmuls: free speed for fp32 parts on Ampere+, precision is ample for training.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+
+    if world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+
+    dtype = resolve_dtype(cfg.dtype, device)
+    seed_everything(cfg.seed)
+    return Runtime(
+        device=device,
+        dtype=dtype,
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        compile=cfg.compile,
+        peak_flops=cfg.peak_flops or lookup_peak_flops(device, dtype),
+        tensorboard=cfg.tensorboard,
+    )
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise UserError("run.dtype: float16 autocast needs a GPU; use bfloat16 or float32 on CPU")
+    return dtype
+
+
+def lookup_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Peak FLOP/s of this GPU from PEAK_FLOPS (bf16/fp16 numbers; fp32 runs report MFU against
+    them too, as everyone compares against the tensor-core peak). 0 when unknown or on CPU."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_FLOPS.items():
+        if key in name:
+            return flops
+    return 0.0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def cleanup(runtime: Runtime) -> None:
+    if runtime.distributed and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# ---- RNG state, as plain types and tensors so torch.load(weights_only=True) can read it --------
+
+
+def rng_state() -> dict[str, Any]:
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A warning that could repeat every step is shown once per process."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=2)
+
+
+__all__ = [
+    "PEAK_FLOPS",
+    "RunConfig",
+    "Runtime",
+    "cleanup",
+    "lookup_peak_flops",
+    "resolve_dtype",
+    "rng_state",
+    "seed_everything",
+    "set_rng_state",
+    "setup_runtime",
+    "warn_once",
+]

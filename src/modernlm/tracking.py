@@ -1,0 +1,144 @@
+"""MetricsWriter: the single producer of `metrics.jsonl` and `summary.json` in a run directory.
+
+One JSON object per line (`{"step": 120, "loss": 3.21, "lr": 3e-4, ...}`), flushed at once so a
+killed run keeps everything it logged. TensorBoard events are written too when `tensorboard` is
+installed, behind a null object so call sites never branch. Only rank 0 writes; other ranks get a
+writer whose methods do nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+class _NullBoard:
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: metrics.jsonl is the record
+        return _NullBoard()
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):  # tensors and numpy scalars
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no nan/inf; keep the line parseable
+    return v
+
+
+class MetricsWriter:
+    """Append metrics to run_dir/metrics.jsonl (rank 0 only), optionally mirrored to TensorBoard.
+
+    `truncate_after=step` drops lines logged after `step` by an earlier, killed attempt, so that a
+    resumed run's metrics.jsonl reads as one uninterrupted run.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = False,
+        truncate_after: int | None = None,
+    ):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.board: Any = _NullBoard()
+        self._file = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / METRICS_FILE
+        if truncate_after is not None and path.is_file():
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and _step_of(line) is not None and _step_of(line) <= truncate_after
+            ]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        self._file = open(path, "a")
+        if tensorboard:
+            self.board = _tensorboard(self.run_dir)
+
+    def log(self, step: int, **metrics: Any) -> dict[str, Any]:
+        """Write one line {"step": step, **metrics}; returns the plain-typed record."""
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.board.add_scalar(k, v, step)
+        return record
+
+    def summary(self, **values: Any) -> None:
+        """Write run_dir/summary.json (replaced atomically)."""
+        if not self.enabled:
+            return
+        path = self.run_dir / SUMMARY_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({k: _plain(v) for k, v in values.items()}, indent=2) + "\n")
+        os.replace(tmp, path)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.board.close()
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def format_line(step: int, num_steps: int, record: dict[str, Any]) -> str:
+    """The one human log line, fixed format so it greps well:
+    `step 120/1000 | loss 3.2140 | lr 3.00e-04 | gnorm 0.91 | 41200 tok/s | mfu 38.1%`."""
+    parts = [f"step {step}/{num_steps}"]
+    if "loss" in record:
+        parts.append(f"loss {record['loss']:.4f}")
+    if "val_loss" in record:
+        parts.append(f"val_loss {record['val_loss']:.4f} | val_ppl {record['val_ppl']:.2f}")
+    if "lr" in record:
+        parts.append(f"lr {record['lr']:.2e}")
+    if "grad_norm" in record:
+        parts.append(f"gnorm {record['grad_norm']:.2f}")
+    if "tok_per_s" in record:
+        parts.append(f"{record['tok_per_s']:.0f} tok/s")
+    if "mfu" in record:
+        parts.append(f"mfu {100 * record['mfu']:.1f}%")
+    if record.get("skipped_steps"):
+        parts.append(f"skipped {record['skipped_steps']}")
+    return " | ".join(parts)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of run_dir/metrics.jsonl, in order."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+__all__ = ["METRICS_FILE", "SUMMARY_FILE", "MetricsWriter", "format_line", "read_metrics"]
