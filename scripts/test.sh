@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 python3 -m pytest "$@"
-python3 -m pytest -m slow "$@"
+python3 -m pytest -m slow "$@" || [ $? -eq 5 ]  # 5: no slow test collected
