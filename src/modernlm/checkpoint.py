@@ -73,9 +73,10 @@ def load_model_config(path: str | Path) -> ModelConfig:
         hint = " (a Hugging Face model: convert it first with `modernlm convert`)" if "architectures" in data else ""
         raise UserError(f"checkpoint {file}: model_type is {model_type!r}, not {MODEL_TYPE!r}{hint}")
     try:
-        return from_dict(ModelConfig, data, prefix=f"{file}: ")
+        return from_dict(ModelConfig, data)
     except UserError as e:
-        raise UserError(str(e)) from None
+        # from_dict's messages name the key ("unknown key 'n_layers'; did you mean 'n_layer'?")
+        raise UserError(f"checkpoint {file}: {str(e).removeprefix('ModelConfig: ')}") from None
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -141,3 +142,139 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], fil
         problems.append("wrong shapes: " + "; ".join(wrong[:5]))
     if problems:
         raise UserError(f"checkpoint {file} does not match its config.json: " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------
+# Training checkpoints: run_dir/checkpoints/step_0000500/ = the model files above + train_state.pt
+# --------------------------------------------------------------------------------------------
+#
+# A training checkpoint directory is written under a temporary name and renamed into place, and
+# the `latest` pointer file is replaced atomically afterwards. A SIGKILL at any moment therefore
+# leaves either the previous checkpoint or the new one complete and findable: a `step_*` name
+# only ever refers to a finished directory, and `latest_checkpoint` falls back to the highest
+# `step_*` directory when the pointer is missing or stale.
+
+CHECKPOINTS_DIR = "checkpoints"
+TRAIN_STATE_FILE = "train_state.pt"
+LATEST_FILE = "latest"
+BEST_DIR = "best"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_checkpoint_dir(final: Path, model: ModernDecoderLM, tokenizer: Tokenizer | None, state: dict[str, Any] | None) -> None:
+    import io
+    import shutil
+
+    tmp = final.with_name(f".tmp_{final.name}_{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_model(model, tmp, tokenizer)
+    if state is not None:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(tmp / TRAIN_STATE_FILE, buf.getvalue())
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving a step (e.g. the final step of a resumed, finished run)
+        old = final.with_name(f".old_{final.name}_{os.getpid()}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def save_training_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: ModernDecoderLM,
+    state: dict[str, Any],
+    tokenizer: Tokenizer | None = None,
+    keep_last: int = 3,
+) -> Path:
+    """Write run_dir/checkpoints/step_{step:07d}/, point `latest` at it, keep the last `keep_last`.
+
+    `state` (optimizer, step, RNG, data position, ...) must hold only tensors and plain Python
+    types, so `load_training_state` can read it with torch.load(weights_only=True).
+    """
+    import shutil
+
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    _write_checkpoint_dir(final, model, tokenizer, state)
+    atomic_write_bytes(root / LATEST_FILE, (final.name + "\n").encode())
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in steps[: max(len(steps) - max(keep_last, 1), 0)]:
+        shutil.rmtree(old, ignore_errors=True)
+    for leftover in root.glob(".tmp_*"):  # from a run killed mid-save
+        if not leftover.name.endswith(f"_{os.getpid()}"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    return final
+
+
+def save_best_checkpoint(run_dir: str | Path, model: ModernDecoderLM, info: dict[str, Any], tokenizer: Tokenizer | None = None) -> Path:
+    """Replace run_dir/checkpoints/best/ (model files + best.json with the step and val loss)."""
+    final = Path(run_dir) / CHECKPOINTS_DIR / BEST_DIR
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _write_checkpoint_dir(final, model, tokenizer, None)
+    atomic_write_bytes(final / "best.json", json.dumps(info, indent=2).encode())
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete training checkpoint of a run directory, or None."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    pointer = root / LATEST_FILE
+    if pointer.is_file():
+        target = root / pointer.read_text().strip()
+        if (target / TRAIN_STATE_FILE).is_file():
+            candidates = [target]
+        else:
+            candidates = []
+    else:
+        candidates = []
+    candidates += sorted((p for p in root.glob("step_*") if (p / TRAIN_STATE_FILE).is_file()), reverse=True)
+    if not candidates:
+        return None
+    return max(candidates, key=lambda p: p.name)
+
+
+def load_training_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read train_state.pt of a checkpoint directory with torch.load(weights_only=True)."""
+    file = Path(path) / TRAIN_STATE_FILE
+    if not file.is_file():
+        raise UserError(f"checkpoint {Path(path)}: missing {TRAIN_STATE_FILE} (not a training checkpoint)")
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as e:  # a truncated or foreign file: the user can pick another checkpoint
+        raise UserError(f"checkpoint {file}: cannot read training state ({e})") from None
+
+
+def load_weights_into(model: ModernDecoderLM, path: str | Path) -> None:
+    """Copy a checkpoint's weights into an existing model (keeps tying, device and dtype)."""
+    state = load_state_dict(path)
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    check_state_dict(model, state, Path(path) / WEIGHTS_FILE)
+    model.load_state_dict(state, strict=False)
+
+
+def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """'field: a -> b' for every model config field that differs."""
+    from modernlm.config import to_dict
+
+    da, db = to_dict(a), to_dict(b)
+    return [f"{k}: {da.get(k)!r} -> {db.get(k)!r}" for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)]

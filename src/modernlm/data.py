@@ -405,13 +405,15 @@ def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.array(flat, dtype=np.uint32), lengths
 
 
-def _map_ordered(func: Callable, items: Iterable, num_workers: int, initargs: tuple) -> Iterator:
-    """`map(func, items)` over `num_workers` processes, in order, with a bounded number in flight."""
+def _map_ordered(func: Callable, items: Iterable[tuple[Any, Any]], num_workers: int, initargs: tuple) -> Iterator:
+    """(key, func(payload)) for each (key, payload) in `items`, in order, over `num_workers`
+    processes with a bounded number in flight (only the payload travels to a worker)."""
     if num_workers <= 1:
         previous = os.environ.get("TOKENIZERS_PARALLELISM")
         _init_worker(*initargs)
         try:
-            yield from map(func, items)
+            for key, payload in items:
+                yield key, func(payload)
         finally:
             if previous is None:
                 os.environ.pop("TOKENIZERS_PARALLELISM", None)
@@ -425,28 +427,32 @@ def _map_ordered(func: Callable, items: Iterable, num_workers: int, initargs: tu
     ctx = mp.get_context("spawn")
     with ctx.Pool(num_workers, initializer=_init_worker, initargs=initargs) as pool:
         pending: deque = deque()
-        for item in items:
-            pending.append(pool.apply_async(func, (item,)))
+        for key, payload in items:
+            pending.append((key, pool.apply_async(func, (payload,))))
             if len(pending) >= 2 * num_workers:  # backpressure: never read far ahead of the workers
-                yield pending.popleft().get()
+                key, result = pending.popleft()
+                yield key, result.get()
         while pending:
-            yield pending.popleft().get()
+            key, result = pending.popleft()
+            yield key, result.get()
 
 
-def _chunks(docs: Iterable[tuple[int, str]], chunk_bytes: int) -> Iterator[tuple[list[int], list[str], list[int]]]:
-    """Group documents into chunks of about `chunk_bytes`: (source ids, texts, UTF-8 sizes)."""
+def _chunks(docs: Iterable[tuple[int, str]], chunk_bytes: int) -> Iterator[tuple[tuple[list[int], list[int]], list[str]]]:
+    """Group documents into chunks of about `chunk_bytes`: ((source ids, UTF-8 sizes), texts)."""
     sources: list[int] = []
     texts: list[str] = []
     sizes: list[int] = []
+    total = 0
     for i, text in docs:
         sources.append(i)
         texts.append(text)
         sizes.append(len(text.encode("utf-8")))
-        if sum(sizes) >= chunk_bytes:
-            yield sources, texts, sizes
-            sources, texts, sizes = [], [], []
+        total += sizes[-1]
+        if total >= chunk_bytes:
+            yield (sources, sizes), texts
+            sources, texts, sizes, total = [], [], [], 0
     if texts:
-        yield sources, texts, sizes
+        yield (sources, sizes), texts
 
 
 def default_workers() -> int:
@@ -504,10 +510,9 @@ def prepare_tokens(
         rng = np.random.default_rng(seed)
         held: np.ndarray | None = None  # the latest train document, kept back in case val ends empty
         chunks = _chunks(iter_documents(corpus), chunk_bytes)
-        meta_chunks = _tee_meta(chunks)
         bar = tqdm(total=None, unit="B", unit_scale=True, desc="prepare", disable=not progress or None)
         initargs = (tokenizer.backend.to_str(), eos)
-        for (sources, sizes), (ids, lengths) in zip(meta_chunks, _map_ordered(_encode_chunk, meta_chunks.texts(), workers, initargs)):
+        for (sources, sizes), (ids, lengths) in _map_ordered(_encode_chunk, chunks, workers, initargs):
             src = np.asarray(sources)
             np.add.at(per_source["documents"], src, 1)
             np.add.at(per_source["bytes"], src, np.asarray(sizes))
@@ -566,25 +571,6 @@ def prepare_tokens(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
-
-
-class _tee_meta:
-    """Split a chunk stream into (sources, sizes) for the main process and texts for the workers.
-
-    The workers' side runs ahead by at most the in-flight window, so keep the metadata in a queue.
-    """
-
-    def __init__(self, chunks: Iterator[tuple[list[int], list[str], list[int]]]):
-        self._chunks, self._queue = chunks, deque()
-
-    def texts(self) -> Iterator[list[str]]:
-        for sources, texts, sizes in self._chunks:
-            self._queue.append((sources, sizes))
-            yield texts
-
-    def __iter__(self) -> Iterator[tuple[list[int], list[int]]]:
-        while True:
-            yield self._queue.popleft() if self._queue else (None, None)
 
 
 def _source_record(src: SourceConfig) -> dict[str, Any]:

@@ -122,18 +122,19 @@ def _check_args(
 
 
 def _prefill(model: ModernDecoderLM, idx: Tensor, cache: KVCache, pad_mask: Tensor | None) -> Tensor:
-    """Run the prompt through the model into `cache`; return the last position's logits (B, V)."""
+    """Run the prompt through the model into `cache`; return the last position's logits (B, V).
+
+    A rolling cache takes at most `chunk` new tokens per forward (the room it has beyond
+    sink_size + window, less the sink token's slot; see `ModernDecoderLM.new_cache`), so a long
+    prompt goes in chunks.
+    """
     if not cache.rolling:
         return model(idx, cache=cache, pad_mask=pad_mask, last_only=True).logits[:, -1]
-    # A rolling cache takes at most `chunk` tokens per forward; the first forward of a sink model
-    # also carries the learned sink token.
-    step = cache.chunk - int(model.sink is not None and cache.seen == 0)
-    start, T = 0, idx.size(1)
-    while start < T:
-        end = min(T, start + step)
+    chunk = cache.capacity - cache.sink_size - cache.window - int(model.sink is not None)
+    for start in range(0, idx.size(1), chunk):
+        end = start + chunk
         chunk_mask = None if pad_mask is None else pad_mask[:, start:end]
         logits = model(idx[:, start:end], cache=cache, pad_mask=chunk_mask, last_only=True).logits
-        start, step = end, cache.chunk
     return logits[:, -1]
 
 
@@ -178,8 +179,8 @@ def iter_tokens(
         if pad_mask.all():
             pad_mask = None  # no padding after all: keep SDPA's causal fast path
     if cache is None:
-        if window and chunk < 1 + int(has_sink):
-            raise UserError(f"chunk must be >= {1 + int(has_sink)} with a rolling cache, got {chunk}")
+        if window and chunk < 1:
+            raise UserError(f"chunk must be >= 1 with a rolling cache, got {chunk}")
         # Plain cache: room for everything this call can add (the last token is never fed back).
         cache = model.new_cache(B, T + max_new_tokens, window=window, sink_size=sink_size, chunk=chunk)
     else:
@@ -309,10 +310,13 @@ class TextStream:
     """Token ids in, text pieces out: never half a character, never part of a stop string.
 
     Decoding token by token breaks multi-byte characters that a byte-level BPE splits across
-    tokens (each half decodes to U+FFFD). So, as vLLM's incremental detokenizer does, we decode a
-    short window `ids[prefix:]` and hand out only what it adds to `ids[prefix:read]`, and only
-    once the window no longer ends in U+FFFD. Decoding a window rather than each new token alone
-    also keeps the leading space that SentencePiece-style decoders strip from a first token.
+    tokens (each part decodes to U+FFFD). So we decode a short window of recent tokens
+    `ids[prefix:]` and hand out what it adds to the text already handed out, minus a trailing
+    U+FFFD: lossy UTF-8 decoding marks an unfinished character with one U+FFFD at the end, which
+    the next token may complete; everything before it is final. Whenever the window decodes
+    cleanly it slides forward, keeping the previous piece as context (vLLM's incremental
+    detokenizer does the same; the context also keeps the leading space that SentencePiece-style
+    decoders strip from a first token).
 
     Text that could be the start of a stop string is held back until it is ruled out. Once a
     stop string appears, `text` is cut just before it and `stopped` becomes True. Joined, the
@@ -322,11 +326,12 @@ class TextStream:
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), context: Sequence[int] = ()):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
-        # A few prompt tokens give the first generated tokens their decoding context.
+        # The last prompt tokens give the first generated ones their decoding context.
         self.ids = list(context)[-4:]
-        self._prefix = 0
-        self._read = len(self.ids)
-        self.text = ""  # stable generated text so far (cut at a stop string once stopped)
+        self._prefix = 0  # the decoding window is ids[_prefix:]
+        self._read = len(self.ids)  # end of the window's last clean decode
+        self._done = len(self._decode(self.ids))  # characters of the window already in `text`
+        self.text = ""  # generated text so far (cut at a stop string once stopped)
         self._sent = 0  # characters of `text` already handed out
         self.stopped = False
 
@@ -334,12 +339,16 @@ class TextStream:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _advance(self, final: bool) -> None:
-        new = self._decode(self.ids[self._prefix :])
-        if new.endswith("\ufffd") and not final:
-            return  # an incomplete multi-byte character: wait for the next token
-        prev = self._decode(self.ids[self._prefix : self._read])
-        self.text += new[len(prev) :]
-        self._prefix, self._read = self._read, len(self.ids)
+        window = self._decode(self.ids[self._prefix :])
+        clean = final or not window.endswith("\ufffd")
+        if not clean:
+            window = window[:-1]  # an unfinished character: the next token may complete it
+        if len(window) > self._done:
+            self.text += window[self._done :]
+            self._done = len(window)
+        if clean:  # slide the window so decoding stays O(1) per token
+            self._prefix, self._read = self._read, len(self.ids)
+            self._done = len(self._decode(self.ids[self._prefix :]))
 
     def _release(self, final: bool) -> str:
         hits = [i for s in self.stop if (i := self.text.find(s, self._sent)) >= 0]
@@ -368,8 +377,7 @@ class TextStream:
         """End of generation: return whatever is still held back."""
         if self.stopped:
             return ""
-        if self._read < len(self.ids):
-            self._advance(final=True)
+        self._advance(final=True)
         return self._release(final=True)
 
 

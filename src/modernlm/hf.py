@@ -301,10 +301,12 @@ def load_hf_model(
         where = src  # a hub id: transformers downloads (or finds it in the HF cache)
 
     try:
-        if "gguf_file" not in kwargs:
-            # Check the architecture before reading any weights.
-            llama_config_to_model_config(AutoConfig.from_pretrained(where))
-        hf_model = AutoModelForCausalLM.from_pretrained(where, **kwargs, **_from_pretrained_kwargs(DTYPES[dtype]))
+        # Check the architecture before reading any weights (passing the config on costs nothing).
+        config = AutoConfig.from_pretrained(where, **kwargs)
+        llama_config_to_model_config(config)
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            where, config=config, **kwargs, **_from_pretrained_kwargs(DTYPES[dtype])
+        )
     except UserError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as e:

@@ -21,13 +21,15 @@ IGNORE_INDEX = -100  # targets with this value contribute no loss (padding, prom
 def next_token_loss(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
     """Summed cross-entropy of logits (B, T, V) against already-shifted targets (B, T).
 
-    Returns (loss_sum, n_tokens): float32 scalar, int64 scalar. Under autocast, cross_entropy runs
+    Returns (loss_sum, n_tokens): float32 (or float64) scalar, int64 scalar. Under autocast, cross_entropy runs
     in float32, so bf16 logits lose no precision here.
     """
     loss_sum = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index, reduction="sum"
     )
-    return loss_sum.float(), (targets != ignore_index).sum()
+    if loss_sum.dtype in (torch.float16, torch.bfloat16):  # outside autocast: sum in float32
+        loss_sum = loss_sum.float()
+    return loss_sum, (targets != ignore_index).sum()
 
 
 def lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, dict[str, Any]]:

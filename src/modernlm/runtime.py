@@ -23,7 +23,7 @@ from modernlm.errors import UserError
 @dataclass
 class RunConfig:
     out_dir: str = "runs"  # parent of the run directory
-    name: str = "run"  # run directory = out_dir/name
+    name: str = ""  # run directory = out_dir/name; "" = the command's name (e.g. pretrain)
     seed: int = 1337  # seeds python, numpy and torch (per rank: seed + rank after model init)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast dtype; auto = bf16 on GPUs that have it, else fp16 on CUDA, fp32 on CPU

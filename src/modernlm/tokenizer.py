@@ -9,6 +9,7 @@ directory), a `tokenizer.json` file, or a directory with GPT-2 style `vocab.json
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,15 @@ from modernlm.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+# ChatML, as SmolLM2 and Qwen use it; `train_bpe(chat_template="chatml")` stores it.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>")
 
 
 class Tokenizer:
@@ -149,3 +159,42 @@ def _load_gpt2_files(path: Path) -> Tokenizer:
         backend.add_special_tokens([eot])
         return Tokenizer(backend, bos_token=eot, eos_token=eot)
     return Tokenizer(backend)
+
+
+def train_bpe(
+    texts: Iterable[str],
+    vocab_size: int,
+    *,
+    special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
+    bos_token: str | None = "<|endoftext|>",
+    eos_token: str | None = "<|endoftext|>",
+    pad_token: str | None = "<|pad|>",
+    min_frequency: int = 2,
+    chat_template: str | None = "chatml",
+    show_progress: bool = False,
+) -> Tokenizer:
+    """Train a GPT-2 style byte-level BPE on `texts`.
+
+    The 256 byte symbols are in the initial alphabet, so any text encodes and decodes back exactly.
+    Special tokens (bos/eos/pad are added to them if missing) get the first ids, in order, and are
+    never split. `chat_template="chatml"` stores `CHATML_TEMPLATE`; None stores none.
+    """
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    specials = list(dict.fromkeys([*special_tokens, *(t for t in (bos_token, eos_token, pad_token) if t)]))
+    if vocab_size < 256 + len(specials):
+        raise UserError(f"vocab_size {vocab_size} is too small: the 256 bytes and {len(specials)} special tokens need {256 + len(specials)}")
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    template = CHATML_TEMPLATE if chat_template == "chatml" else chat_template or None
+    return Tokenizer(backend, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token, chat_template=template)

@@ -115,17 +115,21 @@ def _step_of(line: str) -> int | None:
 def format_line(step: int, num_steps: int, record: dict[str, Any]) -> str:
     """The one human log line, fixed format so it greps well:
     `step 120/1000 | loss 3.2140 | lr 3.00e-04 | gnorm 0.91 | 41200 tok/s | mfu 38.1%`."""
+    def num(key: str, fmt: str) -> str:
+        v = record[key]
+        return format(v, fmt) if isinstance(v, (int, float)) else str(v)  # "nan" stays readable
+
     parts = [f"step {step}/{num_steps}"]
     if "loss" in record:
-        parts.append(f"loss {record['loss']:.4f}")
+        parts.append(f"loss {num('loss', '.4f')}")
     if "val_loss" in record:
-        parts.append(f"val_loss {record['val_loss']:.4f} | val_ppl {record['val_ppl']:.2f}")
+        parts.append(f"val_loss {num('val_loss', '.4f')} | val_ppl {num('val_ppl', '.2f')}")
     if "lr" in record:
-        parts.append(f"lr {record['lr']:.2e}")
+        parts.append(f"lr {num('lr', '.2e')}")
     if "grad_norm" in record:
-        parts.append(f"gnorm {record['grad_norm']:.2f}")
+        parts.append(f"gnorm {num('grad_norm', '.2f')}")
     if "tok_per_s" in record:
-        parts.append(f"{record['tok_per_s']:.0f} tok/s")
+        parts.append(f"{num('tok_per_s', '.0f')} tok/s")
     if "mfu" in record:
         parts.append(f"mfu {100 * record['mfu']:.1f}%")
     if record.get("skipped_steps"):

@@ -1,0 +1,107 @@
+"""Pretrain a ModernDecoderLM on token shards made by `modernlm prepare`.
+
+    modernlm pretrain -c configs/pretrain/tiny.yaml [train.num_steps=200 run.device=cpu ...]
+    torchrun --standalone --nproc_per_node=2 -m modernlm pretrain -c configs/pretrain/tiny.yaml
+
+Writes run.out_dir/run.name/: config.yaml, metrics.jsonl, summary.json, samples.md and
+checkpoints/step_NNNNNNN/ (+ best/, latest). Running again resumes from the latest checkpoint
+(train.resume=never starts over; train.resume_from=DIR resumes from another checkpoint).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from modernlm.batches import TokenDataConfig, TokenStream, TrainWindows, ValBatches, read_meta
+from modernlm.errors import UserError
+from modernlm.model import ModelConfig
+from modernlm.optim import OptimConfig
+from modernlm.runtime import RunConfig
+from modernlm.trainer import TrainingConfig
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: TokenDataConfig = field(default_factory=TokenDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainingConfig = field(default_factory=TrainingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def check_data(model: ModelConfig, data: TokenDataConfig, meta: dict, tokenizer_size: int | None) -> None:
+    """The shards must fit the model: ids below vocab_size, windows within max_seq_len."""
+    vocab = max(meta["vocab_size"], tokenizer_size or 0)
+    if vocab > model.vocab_size:
+        raise UserError(
+            f"model.vocab_size ({model.vocab_size}) is smaller than the data's tokenizer vocabulary "
+            f"({vocab}, {Path(data.path) / 'meta.json'}); set model.vocab_size >= {vocab} "
+            f"(a multiple of 64 is fastest: {64 * -(-vocab // 64)})"
+        )
+    if data.seq_len > model.max_seq_len:
+        raise UserError(
+            f"data.seq_len ({data.seq_len}) is longer than model.max_seq_len ({model.max_seq_len}); "
+            "raise model.max_seq_len or lower data.seq_len"
+        )
+
+
+def main(cfg: Config) -> None:
+    from modernlm.config import save_config
+    from modernlm.losses import lm_eval_loss, lm_loss
+    from modernlm.model import ModernDecoderLM
+    from modernlm.runtime import cleanup, setup_runtime
+    from modernlm.trainer import Trainer
+
+    meta = read_meta(cfg.data.path)  # fail on bad data before starting process groups
+    tokenizer = None
+    if (Path(cfg.data.path) / "tokenizer.json").is_file():
+        from modernlm.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.data.path)
+    check_data(cfg.model, cfg.data, meta, tokenizer.vocab_size if tokenizer else None)
+    train_stream = TokenStream(cfg.data.path, "train", meta)
+    val_stream = TokenStream(cfg.data.path, "val", meta) if meta["splits"].get("val", {}).get("files") else None
+
+    cfg.run.name = cfg.run.name or "pretrain"
+    runtime = setup_runtime(cfg.run)
+    try:
+        run_dir = Path(cfg.run.out_dir) / cfg.run.name
+        train_batches = TrainWindows(
+            train_stream, cfg.data.seq_len, cfg.train.batch_size,
+            seed=cfg.run.seed, rank=runtime.rank, world_size=runtime.world_size,
+        )  # fmt: skip
+        val_batches = None
+        if val_stream is not None and len(val_stream) >= 2:
+            val_batches = ValBatches(
+                val_stream, cfg.data.seq_len, cfg.train.batch_size, cfg.train.eval_batches,
+                rank=runtime.rank, world_size=runtime.world_size,
+            )  # fmt: skip
+
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+        model = ModernDecoderLM(cfg.model)
+        torch.manual_seed(cfg.run.seed + runtime.rank)  # dropout streams differ per rank
+        trainer = Trainer(
+            model, lm_loss, train_batches, cfg.train, cfg.optim, runtime, run_dir,
+            val_batches=val_batches, eval_loss_fn=lm_eval_loss, tokenizer=tokenizer,
+            flops_per_token=model.flops_per_token(cfg.data.seq_len),
+            find_unused_parameters=cfg.model.n_expert > 0,  # an expert may get no tokens in a batch
+        )  # fmt: skip
+        trainer.maybe_resume()  # before writing config.yaml: a mismatched resume must not overwrite it
+        if runtime.is_main:
+            save_config(cfg, run_dir / "config.yaml")
+            tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len * runtime.world_size
+            runtime.print0(
+                f"pretrain: {model.num_params() / 1e6:.2f}M params, {len(train_stream):,} train tokens, "
+                f"{tokens_per_step:,} tokens/step, {runtime.world_size} x {runtime.device} {str(runtime.dtype).removeprefix('torch.')}"
+                f" -> {run_dir}"
+            )
+        summary = trainer.train()
+        runtime.print0(
+            f"done: {summary['steps']} steps, {summary['tokens_seen']:,} tokens, "
+            f"val_loss {summary['final_val_loss']}, best {summary['best_val_loss']} -> {run_dir}"
+        )
+    finally:
+        cleanup(runtime)

@@ -1,0 +1,75 @@
+"""Train a byte-level BPE tokenizer (the `tokenizers` library) on a corpus; save it to OUT.
+
+    modernlm tokenizer train ../shared/data/wikitext-2/wiki.train.tokens out=runs/tok-wt2 vocab_size=8192
+    modernlm tokenizer train -c corpus.yaml out=runs/tok      # corpus.sources: [{path: ..., weight: ...}]
+
+OUT gets tokenizer.json + tokenizer_config.json (loadable by modernlm and transformers.AutoTokenizer).
+Special tokens take the first ids; `<|endoftext|>` is bos and eos, and ChatML tokens are included.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from modernlm.data import CorpusConfig, corpus_with_input, iter_documents
+from modernlm.errors import UserError
+from modernlm.tokenizer import DEFAULT_SPECIAL_TOKENS, train_bpe
+
+POSITIONALS = ["input"]
+FLAGS = {"--out": "out"}
+
+
+@dataclass
+class Config:
+    input: str = ""  # a file, directory or glob; shorthand for corpus.sources=[{path: INPUT}]
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    out: str = ""  # output directory (required)
+    vocab_size: int = 8192  # including the 256 byte symbols and the special tokens
+    min_frequency: int = 2  # a pair must occur this often to be merged
+    special_tokens: list[str] = field(default_factory=lambda: list(DEFAULT_SPECIAL_TOKENS))
+    bos_token: str = "<|endoftext|>"  # "" = none
+    eos_token: str = "<|endoftext|>"  # "" = none; prepare puts it after every document
+    pad_token: str = "<|pad|>"  # "" = none (then pad falls back to eos)
+    chat_template: str = "chatml"  # "chatml", "" (none) or a Jinja template string
+    max_bytes: int = 0  # train on the first this many bytes of the corpus (0 = all)
+
+
+def main(cfg: Config) -> None:
+    if not cfg.out:
+        raise UserError("out: give an output directory, e.g. out=runs/tokenizer")
+    corpus = corpus_with_input(cfg.input, cfg.corpus)
+    seen = {"bytes": 0, "documents": 0}
+
+    def texts():
+        for _, doc in iter_documents(corpus):
+            seen["bytes"] += len(doc.encode("utf-8"))
+            seen["documents"] += 1
+            yield doc
+            if cfg.max_bytes and seen["bytes"] >= cfg.max_bytes:
+                return
+
+    start = time.perf_counter()
+    docs = texts()
+    first = list(itertools.islice(docs, 1))  # fail on an empty corpus before training starts
+    if not first:
+        raise UserError("the corpus has no documents")
+    tok = train_bpe(
+        itertools.chain(first, docs),
+        cfg.vocab_size,
+        special_tokens=cfg.special_tokens,
+        bos_token=cfg.bos_token or None,
+        eos_token=cfg.eos_token or None,
+        pad_token=cfg.pad_token or None,
+        min_frequency=cfg.min_frequency,
+        chat_template=cfg.chat_template or None,
+    )
+    tok.save(cfg.out)
+    seconds = time.perf_counter() - start
+    print(
+        f"trained byte-level BPE: vocab {tok.vocab_size} on {seen['documents']:,} documents, "
+        f"{seen['bytes'] / 1e6:.1f} MB in {seconds:.1f}s -> {cfg.out}"
+    )
+    if tok.vocab_size < cfg.vocab_size:
+        print(f"warning: the corpus only supports {tok.vocab_size} tokens (asked for {cfg.vocab_size})")

@@ -1,0 +1,273 @@
+"""trainer.py: accumulation invariance, the non-finite guard, checkpoints and exact resume (in-process)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from modernlm.batches import TokenStream, TrainWindows, ValBatches, write_shards
+from modernlm.checkpoint import latest_checkpoint, load_training_state
+from modernlm.errors import UserError
+from modernlm.losses import lm_eval_loss, lm_loss, next_token_loss
+from modernlm.model import ModernDecoderLM
+from modernlm.optim import OptimConfig
+from modernlm.runtime import Runtime
+from modernlm.tracking import read_metrics
+from modernlm.trainer import Trainer, TrainingConfig
+from tests.conftest import tiny_config
+
+CPU = Runtime(device=torch.device("cpu"), dtype=torch.float32, tensorboard=False)
+
+
+def make_trainer(model, run_dir, batches=None, loss_fn=lm_loss, val=None, optim=None, **train_kw) -> Trainer:
+    kw = dict(num_steps=10, batch_size=2, progress=False, log_every=1, eval_every=0, save_every=0)
+    kw.update(train_kw)
+    optim = optim or OptimConfig(lr=1e-2, warmup_steps=2, weight_decay=0.1)
+    return Trainer(model, loss_fn, batches if batches is not None else iter(()), TrainingConfig(**kw), optim, CPU, run_dir,
+                   val_batches=val, eval_loss_fn=lm_eval_loss)  # fmt: skip
+
+
+@pytest.fixture
+def data(tmp_path):
+    rng = np.random.default_rng(0)
+    # a learnable stream: a repeating random "sentence" of 37 tokens, plus noise
+    base = rng.integers(0, 64, 37)
+    train = np.tile(base, 60)
+    train[rng.random(len(train)) < 0.1] = rng.integers(0, 64)
+    val = np.tile(base, 4)
+    return write_shards(tmp_path / "shards", {"train": train, "val": val}, vocab_size=64)
+
+
+def reader(path, seed=0, batch_size=2, seq_len=16):
+    return TrainWindows(TokenStream(path, "train"), seq_len, batch_size, seed=seed)
+
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ---- gradient accumulation ------------------------------------------------------------------
+
+
+def padded_batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 64, (4, 16), generator=g)
+    y = torch.randint(0, 64, (4, 16), generator=g)
+    # very uneven target counts per row: 4, 16, 11, 1 (padding / prompt tokens carry -100)
+    y[0, 4:] = -100
+    y[2, 11:] = -100
+    y[3, :15] = -100
+    return x, y
+
+
+def accumulate_pair(tmp_path, x, y, dtype):
+    """One optimizer step with accumulation 1 x batch 4 and 4 x batch 1 from the same weights;
+    returns both models and the gradients each optimizer was handed."""
+    torch.manual_seed(0)
+    model = ModernDecoderLM(tiny_config()).to(dtype)
+    other = copy.deepcopy(model)
+    optim = OptimConfig(lr=1e-2, weight_decay=0.1)
+    one = make_trainer(model, tmp_path / "a", grad_accum_steps=1, batch_size=4, optim=optim)
+    four = make_trainer(other, tmp_path / "b", grad_accum_steps=4, batch_size=1, optim=optim)
+    grads = {}
+    for name, t in (("one", one), ("four", four)):
+        step = t.optimizer.step
+
+        def capture(name=name, t=t, step=step):  # record the gradient the optimizer is handed
+            grads[name] = [p.grad.clone() for p in t.params]
+            step()
+
+        t.optimizer.step = capture
+    out1 = one.train_step([(x, y)])
+    out4 = four.train_step([(x[i : i + 1], y[i : i + 1]) for i in range(4)])
+    assert out1["ok"] and out4["ok"]
+    assert out1["tokens"] == out4["tokens"] == int((y != -100).sum())
+    assert out1["loss"] == pytest.approx(out4["loss"], abs=1e-6)
+    return model, other, grads
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
+def test_accumulation_4x1_equals_1x4(tmp_path, padded):
+    x, y = padded_batch()
+    if not padded:
+        y = torch.randint(0, 64, (4, 16))
+    # float32: the gradients handed to AdamW agree to float rounding.
+    _, _, grads = accumulate_pair(tmp_path / "f32", x, y, torch.float32)
+    for g1, g4 in zip(grads["one"], grads["four"]):
+        torch.testing.assert_close(g1, g4, atol=1e-7, rtol=1e-5)
+    # Parameters after the step, in float64: Adam's first step is g / (|g| + eps), which turns
+    # float32 rounding in near-zero gradient entries into update differences of up to ~lr, so the
+    # exact-math invariant is checked where rounding is negligible.
+    model, other, _ = accumulate_pair(tmp_path / "f64", x, y, torch.float64)
+    for (n, a), (_, b) in zip(model.named_parameters(), other.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=n)
+
+    if padded:
+        # The test can tell the difference: a per-micro-batch mean (mean of means) is another loss.
+        with torch.no_grad():
+            rows = [next_token_loss(model(x[i : i + 1]).logits, y[i : i + 1]) for i in range(4)]
+        token_mean = sum(s for s, _ in rows) / sum(n for _, n in rows)
+        mean_of_means = sum(s / n for s, n in rows) / 4
+        assert abs(token_mean - mean_of_means) > 1e-2
+
+
+def test_loss_is_the_token_mean_of_the_window(tmp_path):
+    x, y = padded_batch()
+    torch.manual_seed(0)
+    model = ModernDecoderLM(tiny_config())
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(x).logits.reshape(-1, 64), y.reshape(-1), ignore_index=-100)
+    t = make_trainer(model, tmp_path, grad_accum_steps=2)
+    out = t.train_step([(x[:2], y[:2]), (x[2:], y[2:])])
+    assert out["loss"] == pytest.approx(expected.item(), abs=1e-6)
+
+
+# ---- the non-finite guard -------------------------------------------------------------------
+
+
+class NaNLoss:
+    """lm_loss, but NaN on the given (1-based) optimizer steps."""
+
+    def __init__(self, bad_steps, where="loss"):
+        self.bad_steps, self.where, self.calls = set(bad_steps), where, 0
+        self.hooks = []
+
+    def __call__(self, model, batch):
+        self.calls += 1
+        loss_sum, n, metrics = lm_loss(model, batch)
+        if self.calls in self.bad_steps:
+            if self.where == "loss":
+                loss_sum = loss_sum * float("nan")
+            else:  # finite loss, NaN gradient
+                w = model.layers[0].attn.wq.weight
+                self.hooks.append(w.register_hook(lambda g: g * float("nan")))
+        else:
+            for h in self.hooks:
+                h.remove()
+            self.hooks.clear()
+        return loss_sum, n, metrics
+
+
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_nonfinite_step_leaves_weights_and_optimizer_untouched(tmp_path, where):
+    torch.manual_seed(0)
+    model = ModernDecoderLM(tiny_config())
+    loss_fn = NaNLoss({2}, where)
+    t = make_trainer(model, tmp_path, loss_fn=loss_fn)
+    x, y = padded_batch()
+    assert t.train_step([(x, y)])["ok"]
+    before, adam_steps = params(model), t.optimizer.state[model.tok_emb.weight]["step"].item()
+    out = t.train_step([(x, y)])
+    assert not out["ok"] and not math.isfinite(out["grad_norm"])
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+        assert p.grad is None
+    assert t.optimizer.state[model.tok_emb.weight]["step"].item() == adam_steps
+    assert t.train_step([(x, y)])["ok"]  # and training goes on
+    assert not torch.equal(model.tok_emb.weight, before["tok_emb.weight"])
+
+
+def test_train_counts_skipped_steps_and_stops_after_n_in_a_row(tmp_path, data):
+    torch.manual_seed(0)
+    t = make_trainer(ModernDecoderLM(tiny_config()), tmp_path / "one", reader(data), loss_fn=NaNLoss({3}), num_steps=6)
+    summary = t.train()
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 6
+    losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "one") if "loss" in r}
+    assert losses[3] == "nan" and all(isinstance(losses[s], float) for s in (1, 2, 4, 5, 6))
+
+    t = make_trainer(ModernDecoderLM(tiny_config()), tmp_path / "many", reader(data), loss_fn=NaNLoss(range(3, 100)),
+                     num_steps=20, max_bad_steps=4)  # fmt: skip
+    with pytest.raises(UserError, match="4 steps in a row"):
+        t.train()
+    assert t.step == 6 and t.skipped_steps == 4
+    assert json.loads((tmp_path / "many" / "summary.json").read_text())["skipped_steps"] == 4
+
+
+# ---- checkpoints and resume -----------------------------------------------------------------
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at(step):
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise Interrupt
+        return lm_loss(model, batch)
+
+    return loss_fn
+
+
+def run(path, run_dir, seed=0, model_seed=0, loss_fn=lm_loss, cfg=None, **kw):
+    torch.manual_seed(model_seed)
+    model = ModernDecoderLM(cfg or tiny_config(dropout=0.1))  # dropout: the RNG state matters too
+    val = ValBatches(TokenStream(path, "val"), 16, 2, 0)
+    kw = dict(num_steps=12, save_every=4, eval_every=4, keep_last=2) | kw
+    return make_trainer(model, run_dir, reader(path, seed), loss_fn=loss_fn, val=val, **kw)
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, data):
+    full = run(data, tmp_path / "full")
+    full.train()
+    part = run(data, tmp_path / "part", loss_fn=interrupt_at(7))
+    with pytest.raises(Interrupt):
+        part.train()
+    assert latest_checkpoint(tmp_path / "part").name == "step_0000004"
+    # a fresh process would build the model from another seed: resume must overwrite everything
+    resumed = run(data, tmp_path / "part", model_seed=123)
+    assert resumed.maybe_resume() == 4
+    resumed.train()
+
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
+    key = lambda r: (r["step"], "loss" in r)  # noqa: E731
+    assert [key(r) for r in a] == [key(r) for r in b]  # same lines, no duplicates from the killed attempt
+    for ra, rb in zip(a, b):
+        for k in ("loss", "val_loss", "grad_norm", "lr", "tokens"):
+            assert ra.get(k) == rb.get(k), (ra["step"], k)
+    for (n, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_checkpoint_layout_keep_last_best_and_state(tmp_path, data):
+    t = run(data, tmp_path / "r")
+    t.train()
+    root = tmp_path / "r" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["best", "latest", "step_0000008", "step_0000012"]
+    assert (root / "latest").read_text().strip() == "step_0000012"
+    assert sorted(p.name for p in (root / "step_0000012").iterdir()) == ["config.json", "model.safetensors", "train_state.pt"]
+    best = json.loads((root / "best" / "best.json").read_text())
+    assert best["val_loss"] == pytest.approx(t.best_val_loss)
+    state = load_training_state(root / "step_0000012")  # weights_only=True
+    assert state["step"] == 12 and state["data"]["cursor"] >= 0 and len(state["rng"]) == 1
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["tokens_seen"] == 12 * 2 * 16
+    assert summary["best_val_loss"] == pytest.approx(t.best_val_loss)
+    # validation loss went down on this learnable stream
+    vals = [r["val_loss"] for r in read_metrics(tmp_path / "r") if "val_loss" in r]
+    assert vals[-1] < vals[0]
+
+
+def test_resume_with_another_model_config_is_a_user_error(tmp_path, data):
+    run(data, tmp_path / "r", num_steps=4).train()
+    other = run(data, tmp_path / "r", cfg=tiny_config(n_layer=3, dropout=0.1))
+    with pytest.raises(UserError, match="n_layer: 3 -> 2|n_layer: 2 -> 3"):
+        other.maybe_resume()
+    fresh = run(data, tmp_path / "r", cfg=tiny_config(n_layer=3), resume="never")
+    assert fresh.maybe_resume() == 0
+
+
+def test_resume_from_explicit_checkpoint(tmp_path, data):
+    run(data, tmp_path / "src").train()
+    t = run(data, tmp_path / "dst", resume_from=str(tmp_path / "src" / "checkpoints" / "step_0000008"), num_steps=14)
+    assert t.maybe_resume() == 8
+    with pytest.raises(UserError, match="not found"):
+        run(data, tmp_path / "x", resume_from=str(tmp_path / "nope")).maybe_resume()
