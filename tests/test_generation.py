@@ -1,5 +1,6 @@
-"""Generation: KV-cache decoding against full recomputation, sampling filters against hand-computed
-values (and HF's processors), batching, the rolling cache, text streaming and `modernlm generate`."""
+"""Generation: KV-cache decoding against full recomputation, sampling filters against
+hand-computed values (and HF's processors), batching, the rolling cache, text streaming and
+`modernlm generate`."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from modernlm.generation import (
 )
 from modernlm.model import ModernDecoderLM
 from tests.conftest import VARIANTS, tiny_config
+
 
 def tiny_model(variant: str = "mha", vocab_size: int = 64, seed: int = 0) -> ModernDecoderLM:
     torch.manual_seed(seed)
@@ -90,7 +92,7 @@ def test_padded_batch_equals_each_prompt_alone(variant):
     for row, prompt in enumerate(prompts):
         alone = list(iter_tokens(model, torch.tensor([prompt]), 10))
         assert batch_tokens[row].tolist() == [s.tokens.item() for s in alone]
-        for b, a in zip(batch_steps, alone):
+        for b, a in zip(batch_steps, alone, strict=True):
             torch.testing.assert_close(b.logits[row], a.logits[0], rtol=0, atol=1e-5)
 
 
@@ -116,15 +118,19 @@ def test_rolling_cache_constant_memory_past_context(variant):
     prompt = torch.randint(0, 64, (1, 20), generator=torch.Generator().manual_seed(4))  # > chunk
     n = 4 * max_len
     steps = 0
-    for step in iter_tokens(model, prompt, n, temperature=1.0, seed=0, window=window, sink_size=sink, cache=cache):
+    for step in iter_tokens(
+        model, prompt, n, temperature=1.0, seed=0, window=window, sink_size=sink, cache=cache
+    ):
         steps += 1
         assert torch.isfinite(step.logits).all()
         assert cache.length <= sink + window
         assert cache.memory_bytes() == bytes0
-        assert all(k.shape == shape0 and v.shape == shape0 for k, v in zip(cache.k, cache.v))
+        assert all(
+            k.shape == shape0 and v.shape == shape0 for k, v in zip(cache.k, cache.v, strict=True)
+        )
         assert cache.k[0].data_ptr() == ptr0  # the same buffers, never reallocated
     assert steps == n
-    # everything was seen (prompt, sink token, all but the last generated token), far past the context
+    # seen: prompt, sink token, all generated tokens but the last; far past the context
     assert cache.seen == 20 + int(model.sink is not None) + n - 1 > 4 * max_len
     assert cache.length == sink + window
 
@@ -137,7 +143,7 @@ def test_rolling_cache_without_eviction_equals_plain(variant):
     # window 200 >> 19 + 25: nothing is evicted; the prompt still goes in chunks of 8
     rolling = list(iter_tokens(model, prompt, 25, window=200, sink_size=4, chunk=8))
     assert [s.tokens.tolist() for s in rolling] == [s.tokens.tolist() for s in plain]
-    for r, p in zip(rolling, plain):
+    for r, p in zip(rolling, plain, strict=True):
         torch.testing.assert_close(r.logits, p.logits, rtol=0, atol=1e-5)
 
 
@@ -216,7 +222,9 @@ def test_repetition_penalty_in_generation_matches_the_formula():
             assert step.tokens[r].item() == expected.argmax().item()
             rows[r].append(step.tokens[r].item())
     plain = generate(model, idx, 8, pad_mask=pad_mask)[:, idx.size(1) :].tolist()
-    assert [r[len(p) :] for r, p in zip(rows, prompts)] != plain  # the penalty changed something
+    assert [
+        r[len(p) :] for r, p in zip(rows, prompts, strict=True)
+    ] != plain  # the penalty changed something
 
 
 @pytest.mark.hf
@@ -299,7 +307,8 @@ def text_model(tokenizer):
 
 
 def test_text_stream_never_splits_characters(tokenizer):
-    text = "prix 12€ 🦀 ok 日本"  # € and 🦀 are not in the corpus: their bytes are separate tokens
+    # € and 🦀 are not in the corpus: their bytes are separate tokens
+    text = "prix 12€ 🦀 ok 日本"
     ids = tokenizer.encode(text)
     assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # token-by-token decoding breaks
     stream = TextStream(tokenizer)
@@ -347,7 +356,9 @@ def test_streamed_text_equals_decoding_all_tokens(tokenizer, text_model):
     ids = torch.tensor([tokenizer.encode(prompt, add_bos=True)])
     seen_multibyte = False
     for seed in range(6):
-        out = generate(text_model, ids, 60, temperature=1.5, seed=seed, eos_token_id=tokenizer.eos_id)
+        out = generate(
+            text_model, ids, 60, temperature=1.5, seed=seed, eos_token_id=tokenizer.eos_id
+        )
         expected = _decode_until_eos(tokenizer, out[0, ids.size(1) :].tolist())
         pieces = list(stream_text(text_model, tokenizer, prompt, 60, temperature=1.5, seed=seed))
         assert "".join(pieces) == expected
@@ -360,8 +371,13 @@ def test_generate_text_stop_string(tokenizer, text_model):
     assert len(full) > 12
     stop = full[8:11]
     cut = full[: full.find(stop)]
-    assert generate_text(text_model, tokenizer, "hello", 40, temperature=1.0, seed=5, stop=[stop]) == cut
-    streamed = "".join(stream_text(text_model, tokenizer, "hello", 40, temperature=1.0, seed=5, stop=stop))
+    assert (
+        generate_text(text_model, tokenizer, "hello", 40, temperature=1.0, seed=5, stop=[stop])
+        == cut
+    )
+    streamed = "".join(
+        stream_text(text_model, tokenizer, "hello", 40, temperature=1.0, seed=5, stop=stop)
+    )
     assert streamed == cut
 
 
@@ -401,7 +417,8 @@ def test_cli_generate(tmp_path, capsys, tokenizer, text_model, stream):
     expected = generate_text(text_model, tokenizer, "A café", 15)
     assert capsys.readouterr().out == expected + "\n"
     assert _cli([*args, "temperature=1.0", "top_k=20", "seed=4", f"stream={stream}"]) == 0
-    expected = generate_text(text_model, tokenizer, "A café", 15, temperature=1.0, top_k=20, seed=4)
+    options = dict(temperature=1.0, top_k=20, seed=4)
+    expected = generate_text(text_model, tokenizer, "A café", 15, **options)
     assert capsys.readouterr().out == expected + "\n"
 
 
@@ -420,3 +437,13 @@ def test_cli_generate_bad_option(tmp_path, capsys, tokenizer, text_model):
     save_model(text_model, tmp_path, tokenizer)
     assert _cli(["generate", str(tmp_path), "prompt=hi", "top_p=1.5"]) == 2
     assert capsys.readouterr().err.startswith("modernlm generate: error: top_p must be in (0, 1]")
+
+
+def test_vocab_size_limits_generated_ids():
+    # a model whose embedding is padded past the tokenizer's vocabulary must not emit those ids
+    model = tiny_model()
+    out = generate(model, torch.tensor([[1, 2, 3]]), 40, temperature=3.0, seed=0, vocab_size=10)
+    assert out[0, 3:].max() < 10
+    assert (
+        generate(model, torch.tensor([[1, 2, 3]]), 40, temperature=3.0, seed=0)[0, 3:].max() >= 10
+    )

@@ -231,12 +231,65 @@ def test_convert_cli_errors(tmp_path, capsys):
     assert "to" in error([str(tmp_path / "moe"), str(tmp_path / "out"), "--to", "gguf"])
 
 
+def _write_gguf(model: transformers.LlamaForCausalLM, path: Path) -> None:
+    """A float32 llama GGUF as llama.cpp's convert_hf_to_gguf.py writes it: q/k rows permuted
+    from HF's rotate-half order to llama.cpp's interleaved pairs, tensors under GGUF names."""
+    gguf = pytest.importorskip("gguf")
+    c = model.config
+
+    def permute(w, n_head: int):  # the inverse of what transformers' GGUF loader applies
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(500.0)
+    w.add_vocab_size(c.vocab_size)
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    names = {"self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+             "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads))
+        w.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads))
+        for hf_name, gguf_name in names.items():
+            w.add_tensor(f"blk.{i}.{gguf_name}.weight", sd[p + hf_name + ".weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_convert_tiny_gguf(tmp_path, capsys):
+    """GGUF path end to end (CLI): q/k come back in rotate-half order, logits equal the original."""
+    ref = hf_llama(4, 2, False, "sdpa")
+    _write_gguf(ref, tmp_path / "tiny.gguf")
+    assert run_command("convert", [str(tmp_path / "tiny.gguf"), str(tmp_path / "ours")]) == 0
+    assert "2 layers" in capsys.readouterr().out
+    model = ModernDecoderLM.from_pretrained(tmp_path / "ours").eval()
+    assert model.config.rope_theta == 500.0 and model.config.n_kv_head == 2
+    idx = torch.randint(0, 96, (2, 40))
+    with torch.no_grad():
+        assert max_diff(ref(idx).logits, model(idx).logits) <= TOL
+
+
 # --------------------------------------------------------------------------------------------
 # The real model: SmolLM2-135M-Instruct (GGUF, Q4_1 de-quantized to float32)
 # --------------------------------------------------------------------------------------------
 
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOL_LOGIT_TOL = 1e-4  # measured max |diff| over 40 positions x 49152 logits: see the report
+# Measured at float32: 0.0 against HF's sdpa attention (used here), <= 8.4e-5 against "eager"
+# (300 positions x 49152 logits of magnitude up to 35).
+SMOL_LOGIT_TOL = 1e-4
 
 
 def _smol_gguf() -> Path:
@@ -279,22 +332,27 @@ def test_smollm2_gguf_matches_transformers(smol):
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (
         ref_tok.bos_token, ref_tok.eos_token, ref_tok.pad_token)  # fmt: skip
     assert tokenizer.chat_template == ref_tok.chat_template
-    messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    messages = [{"role": "user", "content": "What is the capital of France? Describe the city in two sentences."}]
     text = ref_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = ref_tok(text, add_special_tokens=False).input_ids
     assert tokenizer.encode(text) == ids
     idx = torch.tensor([ids])
 
-    # logits over the whole prompt
+    # logits over the whole prompt, against both of HF's attention implementations
     with torch.no_grad():
-        diff = max_diff(ref(idx).logits, model(idx).logits)
-    assert diff <= SMOL_LOGIT_TOL, diff
+        ours_logits = model(idx).logits
+        assert max_diff(ref(idx).logits, ours_logits) <= SMOL_LOGIT_TOL
+        ref.set_attn_implementation("eager")
+        try:
+            assert max_diff(ref(idx).logits, ours_logits) <= SMOL_LOGIT_TOL
+        finally:
+            ref.set_attn_implementation("sdpa")
 
     # greedy decoding with each side's own KV cache
-    n = 24
+    n = 30  # the answer is ~20 tokens and ends with EOS: both sides must stop at the same place
     expected = ref.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=n,
                             eos_token_id=ref_tok.eos_token_id, pad_token_id=ref_tok.pad_token_id)  # fmt: skip
     got = model.generate(idx, max_new_tokens=n, temperature=0.0, eos_token_id=tokenizer.eos_id)
-    assert got.shape[1] > idx.shape[1] + 5  # it said something
+    assert got.shape[1] >= idx.shape[1] + 15  # a real sentence, not an immediate EOS
     assert got.tolist() == expected.tolist(), (tokenizer.decode(got[0].tolist()), ref_tok.decode(expected[0]))
     assert "Paris" in tokenizer.decode(got[0, idx.shape[1] :].tolist())

@@ -96,7 +96,9 @@ class CorpusConfig:
     def __post_init__(self):
         weighted = [s.weight > 0 for s in self.sources]
         if any(weighted) and not all(weighted):
-            raise ValueError("give every source a weight > 0 (a weighted mix) or none (all documents)")
+            raise ValueError(
+                "give every source a weight > 0 (a weighted mix) or none (all documents)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,12 +129,18 @@ def _kind(path: Path, strict: bool = True) -> str | None:
     if suffixes and suffixes[-1] == ".gz":
         suffixes = suffixes[:-1]
     ext = suffixes[-1] if suffixes else ""
-    for kind, exts in (("text", TEXT_EXTENSIONS), ("jsonl", JSONL_EXTENSIONS), ("parquet", PARQUET_EXTENSIONS)):
+    for kind, exts in (
+        ("text", TEXT_EXTENSIONS),
+        ("jsonl", JSONL_EXTENSIONS),
+        ("parquet", PARQUET_EXTENSIONS),
+    ):
         if ext in exts:
             return kind
     if strict:
         known = ", ".join(TEXT_EXTENSIONS + JSONL_EXTENSIONS + PARQUET_EXTENSIONS)
-        raise UserError(f"{path}: unknown file type {ext or '(no extension)'!r}; expected {known} (optionally .gz)")
+        raise UserError(
+            f"{path}: unknown file type {ext or '(no extension)'!r}; expected {known} (or .gz)"
+        )
     return None
 
 
@@ -166,7 +174,9 @@ def _jsonl_rows(path: Path, text_field: str) -> Iterator[str]:
                 raise UserError(f"{path}:{lineno}: no {text_field!r} field (set text_field=...)")
             text = row[text_field]
             if not isinstance(text, str):
-                raise UserError(f"{path}:{lineno}: {text_field!r} is {type(text).__name__}, expected a string")
+                raise UserError(
+                    f"{path}:{lineno}: {text_field!r} is {type(text).__name__}, expected a string"
+                )
             yield text
 
 
@@ -174,14 +184,20 @@ def _parquet_rows(path: Path, text_field: str) -> Iterator[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise UserError(f"{path}: reading .parquet files needs pyarrow (pip install pyarrow)") from None
+        raise UserError(
+            f"{path}: reading .parquet files needs pyarrow (pip install pyarrow)"
+        ) from None
     try:
-        source: Any = io.BytesIO(gzip.decompress(path.read_bytes())) if path.suffix.lower() == ".gz" else path
+        source: Any = (
+            io.BytesIO(gzip.decompress(path.read_bytes())) if path.suffix.lower() == ".gz" else path
+        )
         pf = pq.ParquetFile(source)
     except Exception as e:
         raise UserError(f"{path}: cannot read parquet: {e}") from None
     if text_field not in pf.schema_arrow.names:
-        raise UserError(f"{path}: no column {text_field!r}; columns: {', '.join(pf.schema_arrow.names)}")
+        raise UserError(
+            f"{path}: no column {text_field!r}; columns: {', '.join(pf.schema_arrow.names)}"
+        )
     for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
         for text in batch.column(0).to_pylist():
             if text is not None:
@@ -192,7 +208,9 @@ def _hub_rows(src: SourceConfig) -> Iterator[str]:
     try:
         import datasets
     except ImportError:
-        raise UserError(f"source {src.name}: hub datasets need the `datasets` package (pip install datasets)") from None
+        raise UserError(
+            f"source {src.name}: hub datasets need the `datasets` package (pip install datasets)"
+        ) from None
     try:
         ds = datasets.load_dataset(
             src.hf_dataset, src.hf_config or None, split=src.split, streaming=src.hf_streaming
@@ -201,7 +219,9 @@ def _hub_rows(src: SourceConfig) -> Iterator[str]:
         raise UserError(f"source {src.name}: cannot load hub dataset: {e}") from None
     columns = getattr(ds, "column_names", None)
     if columns is not None and src.text_field not in columns:
-        raise UserError(f"source {src.name}: no column {src.text_field!r}; columns: {', '.join(columns)}")
+        raise UserError(
+            f"source {src.name}: no column {src.text_field!r}; columns: {', '.join(columns)}"
+        )
     for row in ds:
         text = row.get(src.text_field)
         if isinstance(text, str):
@@ -264,7 +284,11 @@ def _file_documents(path: Path, src: SourceConfig) -> Iterator[str]:
         if src.separator:
             return _split_separator(lines, src.separator)
         return _group_lines(lines, rule)
-    rows = _jsonl_rows(path, src.text_field) if kind == "jsonl" else _parquet_rows(path, src.text_field)
+    rows = (
+        _jsonl_rows(path, src.text_field)
+        if kind == "jsonl"
+        else _parquet_rows(path, src.text_field)
+    )
     return _rows_to_documents(rows, src)
 
 
@@ -329,7 +353,9 @@ def corpus_with_input(input: str, corpus: CorpusConfig) -> CorpusConfig:
     if input:
         return dataclasses.replace(corpus, sources=[SourceConfig(path=input)])
     if not corpus.sources:
-        raise UserError("no corpus: give an input path (e.g. ../shared/data/wikitext-2/wiki.train.tokens) or corpus.sources")
+        raise UserError(
+            "no corpus: give an input path (e.g. data/wiki.train.tokens) or corpus.sources"
+        )
     return corpus
 
 
@@ -347,10 +373,15 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class _ShardWriter:
-    """Appends token arrays to NAME_00000.bin, NAME_00001.bin, ... of exactly `shard_tokens` each."""
+    """Appends token arrays to SPLIT_00000.bin, SPLIT_00001.bin, ... of `shard_tokens` each."""
 
     def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int):
-        self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
+        self.directory, self.split, self.dtype, self.shard_tokens = (
+            directory,
+            split,
+            dtype,
+            shard_tokens,
+        )
         self.files: list[str] = []
         self.tokens = self.documents = 0
         self._file: io.BufferedWriter | None = None
@@ -405,7 +436,9 @@ def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.array(flat, dtype=np.uint32), lengths
 
 
-def _map_ordered(func: Callable, items: Iterable[tuple[Any, Any]], num_workers: int, initargs: tuple) -> Iterator:
+def _map_ordered(
+    func: Callable, items: Iterable[tuple[Any, Any]], num_workers: int, initargs: tuple
+) -> Iterator:
     """(key, func(payload)) for each (key, payload) in `items`, in order, over `num_workers`
     processes with a bounded number in flight (only the payload travels to a worker)."""
     if num_workers <= 1:
@@ -437,7 +470,9 @@ def _map_ordered(func: Callable, items: Iterable[tuple[Any, Any]], num_workers: 
             yield key, result.get()
 
 
-def _chunks(docs: Iterable[tuple[int, str]], chunk_bytes: int) -> Iterator[tuple[tuple[list[int], list[int]], list[str]]]:
+def _chunks(
+    docs: Iterable[tuple[int, str]], chunk_bytes: int
+) -> Iterator[tuple[tuple[list[int], list[int]], list[str]]]:
     """Group documents into chunks of about `chunk_bytes`: ((source ids, UTF-8 sizes), texts)."""
     sources: list[int] = []
     texts: list[str] = []
@@ -492,7 +527,7 @@ def prepare_tokens(
     dtype = token_dtype(tokenizer.vocab_size)
     eos = tokenizer.eos_id
     if eos is None:
-        print("warning: the tokenizer has no eos token; documents are concatenated without a separator")
+        print("warning: the tokenizer has no eos token; documents are joined without a separator")
     out = Path(out_dir)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise UserError(f"{out} already exists; pass overwrite=true to replace it")
@@ -502,17 +537,26 @@ def prepare_tokens(
     from tqdm import tqdm
 
     n_sources = len(corpus.sources)
-    per_source = {"documents": np.zeros(n_sources, np.int64), "bytes": np.zeros(n_sources, np.int64),
-                  "tokens": np.zeros(n_sources, np.int64)}
+    per_source = {
+        "documents": np.zeros(n_sources, np.int64),
+        "bytes": np.zeros(n_sources, np.int64),
+        "tokens": np.zeros(n_sources, np.int64),
+    }
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
         rng = np.random.default_rng(seed)
-        held: np.ndarray | None = None  # the latest train document, kept back in case val ends empty
+        held: np.ndarray | None = (
+            None  # the latest train document, kept back in case val ends empty
+        )
         chunks = _chunks(iter_documents(corpus), chunk_bytes)
-        bar = tqdm(total=None, unit="B", unit_scale=True, desc="prepare", disable=not progress or None)
+        bar = tqdm(
+            total=None, unit="B", unit_scale=True, desc="prepare", disable=not progress or None
+        )
         initargs = (tokenizer.backend.to_str(), eos)
-        for (sources, sizes), (ids, lengths) in _map_ordered(_encode_chunk, chunks, workers, initargs):
+        for (sources, sizes), (ids, lengths) in _map_ordered(
+            _encode_chunk, chunks, workers, initargs
+        ):
             src = np.asarray(sources)
             np.add.at(per_source["documents"], src, 1)
             np.add.at(per_source["bytes"], src, np.asarray(sizes))
@@ -574,10 +618,13 @@ def prepare_tokens(
 
 
 def _source_record(src: SourceConfig) -> dict[str, Any]:
-    record = {k: v for k, v in dataclasses.asdict(src).items() if v not in ("", 0, 0.0, False) or k == "path"}
+    """A source's settings (only those that differ from the defaults) and, for paths, its files."""
+    defaults = {f.name: f.default for f in dataclasses.fields(SourceConfig)}
+    record: dict[str, Any] = {k: v for k, v in dataclasses.asdict(src).items() if v != defaults[k]}
+    out: dict[str, Any] = {"config": record}
     if src.path:
-        record["files"] = [str(p) for p in source_files(src.path)]
-    return record
+        out["files"] = [str(p) for p in source_files(src.path)]
+    return out
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -595,7 +642,9 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     file = directory / META_FILE
     if not file.is_file():
-        raise UserError(f"{directory} is not a prepared dataset (no {META_FILE}); run `modernlm prepare`")
+        raise UserError(
+            f"{directory} is not a prepared dataset (no {META_FILE}); run `modernlm prepare`"
+        )
     try:
         meta = json.loads(file.read_text())
     except json.JSONDecodeError as e:
@@ -611,7 +660,9 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
                 raise UserError(f"{path}: missing shard of split {split!r}")
             size += path.stat().st_size
         if size != info["tokens"] * itemsize:
-            raise UserError(f"{directory}: split {split!r} has {size} bytes, meta.json says {info['tokens']} tokens")
+            raise UserError(
+                f"{directory}: split {split!r} has {size} bytes, meta says {info['tokens']} tokens"
+            )
     return meta
 
 

@@ -27,7 +27,6 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from modernlm.errors import UserError
@@ -121,7 +120,9 @@ def _check_args(
         raise UserError(f"window and sink_size must be >= 0, got {window} and {sink_size}")
 
 
-def _prefill(model: ModernDecoderLM, idx: Tensor, cache: KVCache, pad_mask: Tensor | None) -> Tensor:
+def _prefill(
+    model: ModernDecoderLM, idx: Tensor, cache: KVCache, pad_mask: Tensor | None
+) -> Tensor:
     """Run the prompt through the model into `cache`; return the last position's logits (B, V).
 
     A rolling cache takes at most `chunk` new tokens per forward (the room it has beyond
@@ -156,6 +157,7 @@ def iter_tokens(
     sink_size: int = 4,
     chunk: int = 64,
     cache: KVCache | None = None,
+    vocab_size: int | None = None,
 ) -> Iterator[Step]:
     """Yield one `Step` per generated token; see `generate` for the arguments.
 
@@ -165,7 +167,9 @@ def iter_tokens(
     """
     _check_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, window, sink_size)
     if idx.dim() != 2 or idx.size(1) == 0:
-        raise UserError(f"idx must be a (batch, tokens) tensor with at least one token, got {tuple(idx.shape)}")
+        raise UserError(
+            f"idx must be a (batch, tokens) tensor with at least one token, got {tuple(idx.shape)}"
+        )
     if max_new_tokens == 0:
         return
     B, T = idx.shape
@@ -173,24 +177,31 @@ def iter_tokens(
     if pad_mask is not None:
         pad_mask = pad_mask.to(device=idx.device, dtype=torch.bool)
         if pad_mask.shape != idx.shape:
-            raise UserError(f"pad_mask {tuple(pad_mask.shape)} must have the shape of idx {tuple(idx.shape)}")
+            raise UserError(
+                f"pad_mask {tuple(pad_mask.shape)} must have the shape of idx {tuple(idx.shape)}"
+            )
         if not pad_mask[:, -1].all():
-            raise UserError("pad_mask: prompts must be left-padded (the last column is all real tokens)")
+            raise UserError(
+                "pad_mask: prompts must be left-padded (the last column is all real tokens)"
+            )
         if pad_mask.all():
             pad_mask = None  # no padding after all: keep SDPA's causal fast path
     if cache is None:
         if window and chunk < 1:
             raise UserError(f"chunk must be >= 1 with a rolling cache, got {chunk}")
         # Plain cache: room for everything this call can add (the last token is never fed back).
-        cache = model.new_cache(B, T + max_new_tokens, window=window, sink_size=sink_size, chunk=chunk)
+        cache = model.new_cache(
+            B, T + max_new_tokens, window=window, sink_size=sink_size, chunk=chunk
+        )
     else:
         if cache.seen or cache.k[0].size(0) != B:
             raise UserError(f"cache must be fresh and hold {B} rows")
         need = T + max_new_tokens - 1 + int(has_sink)
         if not cache.rolling and cache.capacity < need:
             raise UserError(
-                f"KV cache too small: {T} prompt + {max_new_tokens} new tokens need {need} slots, "
-                f"the cache has {cache.capacity}; size it to prompt + max_new_tokens or use window > 0"
+                f"KV cache too small: {T} prompt + {max_new_tokens} new tokens need {need} "
+                f"slots, the cache has {cache.capacity}; size it to prompt + max_new_tokens "
+                "or use window > 0"
             )
 
     greedy = temperature == 0
@@ -206,11 +217,15 @@ def iter_tokens(
         vocab = model.config.vocab_size
         # One spare column collects the padding, so pad positions never count as "seen".
         real = idx if pad_mask is None else idx.masked_fill(~pad_mask, vocab)
-        seen_buf = torch.zeros(B, vocab + 1, dtype=torch.bool, device=idx.device).scatter_(1, real, True)
+        seen_buf = torch.zeros(B, vocab + 1, dtype=torch.bool, device=idx.device).scatter_(
+            1, real, True
+        )
         seen = seen_buf[:, :vocab]
     # With padding, every decode step passes a one-column all-True pad mask so the cache marks
     # the new slot valid explicitly (a rolling cache reuses slots that may have held padding).
-    step_mask = torch.ones(B, 1, dtype=torch.bool, device=idx.device) if pad_mask is not None else None
+    step_mask = (
+        torch.ones(B, 1, dtype=torch.bool, device=idx.device) if pad_mask is not None else None
+    )
 
     was_training = model.training
     model.eval()
@@ -218,6 +233,10 @@ def iter_tokens(
         logits = _prefill(model, idx, cache, pad_mask)
         for i in range(max_new_tokens):
             scores = logits.float()
+            if vocab_size is not None and vocab_size < scores.size(-1):
+                # ids past the tokenizer's vocabulary (a padded embedding) decode to nothing
+                scores = scores.clone()
+                scores[:, vocab_size:] = float("-inf")
             if seen is not None:
                 scores = apply_repetition_penalty(scores, seen, repetition_penalty)
             if greedy:
@@ -232,7 +251,9 @@ def iter_tokens(
             yield Step(tok, logits)
             if i == max_new_tokens - 1 or (finished is not None and bool(finished.all())):
                 return
-            logits = model(tok[:, None], cache=cache, pad_mask=step_mask, last_only=True).logits[:, -1]
+            logits = model(tok[:, None], cache=cache, pad_mask=step_mask, last_only=True).logits[
+                :, -1
+            ]
     finally:
         model.train(was_training)
 
@@ -254,6 +275,7 @@ def generate(
     sink_size: int = 4,
     chunk: int = 64,
     cache: KVCache | None = None,
+    vocab_size: int | None = None,
 ) -> Tensor:
     """Continue each row of `idx` (B, T) by up to `max_new_tokens` tokens, with a KV cache.
 
@@ -269,6 +291,7 @@ def generate(
             slots), for generation of any length in constant memory.
         chunk: tokens per prefill forward in rolling mode (the prompt goes in chunks).
         cache: an empty cache to fill instead of a new one (e.g. to inspect it afterwards).
+        vocab_size: generate only ids below this (a tokenizer smaller than the padded vocab).
 
     Returns:
         (B, T + n) tokens: the prompt as given, then n <= max_new_tokens new tokens per row (the
@@ -282,6 +305,7 @@ def generate(
         model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
         pad_mask=pad_mask, seed=seed, window=window, sink_size=sink_size, chunk=chunk, cache=cache,
+        vocab_size=vocab_size,
     )  # fmt: skip
     for step in steps:
         out[:, T + n] = step.tokens  # `out` is a normal tensor, usable in autograd later
@@ -289,7 +313,9 @@ def generate(
     return out[:, : T + n]
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
     """Token lists of different lengths -> (idx (B, T), pad_mask (B, T)), padded on the left."""
     T = max(len(r) for r in rows)
     idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
@@ -360,7 +386,9 @@ class TextStream:
         else:
             # hold back the longest tail that a stop string begins with
             tail = self.text[self._sent :]
-            hold = max((k for s in self.stop for k in range(1, len(s)) if tail.endswith(s[:k])), default=0)
+            hold = max(
+                (k for s in self.stop for k in range(1, len(s)) if tail.endswith(s[:k])), default=0
+            )
             end = len(self.text) - hold
         piece, self._sent = self.text[self._sent : end], end
         return piece
@@ -392,9 +420,11 @@ def _text_steps(
 ) -> Iterator[list[str]]:
     """Yield, per generated token, the new text of every row ('' where there is none yet)."""
     rows = [tokenizer.encode(p, add_bos=add_bos) for p in prompts]
-    for p, r in zip(prompts, rows):
+    for p, r in zip(prompts, rows, strict=True):
         if not r:
-            raise UserError(f"prompt {p!r} encodes to no tokens (and the tokenizer has no bos token)")
+            raise UserError(
+                f"prompt {p!r} encodes to no tokens (and the tokenizer has no bos token)"
+            )
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     streams = [TextStream(tokenizer, stops, context=r) for r in rows]
     device = next(model.parameters()).device
@@ -405,7 +435,11 @@ def _text_steps(
         eos = tokenizer.eos_id
     eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
     done = [False] * len(rows)
-    for step in iter_tokens(model, idx, max_new_tokens, eos_token_id=eos, pad_mask=pad_mask, **kwargs):
+    steps = iter_tokens(
+        model, idx, max_new_tokens, eos_token_id=eos, pad_mask=pad_mask,
+        vocab_size=tokenizer.vocab_size, **kwargs,
+    )  # fmt: skip
+    for step in steps:
         pieces = []
         for i, tok in enumerate(step.tokens.tolist()):
             if done[i]:

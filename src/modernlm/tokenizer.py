@@ -182,9 +182,13 @@ def train_bpe(
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    specials = list(dict.fromkeys([*special_tokens, *(t for t in (bos_token, eos_token, pad_token) if t)]))
+    named = [t for t in (bos_token, eos_token, pad_token) if t]
+    specials = list(dict.fromkeys([*special_tokens, *named]))
     if vocab_size < 256 + len(specials):
-        raise UserError(f"vocab_size {vocab_size} is too small: the 256 bytes and {len(specials)} special tokens need {256 + len(specials)}")
+        raise UserError(
+            f"vocab_size {vocab_size} is too small: the 256 bytes and {len(specials)} special "
+            f"tokens need {256 + len(specials)}"
+        )
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -197,4 +201,4 @@ def train_bpe(
     )
     backend.train_from_iterator(texts, trainer=trainer)
     template = CHATML_TEMPLATE if chat_template == "chatml" else chat_template or None
-    return Tokenizer(backend, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token, chat_template=template)
+    return Tokenizer(backend, bos_token, eos_token, pad_token, chat_template=template)

@@ -1,7 +1,7 @@
 """Tokenize a corpus once into token shards the trainer memory-maps (see modernlm.data).
 
     modernlm prepare ../shared/data/wikitext-2/wiki.train.tokens tokenizer=runs/tok-wt2 out=data/wt2
-    modernlm prepare -c corpus.yaml tokenizer=../shared/data/gpt2-tokenizer out=data/mix num_workers=4
+    modernlm prepare -c corpus.yaml --tokenizer ../shared/data/gpt2-tokenizer --out data/mix
 
 OUT gets meta.json, train_NNNNN.bin / val_NNNNN.bin (uint16 ids when the vocab fits, else uint32;
 each document followed by eos) and the tokenizer. val takes whole documents (val_fraction, at least
@@ -38,7 +38,9 @@ class Config:
 
 def main(cfg: Config) -> None:
     if not cfg.tokenizer:
-        raise UserError("tokenizer: give a tokenizer dir (modernlm tokenizer train) or ../shared/data/gpt2-tokenizer")
+        raise UserError(
+            "tokenizer: give a tokenizer dir (from `modernlm tokenizer train`) or a GPT-2 files dir"
+        )
     if not cfg.out:
         raise UserError("out: give an output directory, e.g. out=data/wikitext2")
     corpus = corpus_with_input(cfg.input, cfg.corpus)
@@ -61,10 +63,10 @@ def main(cfg: Config) -> None:
     train, val = meta["splits"]["train"], meta["splits"]["val"]
     print(
         f"prepared {train['tokens'] + val['tokens']:,} tokens ({meta['dtype']}): "
-        f"train {train['tokens']:,} in {len(train['files'])} file(s) / {train['documents']:,} docs, "
-        f"val {val['tokens']:,} / {val['documents']:,} docs"
+        f"train {train['tokens']:,} ({len(train['files'])} file(s), {train['documents']:,} docs), "
+        f"val {val['tokens']:,} ({val['documents']:,} docs)"
     )
     print(
         f"read {meta['bytes']:,} bytes, {meta['bytes_per_token']:.2f} bytes/token, "
-        f"{meta['bytes'] / 1e6 / seconds:.2f} MB/s with {workers} worker(s) in {seconds:.1f}s -> {cfg.out}"
+        f"{meta['bytes'] / 1e6 / seconds:.2f} MB/s ({workers} workers, {seconds:.1f}s) -> {cfg.out}"
     )

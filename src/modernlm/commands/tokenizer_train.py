@@ -1,9 +1,9 @@
 """Train a byte-level BPE tokenizer (the `tokenizers` library) on a corpus; save it to OUT.
 
-    modernlm tokenizer train ../shared/data/wikitext-2/wiki.train.tokens out=runs/tok-wt2 vocab_size=8192
-    modernlm tokenizer train -c corpus.yaml out=runs/tok      # corpus.sources: [{path: ..., weight: ...}]
+    modernlm tokenizer train ../shared/data/wikitext-2/wiki.train.tokens --out data/tok
+    modernlm tokenizer train -c corpus.yaml --out data/tok vocab_size=16000  # corpus.sources: [...]
 
-OUT gets tokenizer.json + tokenizer_config.json (loadable by modernlm and transformers.AutoTokenizer).
+OUT gets tokenizer.json + tokenizer_config.json (modernlm and transformers.AutoTokenizer load it).
 Special tokens take the first ids; `<|endoftext|>` is bos and eos, and ChatML tokens are included.
 """
 
@@ -72,4 +72,4 @@ def main(cfg: Config) -> None:
         f"{seen['bytes'] / 1e6:.1f} MB in {seconds:.1f}s -> {cfg.out}"
     )
     if tok.vocab_size < cfg.vocab_size:
-        print(f"warning: the corpus only supports {tok.vocab_size} tokens (asked for {cfg.vocab_size})")
+        print(f"warning: the corpus gave only {tok.vocab_size} tokens (asked for {cfg.vocab_size})")
