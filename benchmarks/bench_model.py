@@ -47,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt", type=int, default=32, help="generation prompt length")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="HF attention implementation")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 = torch's default")
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-generate", action="store_true")
@@ -138,6 +139,9 @@ def bench_generate(args, cfg: ModelConfig, device: torch.device) -> tuple[float,
 def main() -> None:
     args = parse_args()
     import transformers
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     cfg = ModelConfig(

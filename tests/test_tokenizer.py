@@ -156,6 +156,11 @@ def test_tokenizer_train_command(tmp_path, capsys):
         run_command("tokenizer train", [str(tmp_path / "blank.txt"), f"out={tmp_path / 'x'}"]) == 2
     )
     assert "blank.txt: no documents" in capsys.readouterr().err
+    # an empty file found mid-corpus, while the trainer is consuming the documents
+    (tmp_path / "a.txt").write_text("some text\n\nmore text\n")
+    glob = str(tmp_path / "*.txt")
+    assert run_command("tokenizer train", [glob, f"out={tmp_path / 'y'}", "vocab_size=300"]) == 2
+    assert "blank.txt: no documents" in capsys.readouterr().err
 
 
 @pytest.mark.hf

@@ -24,6 +24,16 @@ from tests.conftest import tiny_config
 CPU = Runtime(device=torch.device("cpu"), dtype=torch.float32, tensorboard=False)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from a second thread, and on a busy machine OpenMP threads that
+    # wait for each other make every op many times slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_trainer(model, run_dir, batches=None, loss_fn=lm_loss, val=None, optim=None, **train_kw) -> Trainer:
     kw = dict(num_steps=10, batch_size=2, progress=False, log_every=1, eval_every=0, save_every=0)
     kw.update(train_kw)
@@ -271,3 +281,18 @@ def test_resume_from_explicit_checkpoint(tmp_path, data):
     assert t.maybe_resume() == 8
     with pytest.raises(UserError, match="not found"):
         run(data, tmp_path / "x", resume_from=str(tmp_path / "nope")).maybe_resume()
+
+
+def test_periodic_samples_are_written(tmp_path, data):
+    from modernlm.tokenizer import train_bpe
+
+    tok = train_bpe(["once upon a time there was a cat"] * 20, vocab_size=270)
+    torch.manual_seed(0)
+    model = ModernDecoderLM(tiny_config(vocab_size=tok.vocab_size))
+    t = make_trainer(model, tmp_path / "r", reader(data), num_steps=4, sample_every=2, sample_tokens=5)
+    t.tokenizer = tok
+    t.cfg.sample_prompts = ["once upon", "a cat"]
+    t.train()
+    text = (tmp_path / "r" / "samples.md").read_text()
+    assert text.count("## step") == 2 and "## step 4" in text
+    assert "**once upon**" in text and "**a cat**" in text

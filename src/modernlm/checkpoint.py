@@ -173,14 +173,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_checkpoint_dir(final: Path, model: ModernDecoderLM, tokenizer: Tokenizer | None, state: dict[str, Any] | None) -> None:
+def _write_checkpoint_dir(
+    final: Path, model: ModernDecoderLM, tokenizer: Tokenizer | None, state: dict[str, Any] | None, save_fn: Any = None
+) -> None:
     import io
     import shutil
 
     tmp = final.with_name(f".tmp_{final.name}_{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_model(model, tmp, tokenizer)
+    (save_fn or save_model)(model, tmp, tokenizer)
     if state is not None:
         buf = io.BytesIO()
         torch.save(state, buf)
@@ -203,8 +205,11 @@ def save_training_checkpoint(
     state: dict[str, Any],
     tokenizer: Tokenizer | None = None,
     keep_last: int = 3,
+    save_fn: Any = None,
 ) -> Path:
     """Write run_dir/checkpoints/step_{step:07d}/, point `latest` at it, keep the last `keep_last`.
+
+    `save_fn(model, dir, tokenizer)` writes the model files (default `save_model`).
 
     `state` (optimizer, step, RNG, data position, ...) must hold only tensors and plain Python
     types, so `load_training_state` can read it with torch.load(weights_only=True).
@@ -214,7 +219,7 @@ def save_training_checkpoint(
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
-    _write_checkpoint_dir(final, model, tokenizer, state)
+    _write_checkpoint_dir(final, model, tokenizer, state, save_fn)
     atomic_write_bytes(root / LATEST_FILE, (final.name + "\n").encode())
     steps = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in steps[: max(len(steps) - max(keep_last, 1), 0)]:
@@ -225,31 +230,25 @@ def save_training_checkpoint(
     return final
 
 
-def save_best_checkpoint(run_dir: str | Path, model: ModernDecoderLM, info: dict[str, Any], tokenizer: Tokenizer | None = None) -> Path:
+def save_best_checkpoint(
+    run_dir: str | Path, model: ModernDecoderLM, info: dict[str, Any], tokenizer: Tokenizer | None = None, save_fn: Any = None
+) -> Path:
     """Replace run_dir/checkpoints/best/ (model files + best.json with the step and val loss)."""
     final = Path(run_dir) / CHECKPOINTS_DIR / BEST_DIR
     final.parent.mkdir(parents=True, exist_ok=True)
-    _write_checkpoint_dir(final, model, tokenizer, None)
+    _write_checkpoint_dir(final, model, tokenizer, None, save_fn)
     atomic_write_bytes(final / "best.json", json.dumps(info, indent=2).encode())
     return final
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete training checkpoint of a run directory, or None."""
+    """The newest complete training checkpoint of a run directory, or None.
+
+    Complete = renamed into place with its train_state.pt. The `latest` pointer is for people and
+    other tools; the directory scan is the truth (a kill between rename and pointer update)."""
     root = Path(run_dir) / CHECKPOINTS_DIR
-    pointer = root / LATEST_FILE
-    if pointer.is_file():
-        target = root / pointer.read_text().strip()
-        if (target / TRAIN_STATE_FILE).is_file():
-            candidates = [target]
-        else:
-            candidates = []
-    else:
-        candidates = []
-    candidates += sorted((p for p in root.glob("step_*") if (p / TRAIN_STATE_FILE).is_file()), reverse=True)
-    if not candidates:
-        return None
-    return max(candidates, key=lambda p: p.name)
+    done = [p for p in root.glob("step_*") if (p / TRAIN_STATE_FILE).is_file()]
+    return max(done, key=lambda p: p.name) if done else None
 
 
 def load_training_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -327,6 +327,9 @@ def iter_documents(corpus: CorpusConfig) -> Iterator[tuple[int, str]]:
     """(source index, document) pairs for the whole corpus, mixed as the module docstring says."""
     if not corpus.sources:
         raise UserError("no corpus sources: give an input path or corpus.sources")
+    for s in corpus.sources:  # fail on a missing file now, not after tokenizing the others
+        if s.path:
+            source_files(s.path)
     streams = [read_source(s) for s in corpus.sources]
     if all(s.weight == 0 for s in corpus.sources):
         for i, stream in enumerate(streams):
@@ -571,7 +574,7 @@ def prepare_tokens(
                 if held is not None:
                     writers["train"].write(held, 1)
                 last = int(train_lengths[-1])
-                writers["train"].write(train[:-last], train_lengths.size - 1)
+                writers["train"].write(train[: train.size - last], train_lengths.size - 1)
                 held = train[-last:]
             bar.update(sum(sizes))
         bar.close()

@@ -288,7 +288,9 @@ def generate(
         pad_mask: (B, T) bool, False at the left padding of shorter prompts.
         seed: reproducible sampling from a private generator; None uses the global RNG.
         window, sink_size: window > 0 selects the rolling StreamingLLM cache (sink_size + window
-            slots), for generation of any length in constant memory.
+            slots), for generation of any length in constant memory. Keep sink_size + window +
+            chunk <= max_seq_len so every position stays in the trained range. In a padded
+            batch the padding takes a shorter row's first slots, so that row keeps fewer sinks.
         chunk: tokens per prefill forward in rolling mode (the prompt goes in chunks).
         cache: an empty cache to fill instead of a new one (e.g. to inspect it afterwards).
         vocab_size: generate only ids below this (a tokenizer smaller than the padded vocab).

@@ -22,6 +22,7 @@ llama.cpp q/k row permutation, so they land in the same HF layout. What has no L
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -287,6 +288,7 @@ def load_hf_model(
     src = str(src)
     path = Path(src).expanduser()
     kwargs: dict[str, Any] = {}
+    hub = False
     if path.is_file():
         if path.suffix != ".gguf":
             raise UserError(f"{path}: expected an HF model directory, a hub id or a .gguf file")
@@ -298,7 +300,7 @@ def load_hf_model(
     elif _looks_local(src):
         raise UserError(f"{src}: no such file or directory")
     else:
-        where = src  # a hub id: transformers downloads (or finds it in the HF cache)
+        where, hub = src, True  # a hub id: transformers downloads it (or finds it in the HF cache)
 
     try:
         # Check the architecture before reading any weights (passing the config on costs nothing).
@@ -312,16 +314,16 @@ def load_hf_model(
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         # missing files, unknown repo, no network, unsupported gguf architecture, corrupt weights
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load {src} with transformers: {first}") from None
+        what = f"{src} (no such local path, so tried as a Hugging Face Hub id)" if hub else src
+        raise UserError(f"cannot load {what}: {first}") from None
     model = from_hf(hf_model, DTYPES[dtype])
     del hf_model
 
     tokenizer = None
     if with_tokenizer:
         try:
-            hf_tok = AutoTokenizer.from_pretrained(where, **kwargs)
-        except (OSError, ValueError, KeyError, TypeError):
-            hf_tok = None  # a weights-only directory: the model still converts
-        if hf_tok is not None:
-            tokenizer = hf_tokenizer_to_ours(hf_tok)
+            tokenizer = hf_tokenizer_to_ours(AutoTokenizer.from_pretrained(where, **kwargs))
+        except Exception as e:  # the tokenizer is optional: any failure leaves the weights usable
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"warning: no usable tokenizer in {src} ({first}); weights only", file=sys.stderr)
     return model, tokenizer

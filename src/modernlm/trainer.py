@@ -94,7 +94,9 @@ class Trainer:
         val_batches: a re-iterable of validation batches for this rank (or None).
         eval_loss_fn: loss_fn used for validation (default: loss_fn).
         flops_per_token: training FLOPs per token, for MFU (0 = no MFU).
-        save_model_fn: writes the model files of a checkpoint (default: checkpoint.save_model).
+        save_model_fn: `(model, dir, tokenizer)` writes a checkpoint's model files (default:
+            checkpoint.save_model, for modernlm models); e.g. an adapter saver for HF LoRA.
+        load_model_fn: `(model, dir)` loads them back on resume (default: load_weights_into).
     """
 
     def __init__(
@@ -112,6 +114,8 @@ class Trainer:
         tokenizer: Any = None,
         flops_per_token: float = 0.0,
         find_unused_parameters: bool = False,
+        save_model_fn: Callable[[nn.Module, Path, Any], None] | None = None,
+        load_model_fn: Callable[[nn.Module, Path], None] | None = None,
     ):
         self.cfg, self.optim_cfg, self.runtime = cfg, optim_cfg, runtime
         self.run_dir = Path(run_dir)
@@ -119,6 +123,7 @@ class Trainer:
         self.loss_fn, self.eval_loss_fn = loss_fn, eval_loss_fn or loss_fn
         self.train_batches, self.val_batches = train_batches, val_batches
         self.tokenizer, self.flops_per_token = tokenizer, flops_per_token
+        self.save_model_fn, self.load_model_fn = save_model_fn, load_model_fn
 
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, optim_cfg)
@@ -154,7 +159,10 @@ class Trainer:
 
         cfg, rt = self.cfg, self.runtime
         self.maybe_resume()
-        writer = MetricsWriter(self.run_dir, enabled=rt.is_main, tensorboard=rt.tensorboard, truncate_after=self.step)
+        # Drop lines a killed attempt logged after the checkpoint we resume from (all of them on a
+        # fresh start), so metrics.jsonl always reads as one uninterrupted run.
+        truncate = self.step if self.resumed_from is not None else -1
+        writer = MetricsWriter(self.run_dir, enabled=rt.is_main, tensorboard=rt.tensorboard, truncate_after=truncate)
         bar = tqdm(total=cfg.num_steps, initial=self.step, disable=not (rt.is_main and cfg.progress), dynamic_ncols=True)
         start_wall = time.perf_counter()
         elapsed_before = self.elapsed_s
@@ -338,10 +346,11 @@ class Trainer:
         self._write(bar, format_line(self.step, self.cfg.num_steps, record))
         if best and result["val_loss"] < self.best_val_loss:
             self.best_val_loss = result["val_loss"]
-            if self.cfg.save_best and self.runtime.is_main and hasattr(self.model, "config"):
+            if self.cfg.save_best and self.runtime.is_main:
                 from modernlm.checkpoint import save_best_checkpoint
 
-                save_best_checkpoint(self.run_dir, self.model, {"step": self.step, "val_loss": self.best_val_loss}, self.tokenizer)
+                info = {"step": self.step, "val_loss": self.best_val_loss}
+                save_best_checkpoint(self.run_dir, self.model, info, self.tokenizer, save_fn=self.save_model_fn)
 
     def sample(self) -> None:
         """Append continuations of cfg.sample_prompts to run_dir/samples.md (rank 0)."""
@@ -401,7 +410,8 @@ class Trainer:
         state = self.state_dict()  # collective under DDP: every rank takes part
         path = None
         if self.runtime.is_main:
-            path = save_training_checkpoint(self.run_dir, self.step, self.model, state, self.tokenizer, self.cfg.keep_last)
+            path = save_training_checkpoint(self.run_dir, self.step, self.model, state, self.tokenizer,
+                                            self.cfg.keep_last, save_fn=self.save_model_fn)  # fmt: skip
         if self.runtime.distributed:
             torch.distributed.barrier()
         return path
@@ -434,7 +444,9 @@ class Trainer:
         from modernlm.checkpoint import config_differences, load_model_config, load_training_state, load_weights_into
 
         path = Path(path)
-        if hasattr(self.model, "config"):
+        if self.load_model_fn is not None:
+            self.load_model_fn(self.model, path)
+        elif hasattr(self.model, "config"):
             diffs = config_differences(load_model_config(path), self.model.config)
             if diffs:
                 raise UserError(

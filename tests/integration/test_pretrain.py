@@ -139,9 +139,9 @@ def test_tiny_wikitext2_pretrain_loss_falls(tmp_path):
     assert run_command("tokenizer train", ["-c", str(corpus), f"out={tok}", "vocab_size=300"]) == 0
     assert run_command("prepare", ["-c", str(corpus), f"tokenizer={tok}", f"out={data}", "val_fraction=0.05", "progress=false"]) == 0
     args = ["-c", str(ROOT / "configs" / "pretrain" / "tiny.yaml"), f"data.path={data}", f"run.out_dir={out}",
-            "model.vocab_size=320", "model.d_model=64", "model.n_layer=2", "data.seq_len=64", "train.num_steps=150",
-            "train.eval_every=50", "train.save_every=150", "train.sample_every=0", "train.progress=false",
-            "optim.lr=5e-3", "optim.warmup_steps=10"]  # fmt: skip
+            "model.vocab_size=320", "model.d_model=64", "model.n_layer=2", "data.seq_len=64", "train.num_steps=300",
+            "train.eval_every=100", "train.save_every=300", "train.sample_every=0", "train.progress=false",
+            "optim.lr=1e-2", "optim.warmup_steps=10"]  # fmt: skip
     assert run_command("pretrain", args) == 0
     vals = [r["val_loss"] for r in read_metrics(out / "pretrain-tiny") if "val_loss" in r]
     assert len(vals) == 4

@@ -1,11 +1,9 @@
-"""Convert a Hugging Face Llama model (directory, hub id or .gguf file) to a modernlm checkpoint, or back.
+"""Convert an HF Llama (model dir, hub id or .gguf file) to a modernlm checkpoint, or back.
 
-    modernlm convert path/to/SmolLM2-135M-Instruct.Q4_1.gguf runs/smollm2
-    modernlm convert HuggingFaceTB/SmolLM2-135M-Instruct runs/smollm2 dtype=bfloat16
-    modernlm convert runs/smollm2 hf/smollm2 --to hf
+    modernlm convert SmolLM2-135M-Instruct.Q4_1.gguf runs/smollm2   # or an HF dir / hub id
+    modernlm convert runs/smollm2 hf/smollm2 --to hf                # dir for AutoModelForCausalLM
 
-Weights map one to one (no permutation); logits match transformers to float32 rounding.
-MoE and sink models have no Llama equivalent and cannot go `--to hf`. Needs the `hf` extra.
+Weights map one to one; logits match transformers. MoE/sink models cannot go to HF. Needs [hf].
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ tokenizer.json), streamed to stdout as it is produced.
 
     modernlm generate runs/tiny/checkpoints/step_000500 prompt="Once upon a time" max_new_tokens=100
     modernlm generate CKPT prompt="The" temperature=0            # greedy
-    modernlm generate CKPT prompt="The" max_new_tokens=5000 window=240  # past the context
+    modernlm generate CKPT prompt="The" max_new_tokens=5000 window=128  # past the context
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Tokenize a corpus once into token shards the trainer memory-maps (see modernlm.data).
 
-    modernlm prepare ../shared/data/wikitext-2/wiki.train.tokens tokenizer=runs/tok-wt2 out=data/wt2
+    modernlm prepare ../shared/data/wikitext-2/wiki.train.tokens tokenizer=data/tok out=data/wt2
     modernlm prepare -c corpus.yaml --tokenizer ../shared/data/gpt2-tokenizer --out data/mix
 
 OUT gets meta.json, train_NNNNN.bin / val_NNNNN.bin (uint16 ids when the vocab fits, else uint32;

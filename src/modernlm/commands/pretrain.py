@@ -99,9 +99,10 @@ def main(cfg: Config) -> None:
                 f" -> {run_dir}"
             )
         summary = trainer.train()
+        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
         runtime.print0(
             f"done: {summary['steps']} steps, {summary['tokens_seen']:,} tokens, "
-            f"val_loss {summary['final_val_loss']}, best {summary['best_val_loss']} -> {run_dir}"
+            f"val_loss {fmt(summary['final_val_loss'])} (best {fmt(summary['best_val_loss'])}) -> {run_dir}"
         )
     finally:
         cleanup(runtime)

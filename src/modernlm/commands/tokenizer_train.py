@@ -10,6 +10,7 @@ Special tokens take the first ids; `<|endoftext|>` is bos and eos, and ChatML to
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -64,6 +65,7 @@ def main(cfg: Config) -> None:
         pad_token=cfg.pad_token or None,
         min_frequency=cfg.min_frequency,
         chat_template=cfg.chat_template or None,
+        show_progress=sys.stderr.isatty(),
     )
     tok.save(cfg.out)
     seconds = time.perf_counter() - start
