@@ -34,17 +34,32 @@ def bench_ours(steps: int, warmup: int, shards: Path, out: Path) -> float:
     from modernlm.trainer import Trainer, TrainingConfig
 
     torch.manual_seed(0)
-    model = ModernDecoderLM(ModelConfig(vocab_size=VOCAB, d_model=D, n_layer=LAYERS, n_head=HEADS, max_seq_len=SEQ))
+    model = ModernDecoderLM(
+        ModelConfig(vocab_size=VOCAB, d_model=D, n_layer=LAYERS, n_head=HEADS, max_seq_len=SEQ)
+    )
     batches = TrainWindows(TokenStream(shards, "train"), SEQ, BATCH, seed=0)
-    cfg = TrainingConfig(num_steps=warmup + steps, batch_size=BATCH, log_every=warmup, eval_every=0,
-                         save_every=0, progress=False, resume="never")  # fmt: skip
+    cfg = TrainingConfig(
+        num_steps=warmup + steps,
+        batch_size=BATCH,
+        log_every=warmup,
+        eval_every=0,
+        save_every=0,
+        progress=False,
+        resume="never",
+    )
     runtime = Runtime(device=torch.device("cpu"), dtype=torch.float32, tensorboard=False)
-    trainer = Trainer(model, lm_loss, batches, cfg, OptimConfig(lr=3e-4, warmup_steps=10), runtime, out)
+    trainer = Trainer(
+        model, lm_loss, batches, cfg, OptimConfig(lr=3e-4, warmup_steps=10), runtime, out
+    )
     trainer._write = lambda bar, line: None  # keep the table readable
     trainer.train()
     # metrics.jsonl: tok_per_s of the interval after the warm-up steps (train-step time only)
     records = [r for r in read_metrics(out) if "tok_per_s" in r and r["step"] > warmup]
-    seconds = sum(cfg.log_every * BATCH * SEQ / r["tok_per_s"] for r in records if r["step"] % cfg.log_every == 0)
+    seconds = sum(
+        cfg.log_every * BATCH * SEQ / r["tok_per_s"]
+        for r in records
+        if r["step"] % cfg.log_every == 0
+    )
     return steps * BATCH * SEQ / seconds
 
 
@@ -55,9 +70,17 @@ def bench_hf(steps: int, warmup: int, tokens: np.ndarray) -> float:
 
     torch.manual_seed(0)
     d_ff = ModelConfig(d_model=D).d_ff
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=d_ff, num_hidden_layers=LAYERS,
-                         num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=SEQ,
-                         tie_word_embeddings=True, attn_implementation="sdpa")  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=D,
+        intermediate_size=d_ff,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
     model = LlamaForCausalLM(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
     rng = np.random.default_rng(0)
@@ -75,7 +98,9 @@ def bench_hf(steps: int, warmup: int, tokens: np.ndarray) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
@@ -85,18 +110,26 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_trainer_"))
     tokens = np.random.default_rng(0).integers(0, VOCAB, 2_000_000).astype(np.uint16)
-    shards = write_shards(tmp / "shards", {"train": tokens, "val": tokens[:10_000]}, vocab_size=VOCAB)
+    shards = write_shards(
+        tmp / "shards", {"train": tokens, "val": tokens[:10_000]}, vocab_size=VOCAB
+    )
     ours, theirs = [], []
     for r in range(args.rounds):
         ours.append(bench_ours(args.steps, args.warmup, shards, tmp / f"run{r}"))
         theirs.append(bench_hf(args.steps, args.warmup, tokens))
     best_ours, best_hf = max(ours), max(theirs)
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}x{SEQ}, fp32 CPU, "
-          f"{args.steps} timed steps after {args.warmup} warm-up, best of {args.rounds}\n")  # fmt: skip
+    print(
+        f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}x{SEQ}, fp32 CPU, "
+        f"{args.steps} timed steps after {args.warmup} warm-up, best of {args.rounds}\n"
+    )
     print("| loop | tokens/s | rounds | vs HF |")
     print("|---|---:|---|---:|")
-    print(f"| modernlm Trainer (ModernDecoderLM) | {best_ours:,.0f} | {', '.join(f'{v:,.0f}' for v in ours)} | {best_ours / best_hf:.2f}x |")
-    print(f"| plain loop (HF LlamaForCausalLM) | {best_hf:,.0f} | {', '.join(f'{v:,.0f}' for v in theirs)} | 1.00x |")
+    print(
+        f"| modernlm Trainer (ModernDecoderLM) | {best_ours:,.0f} | {', '.join(f'{v:,.0f}' for v in ours)} | {best_ours / best_hf:.2f}x |"
+    )
+    print(
+        f"| plain loop (HF LlamaForCausalLM) | {best_hf:,.0f} | {', '.join(f'{v:,.0f}' for v in theirs)} | 1.00x |"
+    )
 
 
 if __name__ == "__main__":

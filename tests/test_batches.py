@@ -18,7 +18,9 @@ def shards(tmp_path):
     rng = np.random.default_rng(0)
     train = rng.integers(0, 100, 5003)
     val = rng.integers(100, 200, 700)
-    path = write_shards(tmp_path / "d", {"train": train, "val": val}, vocab_size=256, shard_tokens=1000)
+    path = write_shards(
+        tmp_path / "d", {"train": train, "val": val}, vocab_size=256, shard_tokens=1000
+    )
     return path, train, val
 
 
@@ -35,7 +37,9 @@ def test_targets_are_inputs_shifted_by_one(shards):
     path, train, _ = shards
     windows = TrainWindows(TokenStream(path, "train"), seq_len=16, batch_size=4, seed=1)
     starts = windows.next_starts()
-    windows.load_state_dict({"epoch": 0, "cursor": 0, "seed": 1, "num_windows": windows.num_windows})
+    windows.load_state_dict(
+        {"epoch": 0, "cursor": 0, "seed": 1, "num_windows": windows.num_windows}
+    )
     x, y = next(windows)
     assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
     for row, s in enumerate(starts):
@@ -59,7 +63,10 @@ def test_ranks_get_disjoint_windows_that_together_equal_one_process(shards):
     path, _, _ = shards
     stream = TokenStream(path, "train")
     single = TrainWindows(stream, seq_len=16, batch_size=6, seed=7)
-    ranks = [TrainWindows(stream, seq_len=16, batch_size=3, seed=7, rank=r, world_size=2) for r in range(2)]
+    ranks = [
+        TrainWindows(stream, seq_len=16, batch_size=3, seed=7, rank=r, world_size=2)
+        for r in range(2)
+    ]
     for _ in range(40):  # crosses epoch borders (312 windows / 6 per step)
         a, b = ranks[0].next_starts(), ranks[1].next_starts()
         assert not set(a) & set(b)
@@ -77,7 +84,7 @@ def test_validation_is_fixed_in_order_and_never_touches_train(shards):
     np.testing.assert_array_equal(first[1].numpy(), val[32:64])  # sequential windows
     assert all(((x >= 100) & (y >= 100)).all() for x, y in batches)  # only val ids
     again = list(vb)
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again, strict=True))
     # train batches only ever contain train ids
     tw = TrainWindows(TokenStream(path, "train"), seq_len=32, batch_size=8)
     assert all((next(tw)[0] < 100).all() for _ in range(30))
@@ -87,13 +94,18 @@ def test_validation_ranks_split_windows_round_robin(shards):
     path, _, _ = shards
     stream = TokenStream(path, "val")
     all_starts = sorted(s for b in ValBatches(stream, 32, 2, 0).batches for s in b)
-    per_rank = [sorted(s for b in ValBatches(stream, 32, 2, 0, rank=r, world_size=2).batches for s in b) for r in (0, 1)]
+    per_rank = [
+        sorted(s for b in ValBatches(stream, 32, 2, 0, rank=r, world_size=2).batches for s in b)
+        for r in (0, 1)
+    ]
     assert not set(per_rank[0]) & set(per_rank[1])
     assert sorted(per_rank[0] + per_rank[1]) == all_starts
 
 
 def test_short_val_split_uses_one_shorter_window(tmp_path):
-    path = write_shards(tmp_path / "d", {"train": np.arange(100), "val": np.arange(10)}, vocab_size=128)
+    path = write_shards(
+        tmp_path / "d", {"train": np.arange(100), "val": np.arange(10)}, vocab_size=128
+    )
     batches = list(ValBatches(TokenStream(path, "val"), seq_len=32, batch_size=4, max_batches=0))
     assert len(batches) == 1 and batches[0][0].shape == (1, 9)
 
@@ -108,7 +120,7 @@ def test_resume_continues_the_same_sequence(shards):
     expected = [next(a) for _ in range(5)]
     b = TrainWindows(stream, seq_len=16, batch_size=8, seed=5)
     b.load_state_dict(state)
-    for (x1, y1), (x2, y2) in zip(expected, (next(b) for _ in range(5))):
+    for (x1, y1), (x2, y2) in zip(expected, (next(b) for _ in range(5)), strict=True):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
     with pytest.raises(UserError, match="different dataset"):
         TrainWindows(stream, seq_len=32, batch_size=8, seed=5).load_state_dict(state)
@@ -127,7 +139,9 @@ def test_bad_inputs_are_user_errors(tmp_path):
     (bad / "meta.json").write_text("{not json")
     with pytest.raises(UserError, match="meta.json"):
         read_meta(bad)
-    path = write_shards(tmp_path / "short", {"train": np.arange(16), "val": np.arange(4)}, vocab_size=64)
+    path = write_shards(
+        tmp_path / "short", {"train": np.arange(16), "val": np.arange(4)}, vocab_size=64
+    )
     with pytest.raises(UserError, match="fewer than one sequence"):
         TrainWindows(TokenStream(path, "train"), seq_len=16, batch_size=1)
     (path / "train_00000.bin").unlink()

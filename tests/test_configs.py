@@ -25,7 +25,12 @@ def tokens_per_step(cfg: Config) -> int:
 
 
 def test_the_recipes_are_there():
-    assert {p.stem for p in RECIPES} >= {"tiny", "scratch-wikitext2-medium", "lm_max_rtx3060", "seed-253m"}
+    assert {p.stem for p in RECIPES} >= {
+        "tiny",
+        "scratch-wikitext2-medium",
+        "lm_max_rtx3060",
+        "seed-253m",
+    }
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])

@@ -38,7 +38,9 @@ def test_cosine_start_midpoint_end_and_floor():
 
 
 def test_wsd_plateau_then_linear_decay_to_floor():
-    cfg = sched(schedule="wsd", decay_fraction=0.2)  # 110 steps: decay over the last 22, from step 88
+    cfg = sched(
+        schedule="wsd", decay_fraction=0.2
+    )  # 110 steps: decay over the last 22, from step 88
     assert lr_at(50, cfg, 110) == pytest.approx(1.0)
     assert lr_at(87, cfg, 110) == pytest.approx(1.0)
     assert lr_at(88, cfg, 110) == pytest.approx(1.0)
@@ -54,7 +56,9 @@ def test_constant_and_no_warmup():
 
 
 def test_decay_groups_skip_norms_embeddings_and_sink():
-    model = ModernDecoderLM(tiny_config(attn_sink=True, n_expert=2, n_expert_per_token=1, moe_layers=[1]))
+    model = ModernDecoderLM(
+        tiny_config(attn_sink=True, n_expert=2, n_expert_per_token=1, moe_layers=[1])
+    )
     decayed = set(decayed_parameter_names(model))
     expected = {n for n, p in model.named_parameters() if p.ndim == 2 and n != "tok_emb.weight"}
     assert decayed == expected
@@ -82,18 +86,22 @@ def test_build_optimizer_matches_torch_adamw_configured_by_hand():
     no_decay = [p for n, p in named.items() if p.ndim < 2 or n == "tok_emb.weight"]
     theirs = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=3e-3, betas=(0.9, 0.95), eps=1e-8,
-    )  # fmt: skip
+        lr=3e-3,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
     idx = torch.randint(0, 64, (2, 16))
     for _ in range(3):
         for m, opt in ((model, ours), (reference, theirs)):
             opt.zero_grad()
             m(idx).logits.square().mean().backward()
             opt.step()
-    for (n, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
+    for (n, a), (_, b) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
     # and the step really changed the weights (so the comparison is not vacuous)
-    assert not torch.equal(model.tok_emb.weight, ModernDecoderLM(tiny_config(tie_embeddings=False)).tok_emb.weight)
+    assert not torch.equal(
+        model.tok_emb.weight, ModernDecoderLM(tiny_config(tie_embeddings=False)).tok_emb.weight
+    )
 
 
 def test_fused_is_auto_off_on_cpu():

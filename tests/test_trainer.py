@@ -34,12 +34,23 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def make_trainer(model, run_dir, batches=None, loss_fn=lm_loss, val=None, optim=None, **train_kw) -> Trainer:
+def make_trainer(
+    model, run_dir, batches=None, loss_fn=lm_loss, val=None, optim=None, **train_kw
+) -> Trainer:
     kw = dict(num_steps=10, batch_size=2, progress=False, log_every=1, eval_every=0, save_every=0)
     kw.update(train_kw)
     optim = optim or OptimConfig(lr=1e-2, warmup_steps=2, weight_decay=0.1)
-    return Trainer(model, loss_fn, batches if batches is not None else iter(()), TrainingConfig(**kw), optim, CPU, run_dir,
-                   val_batches=val, eval_loss_fn=lm_eval_loss)  # fmt: skip
+    return Trainer(
+        model,
+        loss_fn,
+        batches if batches is not None else iter(()),
+        TrainingConfig(**kw),
+        optim,
+        CPU,
+        run_dir,
+        val_batches=val,
+        eval_loss_fn=lm_eval_loss,
+    )
 
 
 @pytest.fixture
@@ -108,13 +119,13 @@ def test_accumulation_4x1_equals_1x4(tmp_path, padded):
         y = torch.randint(0, 64, (4, 16))
     # float32: the gradients handed to AdamW agree to float rounding.
     _, _, grads = accumulate_pair(tmp_path / "f32", x, y, torch.float32)
-    for g1, g4 in zip(grads["one"], grads["four"]):
+    for g1, g4 in zip(grads["one"], grads["four"], strict=True):
         torch.testing.assert_close(g1, g4, atol=1e-7, rtol=1e-5)
     # Parameters after the step, in float64: Adam's first step is g / (|g| + eps), which turns
     # float32 rounding in near-zero gradient entries into update differences of up to ~lr, so the
     # exact-math invariant is checked where rounding is negligible.
     model, other, _ = accumulate_pair(tmp_path / "f64", x, y, torch.float64)
-    for (n, a), (_, b) in zip(model.named_parameters(), other.named_parameters()):
+    for (n, a), (_, b) in zip(model.named_parameters(), other.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=n)
 
     if padded:
@@ -131,7 +142,9 @@ def test_loss_is_the_token_mean_of_the_window(tmp_path):
     torch.manual_seed(0)
     model = ModernDecoderLM(tiny_config())
     with torch.no_grad():
-        expected = torch.nn.functional.cross_entropy(model(x).logits.reshape(-1, 64), y.reshape(-1), ignore_index=-100)
+        expected = torch.nn.functional.cross_entropy(
+            model(x).logits.reshape(-1, 64), y.reshape(-1), ignore_index=-100
+        )
     t = make_trainer(model, tmp_path, grad_accum_steps=2)
     out = t.train_step([(x[:2], y[:2]), (x[2:], y[2:])])
     assert out["loss"] == pytest.approx(expected.item(), abs=1e-6)
@@ -184,14 +197,26 @@ def test_nonfinite_step_leaves_weights_and_optimizer_untouched(tmp_path, where):
 
 def test_train_counts_skipped_steps_and_stops_after_n_in_a_row(tmp_path, data):
     torch.manual_seed(0)
-    t = make_trainer(ModernDecoderLM(tiny_config()), tmp_path / "one", reader(data), loss_fn=NaNLoss({3}), num_steps=6)
+    t = make_trainer(
+        ModernDecoderLM(tiny_config()),
+        tmp_path / "one",
+        reader(data),
+        loss_fn=NaNLoss({3}),
+        num_steps=6,
+    )
     summary = t.train()
     assert summary["skipped_steps"] == 1 and summary["steps"] == 6
     losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "one") if "loss" in r}
     assert losses[3] == "nan" and all(isinstance(losses[s], float) for s in (1, 2, 4, 5, 6))
 
-    t = make_trainer(ModernDecoderLM(tiny_config()), tmp_path / "many", reader(data), loss_fn=NaNLoss(range(3, 100)),
-                     num_steps=20, max_bad_steps=4)  # fmt: skip
+    t = make_trainer(
+        ModernDecoderLM(tiny_config()),
+        tmp_path / "many",
+        reader(data),
+        loss_fn=NaNLoss(range(3, 100)),
+        num_steps=20,
+        max_bad_steps=4,
+    )
     with pytest.raises(UserError, match="4 steps in a row"):
         t.train()
     assert t.step == 6 and t.skipped_steps == 4
@@ -239,11 +264,13 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, data):
 
     a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
     key = lambda r: (r["step"], "loss" in r)  # noqa: E731
-    assert [key(r) for r in a] == [key(r) for r in b]  # same lines, no duplicates from the killed attempt
-    for ra, rb in zip(a, b):
+    assert [key(r) for r in a] == [
+        key(r) for r in b
+    ]  # same lines, no duplicates from the killed attempt
+    for ra, rb in zip(a, b, strict=True):
         for k in ("loss", "val_loss", "grad_norm", "lr", "tokens"):
             assert ra.get(k) == rb.get(k), (ra["step"], k)
-    for (n, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+    for (n, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters(), strict=True):
         assert torch.equal(p, q), n
 
 
@@ -251,9 +278,18 @@ def test_checkpoint_layout_keep_last_best_and_state(tmp_path, data):
     t = run(data, tmp_path / "r")
     t.train()
     root = tmp_path / "r" / "checkpoints"
-    assert sorted(p.name for p in root.iterdir()) == ["best", "latest", "step_0000008", "step_0000012"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "best",
+        "latest",
+        "step_0000008",
+        "step_0000012",
+    ]
     assert (root / "latest").read_text().strip() == "step_0000012"
-    assert sorted(p.name for p in (root / "step_0000012").iterdir()) == ["config.json", "model.safetensors", "train_state.pt"]
+    assert sorted(p.name for p in (root / "step_0000012").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "train_state.pt",
+    ]
     best = json.loads((root / "best" / "best.json").read_text())
     assert best["val_loss"] == pytest.approx(t.best_val_loss)
     state = load_training_state(root / "step_0000012")  # weights_only=True
@@ -277,7 +313,12 @@ def test_resume_with_another_model_config_is_a_user_error(tmp_path, data):
 
 def test_resume_from_explicit_checkpoint(tmp_path, data):
     run(data, tmp_path / "src").train()
-    t = run(data, tmp_path / "dst", resume_from=str(tmp_path / "src" / "checkpoints" / "step_0000008"), num_steps=14)
+    t = run(
+        data,
+        tmp_path / "dst",
+        resume_from=str(tmp_path / "src" / "checkpoints" / "step_0000008"),
+        num_steps=14,
+    )
     assert t.maybe_resume() == 8
     with pytest.raises(UserError, match="not found"):
         run(data, tmp_path / "x", resume_from=str(tmp_path / "nope")).maybe_resume()
@@ -289,7 +330,9 @@ def test_periodic_samples_are_written(tmp_path, data):
     tok = train_bpe(["once upon a time there was a cat"] * 20, vocab_size=270)
     torch.manual_seed(0)
     model = ModernDecoderLM(tiny_config(vocab_size=tok.vocab_size))
-    t = make_trainer(model, tmp_path / "r", reader(data), num_steps=4, sample_every=2, sample_tokens=5)
+    t = make_trainer(
+        model, tmp_path / "r", reader(data), num_steps=4, sample_every=2, sample_tokens=5
+    )
     t.tokenizer = tok
     t.cfg.sample_prompts = ["once upon", "a cat"]
     t.train()

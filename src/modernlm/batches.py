@@ -52,13 +52,17 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     file = path / "meta.json"
     if not file.is_file():
         hint = " (the directory is empty)" if not any(path.iterdir()) else ""
-        raise UserError(f"data.path: no meta.json in {path}{hint}; prepare it with `modernlm prepare`")
+        raise UserError(
+            f"data.path: no meta.json in {path}{hint}; prepare it with `modernlm prepare`"
+        )
     try:
         meta = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{file}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UserError(f"{file}: not a {FORMAT} token directory (format={meta.get('format') if isinstance(meta, dict) else None!r})")
+        raise UserError(
+            f"{file}: not a {FORMAT} token directory (format={meta.get('format') if isinstance(meta, dict) else None!r})"
+        )
     if meta.get("dtype") not in ("uint16", "uint32"):
         raise UserError(f"{file}: dtype must be uint16 or uint32, got {meta.get('dtype')!r}")
     if not isinstance(meta.get("vocab_size"), int) or not isinstance(meta.get("splits"), dict):
@@ -82,7 +86,9 @@ class TokenStream:
                 raise UserError(f"{path / 'meta.json'} lists {name}, which does not exist")
             if file.stat().st_size == 0:
                 continue  # an empty shard holds no tokens (np.memmap refuses empty files)
-            self.arrays.append(np.memmap(file, dtype=np.dtype(meta["dtype"]).newbyteorder("<"), mode="r"))
+            self.arrays.append(
+                np.memmap(file, dtype=np.dtype(meta["dtype"]).newbyteorder("<"), mode="r")
+            )
         self.offsets = [0]
         for a in self.arrays:
             self.offsets.append(self.offsets[-1] + len(a))
@@ -105,7 +111,9 @@ class TokenStream:
         return out
 
 
-def _windows(stream: TokenStream, starts: list[int] | np.ndarray, seq_len: int) -> tuple[Tensor, Tensor]:
+def _windows(
+    stream: TokenStream, starts: list[int] | np.ndarray, seq_len: int
+) -> tuple[Tensor, Tensor]:
     rows = np.stack([stream.read(int(s), seq_len + 1) for s in starts])  # (B, T+1)
     rows_t = torch.from_numpy(rows)
     return rows_t[:, :-1].contiguous(), rows_t[:, 1:].contiguous()  # inputs, targets (B, T)
@@ -166,10 +174,18 @@ class TrainWindows:
         return _windows(self.stream, self.next_starts(), self.seq_len)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "num_windows": self.num_windows}
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "seed": self.seed,
+            "num_windows": self.num_windows,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("num_windows", self.num_windows) != self.num_windows or state.get("seed", self.seed) != self.seed:
+        if (
+            state.get("num_windows", self.num_windows) != self.num_windows
+            or state.get("seed", self.seed) != self.seed
+        ):
             raise UserError(
                 "data: the checkpoint's data position was saved for a different dataset, seq_len or seed; "
                 "resume with the same data.path, data.seq_len and run.seed"
@@ -204,10 +220,21 @@ def val_batches(
 class ValBatches:
     """Re-iterable validation batches (inputs, targets) for this rank, identical on every pass."""
 
-    def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, max_batches: int, *, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        stream: TokenStream,
+        seq_len: int,
+        batch_size: int,
+        max_batches: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.stream = stream
         self.seq_len = min(seq_len, len(stream) - 1)
-        self.batches = val_batches(stream, seq_len, batch_size, max_batches, rank=rank, world_size=world_size)
+        self.batches = val_batches(
+            stream, seq_len, batch_size, max_batches, rank=rank, world_size=world_size
+        )
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -262,4 +289,12 @@ def write_shards(
     return path
 
 
-__all__ = ["TokenDataConfig", "TokenStream", "TrainWindows", "ValBatches", "read_meta", "val_batches", "write_shards"]
+__all__ = [
+    "TokenDataConfig",
+    "TokenStream",
+    "TrainWindows",
+    "ValBatches",
+    "read_meta",
+    "val_batches",
+    "write_shards",
+]

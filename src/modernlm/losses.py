@@ -18,21 +18,28 @@ from torch import Tensor, nn
 IGNORE_INDEX = -100  # targets with this value contribute no loss (padding, prompt tokens)
 
 
-def next_token_loss(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
+def next_token_loss(
+    logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[Tensor, Tensor]:
     """Summed cross-entropy of logits (B, T, V) against already-shifted targets (B, T).
 
     Returns (loss_sum, n_tokens): float32 (or float64) scalar, int64 scalar. Under autocast, cross_entropy runs
     in float32, so bf16 logits lose no precision here.
     """
     loss_sum = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index, reduction="sum"
+        logits.reshape(-1, logits.size(-1)),
+        targets.reshape(-1),
+        ignore_index=ignore_index,
+        reduction="sum",
     )
     if loss_sum.dtype in (torch.float16, torch.bfloat16):  # outside autocast: sum in float32
         loss_sum = loss_sum.float()
     return loss_sum, (targets != ignore_index).sum()
 
 
-def lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, dict[str, Any]]:
+def lm_loss(
+    model: nn.Module, batch: tuple[Tensor, Tensor]
+) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Pretraining loss_fn: batch = (inputs, targets), both (B, T); targets = inputs shifted by one.
 
     The MoE load-balancing loss (already weighted by the model) is a per-forward mean, so it is
@@ -50,7 +57,9 @@ def lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Ten
 
 
 @torch.no_grad()
-def lm_eval_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, dict[str, Any]]:
+def lm_eval_loss(
+    model: nn.Module, batch: tuple[Tensor, Tensor]
+) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Validation loss_fn: the plain next-token loss (no MoE aux term), so val perplexity is exact."""
     inputs, targets = batch
     loss_sum, n_tokens = next_token_loss(model(inputs).logits, targets)

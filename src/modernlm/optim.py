@@ -89,13 +89,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             no_decay.append(p)
         else:
             decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 
 def decayed_parameter_names(model: nn.Module) -> list[str]:
     """Names of the parameters `build_optimizer` applies weight decay to (for logs and tests)."""
-    decayed = {id(p) for g in param_groups(model, 1.0) if g["weight_decay"] > 0 for p in g["params"]}
+    decayed = {
+        id(p) for g in param_groups(model, 1.0) if g["weight_decay"] > 0 for p in g["params"]
+    }
     return [n for n, p in model.named_parameters() if id(p) in decayed]
 
 
@@ -114,4 +119,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-__all__ = ["OptimConfig", "build_optimizer", "decayed_parameter_names", "lr_at", "param_groups", "set_lr"]
+__all__ = [
+    "OptimConfig",
+    "build_optimizer",
+    "decayed_parameter_names",
+    "lr_at",
+    "param_groups",
+    "set_lr",
+]

@@ -26,7 +26,9 @@ class RunConfig:
     name: str = ""  # run directory = out_dir/name; "" = the command's name (e.g. pretrain)
     seed: int = 1337  # seeds python, numpy and torch (per rank: seed + rank after model init)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast dtype; auto = bf16 on GPUs that have it, else fp16 on CUDA, fp32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = (
+        "auto"  # autocast dtype; auto = bf16 on GPUs that have it, else fp16 on CUDA, fp32 on CPU
+    )
     compile: bool = False  # torch.compile the model
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look the GPU up (no MFU on CPU)
     tensorboard: bool = True  # also write TensorBoard events when tensorboard is installed
@@ -85,7 +87,9 @@ def setup_runtime(cfg: RunConfig) -> Runtime:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
 
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("run.device: cuda requested but no CUDA device is available (use run.device=cpu)")
+        raise UserError(
+            "run.device: cuda requested but no CUDA device is available (use run.device=cpu)"
+        )
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if use_cuda:
         device = torch.device("cuda", local_rank)
@@ -97,7 +101,9 @@ def setup_runtime(cfg: RunConfig) -> Runtime:
         device = torch.device("cpu")
 
     if world_size > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        torch.distributed.init_process_group(
+            backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None
+        )
 
     dtype = resolve_dtype(cfg.dtype, device)
     seed_everything(cfg.seed)

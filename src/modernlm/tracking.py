@@ -115,6 +115,7 @@ def _step_of(line: str) -> int | None:
 def format_line(step: int, num_steps: int, record: dict[str, Any]) -> str:
     """The one human log line, fixed format so it greps well:
     `step 120/1000 | loss 3.2140 | lr 3.00e-04 | gnorm 0.91 | 41200 tok/s | mfu 38.1%`."""
+
     def num(key: str, fmt: str) -> str:
         v = record[key]
         return format(v, fmt) if isinstance(v, (int, float)) else str(v)  # "nan" stays readable

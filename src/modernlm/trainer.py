@@ -46,20 +46,33 @@ class TrainingConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     log_every: int = 10  # steps between metrics.jsonl lines (step 1 is always logged)
     eval_every: int = 250  # steps between validation runs; 0 = only at the end
-    eval_batches: int = 20  # validation batches per run (per rank share of batch_size * world); 0 = whole split
+    eval_batches: int = (
+        20  # validation batches per run (per rank share of batch_size * world); 0 = whole split
+    )
     save_every: int = 500  # steps between checkpoints; 0 = only at the end
     keep_last: int = 3  # step checkpoints kept on disk
     save_best: bool = True  # keep checkpoints/best/ = the model with the lowest validation loss
     sample_every: int = 0  # steps between sampling from sample_prompts into samples.md; 0 = never
-    sample_prompts: list[str] = field(default_factory=lambda: ["Once upon a time", "The history of"])
+    sample_prompts: list[str] = field(
+        default_factory=lambda: ["Once upon a time", "The history of"]
+    )
     sample_tokens: int = 48  # new tokens per sample
     max_bad_steps: int = 5  # consecutive non-finite steps that stop the run
-    resume: Literal["auto", "never"] = "auto"  # auto = continue from the run dir's latest checkpoint
+    resume: Literal["auto", "never"] = (
+        "auto"  # auto = continue from the run dir's latest checkpoint
+    )
     resume_from: str = ""  # a checkpoint dir (or a run dir) to resume from; overrides `resume`
     progress: bool = True  # tqdm progress bar on rank 0
 
     def __post_init__(self) -> None:
-        for name in ("num_steps", "batch_size", "grad_accum_steps", "log_every", "max_bad_steps", "keep_last"):
+        for name in (
+            "num_steps",
+            "batch_size",
+            "grad_accum_steps",
+            "log_every",
+            "max_bad_steps",
+            "keep_last",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("eval_every", "eval_batches", "save_every", "sample_every", "sample_tokens"):
@@ -128,7 +141,9 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, optim_cfg)
         # fp16 needs loss scaling (its range is small); bf16 and fp32 do not.
-        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(
+            runtime.device.type, enabled=runtime.dtype == torch.float16
+        )
 
         # What the loss_fn calls: compiled, then DDP-wrapped (nanoGPT's order). Saving, eval and
         # sampling use the bare model.
@@ -138,7 +153,11 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-            self.train_model = DDP(self.eval_model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+            self.train_model = DDP(
+                self.eval_model,
+                device_ids=device_ids,
+                find_unused_parameters=find_unused_parameters,
+            )
 
         self.step = 0  # optimizer steps done (skipped ones included)
         self.tokens_seen = 0  # target tokens trained on, all ranks
@@ -162,8 +181,15 @@ class Trainer:
         # Drop lines a killed attempt logged after the checkpoint we resume from (all of them on a
         # fresh start), so metrics.jsonl always reads as one uninterrupted run.
         truncate = self.step if self.resumed_from is not None else -1
-        writer = MetricsWriter(self.run_dir, enabled=rt.is_main, tensorboard=rt.tensorboard, truncate_after=truncate)
-        bar = tqdm(total=cfg.num_steps, initial=self.step, disable=not (rt.is_main and cfg.progress), dynamic_ncols=True)
+        writer = MetricsWriter(
+            self.run_dir, enabled=rt.is_main, tensorboard=rt.tensorboard, truncate_after=truncate
+        )
+        bar = tqdm(
+            total=cfg.num_steps,
+            initial=self.step,
+            disable=not (rt.is_main and cfg.progress),
+            dynamic_ncols=True,
+        )
         start_wall = time.perf_counter()
         elapsed_before = self.elapsed_s
         last_record: dict[str, Any] = {}
@@ -196,12 +222,25 @@ class Trainer:
                         "skipped_steps": self.skipped_steps,
                     }
                     if self.flops_per_token and rt.peak_flops:
-                        record["mfu"] = self.flops_per_token * tok_per_s / (rt.peak_flops * rt.world_size)
-                    record.update({k: v for k, v in out.items() if k not in ("loss", "grad_norm", "tokens", "ok", "overflow")})
+                        record["mfu"] = (
+                            self.flops_per_token * tok_per_s / (rt.peak_flops * rt.world_size)
+                        )
+                    record.update(
+                        {
+                            k: v
+                            for k, v in out.items()
+                            if k not in ("loss", "grad_norm", "tokens", "ok", "overflow")
+                        }
+                    )
                     last_record = writer.log(self.step, **record)
                     self._write(bar, format_line(self.step, cfg.num_steps, last_record))
-                    postfix = {"loss": f"{last_record['loss']:.3f}" if isinstance(last_record["loss"], float) else last_record["loss"],
-                               "lr": f"{lr:.2e}", "tok/s": f"{tok_per_s:.0f}"}
+                    postfix = {
+                        "loss": f"{last_record['loss']:.3f}"
+                        if isinstance(last_record["loss"], float)
+                        else last_record["loss"],
+                        "lr": f"{lr:.2e}",
+                        "tok/s": f"{tok_per_s:.0f}",
+                    }
                     if "mfu" in record:
                         postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
                     bar.set_postfix(postfix, refresh=False)
@@ -256,7 +295,9 @@ class Trainer:
         if grads:
             torch._foreach_mul_(grads, correction)
         max_norm = self.optim_cfg.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True if grads and grads[0].is_cuda else None)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.params, max_norm, foreach=True if grads and grads[0].is_cuda else None
+        )
         loss = loss_total / tokens_float.clamp_min(1)
         # The one host sync per step: needed to decide whether to step at all.
         ok = bool(torch.isfinite(grad_norm) & torch.isfinite(loss))
@@ -268,12 +309,23 @@ class Trainer:
             else:
                 self.optimizer.step()
         elif self.scaler.is_enabled():
-            overflow = bool(torch.isfinite(loss))  # finite loss, inf grads: the loss scale is too high
+            overflow = bool(
+                torch.isfinite(loss)
+            )  # finite loss, inf grads: the loss scale is too high
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "tokens": round(tokens_float.item()), "ok": ok, "overflow": overflow, **metrics}
+        return {
+            "loss": loss.item(),
+            "grad_norm": grad_norm.item(),
+            "tokens": round(tokens_float.item()),
+            "ok": ok,
+            "overflow": overflow,
+            **metrics,
+        }
 
-    def forward_backward_step(self, batch: Any, ref: Tensor | None, n_micro: int) -> tuple[Tensor, Tensor, dict[str, Any], Tensor]:
+    def forward_backward_step(
+        self, batch: Any, ref: Tensor | None, n_micro: int
+    ) -> tuple[Tensor, Tensor, dict[str, Any], Tensor]:
         """Forward + backward of one micro-batch; returns (loss_sum, n_tokens, metrics, ref).
 
         `ref` is None on the first micro-batch of a window; it is then set to that micro-batch's
@@ -326,7 +378,9 @@ class Trainer:
         totals = torch.zeros(2, dtype=torch.float64, device=rt.device)
         for batch in self.val_batches:
             with rt.autocast():
-                loss_sum, n_tokens, _ = self.eval_loss_fn(self.eval_model, to_device(batch, rt.device))
+                loss_sum, n_tokens, _ = self.eval_loss_fn(
+                    self.eval_model, to_device(batch, rt.device)
+                )
             totals[0] += loss_sum.detach().double()
             totals[1] += torch.as_tensor(n_tokens, device=rt.device).double()
         if rt.distributed:
@@ -350,7 +404,9 @@ class Trainer:
                 from modernlm.checkpoint import save_best_checkpoint
 
                 info = {"step": self.step, "val_loss": self.best_val_loss}
-                save_best_checkpoint(self.run_dir, self.model, info, self.tokenizer, save_fn=self.save_model_fn)
+                save_best_checkpoint(
+                    self.run_dir, self.model, info, self.tokenizer, save_fn=self.save_model_fn
+                )
 
     def sample(self) -> None:
         """Append continuations of cfg.sample_prompts to run_dir/samples.md (rank 0)."""
@@ -365,15 +421,22 @@ class Trainer:
         self.model.eval()
         try:
             # A fixed seed with generation's own generator: sampling never disturbs the training RNG.
-            texts = generate_text(self.model, self.tokenizer, list(self.cfg.sample_prompts), self.cfg.sample_tokens,
-                                  temperature=0.8, top_k=50, seed=self.step)  # fmt: skip
+            texts = generate_text(
+                self.model,
+                self.tokenizer,
+                list(self.cfg.sample_prompts),
+                self.cfg.sample_tokens,
+                temperature=0.8,
+                top_k=50,
+                seed=self.step,
+            )
         except Exception as e:  # a sampling bug must not kill a long training run
             warn_once(f"sampling failed, skipping samples: {e}")
             return
         finally:
             self.model.train(was_training)
         lines = [f"## step {self.step}\n"]
-        for prompt, text in zip(self.cfg.sample_prompts, texts):
+        for prompt, text in zip(self.cfg.sample_prompts, texts, strict=True):
             lines.append(f"**{prompt}**{text}\n")
         with open(self.run_dir / "samples.md", "a") as f:
             f.write("\n".join(lines) + "\n")
@@ -386,7 +449,9 @@ class Trainer:
         if self.runtime.distributed:
             rngs = [None] * self.runtime.world_size
             torch.distributed.all_gather_object(rngs, rng_state())
-        data = self.train_batches.state_dict() if hasattr(self.train_batches, "state_dict") else None
+        data = (
+            self.train_batches.state_dict() if hasattr(self.train_batches, "state_dict") else None
+        )
         return {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
@@ -410,8 +475,15 @@ class Trainer:
         state = self.state_dict()  # collective under DDP: every rank takes part
         path = None
         if self.runtime.is_main:
-            path = save_training_checkpoint(self.run_dir, self.step, self.model, state, self.tokenizer,
-                                            self.cfg.keep_last, save_fn=self.save_model_fn)  # fmt: skip
+            path = save_training_checkpoint(
+                self.run_dir,
+                self.step,
+                self.model,
+                state,
+                self.tokenizer,
+                self.cfg.keep_last,
+                save_fn=self.save_model_fn,
+            )
         if self.runtime.distributed:
             torch.distributed.barrier()
         return path
@@ -430,7 +502,9 @@ class Trainer:
             if (path / CHECKPOINTS_DIR).is_dir():
                 path = latest_checkpoint(path)
                 if path is None:
-                    raise UserError(f"train.resume_from: no checkpoint in run directory {self.cfg.resume_from}")
+                    raise UserError(
+                        f"train.resume_from: no checkpoint in run directory {self.cfg.resume_from}"
+                    )
             elif not path.is_dir():
                 raise UserError(f"train.resume_from: checkpoint directory not found: {path}")
         elif self.cfg.resume == "auto":
@@ -441,7 +515,12 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, optimizer, scaler, counters, RNG and data position from `path`."""
-        from modernlm.checkpoint import config_differences, load_model_config, load_training_state, load_weights_into
+        from modernlm.checkpoint import (
+            config_differences,
+            load_model_config,
+            load_training_state,
+            load_weights_into,
+        )
 
         path = Path(path)
         if self.load_model_fn is not None:
@@ -459,14 +538,18 @@ class Trainer:
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
-            raise UserError(f"cannot resume from {path}: optimizer state does not match the model ({e})") from None
+            raise UserError(
+                f"cannot resume from {path}: optimizer state does not match the model ({e})"
+            ) from None
         if self.scaler.is_enabled() and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         rngs = state.get("rng") or []
         if len(rngs) == self.runtime.world_size:
             set_rng_state(rngs[self.runtime.rank])
         else:
-            warn_once(f"checkpoint has RNG state for {len(rngs)} ranks, this run has {self.runtime.world_size}: not restored")
+            warn_once(
+                f"checkpoint has RNG state for {len(rngs)} ranks, this run has {self.runtime.world_size}: not restored"
+            )
         if state.get("data") is not None and hasattr(self.train_batches, "load_state_dict"):
             self.train_batches.load_state_dict(state["data"])
         counters = state.get("counters", {})
@@ -483,7 +566,11 @@ class Trainer:
     # ---- reporting ---------------------------------------------------------------------------
 
     def summary(self, last_record: dict[str, Any]) -> dict[str, Any]:
-        n_params = self.model.num_params() if hasattr(self.model, "num_params") else sum(p.numel() for p in self.model.parameters())
+        n_params = (
+            self.model.num_params()
+            if hasattr(self.model, "num_params")
+            else sum(p.numel() for p in self.model.parameters())
+        )
         summary: dict[str, Any] = {
             "params": n_params,
             "steps": self.step,
@@ -497,7 +584,9 @@ class Trainer:
             "world_size": self.runtime.world_size,
         }
         if self.runtime.device.type == "cuda":
-            summary["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(self.runtime.device) / 2**30, 3)
+            summary["peak_memory_gb"] = round(
+                torch.cuda.max_memory_allocated(self.runtime.device) / 2**30, 3
+            )
         return summary
 
     def _write(self, bar: Any, line: str) -> None:

@@ -20,7 +20,13 @@ from modernlm.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-TINY_MODEL = ["model.vocab_size=64", "model.d_model=32", "model.n_layer=2", "model.n_head=4", "model.max_seq_len=32"]
+TINY_MODEL = [
+    "model.vocab_size=64",
+    "model.d_model=32",
+    "model.n_layer=2",
+    "model.n_head=4",
+    "model.max_seq_len=32",
+]
 
 
 @pytest.fixture
@@ -29,12 +35,24 @@ def shards(tmp_path):
     base = rng.integers(0, 64, 41)
     train = np.tile(base, 100)
     train[rng.random(len(train)) < 0.1] = 7
-    return write_shards(tmp_path / "shards", {"train": train, "val": np.tile(base, 5)}, vocab_size=64)
+    return write_shards(
+        tmp_path / "shards", {"train": train, "val": np.tile(base, 5)}, vocab_size=64
+    )
 
 
 def pretrain_args(shards, out, *extra):
-    return [f"data.path={shards}", "data.seq_len=32", *TINY_MODEL, f"run.out_dir={out}", "run.device=cpu",
-            "train.progress=false", "train.batch_size=4", "optim.warmup_steps=5", "optim.lr=1e-2", *extra]  # fmt: skip
+    return [
+        f"data.path={shards}",
+        "data.seq_len=32",
+        *TINY_MODEL,
+        f"run.out_dir={out}",
+        "run.device=cpu",
+        "train.progress=false",
+        "train.batch_size=4",
+        "optim.warmup_steps=5",
+        "optim.lr=1e-2",
+        *extra,
+    ]
 
 
 # ---- bad input: one line on stderr, exit code 2 (fast, in-process) -----------------------------
@@ -52,27 +70,60 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, shards):
     one_line_error(capsys, pretrain_args(tmp_path / "missing", out), "directory not found")
     (tmp_path / "empty").mkdir()
     one_line_error(capsys, pretrain_args(tmp_path / "empty", out), "no meta.json")
-    one_line_error(capsys, pretrain_args(shards, out, "model.vocab_size=32"), "smaller than the data's tokenizer vocabulary (64")
-    one_line_error(capsys, pretrain_args(shards, out, "data.seq_len=64"), "longer than model.max_seq_len")
-    one_line_error(capsys, pretrain_args(shards, out, "optim.lr=fast"), "optim.lr: expected a number")
-    short = write_shards(tmp_path / "short", {"train": np.arange(20), "val": np.arange(10)}, vocab_size=64)
+    one_line_error(
+        capsys,
+        pretrain_args(shards, out, "model.vocab_size=32"),
+        "smaller than the data's tokenizer vocabulary (64",
+    )
+    one_line_error(
+        capsys, pretrain_args(shards, out, "data.seq_len=64"), "longer than model.max_seq_len"
+    )
+    one_line_error(
+        capsys, pretrain_args(shards, out, "optim.lr=fast"), "optim.lr: expected a number"
+    )
+    short = write_shards(
+        tmp_path / "short", {"train": np.arange(20), "val": np.arange(10)}, vocab_size=64
+    )
     one_line_error(capsys, pretrain_args(short, out), "fewer than one sequence")
     # resuming a run with another model config
-    assert run_command("pretrain", pretrain_args(shards, out, "train.num_steps=2", "run.name=r")) == 0
+    assert (
+        run_command("pretrain", pretrain_args(shards, out, "train.num_steps=2", "run.name=r")) == 0
+    )
     capsys.readouterr()
-    one_line_error(capsys, pretrain_args(shards, out, "train.num_steps=4", "run.name=r", "model.n_layer=3"), "model config differs")
+    one_line_error(
+        capsys,
+        pretrain_args(shards, out, "train.num_steps=4", "run.name=r", "model.n_layer=3"),
+        "model config differs",
+    )
     # the config.yaml of the original run was not overwritten by the refused one
     assert "n_layer: 2" in (out / "r" / "config.yaml").read_text()
 
 
 def test_run_directory_artefacts(tmp_path, shards):
     out = tmp_path / "runs"
-    args = pretrain_args(shards, out, "train.num_steps=6", "train.save_every=3", "train.eval_every=3", "train.log_every=2", "run.name=a")
+    args = pretrain_args(
+        shards,
+        out,
+        "train.num_steps=6",
+        "train.save_every=3",
+        "train.eval_every=3",
+        "train.log_every=2",
+        "run.name=a",
+    )
     assert run_command("pretrain", args) == 0
     run = out / "a"
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoints",
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+    ]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 6 and summary["tokens_seen"] == 6 * 4 * 32 and summary["skipped_steps"] == 0
+    assert (
+        summary["steps"] == 6
+        and summary["tokens_seen"] == 6 * 4 * 32
+        and summary["skipped_steps"] == 0
+    )
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 4, 6]
     assert [r["step"] for r in read_metrics(run) if "val_loss" in r] == [0, 3, 6]
     # running again finds the finished run and does nothing more
@@ -90,13 +141,25 @@ def cli(*args: str) -> list[str]:
 @pytest.mark.slow
 def test_sigkill_then_resume_logs_the_same_losses(tmp_path, shards):
     out = tmp_path / "runs"
-    common = pretrain_args(shards, out, "train.num_steps=150", "train.log_every=1", "train.save_every=10",
-                           "train.eval_every=50", "model.dropout=0.1")  # fmt: skip
+    common = pretrain_args(
+        shards,
+        out,
+        "train.num_steps=150",
+        "train.log_every=1",
+        "train.save_every=10",
+        "train.eval_every=50",
+        "model.dropout=0.1",
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cli(*common, "run.name=full"), check=True, env=env, capture_output=True)
 
     run_dir = out / "killed"
-    proc = subprocess.Popen(cli(*common, "run.name=killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cli(*common, "run.name=killed"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     killed_at = None
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -137,11 +200,37 @@ def test_tiny_wikitext2_pretrain_loss_falls(tmp_path):
     corpus.write_text(f"corpus:\n  sources:\n    - path: {wiki}\n      max_documents: 150\n")
     # A near-byte-level BPE keeps the model tiny and the run short.
     assert run_command("tokenizer train", ["-c", str(corpus), f"out={tok}", "vocab_size=300"]) == 0
-    assert run_command("prepare", ["-c", str(corpus), f"tokenizer={tok}", f"out={data}", "val_fraction=0.05", "progress=false"]) == 0
-    args = ["-c", str(ROOT / "configs" / "pretrain" / "tiny.yaml"), f"data.path={data}", f"run.out_dir={out}",
-            "model.vocab_size=320", "model.d_model=64", "model.n_layer=2", "data.seq_len=64", "train.num_steps=300",
-            "train.eval_every=100", "train.save_every=300", "train.sample_every=0", "train.progress=false",
-            "optim.lr=1e-2", "optim.warmup_steps=10"]  # fmt: skip
+    assert (
+        run_command(
+            "prepare",
+            [
+                "-c",
+                str(corpus),
+                f"tokenizer={tok}",
+                f"out={data}",
+                "val_fraction=0.05",
+                "progress=false",
+            ],
+        )
+        == 0
+    )
+    args = [
+        "-c",
+        str(ROOT / "configs" / "pretrain" / "tiny.yaml"),
+        f"data.path={data}",
+        f"run.out_dir={out}",
+        "model.vocab_size=320",
+        "model.d_model=64",
+        "model.n_layer=2",
+        "data.seq_len=64",
+        "train.num_steps=300",
+        "train.eval_every=100",
+        "train.save_every=300",
+        "train.sample_every=0",
+        "train.progress=false",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=10",
+    ]
     assert run_command("pretrain", args) == 0
     vals = [r["val_loss"] for r in read_metrics(out / "pretrain-tiny") if "val_loss" in r]
     assert len(vals) == 4

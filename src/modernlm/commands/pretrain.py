@@ -32,7 +32,9 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-def check_data(model: ModelConfig, data: TokenDataConfig, meta: dict, tokenizer_size: int | None) -> None:
+def check_data(
+    model: ModelConfig, data: TokenDataConfig, meta: dict, tokenizer_size: int | None
+) -> None:
     """The shards must fit the model: ids below vocab_size, windows within max_seq_len."""
     vocab = max(meta["vocab_size"], tokenizer_size or 0)
     if vocab > model.vocab_size:
@@ -63,36 +65,61 @@ def main(cfg: Config) -> None:
         tokenizer = load_tokenizer(cfg.data.path)
     check_data(cfg.model, cfg.data, meta, tokenizer.vocab_size if tokenizer else None)
     train_stream = TokenStream(cfg.data.path, "train", meta)
-    val_stream = TokenStream(cfg.data.path, "val", meta) if meta["splits"].get("val", {}).get("files") else None
+    val_stream = (
+        TokenStream(cfg.data.path, "val", meta)
+        if meta["splits"].get("val", {}).get("files")
+        else None
+    )
 
     cfg.run.name = cfg.run.name or "pretrain"
     runtime = setup_runtime(cfg.run)
     try:
         run_dir = Path(cfg.run.out_dir) / cfg.run.name
         train_batches = TrainWindows(
-            train_stream, cfg.data.seq_len, cfg.train.batch_size,
-            seed=cfg.run.seed, rank=runtime.rank, world_size=runtime.world_size,
-        )  # fmt: skip
+            train_stream,
+            cfg.data.seq_len,
+            cfg.train.batch_size,
+            seed=cfg.run.seed,
+            rank=runtime.rank,
+            world_size=runtime.world_size,
+        )
         val_batches = None
         if val_stream is not None and len(val_stream) >= 2:
             val_batches = ValBatches(
-                val_stream, cfg.data.seq_len, cfg.train.batch_size, cfg.train.eval_batches,
-                rank=runtime.rank, world_size=runtime.world_size,
-            )  # fmt: skip
+                val_stream,
+                cfg.data.seq_len,
+                cfg.train.batch_size,
+                cfg.train.eval_batches,
+                rank=runtime.rank,
+                world_size=runtime.world_size,
+            )
 
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         model = ModernDecoderLM(cfg.model)
         torch.manual_seed(cfg.run.seed + runtime.rank)  # dropout streams differ per rank
         trainer = Trainer(
-            model, lm_loss, train_batches, cfg.train, cfg.optim, runtime, run_dir,
-            val_batches=val_batches, eval_loss_fn=lm_eval_loss, tokenizer=tokenizer,
+            model,
+            lm_loss,
+            train_batches,
+            cfg.train,
+            cfg.optim,
+            runtime,
+            run_dir,
+            val_batches=val_batches,
+            eval_loss_fn=lm_eval_loss,
+            tokenizer=tokenizer,
             flops_per_token=model.flops_per_token(cfg.data.seq_len),
             find_unused_parameters=cfg.model.n_expert > 0,  # an expert may get no tokens in a batch
-        )  # fmt: skip
+        )
         trainer.maybe_resume()  # before writing config.yaml: a mismatched resume must not overwrite it
         if runtime.is_main:
             save_config(cfg, run_dir / "config.yaml")
-            tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len * runtime.world_size
+            tokens_per_step = (
+                cfg.train.batch_size
+                * cfg.train.grad_accum_steps
+                * cfg.data.seq_len
+                * runtime.world_size
+            )
             runtime.print0(
                 f"pretrain: {model.num_params() / 1e6:.2f}M params, {len(train_stream):,} train tokens, "
                 f"{tokens_per_step:,} tokens/step, {runtime.world_size} x {runtime.device} {str(runtime.dtype).removeprefix('torch.')}"
