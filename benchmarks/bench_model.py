@@ -46,8 +46,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="timed generate calls per model")
     p.add_argument("--prompt", type=int, default=32, help="generation prompt length")
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="HF attention implementation")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 = torch's default")
+    p.add_argument(
+        "--attn", default="sdpa", choices=["sdpa", "eager"], help="HF attention implementation"
+    )
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch.set_num_threads; 0 = torch's default"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-generate", action="store_true")
@@ -85,7 +89,11 @@ def timed(fn, device: torch.device) -> float:
 def summarize(times: dict[str, list[float]], work: int) -> tuple[float, float, float]:
     """tokens/s of ours and HF from their fastest run, and the ratio of their median times."""
     best = {k: work / min(v) for k, v in times.items()}
-    return best["ours"], best["hf"], statistics.median(times["hf"]) / statistics.median(times["ours"])
+    return (
+        best["ours"],
+        best["hf"],
+        statistics.median(times["hf"]) / statistics.median(times["ours"]),
+    )
 
 
 def bench_train(args, cfg: ModelConfig, device: torch.device) -> tuple[float, float, float]:
@@ -106,11 +114,13 @@ def bench_train(args, cfg: ModelConfig, device: torch.device) -> tuple[float, fl
     times: dict[str, list[float]] = {"ours": [], "hf": []}
     for _ in range(args.steps):
         for name, step in steps.items():
-            times[name].append(timed(lambda: step(x, y), device))
+            times[name].append(timed(lambda step=step: step(x, y), device))
     return summarize(times, args.batch * args.seq)
 
 
-def bench_generate(args, cfg: ModelConfig, device: torch.device) -> tuple[float, float, float, bool]:
+def bench_generate(
+    args, cfg: ModelConfig, device: torch.device
+) -> tuple[float, float, float, bool]:
     torch.manual_seed(args.seed)
     ours = ModernDecoderLM(cfg).to(device).eval()
     hf = to_hf(ours, attn_implementation=args.attn).to(device).eval()
@@ -122,12 +132,20 @@ def bench_generate(args, cfg: ModelConfig, device: torch.device) -> tuple[float,
         return ours.generate(prompt, max_new_tokens=n, temperature=0.0)
 
     def run_hf() -> torch.Tensor:
-        return hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=n,
-                           min_new_tokens=n, pad_token_id=0)  # fmt: skip
+        return hf.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            pad_token_id=0,
+        )
 
     runs = {"ours": run_ours, "hf": run_hf}
     outs = {name: run() for name, run in runs.items()}  # warmup, and a correctness check
-    assert all(o.shape[1] == args.prompt + n for o in outs.values()), {k: o.shape for k, o in outs.items()}
+    assert all(o.shape[1] == args.prompt + n for o in outs.values()), {
+        k: o.shape for k, o in outs.items()
+    }
     same = torch.equal(outs["ours"].cpu(), outs["hf"].cpu())
     times: dict[str, list[float]] = {"ours": [], "hf": []}
     for _ in range(args.rounds):
@@ -145,33 +163,55 @@ def main() -> None:
 
     device = torch.device(args.device)
     cfg = ModelConfig(
-        vocab_size=args.vocab, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head,
-        n_kv_head=args.n_kv_head, max_seq_len=max(args.seq, args.prompt + args.new_tokens),
-    )  # fmt: skip
+        vocab_size=args.vocab,
+        d_model=args.d_model,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_kv_head=args.n_kv_head,
+        max_seq_len=max(args.seq, args.prompt + args.new_tokens),
+    )
     n_params = ModernDecoderLM(cfg).num_params()
     print(
-        f"shape: vocab {cfg.vocab_size}, d_model {cfg.d_model}, {cfg.n_layer} layers, {cfg.n_head}/{cfg.n_kv_head} "
-        f"heads, d_ff {cfg.d_ff}, {n_params / 1e6:.1f}M params; train batch {args.batch} x {args.seq}; "
+        f"shape: vocab {cfg.vocab_size}, d_model {cfg.d_model}, {cfg.n_layer} layers, "
+        f"{cfg.n_head}/{cfg.n_kv_head} heads, d_ff {cfg.d_ff}, {n_params / 1e6:.1f}M params; "
+        f"train batch {args.batch} x {args.seq}; "
         f"generate 1 x {args.prompt} + {args.new_tokens} new"
     )
     print(
         f"env: torch {torch.__version__}, transformers {transformers.__version__}, {device}, "
-        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; float32; HF attn={args.attn}; "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
+        f"float32; HF attn={args.attn}; "
         f"{args.steps} timed train steps and {args.rounds} generate calls per model, alternating\n"
     )
     rows = []
     if not args.skip_train:
         ours, ref, med = bench_train(args, cfg, device)
-        rows.append(("training step (fwd + CE + bwd + AdamW)", ours, ref, med, TARGETS["train"], ""))
+        rows.append(
+            ("training step (fwd + CE + bwd + AdamW)", ours, ref, med, TARGETS["train"], "")
+        )
     if not args.skip_generate:
         ours, ref, med, same = bench_generate(args, cfg, device)
         note = "same tokens" if same else "tokens differ"
-        rows.append((f"greedy generation, KV cache, batch 1 ({note})", ours, ref, med, TARGETS["generate"], ""))
-    print("| measurement | modernlm tok/s | HF Llama tok/s | ratio (best) | ratio (median) | target |")
+        rows.append(
+            (
+                f"greedy generation, KV cache, batch 1 ({note})",
+                ours,
+                ref,
+                med,
+                TARGETS["generate"],
+                "",
+            )
+        )
+    print(
+        "| measurement | modernlm tok/s | HF Llama tok/s | ratio (best) | ratio (median) | target |"
+    )
     print("|---|---:|---:|---:|---:|---|")
     for name, ours, ref, med, target, _ in rows:
         ok = "met" if ours / ref >= target else "NOT met"
-        print(f"| {name} | {ours:,.0f} | {ref:,.0f} | {ours / ref:.2f}x | {med:.2f}x | >= {target}x ({ok}) |")
+        print(
+            f"| {name} | {ours:,.0f} | {ref:,.0f} | {ours / ref:.2f}x | {med:.2f}x "
+            f"| >= {target}x ({ok}) |"
+        )
 
 
 if __name__ == "__main__":

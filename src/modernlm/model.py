@@ -106,7 +106,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
+        # Written out rather than F.rms_norm: on CPU that op decomposes into more kernels than this.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * self.weight).type_as(x)
 
 
 class RotaryEmbedding(nn.Module):
@@ -135,6 +138,11 @@ class RotaryEmbedding(nn.Module):
         if start + length > self.cos.size(0):
             self._build(max(start + length, 2 * self.cos.size(0)))
         return self.cos[start : start + length], self.sin[start : start + length]
+
+
+def dropout_layer(p: float) -> nn.Module:
+    # Identity when off: a Dropout(0) still costs a dispatch per call, which shows in decoding.
+    return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -241,7 +249,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         self.attn_dropout = cfg.attn_dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = dropout_layer(cfg.dropout)
 
     def forward(
         self,
@@ -291,7 +299,7 @@ class SwiGLU(nn.Module):
         self.w_gate = nn.Linear(d_model, d_ff, bias=False)
         self.w_up = nn.Linear(d_model, d_ff, bias=False)
         self.w_down = nn.Linear(d_ff, d_model, bias=False)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout_layer(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.w_down(F.silu(self.w_gate(x)) * self.w_up(x)))
@@ -315,7 +323,7 @@ class MoE(nn.Module):
         self.n_expert, self.top_k = cfg.n_expert, cfg.n_expert_per_token
         self.router = nn.Linear(cfg.d_model, cfg.n_expert, bias=False)
         self.experts = nn.ModuleList(SwiGLU(cfg.d_model, cfg.moe_d_ff) for _ in range(cfg.n_expert))
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = dropout_layer(cfg.dropout)
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (N, C) -> probs (N, E), top-k weights (N, k), top-k expert ids (N, k)."""
@@ -367,7 +375,7 @@ class ModernDecoderLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.emb_dropout = dropout_layer(cfg.dropout)
         self.sink = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.attn_sink else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)

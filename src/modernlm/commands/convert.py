@@ -40,14 +40,16 @@ def main(cfg: Config) -> None:
         import torch
 
         from modernlm.checkpoint import load_model
-        from modernlm.hf import save_hf, model_config_to_llama_config
+        from modernlm.hf import model_config_to_llama_config, save_hf
         from modernlm.tokenizer import TOKENIZER_FILE, load_tokenizer
 
         src = Path(cfg.src)
         if not src.exists():
             raise UserError(f"{src}: no such checkpoint directory")
         model = load_model(src)  # UserErrors name the broken file; no transformers needed yet
-        model_config_to_llama_config(model.config)  # MoE / sink -> UserError before writing anything
+        model_config_to_llama_config(
+            model.config
+        )  # MoE / sink -> UserError before writing anything
         tokenizer = load_tokenizer(src) if (src / TOKENIZER_FILE).is_file() else None
         save_hf(model, tokenizer, dst, dtype=getattr(torch, cfg.dtype))
         what = "HF LlamaForCausalLM" + (" + tokenizer" if tokenizer else "")
@@ -61,6 +63,7 @@ def main(cfg: Config) -> None:
     c = model.config
     heads = f"{c.n_head}/{c.n_kv_head} heads" if c.n_kv_head != c.n_head else f"{c.n_head} heads"
     print(
-        f"converted {cfg.src} -> {dst} ({what}, {cfg.dtype}): {model.num_params() / 1e6:.1f}M params, "
+        f"converted {cfg.src} -> {dst} ({what}, {cfg.dtype}): "
+        f"{model.num_params() / 1e6:.1f}M params, "
         f"{c.n_layer} layers, d_model {c.d_model}, {heads}, vocab {c.vocab_size}"
     )
