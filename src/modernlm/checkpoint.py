@@ -46,9 +46,8 @@ def save_model(
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
-        state.pop(
-            "lm_head.weight", None
-        )  # the same tensor as tok_emb.weight; safetensors forbids aliases
+        # the same tensor as tok_emb.weight; safetensors forbids aliases
+        state.pop("lm_head.weight", None)
     atomic_write_bytes(path / WEIGHTS_FILE, save(state, metadata={"format": "pt"}))
     config = {"model_type": MODEL_TYPE, **to_dict(model.config)}
     atomic_write_bytes(path / CONFIG_FILE, json.dumps(config, indent=2).encode())
