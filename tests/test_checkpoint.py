@@ -82,7 +82,7 @@ BREAKS = {
     "wrong-shapes": (
         lambda p: _edit_config(p, d_ff=64),
         WEIGHTS_FILE,
-        "w_gate.weight: file has (128, 32)",
+        "w_gate_up.weight: file has (256, 32)",
     ),
     "fewer-layers": (
         lambda p: _edit_config(p, n_layer=1),

@@ -87,11 +87,12 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     gqa = make(tiny_config(n_kv_head=2))
     mha = make(tiny_config(n_kv_head=4))
     state = gqa.state_dict()
-    group, D = 4 // 2, gqa.config.head_dim
+    D = gqa.config.head_dim
     for key in list(state):
-        if key.endswith(("attn.wk.weight", "attn.wv.weight")):
-            w = state[key].view(2, D, -1)  # (K, D, C)
-            state[key] = w.repeat_interleave(group, dim=0).reshape(4 * D, -1)  # (H*D, C)
+        if key.endswith("attn.wqkv.weight"):
+            q, k, v = state[key].view(4 + 2 + 2, D, -1).split([4, 2, 2])  # heads of q, k, v
+            # kv head j serves query heads 2j and 2j+1
+            state[key] = torch.cat([q, k.repeat_interleave(2, 0), v.repeat_interleave(2, 0)]).flatten(0, 1)
     mha.load_state_dict(state)
     idx = torch.randint(0, 64, (2, 10))
     torch.testing.assert_close(mha(idx).logits, gqa(idx).logits, rtol=0, atol=1e-6)
@@ -196,7 +197,7 @@ def test_dropout_only_in_training():
 def test_init_rules():
     cfg = tiny_config(n_layer=8, d_model=128, n_head=4, init_std=0.02)
     model = ModernDecoderLM(cfg)
-    assert model.layers[0].attn.wq.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.layers[0].attn.wqkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
     assert model.layers[0].attn.wo.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.1)
     assert model.layers[0].ffn.w_down.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.1)
     assert torch.equal(model.norm.weight, torch.ones(128))
@@ -207,7 +208,7 @@ def test_param_count_and_flops():
     cfg = tiny_config(n_kv_head=2, tie_embeddings=False)
     model = ModernDecoderLM(cfg)
     C, V, D, F_ = cfg.d_model, cfg.vocab_size, cfg.head_dim, cfg.d_ff
-    per_layer = C * 4 * D + 2 * C * 2 * D + 4 * D * C + 3 * C * F_ + 2 * C
+    per_layer = C * (4 + 2 * 2) * D + 4 * D * C + 3 * C * F_ + 2 * C
     expected = 2 * V * C + cfg.n_layer * per_layer + C
     assert model.num_params() == expected
     assert model.num_params(exclude_embedding=True) == expected - V * C

@@ -71,7 +71,7 @@ def test_decay_groups_skip_norms_embeddings_and_sink():
     decayed = set(decayed_parameter_names(model))
     expected = {n for n, p in model.named_parameters() if p.ndim == 2 and n != "tok_emb.weight"}
     assert decayed == expected
-    assert "layers.0.attn.wq.weight" in decayed and "layers.1.ffn.router.weight" in decayed
+    assert "layers.0.attn.wqkv.weight" in decayed and "layers.1.ffn.router.weight" in decayed
     assert not any("norm" in n for n in decayed)
     assert "tok_emb.weight" not in decayed and "sink" not in decayed
     # tied: the LM head is the embedding, named once, not decayed

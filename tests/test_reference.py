@@ -23,7 +23,8 @@ def test_rmsnorm_matches_formula():
 def test_swiglu_matches_formula():
     ffn = SwiGLU(16, 48)
     x = torch.randn(4, 16)
-    gate, up = x @ ffn.w_gate.weight.T, x @ ffn.w_up.weight.T
+    w_gate, w_up = ffn.w_gate_up.weight.chunk(2)  # stacked [gate; up] by rows
+    gate, up = x @ w_gate.T, x @ w_up.T
     expected = (gate * torch.sigmoid(gate) * up) @ ffn.w_down.weight.T
     torch.testing.assert_close(ffn(x), expected, rtol=1e-5, atol=1e-6)
 
@@ -40,9 +41,10 @@ def test_attention_matches_naive_softmax_with_gqa():
         t1, t2 = t[..., : D // 2], t[..., D // 2 :]
         return t * cos + torch.cat([-t2, t1], -1) * sin
 
-    q = rope((x @ attn.wq.weight.T).view(B, T, H, D).transpose(1, 2))
-    k = rope((x @ attn.wk.weight.T).view(B, T, K, D).transpose(1, 2))
-    v = (x @ attn.wv.weight.T).view(B, T, K, D).transpose(1, 2)
+    wq, wk, wv = attn.wqkv.weight.split([H * D, K * D, K * D])  # stacked [q; k; v] by rows
+    q = rope((x @ wq.T).view(B, T, H, D).transpose(1, 2))
+    k = rope((x @ wk.T).view(B, T, K, D).transpose(1, 2))
+    v = (x @ wv.T).view(B, T, K, D).transpose(1, 2)
     k, v = k.repeat_interleave(H // K, 1), v.repeat_interleave(H // K, 1)  # query head h uses kv head h // 2
     scores = q @ k.transpose(-1, -2) / math.sqrt(D)
     scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))

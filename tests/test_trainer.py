@@ -167,7 +167,7 @@ class NaNLoss:
             if self.where == "loss":
                 loss_sum = loss_sum * float("nan")
             else:  # finite loss, NaN gradient
-                w = model.layers[0].attn.wq.weight
+                w = model.layers[0].attn.wqkv.weight
                 self.hooks.append(w.register_hook(lambda g: g * float("nan")))
         else:
             for h in self.hooks:

@@ -4,13 +4,14 @@ The only module that imports `transformers`, always inside the function that nee
 of modernlm works without it (`pip install modernlm[hf]` adds it).
 
 A dense ModernDecoderLM *is* a Llama: same pre-norm block, RMSNorm, SwiGLU, GQA, and RoPE in the
-"rotate half" layout HF uses, so the weights map name for name with no permutation:
+"rotate half" layout HF uses, so the weights map with no permutation. Our fused projections are
+HF's stacked by rows (wqkv = [q; k; v], w_gate_up = [gate; up]):
 
 | modernlm                        | transformers LlamaForCausalLM                      |
 |---------------------------------|----------------------------------------------------|
 | tok_emb                         | model.embed_tokens                                 |
-| layers.i.attn.{wq,wk,wv,wo}     | model.layers.i.self_attn.{q,k,v,o}_proj            |
-| layers.i.ffn.{w_gate,w_up,w_down} | model.layers.i.mlp.{gate,up,down}_proj           |
+| layers.i.attn.{wqkv,wo}         | model.layers.i.self_attn.{[q,k,v],o}_proj          |
+| layers.i.ffn.{w_gate_up,w_down} | model.layers.i.mlp.{[gate,up],down}_proj           |
 | layers.i.attn_norm / ffn_norm   | model.layers.i.input_layernorm / post_attention_layernorm |
 | norm / lm_head                  | model.norm / lm_head                               |
 
@@ -176,19 +177,52 @@ def _rename(name: str, table: dict[str, str]) -> str | None:
     return None
 
 
-def state_dict_to_hf(
-    state: dict[str, torch.Tensor], tie_embeddings: bool
-) -> dict[str, torch.Tensor]:
-    """Our parameter names -> LlamaForCausalLM's. Tensors are shared, not copied."""
+def _unfuse(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """wqkv -> wq, wk, wv and w_gate_up -> w_gate, w_up (row blocks, as views)."""
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     out = {}
     for name, t in state.items():
+        if name.endswith("attn.wqkv.weight"):
+            prefix = name.removesuffix("wqkv.weight")
+            for part, w in zip(("wq", "wk", "wv"), t.split([q, kv, kv])):
+                out[f"{prefix}{part}.weight"] = w
+        elif name.endswith("ffn.w_gate_up.weight"):
+            prefix = name.removesuffix("w_gate_up.weight")
+            out[f"{prefix}w_gate.weight"], out[f"{prefix}w_up.weight"] = t.chunk(2)
+        else:
+            out[name] = t
+    return out
+
+
+def _fuse(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `_unfuse`: stack the per-projection matrices by rows."""
+    out = dict(state)
+    for name in [n for n in state if n.endswith("attn.wq.weight")]:
+        prefix = name.removesuffix("wq.weight")
+        parts = [out.pop(f"{prefix}{p}.weight", None) for p in ("wq", "wk", "wv")]
+        if any(p is None for p in parts):
+            raise UserError(f"HF weights: {prefix} is missing one of q_proj, k_proj, v_proj")
+        out[f"{prefix}wqkv.weight"] = torch.cat(parts)
+    for name in [n for n in state if n.endswith("ffn.w_gate.weight")]:
+        prefix = name.removesuffix("w_gate.weight")
+        up = out.pop(f"{prefix}w_up.weight", None)
+        if up is None:
+            raise UserError(f"HF weights: {prefix} has gate_proj but no up_proj")
+        out[f"{prefix}w_gate_up.weight"] = torch.cat([out.pop(name), up])
+    return out
+
+
+def state_dict_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our parameter names -> LlamaForCausalLM's. Tensors are views of ours, not copies."""
+    out = {}
+    for name, t in _unfuse(state, cfg).items():
         target = _rename(name, _OURS_TO_HF)
         if target is None:
             raise UserError(
                 f"parameter {name!r} has no Llama equivalent (MoE or sink models cannot go to HF)"
             )
         out[target] = t
-    if tie_embeddings:
+    if cfg.tie_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
 
@@ -196,7 +230,7 @@ def state_dict_to_hf(
 def state_dict_from_hf(
     state: dict[str, torch.Tensor], tie_embeddings: bool
 ) -> dict[str, torch.Tensor]:
-    """LlamaForCausalLM's parameter names -> ours. Tensors are shared, not copied."""
+    """LlamaForCausalLM's parameter names -> ours (q/k/v and gate/up stacked into new tensors)."""
     out = {}
     for name, t in state.items():
         if name.endswith(
@@ -209,7 +243,7 @@ def state_dict_from_hf(
         out[target] = t
     if tie_embeddings:
         out.pop("lm_head.weight", None)
-    return out
+    return _fuse(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,7 +277,7 @@ def to_hf(
     cfg = model.config
     hf_config = model_config_to_llama_config(cfg, **config_extra)
     hf_config._attn_implementation = attn_implementation
-    state = state_dict_to_hf(dict(model.named_parameters()), cfg.tie_embeddings)
+    state = state_dict_to_hf(dict(model.named_parameters()), cfg)
     dtype = dtype or next(model.parameters()).dtype
     hf = LlamaForCausalLM(hf_config).to(dtype)
     with torch.no_grad():

@@ -244,9 +244,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        # q, k and v come from one matmul (fewer, larger kernels; HF's q/k/v_proj are its rows)
+        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         self.attn_dropout = cfg.attn_dropout
         self.resid_dropout = dropout_layer(cfg.dropout)
@@ -260,17 +259,17 @@ class Attention(nn.Module):
         key_rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-
-        q = apply_rope(q, *rope)
+        H, K, D = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.wqkv(x).view(B, T, H + 2 * K, D).transpose(1, 2)  # (B, H+2K, T, D)
         if cache is not None and cache.rolling:
             # StreamingLLM: cache raw keys, then rotate every cached key by its slot in the cache.
+            q, k, v = qkv.split([H, K, K], dim=1)
+            q = apply_rope(q, *rope)  # (B, H, T, D)
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D), not yet rotated
             k = apply_rope(k, *key_rope)
         else:
-            k = apply_rope(k, *rope)
+            q, k = apply_rope(qkv[:, : H + K], *rope).split([H, K], dim=1)  # one rotation for both
+            v = qkv[:, H + K :]  # (B, K, T, D)
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
 
@@ -292,17 +291,17 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """w_down(silu(w_gate x) * w_up x): the Llama feed-forward."""
+    """w_down(silu(W_gate x) * W_up x): the Llama feed-forward."""
 
     def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
         super().__init__()
-        self.w_gate = nn.Linear(d_model, d_ff, bias=False)
-        self.w_up = nn.Linear(d_model, d_ff, bias=False)
+        self.w_gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)  # [gate; up] in one matmul
         self.w_down = nn.Linear(d_ff, d_model, bias=False)
         self.dropout = dropout_layer(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.w_down(F.silu(self.w_gate(x)) * self.w_up(x)))
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)  # (..., F) each
+        return self.dropout(self.w_down(F.silu(gate) * up))
 
 
 class MoE(nn.Module):
@@ -391,7 +390,7 @@ class ModernDecoderLM(nn.Module):
 
         | parameter                         | init                                   |
         |-----------------------------------|----------------------------------------|
-        | embedding, q/k/v, gate/up, router | normal(0, init_std)                    |
+        | embedding, wqkv, w_gate_up, router | normal(0, init_std)                   |
         | attention wo, FFN w_down          | normal(0, init_std / sqrt(2 n_layer))  |
         | untied LM head                    | normal(0, init_std)                    |
         | RMSNorm weights                   | 1                                      |
