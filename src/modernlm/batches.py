@@ -27,9 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from modernlm.data import FORMAT, read_meta  # the shard format is defined where it is written
 from modernlm.errors import UserError
-
-FORMAT = "modernlm-tokens-v1"
 
 
 @dataclass
@@ -40,34 +39,6 @@ class TokenDataConfig:
     def __post_init__(self) -> None:
         if self.seq_len <= 0:
             raise ValueError(f"seq_len must be positive, got {self.seq_len}")
-
-
-def read_meta(path: str | Path) -> dict[str, Any]:
-    """Read and check DIR/meta.json; every problem is a UserError naming the file."""
-    path = Path(path)
-    if not str(path) or str(path) == ".":
-        raise UserError("data.path is not set: point it at a directory made by `modernlm prepare`")
-    if not path.is_dir():
-        raise UserError(f"data.path: directory not found: {path}")
-    file = path / "meta.json"
-    if not file.is_file():
-        hint = " (the directory is empty)" if not any(path.iterdir()) else ""
-        raise UserError(
-            f"data.path: no meta.json in {path}{hint}; prepare it with `modernlm prepare`"
-        )
-    try:
-        meta = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UserError(
-            f"{file}: not a {FORMAT} token directory (format={meta.get('format') if isinstance(meta, dict) else None!r})"
-        )
-    if meta.get("dtype") not in ("uint16", "uint32"):
-        raise UserError(f"{file}: dtype must be uint16 or uint32, got {meta.get('dtype')!r}")
-    if not isinstance(meta.get("vocab_size"), int) or not isinstance(meta.get("splits"), dict):
-        raise UserError(f"{file}: needs an integer vocab_size and a splits mapping")
-    return meta
 
 
 class TokenStream:
@@ -81,9 +52,7 @@ class TokenStream:
             raise UserError(f"{path / 'meta.json'}: no '{split}' split with files")
         self.arrays: list[np.ndarray] = []
         for name in info["files"]:
-            file = path / name
-            if not file.is_file():
-                raise UserError(f"{path / 'meta.json'} lists {name}, which does not exist")
+            file = path / name  # read_meta checked it exists with the right size
             if file.stat().st_size == 0:
                 continue  # an empty shard holds no tokens (np.memmap refuses empty files)
             self.arrays.append(

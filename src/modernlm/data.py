@@ -640,33 +640,43 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
-def read_meta(directory: str | Path) -> dict[str, Any]:
-    """Read and check DIR/meta.json of a prepared dataset: format, and every shard's size."""
-    directory = Path(directory)
-    file = directory / META_FILE
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """Read and check DIR/meta.json; every problem is a UserError naming the file."""
+    path = Path(path)
+    if not str(path) or str(path) == ".":
+        raise UserError("data.path is not set: point it at a directory made by `modernlm prepare`")
+    if not path.is_dir():
+        raise UserError(f"data.path: directory not found: {path}")
+    file = path / "meta.json"
     if not file.is_file():
+        hint = " (the directory is empty)" if not any(path.iterdir()) else ""
         raise UserError(
-            f"{directory} is not a prepared dataset (no {META_FILE}); run `modernlm prepare`"
+            f"{path} is not a prepared dataset (no meta.json){hint}; make it with `modernlm prepare`"
         )
     try:
         meta = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"cannot parse {file}: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{file}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(
+            f"{file}: not a {FORMAT} token directory (format={meta.get('format') if isinstance(meta, dict) else None!r})"
+        )
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        raise UserError(f"{file}: dtype must be uint16 or uint32, got {meta.get('dtype')!r}")
+    if not isinstance(meta.get("vocab_size"), int) or not isinstance(meta.get("splits"), dict):
+        raise UserError(f"{file}: needs an integer vocab_size and a splits mapping")
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split, info in meta["splits"].items():
         size = 0
-        for name in info["files"]:
-            path = directory / name
-            if not path.is_file():
-                raise UserError(f"{path}: missing shard of split {split!r}")
-            size += path.stat().st_size
-        if size != info["tokens"] * itemsize:
-            raise UserError(
-                f"{directory}: split {split!r} has {size} bytes, meta says {info['tokens']} tokens"
-            )
+        for name in info.get("files", []):
+            shard = path / name
+            if not shard.is_file():
+                raise UserError(f"{file} lists {name}, which does not exist (split {split!r})")
+            size += shard.stat().st_size
+        if size != info.get("tokens", -1) * itemsize:  # a truncated or foreign shard
+            raise UserError(f"{path}: split {split!r} has {size} bytes, meta says {info.get('tokens')} tokens")
     return meta
+
 
 
 __all__ = [
