@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from modernlm.errors import UserError
+from modernlm.model import compile_model
 from modernlm.optim import OptimConfig, build_optimizer, lr_at, set_lr
 from modernlm.runtime import Runtime, rng_state, set_rng_state, warn_once
 from modernlm.tracking import MetricsWriter, format_line
@@ -147,7 +148,7 @@ class Trainer:
 
         # What the loss_fn calls: compiled, then DDP-wrapped (nanoGPT's order). Saving, eval and
         # sampling use the bare model.
-        self.eval_model = torch.compile(self.model) if runtime.compile else self.model
+        self.eval_model = compile_model(self.model) if runtime.compile else self.model
         self.train_model = self.eval_model
         if runtime.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
