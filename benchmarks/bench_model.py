@@ -7,6 +7,8 @@ same device with torch's default thread count, and are timed on identical work:
   `torch.optim.AdamW` step, batch x seq random tokens; tokens/s = batch * seq / step time.
 - generate: batch 1, a random prompt, greedy with a KV cache for exactly N new tokens (no EOS):
   ours `model.generate(temperature=0)`, HF `generate(do_sample=False)`; tokens/s = N / time.
+  A second row runs ours with `compile=True` (decode steps through torch.compile, compiled in
+  the untimed warm-up call) against the same eager HF `generate`.
 
 Steps (and generate calls) alternate ours / HF one at a time, so a noisy neighbour hurts both
 sides alike; tokens/s comes from the *fastest* step of each side (noise only ever adds time), and
@@ -55,6 +57,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-generate", action="store_true")
+    p.add_argument(
+        "--no-compile", action="store_true", help="skip the generate(compile=True) row (~20 s compile)"
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
@@ -119,7 +124,7 @@ def bench_train(args, cfg: ModelConfig, device: torch.device) -> tuple[float, fl
 
 
 def bench_generate(
-    args, cfg: ModelConfig, device: torch.device
+    args, cfg: ModelConfig, device: torch.device, compile: bool = False
 ) -> tuple[float, float, float, bool]:
     torch.manual_seed(args.seed)
     ours = ModernDecoderLM(cfg).to(device).eval()
@@ -129,7 +134,7 @@ def bench_generate(
     n = args.new_tokens
 
     def run_ours() -> torch.Tensor:
-        return ours.generate(prompt, max_new_tokens=n, temperature=0.0)
+        return ours.generate(prompt, max_new_tokens=n, temperature=0.0, compile=compile)
 
     def run_hf() -> torch.Tensor:
         return hf.generate(
@@ -142,7 +147,7 @@ def bench_generate(
         )
 
     runs = {"ours": run_ours, "hf": run_hf}
-    outs = {name: run() for name, run in runs.items()}  # warmup, and a correctness check
+    outs = {name: run() for name, run in runs.items()}  # warmup (and compile), correctness check
     assert all(o.shape[1] == args.prompt + n for o in outs.values()), {
         k: o.shape for k, o in outs.items()
     }
@@ -195,6 +200,19 @@ def main() -> None:
         rows.append(
             (
                 f"greedy generation, KV cache, batch 1 ({note})",
+                ours,
+                ref,
+                med,
+                TARGETS["generate"],
+                "",
+            )
+        )
+    if not args.skip_generate and not args.no_compile:
+        ours, ref, med, same = bench_generate(args, cfg, device, compile=True)
+        note = "same tokens" if same else "tokens differ"
+        rows.append(
+            (
+                f"greedy generation, `generate(compile=True)` vs HF eager ({note})",
                 ours,
                 ref,
                 med,

@@ -5,7 +5,10 @@ Same shape (vocab 8192, d_model 256, 4 layers, 4 heads, SwiGLU 704, tied embeddi
 trainer does per step (memmapped batch reading, LR schedule, token-normalised accumulation,
 clipping, the non-finite check); the baseline is forward/backward/step/zero_grad only.
 
-    python benchmarks/bench_trainer.py [--steps 30] [--rounds 2]
+    python benchmarks/bench_trainer.py [--steps 30] [--rounds 2] [--no-compile]
+
+A third row runs the same Trainer with `run.compile=true` (torch.compile, inductor's C++ kernels
+on CPU), the setting a user would turn on for a long run; the HF loop stays eager.
 
 Throughput is timed over steps after a warm-up; each loop runs `rounds` times, alternating, and
 the best round counts (other processes on a shared machine only ever slow a round down).
@@ -24,7 +27,7 @@ import torch
 VOCAB, D, LAYERS, HEADS, BATCH, SEQ = 8192, 256, 4, 4, 8, 256
 
 
-def bench_ours(steps: int, warmup: int, shards: Path, out: Path) -> float:
+def bench_ours(steps: int, warmup: int, shards: Path, out: Path, compile: bool = False) -> float:
     from modernlm.batches import TokenStream, TrainWindows
     from modernlm.losses import lm_loss
     from modernlm.model import ModelConfig, ModernDecoderLM
@@ -47,7 +50,9 @@ def bench_ours(steps: int, warmup: int, shards: Path, out: Path) -> float:
         progress=False,
         resume="never",
     )
-    runtime = Runtime(device=torch.device("cpu"), dtype=torch.float32, tensorboard=False)
+    runtime = Runtime(
+        device=torch.device("cpu"), dtype=torch.float32, tensorboard=False, compile=compile
+    )
     trainer = Trainer(
         model, lm_loss, batches, cfg, OptimConfig(lr=3e-4, warmup_steps=10), runtime, out
     )
@@ -104,6 +109,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip the run.compile=true row (~20 s compile per round)"
+    )
     args = parser.parse_args()
 
     from modernlm.batches import write_shards
@@ -113,11 +121,14 @@ def main() -> None:
     shards = write_shards(
         tmp / "shards", {"train": tokens, "val": tokens[:10_000]}, vocab_size=VOCAB
     )
-    ours, theirs = [], []
+    ours, compiled, theirs = [], [], []
     for r in range(args.rounds):
         ours.append(bench_ours(args.steps, args.warmup, shards, tmp / f"run{r}"))
+        if not args.no_compile:  # the first (warm-up) step pays the compile
+            compiled.append(bench_ours(args.steps, args.warmup, shards, tmp / f"crun{r}", compile=True))
         theirs.append(bench_hf(args.steps, args.warmup, tokens))
-        print(f"round {r + 1}: modernlm {ours[-1]:,.0f} tok/s, HF {theirs[-1]:,.0f} tok/s", flush=True)
+        extra = f", modernlm compiled {compiled[-1]:,.0f}" if compiled else ""
+        print(f"round {r + 1}: modernlm {ours[-1]:,.0f} tok/s{extra}, HF {theirs[-1]:,.0f} tok/s", flush=True)
     best_ours, best_hf = max(ours), max(theirs)
     print(
         f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}x{SEQ}, fp32 CPU, "
@@ -128,6 +139,10 @@ def main() -> None:
     print(
         f"| modernlm Trainer (ModernDecoderLM) | {best_ours:,.0f} | {', '.join(f'{v:,.0f}' for v in ours)} | {best_ours / best_hf:.2f}x |"
     )
+    if compiled:
+        print(
+            f"| modernlm Trainer, run.compile=true | {max(compiled):,.0f} | {', '.join(f'{v:,.0f}' for v in compiled)} | {max(compiled) / best_hf:.2f}x |"
+        )
     print(
         f"| plain loop (HF LlamaForCausalLM) | {best_hf:,.0f} | {', '.join(f'{v:,.0f}' for v in theirs)} | 1.00x |"
     )

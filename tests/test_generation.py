@@ -466,3 +466,16 @@ def test_vocab_size_limits_generated_ids():
     assert (
         generate(model, torch.tensor([[1, 2, 3]]), 40, temperature=3.0, seed=0)[0, 3:].max() >= 10
     )
+
+
+@pytest.mark.slow
+def test_compiled_decode_gives_the_same_tokens():
+    """generate(compile=True) runs decode steps through torch.compile: same greedy tokens."""
+    from modernlm.generation import generate as gen
+
+    torch.manual_seed(0)
+    model = ModernDecoderLM(tiny_config(n_kv_head=2)).eval()
+    prompt = torch.randint(0, 64, (2, 5))
+    eager = gen(model, prompt, 12)
+    assert torch.equal(gen(model, prompt, 12, compile=True), eager)
+    assert torch.equal(gen(model, prompt[:, :3], 12, compile=True), gen(model, prompt[:, :3], 12))
