@@ -156,7 +156,7 @@ def test_moe_sends_each_token_to_exactly_k_experts_and_mixes_them():
     E = cfg.n_expert
     share = [sum(int(e == i) for e in experts.flatten().tolist()) / 20 for i in range(E)]
     mean_prob = [probs[:, i].mean().item() for i in range(E)]
-    assert aux.item() == pytest.approx(E * sum(f * p for f, p in zip(share, mean_prob)), rel=1e-5)
+    assert aux.item() == pytest.approx(E * sum(f * p for f, p in zip(share, mean_prob, strict=False)), rel=1e-5)
 
 
 def test_moe_aux_loss_is_one_when_routing_is_uniform_and_reaches_the_output():

@@ -13,15 +13,6 @@ from modernlm.optim import OptimConfig, build_optimizer, decayed_parameter_names
 from tests.conftest import tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: a second OpenMP thread only adds waiting on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def sched(**kw) -> OptimConfig:
     base = dict(lr=1.0, min_lr_ratio=0.1, warmup_steps=10)
     base.update(kw)

@@ -24,15 +24,6 @@ from tests.conftest import tiny_config
 CPU = Runtime(device=torch.device("cpu"), dtype=torch.float32, tensorboard=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from a second thread, and on a busy machine OpenMP threads that
-    # wait for each other make every op many times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_trainer(
     model, run_dir, batches=None, loss_fn=lm_loss, val=None, optim=None, **train_kw

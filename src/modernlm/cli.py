@@ -95,8 +95,9 @@ def run_command(name: str, argv: list[str]) -> int:
         print(f"modernlm {name}: error: unexpected argument {bare[len(positionals)]!r}", file=sys.stderr)
         return 2
     # Positionals and flags come first so that an explicit key=value still wins.
-    pre = [f"{field}={value}" for field, value in zip(positionals, bare)]
-    pre += [f"{field}={getattr(ns, f'flag_{field}')}" for field in flags.values() if getattr(ns, f"flag_{field}") is not None]
+    pre = [f"{field}={value}" for field, value in zip(positionals, bare, strict=False)]
+    flag_values = {field: getattr(ns, f"flag_{field}") for field in flags.values()}
+    pre += [f"{field}={value}" for field, value in flag_values.items() if value is not None]
     try:
         cfg = load_config(module.Config, ns.config, pre + overrides)
         if ns.print_config:

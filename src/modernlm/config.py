@@ -174,7 +174,7 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise UserError(f"{name}: expected {len(args)} values, got {value!r}")
-            return tuple(_coerce(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+            return tuple(_coerce(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=False)))
         item = args[0] if args else Any
         out = [_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out

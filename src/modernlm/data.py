@@ -659,7 +659,8 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{file}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(
-            f"{file}: not a {FORMAT} token directory (format={meta.get('format') if isinstance(meta, dict) else None!r})"
+            f"{file}: not a {FORMAT} token directory "
+            f"(format={meta.get('format') if isinstance(meta, dict) else None!r})"
         )
     if meta.get("dtype") not in ("uint16", "uint32"):
         raise UserError(f"{file}: dtype must be uint16 or uint32, got {meta.get('dtype')!r}")

@@ -184,7 +184,7 @@ def _unfuse(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch
     for name, t in state.items():
         if name.endswith("attn.wqkv.weight"):
             prefix = name.removesuffix("wqkv.weight")
-            for part, w in zip(("wq", "wk", "wv"), t.split([q, kv, kv])):
+            for part, w in zip(("wq", "wk", "wv"), t.split([q, kv, kv]), strict=False):
                 out[f"{prefix}{part}.weight"] = w
         elif name.endswith("ffn.w_gate_up.weight"):
             prefix = name.removesuffix("w_gate_up.weight")

@@ -122,7 +122,8 @@ def main(cfg: Config) -> None:
             )
             runtime.print0(
                 f"pretrain: {model.num_params() / 1e6:.2f}M params, {len(train_stream):,} train tokens, "
-                f"{tokens_per_step:,} tokens/step, {runtime.world_size} x {runtime.device} {str(runtime.dtype).removeprefix('torch.')}"
+                f"{tokens_per_step:,} tokens/step, {runtime.world_size} x {runtime.device} "
+                f"{str(runtime.dtype).removeprefix('torch.')}"
                 f" -> {run_dir}"
             )
         summary = trainer.train()
