@@ -330,3 +330,13 @@ def test_periodic_samples_are_written(tmp_path, data):
     text = (tmp_path / "r" / "samples.md").read_text()
     assert text.count("## step") == 2 and "## step 4" in text
     assert "**once upon**" in text and "**a cat**" in text
+
+
+def test_rerunning_a_finished_run_keeps_its_summary(tmp_path, data):
+    run(data, tmp_path / "r").train()
+    first = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert first["final_loss"] is not None and first["final_val_loss"] is not None
+    run(data, tmp_path / "r").train()  # resumes at the last step: nothing left to train
+    again = json.loads((tmp_path / "r" / "summary.json").read_text())
+    for key in ("steps", "tokens_seen", "final_loss", "final_val_loss", "best_val_loss"):
+        assert again[key] == first[key], key

@@ -35,7 +35,7 @@ from modernlm.errors import UserError
 from modernlm.model import compile_model
 from modernlm.optim import OptimConfig, build_optimizer, lr_at, set_lr
 from modernlm.runtime import Runtime, rng_state, set_rng_state, warn_once
-from modernlm.tracking import MetricsWriter, format_line
+from modernlm.tracking import MetricsWriter, format_line, read_metrics
 
 LossFn = Callable[[nn.Module, Any], tuple[Tensor, "Tensor | int", dict[str, Any]]]
 
@@ -572,13 +572,21 @@ class Trainer:
             if hasattr(self.model, "num_params")
             else sum(p.numel() for p in self.model.parameters())
         )
+        final_loss, final_val_loss = last_record.get("loss"), self.last_val_loss
+        if final_loss is None or final_val_loss is None:
+            # This attempt logged nothing (e.g. a rerun of a finished run): take the run's history.
+            history = read_metrics(self.run_dir)
+            if final_loss is None:
+                final_loss = next((r["loss"] for r in reversed(history) if "loss" in r), None)
+            if final_val_loss is None:
+                final_val_loss = next((r["val_loss"] for r in reversed(history) if "val_loss" in r), None)
         summary: dict[str, Any] = {
             "params": n_params,
             "steps": self.step,
             "tokens_seen": self.tokens_seen,
             "wall_time_s": round(self.elapsed_s, 3),
-            "final_loss": last_record.get("loss"),
-            "final_val_loss": self.last_val_loss,
+            "final_loss": final_loss,
+            "final_val_loss": final_val_loss,
             "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
             "skipped_steps": self.skipped_steps,
             "overflow_steps": self.overflow_steps,
