@@ -69,23 +69,17 @@ def bench_ours(steps: int, warmup: int, shards: Path, out: Path, compile: bool =
 
 
 def bench_hf(steps: int, warmup: int, tokens: np.ndarray) -> float:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
+    from modernlm.hf import model_config_to_llama_config
     from modernlm.model import ModelConfig
 
     torch.manual_seed(0)
-    d_ff = ModelConfig(d_model=D).d_ff
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=D,
-        intermediate_size=d_ff,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=HEADS,
-        max_position_embeddings=SEQ,
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
+    # the same config as ours, mapped the way `modernlm convert --to hf` maps it
+    config = model_config_to_llama_config(
+        ModelConfig(vocab_size=VOCAB, d_model=D, n_layer=LAYERS, n_head=HEADS, max_seq_len=SEQ)
     )
+    config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
     rng = np.random.default_rng(0)
@@ -114,7 +108,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from modernlm.batches import write_shards
+    from modernlm.data import write_shards
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_trainer_"))
     tokens = np.random.default_rng(0).integers(0, VOCAB, 2_000_000).astype(np.uint16)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from modernlm.batches import TokenStream, TrainWindows, ValBatches, read_meta, write_shards
+from modernlm.batches import TokenStream, TrainWindows, ValBatches, read_meta
+from modernlm.data import write_shards
 from modernlm.errors import UserError
 
 

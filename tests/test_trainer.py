@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from modernlm.batches import TokenStream, TrainWindows, ValBatches, write_shards
+from modernlm.batches import TokenStream, TrainWindows, ValBatches
 from modernlm.checkpoint import latest_checkpoint, load_training_state
+from modernlm.data import write_shards
 from modernlm.errors import UserError
 from modernlm.losses import lm_eval_loss, lm_loss, next_token_loss
 from modernlm.model import ModernDecoderLM

@@ -17,7 +17,6 @@ the same every time, split round-robin across ranks.
 from __future__ import annotations
 
 import bisect
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from modernlm.data import FORMAT, read_meta  # the shard format is defined where it is written
+from modernlm.data import read_meta  # the shard format is defined where it is written
 from modernlm.errors import UserError
 
 
@@ -162,32 +161,13 @@ class TrainWindows:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
 
 
-def val_batches(
-    stream: TokenStream,
-    seq_len: int,
-    batch_size: int,
-    max_batches: int,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-) -> list[list[int]]:
-    """Start offsets of this rank's validation batches: the first windows of the split, in order.
-
-    At most `max_batches * batch_size * world_size` windows in total (0 = all). When the split is
-    shorter than one window, one shorter window is used, so validation still works on tiny data.
-    """
-    length = min(seq_len, len(stream) - 1)
-    if length < 1:
-        return []
-    total = (len(stream) - 1) // length
-    if max_batches > 0:
-        total = min(total, max_batches * batch_size * world_size)
-    mine = list(range(rank, total, world_size))
-    return [[w * length for w in mine[i : i + batch_size]] for i in range(0, len(mine), batch_size)]
-
-
 class ValBatches:
-    """Re-iterable validation batches (inputs, targets) for this rank, identical on every pass."""
+    """Re-iterable validation batches (inputs, targets) for this rank, identical on every pass.
+
+    The first windows of the split, in order: at most `max_batches * batch_size * world_size` of
+    them in total (0 = all), rank r taking every world_size-th. When the split is shorter than one
+    window, one shorter window is used, so validation still works on tiny data.
+    """
 
     def __init__(
         self,
@@ -201,9 +181,12 @@ class ValBatches:
     ):
         self.stream = stream
         self.seq_len = min(seq_len, len(stream) - 1)
-        self.batches = val_batches(
-            stream, seq_len, batch_size, max_batches, rank=rank, world_size=world_size
-        )
+        total = (len(stream) - 1) // self.seq_len if self.seq_len >= 1 else 0
+        if max_batches > 0:
+            total = min(total, max_batches * batch_size * world_size)
+        mine = list(range(rank, total, world_size))
+        # start offsets of this rank's batches
+        self.batches = [[w * self.seq_len for w in mine[i : i + batch_size]] for i in range(0, len(mine), batch_size)]
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -213,57 +196,10 @@ class ValBatches:
             yield _windows(self.stream, starts, self.seq_len)
 
 
-def write_shards(
-    path: str | Path,
-    splits: dict[str, np.ndarray | list[int]],
-    vocab_size: int,
-    *,
-    eos_id: int | None = None,
-    bos_id: int | None = None,
-    tokenizer: Any = None,
-    shard_tokens: int = 0,
-) -> Path:
-    """Write token arrays as a shard directory (one file per split, or chunks of `shard_tokens`).
-
-    For small in-memory corpora and tests; `modernlm prepare` is the streaming writer for real data.
-    """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    dtype = np.uint16 if vocab_size <= 65536 else np.uint32
-    meta_splits = {}
-    for split, tokens in splits.items():
-        arr = np.asarray(tokens).astype(dtype)
-        size = shard_tokens or max(len(arr), 1)
-        files = []
-        for i, lo in enumerate(range(0, max(len(arr), 1), size)):
-            name = f"{split}_{i:05d}.bin"
-            arr[lo : lo + size].astype(np.dtype(dtype).newbyteorder("<")).tofile(path / name)
-            files.append(name)
-        docs = int((arr == eos_id).sum()) if eos_id is not None else 1
-        meta_splits[split] = {"files": files, "tokens": int(len(arr)), "documents": docs}
-    meta = {
-        "format": FORMAT,
-        "dtype": np.dtype(dtype).name,
-        "vocab_size": vocab_size,
-        "eos_id": eos_id,
-        "bos_id": bos_id,
-        "splits": meta_splits,
-        "source": {"writer": "modernlm.batches.write_shards"},
-        "bytes": 0,
-        "bytes_per_token": 0.0,
-    }
-    (path / "meta.json").write_text(json.dumps(meta, indent=2))
-    if tokenizer is not None:
-        tokenizer.save(path)
-    return path
-
-
 __all__ = [
     "TokenDataConfig",
     "TokenStream",
     "TrainWindows",
     "ValBatches",
     "read_meta",
-    "val_batches",
-    "write_shards",
 ]

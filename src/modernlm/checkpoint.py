@@ -128,9 +128,7 @@ def build_model(
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
     # buffers (RoPE tables) were built on meta: rebuild them for real
-    model.rope = type(model.rope)(
-        cfg.head_dim, cfg.max_seq_len + int(cfg.attn_sink), cfg.rope_theta
-    )
+    model.rope = type(model.rope).for_config(cfg)
     return model
 
 

@@ -620,6 +620,45 @@ def prepare_tokens(
     return meta
 
 
+def write_shards(
+    path: str | Path,
+    splits: dict[str, np.ndarray | list[int]],
+    vocab_size: int,
+    *,
+    eos_id: int | None = None,
+    bos_id: int | None = None,
+    tokenizer: Any = None,
+    shard_tokens: int = 0,
+) -> Path:
+    """Write in-memory token arrays as a shard directory (one file per split, or `shard_tokens`
+    per file). For small corpora and tests; `prepare_tokens` streams real corpora."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(vocab_size)
+    meta_splits = {}
+    for split, tokens in splits.items():
+        arr = np.asarray(tokens)
+        writer = _ShardWriter(path, split, dtype, shard_tokens or max(arr.size, 1))
+        writer.write(arr, int((arr == eos_id).sum()) if eos_id is not None else 1)
+        writer.close()
+        meta_splits[split] = writer.meta()
+    meta = {
+        "format": FORMAT,
+        "dtype": dtype.name,
+        "vocab_size": vocab_size,
+        "eos_id": eos_id,
+        "bos_id": bos_id,
+        "splits": meta_splits,
+        "source": {"writer": "modernlm.data.write_shards"},
+        "bytes": 0,
+        "bytes_per_token": 0.0,
+    }
+    if tokenizer is not None:
+        tokenizer.save(path)
+    (path / META_FILE).write_text(json.dumps(meta, indent=2))
+    return path
+
+
 def _source_record(src: SourceConfig) -> dict[str, Any]:
     """A source's settings (only those that differ from the defaults) and, for paths, its files."""
     defaults = {f.name: f.default for f in dataclasses.fields(SourceConfig)}
@@ -690,4 +729,5 @@ __all__ = [
     "read_source",
     "source_files",
     "token_dtype",
+    "write_shards",
 ]

@@ -489,33 +489,21 @@ def generate_text(
     prompt: str | list[str],
     max_new_tokens: int = 256,
     *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
     stop: str | Sequence[str] | None = None,
-    seed: int | None = None,
-    window: int = 0,
-    sink_size: int = 4,
-    chunk: int = 64,
     add_bos: bool = True,
-    eos_token_id: int | Sequence[int] | None = None,
+    **kwargs,
 ) -> str | list[str]:
     """Continue `prompt` (one string, or a list generated as one left-padded batch).
 
     Returns only the new text, ending before the tokenizer's EOS (or `eos_token_id`) or before
-    the first stop string. `add_bos` prepends the tokenizer's bos token, if it has one. The other
-    arguments are those of `generate`.
+    the first stop string. `add_bos` prepends the tokenizer's bos token, if it has one. `kwargs`
+    are those of `generate` (temperature, top_k, top_p, repetition_penalty, seed, window, ...).
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         return []
     texts = [""] * len(prompts)
-    for pieces in _text_steps(
-        model, tokenizer, prompts, max_new_tokens, stop, add_bos, temperature=temperature,
-        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, window=window,
-        sink_size=sink_size, chunk=chunk, eos_token_id=eos_token_id,
-    ):  # fmt: skip
+    for pieces in _text_steps(model, tokenizer, prompts, max_new_tokens, stop, add_bos, **kwargs):
         for i, piece in enumerate(pieces):
             texts[i] += piece
     return texts[0] if isinstance(prompt, str) else texts
@@ -527,17 +515,9 @@ def stream_text(
     prompt: str,
     max_new_tokens: int = 256,
     *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
     stop: str | Sequence[str] | None = None,
-    seed: int | None = None,
-    window: int = 0,
-    sink_size: int = 4,
-    chunk: int = 64,
     add_bos: bool = True,
-    eos_token_id: int | Sequence[int] | None = None,
+    **kwargs,
 ) -> Iterator[str]:
     """`generate_text` for one prompt, yielding text pieces as they are produced.
 
@@ -546,11 +526,7 @@ def stream_text(
     """
     if not isinstance(prompt, str):
         raise UserError("stream_text takes one prompt string; use generate_text for a batch")
-    for (piece,) in _text_steps(
-        model, tokenizer, [prompt], max_new_tokens, stop, add_bos, temperature=temperature,
-        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, window=window,
-        sink_size=sink_size, chunk=chunk, eos_token_id=eos_token_id,
-    ):  # fmt: skip
+    for (piece,) in _text_steps(model, tokenizer, [prompt], max_new_tokens, stop, add_bos, **kwargs):
         if piece:
             yield piece
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from modernlm.errors import UserError
+from modernlm.runtime import DTYPES
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
     from modernlm.model import ModelConfig, ModernDecoderLM
     from modernlm.tokenizer import Tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # (our name, HF name) with {i} for the layer index; a per-layer pattern serves both directions.
 _LAYER_NAMES = [

@@ -126,6 +126,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._build(max_seq_len)
 
+    @classmethod
+    def for_config(cls, cfg: ModelConfig) -> RotaryEmbedding:
+        # one more position when the sink token sits in front of every sequence
+        return cls(cfg.head_dim, cfg.max_seq_len + int(cfg.attn_sink), cfg.rope_theta)
+
     def _build(self, length: int) -> None:
         t = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
         freqs = torch.outer(t, self.inv_freq)  # (L, D/2)
@@ -381,7 +386,7 @@ class ModernDecoderLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len + int(cfg.attn_sink), cfg.rope_theta)
+        self.rope = RotaryEmbedding.for_config(cfg)
         self.init_weights()
 
     @torch.no_grad()
@@ -398,7 +403,7 @@ class ModernDecoderLM(nn.Module):
 
         The residual projections are scaled down so the residual stream's variance does not grow
         with depth. NOTE: call this again after materialising a model built on the meta device;
-        the RoPE tables are buffers and must be rebuilt too (`model.rope._build(...)`).
+        the RoPE tables are buffers and must be rebuilt too (`RotaryEmbedding.for_config`).
         """
         std = self.config.init_std
         for name, p in self.named_parameters():

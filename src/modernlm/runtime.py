@@ -119,12 +119,15 @@ def setup_runtime(cfg: RunConfig) -> Runtime:
     )
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    dtype = DTYPES[name]
     if dtype == torch.float16 and device.type == "cpu":
         raise UserError("run.dtype: float16 autocast needs a GPU; use bfloat16 or float32 on CPU")
     return dtype

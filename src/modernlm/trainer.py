@@ -413,11 +413,8 @@ class Trainer:
         """Append continuations of cfg.sample_prompts to run_dir/samples.md (rank 0)."""
         if not (self.runtime.is_main and self.tokenizer is not None and self.cfg.sample_prompts):
             return
-        try:
-            from modernlm.generation import generate_text
-        except ImportError:
-            warn_once("modernlm.generation is not available: skipping periodic samples")
-            return
+        from modernlm.generation import generate_text
+
         was_training = self.model.training
         self.model.eval()
         try:

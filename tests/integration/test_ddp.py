@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from modernlm.batches import write_shards
+from modernlm.data import write_shards
 from modernlm.tracking import read_metrics
 
 pytestmark = pytest.mark.slow

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modernlm.batches import write_shards
 from modernlm.cli import run_command
+from modernlm.data import write_shards
 from modernlm.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
