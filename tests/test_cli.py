@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -47,6 +47,25 @@ def test_dispatch_positionals_flags_and_overrides(monkeypatch):
         cli.main(["fake", "echo", "x", "src=explicit"])  # an explicit override beats the positional
     assert info.value.code == 0
     assert calls[-1].src == "explicit"
+
+
+@dataclass
+class ManyConfig:
+    out: str = ""
+    paths: list[str] = field(default_factory=list)
+
+
+def test_a_trailing_list_positional_takes_the_rest(monkeypatch):
+    calls: list = []
+    module = types.ModuleType("modernlm_fake_many")
+    module.__doc__ = "Take many.\n\n    modernlm many OUT PATH..."
+    module.Config, module.POSITIONALS, module.main = ManyConfig, ["out", "paths..."], calls.append
+    monkeypatch.setitem(sys.modules, "modernlm_fake_many", module)
+    monkeypatch.setitem(cli.COMMANDS, "fake many", ("modernlm_fake_many", "many"))
+    assert cli.run_command("fake many", ["o", "a b", "c,d", "x: y"]) == 0
+    assert calls[-1] == ManyConfig(out="o", paths=["a b", "c,d", "x: y"])
+    assert cli.run_command("fake many", ["o"]) == 0
+    assert calls[-1] == ManyConfig(out="o", paths=[])
 
 
 def test_user_errors_exit_2_with_one_line(monkeypatch, capsys):

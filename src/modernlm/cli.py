@@ -4,7 +4,7 @@
 
 Modules are imported only when their command runs, so `modernlm --help` never imports torch.
 A command module may declare `POSITIONALS = ["src", "dst"]` (config fields filled, in order, by
-bare arguments) and `FLAGS = {"--to": "to"}` (flags that take a value). Anything containing `=`
+bare arguments; a last name ending in "..." is a list field that takes all the remaining ones) and `FLAGS = {"--to": "to"}` (flags that take a value). Anything containing `=`
 is a dotted override. A `UserError` becomes one line on stderr and exit code 2.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 import textwrap
 
@@ -22,6 +23,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer train": ("modernlm.commands.tokenizer_train", "train a byte-level BPE tokenizer"),
     "prepare": ("modernlm.commands.prepare", "tokenize a corpus into token shards on disk"),
     "pretrain": ("modernlm.commands.pretrain", "pretrain a ModernDecoderLM from token shards"),
+    "eval perplexity": ("modernlm.commands.eval_perplexity", "perplexity, bits per byte and word perplexity of a model"),
+    "eval table": ("modernlm.commands.eval_table", "WikiText-2 perplexity of baselines next to our checkpoints"),
+    "eval checkpoints": ("modernlm.commands.eval_checkpoints", "score every checkpoint of a run into a CSV"),
+    "plot": ("modernlm.commands.plot", "loss and perplexity curves of one or more runs (PNG)"),
+    "experiment sinks": ("modernlm.commands.experiment_sinks", "attention sinks vs none past the trained context"),
 }
 
 
@@ -85,17 +91,21 @@ def run_command(name: str, argv: list[str]) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     for flag, field in flags.items():
         parser.add_argument(flag, dest=f"flag_{field}", metavar=field.upper())
+    names = [p.removesuffix("...") for p in positionals]
+    rest = positionals[-1].endswith("...") if positionals else False
     parser.add_argument("args", nargs="*", help=" ".join(p.upper() for p in positionals) + " key=value ...")
     ns = parser.parse_intermixed_args(argv)  # flags may come after positionals
 
     overrides = [a for a in ns.args if "=" in a]
     bare = [a for a in ns.args if "=" not in a]
-    if len(bare) > len(positionals):
+    if len(bare) > len(names) and not rest:
         parser.print_usage(sys.stderr)
-        print(f"modernlm {name}: error: unexpected argument {bare[len(positionals)]!r}", file=sys.stderr)
+        print(f"modernlm {name}: error: unexpected argument {bare[len(names)]!r}", file=sys.stderr)
         return 2
     # Positionals and flags come first so that an explicit key=value still wins.
-    pre = [f"{field}={value}" for field, value in zip(positionals, bare, strict=False)]
+    pre = [f"{field}={value}" for field, value in zip(names[: len(names) - rest], bare, strict=False)]
+    if rest and bare[len(names) - 1 :]:
+        pre.append(f"{names[-1]}={json.dumps(bare[len(names) - 1 :])}")  # a YAML flow list
     flag_values = {field: getattr(ns, f"flag_{field}") for field in flags.values()}
     pre += [f"{field}={value}" for field, value in flag_values.items() if value is not None]
     try:
