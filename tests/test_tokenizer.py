@@ -13,7 +13,9 @@ from modernlm.errors import UserError
 from modernlm.tokenizer import (
     CHATML_TEMPLATE,
     DEFAULT_SPECIAL_TOKENS,
+    ByteTokenizer,
     Tokenizer,
+    byte_tokenizer,
     load_tokenizer,
     train_bpe,
 )
@@ -204,3 +206,56 @@ def test_hf_tokenizer_dirs_work_both_ways(bpe, corpus, tmp_path):
     for text in corpus[:20]:
         assert loaded.encode(text) == gpt2.encode(text)
     assert loaded.eos_id == gpt2.eos_token_id
+
+
+# ---- the byte tokenizer --------------------------------------------------------------------
+
+
+def test_byte_tokenizer_ids_are_byte_values_and_text_round_trips():
+    tok = load_tokenizer("byte")
+    assert isinstance(tok, ByteTokenizer)
+    assert tok.vocab_size == 256 + len(DEFAULT_SPECIAL_TOKENS)
+    text = "Hello, wörld!\n\tFirst Citizen: €5 \x00\x7f 🙂"
+    assert tok.encode(text) == list(text.encode("utf-8"))
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode("ab", add_bos=True) == [tok.bos_id, 97, 98]
+
+
+def test_byte_tokenizer_round_trips_any_bytes():
+    tok = byte_tokenizer()
+    rng = random.Random(0)
+    samples = [bytes(range(256)), b"\xff\xfe\xc3(", b"\xed\xa0\x80", b""]  # invalid UTF-8 included
+    samples += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64))) for _ in range(50)]
+    for data in samples:
+        ids = tok.encode_bytes(data)
+        assert all(0 <= i < 256 for i in ids) and len(ids) == len(data)
+        assert tok.decode_bytes(ids) == data
+
+
+def test_byte_tokenizer_special_tokens_are_single_ids_and_survive_save_and_load(tmp_path):
+    tok = byte_tokenizer()
+    eot = tok.eos_id
+    assert eot == tok.bos_id == 256 and tok.pad_id == 257
+    assert tok.encode("a<|endoftext|>b") == [97, eot, 98]
+    assert tok.token_to_id("<|im_start|>") == 258
+    assert tok.decode([104, 105, eot], skip_special_tokens=True) == "hi"
+    assert tok.decode_bytes([104, eot]) == b"h<|endoftext|>"
+    tok.save(tmp_path / "byte")
+    loaded = load_tokenizer(tmp_path / "byte")
+    assert isinstance(loaded, ByteTokenizer)
+    assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert loaded.encode("Ünïcode\n") == list("Ünïcode\n".encode())
+    # a trained BPE is not mistaken for the byte tokenizer
+    bpe = train_bpe(["abababab cdcdcd"] * 20, 300, min_frequency=1)
+    bpe.save(tmp_path / "bpe")
+    assert not isinstance(load_tokenizer(tmp_path / "bpe"), ByteTokenizer)
+
+
+@pytest.mark.hf
+def test_byte_tokenizer_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    byte_tokenizer().save(tmp_path)
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    text = "To be, or not to be: ünïcode"
+    assert ref.encode(text, add_special_tokens=False) == list(text.encode())
+    assert ref.eos_token_id == 256

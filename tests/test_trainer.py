@@ -341,3 +341,49 @@ def test_rerunning_a_finished_run_keeps_its_summary(tmp_path, data):
     again = json.loads((tmp_path / "r" / "summary.json").read_text())
     for key in ("steps", "tokens_seen", "final_loss", "final_val_loss", "best_val_loss"):
         assert again[key] == first[key], key
+
+
+# ---- the time budget ------------------------------------------------------------------------
+
+
+def timed_trainer(tmp_path, data, seconds_per_step, **kw):
+    """A trainer on a fake clock that advances `seconds_per_step` in every train_step."""
+    torch.manual_seed(0)
+    optim = OptimConfig(lr=1e-2, warmup_steps=3, min_lr_ratio=0.1, schedule="cosine")
+    val = ValBatches(TokenStream(data, "val"), 16, 2, 0)
+    t = make_trainer(ModernDecoderLM(tiny_config()), tmp_path, reader(data), optim=optim, val=val, **kw)
+    now = [0.0]
+    t.clock = lambda: now[0]
+    step = t.train_step
+
+    def timed_step(micro_batches):
+        now[0] += seconds_per_step
+        return step(micro_batches)
+
+    t.train_step = timed_step
+    return t
+
+
+def test_time_budget_stops_training_and_the_schedule_reaches_its_floor(tmp_path, data):
+    t = timed_trainer(tmp_path / "timed", data, 1.0, num_steps=1000, max_seconds=20, eval_every=0)
+    summary = t.train()
+    assert summary["steps"] == 20 and summary["stopped_by"] == "time"
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "timed") if "lr" in r}
+    assert lrs[1] == pytest.approx(1e-2 / 3)  # warmup still counts steps
+    assert lrs[20] == pytest.approx(1e-3)  # the floor, on the last step
+    assert all(lrs[s] > lrs[s + 1] for s in range(4, 20))  # decaying by time, not by num_steps
+    assert lrs[10] == pytest.approx(1e-3 + 0.5 * 9e-3 * (1 + math.cos(math.pi * 10 / 20)), rel=0.02)
+    records = read_metrics(tmp_path / "timed")
+    assert any(r["step"] == 20 and "val_loss" in r for r in records)  # the last step is evaluated
+    assert latest_checkpoint(tmp_path / "timed").name == "step_0000020"  # and saved
+    # resuming a run whose budget is spent trains no further
+    again = timed_trainer(tmp_path / "timed", data, 1.0, num_steps=1000, max_seconds=20)
+    assert again.train()["steps"] == 20
+
+
+def test_steps_end_first_when_the_budget_is_large(tmp_path, data):
+    t = timed_trainer(tmp_path / "steps", data, 1.0, num_steps=8, max_seconds=1000)
+    summary = t.train()
+    assert summary["steps"] == 8 and summary["stopped_by"] == "steps"
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "steps") if "lr" in r}
+    assert lrs[8] == pytest.approx(1e-3 + 0.5 * 9e-3 * (1 + math.cos(math.pi * 4 / 5)))  # by steps

@@ -413,6 +413,36 @@ class _ShardWriter:
         return {"files": self.files, "tokens": self.tokens, "documents": self.documents}
 
 
+def _move_tail(train: _ShardWriter, val: _ShardWriter, fraction: float, eos: int | None) -> None:
+    """Move the last `fraction` of train's tokens to val: read them off the end of train's shard
+    files, truncate the files, write them to val. The first int(n * (1 - fraction)) tokens stay."""
+    n = train.tokens
+    move = n - int(n * (1 - fraction))
+    if move == 0 or move == n:
+        raise UserError(f"val_fraction {fraction} of {n} tokens leaves train or val empty")
+    itemsize = train.dtype.itemsize
+    pieces, left = [], move
+    while left:
+        file = train.directory / train.files[-1]
+        size = file.stat().st_size // itemsize
+        take = min(size, left)
+        pieces.append(np.fromfile(file, dtype=train.dtype, offset=(size - take) * itemsize))
+        if take == size:
+            file.unlink()
+            train.files.pop()
+        else:
+            os.truncate(file, (size - take) * itemsize)
+        left -= take
+    tail = np.concatenate(pieces[::-1])
+    # Documents now count the eos tokens each split ends a document with (the cut one counts once
+    # in each split, as both hold a part of it).
+    moved_docs = int((tail == eos).sum()) if eos is not None else 0
+    val.write(tail, max(moved_docs, 1))
+    val.close()
+    train.tokens -= move
+    train.documents = max(train.documents - moved_docs, 1)
+
+
 # Worker state: each process builds the tokenizer once, from its JSON, in `_init_worker`.
 _BACKEND: Any = None
 _EOS: int | None = None
@@ -506,6 +536,7 @@ def prepare_tokens(
     out_dir: str | Path,
     *,
     val_fraction: float = 0.0005,
+    val_split: Literal["documents", "tail"] = "documents",
     seed: int = 0,
     num_workers: int = 0,
     shard_tokens: int = 100_000_000,
@@ -517,7 +548,9 @@ def prepare_tokens(
 
     Each document goes to val with probability `val_fraction` (a seeded draw per document, in corpus
     order; if none did, the last document does), otherwise to train; both splits hold whole
-    documents, never shared. Documents are tokenized in chunks of about `chunk_bytes` by
+    documents, never shared. `val_split="tail"` instead holds out the last `val_fraction` of the
+    corpus's tokens, cutting mid-document if need be (nanoGPT's split of one long text: the first
+    90% trains, the last 10% validates). Documents are tokenized in chunks of about `chunk_bytes` by
     `num_workers` processes (0 = one per core); chunking and the draws do not depend on the worker
     count, so the output is byte-identical for any `num_workers`. Everything is written to a
     temporary sibling directory that is renamed to `out_dir` at the end, so an interrupted run never
@@ -525,6 +558,8 @@ def prepare_tokens(
     """
     if not 0 <= val_fraction < 1:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if val_split not in ("documents", "tail"):
+        raise UserError(f"val_split must be 'documents' or 'tail', got {val_split!r}")
     if shard_tokens < 1 or chunk_bytes < 1:
         raise UserError("shard_tokens and chunk_bytes must be >= 1")
     dtype = token_dtype(tokenizer.vocab_size)
@@ -565,6 +600,8 @@ def prepare_tokens(
             np.add.at(per_source["bytes"], src, np.asarray(sizes))
             np.add.at(per_source["tokens"], src, lengths - (eos is not None))
             is_val = rng.random(len(lengths)) < val_fraction
+            if val_split == "tail":
+                is_val[:] = False  # the tail moves to val at the end
             token_is_val = np.repeat(is_val, lengths)
             if is_val.any():
                 writers["val"].write(ids[token_is_val], int(is_val.sum()))
@@ -579,9 +616,12 @@ def prepare_tokens(
             bar.update(sum(sizes))
         bar.close()
         if held is not None:
-            writers["val" if writers["val"].documents == 0 else "train"].write(held, 1)
+            to_val = writers["val"].documents == 0 and val_split == "documents"
+            writers["val" if to_val else "train"].write(held, 1)
         for w in writers.values():
             w.close()
+        if val_split == "tail":
+            _move_tail(writers["train"], writers["val"], val_fraction, eos)
         if writers["train"].documents == 0:
             raise UserError(
                 f"the corpus has {writers['val'].documents} document(s), all in val: "
@@ -603,6 +643,7 @@ def prepare_tokens(
                 ],
                 "mix_by": corpus.mix_by,
                 "val_fraction": val_fraction,
+                "val_split": val_split,
                 "seed": seed,
                 "shard_tokens": shard_tokens,
                 "text_tokens": text_tokens,  # tokens without the eos separators

@@ -401,3 +401,56 @@ def load_hf_model(
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             print(f"warning: no usable tokenizer in {src} ({first}); weights only", file=sys.stderr)
     return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# Any causal LM as transformers' own model (scoring GPT-2 & co., which cannot be converted)
+# --------------------------------------------------------------------------------------------
+
+
+def load_hf_causal_lm(
+    src: str | Path, dtype: str = "float32", device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, Tokenizer | None]:
+    """Load any transformers causal LM (model directory, hub id or `.gguf` file) unconverted.
+
+    Returns (transformers' model in eval mode on `device`, our Tokenizer or None). Unlike
+    `load_hf_model` nothing is mapped to modernlm, so every architecture transformers knows
+    (GPT-2, Qwen, Llama with rope scaling, ...) works; `modernlm eval perplexity` scores HF models
+    with it. dtype: "float32", "bfloat16" or "float16" (GGUF weights are de-quantized to it).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise UserError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    src = str(src)
+    path = Path(src).expanduser()
+    kwargs: dict[str, Any] = {}
+    hub = False
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"{path}: expected an HF model directory, a hub id or a .gguf file")
+        where, kwargs["gguf_file"] = str(path.parent), path.name
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path}: not an HF model directory (no config.json)")
+        where = str(path)
+    elif _looks_local(src):
+        raise UserError(f"{src}: no such file or directory")
+    else:
+        where, hub = src, True
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            where, **kwargs, **_from_pretrained_kwargs(DTYPES[dtype])
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        what = f"{src} (no such local path, so tried as a Hugging Face Hub id)" if hub else src
+        raise UserError(f"cannot load {what}: {first}") from None
+    hf_model.to(device).eval()
+    try:
+        tokenizer = hf_tokenizer_to_ours(AutoTokenizer.from_pretrained(where, **kwargs))
+    except Exception as e:  # the caller decides whether it needs one
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"warning: no usable tokenizer in {src} ({first})", file=sys.stderr)
+        tokenizer = None
+    return hf_model, tokenizer

@@ -1,7 +1,11 @@
 """Tokenizers: one small interface over the `tokenizers` library (no transformers needed).
 
 `load_tokenizer(path)` accepts a directory holding `tokenizer.json` (ours, or any HF tokenizer
-directory), a `tokenizer.json` file, or a directory with GPT-2 style `vocab.json` + `merges.txt`.
+directory), a `tokenizer.json` file, a directory with GPT-2 style `vocab.json` + `merges.txt`, or
+the name `byte`: the byte-level tokenizer (id = byte value, 0..255, then the special tokens), which
+needs no training. On ASCII text one byte is one character, so its losses compare directly with
+character-level results (nanoGPT's shakespeare_char), and it round-trips any bytes, invalid UTF-8
+included (`encode_bytes` / `decode_bytes`).
 `Tokenizer.save(dir)` writes `tokenizer.json` + `tokenizer_config.json`, which both modernlm and
 `transformers.AutoTokenizer` load.
 """
@@ -26,6 +30,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>")
+BYTE_TOKENIZER = "byte"  # the name load_tokenizer takes for the byte tokenizer
 
 
 class Tokenizer:
@@ -99,6 +104,75 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
 
 
+class ByteTokenizer(Tokenizer):
+    """The byte tokenizer: ids 0..255 are the byte values, special tokens follow. A plain
+    `tokenizers` BPE with no merges underneath, so it saves, loads and works in `prepare` like any
+    other; `encode_bytes` / `decode_bytes` add an exact round trip for arbitrary bytes."""
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        return list(data)
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        """The exact bytes of `ids`; special tokens become their UTF-8 text."""
+        out = bytearray()
+        for i in ids:
+            if 0 <= i < 256:
+                out.append(i)
+            else:
+                token = self.backend.id_to_token(i)
+                if token is None:
+                    raise ValueError(f"token id {i} is not in the vocabulary")
+                out += token.encode("utf-8")
+        return bytes(out)
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 byte values (what the ByteLevel pre-tokenizer
+    emits), in byte order: symbol k stands for byte k."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            symbols[b] = chr(b)
+        else:
+            symbols[b] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
+def byte_tokenizer(
+    special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
+    bos_token: str | None = "<|endoftext|>",
+    eos_token: str | None = "<|endoftext|>",
+    pad_token: str | None = "<|pad|>",
+    chat_template: str | None = "chatml",
+) -> ByteTokenizer:
+    """The byte tokenizer (see ByteTokenizer): 256 + len(special_tokens) ids."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+
+    backend = Backend(models.BPE(vocab={sym: b for b, sym in enumerate(_byte_symbols())}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    named = [t for t in (bos_token, eos_token, pad_token) if t]
+    backend.add_special_tokens(list(dict.fromkeys([*special_tokens, *named])))
+    template = CHATML_TEMPLATE if chat_template == "chatml" else chat_template or None
+    return ByteTokenizer(backend, bos_token, eos_token, pad_token, chat_template=template)
+
+
+def _is_byte_vocab(backend: Any) -> bool:
+    """True for a BPE with no merges whose ids 0..255 are the byte symbols (byte_tokenizer's)."""
+    if backend.get_vocab_size(with_added_tokens=False) != 256:
+        return False
+    model = json.loads(backend.to_str()).get("model", {})
+    symbols = _byte_symbols()
+    return (
+        model.get("type") == "BPE"
+        and not model.get("merges")
+        and all(backend.token_to_id(sym) == b for b, sym in enumerate(symbols))
+    )
+
+
 def _special(value: Any) -> str | None:
     # tokenizer_config.json stores special tokens as strings or as AddedToken dicts
     if isinstance(value, dict):
@@ -110,6 +184,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer directory or tokenizer.json file (see module docstring)."""
     from tokenizers import Tokenizer as Backend
 
+    if str(path) == BYTE_TOKENIZER and not Path(path).exists():
+        return byte_tokenizer()
     path = Path(path)
     if path.is_dir() and (path / TOKENIZER_FILE).is_file():
         file = path / TOKENIZER_FILE
@@ -120,7 +196,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     else:
         raise UserError(
             f"no tokenizer at {path}: expected a directory with tokenizer.json "
-            "(or vocab.json + merges.txt), or a tokenizer.json file"
+            "(or vocab.json + merges.txt), a tokenizer.json file, or 'byte' (the byte tokenizer)"
         )
     try:
         backend = Backend.from_file(str(file))
@@ -133,7 +209,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             config = json.loads(config_file.read_text())
         except json.JSONDecodeError as e:
             raise UserError(f"cannot parse {config_file}: {e}") from None
-    return Tokenizer(
+    cls = ByteTokenizer if _is_byte_vocab(backend) else Tokenizer
+    return cls(
         backend,
         bos_token=_special(config.get("bos_token")),
         eos_token=_special(config.get("eos_token")),

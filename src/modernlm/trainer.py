@@ -42,7 +42,9 @@ LossFn = Callable[[nn.Module, Any], tuple[Tensor, "Tensor | int", dict[str, Any]
 
 @dataclass
 class TrainingConfig:
-    num_steps: int = 1000  # optimizer steps
+    num_steps: int = 1000  # optimizer steps (at most, with max_seconds)
+    max_seconds: float = 0.0  # wall-time budget of the loop; 0 = none. The LR decays against
+    # whichever of num_steps / max_seconds ends first, reaching its floor on the last step.
     batch_size: int = 8  # sequences per micro-batch, per rank
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     log_every: int = 10  # steps between metrics.jsonl lines (step 1 is always logged)
@@ -76,7 +78,7 @@ class TrainingConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("eval_every", "eval_batches", "save_every", "sample_every", "sample_tokens"):
+        for name in ("eval_every", "eval_batches", "save_every", "sample_every", "sample_tokens", "max_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -170,6 +172,8 @@ class Trainer:
         self.elapsed_s = 0.0  # wall time over all attempts of this run
         self.resumed_from: Path | None = None
         self._resume_checked = False
+        self.clock = time.perf_counter  # wall clock for the time budget (tests swap in a fake one)
+        self.stopped_by = ""  # "steps" or "time", once train() returns
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -191,16 +195,25 @@ class Trainer:
             disable=not (rt.is_main and cfg.progress),
             dynamic_ncols=True,
         )
-        start_wall = time.perf_counter()
+        start_wall = self.clock()
         elapsed_before = self.elapsed_s
         last_record: dict[str, Any] = {}
+        step_time: float | None = None  # running mean of a step's wall time, for the time budget
         try:
             if self.step == 0 and self.val_batches is not None:
                 self._log_eval(writer, bar, best=False)  # the untrained baseline
             interval_tokens, interval_time = 0, 0.0
             while self.step < cfg.num_steps:
-                t0 = time.perf_counter()
-                lr = lr_at(self.step, self.optim_cfg, cfg.num_steps)
+                lr_step: float = self.step
+                if cfg.max_seconds:
+                    # Where this step will end, as a share of the budget (agreed across ranks).
+                    step_end = self._agree(elapsed_before + self.clock() - start_wall + (step_time or 0.0))
+                    if step_end >= cfg.max_seconds + (step_time or 0.0) / 2:
+                        break  # spent (a resumed run), or the next step would mostly run past it
+                    if self.step >= self.optim_cfg.warmup_steps:  # warmup is counted in steps
+                        lr_step = max(self.step, cfg.num_steps * min(step_end / cfg.max_seconds, 1.0))
+                t0 = self.clock()
+                lr = lr_at(lr_step, self.optim_cfg, cfg.num_steps)
                 set_lr(self.optimizer, lr)
                 micro_batches = [next(self.train_batches) for _ in range(cfg.grad_accum_steps)]
                 out = self.train_step(micro_batches)
@@ -208,11 +221,14 @@ class Trainer:
                 step_tokens = int(out["tokens"])
                 self.tokens_seen += step_tokens
                 interval_tokens += step_tokens
-                interval_time += time.perf_counter() - t0
+                dt = self.clock() - t0
+                interval_time += dt
+                step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
                 self._check_finite(out, writer)
                 bar.update(1)
+                last = self.step == cfg.num_steps or self._out_of_time(elapsed_before, start_wall, step_time)
 
-                if self.step == 1 or _every(self.step, cfg.log_every) or self.step == cfg.num_steps:
+                if self.step == 1 or _every(self.step, cfg.log_every) or last:
                     tok_per_s = interval_tokens / max(interval_time, 1e-9)
                     record: dict[str, Any] = {
                         "loss": out["loss"],
@@ -247,21 +263,42 @@ class Trainer:
                     bar.set_postfix(postfix, refresh=False)
                     interval_tokens, interval_time = 0, 0.0
 
-                last = self.step == cfg.num_steps
                 if self.val_batches is not None and (_every(self.step, cfg.eval_every) or last):
                     self._log_eval(writer, bar, best=True)
                 if cfg.sample_every and (_every(self.step, cfg.sample_every) or last):
                     self.sample()
                 if _every(self.step, cfg.save_every) or last:
-                    self.elapsed_s = elapsed_before + time.perf_counter() - start_wall
+                    self.elapsed_s = elapsed_before + self.clock() - start_wall
                     self.save_checkpoint()
+                if last:
+                    break
+            self.stopped_by = "steps" if self.step >= cfg.num_steps else "time"
         finally:
             bar.close()
-            self.elapsed_s = elapsed_before + time.perf_counter() - start_wall
+            self.elapsed_s = elapsed_before + self.clock() - start_wall
             summary = self.summary(last_record)
             writer.summary(**summary)
             writer.close()
         return summary
+
+    def _out_of_time(self, elapsed_before: float, start_wall: float, step_time: float | None) -> bool:
+        """Whether the time budget is spent: the next step would end more than half a step past it.
+        (`train` checks the same before each step; asking here too lets the last step evaluate and
+        save before the loop ends.)"""
+        if not self.cfg.max_seconds or step_time is None:
+            return False
+        step_end = self._agree(elapsed_before + self.clock() - start_wall + step_time)
+        return step_end >= self.cfg.max_seconds + step_time / 2
+
+    def _agree(self, value: float) -> float:
+        """Rank 0's clock-derived value on every rank: they must stop, and set the LR, together."""
+        if not self.runtime.distributed:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.runtime.device)
+        dist.broadcast(t, src=0)
+        return float(t.item())
 
     def train_step(self, micro_batches: list[Any]) -> dict[str, Any]:
         """One optimizer step over an accumulation window. Skips the update (and says so in
@@ -582,6 +619,7 @@ class Trainer:
             "steps": self.step,
             "tokens_seen": self.tokens_seen,
             "wall_time_s": round(self.elapsed_s, 3),
+            "stopped_by": self.stopped_by or None,
             "final_loss": final_loss,
             "final_val_loss": final_val_loss,
             "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,

@@ -5,13 +5,15 @@
 
 OUT gets meta.json, train_NNNNN.bin / val_NNNNN.bin (uint16 ids when the vocab fits, else uint32;
 each document followed by eos) and the tokenizer. val takes whole documents (val_fraction, at least
-one). OUT is written to a temp dir and renamed at the end; output is the same for any num_workers.
+one), or with val_split=tail the last val_fraction of the tokens (nanoGPT's 90/10 split of one text).
+`tokenizer=byte` is the byte tokenizer (no training; one token per byte). OUT is written to a temp dir and renamed at the end; output is the same for any num_workers.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 from modernlm.data import CorpusConfig, corpus_with_input, default_workers, prepare_tokens
 from modernlm.errors import UserError
@@ -27,7 +29,8 @@ class Config:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     tokenizer: str = ""  # tokenizer dir, tokenizer.json, or a GPT-2 vocab.json+merges.txt dir
     out: str = ""  # output directory (required)
-    val_fraction: float = 0.0005  # share of documents held out for validation (at least one)
+    val_fraction: float = 0.0005  # share held out for validation: of documents, or of tokens with val_split=tail
+    val_split: Literal["documents", "tail"] = "documents"  # random whole documents, or the corpus's last tokens
     seed: int = 0  # seeds the train/val draw
     num_workers: int = 0  # tokenizer processes; 0 = one per CPU core
     shard_tokens: int = 100_000_000  # tokens per .bin file (the last one holds the rest)
@@ -52,6 +55,7 @@ def main(cfg: Config) -> None:
         tok,
         cfg.out,
         val_fraction=cfg.val_fraction,
+        val_split=cfg.val_split,
         seed=cfg.seed,
         num_workers=workers,
         shard_tokens=cfg.shard_tokens,
