@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from modernlm.batches import TokenStream
 from modernlm.cli import run_command
 from modernlm.config import load_config
 from modernlm.data import (
@@ -25,7 +26,6 @@ from modernlm.data import (
     read_source,
     token_dtype,
 )
-from modernlm.batches import TokenStream
 from modernlm.errors import UserError
 from modernlm.tokenizer import Tokenizer, load_tokenizer, train_bpe
 

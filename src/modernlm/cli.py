@@ -4,8 +4,9 @@
 
 Modules are imported only when their command runs, so `modernlm --help` never imports torch.
 A command module may declare `POSITIONALS = ["src", "dst"]` (config fields filled, in order, by
-bare arguments; a last name ending in "..." is a list field that takes all the remaining ones) and `FLAGS = {"--to": "to"}` (flags that take a value). Anything containing `=`
-is a dotted override. A `UserError` becomes one line on stderr and exit code 2.
+bare arguments; a last name ending in "..." is a list field that takes all the remaining ones)
+and `FLAGS = {"--to": "to"}` (flags that take a value). Anything containing `=` is a dotted
+override. A `UserError` becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer train": ("modernlm.commands.tokenizer_train", "train a byte-level BPE tokenizer"),
     "prepare": ("modernlm.commands.prepare", "tokenize a corpus into token shards on disk"),
     "pretrain": ("modernlm.commands.pretrain", "pretrain a ModernDecoderLM from token shards"),
-    "eval perplexity": ("modernlm.commands.eval_perplexity", "perplexity, bits per byte and word perplexity of a model"),
+    "eval perplexity": ("modernlm.commands.eval_perplexity", "perplexity, bits/byte, word perplexity of a model"),
     "eval table": ("modernlm.commands.eval_table", "WikiText-2 perplexity of baselines next to our checkpoints"),
     "eval checkpoints": ("modernlm.commands.eval_checkpoints", "score every checkpoint of a run into a CSV"),
     "plot": ("modernlm.commands.plot", "loss and perplexity curves of one or more runs (PNG)"),

@@ -49,21 +49,15 @@ class TrainingConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     log_every: int = 10  # steps between metrics.jsonl lines (step 1 is always logged)
     eval_every: int = 250  # steps between validation runs; 0 = only at the end
-    eval_batches: int = (
-        20  # validation batches per run (per rank share of batch_size * world); 0 = whole split
-    )
+    eval_batches: int = 20  # validation batches per run (per rank share of batch_size * world); 0 = whole split
     save_every: int = 500  # steps between checkpoints; 0 = only at the end
     keep_last: int = 3  # step checkpoints kept on disk
     save_best: bool = True  # keep checkpoints/best/ = the model with the lowest validation loss
     sample_every: int = 0  # steps between sampling from sample_prompts into samples.md; 0 = never
-    sample_prompts: list[str] = field(
-        default_factory=lambda: ["Once upon a time", "The history of"]
-    )
+    sample_prompts: list[str] = field(default_factory=lambda: ["Once upon a time", "The history of"])
     sample_tokens: int = 48  # new tokens per sample
     max_bad_steps: int = 5  # consecutive non-finite steps that stop the run
-    resume: Literal["auto", "never"] = (
-        "auto"  # auto = continue from the run dir's latest checkpoint
-    )
+    resume: Literal["auto", "never"] = "auto"  # auto = continue from the run dir's latest checkpoint
     resume_from: str = ""  # a checkpoint dir (or a run dir) to resume from; overrides `resume`
     progress: bool = True  # tqdm progress bar on rank 0
 
@@ -144,9 +138,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, optim_cfg)
         # fp16 needs loss scaling (its range is small); bf16 and fp32 do not.
-        self.scaler = torch.amp.GradScaler(
-            runtime.device.type, enabled=runtime.dtype == torch.float16
-        )
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
 
         # What the loss_fn calls: compiled, then DDP-wrapped (nanoGPT's order). Saving, eval and
         # sampling use the bare model.
@@ -186,9 +178,7 @@ class Trainer:
         # Drop lines a killed attempt logged after the checkpoint we resume from (all of them on a
         # fresh start), so metrics.jsonl always reads as one uninterrupted run.
         truncate = self.step if self.resumed_from is not None else -1
-        writer = MetricsWriter(
-            self.run_dir, enabled=rt.is_main, tensorboard=rt.tensorboard, truncate_after=truncate
-        )
+        writer = MetricsWriter(self.run_dir, enabled=rt.is_main, tensorboard=rt.tensorboard, truncate_after=truncate)
         bar = tqdm(
             total=cfg.num_steps,
             initial=self.step,
@@ -239,15 +229,9 @@ class Trainer:
                         "skipped_steps": self.skipped_steps,
                     }
                     if self.flops_per_token and rt.peak_flops:
-                        record["mfu"] = (
-                            self.flops_per_token * tok_per_s / (rt.peak_flops * rt.world_size)
-                        )
+                        record["mfu"] = self.flops_per_token * tok_per_s / (rt.peak_flops * rt.world_size)
                     record.update(
-                        {
-                            k: v
-                            for k, v in out.items()
-                            if k not in ("loss", "grad_norm", "tokens", "ok", "overflow")
-                        }
+                        {k: v for k, v in out.items() if k not in ("loss", "grad_norm", "tokens", "ok", "overflow")}
                     )
                     last_record = writer.log(self.step, **record)
                     self._write(bar, format_line(self.step, cfg.num_steps, last_record))
@@ -347,9 +331,7 @@ class Trainer:
             else:
                 self.optimizer.step()
         elif self.scaler.is_enabled():
-            overflow = bool(
-                torch.isfinite(loss)
-            )  # finite loss, inf grads: the loss scale is too high
+            overflow = bool(torch.isfinite(loss))  # finite loss, inf grads: the loss scale is too high
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return {
@@ -416,9 +398,7 @@ class Trainer:
         totals = torch.zeros(2, dtype=torch.float64, device=rt.device)
         for batch in self.val_batches:
             with rt.autocast():
-                loss_sum, n_tokens, _ = self.eval_loss_fn(
-                    self.eval_model, to_device(batch, rt.device)
-                )
+                loss_sum, n_tokens, _ = self.eval_loss_fn(self.eval_model, to_device(batch, rt.device))
             totals[0] += loss_sum.detach().double()
             totals[1] += torch.as_tensor(n_tokens, device=rt.device).double()
         if rt.distributed:
@@ -442,9 +422,7 @@ class Trainer:
                 from modernlm.checkpoint import save_best_checkpoint
 
                 info = {"step": self.step, "val_loss": self.best_val_loss}
-                save_best_checkpoint(
-                    self.run_dir, self.model, info, self.tokenizer, save_fn=self.save_model_fn
-                )
+                save_best_checkpoint(self.run_dir, self.model, info, self.tokenizer, save_fn=self.save_model_fn)
 
     def sample(self) -> None:
         """Append continuations of cfg.sample_prompts to run_dir/samples.md (rank 0)."""
@@ -484,9 +462,7 @@ class Trainer:
         if self.runtime.distributed:
             rngs = [None] * self.runtime.world_size
             torch.distributed.all_gather_object(rngs, rng_state())
-        data = (
-            self.train_batches.state_dict() if hasattr(self.train_batches, "state_dict") else None
-        )
+        data = self.train_batches.state_dict() if hasattr(self.train_batches, "state_dict") else None
         return {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
@@ -537,9 +513,7 @@ class Trainer:
             if (path / CHECKPOINTS_DIR).is_dir():
                 path = latest_checkpoint(path)
                 if path is None:
-                    raise UserError(
-                        f"train.resume_from: no checkpoint in run directory {self.cfg.resume_from}"
-                    )
+                    raise UserError(f"train.resume_from: no checkpoint in run directory {self.cfg.resume_from}")
             elif not path.is_dir():
                 raise UserError(f"train.resume_from: checkpoint directory not found: {path}")
         elif self.cfg.resume == "auto":
@@ -573,9 +547,7 @@ class Trainer:
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
-            raise UserError(
-                f"cannot resume from {path}: optimizer state does not match the model ({e})"
-            ) from None
+            raise UserError(f"cannot resume from {path}: optimizer state does not match the model ({e})") from None
         if self.scaler.is_enabled() and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         rngs = state.get("rng") or []
@@ -628,9 +600,7 @@ class Trainer:
             "world_size": self.runtime.world_size,
         }
         if self.runtime.device.type == "cuda":
-            summary["peak_memory_gb"] = round(
-                torch.cuda.max_memory_allocated(self.runtime.device) / 2**30, 3
-            )
+            summary["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(self.runtime.device) / 2**30, 3)
         return summary
 
     def _write(self, bar: Any, line: str) -> None:

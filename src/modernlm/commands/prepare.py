@@ -6,7 +6,8 @@
 OUT gets meta.json, train_NNNNN.bin / val_NNNNN.bin (uint16 ids when the vocab fits, else uint32;
 each document followed by eos) and the tokenizer. val takes whole documents (val_fraction, at least
 one), or with val_split=tail the last val_fraction of the tokens (nanoGPT's 90/10 split of one text).
-`tokenizer=byte` is the byte tokenizer (no training; one token per byte). OUT is written to a temp dir and renamed at the end; output is the same for any num_workers.
+`tokenizer=byte` is the byte tokenizer (no training; one token per byte). OUT is written to a temp
+dir and renamed at the end; output is the same for any num_workers.
 """
 
 from __future__ import annotations
