@@ -18,9 +18,10 @@ Summarization (`rouge`): ROUGE-1/2/L/Lsum F-measures from `rouge_score` with the
 "mid", which is close to it but random). ROUGE-Lsum scores the union-LCS over sentences and
 `rouge_score` finds sentences only at newlines; HF's summarization scripts therefore put each
 sentence on its own line with `nltk.sent_tokenize`. nltk's sentence model (punkt) is a download
-we cannot count on, so `split_sentences` splits after ".", "!" or "?" followed by whitespace, a
-small regex that agrees with punkt on ordinary prose (it splits after "Mr." too). ROUGE-1/2/L ignore
-newlines, so only Lsum depends on this.
+we cannot count on, so `split_sentences` splits after ".", "!" or "?" (optionally followed by a
+closing quote or bracket) and whitespace: a small regex that agrees with punkt on ordinary prose but,
+unlike punkt, also splits after abbreviations ("Mr. Smith"). ROUGE-1/2/L ignore newlines, so only
+Lsum depends on this.
 
 GSM8K (`gsm8k_exact_match`), two answer extractors as in lm-evaluation-harness:
 - strict: the number of the last "#### N" in the text (the format GSM8K's answers and few-shot
@@ -73,8 +74,11 @@ def accuracy(predictions: Sequence[Hashable], references: Sequence[Hashable]) ->
 
 
 def _labels(predictions: Sequence[Hashable], references: Sequence[Hashable]) -> list[Hashable]:
-    # Sorted for a stable order; by repr so mixed label types (1, "1") do not fail to compare.
-    return sorted(set(predictions) | set(references), key=repr)
+    labels = set(predictions) | set(references)
+    try:
+        return sorted(labels)  # type: ignore[type-var]
+    except TypeError:  # mixed label types (1, "1", None): still a stable order
+        return sorted(labels, key=repr)
 
 
 def confusion_matrix(

@@ -49,6 +49,7 @@ class TrainingConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     log_every: int = 10  # steps between metrics.jsonl lines (step 1 is always logged)
     eval_every: int = 250  # steps between validation runs; 0 = only at the end
+    eval_at_start: bool = True  # score the untrained model first (a baseline for the curves)
     eval_batches: int = 20  # validation batches per run (per rank share of batch_size * world); 0 = whole split
     save_every: int = 500  # steps between checkpoints; 0 = only at the end
     keep_last: int = 3  # step checkpoints kept on disk
@@ -185,12 +186,12 @@ class Trainer:
             disable=not (rt.is_main and cfg.progress),
             dynamic_ncols=True,
         )
-        start_wall = self.clock()
-        elapsed_before = self.elapsed_s
+        start_wall = self._start_wall = self.clock()
+        elapsed_before = self._elapsed_before = self.elapsed_s
         last_record: dict[str, Any] = {}
         step_time: float | None = None  # running mean of a step's wall time, for the time budget
         try:
-            if self.step == 0 and self.val_batches is not None:
+            if self.step == 0 and self.val_batches is not None and cfg.eval_at_start:
                 self._log_eval(writer, bar, best=False)  # the untrained baseline
             interval_tokens, interval_time = 0, 0.0
             while self.step < cfg.num_steps:
@@ -227,6 +228,7 @@ class Trainer:
                         "tok_per_s": tok_per_s,
                         "tokens": self.tokens_seen,
                         "skipped_steps": self.skipped_steps,
+                        "time_s": self._elapsed(),
                     }
                     if self.flops_per_token and rt.peak_flops:
                         record["mfu"] = self.flops_per_token * tok_per_s / (rt.peak_flops * rt.world_size)
@@ -264,6 +266,10 @@ class Trainer:
             writer.summary(**summary)
             writer.close()
         return summary
+
+    def _elapsed(self) -> float:
+        """Wall time of the run so far (all attempts), for the time_s column of metrics.jsonl."""
+        return round(self._elapsed_before + self.clock() - self._start_wall, 3)
 
     def _out_of_time(self, elapsed_before: float, start_wall: float, step_time: float | None) -> bool:
         """Whether the time budget is spent: the next step would end more than half a step past it.
@@ -414,7 +420,7 @@ class Trainer:
         if not result:
             return
         self.last_val_loss = result["val_loss"]
-        record = writer.log(self.step, **result)
+        record = writer.log(self.step, **result, time_s=self._elapsed())
         self._write(bar, format_line(self.step, self.cfg.num_steps, record))
         if best and result["val_loss"] < self.best_val_loss:
             self.best_val_loss = result["val_loss"]
