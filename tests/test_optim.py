@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from modernlm.model import ModernDecoderLM
-from modernlm.optim import OptimConfig, build_optimizer, decayed_parameter_names, lr_at
+from modernlm.optim import OptimConfig, build_optimizer, decayed_parameter_names, lr_at, set_lr
 from tests.conftest import tiny_config
 
 
@@ -114,3 +114,60 @@ def test_invalid_values_rejected():
         OptimConfig(lr=0)
     with pytest.raises(ValueError, match="min_lr_ratio"):
         OptimConfig(min_lr_ratio=2)
+
+
+def _loss(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, model.config.vocab_size, (2, 8), generator=g)
+    return model(x).logits.float().square().mean()
+
+
+def test_muon_takes_hidden_matrices_and_matches_torch_muon_plus_adamw():
+    torch.manual_seed(0)
+    model = ModernDecoderLM(tiny_config(tie_embeddings=False, attn_sink=True))
+    ref = copy.deepcopy(model)
+    cfg = OptimConfig(name="muon", lr=0.02, weight_decay=0.1, betas=(0.9, 0.95))
+    opt = build_optimizer(model, cfg)
+    muon_names = {n for n, p in model.named_parameters() if any(p is q for q in opt.optimizers[0].param_groups[0]["params"])}
+    # hidden matrices only: not the embedding, not the output layer, not norms or the sink
+    assert muon_names == {n for n in decayed_parameter_names(model) if n != "lm_head.weight"}
+    assert all(".w" in n for n in muon_names)
+    # the same steps by hand with torch's optimizers
+    named = dict(ref.named_parameters())
+    muon = torch.optim.Muon(
+        [named[n] for n in sorted(muon_names, key=list(named).index)],
+        lr=0.02, weight_decay=0.1, momentum=0.95, adjust_lr_fn="match_rms_adamw",
+    )  # fmt: skip
+    decay = [named["lm_head.weight"]]
+    no_decay = [p for n, p in named.items() if n not in muon_names and n != "lm_head.weight"]
+    adamw = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=0.02, betas=(0.9, 0.95)
+    )
+    for step in range(3):
+        for m, optimizers in ((model, [opt]), (ref, [muon, adamw])):
+            _loss(m, step).backward()
+            for o in optimizers:
+                o.step()
+                o.zero_grad()
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_muon_chain_lr_and_state_dict_round_trip():
+    torch.manual_seed(0)
+    model = ModernDecoderLM(tiny_config())
+    opt = build_optimizer(model, OptimConfig(name="muon", lr=0.01))
+    set_lr(opt, 0.005)
+    assert {g["lr"] for o in opt.optimizers for g in o.param_groups} == {0.005}
+    _loss(model).backward()
+    opt.step()
+    other_model = copy.deepcopy(model)
+    other = build_optimizer(other_model, OptimConfig(name="muon", lr=0.01))
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))  # as torch.save + torch.load would
+    set_lr(other, 0.005)
+    for m, o in ((model, opt), (other_model, other)):
+        o.zero_grad()
+        _loss(m, 1).backward()
+        o.step()
+    for (n, p), (_, q) in zip(model.named_parameters(), other_model.named_parameters(), strict=True):
+        assert torch.equal(p, q), n

@@ -5,6 +5,11 @@
   decaying a gain pulls it towards 0 (not towards its init of 1), and decaying an embedding
   shrinks the rows of rare tokens, which get few gradient updates to push back (nanoGPT, OLMo).
   With tied embeddings the LM head *is* the embedding table, so it is not decayed either.
+- `name: muon`: Muon (torch.optim.Muon: momentum, then the update orthogonalised by Newton-Schulz
+  iterations; Keller Jordan's modded-nanogpt, Moonshot's "Muon is Scalable") for the hidden
+  matrices, AdamW for embeddings, the LM head and 1-D parameters, as modded-nanogpt and nanochat do.
+  Muon's step is rescaled to AdamW's update RMS (`adjust_lr_fn="match_rms_adamw"`), so one `lr`
+  and one schedule drive both.
 - `lr_at(step, cfg, num_steps)`: linear warmup, then cosine / WSD / constant down to a floor.
   Pure, so it can be unit-tested and plotted (nanoGPT's `get_lr`).
 """
@@ -21,6 +26,7 @@ from torch import nn
 
 @dataclass
 class OptimConfig:
+    name: Literal["adamw", "muon"] = "adamw"  # muon: Muon for hidden matrices + AdamW for the rest
     lr: float = 3e-4  # peak learning rate, reached at the end of warmup
     min_lr_ratio: float = 0.1  # floor of the decay, as a fraction of lr
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"  # shape after warmup
@@ -31,6 +37,7 @@ class OptimConfig:
     eps: float = 1e-8  # Adam epsilon
     grad_clip: float = 1.0  # max global gradient L2 norm; 0 = no clipping
     fused: bool | None = None  # fused AdamW kernel; None = on when every parameter is on CUDA
+    muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -104,14 +111,63 @@ def decayed_parameter_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if id(p) in decayed]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over `param_groups`, fused when every parameter is on CUDA (one kernel per step)."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`, fused when every parameter is on CUDA (one kernel per step);
+    with cfg.name == "muon", Muon takes the decayed matrices (see the module docstring)."""
     groups = param_groups(model, cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
     fused = cfg.fused
     if fused is None:
         fused = bool(params) and all(p.is_cuda for p in params)
+    if cfg.name == "muon":
+        # Muon takes the hidden matrices: the decayed group, less the output layer (modded-nanogpt
+        # keeps it on AdamW); a tied LM head is the embedding table, already in the other group.
+        lm_head = getattr(model, "lm_head", None)
+        head = {id(p) for p in lm_head.parameters()} if isinstance(lm_head, nn.Module) else set()
+        decayed = {id(p) for g in param_groups(model, 1.0) if g["weight_decay"] > 0 for p in g["params"]}
+        matrices = [p for p in params if id(p) in decayed and id(p) not in head]
+        taken = {id(p) for p in matrices}
+        rest = [dict(g, params=[p for p in g["params"] if id(p) not in taken]) for g in groups]
+        rest = [g for g in rest if g["params"]]
+        muon = torch.optim.Muon(
+            matrices, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
+            adjust_lr_fn="match_rms_adamw",
+        )  # fmt: skip
+        adamw = torch.optim.AdamW(rest, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+        return OptimizerChain(muon, adamw)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+
+
+class OptimizerChain(torch.optim.Optimizer):
+    """Several optimizers over disjoint parameters, stepped as one: what the trainer, the LR
+    schedule (`param_groups`), GradScaler and checkpoints see. Muon + AdamW is the use."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+        self.defaults: dict = {}
+        self.state = {}  # per-parameter state lives in the inner optimizers
+        self._optimizer_step_pre_hooks: dict = {}
+        self._optimizer_step_post_hooks: dict = {}
+
+    @property
+    def param_groups(self) -> list[dict]:  # the inner optimizers' own dicts: set_lr reaches them
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 (torch's signature)
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {f"optimizer_{i}": opt.state_dict() for i, opt in enumerate(self.optimizers)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for i, opt in enumerate(self.optimizers):
+            opt.load_state_dict(state_dict[f"optimizer_{i}"])
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -121,6 +177,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 __all__ = [
     "OptimConfig",
+    "OptimizerChain",
     "build_optimizer",
     "decayed_parameter_names",
     "lr_at",
