@@ -128,7 +128,8 @@ def test_muon_takes_hidden_matrices_and_matches_torch_muon_plus_adamw():
     ref = copy.deepcopy(model)
     cfg = OptimConfig(name="muon", lr=0.02, weight_decay=0.1, betas=(0.9, 0.95))
     opt = build_optimizer(model, cfg)
-    muon_names = {n for n, p in model.named_parameters() if any(p is q for q in opt.optimizers[0].param_groups[0]["params"])}
+    muon_params = opt.optimizers[0].param_groups[0]["params"]
+    muon_names = {n for n, p in model.named_parameters() if any(p is q for q in muon_params)}
     # hidden matrices only: not the embedding, not the output layer, not norms or the sink
     assert muon_names == {n for n in decayed_parameter_names(model) if n != "lm_head.weight"}
     assert all(".w" in n for n in muon_names)
