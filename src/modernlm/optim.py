@@ -38,6 +38,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global gradient L2 norm; 0 = no clipping
     fused: bool | None = None  # fused AdamW kernel; None = on when every parameter is on CUDA
     muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
+    muon_lr_scale: float = 1.0  # Muon's learning rate as a multiple of lr (the schedule scales both)
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -130,8 +131,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         rest = [dict(g, params=[p for p in g["params"] if id(p) not in taken]) for g in groups]
         rest = [g for g in rest if g["params"]]
         muon = torch.optim.Muon(
-            matrices, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
-            adjust_lr_fn="match_rms_adamw",
+            [{"params": matrices, "lr_scale": cfg.muon_lr_scale}], lr=cfg.lr * cfg.muon_lr_scale,
+            weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, adjust_lr_fn="match_rms_adamw",
         )  # fmt: skip
         adamw = torch.optim.AdamW(rest, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
         return OptimizerChain(muon, adamw)
@@ -171,8 +172,9 @@ class OptimizerChain(torch.optim.Optimizer):
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate to `lr` times the group's "lr_scale" (default 1)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 __all__ = [

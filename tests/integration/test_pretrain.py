@@ -235,3 +235,36 @@ def test_tiny_wikitext2_pretrain_loss_falls(tmp_path):
     vals = [r["val_loss"] for r in read_metrics(out / "pretrain-tiny") if "val_loss" in r]
     assert len(vals) == 4
     assert vals[-1] < 0.6 * vals[0], vals
+
+
+@pytest.mark.slow
+def test_shakespeare_speedrun_recipe_stops_on_its_time_budget(tmp_path):
+    """The speedrun recipe on the byte tokenizer, with a 6 s budget instead of its full one: it
+    stops by time, decays the LR to its floor on the last step, and scores the whole val split."""
+    text = SHARED_DATA / "tinyshakespeare" / "input.txt"
+    if not text.is_file():
+        pytest.skip("TinyShakespeare not found")
+    data = tmp_path / "shakespeare-byte"
+    corpus = f"corpus.sources=[{{path: {text}, documents: file}}]"
+    assert run_command("prepare", ["tokenizer=byte", f"out={data}", "val_fraction=0.1", "val_split=tail", corpus]) == 0
+    args = [
+        "-c", str(ROOT / "configs" / "pretrain" / "shakespeare-cpu.yaml"), f"data.path={data}",
+        f"run.out_dir={tmp_path}", "run.name=speedrun", "train.max_seconds=6", "train.progress=false",
+        "model.n_layer=1", "model.d_model=64", "train.batch_size=4", "optim.warmup_steps=5", "train.eval_every=0",
+        "train.log_every=1",
+    ]  # fmt: skip
+    assert run_command("pretrain", args) == 0
+    summary = json.loads((tmp_path / "speedrun" / "summary.json").read_text())
+    assert summary["stopped_by"] == "time" and 5 < summary["wall_time_s"] < 12
+    records = read_metrics(tmp_path / "speedrun")
+    lrs = [r["lr"] for r in records if "lr" in r]
+    config = (tmp_path / "speedrun" / "config.yaml").read_text()
+    assert "max_seconds: 6" in config
+    from modernlm.commands.pretrain import Config
+    from modernlm.config import load_config
+
+    cfg = load_config(Config, tmp_path / "speedrun" / "config.yaml")
+    floor = cfg.optim.lr * cfg.optim.min_lr_ratio
+    assert lrs[-1] == pytest.approx(floor, rel=0.05)  # the floor on the last step
+    assert max(lrs) == pytest.approx(cfg.optim.lr, rel=0.05)
+    assert summary["final_val_loss"] < 5.0  # learned something in 6 s (uniform over 260 ids: 5.56)
