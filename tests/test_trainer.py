@@ -387,3 +387,23 @@ def test_steps_end_first_when_the_budget_is_large(tmp_path, data):
     assert summary["steps"] == 8 and summary["stopped_by"] == "steps"
     lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "steps") if "lr" in r}
     assert lrs[8] == pytest.approx(1e-3 + 0.5 * 9e-3 * (1 + math.cos(math.pi * 4 / 5)))  # by steps
+
+
+def test_final_eval_can_score_the_whole_split_while_periodic_evals_sample_it(tmp_path, data):
+    torch.manual_seed(0)
+    stream = TokenStream(data, "val")
+    sample, whole = ValBatches(stream, 16, 2, 1), ValBatches(stream, 16, 2, 0)
+    assert len(sample) == 1 < len(whole)
+    t = make_trainer(ModernDecoderLM(tiny_config()), tmp_path, reader(data), val=sample, num_steps=4, eval_every=2)
+    t.final_val_batches = whole
+    t.train()
+    vals = {r["step"]: r["val_loss"] for r in read_metrics(tmp_path) if "val_loss" in r}
+
+    def direct(batches):
+        sums = [lm_eval_loss(t.model, b) for b in batches]
+        return float(sum(s for s, _, _ in sums) / sum(n for _, n, _ in sums))
+
+    t.model.eval()
+    with torch.no_grad():
+        assert vals[4] == pytest.approx(direct(whole), rel=1e-6)
+        assert vals[4] != pytest.approx(direct(sample), rel=1e-6)

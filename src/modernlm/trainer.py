@@ -51,6 +51,7 @@ class TrainingConfig:
     eval_every: int = 250  # steps between validation runs; 0 = only at the end
     eval_at_start: bool = True  # score the untrained model first (a baseline for the curves)
     eval_batches: int = 20  # validation batches per run (per rank share of batch_size * world); 0 = whole split
+    final_eval_batches: int = -1  # batches of the last validation run; -1 = eval_batches, 0 = whole split
     save_every: int = 500  # steps between checkpoints; 0 = only at the end
     keep_last: int = 3  # step checkpoints kept on disk
     save_best: bool = True  # keep checkpoints/best/ = the model with the lowest validation loss
@@ -73,6 +74,8 @@ class TrainingConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.final_eval_batches < -1:
+            raise ValueError(f"final_eval_batches must be >= -1, got {self.final_eval_batches}")
         for name in ("eval_every", "eval_batches", "save_every", "sample_every", "sample_tokens", "max_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -103,6 +106,8 @@ class Trainer:
         train_batches: an endless iterator of CPU batches; if it has `state_dict`/`load_state_dict`
             its position is checkpointed and resume is exact.
         val_batches: a re-iterable of validation batches for this rank (or None).
+        final_val_batches: those of the last validation run, when they differ (e.g. the whole split
+            at the end, a sample of it along the way); default: val_batches.
         eval_loss_fn: loss_fn used for validation (default: loss_fn).
         flops_per_token: training FLOPs per token, for MFU (0 = no MFU).
         save_model_fn: `(model, dir, tokenizer)` writes a checkpoint's model files (default:
@@ -121,6 +126,7 @@ class Trainer:
         run_dir: str | Path,
         *,
         val_batches: Iterable[Any] | None = None,
+        final_val_batches: Iterable[Any] | None = None,
         eval_loss_fn: LossFn | None = None,
         tokenizer: Any = None,
         flops_per_token: float = 0.0,
@@ -133,6 +139,7 @@ class Trainer:
         self.model = model.to(runtime.device)
         self.loss_fn, self.eval_loss_fn = loss_fn, eval_loss_fn or loss_fn
         self.train_batches, self.val_batches = train_batches, val_batches
+        self.final_val_batches = final_val_batches if final_val_batches is not None else val_batches
         self.tokenizer, self.flops_per_token = tokenizer, flops_per_token
         self.save_model_fn, self.load_model_fn = save_model_fn, load_model_fn
 
@@ -250,7 +257,7 @@ class Trainer:
                     interval_tokens, interval_time = 0, 0.0
 
                 if self.val_batches is not None and (_every(self.step, cfg.eval_every) or last):
-                    self._log_eval(writer, bar, best=True)
+                    self._log_eval(writer, bar, best=True, final=last)
                 if cfg.sample_every and (_every(self.step, cfg.sample_every) or last):
                     self.sample()
                 if _every(self.step, cfg.save_every) or last:
@@ -394,15 +401,16 @@ class Trainer:
     # ---- validation and samples ----------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, final: bool = False) -> dict[str, float]:
         """Mean validation loss over all target tokens of val_batches (all ranks), and perplexity."""
-        if self.val_batches is None:
+        batches = self.final_val_batches if final else self.val_batches
+        if batches is None:
             return {}
         rt = self.runtime
         was_training = self.model.training
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=rt.device)
-        for batch in self.val_batches:
+        for batch in batches:
             with rt.autocast():
                 loss_sum, n_tokens, _ = self.eval_loss_fn(self.eval_model, to_device(batch, rt.device))
             totals[0] += loss_sum.detach().double()
@@ -415,8 +423,8 @@ class Trainer:
         val_loss = (totals[0] / totals[1]).item()
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
-    def _log_eval(self, writer: MetricsWriter, bar: Any, best: bool) -> None:
-        result = self.evaluate()
+    def _log_eval(self, writer: MetricsWriter, bar: Any, best: bool, final: bool = False) -> None:
+        result = self.evaluate(final)
         if not result:
             return
         self.last_val_loss = result["val_loss"]

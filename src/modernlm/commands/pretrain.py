@@ -83,16 +83,18 @@ def main(cfg: Config) -> None:
             rank=runtime.rank,
             world_size=runtime.world_size,
         )
-        val_batches = None
+        val_batches = final_val_batches = None
         if val_stream is not None and len(val_stream) >= 2:
-            val_batches = ValBatches(
-                val_stream,
-                cfg.data.seq_len,
-                cfg.train.batch_size,
-                cfg.train.eval_batches,
-                rank=runtime.rank,
-                world_size=runtime.world_size,
-            )
+
+            def val(max_batches: int) -> ValBatches:
+                return ValBatches(
+                    val_stream, cfg.data.seq_len, cfg.train.batch_size, max_batches,
+                    rank=runtime.rank, world_size=runtime.world_size,
+                )  # fmt: skip
+
+            val_batches = val(cfg.train.eval_batches)
+            if cfg.train.final_eval_batches not in (-1, cfg.train.eval_batches):
+                final_val_batches = val(cfg.train.final_eval_batches)
 
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         model = ModernDecoderLM(cfg.model)
@@ -106,6 +108,7 @@ def main(cfg: Config) -> None:
             runtime,
             run_dir,
             val_batches=val_batches,
+            final_val_batches=final_val_batches,
             eval_loss_fn=lm_eval_loss,
             tokenizer=tokenizer,
             flops_per_token=model.flops_per_token(cfg.data.seq_len),
