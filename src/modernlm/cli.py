@@ -20,7 +20,7 @@ import textwrap
 # name -> (module, one-line summary). Two-word names are command groups (`modernlm tokenizer train`).
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("modernlm.commands.convert", "convert an HF Llama model or .gguf to modernlm (or back)"),
-    "generate": ("modernlm.commands.generate", "generate text from a checkpoint"),
+    "generate": ("modernlm.commands.generate", "generate from checkpoints: one streamed, or several side by side"),
     "tokenizer train": ("modernlm.commands.tokenizer_train", "train a byte-level BPE tokenizer"),
     "prepare": ("modernlm.commands.prepare", "tokenize a corpus into token shards on disk"),
     "pretrain": ("modernlm.commands.pretrain", "pretrain a ModernDecoderLM from token shards"),
@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval checkpoints": ("modernlm.commands.eval_checkpoints", "score every checkpoint of a run into a CSV"),
     "plot": ("modernlm.commands.plot", "loss and perplexity curves of one or more runs (PNG)"),
     "experiment sinks": ("modernlm.commands.experiment_sinks", "attention sinks vs none past the trained context"),
+    "prompt": ("modernlm.commands.prompt", "zero- and few-shot prompting baselines on SST-2, SAMSum, GSM8K"),
 }
 
 

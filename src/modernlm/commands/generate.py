@@ -1,70 +1,118 @@
-"""Generate text from a modernlm checkpoint (a directory with config.json, model.safetensors and
-tokenizer.json), streamed to stdout as it is produced.
+"""Generate text from modernlm checkpoints (directories with config.json, model.safetensors and
+tokenizer.json). One checkpoint and one prompt: the text is streamed to stdout as it is produced.
+Several checkpoints (or a run directory), or `prompts`/`out` set: a side-by-side Markdown table,
+one table per prompt, one row per checkpoint, every cell sampled with the same settings and seed.
 
     modernlm generate runs/tiny/checkpoints/step_000500 prompt="Once upon a time" max_new_tokens=100
     modernlm generate CKPT prompt="The" temperature=0            # greedy
     modernlm generate CKPT prompt="The" max_new_tokens=5000 window=128  # past the context
+    modernlm generate runs/tiny prompts='["The history of", "In 1999 ,"]' --out samples.md
+    modernlm generate runs/a/checkpoints/best runs/b/checkpoints/best prompt="The" seed=1
+
+A run directory stands for its checkpoints/step_* in step order, then checkpoints/best. In a table
+a null seed means seed 0, so the cells stay comparable and the table reproducible.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from modernlm.errors import UserError
 
-POSITIONALS = ["checkpoint"]
+POSITIONALS = ["checkpoints..."]
+FLAGS = {"--out": "out"}
 
 
 @dataclass
 class Config:
-    checkpoint: str = ""  # modernlm checkpoint directory, holding the tokenizer files too
+    checkpoints: list[str] = field(default_factory=list)  # checkpoint dirs and/or run dirs
     prompt: str = ""  # text to continue ("" starts from the bos token)
+    prompts: list[str] = field(default_factory=list)  # fixed prompts for a table (instead of `prompt`)
+    out: str = ""  # write the Markdown table here (.md); "" = print it (table mode only)
     max_new_tokens: int = 200  # tokens to generate at most
     temperature: float = 0.8  # 0 = greedy
     top_k: int = 0  # sample among the k most likely tokens; 0 = off
     top_p: float = 1.0  # nucleus sampling mass; 1.0 = off
     repetition_penalty: float = 1.0  # CTRL penalty on tokens already seen; 1.0 = off
     stop: list[str] = field(default_factory=list)  # stop strings (cut before the first one)
-    seed: int | None = None  # sampling seed; null = not reproducible
+    seed: int | None = None  # sampling seed; null = not reproducible (a table uses 0)
     window: int = 0  # > 0: rolling KV cache of sink_size + window tokens (constant memory)
     sink_size: int = 4  # first tokens the rolling cache always keeps (StreamingLLM attention sinks)
     compile: bool = False  # torch.compile the decode steps (~20 s once; faster per token)
-    stream: bool = True  # print tokens as they come
+    stream: bool = True  # print tokens as they come (one checkpoint, one prompt)
     device: str = "cpu"  # cpu, cuda, cuda:1, mps
+
+
+def _load(path: Path, device):
+    from modernlm.checkpoint import load_model
+    from modernlm.tokenizer import load_tokenizer
+
+    model = load_model(path, device=device)
+    tokenizer = load_tokenizer(path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(
+            f"checkpoint {path}: tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}"
+        )
+    return model, tokenizer
 
 
 def main(cfg: Config) -> None:
     import torch
 
-    from modernlm.checkpoint import load_model
     from modernlm.generation import generate_text, stream_text
-    from modernlm.tokenizer import load_tokenizer
+    from modernlm.samples import (
+        CheckpointSamples,
+        checkpoint_dirs,
+        checkpoint_name,
+        checkpoint_step,
+        generations_markdown,
+    )
 
-    if not cfg.checkpoint:
-        raise UserError(
-            "checkpoint: give a checkpoint directory (modernlm generate CHECKPOINT prompt=...)"
-        )
+    if not cfg.checkpoints:
+        raise UserError("checkpoints: give a checkpoint or run directory (modernlm generate CHECKPOINT prompt=...)")
+    if cfg.prompt and cfg.prompts:
+        raise UserError("give prompt (one) or prompts (a list), not both")
     try:
         device = torch.device(cfg.device)
     except RuntimeError as e:
         raise UserError(f"device: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device: {cfg.device!r} requested but CUDA is not available")
-    model = load_model(cfg.checkpoint, device=device)
-    tokenizer = load_tokenizer(cfg.checkpoint)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(
-            f"checkpoint {cfg.checkpoint}: tokenizer has {tokenizer.vocab_size} tokens, "
-            f"the model only {model.config.vocab_size}"
-        )
+    dirs = [d for c in cfg.checkpoints for d in checkpoint_dirs(c)]
+    table = len(dirs) > 1 or bool(cfg.prompts) or bool(cfg.out)
     options = dict(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-        top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, stop=cfg.stop, seed=cfg.seed,
-        window=cfg.window, sink_size=cfg.sink_size, compile=cfg.compile,
+        top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, stop=cfg.stop,
+        seed=cfg.seed if cfg.seed is not None or not table else 0,
+        window=cfg.window, sink_size=cfg.sink_size,
     )  # fmt: skip
-    if cfg.stream:
-        for piece in stream_text(model, tokenizer, cfg.prompt, **options):
-            print(piece, end="", flush=True)
-        print()
+
+    if not table:
+        model, tokenizer = _load(dirs[0], device)
+        if cfg.stream:
+            for piece in stream_text(model, tokenizer, cfg.prompt, compile=cfg.compile, **options):
+                print(piece, end="", flush=True)
+            print()
+        else:
+            print(generate_text(model, tokenizer, cfg.prompt, compile=cfg.compile, **options))
+        return
+
+    prompts = list(cfg.prompts) or [cfg.prompt]
+    results = []
+    for d in dirs:
+        print(f"generate: {d}", file=sys.stderr)
+        model, tokenizer = _load(d, device)
+        # One prompt at a time: a batch would share one sampling generator between rows, so a
+        # cell would depend on which other prompts are in the table.
+        texts = [generate_text(model, tokenizer, p, compile=cfg.compile, **options) for p in prompts]
+        results.append(CheckpointSamples(checkpoint_name(d), checkpoint_step(d), texts))
+    document = generations_markdown(options, prompts, results)
+    if cfg.out:
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(document)
+        print(f"wrote {len(results)} checkpoint(s) x {len(prompts)} prompt(s) -> {out}")
     else:
-        print(generate_text(model, tokenizer, cfg.prompt, **options))
+        print(document, end="")
