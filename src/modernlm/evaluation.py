@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -119,3 +121,266 @@ def text_metrics(result: NLLResult, text: str) -> dict[str, float]:
         "bits_per_byte": result.nll_sum / math.log(2) / max(n_bytes, 1),
         "word_perplexity": math.exp(min(result.nll_sum / max(n_words, 1), 700.0)),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# "A model" and "a text": what `modernlm eval perplexity` / `eval table` score
+# --------------------------------------------------------------------------------------------
+#
+# A model is a modernlm checkpoint directory, a run directory (its best checkpoint, else its
+# latest), an HF model directory, a hub id or a .gguf file. modernlm checkpoints run on our
+# ModernDecoderLM; everything else runs on transformers' own model (through modernlm.hf), so any
+# architecture transformers knows is scored as its authors ship it, not through a conversion.
+
+METHOD = (
+    "sliding window (HF 'Perplexity of fixed-length models'): windows of `context` tokens start "
+    "every `stride` tokens and score only the tokens the previous window did not; with stride == "
+    "context the token starting each window has no context and is not scored (one per window), "
+    "nor is the text's first token unless bos is prepended"
+)
+
+
+@dataclass
+class ScoringModel:
+    name: str  # short label for tables and summary lines
+    source: str  # what the user gave
+    kind: str  # "modernlm" (our model) or "transformers" (HF's model)
+    logits_fn: LogitsFn
+    tokenizer: Any  # modernlm.tokenizer.Tokenizer, or None (token streams only)
+    num_params: int  # parameters, tied embeddings counted once
+    max_context: int  # positions the model was built for (the default and largest `context`)
+    vocab_size: int  # the model's output vocabulary (logits per position)
+    device: torch.device
+    dtype: str
+
+
+def resolve_device(device: str) -> torch.device:
+    """ "auto" -> cuda when available, else cpu; anything else as torch reads it."""
+    from modernlm.errors import UserError
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"device: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device: {device!r} requested but CUDA is not available")
+    return dev
+
+
+def is_modernlm_checkpoint(path: str | Path) -> bool:
+    """A directory whose config.json says model_type "modernlm" (what checkpoint.save_model writes)."""
+    import json
+
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return False
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return False
+    return isinstance(data, dict) and data.get("model_type", "modernlm") == "modernlm"
+
+
+def resolve_checkpoint(path: str | Path) -> Path | None:
+    """A modernlm checkpoint directory for `path`: itself, or for a run directory its
+    checkpoints/best (else its latest step_*). None when `path` is neither."""
+    from modernlm.checkpoint import BEST_DIR, CHECKPOINTS_DIR, latest_checkpoint
+
+    path = Path(path).expanduser()
+    if is_modernlm_checkpoint(path):
+        return path
+    root = path / CHECKPOINTS_DIR
+    if root.is_dir():
+        if is_modernlm_checkpoint(root / BEST_DIR):
+            return root / BEST_DIR
+        latest = latest_checkpoint(path)
+        if latest is not None:
+            return latest
+    return None
+
+
+def checkpoint_label(path: Path) -> str:
+    """runs/tiny/checkpoints/step_0000600 -> "tiny/step_0000600"; other directories: their name."""
+    if path.parent.name == "checkpoints":
+        return f"{path.parent.parent.name}/{path.name}"
+    return path.name
+
+
+def load_scoring_model(src: str, device: str = "auto", dtype: str = "float32", progress: bool = True) -> ScoringModel:
+    """Load `src` (see the section comment) for scoring, in eval mode on `device` (progress=False:
+    no loading bars)."""
+    from modernlm.errors import UserError
+    from modernlm.runtime import DTYPES
+
+    if dtype not in DTYPES:
+        raise UserError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    dev = resolve_device(device)
+    ckpt = resolve_checkpoint(src) if Path(src).expanduser().is_dir() else None
+    if ckpt is not None:
+        from modernlm.checkpoint import load_model
+        from modernlm.tokenizer import load_tokenizer
+
+        model = load_model(ckpt, device=dev).to(DTYPES[dtype]).eval()
+        has_tokenizer = (ckpt / "tokenizer.json").is_file() or (ckpt / "vocab.json").is_file()
+        return ScoringModel(
+            name=checkpoint_label(ckpt),
+            source=str(ckpt),
+            kind="modernlm",
+            logits_fn=lambda x: model(x).logits,
+            tokenizer=load_tokenizer(ckpt) if has_tokenizer else None,
+            num_params=model.num_params(),
+            max_context=model.config.max_seq_len,
+            vocab_size=model.config.vocab_size,
+            device=dev,
+            dtype=dtype,
+        )
+    path = Path(src).expanduser()
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        raise UserError(f"{src}: a run directory without a complete checkpoint")
+    from modernlm.hf import load_hf_causal_lm
+
+    hf_model, tokenizer = load_hf_causal_lm(src, dtype=dtype, device=dev, progress=progress)
+    config = hf_model.config
+    max_context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if path.is_file():  # a .gguf: "SmolLM2-135M-Instruct.Q4_1"
+        name = path.stem
+    else:
+        name = path.name if path.is_dir() else src
+
+    def logits_fn(x: Tensor) -> Tensor:
+        return hf_model(input_ids=x, use_cache=False).logits
+
+    return ScoringModel(
+        name=name,
+        source=src,
+        kind="transformers",
+        logits_fn=logits_fn,
+        tokenizer=tokenizer,
+        # parameters() yields a tied embedding once
+        num_params=sum(p.numel() for p in hf_model.parameters()),
+        max_context=int(max_context or 2048),  # no stated maximum (recurrent models): a 2048 default
+        vocab_size=int(hf_model.get_output_embeddings().weight.shape[0]),
+        device=dev,
+        dtype=dtype,
+    )
+
+
+def load_text(
+    path: str = "", hf_dataset: str = "", hf_config: str = "", split: str = "test", text_field: str = "text"
+) -> tuple[str, str]:
+    """(text, its description): a UTF-8 text file, or a hub dataset's `text_field` column joined
+    with "\\n\\n" as the HF perplexity guide joins WikiText."""
+    from modernlm.errors import UserError
+
+    if path:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise UserError(f"data: no such file: {path}")
+        try:
+            return file.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as e:
+            raise UserError(f"data: {path} is not UTF-8 text ({e})") from None
+    if not hf_dataset:
+        raise UserError("data: give a text file (data=PATH) or a hub dataset (hf_dataset=NAME)")
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("hf_dataset needs the `datasets` package (pip install datasets)") from None
+    what = "/".join(x for x in (hf_dataset, hf_config) if x) + f" [{split}]"
+    try:
+        ds = datasets.load_dataset(hf_dataset, hf_config or None, split=split)
+    except Exception as e:  # no network, unknown name/config/split: all the user's to fix
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load dataset {what}: {first}") from None
+    if text_field not in ds.column_names:
+        raise UserError(f"text_field: {what} has no column {text_field!r} (columns: {ds.column_names})")
+    return "\n\n".join(ds[text_field]), f"hub:{what}"
+
+
+def evaluate_text(
+    model: ScoringModel,
+    text: str,
+    *,
+    context: int = 0,
+    stride: int = 0,
+    batch_size: int = 4,
+    max_tokens: int = 0,
+    bos: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score `text` with `model`; the report (a JSON-ready dict) states the method.
+
+    context 0 = the model's max context; stride 0 = context; max_tokens > 0 scores only the first
+    max_tokens tokens (bytes and words then count the text those tokens decode to).
+    """
+    import time
+
+    from modernlm.errors import UserError
+
+    if model.tokenizer is None:
+        raise UserError(f"{model.source}: no tokenizer, so the text cannot be tokenized")
+    context = context or model.max_context
+    stride = stride or context
+    if context < 2:
+        raise UserError(f"context must be >= 2, got {context}")
+    if context > model.max_context:
+        raise UserError(f"context {context} is longer than {model.name}'s maximum context {model.max_context}")
+    if not 1 <= stride <= context:
+        raise UserError(f"stride must be in [1, context={context}], got {stride}")
+    if max_tokens < 0:
+        raise UserError(f"max_tokens must be >= 0 (0 = all), got {max_tokens}")
+    bos_id = model.tokenizer.bos_id if bos else None
+    if bos and bos_id is None:
+        raise UserError(f"bos: {model.name}'s tokenizer has no bos token")
+    ids = model.tokenizer.encode(text)
+    text_tokens = len(ids)
+    if max_tokens and len(ids) > max_tokens:
+        ids = ids[:max_tokens]
+        text = model.tokenizer.decode(ids)  # the text these tokens cover, for bytes and words
+    if len(ids) + (bos_id is not None) < 2:
+        raise UserError("data: the text has fewer than 2 tokens")
+    start = time.perf_counter()
+    result = sliding_window_nll(
+        model.logits_fn, ids, context, stride, batch_size=batch_size, device=model.device, bos_id=bos_id,
+        progress=progress,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    metrics = text_metrics(result, text)
+    return {
+        "model": model.name,
+        "source": model.source,
+        "kind": model.kind,
+        "params": model.num_params,
+        "vocab_size": model.tokenizer.vocab_size,
+        "method": METHOD,
+        "context": result.context,
+        "stride": result.stride,
+        "windows": result.windows,
+        "bos": bos,
+        "max_tokens": max_tokens,
+        "text_tokens": text_tokens,
+        "tokens_used": len(ids),
+        "tokens": result.tokens,
+        "unscored_tokens": len(ids) - result.tokens,  # text tokens with no context: window starts
+        "nll_sum": result.nll_sum,
+        "loss": result.loss,
+        "perplexity": result.perplexity,
+        **metrics,
+        "dtype": model.dtype,
+        "device": str(model.device),
+        "seconds": seconds,
+        "tokens_per_second": result.tokens / max(seconds, 1e-9),
+    }
+
+
+def summary_line(report: dict[str, Any], data: str = "") -> str:
+    """The one summary line: `NAME on DATA: ppl 20.31 (loss 3.011) | 1.012 bits/byte | word ppl 58.2 |
+    287,644 tokens, context 1024, stride 512`."""
+    on = f" on {Path(data).name if data and not data.startswith('hub:') else data}" if data else ""
+    return (
+        f"{report['model']}{on}: ppl {report['perplexity']:.2f} (loss {report['loss']:.3f}) | "
+        f"{report['bits_per_byte']:.3f} bits/byte | word ppl {report['word_perplexity']:.1f} | "
+        f"{report['tokens']:,} tokens, context {report['context']}, stride {report['stride']}"
+    )

@@ -409,7 +409,7 @@ def load_hf_model(
 
 
 def load_hf_causal_lm(
-    src: str | Path, dtype: str = "float32", device: str | torch.device = "cpu"
+    src: str | Path, dtype: str = "float32", device: str | torch.device = "cpu", progress: bool = True
 ) -> tuple[PreTrainedModel, Tokenizer | None]:
     """Load any transformers causal LM (model directory, hub id or `.gguf` file) unconverted.
 
@@ -417,8 +417,10 @@ def load_hf_causal_lm(
     `load_hf_model` nothing is mapped to modernlm, so every architecture transformers knows
     (GPT-2, Qwen, Llama with rope scaling, ...) works; `modernlm eval perplexity` scores HF models
     with it. dtype: "float32", "bfloat16" or "float16" (GGUF weights are de-quantized to it).
+    progress=False silences transformers' loading bars for this call.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     if dtype not in DTYPES:
         raise UserError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
@@ -438,14 +440,18 @@ def load_hf_causal_lm(
         raise UserError(f"{src}: no such file or directory")
     else:
         where, hub = src, True
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            where, **kwargs, **_from_pretrained_kwargs(DTYPES[dtype])
-        )
+        hf_model = AutoModelForCausalLM.from_pretrained(where, **kwargs, **_from_pretrained_kwargs(DTYPES[dtype]))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         what = f"{src} (no such local path, so tried as a Hugging Face Hub id)" if hub else src
         raise UserError(f"cannot load {what}: {first}") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     hf_model.to(device).eval()
     try:
         tokenizer = hf_tokenizer_to_ours(AutoTokenizer.from_pretrained(where, **kwargs))

@@ -1,0 +1,68 @@
+"""Perplexity of a model on a text, with the method stated: token perplexity, bits per byte and
+word perplexity, as JSON plus one summary line.
+
+    modernlm eval perplexity runs/tiny ../shared/data/wikitext-2/wiki.test.raw
+    modernlm eval perplexity gpt2 hf_dataset=Salesforce/wikitext hf_config=wikitext-2-raw-v1 stride=512
+    modernlm eval perplexity SmolLM2-135M-Instruct.Q4_1.gguf wiki.test.raw context=1024 max_tokens=20000 --out ppl.json
+
+MODEL is a modernlm checkpoint directory, a run directory (its best checkpoint, else the latest),
+an HF model directory, a hub id or a .gguf file; HF models run on transformers' own model. The
+method is the HF perplexity guide's sliding window: windows of `context` tokens every `stride`
+tokens, each scoring only the tokens the previous one did not, so every token is scored at most
+once with at least context - stride tokens of left context. As in the guide, a token that starts a
+window has no context and is not scored (one per window when stride == context; the JSON's
+unscored_tokens); bos=true prepends the bos token so the text's first token is scored. Token
+perplexity depends on the tokenizer; bits per byte and word perplexity compare across tokenizers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+POSITIONALS = ["model", "data"]
+FLAGS = {"--out": "out"}
+
+
+@dataclass
+class Config:
+    model: str = ""  # checkpoint dir, run dir, HF model dir, hub id or .gguf file
+    data: str = ""  # UTF-8 text file to score ("" = the hub dataset below)
+    hf_dataset: str = ""  # hub dataset instead of a file, e.g. Salesforce/wikitext
+    hf_config: str = ""  # its config, e.g. wikitext-2-raw-v1
+    split: str = "test"  # its split
+    text_field: str = "text"  # its text column (rows joined with "\n\n", as the HF guide does)
+    context: int = 0  # tokens per window; 0 = the model's maximum context
+    stride: int = 0  # tokens between window starts; 0 = context (no overlap); smaller = more left context
+    batch_size: int = 4  # windows per forward pass
+    max_tokens: int = 0  # score only the first N tokens of the text (0 = all); keeps CPU runs short
+    bos: bool = False  # prepend the bos token so the first text token is scored too
+    device: str = "auto"  # auto = cuda when available, else cpu
+    dtype: str = "float32"  # float32, bfloat16 or float16 weights
+    progress: bool = True  # progress bar on stderr
+    out: str = ""  # write the JSON report here ("" = print it to stdout)
+
+
+def main(cfg: Config) -> None:
+    import json
+    from pathlib import Path
+
+    from modernlm.errors import UserError
+    from modernlm.evaluation import evaluate_text, load_scoring_model, load_text, summary_line
+
+    if not cfg.model:
+        raise UserError("model: give a model (modernlm eval perplexity MODEL DATA)")
+    text, data = load_text(cfg.data, cfg.hf_dataset, cfg.hf_config, cfg.split, cfg.text_field)
+    model = load_scoring_model(cfg.model, cfg.device, cfg.dtype, cfg.progress)
+    report = evaluate_text(
+        model, text, context=cfg.context, stride=cfg.stride, batch_size=cfg.batch_size,
+        max_tokens=cfg.max_tokens, bos=cfg.bos, progress=cfg.progress,
+    )  # fmt: skip
+    report = {"data": data, **report}
+    payload = json.dumps(report, indent=2)
+    if cfg.out:
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(payload + "\n")
+    else:
+        print(payload)
+    print(summary_line(report, data) + (f" -> {cfg.out}" if cfg.out else ""), flush=True)
