@@ -17,8 +17,9 @@ cosine to 1e-4 at step 2000, clipping 1.0), run by our Trainer on the same data,
 batches every 250 steps as nanoGPT does.
 
 Both are scored the same way on the full validation split (the last 10% of the text, 111,540
-characters): every character once (but the first), in non-overlapping windows of the model's
-trained context (modernlm.evaluation.sliding_window_nll, stride = context). On ASCII text a byte
+characters): every character once (but the first), in consecutive windows of the model's trained
+context (modernlm.evaluation.sliding_window_nll with context = L + 1 and stride = L: each window
+predicts L characters from the ones before them in the window). On ASCII text a byte
 is a character, so these are nats per character, comparable with nanoGPT's reported losses.
 Writes OUT/speedrun.json and OUT/speedrun.png (validation loss against wall time).
 """
@@ -106,13 +107,15 @@ def run_peer(out: Path, data_dir: Path, seed: int = 1337) -> dict:
     return {"wall_s": time.perf_counter() - start, "run_dir": out / "nanogpt", "model": model}
 
 
-def full_val_loss(logits_fn, data_dir: Path, context: int) -> tuple[float, int]:
+def full_val_loss(logits_fn, data_dir: Path, seq_len: int) -> tuple[float, int]:
+    """Mean NLL over the whole val split: windows of seq_len + 1 tokens every seq_len tokens, so
+    each window predicts seq_len tokens and every token but the first is scored exactly once."""
     from modernlm.batches import TokenStream
     from modernlm.evaluation import sliding_window_nll
 
     val = TokenStream(data_dir, "val")
     ids = val.read(0, len(val)).astype("int64")
-    result = sliding_window_nll(logits_fn, ids, context, context, batch_size=16)
+    result = sliding_window_nll(logits_fn, ids, seq_len + 1, seq_len, batch_size=16)
     return result.loss, result.tokens
 
 

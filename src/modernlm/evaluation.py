@@ -2,11 +2,13 @@
 
 The method is the HF perplexity guide's ("Perplexity of fixed-length models"): the text is one
 token sequence; windows of at most `context` tokens start every `stride` tokens; each window
-scores only the tokens the previous window did not, so every token is scored exactly once, each
-with at least `context - stride` tokens of left context (all of them when stride == context is
-not the case). stride == context gives non-overlapping windows (fast; the average token sees
-context / 2 tokens). Token 0 has no left context and is not scored (as in the guide), unless a
-bos token is prepended (`bos_id`), which then scores every text token.
+scores only the tokens the previous window did not, each with at least `context - stride` tokens
+of left context. A window's first token has no context inside it, so with stride < context every
+token (but token 0) is scored exactly once; stride == context (non-overlapping windows, as the
+guide's fast setting) leaves each window's first token unscored (1 / context of them), and
+context = L + 1 with stride = L is the exact non-overlapping form for a model trained on L tokens
+(each window predicts L tokens, every one scored once, as the trainer's validation does). Token 0
+is not scored (as in the guide) unless a bos token is prepended (`bos_id`).
 
 Numbers that compare across tokenizers (`text_metrics`):
 - bits per byte = total NLL in nats / ln 2 / UTF-8 bytes of the text;
@@ -50,7 +52,8 @@ def window_plan(n_tokens: int, context: int, stride: int) -> list[tuple[int, int
     """(begin, end, first scored position) of each window over a sequence of `n_tokens` tokens.
 
     Position p is scored when the window holds p - 1 too (its prediction comes from p - 1), so
-    windows together score positions 1 .. n_tokens - 1, each exactly once.
+    a window never scores its own first position; together the windows score each position at
+    most once, and each of 1 .. n_tokens - 1 exactly once when stride < context.
     """
     if context < 2:
         raise ValueError(f"context must be >= 2, got {context}")
@@ -61,7 +64,7 @@ def window_plan(n_tokens: int, context: int, stride: int) -> list[tuple[int, int
     begin = 0
     while prev_end < n_tokens:
         end = min(begin + context, n_tokens)
-        plan.append((begin, end, prev_end))
+        plan.append((begin, end, max(prev_end, begin + 1)))
         prev_end = end
         begin += stride
     return plan
