@@ -69,11 +69,7 @@ def _rope_theta(hf_config: Any) -> float:
     transformers 5.x keeps it in `rope_parameters` {"rope_type", "rope_theta"}; 4.x has a
     `rope_theta` attribute and `rope_scaling` (None, or {"type"/"rope_type": ...}).
     """
-    params = (
-        getattr(hf_config, "rope_parameters", None)
-        or getattr(hf_config, "rope_scaling", None)
-        or {}
-    )
+    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
         raise UserError(
@@ -91,13 +87,9 @@ def llama_config_to_model_config(hf_config: Any) -> ModelConfig:
     model_type = getattr(hf_config, "model_type", None)
     if model_type != "llama":
         archs = ", ".join(getattr(hf_config, "architectures", None) or []) or "?"
-        raise UserError(
-            f"only Llama-architecture models can be converted; this one is {model_type!r} ({archs})"
-        )
+        raise UserError(f"only Llama-architecture models can be converted; this one is {model_type!r} ({archs})")
     if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
-        raise UserError(
-            "attention_bias / mlp_bias are not supported: modernlm's linear layers have no bias"
-        )
+        raise UserError("attention_bias / mlp_bias are not supported: modernlm's linear layers have no bias")
     act = getattr(hf_config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise UserError(f"hidden_act {act!r} is not supported: modernlm's FFN is SwiGLU (silu)")
@@ -134,10 +126,7 @@ def model_config_to_llama_config(cfg: ModelConfig, **extra: Any) -> LlamaConfig:
     if cfg.n_expert:
         raise UserError("MoE models (n_expert > 0) have no Llama equivalent: cannot convert to HF")
     if cfg.attn_sink:
-        raise UserError(
-            "models with a learned sink token (attn_sink) have no Llama equivalent: "
-            "cannot convert to HF"
-        )
+        raise UserError("models with a learned sink token (attn_sink) have no Llama equivalent: cannot convert to HF")
     kwargs: dict[str, Any] = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model,
@@ -218,24 +207,18 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     for name, t in _unfuse(state, cfg).items():
         target = _rename(name, _OURS_TO_HF)
         if target is None:
-            raise UserError(
-                f"parameter {name!r} has no Llama equivalent (MoE or sink models cannot go to HF)"
-            )
+            raise UserError(f"parameter {name!r} has no Llama equivalent (MoE or sink models cannot go to HF)")
         out[target] = t
     if cfg.tie_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
 
 
-def state_dict_from_hf(
-    state: dict[str, torch.Tensor], tie_embeddings: bool
-) -> dict[str, torch.Tensor]:
+def state_dict_from_hf(state: dict[str, torch.Tensor], tie_embeddings: bool) -> dict[str, torch.Tensor]:
     """LlamaForCausalLM's parameter names -> ours (q/k/v and gate/up stacked into new tensors)."""
     out = {}
     for name, t in state.items():
-        if name.endswith(
-            "rotary_emb.inv_freq"
-        ):  # a buffer older checkpoints saved; we recompute it
+        if name.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints saved; we recompute it
             continue
         target = _rename(name, _HF_TO_OURS)
         if target is None:
@@ -320,12 +303,32 @@ def _from_pretrained_kwargs(dtype: torch.dtype) -> dict[str, Any]:
 
 def _looks_local(src: str) -> bool:
     # A hub id is `name` or `org/name`; anything else (absolute, ./, ~, deeper) is a local path.
-    return (
-        src.startswith(("/", ".", "~"))
-        or src.count("/") > 1
-        or "\\" in src
-        or src.endswith(".gguf")
-    )
+    return src.startswith(("/", ".", "~")) or src.count("/") > 1 or "\\" in src or src.endswith(".gguf")
+
+
+def _resolve_source(src: str) -> tuple[str, dict[str, Any], bool]:
+    """An HF model source -> (what from_pretrained takes, its extra kwargs, is it a hub id)."""
+    path = Path(src).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"{path}: expected an HF model directory, a hub id or a .gguf file")
+        return str(path.parent), {"gguf_file": path.name}, False
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path}: not an HF model directory (no config.json)")
+        return str(path), {}, False
+    if _looks_local(src):
+        raise UserError(f"{src}: no such file or directory")
+    return src, {}, True  # a hub id: transformers downloads it (or finds it in the HF cache)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _load_error(e: Exception, src: str, hub: bool) -> UserError:
+    what = f"{src} (no such local path, so tried as a Hugging Face Hub id)" if hub else src
+    return UserError(f"cannot load {what}: {_first_line(e)}")
 
 
 def hf_tokenizer_to_ours(hf_tok: Any) -> Tokenizer:
@@ -334,9 +337,7 @@ def hf_tokenizer_to_ours(hf_tok: Any) -> Tokenizer:
 
     backend = getattr(hf_tok, "backend_tokenizer", None)
     if backend is None:
-        raise UserError(
-            f"tokenizer {type(hf_tok).__name__} is not a fast (tokenizers-backed) tokenizer"
-        )
+        raise UserError(f"tokenizer {type(hf_tok).__name__} is not a fast (tokenizers-backed) tokenizer")
     template = getattr(hf_tok, "chat_template", None)
     return Tokenizer(
         backend,
@@ -360,21 +361,7 @@ def load_hf_model(
     if dtype not in DTYPES:
         raise UserError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     src = str(src)
-    path = Path(src).expanduser()
-    kwargs: dict[str, Any] = {}
-    hub = False
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise UserError(f"{path}: expected an HF model directory, a hub id or a .gguf file")
-        where, kwargs["gguf_file"] = str(path.parent), path.name
-    elif path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"{path}: not an HF model directory (no config.json)")
-        where = str(path)
-    elif _looks_local(src):
-        raise UserError(f"{src}: no such file or directory")
-    else:
-        where, hub = src, True  # a hub id: transformers downloads it (or finds it in the HF cache)
+    where, kwargs, hub = _resolve_source(src)
 
     try:
         # Check the architecture before reading any weights (passing the config on costs nothing).
@@ -387,9 +374,7 @@ def load_hf_model(
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         # missing files, unknown repo, no network, unsupported gguf architecture, corrupt weights
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        what = f"{src} (no such local path, so tried as a Hugging Face Hub id)" if hub else src
-        raise UserError(f"cannot load {what}: {first}") from None
+        raise _load_error(e, src, hub) from None
     model = from_hf(hf_model, DTYPES[dtype])
     del hf_model
 
@@ -398,8 +383,7 @@ def load_hf_model(
         try:
             tokenizer = hf_tokenizer_to_ours(AutoTokenizer.from_pretrained(where, **kwargs))
         except Exception as e:  # the tokenizer is optional: any failure leaves the weights usable
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"warning: no usable tokenizer in {src} ({first}); weights only", file=sys.stderr)
+            print(f"warning: no usable tokenizer in {src} ({_first_line(e)}); weights only", file=sys.stderr)
     return model, tokenizer
 
 
@@ -425,30 +409,14 @@ def load_hf_causal_lm(
     if dtype not in DTYPES:
         raise UserError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     src = str(src)
-    path = Path(src).expanduser()
-    kwargs: dict[str, Any] = {}
-    hub = False
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise UserError(f"{path}: expected an HF model directory, a hub id or a .gguf file")
-        where, kwargs["gguf_file"] = str(path.parent), path.name
-    elif path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"{path}: not an HF model directory (no config.json)")
-        where = str(path)
-    elif _looks_local(src):
-        raise UserError(f"{src}: no such file or directory")
-    else:
-        where, hub = src, True
+    where, kwargs, hub = _resolve_source(src)
     bars = hf_logging.is_progress_bar_enabled()
     if not progress:
         hf_logging.disable_progress_bar()
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(where, **kwargs, **_from_pretrained_kwargs(DTYPES[dtype]))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        what = f"{src} (no such local path, so tried as a Hugging Face Hub id)" if hub else src
-        raise UserError(f"cannot load {what}: {first}") from None
+        raise _load_error(e, src, hub) from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -456,7 +424,6 @@ def load_hf_causal_lm(
     try:
         tokenizer = hf_tokenizer_to_ours(AutoTokenizer.from_pretrained(where, **kwargs))
     except Exception as e:  # the caller decides whether it needs one
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"warning: no usable tokenizer in {src} ({first})", file=sys.stderr)
+        print(f"warning: no usable tokenizer in {src} ({_first_line(e)})", file=sys.stderr)
         tokenizer = None
     return hf_model, tokenizer
