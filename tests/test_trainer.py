@@ -407,3 +407,16 @@ def test_final_eval_can_score_the_whole_split_while_periodic_evals_sample_it(tmp
     with torch.no_grad():
         assert vals[4] == pytest.approx(direct(whole), rel=1e-6)
         assert vals[4] != pytest.approx(direct(sample), rel=1e-6)
+
+
+def test_resume_is_exact_with_muon(tmp_path, data):
+    optim = OptimConfig(name="muon", lr=1e-2, warmup_steps=2, muon_lr_scale=3)
+    full = run(data, tmp_path / "full", optim=optim)
+    full.train()
+    part = run(data, tmp_path / "part", loss_fn=interrupt_at(7), optim=optim)
+    with pytest.raises(Interrupt):
+        part.train()
+    resumed = run(data, tmp_path / "part", model_seed=123, optim=optim)
+    resumed.train()
+    for (n, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
