@@ -102,6 +102,7 @@ def run_peer(out: Path, data_dir: Path, seed: int = 1337) -> dict:
         Runtime(device=torch.device("cpu"), dtype=torch.float32, tensorboard=False),
         out / "nanogpt",
         val_batches=val,
+        save_model_fn=lambda m, path, tokenizer: m.save_pretrained(path),  # an HF model
     )  # fmt: skip
     trainer.train()
     return {"wall_s": time.perf_counter() - start, "run_dir": out / "nanogpt", "model": model}

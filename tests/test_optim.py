@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from modernlm.model import ModernDecoderLM
-from modernlm.optim import OptimConfig, build_optimizer, decayed_parameter_names, lr_at, set_lr
+from modernlm.optim import (
+    OptimConfig,
+    build_optimizer,
+    decayed_parameter_names,
+    lr_at,
+    newton_schulz,
+    set_lr,
+)
 from tests.conftest import tiny_config
 
 
@@ -122,7 +129,21 @@ def _loss(model, seed=0):
     return model(x).logits.float().square().mean()
 
 
-def test_muon_takes_hidden_matrices_and_matches_torch_muon_plus_adamw():
+def test_newton_schulz_orthogonalises():
+    g = torch.randn(96, 32, generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.float32, torch.bfloat16):
+        s = torch.linalg.svdvals(newton_schulz(g, dtype=dtype).float())
+        assert 0.6 < s.min() and s.max() < 1.3  # about U V^T: every singular value near 1
+    s = torch.linalg.svdvals(newton_schulz(g.T))
+    assert 0.6 < s.min() and s.max() < 1.3
+
+
+def test_muon_takes_hidden_matrices_and_matches_torch_muon_plus_adamw(monkeypatch):
+    import modernlm.optim as optim
+
+    # torch.optim.Muon always iterates in bfloat16; ours does so on CUDA only: compare in bf16
+    float32_ns = optim.newton_schulz
+    monkeypatch.setattr(optim, "newton_schulz", lambda g, steps, dtype=None: float32_ns(g, steps, dtype=torch.bfloat16))
     torch.manual_seed(0)
     model = ModernDecoderLM(tiny_config(tie_embeddings=False, attn_sink=True))
     ref = copy.deepcopy(model)
