@@ -14,7 +14,7 @@ The peer: nanoGPT's README recipe for a CPU (`python train.py config/train_shake
 architecture (transformers' GPT2LMHeadModel: learned positions, LayerNorm, GELU, biases) with
 nanoGPT's hyperparameters (AdamW lr 1e-3, betas (0.9, 0.99), weight decay 0.1, 100 warmup steps,
 cosine to 1e-4 at step 2000, clipping 1.0), run by our Trainer on the same data, evaluating 20
-batches every 250 steps as nanoGPT does.
+batches every 250 steps as nanoGPT does (and the whole split at the end, as ours does).
 
 Both are scored the same way on the full validation split (the last 10% of the text, 111,540
 characters): every character once (but the first), in consecutive windows of the model's trained
@@ -102,6 +102,7 @@ def run_peer(out: Path, data_dir: Path, seed: int = 1337) -> dict:
         Runtime(device=torch.device("cpu"), dtype=torch.float32, tensorboard=False),
         out / "nanogpt",
         val_batches=val,
+        final_val_batches=ValBatches(TokenStream(data_dir, "val"), 64, 12, 0),  # the whole split, as ours
         save_model_fn=lambda m, path, tokenizer: m.save_pretrained(path),  # an HF model
     )  # fmt: skip
     trainer.train()
@@ -134,8 +135,14 @@ def plot(curves: dict[str, list[tuple[float, float]]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, points in curves.items():
-        if points:
-            ax.plot(*zip(*points, strict=True), marker="o", label=label)
+        if not points:
+            continue
+        # The trainer's periodic evaluations score a sample (the first batches of val); the last
+        # one scores the whole split: draw it apart, as it is the number the target is about.
+        (line,) = ax.plot(*zip(*points[:-1], strict=True), marker="o", markersize=4, label=f"{label} (val sample)")
+        ax.plot(
+            *points[-1], marker="*", markersize=14, color=line.get_color(), linestyle="", label=f"{label} (whole val)"
+        )
     ax.axhline(TARGET_LOSS, color="gray", linestyle="--", linewidth=1, label=f"target {TARGET_LOSS}")
     ax.axvline(TARGET_SECONDS, color="gray", linestyle=":", linewidth=1)
     ax.set_xlabel("wall time of the training loop (s)")
