@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval checkpoints": ("modernlm.commands.eval_checkpoints", "score every checkpoint of a run into a CSV"),
     "plot": ("modernlm.commands.plot", "loss and perplexity curves of one or more runs (PNG)"),
     "experiment sinks": ("modernlm.commands.experiment_sinks", "attention sinks vs none past the trained context"),
+    "finetune": ("modernlm.commands.finetune", "LoRA finetuning of HF models (PEFT) and modernlm checkpoints on tasks"),
     "prompt": ("modernlm.commands.prompt", "zero- and few-shot prompting baselines on SST-2, SAMSum, GSM8K"),
 }
 
