@@ -293,7 +293,7 @@ def save_hf(
         tokenizer.save(dst)
 
 
-def _from_pretrained_kwargs(dtype: torch.dtype) -> dict[str, Any]:
+def from_pretrained_kwargs(dtype: torch.dtype) -> dict[str, Any]:
     import transformers
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
@@ -306,19 +306,21 @@ def _looks_local(src: str) -> bool:
     return src.startswith(("/", ".", "~")) or src.count("/") > 1 or "\\" in src or src.endswith(".gguf")
 
 
-def _resolve_source(src: str) -> tuple[str, dict[str, Any], bool]:
-    """An HF model source -> (what from_pretrained takes, its extra kwargs, is it a hub id)."""
+def resolve_hf_source(src: str, field: str = "") -> tuple[str, dict[str, Any], bool]:
+    """An HF model source (directory, `.gguf` file or hub id) -> (what from_pretrained takes, its
+    extra kwargs, whether it is a hub id). Errors name `field` (e.g. "model.source") when given."""
+    at = f"{field}: " if field else ""
     path = Path(src).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
-            raise UserError(f"{path}: expected an HF model directory, a hub id or a .gguf file")
+            raise UserError(f"{at}{path}: expected an HF model directory, a hub id or a .gguf file")
         return str(path.parent), {"gguf_file": path.name}, False
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"{path}: not an HF model directory (no config.json)")
+            raise UserError(f"{at}{path}: not an HF model directory (no config.json)")
         return str(path), {}, False
     if _looks_local(src):
-        raise UserError(f"{src}: no such file or directory")
+        raise UserError(f"{at}{src}: no such file or directory")
     return src, {}, True  # a hub id: transformers downloads it (or finds it in the HF cache)
 
 
@@ -361,14 +363,14 @@ def load_hf_model(
     if dtype not in DTYPES:
         raise UserError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     src = str(src)
-    where, kwargs, hub = _resolve_source(src)
+    where, kwargs, hub = resolve_hf_source(src)
 
     try:
         # Check the architecture before reading any weights (passing the config on costs nothing).
         config = AutoConfig.from_pretrained(where, **kwargs)
         llama_config_to_model_config(config)
         hf_model = AutoModelForCausalLM.from_pretrained(
-            where, config=config, **kwargs, **_from_pretrained_kwargs(DTYPES[dtype])
+            where, config=config, **kwargs, **from_pretrained_kwargs(DTYPES[dtype])
         )
     except UserError:
         raise
@@ -409,12 +411,12 @@ def load_hf_causal_lm(
     if dtype not in DTYPES:
         raise UserError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     src = str(src)
-    where, kwargs, hub = _resolve_source(src)
+    where, kwargs, hub = resolve_hf_source(src)
     bars = hf_logging.is_progress_bar_enabled()
     if not progress:
         hf_logging.disable_progress_bar()
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(where, **kwargs, **_from_pretrained_kwargs(DTYPES[dtype]))
+        hf_model = AutoModelForCausalLM.from_pretrained(where, **kwargs, **from_pretrained_kwargs(DTYPES[dtype]))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise _load_error(e, src, hub) from None
     finally:

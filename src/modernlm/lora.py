@@ -231,24 +231,6 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 # Base models
 
 
-def _hf_where(src: str) -> tuple[str, dict[str, Any], bool]:
-    """(where, from_pretrained kwargs, is a hub id) for an HF directory, .gguf file or hub id."""
-    from modernlm.hf import _looks_local
-
-    path = Path(src).expanduser()
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise UserError(f"model.source: {path} is a file but not a .gguf; give a model directory, hub id or .gguf")
-        return str(path.parent), {"gguf_file": path.name}, False
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"model.source: {path} is not a model directory (no config.json)")
-        return str(path), {}, False
-    if _looks_local(src):
-        raise UserError(f"model.source: no such file or directory: {src}")
-    return src, {}, True
-
-
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -265,7 +247,9 @@ def inspect_source(source: str) -> tuple[str, str]:
         return "modernlm", "modernlm"
     from transformers import AutoConfig
 
-    where, kwargs, hub = _hf_where(source)
+    from modernlm.hf import resolve_hf_source
+
+    where, kwargs, hub = resolve_hf_source(source, "model.source")
     try:
         config = AutoConfig.from_pretrained(where, **kwargs)
     except (OSError, ValueError, KeyError) as e:
@@ -332,10 +316,10 @@ def _load_modernlm(source: str, task_type: str, dtype: str, tokenizer: str) -> t
 def _load_hf(source: str, task_type: str, dtype: str, num_labels: int, tokenizer: str) -> tuple[nn.Module, Any]:
     import transformers
 
-    from modernlm.hf import _from_pretrained_kwargs
+    from modernlm.hf import from_pretrained_kwargs, resolve_hf_source
     from modernlm.runtime import DTYPES
 
-    where, kwargs, hub = _hf_where(source)
+    where, kwargs, hub = resolve_hf_source(source, "model.source")
     auto = {
         "classification": transformers.AutoModelForSequenceClassification,
         "seq2seq": transformers.AutoModelForSeq2SeqLM,
@@ -348,7 +332,7 @@ def _load_hf(source: str, task_type: str, dtype: str, num_labels: int, tokenizer
             if num_labels < 2:
                 raise UserError(f"model.num_labels: a classifier needs at least 2 labels, got {num_labels}")
             config.num_labels = num_labels
-        model = auto.from_pretrained(where, config=config, **kwargs, **_from_pretrained_kwargs(DTYPES[dtype]))
+        model = auto.from_pretrained(where, config=config, **kwargs, **from_pretrained_kwargs(DTYPES[dtype]))
     except UserError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as e:
