@@ -66,4 +66,43 @@ def lm_eval_loss(
     return loss_sum, n_tokens, {}
 
 
-__all__ = ["IGNORE_INDEX", "lm_eval_loss", "lm_loss", "next_token_loss"]
+def sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
+    """Summed log-probability of each row's labelled tokens, and how many there are.
+
+    logits (B, T, V) and labels (B, T) are aligned as model inputs (labels[t] = input_ids[t] where
+    trained, else ignore_index); the shift happens here: position t predicts labels[t + 1].
+    Returns logps (B,) float32 and n_tokens (B,) int64.
+    """
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != ignore_index
+    safe = labels.masked_fill(~mask, 0)
+    # log_softmax gathered at the label: the same per-token values as -cross_entropy, kept per row.
+    per_token = torch.gather(logits.log_softmax(-1), 2, safe.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (per_token * mask).sum(-1), mask.sum(-1)
+
+
+def dpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The sigmoid DPO loss (Rafailov et al. 2023) per pair, with conservative label smoothing.
+
+    h = (log pi(y_c) - log pi(y_r)) - (log ref(y_c) - log ref(y_r))
+    loss = -(1 - eps) * logsigmoid(beta * h) - eps * logsigmoid(-beta * h)
+    eps (label_smoothing) is the assumed probability that a pair's labels are flipped (cDPO, as
+    TRL's "sigmoid" loss had it); eps = 0 is plain DPO. Inputs are summed sequence log-probs (B,).
+    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), the rewards being the
+    implicit ones, beta * (log pi - log ref), detached (what TRL logs).
+    """
+    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+__all__ = ["IGNORE_INDEX", "dpo_loss", "lm_eval_loss", "lm_loss", "next_token_loss", "sequence_logps"]

@@ -90,6 +90,7 @@ class ModelConfig:
 class LMOutput(NamedTuple):
     logits: Tensor  # (B, T, V), or (B, 1, V) with last_only
     aux_loss: Tensor | None  # MoE load-balancing loss, already weighted by moe_aux_loss_coef
+    hidden: Tensor | None = None  # (B, T, C) final-norm states, with return_hidden (value heads)
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,17 +421,25 @@ class ModernDecoderLM(nn.Module):
         *,
         cache: KVCache | None = None,
         pad_mask: Tensor | None = None,
+        segment_ids: Tensor | None = None,
         last_only: bool = False,
+        return_hidden: bool = False,
     ) -> LMOutput:
-        """idx (B, T) token ids -> LMOutput(logits (B, T, V), aux_loss).
+        """idx (B, T) token ids -> LMOutput(logits (B, T, V), aux_loss, hidden).
 
         cache: continue from (and append to) a KVCache; positions continue from the cache.
         pad_mask: (B, T) bool, False at padding (left-padded batched prompts); padding is never
             attended to. Without padding, attention runs SDPA's causal fast path.
+        segment_ids: (B, T) ints for packed rows: a token attends only to earlier tokens of its own
+            segment. RoPE scores depend only on relative positions, so each packed example gets the
+            logits it would get alone. Training only (no cache, no pad_mask).
         last_only: compute logits for the last position only (generation).
+        return_hidden: also return the final-norm hidden states (for value / verifier heads).
         """
         cfg = self.config
         B, T = idx.shape
+        if segment_ids is not None and (cache is not None or pad_mask is not None):
+            raise ValueError("segment_ids (packed rows) cannot be combined with a cache or pad_mask")
         x = self.tok_emb(idx)  # (B, T, C)
         add_sink = self.sink is not None and (cache is None or cache.seen == 0)
         if add_sink:
@@ -445,6 +454,9 @@ class ModernDecoderLM(nn.Module):
                 order = torch.where(t < n_pad, t + 1, torch.where(t == n_pad, 0, t))  # (B, 1+T)
                 x = x.gather(1, order[..., None].expand(-1, -1, x.size(-1)))
                 pad_mask = t >= n_pad
+            if segment_ids is not None:
+                # the sink belongs to every segment
+                segment_ids = F.pad(segment_ids, (1, 0), value=-1)  # (B, 1+T)
             T += 1
         x = self.emb_dropout(x)
 
@@ -459,6 +471,12 @@ class ModernDecoderLM(nn.Module):
                 key_rope = self.rope(0, start + T)  # rotate cached keys by slot
         rope = self.rope(start, T)
         mask = self._attention_mask(T, start, cache, pad_mask, x.device)
+        if segment_ids is not None:
+            # Block-diagonal causal mask: same segment (or the sink, segment -1) and not in the future.
+            same = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]) | (
+                segment_ids[:, None, None, :] == -1
+            )  # (B, 1, T, T)
+            mask = same & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
 
         aux_total = None
         for layer in self.layers:
@@ -472,10 +490,11 @@ class ModernDecoderLM(nn.Module):
             x = x[:, 1:]  # the sink position predicts nothing
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        h = self.norm(x)  # (B, T, C)
+        logits = self.lm_head(h)  # (B, T, V)
         if aux_total is not None:
             aux_total = cfg.moe_aux_loss_coef * aux_total
-        return LMOutput(logits, aux_total)
+        return LMOutput(logits, aux_total, h if return_hidden else None)
 
     @staticmethod
     def _attention_mask(T: int, start: int, cache: KVCache | None, pad_mask: Tensor | None, device) -> Tensor | None:

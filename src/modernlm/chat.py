@@ -1,0 +1,362 @@
+"""Chat format for instruction tuning: ChatML rendering, loss masks, chat tokens, SFT data and packing.
+
+The template is ChatML, as SmolLM2-Instruct and Qwen use it:
+
+    <|im_start|>user\\n{content}<|im_end|>\\n<|im_start|>assistant\\n{content}<|im_end|>\\n
+
+`<|im_end|>` closes every turn and is the chat model's EOS: `prepare_chat_model` makes it the
+tokenizer's eos_token, so generation (which stops at eos) ends where a reply ends, and the model
+learns to emit it because it is part of every assistant target. The loss covers the assistant
+contents and their `<|im_end|>`, nothing else (roles, user and system turns, the newline after a
+turn are masked with -100).
+
+Messages are encoded segment by segment (each turn's header, content and closing token apart) and
+concatenated. The special tokens split the text for the tokenizer anyway, and byte-level BPE
+pre-tokenizes a newline apart from the word after it, so the concatenation decodes to exactly
+`render_chat(messages)` (tested) while every loss-mask boundary falls on a token boundary.
+
+SFT records come from `read_sft_records`: Alpaca (instruction / input / output), chats
+({"messages": [{"role", "content"}, ...]}, TRL's conversational format), GSM8K (question ->
+solution) and HH-RLHF (the prompt turns + the chosen reply). `SFTBatches` pads them per batch, or
+with `pack=True` fills fixed-length rows with several examples whose attention stays inside each
+example (`segment_ids`, see ModernDecoderLM.forward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from modernlm.errors import UserError
+from modernlm.losses import IGNORE_INDEX
+from modernlm.tasks import TaskBatches
+from modernlm.tokenizer import CHATML_TEMPLATE
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+ROLES = ("system", "user", "assistant")
+Message = dict[str, str]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering and encoding
+
+
+def check_messages(messages: Any, where: str) -> list[Message]:
+    """Validate a conversation: a non-empty list of {"role", "content"} with known roles."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise UserError(f"{where}: message {i + 1} must have 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise UserError(f"{where}: message {i + 1} has role {m['role']!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(m["content"], str):
+            raise UserError(f"{where}: message {i + 1} content must be a string")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def render_chat(messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+    """The ChatML text of a conversation (what `CHATML_TEMPLATE` renders)."""
+    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+    return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+
+class ChatEncoder:
+    """Token ids of ChatML conversations with their loss mask, for one tokenizer.
+
+    The tokenizer is ours (`modernlm.tokenizer.Tokenizer`) and must know both chat tokens
+    (`prepare_chat_model` adds them).
+    """
+
+    def __init__(self, tokenizer: Any, add_bos: bool = False):
+        self.tokenizer = tokenizer
+        self.start_id, self.end_id = tokenizer.token_to_id(IM_START), tokenizer.token_to_id(IM_END)
+        if self.start_id is None or self.end_id is None:
+            raise UserError(f"tokenizer: has no {IM_START} / {IM_END} tokens; prepare_chat_model adds them")
+        self.newline = tokenizer.encode("\n")
+        self.bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+        self._headers: dict[str, list[int]] = {}
+
+    def header(self, role: str) -> list[int]:
+        if role not in self._headers:
+            self._headers[role] = [self.start_id, *self.tokenizer.encode(f"{role}\n")]
+        return self._headers[role]
+
+    def encode(self, messages: Sequence[Message], train_on_all_assistant: bool = True) -> tuple[list[int], list[int]]:
+        """(input_ids, labels): labels equal the ids on assistant contents + their <|im_end|>, else -100.
+
+        train_on_all_assistant=False trains only the last assistant turn (earlier ones are context).
+        """
+        ids, labels = list(self.bos), [IGNORE_INDEX] * len(self.bos)
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+        for i, m in enumerate(messages):
+            head = self.header(m["role"])
+            body = [*self.tokenizer.encode(m["content"]), self.end_id]
+            trained = m["role"] == "assistant" and (train_on_all_assistant or i == last)
+            ids += head + body + self.newline
+            labels += [IGNORE_INDEX] * len(head) + (body if trained else [IGNORE_INDEX] * len(body))
+            labels += [IGNORE_INDEX] * len(self.newline)
+        return ids, labels
+
+    def prompt(self, messages: Sequence[Message]) -> list[int]:
+        """Ids of the conversation so far plus the assistant header: where generation starts."""
+        ids = list(self.bos)
+        for m in messages:
+            ids += self.header(m["role"]) + self.tokenizer.encode(m["content"]) + [self.end_id] + self.newline
+        return ids + self.header("assistant")
+
+    def reply(self, text: str) -> list[int]:
+        """Ids of one assistant reply as the model must produce it: content + <|im_end|>."""
+        return [*self.tokenizer.encode(text), self.end_id]
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat tokens in tokenizer and model
+
+
+@torch.no_grad()
+def resize_vocab(model: nn.Module, vocab_size: int, new_rows: Sequence[int] = ()) -> None:
+    """Grow a ModernDecoderLM's vocabulary to `vocab_size` (a multiple of 64 is fastest).
+
+    Rows listed in `new_rows` (new tokens, or padded rows that were never trained) start at the
+    mean of the trained embeddings, as transformers' mean-resizing does: a random row would get an
+    arbitrary logit, the mean keeps the new tokens' first predictions close to the average one.
+    """
+    emb = model.tok_emb.weight
+    old = emb.size(0)
+    trained = [i for i in range(old) if i not in set(new_rows)]
+    mean = emb[trained].mean(dim=0)
+    if vocab_size > old:
+        weight = torch.cat([emb, mean.expand(vocab_size - old, -1)], dim=0)
+        model.tok_emb = nn.Embedding.from_pretrained(weight.clone(), freeze=False)
+        if model.config.tie_embeddings:
+            model.lm_head = nn.Linear(emb.size(1), vocab_size, bias=False, device=emb.device, dtype=emb.dtype)
+            model.lm_head.weight = model.tok_emb.weight
+        else:
+            head = model.lm_head.weight
+            new_head = torch.cat([head, head[trained].mean(0).expand(vocab_size - old, -1)], dim=0)
+            model.lm_head = nn.Linear(head.size(1), vocab_size, bias=False, device=head.device, dtype=head.dtype)
+            model.lm_head.weight.copy_(new_head)
+        model.config.vocab_size = vocab_size
+    for i in new_rows:
+        if i < old:
+            model.tok_emb.weight[i] = mean
+            if not model.config.tie_embeddings:
+                model.lm_head.weight[i] = model.lm_head.weight[trained].mean(0)
+
+
+def prepare_chat_model(model: nn.Module, tokenizer: Any) -> list[str]:
+    """Make a pretrained model and its tokenizer chat-ready, in place; returns the tokens added.
+
+    Adds <|im_start|> / <|im_end|> as special tokens when the tokenizer lacks them, grows the
+    model's vocabulary when the new ids do not fit (to a multiple of 64) and starts their rows at
+    the mean embedding; sets the ChatML template and makes <|im_end|> the eos token.
+    """
+    missing = [t for t in (IM_START, IM_END) if tokenizer.token_to_id(t) is None]
+    if missing:
+        tokenizer.backend.add_special_tokens(missing)
+    new_ids = [tokenizer.token_to_id(t) for t in missing]
+    need = tokenizer.vocab_size
+    if need > model.config.vocab_size or new_ids:
+        resize_vocab(model, max(model.config.vocab_size, 64 * -(-need // 64)), new_rows=new_ids)
+    tokenizer.chat_template = tokenizer.chat_template or CHATML_TEMPLATE
+    tokenizer.eos_token = IM_END
+    return missing
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT records
+
+
+SFT_FORMATS = ("alpaca", "chat", "gsm8k", "hh_rlhf")
+
+
+@dataclass
+class SFTDataConfig:
+    format: str = "alpaca"  # alpaca | chat ({"messages": [...]}) | gsm8k | hh_rlhf (prompt + chosen)
+    path: str = ""  # local .json / .jsonl / .jsonl.gz
+    hf_dataset: str = ""  # hub dataset instead, e.g. tatsu-lab/alpaca, HuggingFaceH4/no_robots
+    hf_config: str = ""
+    hf_data_dir: str = ""
+    split: str = "train"
+    system: str = ""  # a system message put before every conversation ("" = none)
+    max_length: int = 512  # tokens per example; longer ones are cut from the right
+    max_examples: int = 0  # keep at most N (0 = all), after a seeded shuffle when shuffle=true
+    shuffle: bool = True  # shuffle before max_examples
+    train_on_all_assistant: bool = True  # multi-turn: loss on every assistant turn (false: the last)
+    pack: bool = False  # fill rows of max_length with several examples (attention kept per example)
+    add_bos: bool = False  # prepend bos to every example
+
+    def __post_init__(self) -> None:
+        if self.format not in SFT_FORMATS:
+            raise ValueError(f"format must be one of {', '.join(SFT_FORMATS)}, got {self.format!r}")
+        if self.max_length <= 0:
+            raise ValueError(f"max_length must be positive, got {self.max_length}")
+
+
+def alpaca_messages(record: dict[str, str]) -> list[Message]:
+    """Alpaca's instruction (+ input, after a blank line) as the user turn, output as the reply."""
+    user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+
+
+def read_sft_records(cfg: SFTDataConfig) -> Iterator[tuple[str, list[Message]]]:
+    """(where, messages) for every record of the configured source; bad records name file and line."""
+    from modernlm import tasks
+
+    rows = tasks._rows(cfg.path, cfg.hf_dataset, cfg.hf_config, cfg.split, cfg.hf_data_dir)
+    system = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    if cfg.format == "alpaca":
+        for where, rec in tasks._iter_alpaca(rows):
+            yield where, system + alpaca_messages(rec)
+    elif cfg.format == "gsm8k":
+        for where, rec in tasks._iter_gsm8k(rows):
+            msgs = [{"role": "user", "content": rec["question"]}, {"role": "assistant", "content": rec["answer"]}]
+            yield where, system + msgs
+    elif cfg.format == "hh_rlhf":
+        for where, rec in tasks._iter_hh_rlhf(rows):
+            yield where, system + rec["prompt"] + [{"role": "assistant", "content": rec["chosen"]}]
+    else:
+        for where, row in rows:
+            msgs = check_messages(row.get("messages"), where)
+            if not any(m["role"] == "assistant" for m in msgs):
+                raise UserError(f"{where}: a chat needs at least one assistant message to train on")
+            yield where, (system if msgs[0]["role"] != "system" else []) + msgs
+
+
+def load_sft_examples(cfg: SFTDataConfig, encoder: ChatEncoder, seed: int = 0) -> list[dict[str, Any]]:
+    """Tokenized SFT examples {"input_ids", "labels", "source"}, cut to max_length; empty ones dropped."""
+    records = list(read_sft_records(cfg))
+    if cfg.shuffle:
+        order = np.random.default_rng(seed).permutation(len(records))
+        records = [records[i] for i in order]
+    if cfg.max_examples:
+        records = records[: cfg.max_examples]
+    out = []
+    for where, msgs in records:
+        ids, labels = encoder.encode(msgs, cfg.train_on_all_assistant)
+        ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
+        if any(t != IGNORE_INDEX for t in labels[1:]):  # something left to learn after the shift
+            out.append({"input_ids": ids, "labels": labels, "source": where})
+    if not out:
+        raise UserError(f"data: no SFT examples with an assistant reply within max_length={cfg.max_length}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def pack_examples(examples: Sequence[dict[str, Any]], length: int) -> list[dict[str, Any]]:
+    """Greedy first-fit packing into rows of at most `length` tokens, each with its segment ids.
+
+    Rows are filled in order (first fit over the open rows), so packing is deterministic; examples
+    keep their own tokens and labels, and `segment_ids` tells the model where each one starts.
+    """
+    rows: list[dict[str, list[int]]] = []
+    room: list[int] = []
+    for ex in examples:
+        n = len(ex["input_ids"])
+        r = next((i for i, free in enumerate(room) if n <= free), None)
+        if r is None:
+            rows.append({"input_ids": [], "labels": [], "segment_ids": []})
+            room.append(length)
+            r = len(rows) - 1
+        row = rows[r]
+        seg = row["segment_ids"][-1] + 1 if row["segment_ids"] else 0
+        row["input_ids"] += ex["input_ids"]
+        row["labels"] += ex["labels"]
+        row["segment_ids"] += [seg] * n
+        room[r] -= n
+    return rows
+
+
+def collate_sft(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
+    """Right-pad to the longest row: input_ids (pad_id), labels (-100), segment_ids (-2) if present.
+
+    Right padding needs no attention mask: a causal model never looks at later positions.
+    """
+    width = max(len(r["input_ids"]) for r in rows)
+    out = {"input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long)}
+    out["labels"] = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    packed = "segment_ids" in rows[0]
+    if packed:
+        out["segment_ids"] = torch.full((len(rows), width), -2, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        out["input_ids"][i, :n] = torch.tensor(r["input_ids"])
+        out["labels"][i, :n] = torch.tensor(r["labels"])
+        if packed:
+            out["segment_ids"][i, :n] = torch.tensor(r["segment_ids"])
+    return out
+
+
+class SFTBatches(TaskBatches):
+    """Endless, seeded, rank-sharded, exactly resumable batches of SFT rows (tasks.TaskBatches).
+
+    Without packing a row is one example. With packing the examples are shuffled once (seeded) and
+    packed into rows of max_length; each epoch then visits the rows in a fresh order.
+    """
+
+    def __init__(
+        self,
+        examples: list[dict[str, Any]],
+        batch_size: int,
+        pad_id: int,
+        *,
+        pack: bool = False,
+        max_length: int = 0,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if pack:
+            order = np.random.default_rng([seed, 1]).permutation(len(examples))
+            examples = pack_examples([examples[i] for i in order], max_length)
+        super().__init__(examples, batch_size, pad_id, seed, rank, world_size, shuffle=True)
+
+    def __next__(self) -> dict[str, Tensor]:
+        return collate_sft([self.examples[i] for i in self.next_indices()], self.pad_id)
+
+
+def eval_sft_batches(examples: Sequence[dict[str, Any]], batch_size: int, pad_id: int) -> list[dict[str, Tensor]]:
+    """One ordered pass over (unpacked) examples, collated."""
+    return [collate_sft(examples[i : i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
+
+
+def sft_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """loss_fn for the trainer: next-token loss on the labelled (assistant) tokens only."""
+    from modernlm.losses import next_token_loss
+
+    out = model(batch["input_ids"], segment_ids=batch.get("segment_ids"))
+    loss_sum, n = next_token_loss(out.logits[:, :-1], batch["labels"][:, 1:])
+    if out.aux_loss is not None:
+        loss_sum = loss_sum + out.aux_loss.float() * n
+    return loss_sum, n, {}
+
+
+__all__ = [
+    "IM_END",
+    "IM_START",
+    "ChatEncoder",
+    "SFTBatches",
+    "SFTDataConfig",
+    "alpaca_messages",
+    "check_messages",
+    "collate_sft",
+    "eval_sft_batches",
+    "load_sft_examples",
+    "pack_examples",
+    "prepare_chat_model",
+    "read_sft_records",
+    "render_chat",
+    "resize_vocab",
+    "sft_loss",
+]
