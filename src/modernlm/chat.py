@@ -342,6 +342,75 @@ def sft_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor
     return loss_sum, n, {}
 
 
+# ---------------------------------------------------------------------------------------------
+# Loading a chat model and generating replies
+
+
+def load_chat_model(source: str, tokenizer: str = "", what: str = "init_from") -> tuple[nn.Module, Any, Any]:
+    """(model, tokenizer, checkpoint dir) from a modernlm checkpoint or run dir, made chat-ready."""
+    from pathlib import Path
+
+    from modernlm.checkpoint import load_model
+    from modernlm.evaluation import resolve_checkpoint
+    from modernlm.tokenizer import load_tokenizer
+
+    if not source:
+        raise UserError(f"{what}: give a modernlm checkpoint or run directory")
+    ckpt = resolve_checkpoint(source)
+    if ckpt is None:
+        raise UserError(f"{what}: {source} is not a modernlm checkpoint or a run directory with checkpoints")
+    tok_src = tokenizer or ckpt
+    if not tokenizer and not (Path(ckpt) / "tokenizer.json").is_file():
+        raise UserError(f"{what}: checkpoint {ckpt} has no tokenizer; name one with tokenizer=DIR")
+    model, tok = load_model(ckpt), load_tokenizer(tok_src)
+    prepare_chat_model(model, tok)
+    return model, tok, ckpt
+
+
+@torch.no_grad()
+def generate_replies(
+    model: nn.Module,
+    encoder: ChatEncoder,
+    conversations: Sequence[Sequence[Message]],
+    max_new_tokens: int,
+    *,
+    batch_size: int = 32,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int | None = 0,
+) -> list[dict[str, Any]]:
+    """The assistant's next reply to each conversation: [{"text", "stopped", "ids"}], in order.
+
+    "stopped" says whether the reply ended with <|im_end|> (the chat EOS) within max_new_tokens.
+    Batches are left-padded; a seed makes sampling reproducible batch by batch.
+    """
+    from modernlm.generation import generate, left_pad
+
+    tok = encoder.tokenizer
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[dict[str, Any]] = []
+    stops = [encoder.end_id] + ([tok.eos_id] if tok.eos_id not in (None, encoder.end_id) else [])
+    try:
+        for b in range(0, len(conversations), batch_size):
+            prompts = [encoder.prompt(c) for c in conversations[b : b + batch_size]]
+            room = model.config.max_seq_len - max_new_tokens
+            prompts = [p[-room:] if room > 0 and len(p) > room else p for p in prompts]
+            idx, pad_mask = left_pad(prompts, tok.pad_id or 0, device)
+            ids = generate(
+                model, idx, max_new_tokens, temperature=temperature, top_k=top_k, eos_token_id=stops,
+                pad_mask=pad_mask, seed=None if seed is None else seed + b, vocab_size=tok.vocab_size,
+            )[:, idx.size(1) :].tolist()  # fmt: skip
+            for row in ids:
+                end = next((i for i, t in enumerate(row) if t in stops), None)
+                new = row if end is None else row[:end]
+                out.append({"text": tok.decode(new), "stopped": end is not None, "ids": new})
+    finally:
+        model.train(was_training)
+    return out
+
+
 __all__ = [
     "IM_END",
     "IM_START",
@@ -352,6 +421,8 @@ __all__ = [
     "check_messages",
     "collate_sft",
     "eval_sft_batches",
+    "generate_replies",
+    "load_chat_model",
     "load_sft_examples",
     "pack_examples",
     "prepare_chat_model",

@@ -130,6 +130,16 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             else:
                 msg += f"; valid keys: {', '.join(fields)}"
             raise UserError(msg)
+    data = dict(data)
+    for name, f in fields.items():
+        if isinstance(data.get(name), dict) and f.default_factory is not dataclasses.MISSING:
+            # A section given in part keeps the command's own defaults for it (e.g. SFT's lower lr),
+            # not just its class's: the fields where the two differ are merged under the given ones.
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                plain = to_dict(type(default)())
+                changed = {k: v for k, v in to_dict(default).items() if plain.get(k) != v}
+                data[name] = merge(changed, data[name])
     kwargs = {k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)

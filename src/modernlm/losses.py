@@ -105,4 +105,17 @@ def dpo_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
-__all__ = ["IGNORE_INDEX", "dpo_loss", "lm_eval_loss", "lm_loss", "next_token_loss", "sequence_logps"]
+def verifier_loss(values: Tensor, correct: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Token-level verifier loss (Cobbe et al. 2021): every masked position predicts its row's label.
+
+    values (B, T) are value logits, correct (B,) the solutions' labels (1 = correct, 0 = wrong;
+    soft labels work too), mask (B, T) bool the solution tokens. Returns (the summed binary
+    cross-entropy with logits over the masked positions, float32; how many there are, int64).
+    Positions off the mask contribute nothing, whatever their values (inf and NaN included).
+    """
+    targets = correct.to(torch.float32)[:, None].expand_as(values)
+    per_token = F.binary_cross_entropy_with_logits(values.float(), targets, reduction="none")
+    return torch.where(mask, per_token, 0.0).sum(), mask.sum()
+
+
+__all__ = ["IGNORE_INDEX", "dpo_loss", "lm_eval_loss", "lm_loss", "next_token_loss", "sequence_logps", "verifier_loss"]

@@ -124,7 +124,13 @@ def format_line(step: int, num_steps: int, record: dict[str, Any]) -> str:
     if "loss" in record:
         parts.append(f"loss {num('loss', '.4f')}")
     if "val_loss" in record:
-        parts.append(f"val_loss {num('val_loss', '.4f')} | val_ppl {num('val_ppl', '.2f')}")
+        parts.append(f"val_loss {num('val_loss', '.4f')}")
+    if "val_ppl" in record:
+        parts.append(f"val_ppl {num('val_ppl', '.2f')}")
+    for prefix in ("", "val_"):  # DPO's reward metrics, short
+        for key, short in (("rewards/accuracies", "reward_acc"), ("rewards/margins", "margin")):
+            if prefix + key in record:
+                parts.append(f"{prefix}{short} {num(prefix + key, '.3f')}")
     if "lr" in record:
         parts.append(f"lr {num('lr', '.2e')}")
     if "grad_norm" in record:

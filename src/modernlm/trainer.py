@@ -113,6 +113,7 @@ class Trainer:
         save_model_fn: `(model, dir, tokenizer)` writes a checkpoint's model files (default:
             checkpoint.save_model, for modernlm models); e.g. an adapter saver for HF LoRA.
         load_model_fn: `(model, dir)` loads them back on resume (default: load_weights_into).
+        eval_perplexity: log val_ppl = exp(val_loss); off when the loss is not a token NLL (DPO).
     """
 
     def __init__(
@@ -133,6 +134,7 @@ class Trainer:
         find_unused_parameters: bool = False,
         save_model_fn: Callable[[nn.Module, Path, Any], None] | None = None,
         load_model_fn: Callable[[nn.Module, Path], None] | None = None,
+        eval_perplexity: bool = True,
     ):
         self.cfg, self.optim_cfg, self.runtime = cfg, optim_cfg, runtime
         self.run_dir = Path(run_dir)
@@ -142,6 +144,7 @@ class Trainer:
         self.final_val_batches = final_val_batches if final_val_batches is not None else val_batches
         self.tokenizer, self.flops_per_token = tokenizer, flops_per_token
         self.save_model_fn, self.load_model_fn = save_model_fn, load_model_fn
+        self.eval_perplexity = eval_perplexity
 
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, optim_cfg)
@@ -311,9 +314,12 @@ class Trainer:
                 # Sync gradients only on the last micro-batch. nanoGPT toggles this flag rather
                 # than nesting `no_sync()` contexts: same effect, no context-manager plumbing.
                 self.train_model.require_backward_grad_sync = i == n_micro - 1
-            loss_sum, n_tokens, metrics, ref = self.forward_backward_step(batch, ref, n_micro)
+            loss_sum, n_tokens, micro_metrics, ref = self.forward_backward_step(batch, ref, n_micro)
             loss_total += loss_sum.detach()
             tokens_total += n_tokens
+            for k, v in micro_metrics.items():  # a stage's extra metrics: mean over the micro-batches
+                v = v.detach() if isinstance(v, Tensor) else v
+                metrics[k] = metrics.get(k, 0) + v / n_micro
 
         if rt.distributed:
             packed = torch.stack([loss_total, tokens_total.to(loss_total.dtype)])
@@ -402,7 +408,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, final: bool = False) -> dict[str, float]:
-        """Mean validation loss over all target tokens of val_batches (all ranks), and perplexity."""
+        """Mean validation loss over all target tokens of val_batches (all ranks), and perplexity;
+        the eval loss_fn's metrics as token-weighted means, named val_<name>."""
         batches = self.final_val_batches if final else self.val_batches
         if batches is None:
             return {}
@@ -410,18 +417,28 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=rt.device)
+        extra: dict[str, Tensor] = {}  # the loss_fn's metrics, weighted by n_tokens
         for batch in batches:
             with rt.autocast():
-                loss_sum, n_tokens, _ = self.eval_loss_fn(self.eval_model, to_device(batch, rt.device))
+                loss_sum, n_tokens, metrics = self.eval_loss_fn(self.eval_model, to_device(batch, rt.device))
+            n = torch.as_tensor(n_tokens, device=rt.device).double()
             totals[0] += loss_sum.detach().double()
-            totals[1] += torch.as_tensor(n_tokens, device=rt.device).double()
+            totals[1] += n
+            for k, v in metrics.items():
+                extra[k] = extra.get(k, 0) + torch.as_tensor(v, device=rt.device).detach().double() * n
+        names = sorted(extra)
+        packed = torch.cat([totals, torch.stack([extra[k] for k in names])]) if names else totals
         if rt.distributed:
-            torch.distributed.all_reduce(totals)
+            torch.distributed.all_reduce(packed)
         self.model.train(was_training)
-        if totals[1].item() == 0:
+        if packed[1].item() == 0:
             return {}
-        val_loss = (totals[0] / totals[1]).item()
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        val_loss = (packed[0] / packed[1]).item()
+        result = {"val_loss": val_loss}
+        if self.eval_perplexity:
+            result["val_ppl"] = math.exp(min(val_loss, 50.0))
+        result.update({f"val_{k}": (packed[2 + i] / packed[1]).item() for i, k in enumerate(names)})
+        return result
 
     def _log_eval(self, writer: MetricsWriter, bar: Any, best: bool, final: bool = False) -> None:
         result = self.evaluate(final)

@@ -1,0 +1,270 @@
+"""Preference pairs for DPO: records -> ChatML token ids with reply masks -> batches -> the DPO loss_fn.
+
+A pair is a prompt (a conversation ending with a user turn), a chosen and a rejected assistant
+reply. Sources (`PreferenceDataConfig.format`):
+- `pairs`: JSONL with {"prompt", "chosen", "rejected"} (TRL's explicit-prompt format); prompt is a
+  string (one user turn) or a list of {"role", "content"} messages; chosen / rejected are strings.
+- `hh_rlhf`: Anthropic HH-RLHF transcripts; the shared turns are the prompt, the last assistant
+  turns chosen and rejected (`tasks.split_hh_pair`; pairs that do not split cleanly are skipped
+  and counted).
+
+Each side is encoded as ChatML prompt + reply + <|im_end|>, labels -100 over the prompt, exactly as
+SFT trains replies (`chat.ChatEncoder`). A batch stacks the B chosen rows over the B rejected rows
+(2B, T), so the policy scores both sides in one forward, as TRL does. The reference model's
+log-probabilities can be computed once up front (`reference_logps`) and travel in the batch;
+then no second model is kept during training.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from modernlm.chat import ChatEncoder, Message, check_messages
+from modernlm.errors import UserError
+from modernlm.losses import IGNORE_INDEX, dpo_loss, sequence_logps
+from modernlm.tasks import TaskBatches
+
+PREFERENCE_FORMATS = ("pairs", "hh_rlhf")
+
+
+@dataclass
+class PreferenceDataConfig:
+    format: str = "pairs"  # pairs ({"prompt", "chosen", "rejected"} JSONL) | hh_rlhf (transcripts)
+    path: str = ""  # local .jsonl / .jsonl.gz / .json
+    hf_dataset: str = ""  # hub dataset instead, e.g. Anthropic/hh-rlhf, trl-lib/ultrafeedback_binarized
+    hf_config: str = ""
+    hf_data_dir: str = ""  # e.g. helpful-base for Anthropic/hh-rlhf
+    split: str = "train"
+    system: str = ""  # a system message put before every prompt ("" = none)
+    max_length: int = 512  # tokens per side (prompt + reply); the prompt is cut from the left first
+    max_examples: int = 0  # keep at most N pairs (0 = all), after a seeded shuffle when shuffle=true
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        if self.format not in PREFERENCE_FORMATS:
+            raise ValueError(f"format must be one of {', '.join(PREFERENCE_FORMATS)}, got {self.format!r}")
+        if self.max_length <= 0:
+            raise ValueError(f"max_length must be positive, got {self.max_length}")
+
+
+def _reply(row: dict[str, Any], name: str, where: str) -> str:
+    value = row.get(name)
+    if isinstance(value, list):  # conversational: the reply as a one-message list
+        msgs = check_messages(value, where)
+        if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+            raise UserError(f"{where}: '{name}' as messages must be one assistant message")
+        value = msgs[0]["content"]
+    if not isinstance(value, str) or not value:
+        raise UserError(f"{where}: '{name}' must be a non-empty string")
+    return value
+
+
+def read_pairs(cfg: PreferenceDataConfig, skipped: Counter | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, {"prompt": messages, "chosen": str, "rejected": str}) per usable pair."""
+    from modernlm import tasks
+
+    rows = tasks._rows(cfg.path, cfg.hf_dataset, cfg.hf_config, cfg.split, cfg.hf_data_dir)
+    system = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    if cfg.format == "hh_rlhf":
+        for where, rec in tasks._iter_hh_rlhf(rows, skipped):
+            yield where, {"prompt": system + rec["prompt"], "chosen": rec["chosen"], "rejected": rec["rejected"]}
+        return
+    for where, row in rows:
+        prompt = row.get("prompt")
+        if isinstance(prompt, str) and prompt:
+            msgs: list[Message] = [{"role": "user", "content": prompt}]
+        elif isinstance(prompt, list):
+            msgs = check_messages(prompt, where)
+        else:
+            raise UserError(f"{where}: 'prompt' must be a non-empty string or a list of messages")
+        if msgs[-1]["role"] != "user":
+            raise UserError(f"{where}: the prompt must end with a user message")
+        yield where, {"prompt": system + msgs, "chosen": _reply(row, "chosen", where),
+                      "rejected": _reply(row, "rejected", where)}  # fmt: skip
+
+
+def encode_pair(encoder: ChatEncoder, pair: dict[str, Any], max_length: int) -> dict[str, Any] | None:
+    """{"chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"}; None if no reply fits.
+
+    Both sides share the prompt. When a side is too long, the prompt is cut from the left (its end,
+    next to the reply, matters most), then the reply from the right.
+    """
+    prompt = encoder.prompt(pair["prompt"])
+    out: dict[str, Any] = {}
+    replies = {side: encoder.reply(pair[side]) for side in ("chosen", "rejected")}
+    longest = max(len(r) for r in replies.values())
+    keep = max(0, min(len(prompt), max_length - longest))
+    prompt = prompt[len(prompt) - keep :] if keep else []
+    for side, reply in replies.items():
+        ids = (prompt + reply)[:max_length]
+        labels = ([IGNORE_INDEX] * len(prompt) + reply)[:max_length]
+        if all(t == IGNORE_INDEX for t in labels[1:]):
+            return None
+        out[f"{side}_ids"], out[f"{side}_labels"] = ids, labels
+    return out
+
+
+def load_pairs(
+    cfg: PreferenceDataConfig, encoder: ChatEncoder, seed: int = 0, max_examples: int | None = None
+) -> tuple[list[dict[str, Any]], Counter]:
+    """Encoded pairs (with "source"), and the counts of skipped pairs by reason."""
+    skipped: Counter = Counter()
+    records = list(read_pairs(cfg, skipped))
+    if cfg.shuffle:
+        order = np.random.default_rng(seed).permutation(len(records))
+        records = [records[i] for i in order]
+    limit = cfg.max_examples if max_examples is None else max_examples
+    if limit:
+        records = records[:limit]
+    items = []
+    for where, pair in records:
+        item = encode_pair(encoder, pair, cfg.max_length)
+        if item is None:
+            skipped["no reply token within max_length"] += 1
+            continue
+        items.append({**item, "source": where})
+    if not items:
+        raise UserError(f"data: no usable preference pairs in {cfg.path or cfg.hf_dataset}")
+    return items, skipped
+
+
+def collate_pairs(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
+    """input_ids / labels (2B, T): the B chosen rows, then the B rejected rows, right-padded.
+    With precomputed reference log-probs, also ref_logps (2B,) in the same order."""
+    rows = [(it["chosen_ids"], it["chosen_labels"]) for it in items]
+    rows += [(it["rejected_ids"], it["rejected_labels"]) for it in items]
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+    batch = {"input_ids": input_ids, "labels": labels}
+    if "ref_chosen" in items[0]:
+        ref = [it["ref_chosen"] for it in items] + [it["ref_rejected"] for it in items]
+        batch["ref_logps"] = torch.tensor(ref, dtype=torch.float32)
+    return batch
+
+
+class PreferenceBatches(TaskBatches):
+    """Endless, seeded, rank-sharded, exactly resumable batches of pairs (tasks.TaskBatches)."""
+
+    def __next__(self) -> dict[str, Tensor]:
+        return collate_pairs([self.examples[i] for i in self.next_indices()], self.pad_id)
+
+
+def pair_batches(items: Sequence[dict[str, Any]], batch_size: int, pad_id: int) -> list[dict[str, Tensor]]:
+    """One ordered pass over pairs, collated."""
+    return [collate_pairs(items[i : i + batch_size], pad_id) for i in range(0, len(items), batch_size)]
+
+
+def policy_logps(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Summed reply log-probs of every row (2B,): a row's score under `model`."""
+    logps, _ = sequence_logps(model(batch["input_ids"]).logits, batch["labels"])
+    return logps
+
+
+@torch.no_grad()
+def reference_logps(
+    model: nn.Module, items: list[dict[str, Any]], batch_size: int, pad_id: int, device: torch.device, autocast
+) -> None:
+    """Score every pair with the (frozen) reference once; stores ref_chosen / ref_rejected in items."""
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        batch = collate_pairs([{k: v for k, v in it.items() if not k.startswith("ref_")} for it in chunk], pad_id)
+        with autocast():
+            logps = policy_logps(model, {k: v.to(device) for k, v in batch.items()}).float().cpu()
+        chosen, rejected = logps.chunk(2)
+        for it, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
+            it["ref_chosen"], it["ref_rejected"] = c, r
+    model.train(was_training)
+
+
+def dpo_loss_fn(
+    beta: float, label_smoothing: float = 0.0, ref_model: nn.Module | None = None
+) -> Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, int, dict[str, Any]]]:
+    """The trainer's loss_fn for DPO: (sum of per-pair losses, number of pairs, TRL's metrics).
+
+    The reference log-probs come from the batch (precomputed) or, with `ref_model`, from a forward
+    of the frozen reference on the same batch.
+    """
+
+    def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int, dict[str, Any]]:
+        logps = policy_logps(model, batch)
+        if "ref_logps" in batch:
+            ref = batch["ref_logps"]
+        else:
+            if ref_model is None:
+                raise ValueError("dpo_loss_fn: the batch has no ref_logps and no ref_model was given")
+            with torch.no_grad():
+                ref = policy_logps(ref_model, batch)
+        chosen, rejected = logps.chunk(2)
+        ref_chosen, ref_rejected = ref.chunk(2)
+        losses, r_chosen, r_rejected = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, label_smoothing)
+        metrics = {
+            "rewards/chosen": r_chosen.mean(),
+            "rewards/rejected": r_rejected.mean(),
+            "rewards/accuracies": (r_chosen > r_rejected).float().mean(),
+            "rewards/margins": (r_chosen - r_rejected).mean(),
+            "logps/chosen": chosen.detach().mean(),
+            "logps/rejected": rejected.detach().mean(),
+        }
+        return losses.sum(), chosen.size(0), metrics
+
+    return loss_fn
+
+
+@torch.no_grad()
+def evaluate_pairs(
+    model: nn.Module, batches: Sequence[dict[str, Tensor]], beta: float, device: torch.device, autocast
+) -> dict[str, float]:
+    """Held-out pair metrics of `model`.
+
+    pair_accuracy: share of pairs whose chosen reply has the higher log-probability under the model
+    (meaningful before training too); with reference log-probs in the batches, also TRL's reward
+    metrics: accuracy and mean margin of the implicit rewards beta * (log pi - log ref).
+    """
+    was_training = model.training
+    model.eval()
+    n, wins, reward_wins, margin, lp_c, lp_r = 0, 0.0, 0.0, 0.0, 0.0, 0.0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            chosen, rejected = policy_logps(model, batch).float().chunk(2)
+        n += chosen.numel()
+        wins += (chosen > rejected).sum().item()
+        lp_c += chosen.sum().item()
+        lp_r += rejected.sum().item()
+        if "ref_logps" in batch:
+            ref_c, ref_r = batch["ref_logps"].chunk(2)
+            m = beta * ((chosen - ref_c) - (rejected - ref_r))
+            reward_wins += (m > 0).sum().item()
+            margin += m.sum().item()
+    model.train(was_training)
+    out = {"pair_accuracy": wins / n, "logps/chosen": lp_c / n, "logps/rejected": lp_r / n, "n": n}
+    if batches and "ref_logps" in batches[0]:
+        out.update({"rewards/accuracies": reward_wins / n, "rewards/margins": margin / n})
+    return out
+
+
+__all__ = [
+    "PreferenceBatches",
+    "PreferenceDataConfig",
+    "collate_pairs",
+    "dpo_loss_fn",
+    "encode_pair",
+    "evaluate_pairs",
+    "load_pairs",
+    "pair_batches",
+    "read_pairs",
+    "reference_logps",
+]
