@@ -5,8 +5,9 @@
 Modules are imported only when their command runs, so `modernlm --help` never imports torch.
 A command module may declare `POSITIONALS = ["src", "dst"]` (config fields filled, in order, by
 bare arguments; a last name ending in "..." is a list field that takes all the remaining ones)
-and `FLAGS = {"--to": "to"}` (flags that take a value). Anything containing `=` is a dotted
-override. A `UserError` becomes one line on stderr and exit code 2.
+and `FLAGS = {"--to": "to"}` (flags that take a value; one whose field is a bool is a switch that
+takes none: `--force` sets force=true). Anything containing `=` is a dotted override. A
+`UserError` becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "experiment sinks": ("modernlm.commands.experiment_sinks", "attention sinks vs none past the trained context"),
     "finetune": ("modernlm.commands.finetune", "LoRA finetuning of HF models (PEFT) and modernlm checkpoints on tasks"),
     "prompt": ("modernlm.commands.prompt", "zero- and few-shot prompting baselines on SST-2, SAMSum, GSM8K"),
+    "report": ("modernlm.commands.report", "Markdown + HTML report of a pipeline or run directories"),
 }
 
 
@@ -92,8 +94,12 @@ def run_command(name: str, argv: list[str]) -> int:
     )
     parser.add_argument("-c", "--config", help="YAML or JSON config file")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    defaults = module.Config()
     for flag, field in flags.items():
-        parser.add_argument(flag, dest=f"flag_{field}", metavar=field.upper())
+        if isinstance(getattr(defaults, field, None), bool):  # a switch: `--force` means force=true
+            parser.add_argument(flag, dest=f"flag_{field}", action="store_const", const="true")
+        else:
+            parser.add_argument(flag, dest=f"flag_{field}", metavar=field.upper())
     names = [p.removesuffix("...") for p in positionals]
     rest = positionals[-1].endswith("...") if positionals else False
     parser.add_argument("args", nargs="*", help=" ".join(p.upper() for p in positionals) + " key=value ...")
