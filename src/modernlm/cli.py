@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("modernlm.commands.finetune", "LoRA finetuning of HF models (PEFT) and modernlm checkpoints on tasks"),
     "prompt": ("modernlm.commands.prompt", "zero- and few-shot prompting baselines on SST-2, SAMSum, GSM8K"),
     "report": ("modernlm.commands.report", "Markdown + HTML report of a pipeline or run directories"),
+    "sft": ("modernlm.commands.sft", "supervised finetuning of a checkpoint on chats (ChatML, loss on replies)"),
+    "dpo": ("modernlm.commands.dpo", "direct preference optimisation against a frozen reference"),
 }
 
 
