@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("modernlm.commands.report", "Markdown + HTML report of a pipeline or run directories"),
     "sft": ("modernlm.commands.sft", "supervised finetuning of a checkpoint on chats (ChatML, loss on replies)"),
     "dpo": ("modernlm.commands.dpo", "direct preference optimisation against a frozen reference"),
+    "verifier": ("modernlm.commands.verifier", "GSM8K verifier: sample, label, train a value head, rerank best-of-N"),
 }
 
 

@@ -1,0 +1,248 @@
+"""The GSM8K verifier of Cobbe et al. 2021: sample, label, train a value head, rerank best-of-N.
+
+    modernlm verifier -c configs/align/verifier.yaml init_from=runs/sft
+    modernlm verifier runs/sft sample.n_train=100 sample.n_eval=100 lm_coef=1.0   # the paper's scale
+    modernlm verifier runs/sft generator=runs/sft-big data.max_eval_problems=200
+
+INIT_FROM is the SFT checkpoint (or its run directory: its best checkpoint), chat-ready: its
+tokenizer has <|im_start|> / <|im_end|> and generation stops at <|im_end|>. Three stages:
+1. Sample: sample.n_train solutions per training problem from the generator (init_from unless
+   `generator` names another checkpoint), at sample.temperature, each labelled correct when its
+   last number equals the reference's '#### N'. Then, for the held-out problems (data.eval_path),
+   one greedy solution and sample.n_eval samples. All go to samples/*.jsonl (+ a .json each with
+   the settings and the share correct); a rerun reuses them and finishes an interrupted draw.
+2. Train: the verifier = init_from's weights + a scalar head on the final hidden states; every
+   solution token learns to predict its solution's correctness (BCE), plus lm_coef times the LM loss
+   on the solution tokens. data.val_fraction of the training problems (whole problems) give
+   val_loss (the value BCE). The one Trainer: resumable, checkpoints/ hold backbone + head.
+3. Rerank the held-out samples: greedy accuracy, majority vote, best-of-N by the verifier's score
+   at the last token, the verifier-weighted vote, and pass@N (an oracle that picks any correct
+   sample) for context. Ties go to the earliest sample.
+
+Runs in one process (CPU or one GPU). Writes run.out_dir/run.name/: config.yaml, samples/,
+metrics.jsonl, summary.json, checkpoints/, verifier/ (the final verifier: a modernlm checkpoint +
+value_head.safetensors, `modernlm.verifier.load_verifier`), eval.json, eval/predictions.jsonl (per
+problem: every answer and score, what each method picked) and eval/errors.jsonl (problems
+best-of-N got wrong). Prints one summary line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modernlm.optim import OptimConfig
+from modernlm.runtime import RunConfig
+from modernlm.trainer import TrainingConfig
+
+POSITIONALS = ["init_from"]
+
+
+@dataclass
+class DataSettings:
+    train_path: str = "../shared/data/gsm8k/train.jsonl"  # GSM8K JSONL (question, answer "... #### N") to sample on
+    eval_path: str = "../shared/data/gsm8k/test.jsonl"  # held-out problems to rerank ("" = no evaluation)
+    max_train_problems: int = 0  # the first N training problems (0 = all)
+    max_eval_problems: int = 0  # the first N held-out problems (0 = all)
+    val_fraction: float = 0.05  # training problems (with all their samples) held out for val_loss
+    max_length: int = 0  # tokens of prompt + solution (0 = the model's max_seq_len); longer keep their end
+
+
+@dataclass
+class SampleSettings:
+    n_train: int = 16  # solutions per training problem (Cobbe et al.: 100)
+    n_eval: int = 16  # solutions per held-out problem to rerank: the N of best-of-N (Cobbe et al.: 100)
+    temperature: float = 0.7  # Cobbe et al.'s sampling temperature
+    top_k: int = 0  # sample among the k most likely tokens (0 = off)
+    max_new_tokens: int = 256  # solution budget (a solution still open then is kept as it is)
+    batch_size: int = 32  # rows per generate call and per scoring forward
+    seed: int = 0  # batch b of a samples file draws with seed + b
+
+
+@dataclass
+class Config:
+    init_from: str = ""  # the SFT checkpoint or run dir: the generator and the verifier's initial weights
+    generator: str = ""  # sample from this checkpoint instead ("" = init_from)
+    lm_coef: float = 0.0  # weight of the joint LM loss on the solution tokens (Cobbe et al. keep it on)
+    data: DataSettings = field(default_factory=DataSettings)
+    sample: SampleSettings = field(default_factory=SampleSettings)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-5, warmup_steps=20, weight_decay=0.0))
+    train: TrainingConfig = field(default_factory=lambda: TrainingConfig(num_steps=500, eval_every=100))
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def check(cfg: Config) -> None:
+    """The config's own mistakes, before anything loads."""
+    import os
+
+    from modernlm.errors import UserError
+
+    if not cfg.init_from:
+        raise UserError("init_from: give the SFT checkpoint (a modernlm checkpoint or run directory)")
+    if not cfg.data.train_path:
+        raise UserError("data.train_path: give the training problems (GSM8K JSONL)")
+    for name in ("n_train", "n_eval", "max_new_tokens", "batch_size"):
+        if getattr(cfg.sample, name) <= 0:
+            raise UserError(f"sample.{name}: must be positive, got {getattr(cfg.sample, name)}")
+    if cfg.sample.temperature <= 0:
+        raise UserError(f"sample.temperature: must be > 0 (the N samples must differ), got {cfg.sample.temperature}")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise UserError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
+    if cfg.lm_coef < 0 or cfg.data.max_length < 0:
+        raise UserError("lm_coef and data.max_length must be >= 0")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("verifier: runs in one process (sampling and reranking are not sharded); no torchrun")
+
+
+def rerank(
+    problems: list[dict[str, Any]], greedy: list[dict[str, Any]], rows: list[dict[str, Any]], scores: list[float]
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """(accuracies of each method, one prediction row per problem) for the held-out samples."""
+    from modernlm.verifier import group_by_problem, rerank_metrics, rerank_problem
+
+    picks, predictions = [], []
+    for p, idxs in enumerate(group_by_problem(rows, len(problems))):
+        answers, sc = [rows[i]["answer"] for i in idxs], [scores[i] for i in idxs]
+        pick = rerank_problem(problems[p]["target"], answers, sc)
+        picks.append(pick)
+        predictions.append({
+            "input": problems[p]["question"], "prediction": rows[idxs[pick["best_index"]]]["solution"],
+            "reference": problems[p]["answer"], "index": p, "target": problems[p]["target"],
+            "greedy": greedy[p]["solution"], "greedy_answer": greedy[p]["answer"],
+            "greedy_correct": greedy[p]["correct"],
+            **pick, "answers": answers, "scores": sc, "correct": [rows[i]["correct"] for i in idxs],
+            "source": problems[p]["source"],
+        })  # fmt: skip
+    return rerank_metrics(picks, [g["correct"] for g in greedy]), predictions
+
+
+def main(cfg: Config) -> None:
+    import numpy as np
+    import torch
+
+    from modernlm import verifier as V
+    from modernlm.chat import ChatEncoder, load_chat_model
+    from modernlm.config import save_config
+    from modernlm.errors import UserError
+    from modernlm.metrics import write_errors
+    from modernlm.runtime import cleanup, setup_runtime
+    from modernlm.trainer import Trainer
+
+    check(cfg)
+    train_problems = V.read_problems(cfg.data.train_path, cfg.data.max_train_problems)
+    eval_problems = V.read_problems(cfg.data.eval_path, cfg.data.max_eval_problems) if cfg.data.eval_path else []
+    backbone, tokenizer, init_ckpt = load_chat_model(cfg.init_from)
+
+    cfg.run.name = cfg.run.name or "verifier"
+    runtime = setup_runtime(cfg.run)
+    try:
+        run_dir = Path(cfg.run.out_dir) / cfg.run.name
+        encoder = ChatEncoder(tokenizer)
+        max_length = cfg.data.max_length or backbone.config.max_seq_len
+        if max_length > backbone.config.max_seq_len:
+            raise UserError(f"data.max_length ({max_length}) is longer than the model's context ({init_ckpt})")
+
+        # ---- 1. samples (the generator only generates: its weights stay as loaded) ----
+        if cfg.generator:
+            gen, gen_tok, gen_ckpt = load_chat_model(cfg.generator, what="generator")
+        else:
+            gen, gen_tok, gen_ckpt = backbone, tokenizer, init_ckpt
+        gen.to(runtime.device).eval()
+        s = cfg.sample
+        common = dict(
+            max_new_tokens=s.max_new_tokens, top_k=s.top_k, seed=s.seed, batch_size=s.batch_size,
+            generator=str(gen_ckpt), progress=cfg.train.progress, autocast=runtime.autocast,
+        )  # fmt: skip
+        gen_enc = ChatEncoder(gen_tok)
+        samples = run_dir / "samples"
+        train_rows, train_stats = V.draw_samples(
+            samples / "train.jsonl", gen, gen_enc, train_problems, s.n_train, temperature=s.temperature, **common
+        )
+        runtime.print0(
+            f"samples: {len(train_rows):,} for {len(train_problems):,} training problems from {gen_ckpt}, "
+            f"{train_stats['share_correct']:.1%} correct, {train_stats['problems_with_a_correct']:.1%} of problems "
+            f"with a correct one -> {samples / 'train.jsonl'}"
+        )
+        greedy_rows, eval_rows, eval_stats = [], [], {}
+        if eval_problems:
+            greedy_rows, _ = V.draw_samples(
+                samples / "eval_greedy.jsonl", gen, gen_enc, eval_problems, 1, temperature=0.0, **common
+            )
+            eval_rows, eval_stats = V.draw_samples(
+                samples / "eval.jsonl", gen, gen_enc, eval_problems, s.n_eval, temperature=s.temperature, **common
+            )
+        if gen is not backbone:
+            del gen
+
+        # ---- 2. the verifier: training problems split by problem into train / val ----
+        order = np.random.default_rng(cfg.run.seed).permutation(len(train_problems))
+        n_val = min(round(len(train_problems) * cfg.data.val_fraction), len(train_problems) - 1)
+        held = {int(i) for i in order[:n_val]}
+        examples = V.examples_from_rows([r for r in train_rows if r["problem"] not in held], encoder, max_length)
+        val_examples = V.examples_from_rows([r for r in train_rows if r["problem"] in held], encoder, max_length)
+        if cfg.train.eval_batches:
+            val_examples = val_examples[: cfg.train.eval_batches * cfg.train.batch_size]
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else encoder.end_id
+        val_batches = [
+            V.collate_verifier(val_examples[i : i + cfg.train.batch_size], pad)
+            for i in range(0, len(val_examples), cfg.train.batch_size)
+        ] or None
+        labels = {bool(e["correct"]) for e in examples}
+        if len(labels) < 2:
+            runtime.print0(
+                f"note: every training sample is {'correct' if True in labels else 'wrong'}; the verifier can only "
+                "learn that (more samples, a higher temperature or a stronger generator give both kinds)"
+            )
+        torch.manual_seed(cfg.run.seed)
+        model = V.VerifierModel(backbone).train()
+        batches = V.VerifierBatches(examples, cfg.train.batch_size, pad, seed=cfg.run.seed)
+        trainer = Trainer(
+            model, V.verifier_loss_fn(cfg.lm_coef), batches, cfg.train, cfg.optim, runtime, run_dir,
+            val_batches=val_batches, eval_loss_fn=V.value_eval_loss, tokenizer=tokenizer,
+            save_model_fn=V.save_verifier, load_model_fn=V.load_verifier_weights, eval_perplexity=False,
+        )  # fmt: skip
+        trainer.maybe_resume()  # before writing config.yaml: a mismatched resume must not overwrite it
+        save_config(cfg, run_dir / "config.yaml")
+        runtime.print0(
+            f"verifier: {model.num_params() / 1e6:.2f}M params from {init_ckpt}, {len(examples):,} train / "
+            f"{len(val_examples):,} val solutions ({sum(e['correct'] for e in examples) / len(examples):.1%} correct), "
+            f"lm_coef {cfg.lm_coef} -> {run_dir}"
+        )
+        summary = trainer.train()
+        V.save_verifier(model, run_dir / "verifier", tokenizer)
+
+        # ---- 3. rerank the held-out samples ----
+        if not eval_problems:
+            runtime.print0(f"done: {summary['steps']} steps, no data.eval_path: nothing to rerank -> {run_dir}")
+            return
+        scores = V.score_examples(
+            model, V.examples_from_rows(eval_rows, encoder, max_length), s.batch_size, pad, runtime.autocast
+        )
+        metrics, predictions = rerank(eval_problems, greedy_rows, eval_rows, scores)
+        write_errors(run_dir / "eval" / "predictions.jsonl", predictions)
+        write_errors(run_dir / "eval" / "errors.jsonl", [p for p in predictions if not p["best_correct"]])
+        report = {
+            **metrics,
+            "sample_accuracy": eval_stats["share_correct"],  # one sample at the temperature: pass@1
+            "n": s.n_eval,
+            "n_problems": len(eval_problems),
+            "step": trainer.step,
+            "val_loss": summary["final_val_loss"],
+            "train_samples": train_stats,
+            "settings": {
+                "eval_path": cfg.data.eval_path, "generator": str(gen_ckpt), "verifier": str(run_dir / "verifier"),
+                "temperature": s.temperature, "top_k": s.top_k, "max_new_tokens": s.max_new_tokens, "seed": s.seed,
+                "lm_coef": cfg.lm_coef,
+            },
+        }  # fmt: skip
+        (run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+        n = s.n_eval
+        runtime.print0(
+            f"done: greedy {metrics['greedy_accuracy']:.3f}, majority@{n} {metrics['majority_accuracy']:.3f}, "
+            f"best-of-{n} {metrics['best_of_n_accuracy']:.3f} (weighted vote {metrics['weighted_vote_accuracy']:.3f}), "
+            f"pass@{n} {metrics['pass_at_n']:.3f} on {len(eval_problems)} problems -> {run_dir}"
+        )
+    finally:
+        cleanup(runtime)
