@@ -1,0 +1,753 @@
+"""A self-generated dataset for the offline demo pipeline: stories, word problems, preference pairs.
+
+The demo must run with no network and no third-party text, and a tiny model must visibly learn at
+every stage. So this module writes its own small world (children, things, places, animals: the
+word lists below, written for this project) and renders it into every file the pipeline needs:
+
+    corpus/train.txt, corpus/val.txt   pretraining text, one story per blank-line paragraph
+    gsm/{train,val,test}.jsonl         word problems in GSM8K's format: {"question", "answer": "... #### N"}
+    sft/train.json, sft/val.json       Alpaca records {"instruction", "input", "output"}
+    prefs/train.jsonl, prefs/val.jsonl {"prompt", "chosen", "rejected"}: right and wrong solutions
+    meta.json                          counts, seed, the config
+
+Everything comes from one seed (`random.Random` over string seeds, which Python hashes the same
+way everywhere), so the same config writes byte-identical files.
+
+**Problems.** A problem is a small structured record (`Problem`): a template ("chain:given+eats",
+"together", "more_than", ...), the free numbers it draws, and the steps it computes (`Step`: op,
+left, right, result), every count in 1..max_number, so nothing is ever negative. The question,
+the step-by-step solution ("Tom gives her 3 more, so she has 4 + 3 = 7 apples.") and the story
+form are renderings of the same record, so the answer is right by construction and tests check
+it twice: against the record and by re-doing every "a + b = c" line of the text with Python.
+
+**Splits.** The problem's key is (template, numbers), names and things left out. Test problems are
+drawn first; validation problems never share a test key; train problems, preference prompts and
+the stories of the corpus share neither. So no held-out question is seen in any form, not even
+with other names, and held-out accuracy measures arithmetic that was learned, not recalled.
+
+**Why no question/answer text in pretraining.** The demo's point is that SFT raises answer accuracy
+over the pretrained model. The corpus therefore holds only stories: plain ones, and ones that
+narrate the same events in prose ("Mia had 4 apples. Then Tom gave her 3 more. Now Mia had 7
+apples."), some with the sum written out ("She counted: 4 + 3 = 7."). Pretraining teaches the
+world, the words of the problems and counting; it never shows a question ("How many ...?"), a
+solution in the answer's format or "####". The pretrained model knows the arithmetic but not the
+task format, as a real base model, and SFT has something to teach. Stories are told in the past
+tense and, for `present_fraction` of them, in the present tense of the questions, so the
+question's verbs ("gives", "has") are not new words at SFT.
+
+**Preference pairs.** The rejected solution has the chosen one's wording with one arithmetic
+error: a step's result off by one or two, or a step done with the wrong operation ("4 - 3 = 1"
+where the story gives 3 more); the later steps compute correctly from the wrong value, so the
+final answer is wrong (+ and - are one-to-one in each argument) and the error is local, which is
+what a preference-trained model has to learn to spot.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from modernlm.errors import UserError
+from modernlm.metrics import extract_flexible, extract_strict
+
+# ---------------------------------------------------------------------------------------------
+# The world: every word the generator uses, written for this module.
+
+
+@dataclass(frozen=True)
+class Person:
+    name: str
+    subj: str  # he / she
+    obj: str  # him / her
+    poss: str  # his / her
+    kid: str  # boy / girl
+
+
+def _people(names: str, subj: str, obj: str, poss: str, kid: str) -> list[Person]:
+    return [Person(n, subj, obj, poss, kid) for n in names.split()]
+
+
+PEOPLE = _people("Mia Lily Emma Zoe Anna Sara Nora Ella Ruby Ivy", "she", "her", "her", "girl") + _people(
+    "Tom Ben Sam Max Leo Jack Noah Finn Owen Luke", "he", "him", "his", "boy"
+)
+
+
+@dataclass(frozen=True)
+class Thing:
+    one: str  # singular
+    many: str  # plural
+    food: bool  # can be eaten (the "eats" event needs it)
+
+    def noun(self, n: int) -> str:
+        return self.one if n == 1 else self.many
+
+    def count(self, n: int) -> str:
+        return f"{n} {self.noun(n)}"
+
+
+THINGS = [
+    Thing("apple", "apples", True),
+    Thing("pear", "pears", True),
+    Thing("cookie", "cookies", True),
+    Thing("cherry", "cherries", True),
+    Thing("plum", "plums", True),
+    Thing("carrot", "carrots", True),
+    Thing("candy", "candies", True),
+    Thing("ball", "balls", False),
+    Thing("marble", "marbles", False),
+    Thing("sticker", "stickers", False),
+    Thing("pencil", "pencils", False),
+    Thing("shell", "shells", False),
+    Thing("flower", "flowers", False),
+    Thing("card", "cards", False),
+    Thing("book", "books", False),
+    Thing("stone", "stones", False),
+]
+TOYS = ["ball", "kite", "teddy bear", "toy car", "doll", "drum", "boat", "hat", "puzzle", "balloon"]
+COLORS = "red blue green yellow pink brown purple white".split()  # no vowel first: "a red ..."
+PLACES = ["the park", "the beach", "the garden", "the forest", "the farm", "the lake", "school", "the hill"]
+SHOPS = ["market", "shop", "store", "fair"]
+ANIMALS = "dog cat bird rabbit duck frog horse puppy kitten owl".split()
+WEATHER = "sunny warm windy cold bright rainy".split()
+HAPPY = "happy glad proud excited".split()
+SPOTS = ["a big tree", "the bed", "a bench", "a bush", "the table", "a rock"]
+SNACKS = ["bread", "seeds", "milk", "a carrot", "some grass", "an apple"]
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class SyntheticConfig:
+    seed: int = 0  # one seed for every file; same seed and sizes -> byte-identical output
+    train_stories: int = 30000  # paragraphs of corpus/train.txt
+    val_stories: int = 600  # paragraphs of corpus/val.txt
+    arithmetic_fraction: float = 0.6  # share of stories that narrate a problem in prose (the rest: plain stories)
+    equation_fraction: float = 0.35  # share of narrated steps that also write the sum out ("She counted: 4 + 3 = 7.")
+    present_fraction: float = 0.25  # share of stories told in the present tense (the questions' tense)
+    train_problems: int = 4000  # gsm/train.jsonl; also the word problems of sft/train.json
+    val_problems: int = 200  # word problems of sft/val.json (keys disjoint from test)
+    test_problems: int = 500  # gsm/test.jsonl (keys disjoint from every other file)
+    pref_train: int = 2000  # prefs/train.jsonl pairs (prompts: train problems)
+    pref_val: int = 200  # prefs/val.jsonl pairs (prompts: validation problems)
+    sft_story_fraction: float = 0.1  # story-writing instructions added to sft, as a share of its word problems
+    max_number: int = 20  # every count in a problem (start, amounts, each step's result) is in 1..max_number
+    min_steps: int = 1  # fewest arithmetic steps in a problem
+    max_steps: int = 2  # most arithmetic steps in a problem (1..3)
+
+    def __post_init__(self) -> None:
+        sizes = ("train_stories", "val_stories", "train_problems", "val_problems", "test_problems")
+        for name in (*sizes, "pref_train", "pref_val"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise UserError(f"{name}: must be an int >= 0, got {value!r}")
+        for name in sizes:
+            if getattr(self, name) == 0:
+                raise UserError(f"{name}: must be at least 1 (every file of the demo needs records)")
+        for name in ("arithmetic_fraction", "equation_fraction", "present_fraction", "sft_story_fraction"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise UserError(f"{name}: must be a fraction in [0, 1], got {value!r}")
+        if not isinstance(self.max_number, int) or self.max_number < 5:
+            raise UserError(f"max_number: must be an int >= 5, got {self.max_number!r}")
+        if not 1 <= self.min_steps <= self.max_steps <= 3:
+            raise UserError(
+                f"min_steps / max_steps: need 1 <= min_steps <= max_steps <= 3, got {self.min_steps} / {self.max_steps}"
+            )
+        if self.pref_train > self.train_problems:
+            raise UserError(f"pref_train: at most train_problems ({self.train_problems}), got {self.pref_train}")
+        if self.pref_val > self.val_problems:
+            raise UserError(f"pref_val: at most val_problems ({self.val_problems}), got {self.pref_val}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems: templates, steps, rendering
+
+
+@dataclass(frozen=True)
+class Step:
+    op: str  # "+" or "-"
+    left: int
+    right: int
+    result: int
+
+    def text(self) -> str:
+        return f"{self.left} {self.op} {self.right} = {self.result}"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing that changes the hero's count, in the question's, the solution's and the story's words."""
+
+    op: str  # "+" or "-"
+    food: bool  # only for things that can be eaten
+    present: str  # question / present-tense story sentence
+    past: str  # past-tense story sentence
+    because: str  # the solution's clause before ", so ..."
+
+
+# Fields: {H} hero, {F} friend, {o} hero's object pronoun, {n} the amount, {N} the amount with its
+# noun ("3 apples"), {M} the same with "more" ("3 more apples"), {shop}. The present sentences are
+# the questions' wording.
+EVENTS: dict[str, Event] = {
+    "given": Event("+", False, "{F} gives {H} {M}.", "{F} gave {H} {M}.", "{F} gives {o} {n} more"),
+    "finds": Event("+", False, "{H} finds {M}.", "{H} found {M}.", "{H} finds {n} more"),
+    "buys": Event("+", False, "{H} buys {M} at the {shop}.", "{H} bought {M} at the {shop}.", "{H} buys {n} more"),
+    "gives_away": Event("-", False, "{H} gives {N} to {F}.", "{H} gave {N} to {F}.", "{H} gives {n} to {F}"),
+    "loses": Event("-", False, "{H} loses {N}.", "{H} lost {N}.", "{H} loses {n}"),
+    "eats": Event("-", True, "{H} eats {N}.", "{H} ate {N}.", "{H} eats {n}"),
+}
+
+# A template's steps as (op, left, right) over refs: ("n", i) is the i-th free number, ("s", j) the
+# result of step j. Chains are built from their events; the comparison templates are fixed.
+Ref = tuple[str, int]
+COMPARE_TEMPLATES: dict[str, list[tuple[str, Ref, Ref]]] = {
+    "together": [("+", ("n", 0), ("n", 1))],
+    "more_than": [("+", ("n", 0), ("n", 1))],
+    "fewer_than": [("-", ("n", 0), ("n", 1))],
+    "more_than_together": [("+", ("n", 0), ("n", 1)), ("+", ("n", 0), ("s", 0))],
+    "fewer_than_together": [("-", ("n", 0), ("n", 1)), ("+", ("n", 0), ("s", 0))],
+}
+
+
+def _chain_events(template: str) -> list[str]:
+    return template.removeprefix("chain:").split("+")
+
+
+def template_specs(template: str) -> list[tuple[str, Ref, Ref]]:
+    """The (op, left, right) steps of a template."""
+    if template in COMPARE_TEMPLATES:
+        return COMPARE_TEMPLATES[template]
+    events = _chain_events(template)
+    return [(EVENTS[e].op, ("n", 0) if i == 0 else ("s", i - 1), ("n", i + 1)) for i, e in enumerate(events)]
+
+
+def run_steps(specs: Sequence[tuple[str, Ref, Ref]], numbers: Sequence[int], error: tuple | None = None) -> list[Step]:
+    """Compute the steps; error=(i, "off", delta) shifts step i's result, (i, "op") flips its operation.
+
+    Later steps always compute correctly from what came before, as a student who slipped once would.
+    """
+    out: list[Step] = []
+    for i, (op, left, right) in enumerate(specs):
+        a, b = (numbers[k] if kind == "n" else out[k].result for kind, k in (left, right))
+        if error and error[0] == i and error[1] == "op":
+            op = "-" if op == "+" else "+"
+        result = a + b if op == "+" else a - b
+        if error and error[0] == i and error[1] == "off":
+            result += error[2]
+        out.append(Step(op, a, b, result))
+    return out
+
+
+@dataclass(frozen=True)
+class Problem:
+    template: str  # "chain:given+eats", "together", "more_than", ... (see template_specs)
+    numbers: tuple[int, ...]  # the free numbers: the start count, then each amount
+    steps: tuple[Step, ...]  # the computation, in order
+    hero: Person
+    friend: Person
+    thing: Thing
+    shop: str
+
+    @property
+    def key(self) -> tuple[str, tuple[int, ...]]:
+        """What the splits keep apart: the template and its numbers (names and things left out)."""
+        return (self.template, self.numbers)
+
+    @property
+    def answer(self) -> int:
+        return self.steps[-1].result
+
+    def record(self) -> dict[str, Any]:
+        """The structured record, JSON-ready (what tests recompute the answer from)."""
+        return {
+            "template": self.template,
+            "numbers": list(self.numbers),
+            "steps": [asdict(s) for s in self.steps],
+            "result": self.answer,
+        }
+
+
+def _slots(p: Problem, n: int = 0) -> dict[str, str]:
+    h, t = p.hero, p.thing
+    return {
+        "H": h.name,
+        "F": p.friend.name,
+        "o": h.obj,
+        "n": str(n),
+        "N": t.count(n),
+        "M": f"{n} more {t.noun(n)}",
+        "shop": p.shop,
+    }
+
+
+def _cap(s: str) -> str:
+    return s[0].upper() + s[1:]
+
+
+def question_text(p: Problem) -> str:
+    """The word problem, in the present tense, ending in its "How many ...?" question."""
+    h, f, t = p.hero.name, p.friend.name, p.thing
+    a, b = p.numbers[0], p.numbers[1]
+    if p.template == "together":
+        return f"{h} has {t.count(a)}. {f} has {t.count(b)}. How many {t.many} do they have together?"
+    if p.template in COMPARE_TEMPLATES:
+        more = "more" if p.template.startswith("more") else "fewer"
+        ask = "do they have together" if p.template.endswith("together") else f"does {f} have"
+        fb = t.count(b).replace(" ", f" {more} ")  # "3 more apples", "1 fewer apple"
+        return f"{h} has {t.count(a)}. {f} has {fb} than {h}. How many {t.many} {ask}?"
+    parts = [f"{h} has {t.count(a)}."]
+    for i, name in enumerate(_chain_events(p.template)):
+        sentence = EVENTS[name].present.format(**_slots(p, p.numbers[i + 1]))
+        parts.append(sentence if i == 0 else "Then " + sentence)
+    parts.append(f"How many {t.many} does {h} have now?")
+    return " ".join(parts)
+
+
+def solution_text(p: Problem, steps: Sequence[Step] | None = None) -> str:
+    """The step-by-step solution ending in "#### N"; `steps` overrides the computation (a wrong one)."""
+    steps = list(p.steps if steps is None else steps)
+    f, t, s = p.friend.name, p.thing, p.hero.subj
+    lines = []
+    if p.template == "together":
+        lines.append(f"Together they have {steps[0].text()} {t.noun(steps[0].result)}.")
+    elif p.template in COMPARE_TEMPLATES:
+        lines.append(f"{f} has {steps[0].text()} {t.noun(steps[0].result)}.")
+        if len(steps) > 1:
+            lines.append(f"Together they have {steps[1].text()} {t.noun(steps[1].result)}.")
+    else:
+        for i, name in enumerate(_chain_events(p.template)):
+            because = EVENTS[name].because.format(**_slots(p, p.numbers[i + 1]))
+            lines.append(f"{'Then ' if i else ''}{because}, so {s} has {steps[i].text()} {t.noun(steps[i].result)}.")
+    return "\n".join(lines) + f"\n#### {steps[-1].result}"
+
+
+def story_text(p: Problem, rng: random.Random, cfg: SyntheticConfig) -> str:
+    """The problem told as a story: each event, then the new count; never a question, never "####"."""
+    h, f, t, s = p.hero.name, p.friend.name, p.thing, p.hero.subj
+    present = rng.random() < cfg.present_fraction
+    had, has_ = ("has", "have") if present else ("had", "had")
+
+    def equation(step: Step, who: str) -> list[str]:
+        counted = ("count" if who == "they" else "counts") if present else "counted"
+        return [f"{_cap(who)} {counted}: {step.text()}."] if rng.random() < cfg.equation_fraction else []
+
+    out: list[str] = []
+    if rng.random() < 0.5:
+        out.append(f"One {rng.choice(WEATHER)} day, {h} {'goes' if present else 'went'} to {rng.choice(PLACES)}.")
+    a, b = p.numbers[0], p.numbers[1]
+    first = p.steps[0]
+    if p.template == "together":
+        out.append(f"{h} {had} {t.count(a)} and {f} {had} {t.count(b)}.")
+        out += equation(first, "they")
+        out.append(f"Together they {has_} {t.count(first.result)}.")
+    elif p.template in COMPARE_TEMPLATES:
+        more = "more" if first.op == "+" else "fewer"
+        out.append(f"{h} {had} {t.count(a)}. {f} {had} {t.count(b).replace(' ', f' {more} ')} than {h}.")
+        out += equation(first, f)
+        out.append(f"So {f} {had} {t.count(first.result)}.")
+        if len(p.steps) > 1:
+            out += equation(p.steps[1], "they")
+            out.append(f"Together they {has_} {t.count(p.steps[1].result)}.")
+    else:
+        out.append(f"{h} {had} {t.count(a)}.")
+        for i, name in enumerate(_chain_events(p.template)):
+            event = EVENTS[name]
+            sentence = (event.present if present else event.past).format(**_slots(p, p.numbers[i + 1]))
+            out.append(("Then " if i == 0 or rng.random() < 0.5 else "After that, ") + sentence)
+            out += equation(p.steps[i], s)
+            now = rng.choice([f"Now {h} {had}", f"So {h} {had}", f"Now {s} {had}"])
+            out.append(f"{now} {t.count(p.steps[i].result)}.")
+    if rng.random() < 0.4:
+        was, smiled = ("is", "smiles") if present else ("was", "smiled")
+        out.append(rng.choice([f"{h} {was} {rng.choice(HAPPY)}.", f"{h} {smiled}."]))
+    return " ".join(out)
+
+
+@functools.cache
+def _templates(steps: int) -> list[str]:
+    """Every template with this many steps; chains over every sequence of events."""
+    chains = [[name] for name in EVENTS]
+    for _ in range(steps - 1):
+        chains = [c + [name] for c in chains for name in EVENTS]
+    out = ["chain:" + "+".join(c) for c in chains]
+    return out + [t for t, specs in COMPARE_TEMPLATES.items() if len(specs) == steps]
+
+
+def _draw_numbers(specs: Sequence[tuple[str, Ref, Ref]], rng: random.Random, top: int) -> tuple[int, ...] | None:
+    """Free numbers that keep every count in 1..top, drawn step by step; None when a step cannot fit.
+
+    A step's right operand is either a new free number (drawn to fit) or an earlier value (checked).
+    """
+    numbers = [rng.randint(1 if specs[0][0] == "+" else 2, top - 1 if specs[0][0] == "+" else top)]
+    results: list[int] = []
+    value = lambda ref: numbers[ref[1]] if ref[0] == "n" else results[ref[1]]  # noqa: E731
+    for op, left, right in specs:
+        a = value(left)
+        if right == ("n", len(numbers)):
+            hi = top - a if op == "+" else a - 1  # the amount must leave the result in 1..top
+            if hi < 1:
+                return None
+            numbers.append(rng.randint(1, hi))
+        result = a + value(right) if op == "+" else a - value(right)
+        if not 1 <= result <= top:
+            return None
+        results.append(result)
+    return tuple(numbers)
+
+
+def draw_problem(rng: random.Random, cfg: SyntheticConfig) -> Problem:
+    """One random problem of the world: steps in min_steps..max_steps, every count in 1..max_number."""
+    n_steps = rng.randint(cfg.min_steps, cfg.max_steps)
+    thing = rng.choice(THINGS)
+    templates = _templates(n_steps)
+    chains = [t for t in templates if t.startswith("chain:") and (thing.food or "eats" not in t)]
+    compare = [t for t in templates if not t.startswith("chain:")]
+    while True:
+        # A comparison 40% of the time where one has this many steps, else a chain of events.
+        template = rng.choice(compare) if compare and rng.random() < 0.4 else rng.choice(chains)
+        specs = template_specs(template)
+        numbers = _draw_numbers(specs, rng, cfg.max_number)
+        if numbers is not None:
+            break
+    hero, friend = rng.sample(PEOPLE, 2)
+    return Problem(template, numbers, tuple(run_steps(specs, numbers)), hero, friend, thing, rng.choice(SHOPS))
+
+
+def wrong_steps(p: Problem, rng: random.Random, max_number: int) -> list[Step]:
+    """The steps with one plausible slip (a result off by 1 or 2, or the wrong operation) and a wrong answer.
+
+    Every count stays >= 0 and the final answer always differs from the right one.
+    """
+    options = [(i, "off", d) for i in range(len(p.steps)) for d in (-2, -1, 1, 2)]
+    options += [(i, "op") for i in range(len(p.steps))]
+    rng.shuffle(options)
+    for error in options:
+        steps = run_steps(template_specs(p.template), p.numbers, error)
+        if all(0 <= s.result <= 2 * max_number + 2 for s in steps) and steps[-1].result != p.answer:
+            return steps
+    raise AssertionError(f"no wrong solution for {p.key}")  # unreachable: "off +1" always works
+
+
+def final_answer(text: str) -> str | None:
+    """The answer a solution gives: the number after its last "####", else its last number.
+
+    On our solutions both agree, and agree with `metrics.extract_flexible` (the last number).
+    """
+    return extract_strict(text) if "####" in text else extract_flexible(text)
+
+
+_EQUATION_RE = re.compile(r"(\d+) ([+-]) (\d+) = (\d+)")
+
+
+def equations(text: str) -> list[tuple[int, str, int, int]]:
+    """Every "a + b = c" / "a - b = c" in a text, as (a, op, b, c)."""
+    return [(int(a), op, int(b), int(c)) for a, op, b, c in _EQUATION_RE.findall(text)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain stories: little plots over the world, each using the hero, a friend, a toy and a place.
+
+
+@dataclass(frozen=True)
+class StoryCast:
+    hero: Person
+    friend: Person
+    toy: str
+    color: str
+    place: str
+    animal: str
+
+
+def _plot_lost(c: StoryCast, rng: random.Random) -> list[str]:
+    h, f, s, p = c.hero.name, c.friend.name, c.hero.subj, c.hero.poss
+    return [
+        f"{h} had a {c.color} {c.toy}.",
+        f"One day {s} took it to {c.place} and lost it.",
+        rng.choice([f"{_cap(s)} looked everywhere.", f"{_cap(s)} looked and looked, but it was gone."]),
+        f"Then {f} found the {c.toy} under {rng.choice(SPOTS)}.",
+        f"{h} was so {rng.choice(HAPPY)} to have {p} {c.toy} back.",
+        rng.choice([f"{_cap(s)} said thank you to {f}.", f"{_cap(s)} gave {f} a big hug."]),
+    ]
+
+
+def _plot_animal(c: StoryCast, rng: random.Random) -> list[str]:
+    h, f, s, animal = c.hero.name, c.friend.name, c.hero.subj, c.animal
+    return [
+        f"One {rng.choice(WEATHER)} day, {h} and {f} went to {c.place} with a {c.color} {c.toy}.",
+        f"There they saw a little {animal}.",
+        rng.choice([f"The {animal} was hungry.", f"The {animal} looked sad and alone."]),
+        f"{h} gave it {rng.choice(SNACKS)}, and {f} gave it some water.",
+        f"The {animal} played with the {c.toy}.",
+        rng.choice(
+            [f"From that day on, the {animal} was their friend.", f"{_cap(s)} hoped to see the {animal} again."]
+        ),
+    ]
+
+
+def _plot_share(c: StoryCast, rng: random.Random) -> list[str]:
+    h, f, s, p = c.hero.name, c.friend.name, c.hero.subj, c.hero.poss
+    return [
+        f"{h} had a new {c.color} {c.toy}.",
+        f"{_cap(s)} took it to {c.place}, and {f} wanted to play with it too.",
+        f"At first {h} did not want to share.",
+        f"Then {s} saw that {f} was sad.",
+        f"{h} gave {p} {c.toy} to {f}, and they played together.",
+        rng.choice(["Sharing made them both happy.", "They had a lot of fun.", "It was a good day."]),
+    ]
+
+
+def _plot_rain(c: StoryCast, rng: random.Random) -> list[str]:
+    h, f = c.hero.name, c.friend.name
+    return [
+        f"{h} and {f} played with a {c.color} {c.toy} at {c.place}.",
+        rng.choice(["Then dark clouds came.", "Then the wind began to blow."]),
+        "Soon it started to rain.",
+        f"{h} took the {c.toy}, and they ran home.",
+        rng.choice(["At home they drank warm milk.", "At home they sat by the window and watched the rain."]),
+        f"The next day the sun came out, and they went back to {c.place}.",
+    ]
+
+
+def _plot_gift(c: StoryCast, rng: random.Random) -> list[str]:
+    h, f, p = c.hero.name, c.friend.name, c.hero.poss
+    return [
+        f"It was {f}'s birthday.",
+        f"{h} wanted to give {c.friend.obj} a gift.",
+        f"{_cap(c.hero.subj)} made a {c.color} {c.toy} with {p} own hands.",
+        f"{h} gave the {c.toy} to {f} at {c.place}.",
+        f"{f} was very {rng.choice(HAPPY)}.",
+        rng.choice([f"{_cap(c.friend.subj)} said it was the best gift.", "They played with it all day."]),
+    ]
+
+
+Plot = Callable[[StoryCast, random.Random], list[str]]
+# Each plot with the sentences a shorter telling may leave out (the story still makes sense).
+PLOTS: dict[Plot, tuple[int, ...]] = {
+    _plot_lost: (2, 5),
+    _plot_animal: (2, 4),
+    _plot_share: (2, 5),
+    _plot_rain: (1, 4),
+    _plot_gift: (1, 5),
+}
+
+
+def random_cast(rng: random.Random) -> StoryCast:
+    hero, friend = rng.sample(PEOPLE, 2)
+    return StoryCast(hero, friend, rng.choice(TOYS), rng.choice(COLORS), rng.choice(PLACES), rng.choice(ANIMALS))
+
+
+def plain_story(rng: random.Random, cast: StoryCast | None = None, plot: Plot | None = None) -> str:
+    """A short plain story (no numbers to compute) about the cast, or a random one."""
+    cast = cast or random_cast(rng)
+    plot = plot or rng.choice(list(PLOTS))
+    sentences = plot(cast, rng)
+    if rng.random() < 0.3:  # a shorter telling
+        del sentences[rng.choice(PLOTS[plot])]
+    if rng.random() < 0.2:  # the classic opening, so "Once upon a time," prompts are in the world too
+        sentences.insert(0, f"Once upon a time, there was a {cast.hero.kid} named {cast.hero.name}.")
+    return " ".join(sentences)
+
+
+def story_instruction(rng: random.Random) -> tuple[str, str]:
+    """An SFT story-writing instruction and a story that follows it."""
+    cast = random_cast(rng)
+    h, f = cast.hero.name, cast.friend.name
+    kind = rng.randrange(4)
+    if kind == 3:  # every plot has the toy, the friend and the place; only this one has the animal
+        return f"Write a short story about a {cast.animal}.", plain_story(rng, cast, _plot_animal)
+    instruction = [
+        f"Write a short story about {h} and a {cast.color} {cast.toy}.",
+        f"Write a short story about {h} and {f}.",
+        f"Tell me a story about {h} at {cast.place}.",
+    ][kind]
+    return instruction, plain_story(rng, cast)
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits and files
+
+
+def _rng(cfg: SyntheticConfig, stream: str) -> random.Random:
+    # One independent stream per file, so resizing one file leaves the others' content unchanged.
+    return random.Random(f"modernlm-synthetic:{cfg.seed}:{stream}")
+
+
+def draw_problems(
+    n: int, rng: random.Random, cfg: SyntheticConfig, banned: set, unique_keys: bool, seen_questions: set[str]
+) -> list[Problem]:
+    """n problems with distinct questions, none with a banned key (distinct keys too if unique_keys)."""
+    out: list[Problem] = []
+    keys: set = set()
+    misses = 0  # draws in a row that were rejected: many means the combinations are used up
+    while len(out) < n:
+        if misses > 10_000:
+            raise UserError(
+                f"cannot draw {n} distinct problems with max_number={cfg.max_number}, steps "
+                f"{cfg.min_steps}..{cfg.max_steps}: too few combinations; raise max_number or lower the sizes"
+            )
+        p = draw_problem(rng, cfg)
+        q = question_text(p)
+        misses += 1
+        if p.key in banned or (unique_keys and p.key in keys) or q in seen_questions:
+            continue
+        misses = 0
+        seen_questions.add(q)
+        keys.add(p.key)
+        out.append(p)
+    return out
+
+
+def _stories(n: int, rng: random.Random, cfg: SyntheticConfig, banned: set) -> tuple[list[str], set]:
+    """n stories (arithmetic_fraction of them narrate a problem whose key is not banned), and those keys."""
+    out, keys = [], set()
+    while len(out) < n:
+        if rng.random() < cfg.arithmetic_fraction:
+            p = draw_problem(rng, cfg)
+            if p.key in banned:
+                continue
+            out.append(story_text(p, rng, cfg))
+            keys.add(p.key)
+        else:
+            out.append(plain_story(rng))
+    return out, keys
+
+
+def _gsm_row(p: Problem) -> dict[str, Any]:
+    return {"question": question_text(p), "answer": solution_text(p), "record": p.record()}
+
+
+def _sft_rows(problems: Sequence[Problem], rng: random.Random, fraction: float) -> list[dict[str, str]]:
+    pairs = [(question_text(p), solution_text(p)) for p in problems]
+    pairs += [story_instruction(rng) for _ in range(round(fraction * len(problems)))]
+    rng.shuffle(pairs)
+    return [{"instruction": instruction, "input": "", "output": output} for instruction, output in pairs]
+
+
+def _pref_rows(problems: Sequence[Problem], rng: random.Random, max_number: int) -> list[dict[str, Any]]:
+    rows = []
+    for p in problems:
+        wrong = wrong_steps(p, rng, max_number)
+        rows.append(
+            {
+                "prompt": question_text(p),
+                "chosen": solution_text(p),
+                "rejected": solution_text(p, wrong),
+                "answer": p.answer,
+                "rejected_answer": wrong[-1].result,
+            }
+        )
+    return rows
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+
+
+def _jsonl(rows: Sequence[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def generate(cfg: SyntheticConfig) -> dict[str, Any]:
+    """Every split in memory: "problems", "corpus", "gsm", "sft", "prefs" (each {split: rows}), "corpus_keys"."""
+    questions: set[str] = set()
+    test = draw_problems(cfg.test_problems, _rng(cfg, "test"), cfg, set(), True, questions)
+    test_keys = {p.key for p in test}
+    val = draw_problems(cfg.val_problems, _rng(cfg, "val"), cfg, test_keys, True, questions)
+    held_out = test_keys | {p.key for p in val}
+    train = draw_problems(cfg.train_problems, _rng(cfg, "train"), cfg, held_out, False, questions)
+    prefs_rng = _rng(cfg, "prefs")
+    corpus_train, keys_train = _stories(cfg.train_stories, _rng(cfg, "corpus-train"), cfg, held_out)
+    corpus_val, keys_val = _stories(cfg.val_stories, _rng(cfg, "corpus-val"), cfg, held_out)
+    return {
+        "problems": {"train": train, "val": val, "test": test},
+        "corpus": {"train": corpus_train, "val": corpus_val},
+        "corpus_keys": keys_train | keys_val,  # the problems the stories narrate
+        "gsm": {split: [_gsm_row(p) for p in ps] for split, ps in (("train", train), ("val", val), ("test", test))},
+        "sft": {
+            "train": _sft_rows(train, _rng(cfg, "sft-train"), cfg.sft_story_fraction),
+            "val": _sft_rows(val, _rng(cfg, "sft-val"), cfg.sft_story_fraction),
+        },
+        "prefs": {
+            "train": _pref_rows(prefs_rng.sample(train, cfg.pref_train), prefs_rng, cfg.max_number),
+            "val": _pref_rows(val[: cfg.pref_val], prefs_rng, cfg.max_number),
+        },
+    }
+
+
+def write_demo_data(out_dir: str | Path, cfg: SyntheticConfig | None = None) -> dict[str, Any]:
+    """Write every file of the demo dataset under out_dir (layout: the module docstring); returns meta.json's dict.
+
+    gsm rows carry, besides GSM8K's "question" / "answer", the structured "record" (template,
+    numbers, steps, result); prefs rows carry both final answers. Readers ignore extra fields.
+    """
+    cfg = cfg or SyntheticConfig()
+    start = time.perf_counter()
+    data = generate(cfg)
+    out = Path(out_dir)
+    for split, stories in data["corpus"].items():
+        _write_text(out / "corpus" / f"{split}.txt", "\n\n".join(stories) + "\n")
+    for split, rows in data["gsm"].items():
+        _write_text(out / "gsm" / f"{split}.jsonl", _jsonl(rows))
+    for split, rows in data["sft"].items():
+        _write_text(out / "sft" / f"{split}.json", json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
+    for split, rows in data["prefs"].items():
+        _write_text(out / "prefs" / f"{split}.jsonl", _jsonl(rows))
+    templates = Counter(p.template.split(":")[0] + f":{len(p.steps)}" for p in data["problems"]["train"])
+    meta = {
+        "seed": cfg.seed,
+        "config": asdict(cfg),
+        "counts": {
+            **{f"corpus/{s}.txt": len(v) for s, v in data["corpus"].items()},
+            **{f"gsm/{s}.jsonl": len(v) for s, v in data["gsm"].items()},
+            **{f"sft/{s}.json": len(v) for s, v in data["sft"].items()},
+            **{f"prefs/{s}.jsonl": len(v) for s, v in data["prefs"].items()},
+        },
+        "corpus_bytes": {s: (out / "corpus" / f"{s}.txt").stat().st_size for s in data["corpus"]},
+        "train_problem_kinds": dict(sorted(templates.items())),
+    }
+    _write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    # Wall time is reported, not stored: meta.json must be byte-identical for one config.
+    return {**meta, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def config_from_dict(values: dict[str, Any]) -> SyntheticConfig:
+    """A SyntheticConfig from a dict (e.g. meta.json's "config"); unknown keys are a UserError."""
+    known = {f.name for f in fields(SyntheticConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"synthetic config: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return replace(SyntheticConfig(), **values)
+
+
+__all__ = [
+    "EVENTS",
+    "PEOPLE",
+    "THINGS",
+    "Problem",
+    "Step",
+    "SyntheticConfig",
+    "config_from_dict",
+    "draw_problem",
+    "equations",
+    "final_answer",
+    "generate",
+    "plain_story",
+    "question_text",
+    "run_steps",
+    "solution_text",
+    "story_text",
+    "template_specs",
+    "write_demo_data",
+    "wrong_steps",
+]

@@ -1,0 +1,117 @@
+"""The pipeline runner: skipping, what a changed config re-runs, --from / --only, resuming an
+unfinished stage, failures; and the command's wiring of the stages."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+
+from modernlm.errors import UserError
+from modernlm.pipeline import PIPELINE_FILE, Runner, Stage
+
+
+@dataclass
+class Knob:
+    value: int = 0
+    extra: list[int] = field(default_factory=list)
+
+
+def make_stages(calls: list[str], knobs: dict[str, int] | None = None, fail: str = "") -> list[Stage]:
+    """a -> b -> c, and d reading only a; each run appends its name to `calls`."""
+    knobs = knobs or {}
+
+    def runner(name):
+        def run(cfg):
+            calls.append(name)
+            if name == fail:
+                raise RuntimeError(f"{name} broke")
+            return {"value": cfg.value}
+
+        return run
+
+    deps = {"a": (), "b": ("a",), "c": ("b",), "d": ("a",)}
+    return [Stage(n, n, deps[n], Knob(knobs.get(n, 0)), runner(n), resumable=n == "c") for n in "abcd"]
+
+
+def test_second_run_skips_everything_done(tmp_path):
+    calls: list[str] = []
+    Runner(tmp_path, make_stages(calls), "t").run()
+    assert calls == list("abcd")
+    Runner(tmp_path, make_stages(calls), "t").run()
+    assert calls == list("abcd")  # nothing re-ran
+    summary = json.loads((tmp_path / PIPELINE_FILE).read_text())
+    assert [s["status"] for s in summary["stages"]] == ["done"] * 4
+    assert summary["finished"] and summary["environment"]["python"]
+    assert all(s["wall_s"] >= 0 for s in summary["stages"])
+
+
+def test_a_changed_config_reruns_that_stage_and_what_reads_it(tmp_path):
+    calls: list[str] = []
+    Runner(tmp_path, make_stages(calls), "t").run()
+    (tmp_path / "b").mkdir(exist_ok=True)
+    (tmp_path / "b" / "old.txt").write_text("stale")
+    calls.clear()
+    Runner(tmp_path, make_stages(calls, {"b": 1}), "t").run()
+    assert calls == ["b", "c"]  # d reads only a: untouched
+    assert not (tmp_path / "b" / "old.txt").exists()  # a changed stage starts from a clean directory
+    calls.clear()
+    Runner(tmp_path, make_stages(calls, {"b": 1, "a": 2}), "t").run()
+    assert calls == list("abcd")
+
+
+def test_from_and_only(tmp_path):
+    calls: list[str] = []
+    Runner(tmp_path, make_stages(calls), "t").run()
+    calls.clear()
+    Runner(tmp_path, make_stages(calls), "t").run(from_stage="b")
+    assert calls == ["b", "c", "d"]
+    calls.clear()
+    Runner(tmp_path, make_stages(calls), "t").run(only="c")
+    assert calls == ["c"]
+    with pytest.raises(UserError, match="no stage 'cc'; did you mean 'c'"):
+        Runner(tmp_path, make_stages(calls), "t").run(only="cc")
+    # --only a stage whose input is out of date with the recipe is refused
+    with pytest.raises(UserError, match="stage c reads stage b, which is out of date"):
+        Runner(tmp_path, make_stages(calls, {"b": 5}), "t").run(only="c")
+
+
+def test_only_needs_its_inputs_done(tmp_path):
+    with pytest.raises(UserError, match="stage b reads stage a, which has not completed"):
+        Runner(tmp_path, make_stages([]), "t").run(only="b")
+
+
+def test_a_failed_stage_is_recorded_and_a_resumable_one_continues_in_place(tmp_path):
+    calls: list[str] = []
+    with pytest.raises(RuntimeError, match="c broke"):
+        Runner(tmp_path, make_stages(calls, fail="c"), "t").run()
+    summary = json.loads((tmp_path / PIPELINE_FILE).read_text())
+    assert {s["name"]: s["status"] for s in summary["stages"]} == {"a": "done", "b": "done", "c": "failed",
+                                                                   "d": "pending"}  # fmt: skip
+    assert "c broke" in summary["stages"][2]["error"]
+    (tmp_path / "c").mkdir(exist_ok=True)
+    (tmp_path / "c" / "checkpoint").write_text("kept")  # what a killed training stage leaves
+    calls.clear()
+    Runner(tmp_path, make_stages(calls), "t").run()
+    assert calls == ["c", "d"]
+    assert (tmp_path / "c" / "checkpoint").read_text() == "kept"  # resumed in place, not cleared
+
+
+def test_wiring_connects_the_stages(tmp_path):
+    from modernlm.commands.pipeline import Config, build_stages
+
+    cfg = Config(out_dir=str(tmp_path))
+    stages = {s.name: s for s in build_stages(cfg)}
+    assert list(stages) == ["data", "tokenizer", "prepare", "pretrain", "eval_pretrain", "sft", "dpo", "verifier",
+                            "eval", "samples", "report"]  # fmt: skip
+    c = {n: s.config for n, s in stages.items()}
+    assert c["tokenizer"].input == str(tmp_path / "data" / "corpus" / "train.txt")
+    assert c["prepare"].tokenizer == c["tokenizer"].out == str(tmp_path / "tokenizer")
+    assert c["pretrain"].data.path == c["prepare"].out
+    assert c["sft"].init_from == str(tmp_path / "pretrain") and c["sft"].data.format == "alpaca"
+    assert c["dpo"].init_from == str(tmp_path / "sft") and c["dpo"].data.path.endswith("prefs/train.jsonl")
+    assert c["verifier"].init_from == str(tmp_path / "sft")
+    assert c["verifier"].data.eval_path == c["eval"].problems == str(tmp_path / "data" / "gsm" / "test.jsonl")
+    for n in ("pretrain", "sft", "dpo", "verifier"):
+        assert (c[n].run.out_dir, c[n].run.name) == (str(tmp_path), stages[n].run_dir)

@@ -1,0 +1,260 @@
+"""The self-generated demo dataset: determinism, disjoint splits, answers checked by recomputation,
+wrong rejected answers, files our readers load, configured sizes and clear config errors."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from modernlm.chat import SFTDataConfig, read_sft_records
+from modernlm.errors import UserError
+from modernlm.metrics import extract_flexible
+from modernlm.synthetic import (
+    THINGS,
+    SyntheticConfig,
+    draw_problem,
+    equations,
+    final_answer,
+    generate,
+    question_text,
+    run_steps,
+    solution_text,
+    template_specs,
+    write_demo_data,
+    wrong_steps,
+)
+from modernlm.tasks import read_alpaca, read_gsm8k
+
+SMALL = dict(
+    train_stories=300,
+    val_stories=30,
+    train_problems=300,
+    val_problems=40,
+    test_problems=60,
+    pref_train=120,
+    pref_val=30,
+)
+FILES = [
+    "corpus/train.txt",
+    "corpus/val.txt",
+    "gsm/train.jsonl",
+    "gsm/val.jsonl",
+    "gsm/test.jsonl",
+    "sft/train.json",
+    "sft/val.json",
+    "prefs/train.jsonl",
+    "prefs/val.jsonl",
+    "meta.json",
+]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, SyntheticConfig, dict]:
+    cfg = SyntheticConfig(seed=3, **SMALL)
+    out = tmp_path_factory.mktemp("synthetic")
+    return out, cfg, write_demo_data(out, cfg)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _paragraphs(path: Path) -> list[str]:
+    return path.read_text().strip("\n").split("\n\n")
+
+
+_SINGULAR = {t.many: t.one for t in THINGS}
+
+
+def _words(text: str) -> list[str]:
+    words = (w.strip(".") for w in text.split())
+    return [_SINGULAR.get(w, w) for w in words if not w.isdigit() and w not in "+-"]
+
+
+def _check_equations(text: str) -> None:
+    eqs = equations(text)
+    assert eqs, text
+    for a, op, b, c in eqs:
+        assert (a + b if op == "+" else a - b) == c, (text, (a, op, b, c))
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, demo):
+    out, cfg, _ = demo
+    write_demo_data(tmp_path / "again", cfg)
+    write_demo_data(tmp_path / "other", SyntheticConfig(seed=4, **SMALL))
+    for name in FILES:
+        assert (tmp_path / "again" / name).read_bytes() == (out / name).read_bytes(), name
+        if name != "meta.json":
+            assert (tmp_path / "other" / name).read_bytes() != (out / name).read_bytes(), name
+
+
+def test_sizes_as_configured(demo):
+    out, cfg, meta = demo
+    assert len(_paragraphs(out / "corpus/train.txt")) == cfg.train_stories
+    assert len(_paragraphs(out / "corpus/val.txt")) == cfg.val_stories
+    assert len(_jsonl(out / "gsm/train.jsonl")) == cfg.train_problems
+    assert len(_jsonl(out / "gsm/val.jsonl")) == cfg.val_problems
+    assert len(_jsonl(out / "gsm/test.jsonl")) == cfg.test_problems
+    n_stories = round(cfg.sft_story_fraction * cfg.train_problems)
+    assert len(json.loads((out / "sft/train.json").read_text())) == cfg.train_problems + n_stories
+    assert len(_jsonl(out / "prefs/train.jsonl")) == cfg.pref_train
+    assert len(_jsonl(out / "prefs/val.jsonl")) == cfg.pref_val
+    on_disk = json.loads((out / "meta.json").read_text())
+    assert on_disk["seed"] == cfg.seed and on_disk["config"]["train_problems"] == cfg.train_problems
+    assert on_disk["counts"]["gsm/test.jsonl"] == cfg.test_problems
+    assert meta["seconds"] >= 0 and "seconds" not in on_disk  # wall time would break byte-identity
+
+
+def test_files_load_with_our_readers(demo):
+    out, cfg, _ = demo
+    for split in ("train", "val", "test"):
+        rows = list(read_gsm8k(out / "gsm" / f"{split}.jsonl"))
+        assert rows and all(r["question"] and r["answer"] and r["final"] for r in rows)
+    for split in ("train", "val"):
+        rows = list(read_alpaca(out / "sft" / f"{split}.json"))
+        assert rows and all(r["instruction"] and r["output"] and r["input"] == "" for r in rows)
+        chats = list(read_sft_records(SFTDataConfig(format="alpaca", path=str(out / "sft" / f"{split}.json"))))
+        assert len(chats) == len(rows)
+        for row in _jsonl(out / "prefs" / f"{split}.jsonl"):
+            for key in ("prompt", "chosen", "rejected"):
+                assert isinstance(row[key], str) and row[key].strip(), (key, row)
+    for name in ("train", "val"):
+        assert all(p.strip() for p in _paragraphs(out / "corpus" / f"{name}.txt"))
+
+
+def test_answers_are_right_by_record_and_by_arithmetic(demo):
+    out, cfg, _ = demo
+    for split in ("train", "val", "test"):
+        path = out / "gsm" / f"{split}.jsonl"
+        for row, read in zip(_jsonl(path), read_gsm8k(path), strict=True):
+            rec = row["record"]
+            steps = run_steps(template_specs(rec["template"]), rec["numbers"])
+            assert [s.__dict__ for s in steps] == rec["steps"]
+            assert steps[-1].result == rec["result"]
+            assert cfg.min_steps <= len(steps) <= cfg.max_steps
+            assert all(1 <= v <= cfg.max_number for s in steps for v in (s.left, s.right, s.result))
+            _check_equations(row["answer"])
+            # the last "a op b = c" line is the final step; the "####" answer, flexible and strict agree
+            assert equations(row["answer"])[-1][3] == rec["result"]
+            assert read["final"] == final_answer(row["answer"]) == extract_flexible(row["answer"]) == str(rec["result"])
+            assert row["answer"].endswith(f"\n#### {rec['result']}")
+
+
+def test_rejected_solutions_have_one_slip_and_a_wrong_answer(demo):
+    out, cfg, _ = demo
+    gsm = {r["question"]: r for r in _jsonl(out / "gsm/train.jsonl")}
+    for split in ("train", "val"):
+        for row in _jsonl(out / "prefs" / f"{split}.jsonl"):
+            _check_equations(row["chosen"])
+            assert final_answer(row["chosen"]) == extract_flexible(row["chosen"]) == str(row["answer"])
+            rejected = final_answer(row["rejected"])
+            assert rejected == extract_flexible(row["rejected"]) == str(row["rejected_answer"])
+            assert rejected != str(row["answer"])
+            assert int(rejected) >= 0 and all(v >= 0 for eq in equations(row["rejected"]) for v in eq if v != eq[1])
+            # same wording: only numbers, operators and a noun's number ("1 shell" / "2 shells") differ
+            assert _words(row["chosen"]) == _words(row["rejected"])
+            # exactly one equation is wrong arithmetic or uses the other operation
+            pairs = list(zip(equations(row["chosen"]), equations(row["rejected"]), strict=True))
+            first_diff = next(i for i, (c, r) in enumerate(pairs) if c != r)
+            c, r = pairs[first_diff]
+            assert c[1] != r[1] or (r[0] + r[2] if r[1] == "+" else r[0] - r[2]) != r[3]
+            if split == "train":
+                assert gsm[row["prompt"]]["answer"] == row["chosen"]
+
+
+def test_wrong_steps_always_wrong_on_many_problems():
+    cfg = SyntheticConfig(max_steps=3)
+    rng = random.Random(0)
+    for _ in range(2000):
+        p = draw_problem(rng, cfg)
+        wrong = wrong_steps(p, rng, cfg.max_number)
+        assert wrong[-1].result != p.answer and all(s.result >= 0 for s in wrong)
+        assert final_answer(solution_text(p, wrong)) == str(wrong[-1].result)
+
+
+def test_splits_are_disjoint_in_questions_and_keys(demo):
+    out, cfg, _ = demo
+    key = lambda r: (r["record"]["template"], tuple(r["record"]["numbers"]))  # noqa: E731
+    test = _jsonl(out / "gsm/test.jsonl")
+    train, val = _jsonl(out / "gsm/train.jsonl"), _jsonl(out / "gsm/val.jsonl")
+    test_q, test_keys = {r["question"] for r in test}, {key(r) for r in test}
+    assert len(test_q) == len(test) and len(test_keys) == len(test)
+    assert not test_keys & {key(r) for r in train} and not test_keys & {key(r) for r in val}
+    assert not {key(r) for r in val} & {key(r) for r in train}
+    assert len({r["question"] for r in train}) == len(train)
+    for split in ("train", "val"):
+        sft = json.loads((out / "sft" / f"{split}.json").read_text())
+        assert not test_q & {r["instruction"] for r in sft}
+        assert not test_q & {r["prompt"] for r in _jsonl(out / "prefs" / f"{split}.jsonl")}
+    # the word problems of sft/train are exactly gsm/train
+    sft_train = json.loads((out / "sft/train.json").read_text())
+    assert {r["question"] for r in train} == {r["instruction"] for r in sft_train if "####" in r["output"]}
+    # and in memory, no corpus story comes from a held-out key
+    data = generate(cfg)
+    held = {p.key for p in data["problems"]["test"]} | {p.key for p in data["problems"]["val"]}
+    assert not held & {p.key for p in data["problems"]["train"]}
+    assert data["corpus_keys"] and not held & data["corpus_keys"]
+
+
+def test_corpus_is_stories_not_questions(demo):
+    out, cfg, _ = demo
+    text = (out / "corpus/train.txt").read_text() + (out / "corpus/val.txt").read_text()
+    assert "####" not in text and "How many" not in text and "?" not in text
+    with_sums = [p for p in _paragraphs(out / "corpus/train.txt") if equations(p)]
+    assert with_sums  # some stories write the sum out, and every one is right
+    for p in with_sums:
+        _check_equations(p)
+    paragraphs = _paragraphs(out / "corpus/train.txt")
+    numbered = sum(any(ch.isdigit() for ch in p) for p in paragraphs)
+    assert abs(numbered / len(paragraphs) - cfg.arithmetic_fraction) < 0.1  # the share that narrate a problem
+
+
+def test_questions_read_well():
+    cfg = SyntheticConfig(max_steps=3)
+    rng = random.Random(1)
+    for _ in range(300):
+        p = draw_problem(rng, cfg)
+        q = question_text(p)
+        assert q.endswith("?") and q.count("?") == 1 and "  " not in q
+        assert " 1 apples" not in q and "more 1" not in q
+        assert p.hero.name in q
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(train_problems=-1), "train_problems"),
+        (dict(test_problems=0), "test_problems"),
+        (dict(arithmetic_fraction=1.5), "arithmetic_fraction"),
+        (dict(max_steps=4), "max_steps"),
+        (dict(min_steps=2, max_steps=1), "min_steps"),
+        (dict(max_number=2), "max_number"),
+        (dict(pref_train=5000), "pref_train"),
+    ],
+)
+def test_bad_config_is_a_clear_error(overrides, field):
+    with pytest.raises(UserError, match=field):
+        SyntheticConfig(**overrides)
+
+
+def test_too_few_combinations_is_a_clear_error():
+    with pytest.raises(UserError, match="max_number"):
+        generate(SyntheticConfig(max_number=5, max_steps=1, test_problems=500))
+
+
+def test_story_instructions_are_followed(demo):
+    out, cfg, _ = demo
+    rows = [r for r in json.loads((out / "sft/train.json").read_text()) if "####" not in r["output"]]
+    assert len(rows) == round(cfg.sft_story_fraction * cfg.train_problems)
+    for r in rows:
+        ask = r["instruction"]
+        assert ask.startswith(("Write a short story about", "Tell me a story about")), ask
+        subject = ask.removeprefix("Write a short story about ").removeprefix("Tell me a story about ")
+        # the named child, or the animal / toy / place asked for, is in the story
+        for word in subject.rstrip(".").replace(" and ", " ").replace(" at ", " ").split():
+            if word not in ("a", "the"):
+                assert word in r["output"], (ask, r["output"])
+        assert not any(ch.isdigit() for ch in r["output"])
