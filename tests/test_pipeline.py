@@ -112,6 +112,6 @@ def test_wiring_connects_the_stages(tmp_path):
     assert c["sft"].init_from == str(tmp_path / "pretrain") and c["sft"].data.format == "alpaca"
     assert c["dpo"].init_from == str(tmp_path / "sft") and c["dpo"].data.path.endswith("prefs/train.jsonl")
     assert c["verifier"].init_from == str(tmp_path / "sft")
-    assert c["verifier"].data.eval_path == c["eval"].problems == str(tmp_path / "data" / "gsm" / "test.jsonl")
+    assert c["verifier"].data.eval_path == c["eval"].problems.path == str(tmp_path / "data" / "gsm" / "test.jsonl")
     for n in ("pretrain", "sft", "dpo", "verifier"):
         assert (c[n].run.out_dir, c[n].run.name) == (str(tmp_path), stages[n].run_dir)

@@ -232,6 +232,7 @@ def test_questions_read_well():
         (dict(max_steps=4), "max_steps"),
         (dict(min_steps=2, max_steps=1), "min_steps"),
         (dict(max_number=2), "max_number"),
+        (dict(max_number=20, min_range=30), "min_range"),
         (dict(pref_train=5000), "pref_train"),
     ],
 )
@@ -242,7 +243,7 @@ def test_bad_config_is_a_clear_error(overrides, field):
 
 def test_too_few_combinations_is_a_clear_error():
     with pytest.raises(UserError, match="max_number"):
-        generate(SyntheticConfig(max_number=5, max_steps=1, test_problems=500))
+        generate(SyntheticConfig(max_number=5, min_range=5, max_steps=1, test_problems=500))
 
 
 def test_story_instructions_are_followed(demo):

@@ -23,12 +23,13 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from modernlm.errors import UserError
+from modernlm.preference import PreferenceDataConfig
 
 PIPELINE_FILE = "pipeline.json"
 STAGES_DIR = "stages"
@@ -218,10 +219,21 @@ class Runner:
 
 
 @dataclass
+class Source:
+    path: str = ""  # a local file ("" with synthetic data: filled by the pipeline)
+    hf_dataset: str = ""  # or a hub dataset, e.g. Salesforce/wikitext, openai/gsm8k
+    hf_config: str = ""  # e.g. wikitext-2-raw-v1, main
+    split: str = "test"
+
+    def given(self) -> bool:
+        return bool(self.path or self.hf_dataset)
+
+
+@dataclass
 class EvalSettings:
-    text: str = ""  # held-out text for perplexity ("" = the synthetic data's corpus/val.txt)
-    problems: str = ""  # held-out word problems, GSM8K JSONL ("" = the synthetic gsm/test.jsonl)
-    pairs: str = ""  # held-out preference pairs JSONL ("" = the synthetic prefs/val.jsonl)
+    text: Source = field(default_factory=Source)  # held-out text for perplexity (synthetic: corpus/val.txt)
+    problems: Source = field(default_factory=Source)  # held-out word problems, GSM8K records (synthetic: gsm/test)
+    pairs: PreferenceDataConfig = field(default_factory=lambda: PreferenceDataConfig(split="test", shuffle=False))
     max_problems: int = 200  # problems answered greedily per model (0 = all)
     max_pairs: int = 200  # pairs scored per model (0 = all)
     max_tokens: int = 0  # perplexity on the first N tokens of the text (0 = all)
@@ -229,6 +241,15 @@ class EvalSettings:
     max_new_tokens: int = 128  # answer budget
     batch_size: int = 32  # rows per forward / generate call
     plain_prompt: str = "Question: {question}\nAnswer:"  # how a model without chat training is asked
+
+
+def read_problems(src: Source, limit: int = 0) -> list[dict[str, Any]]:
+    import itertools
+
+    from modernlm.tasks import read_gsm8k
+
+    records = read_gsm8k(src.path or None, hf_dataset=src.hf_dataset, hf_config=src.hf_config, split=src.split)
+    return list(itertools.islice(records, limit or None))
 
 
 def _plain_generate(model: Any, tok: Any, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
@@ -253,21 +274,20 @@ def evaluate_model(name: str, source: str | Path, chat: bool, cfg: EvalSettings)
 
     from modernlm.chat import ChatEncoder, generate_replies, load_chat_model
     from modernlm.checkpoint import load_model
-    from modernlm.evaluation import evaluate_text, load_scoring_model, resolve_checkpoint
+    from modernlm.evaluation import evaluate_text, load_scoring_model, load_text, resolve_checkpoint
     from modernlm.metrics import extract_flexible, gsm8k_target, normalize_number
-    from modernlm.preference import PreferenceDataConfig, collate_pairs, evaluate_pairs, load_pairs
-    from modernlm.tasks import read_gsm8k
+    from modernlm.preference import collate_pairs, evaluate_pairs, load_pairs
     from modernlm.tokenizer import load_tokenizer
 
     ckpt = resolve_checkpoint(source)
     if ckpt is None:
         raise UserError(f"eval: {source} has no checkpoint")
     row: dict[str, Any] = {"model": name}
-    if cfg.text:
+    if cfg.text.given():
         scorer = load_scoring_model(str(ckpt), device="cpu", progress=False)
         row["params"] = scorer.num_params
         context = cfg.context or scorer.max_context
-        text = Path(cfg.text).read_text(encoding="utf-8")
+        text, _ = load_text(cfg.text.path, cfg.text.hf_dataset, cfg.text.hf_config, cfg.text.split)
         ppl = evaluate_text(scorer, text, context=context, stride=max(1, context // 2), batch_size=8,
                             max_tokens=cfg.max_tokens)  # fmt: skip
         row["val_ppl"] = ppl["perplexity"]
@@ -280,8 +300,8 @@ def evaluate_model(name: str, source: str | Path, chat: bool, cfg: EvalSettings)
         model, tok, enc = load_model(ckpt), load_tokenizer(ckpt), None
     model.eval()
     row["params"] = model.num_params()
-    if cfg.problems:
-        problems = list(read_gsm8k(cfg.problems))[: cfg.max_problems or None]
+    if cfg.problems.given():
+        problems = read_problems(cfg.problems, cfg.max_problems)
         if enc is not None:
             replies = generate_replies(model, enc, [[{"role": "user", "content": p["question"]}] for p in problems],
                                        cfg.max_new_tokens, batch_size=cfg.batch_size)  # fmt: skip
@@ -297,9 +317,9 @@ def evaluate_model(name: str, source: str | Path, chat: bool, cfg: EvalSettings)
         row["answer_accuracy"] = sum(right) / len(right)
         row["_answers"] = [{"question": p["question"], "answer": t, "correct": c}
                            for p, t, c in zip(problems, texts, right, strict=True)]  # fmt: skip
-    if cfg.pairs:
+    if cfg.pairs.path or cfg.pairs.hf_dataset:
         if enc is not None:
-            pair_cfg = PreferenceDataConfig(path=cfg.pairs, shuffle=False, max_length=model.config.max_seq_len)
+            pair_cfg = replace(cfg.pairs, shuffle=False, max_length=min(cfg.pairs.max_length, model.config.max_seq_len))
             items, _ = load_pairs(pair_cfg, enc, max_examples=cfg.max_pairs)
         else:
             items = _plain_pairs(cfg, tok, model.config.max_seq_len)
@@ -313,10 +333,10 @@ def evaluate_model(name: str, source: str | Path, chat: bool, cfg: EvalSettings)
 
 def _plain_pairs(cfg: EvalSettings, tok: Any, max_length: int) -> list[dict[str, Any]]:
     from modernlm.losses import IGNORE_INDEX
-    from modernlm.preference import PreferenceDataConfig, read_pairs
+    from modernlm.preference import read_pairs
 
     items = []
-    for _, pair in read_pairs(PreferenceDataConfig(path=cfg.pairs, shuffle=False)):
+    for _, pair in read_pairs(cfg.pairs):
         question = pair["prompt"][-1]["content"]
         prompt = tok.encode(cfg.plain_prompt.format(question=question))
         item = {}

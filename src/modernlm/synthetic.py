@@ -35,6 +35,16 @@ task format, as a real base model, and SFT has something to teach. Stories are t
 tense and, for `present_fraction` of them, in the present tense of the questions, so the
 question's verbs ("gives", "has") are not new words at SFT.
 
+**Difficulty.** Numbers are single BPE tokens, so a tiny model learns sums as facts, and how
+many it learns depends on how often each one is seen. Each problem draws its own range 1..R with
+R in min_range..max_number, so small numbers are the commonest (as in real text) and are learned
+first: accuracy falls smoothly with the size of the numbers instead of jumping from chance to
+nearly all right. With the defaults (40 and 10) and a 1M-parameter model (1.6M tokens of
+pretraining, 2 minutes of SFT on a 2-core CPU) the SFT model answered 65% of held-out problems
+(94% of those whose counts stay within 10, 28% of those that reach 31..40) and the pretrained
+model 3.5% (asked "Question: ... Answer:"); with every count uniform in 1..20 it was 96%, in 1..30
+or 1..50 35%, and even the smallest sums were then not learned.
+
 **Preference pairs.** The rejected solution has the chosen one's wording with one arithmetic
 error: a step's result off by one or two, or a step done with the wrong operation ("4 - 3 = 1"
 where the story gives 3 more); the later steps compute correctly from the wrong value, so the
@@ -130,16 +140,17 @@ class SyntheticConfig:
     seed: int = 0  # one seed for every file; same seed and sizes -> byte-identical output
     train_stories: int = 30000  # paragraphs of corpus/train.txt
     val_stories: int = 600  # paragraphs of corpus/val.txt
-    arithmetic_fraction: float = 0.6  # share of stories that narrate a problem in prose (the rest: plain stories)
-    equation_fraction: float = 0.35  # share of narrated steps that also write the sum out ("She counted: 4 + 3 = 7.")
+    arithmetic_fraction: float = 0.7  # share of stories that narrate a problem in prose (the rest: plain stories)
+    equation_fraction: float = 0.4  # share of narrated steps that also write the sum out ("She counted: 4 + 3 = 7.")
     present_fraction: float = 0.25  # share of stories told in the present tense (the questions' tense)
     train_problems: int = 4000  # gsm/train.jsonl; also the word problems of sft/train.json
-    val_problems: int = 200  # word problems of sft/val.json (keys disjoint from test)
+    val_problems: int = 200  # gsm/val.jsonl, the problems of sft/val.json and prefs/val.jsonl (keys not in test)
     test_problems: int = 500  # gsm/test.jsonl (keys disjoint from every other file)
     pref_train: int = 2000  # prefs/train.jsonl pairs (prompts: train problems)
     pref_val: int = 200  # prefs/val.jsonl pairs (prompts: validation problems)
     sft_story_fraction: float = 0.1  # story-writing instructions added to sft, as a share of its word problems
-    max_number: int = 20  # every count in a problem (start, amounts, each step's result) is in 1..max_number
+    max_number: int = 40  # every count in a problem (start, amounts, each step's result) is in 1..max_number
+    min_range: int = 10  # each problem's counts lie in 1..R, R drawn in min_range..max_number
     min_steps: int = 1  # fewest arithmetic steps in a problem
     max_steps: int = 2  # most arithmetic steps in a problem (1..3)
 
@@ -158,6 +169,8 @@ class SyntheticConfig:
                 raise UserError(f"{name}: must be a fraction in [0, 1], got {value!r}")
         if not isinstance(self.max_number, int) or self.max_number < 5:
             raise UserError(f"max_number: must be an int >= 5, got {self.max_number!r}")
+        if not isinstance(self.min_range, int) or not 5 <= self.min_range <= self.max_number:
+            raise UserError(f"min_range: must be an int in 5..max_number ({self.max_number}), got {self.min_range!r}")
         if not 1 <= self.min_steps <= self.max_steps <= 3:
             raise UserError(
                 f"min_steps / max_steps: need 1 <= min_steps <= max_steps <= 3, got {self.min_steps} / {self.max_steps}"
@@ -407,6 +420,7 @@ def _draw_numbers(specs: Sequence[tuple[str, Ref, Ref]], rng: random.Random, top
 def draw_problem(rng: random.Random, cfg: SyntheticConfig) -> Problem:
     """One random problem of the world: steps in min_steps..max_steps, every count in 1..max_number."""
     n_steps = rng.randint(cfg.min_steps, cfg.max_steps)
+    top = rng.randint(cfg.min_range, cfg.max_number)  # this problem's largest allowed count
     thing = rng.choice(THINGS)
     templates = _templates(n_steps)
     chains = [t for t in templates if t.startswith("chain:") and (thing.food or "eats" not in t)]
@@ -415,7 +429,7 @@ def draw_problem(rng: random.Random, cfg: SyntheticConfig) -> Problem:
         # A comparison 40% of the time where one has this many steps, else a chain of events.
         template = rng.choice(compare) if compare and rng.random() < 0.4 else rng.choice(chains)
         specs = template_specs(template)
-        numbers = _draw_numbers(specs, rng, cfg.max_number)
+        numbers = _draw_numbers(specs, rng, top)
         if numbers is not None:
             break
     hero, friend = rng.sample(PEOPLE, 2)

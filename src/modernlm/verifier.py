@@ -41,8 +41,11 @@ SAMPLE_FIELDS = ("problem", "sample", "solution", "answer", "correct")
 # Problems and labels
 
 
-def read_problems(path: str | Path, max_problems: int = 0) -> list[dict[str, Any]]:
-    """GSM8K problems {"question", "answer", "target" (normalized gold number), "source"}.
+def read_problems(
+    path: str | Path, max_problems: int = 0, *, hf_dataset: str = "", hf_config: str = "", split: str = "train"
+) -> list[dict[str, Any]]:
+    """GSM8K problems {"question", "answer", "target" (normalized gold number), "source"}, from a
+    local file or (hf_dataset) the hub.
 
     A missing field, an answer without '#### N', or one whose N is not a number is a UserError
     naming the file and line.
@@ -50,8 +53,10 @@ def read_problems(path: str | Path, max_problems: int = 0) -> list[dict[str, Any
     from modernlm import tasks
     from modernlm.metrics import gsm8k_target
 
+    if hf_dataset == "openai/gsm8k" and not hf_config:
+        hf_config = "main"
     out = []
-    for where, rec in tasks._iter_gsm8k(tasks._rows(path, "", "", "train", "")):
+    for where, rec in tasks._iter_gsm8k(tasks._rows(path, hf_dataset, hf_config, split, "")):
         try:
             target = gsm8k_target(rec["answer"])
         except ValueError:
@@ -60,7 +65,7 @@ def read_problems(path: str | Path, max_problems: int = 0) -> list[dict[str, Any
         if max_problems and len(out) >= max_problems:
             break
     if not out:
-        raise UserError(f"{path}: no problems")
+        raise UserError(f"{path or hf_dataset}: no problems")
     return out
 
 

@@ -74,10 +74,6 @@ STAGE_DIRS = {
 }  # fmt: skip
 
 
-def _fill(value: str, default: str) -> str:
-    return value or default
-
-
 def wire(cfg: Config) -> dict[str, Any]:
     """Each stage's config with the connections filled in (see the module docstring)."""
     out = Path(cfg.out_dir)
@@ -116,9 +112,14 @@ def wire(cfg: Config) -> dict[str, Any]:
     v = replace(v, init_from=d["sft"], run=run(v.run, "verifier"))
     e = cfg.eval
     if synthetic:
-        e = replace(e, text=_fill(e.text, str(data / "corpus" / "val.txt")),
-                    problems=_fill(e.problems, str(data / "gsm" / "test.jsonl")),
-                    pairs=_fill(e.pairs, str(data / "prefs" / "val.jsonl")))  # fmt: skip
+        fill = lambda src, path: src if src.given() else replace(src, path=path)  # noqa: E731
+        pairs = (
+            e.pairs
+            if (e.pairs.path or e.pairs.hf_dataset)
+            else replace(e.pairs, path=str(data / "prefs" / "val.jsonl"))
+        )
+        e = replace(e, text=fill(e.text, str(data / "corpus" / "val.txt")),
+                    problems=fill(e.problems, str(data / "gsm" / "test.jsonl")), pairs=pairs)  # fmt: skip
     return {"data": cfg.data, "tokenizer": tok, "prepare": prep, "pretrain": pre, "eval_pretrain": e, "sft": s,
             "dpo": p, "verifier": v, "eval": e, "samples": (cfg.samples, e), "dirs": d}  # fmt: skip
 
@@ -217,11 +218,10 @@ def write_samples(out_dir: Path, dirs: dict[str, str], c: SamplesStage, e: EvalS
     from modernlm.evaluation import resolve_checkpoint
     from modernlm.generation import generate_text
     from modernlm.samples import md_escape as markdown_cell
-    from modernlm.tasks import read_gsm8k
     from modernlm.tokenizer import load_tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    questions = [p["question"] for p in list(read_gsm8k(e.problems))[: c.questions]] if e.problems else []
+    questions = [p["question"] for p in P.read_problems(e.problems, c.questions)] if e.problems.given() else []
     models = {}
     base = resolve_checkpoint(dirs["pretrain"])
     models["pretrain"] = (load_model(base).eval(), load_tokenizer(base), None)

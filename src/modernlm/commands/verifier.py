@@ -42,8 +42,12 @@ POSITIONALS = ["init_from"]
 
 @dataclass
 class DataSettings:
-    train_path: str = "../shared/data/gsm8k/train.jsonl"  # GSM8K JSONL (question, answer "... #### N") to sample on
-    eval_path: str = "../shared/data/gsm8k/test.jsonl"  # held-out problems to rerank ("" = no evaluation)
+    train_path: str = ""  # GSM8K JSONL (question, answer "... #### N") to sample on
+    eval_path: str = ""  # held-out problems to rerank ("" = none, unless hf_dataset)
+    hf_dataset: str = ""  # instead of the files: a hub dataset with GSM8K's fields, e.g. openai/gsm8k
+    hf_config: str = ""  # its config ("" = main for openai/gsm8k)
+    train_split: str = "train"  # hub split to sample on
+    eval_split: str = "test"  # hub split to rerank
     max_train_problems: int = 0  # the first N training problems (0 = all)
     max_eval_problems: int = 0  # the first N held-out problems (0 = all)
     val_fraction: float = 0.05  # training problems (with all their samples) held out for val_loss
@@ -81,8 +85,8 @@ def check(cfg: Config) -> None:
 
     if not cfg.init_from:
         raise UserError("init_from: give the SFT checkpoint (a modernlm checkpoint or run directory)")
-    if not cfg.data.train_path:
-        raise UserError("data.train_path: give the training problems (GSM8K JSONL)")
+    if not (cfg.data.train_path or cfg.data.hf_dataset):
+        raise UserError("data.train_path: give the training problems (GSM8K JSONL), or data.hf_dataset")
     for name in ("n_train", "n_eval", "max_new_tokens", "batch_size"):
         if getattr(cfg.sample, name) <= 0:
             raise UserError(f"sample.{name}: must be positive, got {getattr(cfg.sample, name)}")
@@ -131,8 +135,13 @@ def main(cfg: Config) -> None:
     from modernlm.trainer import Trainer
 
     check(cfg)
-    train_problems = V.read_problems(cfg.data.train_path, cfg.data.max_train_problems)
-    eval_problems = V.read_problems(cfg.data.eval_path, cfg.data.max_eval_problems) if cfg.data.eval_path else []
+    d = cfg.data
+    hub = {"hf_dataset": d.hf_dataset, "hf_config": d.hf_config} if d.hf_dataset and not d.train_path else None
+    train_problems = V.read_problems(d.train_path, d.max_train_problems, **(hub or {}), split=d.train_split)
+    eval_problems = []
+    if d.eval_path or hub:
+        eval_hub = {} if d.eval_path else hub
+        eval_problems = V.read_problems(d.eval_path, d.max_eval_problems, **eval_hub, split=d.eval_split)
     backbone, tokenizer, init_ckpt = load_chat_model(cfg.init_from)
 
     cfg.run.name = cfg.run.name or "verifier"
@@ -232,7 +241,8 @@ def main(cfg: Config) -> None:
             "val_loss": summary["final_val_loss"],
             "train_samples": train_stats,
             "settings": {
-                "eval_path": cfg.data.eval_path, "generator": str(gen_ckpt), "verifier": str(run_dir / "verifier"),
+                "eval_path": cfg.data.eval_path or f"{cfg.data.hf_dataset}[{cfg.data.eval_split}]",
+                "generator": str(gen_ckpt), "verifier": str(run_dir / "verifier"),
                 "temperature": s.temperature, "top_k": s.top_k, "max_new_tokens": s.max_new_tokens, "seed": s.seed,
                 "lm_coef": cfg.lm_coef,
             },
