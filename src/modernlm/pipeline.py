@@ -70,9 +70,7 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
-        "device": torch.cuda.get_device_name(0)
-        if torch.cuda.is_available()
-        else f"cpu ({platform.processor() or 'x86_64'})",
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()})",
         "threads": torch.get_num_threads(),
         "modernlm": __version__,
     }
@@ -241,6 +239,7 @@ class EvalSettings:
     max_new_tokens: int = 128  # answer budget
     batch_size: int = 32  # rows per forward / generate call
     plain_prompt: str = "Question: {question}\nAnswer:"  # how a model without chat training is asked
+    device: str = "auto"  # auto = cuda when available (bf16 autocast there), else cpu
 
 
 def read_problems(src: Source, limit: int = 0) -> list[dict[str, Any]]:
@@ -250,6 +249,21 @@ def read_problems(src: Source, limit: int = 0) -> list[dict[str, Any]]:
 
     records = read_gsm8k(src.path or None, hf_dataset=src.hf_dataset, hf_config=src.hf_config, split=src.split)
     return list(itertools.islice(records, limit or None))
+
+
+def eval_device(name: str) -> tuple[Any, Any]:
+    """(device, autocast factory) for evaluation: bf16 autocast on a GPU, none on the CPU."""
+    import contextlib
+    import functools
+
+    import torch
+
+    from modernlm.evaluation import resolve_device
+
+    device = resolve_device(name)
+    if device.type == "cuda":
+        return device, functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    return device, contextlib.nullcontext
 
 
 def _plain_generate(model: Any, tok: Any, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
@@ -268,10 +282,6 @@ def evaluate_model(name: str, source: str | Path, chat: bool, cfg: EvalSettings)
     Chat models (SFT, DPO) are asked in ChatML; the pretrained model, which has never seen a chat,
     with `plain_prompt`, and its pairs scored as prompt + " " + reply + eos.
     """
-    import contextlib
-
-    import torch
-
     from modernlm.chat import ChatEncoder, generate_replies, load_chat_model
     from modernlm.checkpoint import load_model
     from modernlm.evaluation import evaluate_text, load_scoring_model, load_text, resolve_checkpoint
@@ -282,9 +292,10 @@ def evaluate_model(name: str, source: str | Path, chat: bool, cfg: EvalSettings)
     ckpt = resolve_checkpoint(source)
     if ckpt is None:
         raise UserError(f"eval: {source} has no checkpoint")
+    device, autocast = eval_device(cfg.device)
     row: dict[str, Any] = {"model": name}
     if cfg.text.given():
-        scorer = load_scoring_model(str(ckpt), device="cpu", progress=False)
+        scorer = load_scoring_model(str(ckpt), device=str(device), progress=False)
         row["params"] = scorer.num_params
         context = cfg.context or scorer.max_context
         text, _ = load_text(cfg.text.path, cfg.text.hf_dataset, cfg.text.hf_config, cfg.text.split)
@@ -298,18 +309,20 @@ def evaluate_model(name: str, source: str | Path, chat: bool, cfg: EvalSettings)
         enc = ChatEncoder(tok)
     else:
         model, tok, enc = load_model(ckpt), load_tokenizer(ckpt), None
-    model.eval()
+    model.to(device).eval()
     row["params"] = model.num_params()
     if cfg.problems.given():
         problems = read_problems(cfg.problems, cfg.max_problems)
         if enc is not None:
-            replies = generate_replies(model, enc, [[{"role": "user", "content": p["question"]}] for p in problems],
-                                       cfg.max_new_tokens, batch_size=cfg.batch_size)  # fmt: skip
+            chats = [[{"role": "user", "content": p["question"]}] for p in problems]
+            with autocast():
+                replies = generate_replies(model, enc, chats, cfg.max_new_tokens, batch_size=cfg.batch_size)
             texts = [r["text"] for r in replies]
             row["eos_rate"] = sum(r["stopped"] for r in replies) / len(replies)
         else:
             prompts = [cfg.plain_prompt.format(question=p["question"]) for p in problems]
-            texts = _plain_generate(model, tok, prompts, cfg.max_new_tokens, cfg.batch_size)
+            with autocast():
+                texts = _plain_generate(model, tok, prompts, cfg.max_new_tokens, cfg.batch_size)
         right = [
             (extract_flexible(t) is not None and normalize_number(extract_flexible(t)) == gsm8k_target(p["final"]))
             for t, p in zip(texts, problems, strict=True)
@@ -325,7 +338,7 @@ def evaluate_model(name: str, source: str | Path, chat: bool, cfg: EvalSettings)
             items = _plain_pairs(cfg, tok, model.config.max_seq_len)
         batches = [collate_pairs(items[i : i + cfg.batch_size], tok.pad_id or 0)
                    for i in range(0, len(items), cfg.batch_size)]  # fmt: skip
-        pairs = evaluate_pairs(model, batches, 1.0, torch.device("cpu"), contextlib.nullcontext)
+        pairs = evaluate_pairs(model, batches, 1.0, device, autocast)
         row["pair_accuracy"] = pairs["pair_accuracy"]
         row["pair_logp_margin"] = pairs["logps/chosen"] - pairs["logps/rejected"]
     return row

@@ -224,10 +224,11 @@ def write_samples(out_dir: Path, dirs: dict[str, str], c: SamplesStage, e: EvalS
     questions = [p["question"] for p in P.read_problems(e.problems, c.questions)] if e.problems.given() else []
     models = {}
     base = resolve_checkpoint(dirs["pretrain"])
-    models["pretrain"] = (load_model(base).eval(), load_tokenizer(base), None)
+    device, _ = P.eval_device(e.device)
+    models["pretrain"] = (load_model(base, device=device).eval(), load_tokenizer(base), None)
     for name in ("sft", "dpo"):
         m, tok, _ = load_chat_model(dirs[name], what=name)
-        models[name] = (m.eval(), tok, ChatEncoder(tok))
+        models[name] = (m.to(device).eval(), tok, ChatEncoder(tok))
     lines = [
         "# Samples\n",
         f"Story prompts: continuations sampled at temperature {c.temperature}, top-k {c.top_k}, seed {c.seed}, "
