@@ -259,3 +259,31 @@ def test_story_instructions_are_followed(demo):
             if word not in ("a", "the"):
                 assert word in r["output"], (ask, r["output"])
         assert not any(ch.isdigit() for ch in r["output"])
+
+
+def test_the_demonstrations_swap_more_and_fewer_in_half_the_comparisons(demo):
+    """sft/ has the documented flaw (and nothing else wrong); gsm/ and the pairs' chosen side are right,
+    and a comparison pair rejects exactly the flaw."""
+    out, cfg, _ = demo
+    key = {r["question"]: r for r in _jsonl(out / "gsm/train.jsonl")}
+    compare = flawed = 0
+    for row in json.loads((out / "sft/train.json").read_text()):
+        if row["instruction"] not in key:
+            continue  # a story instruction
+        right = key[row["instruction"]]
+        rec = right["record"]
+        if not rec["template"].startswith(("more_than", "fewer_than")):
+            assert row["output"] == right["answer"]
+            continue
+        compare += 1
+        if row["output"] != right["answer"]:
+            flawed += 1
+            first, first_right = equations(row["output"])[0], equations(right["answer"])[0]
+            assert first[1] != first_right[1] and first[0] == first_right[0] and first[2] == first_right[2]
+            _check_equations(row["output"])  # the flawed demonstration computes right from its mistake
+    assert compare > 20 and abs(flawed / compare - cfg.sft_flaw) < 0.2
+    n_flipped = 0
+    for row in _jsonl(out / "prefs/train.jsonl"):
+        if key[row["prompt"]]["record"]["template"].startswith(("more_than", "fewer_than")):
+            n_flipped += equations(row["rejected"])[0][1] != equations(row["chosen"])[0][1]
+    assert n_flipped > 10

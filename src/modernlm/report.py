@@ -179,6 +179,8 @@ def collect(root: str | Path, max_samples: int = 3) -> ReportData:
         for i, s in enumerate(pipeline["stages"]):
             s = s if isinstance(s, dict) else {}
             name = str(s.get("name") or f"stage {i + 1}")
+            if (root / str(s.get("run_dir") or name)).resolve() == root.resolve():
+                continue  # the stage that writes into the pipeline directory itself: this report
             run = read_run(root / str(s.get("run_dir") or name), name, max_samples)
             run.status, run.error = s.get("status"), s.get("error")
             run.wall_s = _finite(s.get("wall_s"))
@@ -396,8 +398,6 @@ def render(data: ReportData, now: datetime | None = None) -> list[Block]:
     if not data.environment_recorded:
         blocks.append(Text("Not recorded by the runs: this is the environment the report was made in."))
     blocks.append(_kv_table(list(data.environment.items())))
-    if data.recipe is not None:
-        blocks.append(Code(data.recipe, fold="pipeline.yaml (the resolved recipe)"))
 
     header, rows = headline(data)
     blocks.append(Heading("Results"))
@@ -420,6 +420,8 @@ def render(data: ReportData, now: datetime | None = None) -> list[Block]:
 
     for i, run in enumerate(data.runs, 1):
         blocks += _run_blocks(i, run, data)
+    if data.recipe is not None:
+        blocks += [Heading("Recipe"), Code(data.recipe, fold="pipeline.yaml (the resolved recipe)")]
     return blocks
 
 

@@ -46,11 +46,23 @@ those reaching 31..40; one step 81%, two steps 45%); the pretrained model, asked
 Answer:", 1.5%. With every count uniform in 1..20 the SFT model had 96% (nothing left for a
 verifier), with 1..30 or 1..50 35%, and then even the smallest sums were not learned.
 
-**Preference pairs.** The rejected solution has the chosen one's wording with one arithmetic
-error: a step's result off by one or two, or a step done with the wrong operation ("4 - 3 = 1"
-where the story gives 3 more); the later steps compute correctly from the wrong value, so the
-final answer is wrong (+ and - are one-to-one in each argument) and the error is local, which is
-what a preference-trained model has to learn to spot.
+**The demonstrations' flaw, and why.** Real SFT data is written by people and has systematic
+mistakes; here, in `sft_flaw` (half) of the "N more / fewer than" comparisons of sft/, the
+annotator swapped "more" and "fewer" (the comparison step's operation flipped, the rest computed
+right from it). The answer key (gsm/) and the preference pairs are right. This is what gives the
+later stages something a tiny model can learn in minutes: measured on this data, neither DPO nor a
+verifier learns to spot a plain arithmetic slip ("19 - 3 = 15") from a few thousand examples at
+this size (a verifier trained on 16k clean right/wrong solutions stayed at chance for 600 steps),
+and greedy decoding already picks the model's own best arithmetic. A flipped comparison is a
+lexical pattern ("fewer" with "+"): the SFT model imitates it on about half of the comparison
+problems (~22% of all), so its greedy answers are wrong there about half the time, its samples are
+right about half the time, DPO's pairs teach the rule, and the verifier's labels show it.
+
+**Preference pairs.** For a comparison problem the rejected solution is the demonstrations' flaw
+(more and fewer swapped); for every other problem it has the chosen one's wording with one
+arithmetic slip: a step's result off by one or two, or a step done with the wrong operation
+("4 - 3 = 1" where the story gives 3 more). The later steps compute correctly from the wrong
+value, so the final answer is wrong (+ and - are one-to-one in each argument).
 """
 
 from __future__ import annotations
@@ -150,6 +162,7 @@ class SyntheticConfig:
     pref_train: int = 2000  # prefs/train.jsonl pairs (prompts: train problems)
     pref_val: int = 200  # prefs/val.jsonl pairs (prompts: validation problems)
     sft_story_fraction: float = 0.1  # story-writing instructions added to sft, as a share of its word problems
+    sft_flaw: float = 0.5  # share of "more/fewer than" demonstrations in sft/ with the two swapped (see docstring)
     max_number: int = 40  # every count in a problem (start, amounts, each step's result) is in 1..max_number
     min_range: int = 10  # each problem's counts lie in 1..R, R drawn in min_range..max_number
     min_steps: int = 1  # fewest arithmetic steps in a problem
@@ -164,7 +177,7 @@ class SyntheticConfig:
         for name in sizes:
             if getattr(self, name) == 0:
                 raise UserError(f"{name}: must be at least 1 (every file of the demo needs records)")
-        for name in ("arithmetic_fraction", "equation_fraction", "present_fraction", "sft_story_fraction"):
+        for name in ("arithmetic_fraction", "equation_fraction", "present_fraction", "sft_story_fraction", "sft_flaw"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not 0 <= value <= 1:
                 raise UserError(f"{name}: must be a fraction in [0, 1], got {value!r}")
@@ -640,8 +653,28 @@ def _gsm_row(p: Problem) -> dict[str, Any]:
     return {"question": question_text(p), "answer": solution_text(p), "record": p.record()}
 
 
-def _sft_rows(problems: Sequence[Problem], rng: random.Random, fraction: float) -> list[dict[str, str]]:
-    pairs = [(question_text(p), solution_text(p)) for p in problems]
+def is_flawed_kind(p: Problem) -> bool:
+    """The problems the demonstrations get systematically wrong: "N more / fewer than" comparisons."""
+    return p.template.startswith(("more_than", "fewer_than"))
+
+
+def flawed_steps(p: Problem) -> list[Step] | None:
+    """The annotators' mistake: "more than" and "fewer than" swapped in the comparison step (its
+    operation flipped), the rest computed right from it; None for a problem it does not fit (not a
+    comparison, or a count would go below zero: "5 fewer than 3")."""
+    if not is_flawed_kind(p):
+        return None
+    steps = run_steps(template_specs(p.template), p.numbers, (0, "op"))
+    return steps if all(s.result >= 0 for s in steps) else None
+
+
+def _sft_rows(
+    problems: Sequence[Problem], rng: random.Random, fraction: float, flaw: float = 0.0
+) -> list[dict[str, str]]:
+    pairs = []
+    for p in problems:
+        flawed = flawed_steps(p)
+        pairs.append((question_text(p), solution_text(p, flawed if flawed and rng.random() < flaw else None)))
     pairs += [story_instruction(rng) for _ in range(round(fraction * len(problems)))]
     rng.shuffle(pairs)
     return [{"instruction": instruction, "input": "", "output": output} for instruction, output in pairs]
@@ -650,7 +683,8 @@ def _sft_rows(problems: Sequence[Problem], rng: random.Random, fraction: float) 
 def _pref_rows(problems: Sequence[Problem], rng: random.Random, max_number: int) -> list[dict[str, Any]]:
     rows = []
     for p in problems:
-        wrong = wrong_steps(p, rng, max_number)
+        # A comparison pair rejects the demonstrations' systematic mistake; any other one a random slip.
+        wrong = flawed_steps(p) or wrong_steps(p, rng, max_number)
         rows.append(
             {
                 "prompt": question_text(p),
@@ -690,8 +724,8 @@ def generate(cfg: SyntheticConfig) -> dict[str, Any]:
         "corpus_keys": keys_train | keys_val,  # the problems the stories narrate
         "gsm": {split: [_gsm_row(p) for p in ps] for split, ps in (("train", train), ("val", val), ("test", test))},
         "sft": {
-            "train": _sft_rows(train, _rng(cfg, "sft-train"), cfg.sft_story_fraction),
-            "val": _sft_rows(val, _rng(cfg, "sft-val"), cfg.sft_story_fraction),
+            "train": _sft_rows(train, _rng(cfg, "sft-train"), cfg.sft_story_fraction, cfg.sft_flaw),
+            "val": _sft_rows(val, _rng(cfg, "sft-val"), cfg.sft_story_fraction, cfg.sft_flaw),
         },
         "prefs": {
             "train": _pref_rows(prefs_rng.sample(train, cfg.pref_train), prefs_rng, cfg.max_number),
