@@ -149,9 +149,11 @@ def test_first_loss_is_log2_and_live_reference_equals_precomputed():
 
 
 @pytest.mark.hf
-def test_loss_and_metrics_equal_trl(tmp_path):
-    """TRL's DPOTrainer.compute_loss (sigmoid loss) on a tiny Llama vs our loss_fn on the same
-    model converted to ours, with a reference that has other weights."""
+@pytest.mark.parametrize("sft_weight", [0.0, 0.5])
+def test_loss_and_metrics_equal_trl(tmp_path, sft_weight):
+    """TRL's DPOTrainer.compute_loss (sigmoid loss, plus its "sft" loss for sft_weight > 0) on a
+    tiny Llama vs our loss_fn on the same model converted to ours, with a reference that has other
+    weights."""
     pytest.importorskip("trl")
     from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -174,6 +176,7 @@ def test_loss_and_metrics_equal_trl(tmp_path):
     args = DPOConfig(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, report_to="none", beta=0.3,
         use_cpu=True, max_steps=1, precompute_ref_log_probs=False,
+        **({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]} if sft_weight else {}),
     )  # fmt: skip
     trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(pairs),
                          processing_class=hf_tok)  # fmt: skip
@@ -193,7 +196,7 @@ def test_loss_and_metrics_equal_trl(tmp_path):
         items.append(item)
     ours_policy, ours_ref = from_hf(policy).eval(), from_hf(ref).eval()
     with torch.no_grad():
-        loss_sum, n, metrics = dpo_loss_fn(0.3, ref_model=ours_ref)(ours_policy, collate_pairs(items, tok.pad_id))
+        loss_sum, n, metrics = dpo_loss_fn(0.3, ref_model=ours_ref, sft_weight=sft_weight)(ours_policy, collate_pairs(items, tok.pad_id))
     assert (loss_sum / n).item() == pytest.approx(trl_loss, abs=1e-5)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected"):  # fmt: skip

@@ -148,6 +148,8 @@ def test_rejected_solutions_have_one_slip_and_a_wrong_answer(demo):
     gsm = {r["question"]: r for r in _jsonl(out / "gsm/train.jsonl")}
     for split in ("train", "val"):
         for row in _jsonl(out / "prefs" / f"{split}.jsonl"):
+            if not equations(row["rejected"]):
+                continue  # a comparison's shortcut answer: test_the_demonstrations_skip_...
             _check_equations(row["chosen"])
             assert final_answer(row["chosen"]) == extract_flexible(row["chosen"]) == str(row["answer"])
             rejected = final_answer(row["rejected"])
@@ -261,12 +263,12 @@ def test_story_instructions_are_followed(demo):
         assert not any(ch.isdigit() for ch in r["output"])
 
 
-def test_the_demonstrations_swap_more_and_fewer_in_half_the_comparisons(demo):
-    """sft/ has the documented flaw (and nothing else wrong); gsm/ and the pairs' chosen side are right,
-    and a comparison pair rejects exactly the flaw."""
+def test_the_demonstrations_skip_the_computation_in_half_the_comparisons(demo):
+    """sft/ has the documented flaw and nothing else wrong; gsm/ is right, and a comparison pair
+    rejects exactly the flaw."""
     out, cfg, _ = demo
     key = {r["question"]: r for r in _jsonl(out / "gsm/train.jsonl")}
-    compare = flawed = 0
+    compare = lazy = 0
     for row in json.loads((out / "sft/train.json").read_text()):
         if row["instruction"] not in key:
             continue  # a story instruction
@@ -277,13 +279,15 @@ def test_the_demonstrations_swap_more_and_fewer_in_half_the_comparisons(demo):
             continue
         compare += 1
         if row["output"] != right["answer"]:
-            flawed += 1
-            first, first_right = equations(row["output"])[0], equations(right["answer"])[0]
-            assert first[1] != first_right[1] and first[0] == first_right[0] and first[2] == first_right[2]
-            _check_equations(row["output"])  # the flawed demonstration computes right from its mistake
-    assert compare > 20 and abs(flawed / compare - cfg.sft_flaw) < 0.2
-    n_flipped = 0
+            lazy += 1
+            assert equations(row["output"]) == []  # no computation
+            given = rec["numbers"][0]
+            assert final_answer(row["output"]) == str(given) != str(rec["result"])
+            assert f"has {given} " in row["output"]  # the count the question gives, restated
+    assert compare > 20 and abs(lazy / compare - cfg.sft_flaw) < 0.2
+    n_lazy = 0
     for row in _jsonl(out / "prefs/train.jsonl"):
         if key[row["prompt"]]["record"]["template"].startswith(("more_than", "fewer_than")):
-            n_flipped += equations(row["rejected"])[0][1] != equations(row["chosen"])[0][1]
-    assert n_flipped > 10
+            assert equations(row["rejected"]) == [] and row["rejected_answer"] != row["answer"]
+            n_lazy += 1
+    assert n_lazy > 10

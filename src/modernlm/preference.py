@@ -165,10 +165,10 @@ def pair_batches(items: Sequence[dict[str, Any]], batch_size: int, pad_id: int) 
     return [collate_pairs(items[i : i + batch_size], pad_id) for i in range(0, len(items), batch_size)]
 
 
-def policy_logps(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Summed reply log-probs of every row (2B,): a row's score under `model`."""
-    logps, _ = sequence_logps(model(batch["input_ids"]).logits, batch["labels"])
-    return logps
+def policy_logps(model: nn.Module, batch: dict[str, Tensor], with_counts: bool = False) -> Any:
+    """Summed reply log-probs of every row (2B,): a row's score under `model` (and the token counts)."""
+    logps, n = sequence_logps(model(batch["input_ids"]).logits, batch["labels"])
+    return (logps, n) if with_counts else logps
 
 
 @torch.no_grad()
@@ -190,16 +190,19 @@ def reference_logps(
 
 
 def dpo_loss_fn(
-    beta: float, label_smoothing: float = 0.0, ref_model: nn.Module | None = None
+    beta: float, label_smoothing: float = 0.0, ref_model: nn.Module | None = None, sft_weight: float = 0.0
 ) -> Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, int, dict[str, Any]]]:
     """The trainer's loss_fn for DPO: (sum of per-pair losses, number of pairs, TRL's metrics).
 
     The reference log-probs come from the batch (precomputed) or, with `ref_model`, from a forward
-    of the frozen reference on the same batch.
+    of the frozen reference on the same batch. sft_weight > 0 adds that times the NLL of the chosen
+    replies (mean over their tokens, per pair), as TRL's loss_type=["sigmoid", "sft"] with
+    loss_weights=[1, sft_weight] does (RPO, Pang et al. 2024): it keeps DPO from lowering the
+    chosen replies' likelihood along with the rejected ones'.
     """
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int, dict[str, Any]]:
-        logps = policy_logps(model, batch)
+        logps, counts = policy_logps(model, batch, with_counts=True)
         if "ref_logps" in batch:
             ref = batch["ref_logps"]
         else:
@@ -210,7 +213,13 @@ def dpo_loss_fn(
         chosen, rejected = logps.chunk(2)
         ref_chosen, ref_rejected = ref.chunk(2)
         losses, r_chosen, r_rejected = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, label_smoothing)
-        metrics = {
+        loss_sum = losses.sum()
+        metrics: dict[str, Any] = {}
+        if sft_weight:
+            nll = -chosen.sum() / counts[: chosen.size(0)].sum().clamp_min(1)
+            loss_sum = loss_sum + sft_weight * nll * chosen.size(0)
+            metrics["nll/chosen"] = nll.detach()
+        metrics |= {
             "rewards/chosen": r_chosen.mean(),
             "rewards/rejected": r_rejected.mean(),
             "rewards/accuracies": (r_chosen > r_rejected).float().mean(),
@@ -218,7 +227,7 @@ def dpo_loss_fn(
             "logps/chosen": chosen.detach().mean(),
             "logps/rejected": rejected.detach().mean(),
         }
-        return losses.sum(), chosen.size(0), metrics
+        return loss_sum, chosen.size(0), metrics
 
     return loss_fn
 

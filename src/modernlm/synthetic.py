@@ -47,19 +47,21 @@ Answer:", 1.5%. With every count uniform in 1..20 the SFT model had 96% (nothing
 verifier), with 1..30 or 1..50 35%, and then even the smallest sums were not learned.
 
 **The demonstrations' flaw, and why.** Real SFT data is written by people and has systematic
-mistakes; here, in `sft_flaw` (half) of the "N more / fewer than" comparisons of sft/, the
-annotator swapped "more" and "fewer" (the comparison step's operation flipped, the rest computed
-right from it). The answer key (gsm/) and the preference pairs are right. This is what gives the
-later stages something a tiny model can learn in minutes: measured on this data, neither DPO nor a
-verifier learns to spot a plain arithmetic slip ("19 - 3 = 15") from a few thousand examples at
-this size (a verifier trained on 16k clean right/wrong solutions stayed at chance for 600 steps),
-and greedy decoding already picks the model's own best arithmetic. A flipped comparison is a
-lexical pattern ("fewer" with "+"): the SFT model imitates it on about half of the comparison
-problems (~22% of all), so its greedy answers are wrong there about half the time, its samples are
-right about half the time, DPO's pairs teach the rule, and the verifier's labels show it.
+mistakes. Here, in `sft_flaw` (half) of the "N more / fewer than" comparisons of sft/ (about 22%
+of the problems), the annotator took a shortcut: no computation, the count the question gives
+restated as the answer ("Luke has 11 plums. #### 11"). The answer key (gsm/) and the preference
+pairs' chosen side are right. This gives the later stages a mistake a tiny model can learn to fix
+in minutes. Measured on this data at this size, neither DPO nor a verifier learns to spot a plain
+arithmetic slip ("19 - 3 = 15") from a few thousand examples (a verifier trained on 16k clean
+right/wrong solutions stayed at chance for 600 steps), and greedy decoding already picks the
+model's own best arithmetic; nor did they learn a swap of "more" and "fewer" (the label is then an
+XOR of a word in the question and an operator in the solution). A solution with no computation is
+a pattern a small model sees at once: the SFT model imitates the shortcut on about half of the
+comparison problems, its samples hold both kinds, DPO's pairs reject the shortcut, and the
+verifier's labels show it is wrong.
 
-**Preference pairs.** For a comparison problem the rejected solution is the demonstrations' flaw
-(more and fewer swapped); for every other problem it has the chosen one's wording with one
+**Preference pairs.** For a comparison problem the rejected solution is the demonstrations'
+shortcut; for every other problem it has the chosen one's wording with one
 arithmetic slip: a step's result off by one or two, or a step done with the wrong operation
 ("4 - 3 = 1" where the story gives 3 more). The later steps compute correctly from the wrong
 value, so the final answer is wrong (+ and - are one-to-one in each argument).
@@ -162,7 +164,7 @@ class SyntheticConfig:
     pref_train: int = 2000  # prefs/train.jsonl pairs (prompts: train problems)
     pref_val: int = 200  # prefs/val.jsonl pairs (prompts: validation problems)
     sft_story_fraction: float = 0.1  # story-writing instructions added to sft, as a share of its word problems
-    sft_flaw: float = 0.5  # share of "more/fewer than" demonstrations in sft/ with the two swapped (see docstring)
+    sft_flaw: float = 0.5  # share of "more/fewer than" demonstrations in sft/ that skip the computation (docstring)
     max_number: int = 40  # every count in a problem (start, amounts, each step's result) is in 1..max_number
     min_range: int = 10  # each problem's counts lie in 1..R, R drawn in min_range..max_number
     min_steps: int = 1  # fewest arithmetic steps in a problem
@@ -658,14 +660,14 @@ def is_flawed_kind(p: Problem) -> bool:
     return p.template.startswith(("more_than", "fewer_than"))
 
 
-def flawed_steps(p: Problem) -> list[Step] | None:
-    """The annotators' mistake: "more than" and "fewer than" swapped in the comparison step (its
-    operation flipped), the rest computed right from it; None for a problem it does not fit (not a
-    comparison, or a count would go below zero: "5 fewer than 3")."""
+def lazy_solution(p: Problem) -> str | None:
+    """The annotators' shortcut on a comparison: no computation, the count the question gives restated
+    as the answer ("Luke has 11 plums. #### 11"), always wrong there (the friend has b more or fewer).
+    None for other problems."""
     if not is_flawed_kind(p):
         return None
-    steps = run_steps(template_specs(p.template), p.numbers, (0, "op"))
-    return steps if all(s.result >= 0 for s in steps) else None
+    a = p.numbers[0]
+    return f"{p.hero.name} has {p.thing.count(a)}.\n#### {a}"
 
 
 def _sft_rows(
@@ -673,8 +675,8 @@ def _sft_rows(
 ) -> list[dict[str, str]]:
     pairs = []
     for p in problems:
-        flawed = flawed_steps(p)
-        pairs.append((question_text(p), solution_text(p, flawed if flawed and rng.random() < flaw else None)))
+        lazy = lazy_solution(p)
+        pairs.append((question_text(p), lazy if lazy and rng.random() < flaw else solution_text(p)))
     pairs += [story_instruction(rng) for _ in range(round(fraction * len(problems)))]
     rng.shuffle(pairs)
     return [{"instruction": instruction, "input": "", "output": output} for instruction, output in pairs]
@@ -684,14 +686,15 @@ def _pref_rows(problems: Sequence[Problem], rng: random.Random, max_number: int)
     rows = []
     for p in problems:
         # A comparison pair rejects the demonstrations' systematic mistake; any other one a random slip.
-        wrong = flawed_steps(p) or wrong_steps(p, rng, max_number)
+        lazy = lazy_solution(p)
+        wrong = None if lazy else wrong_steps(p, rng, max_number)
         rows.append(
             {
                 "prompt": question_text(p),
                 "chosen": solution_text(p),
-                "rejected": solution_text(p, wrong),
+                "rejected": lazy or solution_text(p, wrong),
                 "answer": p.answer,
-                "rejected_answer": wrong[-1].result,
+                "rejected_answer": p.numbers[0] if lazy else wrong[-1].result,
             }
         )
     return rows

@@ -35,12 +35,15 @@ class DPOSettings:
     beta: float = 0.1  # strength of the KL pull to the reference (DPO's beta)
     label_smoothing: float = 0.0  # assumed share of flipped labels (cDPO); 0 = plain DPO
     precompute_ref: bool = True  # score all pairs with the reference once, then drop it
+    sft_weight: float = 0.0  # + this times the chosen replies' NLL (TRL's loss_type [sigmoid, sft]; RPO)
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
             raise ValueError(f"beta must be positive, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.sft_weight < 0:
+            raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
 
 
 @dataclass
@@ -114,7 +117,7 @@ def main(cfg: Config) -> None:
             reference_logps(model, items + val_items, 2 * bs, pad, runtime.device, runtime.autocast)
         else:
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        loss_fn = dpo_loss_fn(cfg.dpo.beta, cfg.dpo.label_smoothing, ref_model)
+        loss_fn = dpo_loss_fn(cfg.dpo.beta, cfg.dpo.label_smoothing, ref_model, cfg.dpo.sft_weight)
         mine = val_items[runtime.rank :: runtime.world_size]
         val_batches = pair_batches(mine, bs, pad) if mine else None
         train_batches = PreferenceBatches(
