@@ -164,6 +164,7 @@ class SyntheticConfig:
     pref_train: int = 2000  # prefs/train.jsonl pairs (prompts: train problems)
     pref_val: int = 200  # prefs/val.jsonl pairs (prompts: validation problems)
     sft_story_fraction: float = 0.1  # story-writing instructions added to sft, as a share of its word problems
+    compare_fraction: float = 0.4  # share of problems that compare two people (the rest: a chain of events)
     sft_flaw: float = 0.5  # share of "more/fewer than" demonstrations in sft/ that skip the computation (docstring)
     max_number: int = 40  # every count in a problem (start, amounts, each step's result) is in 1..max_number
     min_range: int = 10  # each problem's counts lie in 1..R, R drawn in min_range..max_number
@@ -179,7 +180,8 @@ class SyntheticConfig:
         for name in sizes:
             if getattr(self, name) == 0:
                 raise UserError(f"{name}: must be at least 1 (every file of the demo needs records)")
-        for name in ("arithmetic_fraction", "equation_fraction", "present_fraction", "sft_story_fraction", "sft_flaw"):
+        fractions = ("arithmetic_fraction", "equation_fraction", "present_fraction", "sft_story_fraction", "sft_flaw")
+        for name in (*fractions, "compare_fraction"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not 0 <= value <= 1:
                 raise UserError(f"{name}: must be a fraction in [0, 1], got {value!r}")
@@ -442,8 +444,8 @@ def draw_problem(rng: random.Random, cfg: SyntheticConfig) -> Problem:
     chains = [t for t in templates if t.startswith("chain:") and (thing.food or "eats" not in t)]
     compare = [t for t in templates if not t.startswith("chain:")]
     while True:
-        # A comparison 40% of the time where one has this many steps, else a chain of events.
-        template = rng.choice(compare) if compare and rng.random() < 0.4 else rng.choice(chains)
+        # A comparison compare_fraction of the time where one has this many steps, else a chain of events.
+        template = rng.choice(compare) if compare and rng.random() < cfg.compare_fraction else rng.choice(chains)
         specs = template_specs(template)
         numbers = _draw_numbers(specs, rng, top)
         if numbers is not None:
