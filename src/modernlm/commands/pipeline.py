@@ -206,6 +206,7 @@ def verifier_rows(run_dir: Path) -> list[dict[str, Any]]:
     return [
         {"model": f"sft, majority vote of {n}", "answer_accuracy": r["majority_accuracy"]},
         {"model": f"sft + verifier, best of {n}", "answer_accuracy": r["best_of_n_accuracy"]},
+        {"model": f"sft + verifier, weighted vote of {n}", "answer_accuracy": r["weighted_vote_accuracy"]},
         {"model": f"sft, pass@{n} (oracle)", "answer_accuracy": r["pass_at_n"]},
     ]
 
