@@ -196,7 +196,8 @@ def test_loss_and_metrics_equal_trl(tmp_path, sft_weight):
         items.append(item)
     ours_policy, ours_ref = from_hf(policy).eval(), from_hf(ref).eval()
     with torch.no_grad():
-        loss_sum, n, metrics = dpo_loss_fn(0.3, ref_model=ours_ref, sft_weight=sft_weight)(ours_policy, collate_pairs(items, tok.pad_id))
+        loss_fn = dpo_loss_fn(0.3, ref_model=ours_ref, sft_weight=sft_weight)
+        loss_sum, n, metrics = loss_fn(ours_policy, collate_pairs(items, tok.pad_id))
     assert (loss_sum / n).item() == pytest.approx(trl_loss, abs=1e-5)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected"):  # fmt: skip
