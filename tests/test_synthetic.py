@@ -11,13 +11,12 @@ import pytest
 
 from modernlm.chat import SFTDataConfig, read_sft_records
 from modernlm.errors import UserError
-from modernlm.metrics import extract_flexible
+from modernlm.metrics import extract_flexible, extract_strict
 from modernlm.synthetic import (
     THINGS,
     SyntheticConfig,
     draw_problem,
     equations,
-    final_answer,
     generate,
     question_text,
     run_steps,
@@ -139,7 +138,8 @@ def test_answers_are_right_by_record_and_by_arithmetic(demo):
             _check_equations(row["answer"])
             # the last "a op b = c" line is the final step; the "####" answer, flexible and strict agree
             assert equations(row["answer"])[-1][3] == rec["result"]
-            assert read["final"] == final_answer(row["answer"]) == extract_flexible(row["answer"]) == str(rec["result"])
+            answer = row["answer"]
+            assert read["final"] == extract_strict(answer) == extract_flexible(answer) == str(rec["result"])
             assert row["answer"].endswith(f"\n#### {rec['result']}")
 
 
@@ -151,8 +151,8 @@ def test_rejected_solutions_have_one_slip_and_a_wrong_answer(demo):
             if not equations(row["rejected"]):
                 continue  # a comparison's shortcut answer: test_the_demonstrations_skip_...
             _check_equations(row["chosen"])
-            assert final_answer(row["chosen"]) == extract_flexible(row["chosen"]) == str(row["answer"])
-            rejected = final_answer(row["rejected"])
+            assert extract_strict(row["chosen"]) == extract_flexible(row["chosen"]) == str(row["answer"])
+            rejected = extract_strict(row["rejected"])
             assert rejected == extract_flexible(row["rejected"]) == str(row["rejected_answer"])
             assert rejected != str(row["answer"])
             assert int(rejected) >= 0 and all(v >= 0 for eq in equations(row["rejected"]) for v in eq if v != eq[1])
@@ -174,7 +174,7 @@ def test_wrong_steps_always_wrong_on_many_problems():
         p = draw_problem(rng, cfg)
         wrong = wrong_steps(p, rng, cfg.max_number)
         assert wrong[-1].result != p.answer and all(s.result >= 0 for s in wrong)
-        assert final_answer(solution_text(p, wrong)) == str(wrong[-1].result)
+        assert extract_strict(solution_text(p, wrong)) == str(wrong[-1].result)
 
 
 def test_splits_are_disjoint_in_questions_and_keys(demo):
@@ -282,7 +282,7 @@ def test_the_demonstrations_skip_the_computation_in_half_the_comparisons(demo):
             lazy += 1
             assert equations(row["output"]) == []  # no computation
             given = rec["numbers"][0]
-            assert final_answer(row["output"]) == str(given) != str(rec["result"])
+            assert extract_strict(row["output"]) == str(given) != str(rec["result"])
             assert f"has {given} " in row["output"]  # the count the question gives, restated
     assert compare > 20 and abs(lazy / compare - cfg.sft_flaw) < 0.2
     n_lazy = 0

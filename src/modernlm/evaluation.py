@@ -211,6 +211,22 @@ def checkpoint_label(path: Path) -> str:
     return path.name
 
 
+def scoring_model(model: Any, tokenizer: Any, ckpt: Path, device: torch.device, dtype: str = "float32") -> ScoringModel:
+    """A loaded modernlm model (in eval mode, on `device`) as a ScoringModel."""
+    return ScoringModel(
+        name=checkpoint_label(ckpt),
+        source=str(ckpt),
+        kind="modernlm",
+        logits_fn=lambda x: model(x).logits,
+        tokenizer=tokenizer,
+        num_params=model.num_params(),
+        max_context=model.config.max_seq_len,
+        vocab_size=model.config.vocab_size,
+        device=device,
+        dtype=dtype,
+    )
+
+
 def load_scoring_model(src: str, device: str = "auto", dtype: str = "float32", progress: bool = True) -> ScoringModel:
     """Load `src` (see the section comment) for scoring, in eval mode on `device` (progress=False:
     no loading bars)."""
@@ -227,18 +243,7 @@ def load_scoring_model(src: str, device: str = "auto", dtype: str = "float32", p
 
         model = load_model(ckpt, device=dev).to(DTYPES[dtype]).eval()
         has_tokenizer = (ckpt / "tokenizer.json").is_file() or (ckpt / "vocab.json").is_file()
-        return ScoringModel(
-            name=checkpoint_label(ckpt),
-            source=str(ckpt),
-            kind="modernlm",
-            logits_fn=lambda x: model(x).logits,
-            tokenizer=load_tokenizer(ckpt) if has_tokenizer else None,
-            num_params=model.num_params(),
-            max_context=model.config.max_seq_len,
-            vocab_size=model.config.vocab_size,
-            device=dev,
-            dtype=dtype,
-        )
+        return scoring_model(model, load_tokenizer(ckpt) if has_tokenizer else None, ckpt, dev, dtype)
     path = Path(src).expanduser()
     if path.is_dir() and (path / "checkpoints").is_dir():
         raise UserError(f"{src}: a run directory without a complete checkpoint")

@@ -180,7 +180,7 @@ class Runner:
             st = self.state(stage.name)
             directory = self.out / stage.run_dir
             banner = f"== [{i}/{total}] {stage.name}"
-            if stage.name not in forced and st.get("status") == "done" and st.get("hash") == h:
+            if stage.name not in forced and self.is_current(stage.name):
                 print(f"{banner}: done with this config, skipped ({directory})", flush=True)
                 continue
             if stage.name in forced or st.get("hash") != h or not stage.resumable:
@@ -243,12 +243,10 @@ class EvalSettings:
 
 
 def read_problems(src: Source, limit: int = 0) -> list[dict[str, Any]]:
-    import itertools
+    """The first `limit` (0 = all) problems of `src`, with their gold number ("target")."""
+    from modernlm import verifier
 
-    from modernlm.tasks import read_gsm8k
-
-    records = read_gsm8k(src.path or None, hf_dataset=src.hf_dataset, hf_config=src.hf_config, split=src.split)
-    return list(itertools.islice(records, limit or None))
+    return verifier.read_problems(src.path, limit, hf_dataset=src.hf_dataset, hf_config=src.hf_config, split=src.split)
 
 
 def eval_device(name: str) -> tuple[Any, Any]:
@@ -284,33 +282,29 @@ def evaluate_model(name: str, source: str | Path, chat: bool, cfg: EvalSettings)
     """
     from modernlm.chat import ChatEncoder, generate_replies, load_chat_model
     from modernlm.checkpoint import load_model
-    from modernlm.evaluation import evaluate_text, load_scoring_model, load_text, resolve_checkpoint
-    from modernlm.metrics import extract_flexible, gsm8k_target, normalize_number
+    from modernlm.evaluation import evaluate_text, load_text, resolve_checkpoint, scoring_model
     from modernlm.preference import collate_pairs, evaluate_pairs, load_pairs
     from modernlm.tokenizer import load_tokenizer
+    from modernlm.verifier import label_solution
 
     ckpt = resolve_checkpoint(source)
     if ckpt is None:
         raise UserError(f"eval: {source} has no checkpoint")
     device, autocast = eval_device(cfg.device)
-    row: dict[str, Any] = {"model": name}
-    if cfg.text.given():
-        scorer = load_scoring_model(str(ckpt), device=str(device), progress=False)
-        row["params"] = scorer.num_params
-        context = cfg.context or scorer.max_context
-        text, _ = load_text(cfg.text.path, cfg.text.hf_dataset, cfg.text.hf_config, cfg.text.split)
-        ppl = evaluate_text(scorer, text, context=context, stride=max(1, context // 2), batch_size=8,
-                            max_tokens=cfg.max_tokens)  # fmt: skip
-        row["val_ppl"] = ppl["perplexity"]
-        row["bits_per_byte"] = ppl["bits_per_byte"]
-        del scorer
     if chat:
         model, tok, _ = load_chat_model(str(ckpt), what=name)
         enc = ChatEncoder(tok)
     else:
         model, tok, enc = load_model(ckpt), load_tokenizer(ckpt), None
     model.to(device).eval()
-    row["params"] = model.num_params()
+    row: dict[str, Any] = {"model": name, "params": model.num_params()}
+    if cfg.text.given():
+        context = cfg.context or model.config.max_seq_len
+        text, _ = load_text(cfg.text.path, cfg.text.hf_dataset, cfg.text.hf_config, cfg.text.split)
+        ppl = evaluate_text(scoring_model(model, tok, ckpt, device), text, context=context,
+                            stride=max(1, context // 2), batch_size=8, max_tokens=cfg.max_tokens)  # fmt: skip
+        row["val_ppl"] = ppl["perplexity"]
+        row["bits_per_byte"] = ppl["bits_per_byte"]
     if cfg.problems.given():
         problems = read_problems(cfg.problems, cfg.max_problems)
         if enc is not None:
@@ -323,10 +317,7 @@ def evaluate_model(name: str, source: str | Path, chat: bool, cfg: EvalSettings)
             prompts = [cfg.plain_prompt.format(question=p["question"]) for p in problems]
             with autocast():
                 texts = _plain_generate(model, tok, prompts, cfg.max_new_tokens, cfg.batch_size)
-        right = [
-            (extract_flexible(t) is not None and normalize_number(extract_flexible(t)) == gsm8k_target(p["final"]))
-            for t, p in zip(texts, problems, strict=True)
-        ]
+        right = [label_solution(t, p["target"])[1] for t, p in zip(texts, problems, strict=True)]
         row["answer_accuracy"] = sum(right) / len(right)
         row["_answers"] = [{"question": p["question"], "answer": t, "correct": c}
                            for p, t, c in zip(problems, texts, right, strict=True)]  # fmt: skip

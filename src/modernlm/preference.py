@@ -165,10 +165,9 @@ def pair_batches(items: Sequence[dict[str, Any]], batch_size: int, pad_id: int) 
     return [collate_pairs(items[i : i + batch_size], pad_id) for i in range(0, len(items), batch_size)]
 
 
-def policy_logps(model: nn.Module, batch: dict[str, Tensor], with_counts: bool = False) -> Any:
-    """Summed reply log-probs of every row (2B,): a row's score under `model` (and the token counts)."""
-    logps, n = sequence_logps(model(batch["input_ids"]).logits, batch["labels"])
-    return (logps, n) if with_counts else logps
+def policy_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(summed reply log-probs, reply token counts) of every row, each (2B,): a row's score under `model`."""
+    return sequence_logps(model(batch["input_ids"]).logits, batch["labels"])
 
 
 @torch.no_grad()
@@ -182,7 +181,7 @@ def reference_logps(
         chunk = items[start : start + batch_size]
         batch = collate_pairs([{k: v for k, v in it.items() if not k.startswith("ref_")} for it in chunk], pad_id)
         with autocast():
-            logps = policy_logps(model, {k: v.to(device) for k, v in batch.items()}).float().cpu()
+            logps = policy_logps(model, {k: v.to(device) for k, v in batch.items()})[0].float().cpu()
         chosen, rejected = logps.chunk(2)
         for it, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
             it["ref_chosen"], it["ref_rejected"] = c, r
@@ -202,14 +201,14 @@ def dpo_loss_fn(
     """
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int, dict[str, Any]]:
-        logps, counts = policy_logps(model, batch, with_counts=True)
+        logps, counts = policy_logps(model, batch)
         if "ref_logps" in batch:
             ref = batch["ref_logps"]
         else:
             if ref_model is None:
                 raise ValueError("dpo_loss_fn: the batch has no ref_logps and no ref_model was given")
             with torch.no_grad():
-                ref = policy_logps(ref_model, batch)
+                ref = policy_logps(ref_model, batch)[0]
         chosen, rejected = logps.chunk(2)
         ref_chosen, ref_rejected = ref.chunk(2)
         losses, r_chosen, r_rejected = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, label_smoothing)
@@ -248,7 +247,7 @@ def evaluate_pairs(
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
-            chosen, rejected = policy_logps(model, batch).float().chunk(2)
+            chosen, rejected = policy_logps(model, batch)[0].float().chunk(2)
         n += chosen.numel()
         wins += (chosen > rejected).sum().item()
         lp_c += chosen.sum().item()

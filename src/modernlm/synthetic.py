@@ -76,12 +76,11 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from modernlm.errors import UserError
-from modernlm.metrics import extract_flexible, extract_strict
 
 # ---------------------------------------------------------------------------------------------
 # The world: every word the generator uses, written for this module.
@@ -469,14 +468,6 @@ def wrong_steps(p: Problem, rng: random.Random, max_number: int) -> list[Step]:
     raise AssertionError(f"no wrong solution for {p.key}")  # unreachable: "off +1" always works
 
 
-def final_answer(text: str) -> str | None:
-    """The answer a solution gives: the number after its last "####", else its last number.
-
-    On our solutions both agree, and agree with `metrics.extract_flexible` (the last number).
-    """
-    return extract_strict(text) if "####" in text else extract_flexible(text)
-
-
 _EQUATION_RE = re.compile(r"(\d+) ([+-]) (\d+) = (\d+)")
 
 
@@ -775,15 +766,6 @@ def write_demo_data(out_dir: str | Path, cfg: SyntheticConfig | None = None) -> 
     return {**meta, "seconds": round(time.perf_counter() - start, 2)}
 
 
-def config_from_dict(values: dict[str, Any]) -> SyntheticConfig:
-    """A SyntheticConfig from a dict (e.g. meta.json's "config"); unknown keys are a UserError."""
-    known = {f.name for f in fields(SyntheticConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserError(f"synthetic config: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    return replace(SyntheticConfig(), **values)
-
-
 __all__ = [
     "EVENTS",
     "PEOPLE",
@@ -791,10 +773,8 @@ __all__ = [
     "Problem",
     "Step",
     "SyntheticConfig",
-    "config_from_dict",
     "draw_problem",
     "equations",
-    "final_answer",
     "generate",
     "plain_story",
     "question_text",

@@ -184,8 +184,7 @@ def resolve_task_config(cfg: TaskDatasetConfig, check_source: bool = True) -> Ta
     hf_config = cfg.hf_config
     if not hf_config and cfg.hf_dataset == "glue" and cfg.name == "sst2":
         hf_config = "sst2"
-    if not hf_config and cfg.hf_dataset == "openai/gsm8k":
-        hf_config = "main"
+    hf_config = hf_config or HUB_DEFAULT_CONFIGS.get(cfg.hf_dataset, "")
     return replace(
         cfg,
         task_type=task_type,
@@ -283,7 +282,12 @@ def _json_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         yield f"{path} record {i}", row
 
 
+# A hub dataset's config when none is given: the one with the records our readers parse.
+HUB_DEFAULT_CONFIGS = {"openai/gsm8k": "main"}
+
+
 def _hub_rows(hf_dataset: str, hf_config: str, split: str, hf_data_dir: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    hf_config = hf_config or HUB_DEFAULT_CONFIGS.get(hf_dataset, "")
     try:
         import datasets
     except ImportError:
@@ -487,8 +491,6 @@ def read_gsm8k(
     path: str | Path | None = None, *, hf_dataset: str = "", hf_config: str = "", split: str = "train"
 ) -> Iterator[dict[str, Any]]:
     """GSM8K records {"question", "answer" (full solution), "final" (after ####, no commas)}; hub: "openai/gsm8k"."""
-    if hf_dataset == "openai/gsm8k" and not hf_config:
-        hf_config = "main"
     for _, rec in _iter_gsm8k(_rows(path, hf_dataset, hf_config, split, "")):
         yield rec
 

@@ -53,8 +53,6 @@ def read_problems(
     from modernlm import tasks
     from modernlm.metrics import gsm8k_target
 
-    if hf_dataset == "openai/gsm8k" and not hf_config:
-        hf_config = "main"
     out = []
     for where, rec in tasks._iter_gsm8k(tasks._rows(path, hf_dataset, hf_config, split, "")):
         try:

@@ -112,14 +112,13 @@ def wire(cfg: Config) -> dict[str, Any]:
     v = replace(v, init_from=d["sft"], run=run(v.run, "verifier"))
     e = cfg.eval
     if synthetic:
-        fill = lambda src, path: src if src.given() else replace(src, path=path)  # noqa: E731
-        pairs = (
-            e.pairs
-            if (e.pairs.path or e.pairs.hf_dataset)
-            else replace(e.pairs, path=str(data / "prefs" / "val.jsonl"))
-        )
-        e = replace(e, text=fill(e.text, str(data / "corpus" / "val.txt")),
-                    problems=fill(e.problems, str(data / "gsm" / "test.jsonl")), pairs=pairs)  # fmt: skip
+
+        def fill(src: Any, path: Path) -> Any:  # a Source or the pairs' config: keep what the recipe names
+            return src if src.path or src.hf_dataset else replace(src, path=str(path))
+
+        e = replace(e, text=fill(e.text, data / "corpus" / "val.txt"),
+                    problems=fill(e.problems, data / "gsm" / "test.jsonl"),
+                    pairs=fill(e.pairs, data / "prefs" / "val.jsonl"))  # fmt: skip
     return {"data": cfg.data, "tokenizer": tok, "prepare": prep, "pretrain": pre, "eval_pretrain": e, "sft": s,
             "dpo": p, "verifier": v, "eval": e, "samples": (cfg.samples, e), "dirs": d}  # fmt: skip
 

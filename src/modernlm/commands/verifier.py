@@ -136,8 +136,9 @@ def main(cfg: Config) -> None:
 
     check(cfg)
     d = cfg.data
-    hub = {"hf_dataset": d.hf_dataset, "hf_config": d.hf_config} if d.hf_dataset and not d.train_path else None
-    train_problems = V.read_problems(d.train_path, d.max_train_problems, **(hub or {}), split=d.train_split)
+    # the hub dataset stands in for the files when no train_path is given
+    hub = {"hf_dataset": d.hf_dataset, "hf_config": d.hf_config} if d.hf_dataset and not d.train_path else {}
+    train_problems = V.read_problems(d.train_path, d.max_train_problems, **hub, split=d.train_split)
     eval_problems = []
     if d.eval_path or hub:
         eval_hub = {} if d.eval_path else hub
