@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from modernlm.errors import UserError
-from modernlm.pipeline import PIPELINE_FILE, Runner, Stage
+from modernlm.pipeline import PIPELINE_FILE, Runner, Stage, config_hash
 
 
 @dataclass
@@ -115,3 +115,32 @@ def test_wiring_connects_the_stages(tmp_path):
     assert c["verifier"].data.eval_path == c["eval"].problems.path == str(tmp_path / "data" / "gsm" / "test.jsonl")
     for n in ("pretrain", "sft", "dpo", "verifier"):
         assert (c[n].run.out_dir, c[n].run.name) == (str(tmp_path), stages[n].run_dir)
+
+
+@dataclass
+class Paths:
+    inside: str
+    outside: str
+
+
+def test_a_copied_pipeline_directory_is_still_done(tmp_path):
+    """Paths inside the pipeline directory are hashed relative to it; other paths as they are."""
+    import shutil
+
+    calls: list[str] = []
+
+    def stages(root, outside="/data/x"):
+        return [Stage("a", "a", (), Paths(str(root / "a" / "in.txt"), outside), lambda c: calls.append("a")),
+                Stage("b", "b", ("a",), Paths(str(root / "a"), outside), lambda c: calls.append("b"))]  # fmt: skip
+
+    first, copy = tmp_path / "run", tmp_path / "copy"
+    Runner(first, stages(first), "t").run()
+    shutil.copytree(first, copy)
+    Runner(copy, stages(copy), "t").run()
+    assert calls == ["a", "b"]  # the copy skipped both
+    Runner(copy, stages(copy, outside="/data/y"), "t").run()
+    assert calls == ["a", "b", "a", "b"]  # a changed path outside the directory still counts
+    # a sibling directory whose name starts with the pipeline's is not inside it: hashed as it is
+    sibling = Paths(str(tmp_path / "run2" / "a"), "")
+    assert config_hash(sibling, [], first) == config_hash(sibling, [], tmp_path / "elsewhere")
+    assert config_hash(Paths(str(first / "a"), ""), [], first) != config_hash(Paths(str(first / "a"), ""), [], "")

@@ -3,8 +3,9 @@
 A stage is a name, a directory under the pipeline directory, the stages it reads from, its
 resolved config section and a function that runs it. Before a stage runs, the runner writes
 `stages/<name>.json` with status "running" and the stage's hash: the hash of its config and of
-the hashes of the stages it reads from, so a changed pretrain config re-runs SFT, DPO, the
-verifier and the evaluations, and a changed verifier config re-runs only what reads the verifier.
+the hashes of the stages it reads from (paths inside the pipeline directory relative to it), so a
+changed pretrain config re-runs SFT, DPO, the verifier and the evaluations, and a changed verifier
+config re-runs only what reads the verifier.
 After it, the status is "done", with its wall time. On the next run a stage is:
 - skipped when its status is done and its hash is the current one;
 - resumed in place when its hash is the current one but it did not finish (killed, failed): the
@@ -49,10 +50,24 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def config_hash(config: Any, dep_hashes: list[str]) -> str:
+def _under(value: Any, root: str) -> Any:
+    """`value` with every path inside `root` written relative to it ("<out>/sft")."""
+    if isinstance(value, dict):
+        return {k: _under(v, root) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_under(v, root) for v in value]
+    if isinstance(value, str) and root and (value == root or value.startswith(root + "/")):
+        return "<out>" + value[len(root) :]
+    return value
+
+
+def config_hash(config: Any, dep_hashes: list[str], root: str | Path = "") -> str:
+    """The hash of a stage's config and its inputs' hashes. Paths inside the pipeline directory
+    (`root`) are hashed relative to it, so a pipeline directory copied or moved elsewhere, run with
+    out_dir pointing there, is still done."""
     from modernlm.config import to_dict
 
-    blob = json.dumps({"config": to_dict(config), "deps": dep_hashes}, sort_keys=True, default=str)
+    blob = json.dumps({"config": _under(to_dict(config), str(root)), "deps": dep_hashes}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -96,7 +111,7 @@ class Runner:
         self.config_text = config_text
         self.hashes: dict[str, str] = {}
         for s in stages:  # in order, so every dependency's hash is known first
-            self.hashes[s.name] = config_hash(s.config, [self.hashes[d] for d in s.deps])
+            self.hashes[s.name] = config_hash(s.config, [self.hashes[d] for d in s.deps], self.out)
 
     def _marker(self, name: str) -> Path:
         return self.out / STAGES_DIR / f"{name}.json"

@@ -48,6 +48,14 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     assert capsys.readouterr().out.count("skipped") == 11
     assert (out / "report.md").stat().st_mtime_ns == before
 
+    # So does a copy of the pipeline directory, run with out_dir pointing at it.
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    assert _run("pipeline", "-c", str(RECIPE), f"out_dir={copy}") == 0
+    assert capsys.readouterr().out.count("skipped") == 11
+
     # --only re-runs one stage.
     assert _run("pipeline", "-c", str(RECIPE), f"out_dir={out}", "--only", "samples") == 0
     assert "samples (selected)" in capsys.readouterr().out
