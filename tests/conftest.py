@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 from modernlm.model import ModelConfig
+
+# A test runner started as a background job of a non-interactive shell inherits SIGINT ignored, and
+# so would every subprocess a test starts: the interrupt tests (tests/test_interrupt.py) need Ctrl-C
+# to be a real Ctrl-C, in this process and in the `modernlm` processes they signal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The project's datasets live beside the checkout (../shared/data); tests read, never copy, them.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

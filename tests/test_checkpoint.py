@@ -178,3 +178,194 @@ def test_save_overwrites_atomically(tmp_path):
     second.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == [CONFIG_FILE, WEIGHTS_FILE]
     assert load_model(tmp_path).config.n_layer == 1
+
+
+# --------------------------------------------------------------------------------------------
+# A kill inside a checkpoint save: every directory left loads, best.json matches best/, resume works
+# --------------------------------------------------------------------------------------------
+
+DEAD_PID = 2**31 - 2  # above any pid_max: no process has it
+
+
+class Killed(BaseException):
+    pass
+
+
+def _shards(root: Path) -> Path:
+    import numpy as np
+
+    from modernlm.data import write_shards
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 64, 37)
+    train = np.tile(base, 20)
+    train[rng.random(len(train)) < 0.1] = 5
+    return write_shards(root / "shards", {"train": train, "val": np.tile(base, 2)}, vocab_size=64)
+
+
+def _trainer(shards: Path, run_dir: Path):
+    from modernlm.batches import TokenStream, TrainWindows, ValBatches
+    from modernlm.losses import lm_eval_loss, lm_loss
+    from modernlm.optim import OptimConfig
+    from modernlm.runtime import Runtime
+    from modernlm.trainer import Trainer, TrainingConfig
+
+    torch.manual_seed(0)
+    model = ModernDecoderLM(tiny_config(dropout=0.1))  # dropout: resume must restore the RNG too
+    cfg = TrainingConfig(
+        num_steps=2, batch_size=2, progress=False, log_every=1, eval_every=1, save_every=1, keep_last=100
+    )
+    return Trainer(
+        model, lm_loss, TrainWindows(TokenStream(shards, "train"), 16, 2, seed=0), cfg,
+        OptimConfig(lr=1e-2, warmup_steps=1), Runtime(device=torch.device("cpu"), dtype=torch.float32),
+        run_dir, val_batches=ValBatches(TokenStream(shards, "val"), 16, 2, 0), eval_loss_fn=lm_eval_loss,
+    )  # fmt: skip
+
+
+def _checkpoint_dirs(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+
+
+def _assert_every_checkpoint_loads(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    from modernlm.checkpoint import latest_checkpoint, load_training_state
+
+    weights = {}
+    for d in _checkpoint_dirs(run_dir):
+        weights[d.name] = load_model(d).state_dict()
+        if d.name == "best":
+            assert json.loads((d / "best.json").read_text())["step"] >= 1
+        else:
+            assert load_training_state(d)["step"] == int(d.name.removeprefix("step_"))
+    latest = latest_checkpoint(run_dir)
+    assert latest is None or latest.name.startswith("step_") and latest.name in weights
+    return weights
+
+
+def _inject(monkeypatch, root: Path, at: int | None) -> list[str]:
+    """Count the renames that put a checkpoint directory or the `latest` pointer in place, or a file
+    into a finished checkpoint directory (the moments between which a kill can fall); raise Killed
+    at call number `at`."""
+    from modernlm import files
+
+    calls: list[str] = []
+
+    def wrap(fn, name):
+        def call(a, b, *args, **kwargs):
+            parent = Path(b).parent
+            if parent == root or (parent.parent == root and not parent.name.startswith(".")):
+                calls.append(f"{name} {Path(a).name} -> {Path(b).name}")
+                if len(calls) - 1 == at:
+                    raise Killed(calls[-1])
+            return fn(a, b, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(os, "rename", wrap(os.rename, "rename"))
+    monkeypatch.setattr(os, "replace", wrap(os.replace, "replace"))
+    monkeypatch.setattr(files, "_exchange", wrap(files._exchange, "exchange"))
+    return calls
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "fallback"])
+def test_a_kill_inside_a_checkpoint_save_leaves_only_loadable_checkpoints(tmp_path, monkeypatch, exchange):
+    from modernlm import files
+    from modernlm.tracking import read_metrics
+
+    monkeypatch.setattr(os, "fsync", lambda fd: None)  # durability on power loss is not what is tested here
+    if not exchange:
+        monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    shards = _shards(tmp_path)
+    full = tmp_path / "full"
+    with monkeypatch.context() as m:
+        points = _inject(m, full / "checkpoints", None)
+        _trainer(shards, full).train()
+    want = _assert_every_checkpoint_loads(full)
+    want_losses = [(r["step"], r.get("loss"), r.get("val_loss")) for r in read_metrics(full)]
+    # step 1: best/ and step_1 new; step 2: best/ replaced (exchanged, or an exchange tried and
+    # two renames), step_2 new; each step followed by `latest`
+    assert "best" in want and len(points) == (6 if exchange else 8), points
+    for k, point in enumerate(points):
+        run_dir = tmp_path / f"killed{k}"
+        with monkeypatch.context() as m:
+            _inject(m, run_dir / "checkpoints", k)
+            with pytest.raises(Killed):
+                _trainer(shards, run_dir).train()
+        for d in (run_dir, run_dir / "checkpoints"):  # as a killed process with another pid leaves them
+            for p in d.iterdir():
+                if p.name.startswith(".") and p.name.endswith(f"-{os.getpid()}"):
+                    p.rename(p.with_name(p.name.removesuffix(f"-{os.getpid()}") + f"-{DEAD_PID}"))
+        _assert_every_checkpoint_loads(run_dir)
+        _trainer(shards, run_dir).train()  # resumes
+        got = _assert_every_checkpoint_loads(run_dir)
+        assert not [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")], point
+        assert got.keys() == want.keys(), point
+        for name in want:  # the same run as the uninterrupted one, bit for bit
+            assert all(torch.equal(got[name][t], want[name][t]) for t in want[name]), (point, name)
+        best_step = json.loads((run_dir / "checkpoints" / "best" / "best.json").read_text())["step"]
+        twin = got[f"step_{best_step:07d}"]  # best.json names the step whose weights best/ holds
+        assert all(torch.equal(twin[t], got["best"][t]) for t in twin), point
+        assert [(r["step"], r.get("loss"), r.get("val_loss")) for r in read_metrics(run_dir)] == want_losses
+
+
+@pytest.mark.slow
+def test_sigkill_while_saving_every_step_then_resume_matches_an_uninterrupted_run(tmp_path):
+    """`modernlm pretrain` saving a checkpoint and re-saving best/ at every step, SIGKILLed at random
+    moments: every checkpoint directory left behind loads, best.json describes best/, and the rerun
+    logs exactly the losses of a run never killed."""
+    import random
+    import signal
+    import time
+
+    from modernlm.tracking import read_metrics
+
+    shards, out = _shards(tmp_path), tmp_path / "runs"
+    common = [
+        sys.executable, "-m", "modernlm", "pretrain", f"data.path={shards}", "data.seq_len=16",
+        "model.vocab_size=64", "model.d_model=32", "model.n_layer=2", "model.n_head=4", "model.max_seq_len=32",
+        "model.dropout=0.1", f"run.out_dir={out}", "run.device=cpu", "train.progress=false", "train.batch_size=2",
+        "optim.warmup_steps=5", "optim.lr=1e-2", "train.num_steps=150", "train.log_every=1",
+        "train.save_every=1", "train.eval_every=1", "train.keep_last=1000",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*common, "run.name=full"], check=True, env=env, capture_output=True)
+
+    run_dir = out / "killed"
+    metrics = run_dir / "metrics.jsonl"
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    kills = 0
+    for _ in range(4):
+        before = metrics.stat().st_ino if metrics.exists() else None
+        quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen([*common, "run.name=killed"], env=env, **quiet)
+        deadline = time.time() + 120  # wait for training to start (the metrics file is rewritten then)
+        while proc.poll() is None and time.time() < deadline:
+            if metrics.exists() and metrics.stat().st_ino != before:
+                break
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.5, 3.0))
+        if proc.poll() is not None:
+            break  # finished before the kill
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        weights = _assert_every_checkpoint_loads(run_dir)
+        best = run_dir / "checkpoints" / "best"
+        if best.is_dir():
+            step = json.loads((best / "best.json").read_text())["step"]
+            twin = weights.get(f"step_{step:07d}")  # absent when killed between best/ and the step's save
+            assert twin is None or all(torch.equal(twin[t], weights["best"][t]) for t in twin), (seed, step)
+    assert kills >= 2, f"the run finished too early (seed {seed}); raise train.num_steps"
+
+    subprocess.run([*common, "run.name=killed"], check=True, env=env, capture_output=True)
+    weights = _assert_every_checkpoint_loads(run_dir)
+    leftovers = [p.name for d in (run_dir, run_dir / "checkpoints") for p in d.iterdir() if p.name.startswith(".")]
+    assert leftovers == [], seed
+    step = json.loads((run_dir / "checkpoints" / "best" / "best.json").read_text())["step"]
+    assert all(torch.equal(weights[f"step_{step:07d}"][t], weights["best"][t]) for t in weights["best"])
+    full, resumed = read_metrics(out / "full"), read_metrics(run_dir)
+    losses = lambda rows, key: [(r["step"], r[key]) for r in rows if key in r]  # noqa: E731
+    assert [s for s, _ in losses(full, "loss")] == list(range(1, 151))
+    assert losses(resumed, "loss") == losses(full, "loss"), seed  # exact on CPU fp32, every step
+    assert losses(resumed, "val_loss") == losses(full, "val_loss"), seed

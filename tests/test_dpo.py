@@ -148,13 +148,15 @@ def test_first_loss_is_log2_and_live_reference_equals_precomputed():
     torch.testing.assert_close(pre[0], live[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.hf
-@pytest.mark.parametrize("sft_weight", [0.0, 0.5])
-def test_loss_and_metrics_equal_trl(tmp_path, sft_weight):
-    """TRL's DPOTrainer.compute_loss (sigmoid loss, plus its "sft" loss for sft_weight > 0) on a
-    tiny Llama vs our loss_fn on the same model converted to ours, with a reference that has other
-    weights."""
-    pytest.importorskip("trl")
+def _trl_and_ours(tmp_path, sft_weight: float = 0.0, label_smoothing: float = 0.0, trl_bf16=False, our_bf16=False):
+    """TRL's DPOTrainer.compute_loss on a tiny Llama and our loss_fn on the same weights converted to
+    ours, with a reference that has other weights; both in float32 unless `*_bf16` (the precision
+    change the test must notice). Returns (TRL's loss, TRL's metrics, our loss, our metrics).
+
+    sft_weight > 0: TRL's loss_type ["sigmoid", "sft"] with loss_weights [1, sft_weight] (RPO).
+    label_smoothing > 0: our conservative DPO (cDPO) against TRL's "aot" loss on one pair at a time:
+    TRL 1.x dropped label smoothing from "sigmoid", and "aot" is exactly cDPO's formula once the sort
+    it applies over the batch has a batch of one to sort."""
     from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from trl import DPOConfig, DPOTrainer
@@ -169,20 +171,29 @@ def test_loss_and_metrics_equal_trl(tmp_path, sft_weight):
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
     )  # fmt: skip
     torch.manual_seed(0)
-    policy = LlamaForCausalLM(cfg)
+    policy = LlamaForCausalLM(cfg).float()
     torch.manual_seed(1)
-    ref = LlamaForCausalLM(cfg)
+    ref = LlamaForCausalLM(cfg).float()
     pairs = _pairs(4)
+    loss_type = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]} if sft_weight else {}
+    if label_smoothing:
+        loss_type = {"loss_type": ["aot"], "label_smoothing": label_smoothing}
+    # bf16 / fp16 named explicitly: recent TRL turns bf16 mixed precision on by default, which runs
+    # its forward passes under bf16 autocast.
     args = DPOConfig(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, report_to="none", beta=0.3,
-        use_cpu=True, max_steps=1, precompute_ref_log_probs=False,
-        **({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]} if sft_weight else {}),
+        use_cpu=True, max_steps=1, precompute_ref_log_probs=False, bf16=trl_bf16, fp16=False, **loss_type,
     )  # fmt: skip
     trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(pairs),
                          processing_class=hf_tok)  # fmt: skip
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
     rows = [trainer.train_dataset[i] for i in range(len(pairs))]
     with torch.no_grad():
-        trl_loss = trainer.compute_loss(trainer.model, trainer.data_collator(rows)).item()
+        if label_smoothing:
+            trl_loss = sum(trainer.compute_loss(trainer.model, trainer.data_collator([r])).item() for r in rows)
+            trl_loss /= len(rows)
+        else:
+            trl_loss = trainer.compute_loss(trainer.model, trainer.data_collator(rows)).item()
     trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
     # The same token ids in our layout: prompt + completion, labels on the completion only.
@@ -195,13 +206,45 @@ def test_loss_and_metrics_equal_trl(tmp_path, sft_weight):
             item[f"{side}_labels"] = [IGNORE_INDEX] * len(r["prompt_ids"]) + r[f"{side}_ids"]
         items.append(item)
     ours_policy, ours_ref = from_hf(policy).eval(), from_hf(ref).eval()
-    with torch.no_grad():
-        loss_fn = dpo_loss_fn(0.3, ref_model=ours_ref, sft_weight=sft_weight)
+    assert {p.dtype for p in ours_policy.parameters()} == {torch.float32}
+    autocast = torch.autocast("cpu", torch.bfloat16) if our_bf16 else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
+        loss_fn = dpo_loss_fn(0.3, label_smoothing, ref_model=ours_ref, sft_weight=sft_weight)
         loss_sum, n, metrics = loss_fn(ours_policy, collate_pairs(items, tok.pad_id))
-    assert (loss_sum / n).item() == pytest.approx(trl_loss, abs=1e-5)
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                "logps/rejected"):  # fmt: skip
-        assert metrics[key].item() == pytest.approx(trl_metrics[key], abs=1e-4), key
+    return trl_loss, trl_metrics, (loss_sum / n).item(), {k: v.item() for k, v in metrics.items()}
+
+
+# Both sides in float32. float64 is not available on TRL's side: its fused LM head computes the
+# log-softmax with float32 accumulators whatever the model's dtype (ours does it in float32 too).
+# The two add the same terms in other orders, so they agree to float32 rounding: measured, the loss
+# (~0.68, ulp 6e-8) differs by 6e-8 and the log-probs (~17) by 0. LOSS_TOL is ~16 ulps of the loss
+# and 10x below the smallest precision change measured: bf16 autocast on TRL's side moves the loss
+# by 1.05e-5, bf16 on ours by 1.4e-4. Sequence log-probs are sums of ~30 float32 terms of ~0.6
+# each: sqrt(30) ulps of 17 is ~1e-5.
+LOSS_TOL, LOGP_TOL = 1e-6, 1e-5
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize(("sft_weight", "label_smoothing"), [(0.0, 0.0), (0.5, 0.0), (0.0, 0.2)])
+def test_loss_and_metrics_equal_trl(tmp_path, sft_weight, label_smoothing):
+    pytest.importorskip("trl")
+    trl_loss, trl_metrics, loss, metrics = _trl_and_ours(tmp_path, sft_weight, label_smoothing)
+    assert loss == pytest.approx(trl_loss, abs=LOSS_TOL, rel=0)
+    if label_smoothing:
+        return  # TRL's metrics are those of the last single-pair call
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
+        assert metrics[key] == pytest.approx(trl_metrics[key], abs=LOSS_TOL, rel=0), key
+    for key in ("logps/chosen", "logps/rejected"):
+        assert metrics[key] == pytest.approx(trl_metrics[key], abs=LOGP_TOL, rel=0), key
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("side", ["trl", "ours"])
+def test_trl_comparison_fails_when_one_side_changes_precision(tmp_path, side):
+    """The tolerance above is tight enough to see bf16 on either side."""
+    pytest.importorskip("trl")
+    trl_loss, _, loss, _ = _trl_and_ours(tmp_path, trl_bf16=side == "trl", our_bf16=side == "ours")
+    assert abs(loss - trl_loss) > LOSS_TOL
 
 
 def test_dpo_command_raises_chosen_against_rejected(tmp_path):

@@ -2,20 +2,20 @@
 
 Loading never unpickles anything: weights come from safetensors, the config from JSON. Every
 problem with a checkpoint directory (missing file, corrupt file, wrong shapes, unknown config key)
-is a `UserError` that names the file. Files are written to a temporary name and renamed, so a kill
-mid-save leaves the previous file intact.
+is a `UserError` that names the file. Files are written with `modernlm.files` (a temporary name,
+fsync, rename), so a kill mid-save leaves the previous file intact.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from modernlm.errors import UserError
+from modernlm.files import OLD_MARK, TMP_MARK, atomic_write, clean_leftovers, replace_dir, tmp_path
 
 if TYPE_CHECKING:
     from modernlm.model import ModelConfig, ModernDecoderLM
@@ -24,15 +24,6 @@ if TYPE_CHECKING:
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 MODEL_TYPE = "modernlm"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_model(
@@ -48,9 +39,9 @@ def save_model(
     if model.config.tie_embeddings:
         # the same tensor as tok_emb.weight; safetensors forbids aliases
         state.pop("lm_head.weight", None)
-    atomic_write_bytes(path / WEIGHTS_FILE, save(state, metadata={"format": "pt"}))
+    atomic_write(path / WEIGHTS_FILE, save(state, metadata={"format": "pt"}))
     config = {"model_type": MODEL_TYPE, **to_dict(model.config)}
-    atomic_write_bytes(path / CONFIG_FILE, json.dumps(config, indent=2).encode())
+    atomic_write(path / CONFIG_FILE, json.dumps(config, indent=2))
     if tokenizer is not None:
         tokenizer.save(path)
 
@@ -161,29 +152,20 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], fil
 # Training checkpoints: run_dir/checkpoints/step_0000500/ = the model files above + train_state.pt
 # --------------------------------------------------------------------------------------------
 #
-# A training checkpoint directory is written under a temporary name and renamed into place, and
-# the `latest` pointer file is replaced atomically afterwards. A SIGKILL at any moment therefore
-# leaves either the previous checkpoint or the new one complete and findable: a `step_*` name
-# only ever refers to a finished directory, and `latest_checkpoint` falls back to the highest
-# `step_*` directory when the pointer is missing or stale.
+# A checkpoint directory (a training step, or best/ with its best.json) is written complete under
+# the temporary name `.<name>.tmp-<pid>` and then put in place with `files.replace_dir`, which
+# exchanges it atomically with a directory already there (a re-saved step, best/). The `latest`
+# pointer file is replaced atomically afterwards. A SIGKILL at any moment therefore leaves either
+# the previous checkpoint or the new one complete and findable: a `step_*` or `best` name only ever
+# refers to a finished directory (best.json included), `latest_checkpoint` falls back to the
+# highest `step_*` directory when the pointer is missing or stale, and `clean_leftovers` (run when
+# training starts) removes what a killed save left behind.
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAIN_STATE_FILE = "train_state.pt"
 LATEST_FILE = "latest"
 BEST_DIR = "best"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+BEST_INFO_FILE = "best.json"
 
 
 def _write_checkpoint_dir(
@@ -192,27 +174,28 @@ def _write_checkpoint_dir(
     tokenizer: Tokenizer | None,
     state: dict[str, Any] | None,
     save_fn: Any = None,
+    extra: dict[str, str] | None = None,
 ) -> None:
+    """Write the whole directory under its temporary name (model files, train_state.pt, the
+    `extra` text files), then put it in place of `final` (atomically replacing an older one)."""
     import io
     import shutil
 
-    tmp = final.with_name(f".tmp_{final.name}_{os.getpid()}")
+    tmp = tmp_path(final)
     if tmp.exists():
         shutil.rmtree(tmp)
-    (save_fn or save_model)(model, tmp, tokenizer)
-    if state is not None:
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        atomic_write_bytes(tmp / TRAIN_STATE_FILE, buf.getvalue())
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving a step (e.g. the final step of a resumed, finished run)
-        old = final.with_name(f".old_{final.name}_{os.getpid()}")
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    try:
+        (save_fn or save_model)(model, tmp, tokenizer)
+        if state is not None:
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            atomic_write(tmp / TRAIN_STATE_FILE, buf.getvalue())
+        for name, text in (extra or {}).items():
+            atomic_write(tmp / name, text)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, final)
 
 
 def save_training_checkpoint(
@@ -237,13 +220,11 @@ def save_training_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
     _write_checkpoint_dir(final, model, tokenizer, state, save_fn)
-    atomic_write_bytes(root / LATEST_FILE, (final.name + "\n").encode())
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    atomic_write(root / LATEST_FILE, final.name + "\n")
+    steps = sorted(p for p in root.glob("step_*") if _is_step_dir(p))
     for old in steps[: max(len(steps) - max(keep_last, 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
-    for leftover in root.glob(".tmp_*"):  # from a run killed mid-save
-        if not leftover.name.endswith(f"_{os.getpid()}"):
-            shutil.rmtree(leftover, ignore_errors=True)
+    clean_leftovers(root)  # from a run killed mid-save
     return final
 
 
@@ -254,12 +235,20 @@ def save_best_checkpoint(
     tokenizer: Tokenizer | None = None,
     save_fn: Any = None,
 ) -> Path:
-    """Replace run_dir/checkpoints/best/ (model files + best.json with the step and val loss)."""
+    """Replace run_dir/checkpoints/best/ (model files + best.json with the step and val loss).
+
+    best.json is written into the new directory before it replaces the old one: best/ and its
+    best.json always describe the same model."""
     final = Path(run_dir) / CHECKPOINTS_DIR / BEST_DIR
     final.parent.mkdir(parents=True, exist_ok=True)
-    _write_checkpoint_dir(final, model, tokenizer, None, save_fn)
-    atomic_write_bytes(final / "best.json", json.dumps(info, indent=2).encode())
+    _write_checkpoint_dir(final, model, tokenizer, None, save_fn, extra={BEST_INFO_FILE: json.dumps(info, indent=2)})
     return final
+
+
+def _is_step_dir(p: Path) -> bool:
+    """A finished step checkpoint's name (never a temporary or set-aside directory)."""
+    name = p.name
+    return name.startswith("step_") and TMP_MARK not in name and OLD_MARK not in name and p.is_dir()
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -268,7 +257,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     Complete = renamed into place with its train_state.pt. The `latest` pointer is for people and
     other tools; the directory scan is the truth (a kill between rename and pointer update)."""
     root = Path(run_dir) / CHECKPOINTS_DIR
-    done = [p for p in root.glob("step_*") if (p / TRAIN_STATE_FILE).is_file()]
+    done = [p for p in root.glob("step_*") if _is_step_dir(p) and (p / TRAIN_STATE_FILE).is_file()]
     return max(done, key=lambda p: p.name) if done else None
 
 

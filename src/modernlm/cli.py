@@ -7,7 +7,10 @@ A command module may declare `POSITIONALS = ["src", "dst"]` (config fields fille
 bare arguments; a last name ending in "..." is a list field that takes all the remaining ones)
 and `FLAGS = {"--to": "to"}` (flags that take a value; one whose field is a bool is a switch that
 takes none: `--force` sets force=true). Anything containing `=` is a dotted override. A
-`UserError` becomes one line on stderr and exit code 2.
+`UserError` becomes one line on stderr and exit code 2. `OUTPUTS = {"out": "file", "run.out_dir":
+"dir"}` declares the paths a command writes, and `derived_outputs(cfg)` the (setting, path, kind)
+built from other fields: all are checked (`modernlm.files.check_outputs`) before `main(cfg)` runs,
+so a path that cannot be written fails in one line before any model is loaded.
 """
 
 from __future__ import annotations
@@ -83,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_command(name: str, argv: list[str]) -> int:
     """Parse `argv` for command `name`, run it, and return the exit code."""
-    from modernlm.config import load_config, to_yaml
-    from modernlm.errors import UserError
+    from modernlm.config import load_config, recipe_names, to_yaml
+    from modernlm.errors import Interrupted, UserError
 
     module = importlib.import_module(COMMANDS[name][0])
     positionals: list[str] = getattr(module, "POSITIONALS", [])
@@ -96,7 +99,9 @@ def run_command(name: str, argv: list[str]) -> int:
         description=textwrap.dedent(module.__doc__ or "").strip(),
         epilog="defaults (override with key=value):\n" + textwrap.indent(to_yaml(module.Config()), "  "),
     )
-    parser.add_argument("-c", "--config", help="YAML or JSON config file")
+    recipes = ", ".join(recipe_names(name))  # `-c NAME`: a recipe shipped in the package
+    config_help = f"YAML or JSON config file, or a recipe: {recipes}" if recipes else "YAML or JSON config file"
+    parser.add_argument("-c", "--config", help=config_help)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     defaults = module.Config()
     for flag, field in flags.items():
@@ -122,15 +127,37 @@ def run_command(name: str, argv: list[str]) -> int:
     flag_values = {field: getattr(ns, f"flag_{field}") for field in flags.values()}
     pre += [f"{field}={value}" for field, value in flag_values.items() if value is not None]
     try:
-        cfg = load_config(module.Config, ns.config, pre + overrides)
+        cfg = load_config(module.Config, ns.config, pre + overrides, command=name)
         if ns.print_config:
             print(to_yaml(cfg), end="")
             return 0
+        _check_outputs(module, cfg, flags, flag_values, overrides)
         module.main(cfg)
     except UserError as e:
         print(f"modernlm {name}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # training stopped by SIGINT / SIGTERM after saving a checkpoint
+        print(f"modernlm {name}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"modernlm {name}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _check_outputs(module, cfg, flags: dict[str, str], flag_values: dict, overrides: list[str]) -> None:
+    """The module's OUTPUTS (dotted field -> "file" | "dir") and derived_outputs(cfg), checked
+    before any work: a path that cannot be written is a UserError naming the setting as written."""
+    from modernlm.files import check_outputs
+
+    outputs: dict[str, str] = getattr(module, "OUTPUTS", {})
+    derived = getattr(module, "derived_outputs", None)
+    if not outputs and derived is None:
+        return
+    # A flag names its field, unless an explicit key=value replaced the flag's value.
+    names = {
+        field: flag
+        for flag, field in flags.items()
+        if flag_values.get(field) is not None and not any(o.startswith(f"{field}=") for o in overrides)
+    }
+    check_outputs(cfg, outputs, derived(cfg) if derived else (), names)

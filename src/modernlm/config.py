@@ -27,18 +27,77 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a .yaml/.yml/.json config file into a dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    text = path.read_text()
+# The shipped recipes are package data, modernlm/recipes/<group>/<name>.yaml (`configs/` in a checkout
+# links there), so `-c NAME` works wherever modernlm is installed. Each command's group:
+RECIPE_GROUPS: dict[str, str] = {
+    "pretrain": "pretrain",
+    "sft": "align",
+    "dpo": "align",
+    "verifier": "align",
+    "finetune": "finetune",
+    "prompt": "prompt",
+    "experiment sinks": "experiment",
+    "pipeline": "pipeline",
+}
+
+
+def _recipes() -> Any:  # an importlib.resources Traversable: a directory, in a wheel or a checkout
+    from importlib.resources import files
+
+    return files("modernlm") / "recipes"
+
+
+def recipe_names(command: str, group: str | None = None) -> list[str]:
+    """The recipe names `modernlm <command> -c NAME` accepts (empty for a command without recipes)."""
+    group = group or RECIPE_GROUPS.get(command)
+    folder = _recipes() / group if group and not group.startswith(".") else None
+    if folder is None or not folder.is_dir():
+        return []
+    return sorted(f.name.removesuffix(".yaml") for f in folder.iterdir() if f.name.endswith(".yaml"))
+
+
+def find_recipe(spec: str | Path, command: str | None = None) -> Any:
+    """`tiny` (for `command`'s group) or `pretrain/tiny` -> the shipped recipe file, else None."""
+    spec = str(spec)
+    if "\\" in spec or spec.count("/") > 1 or Path(spec).suffix:
+        return None
+    group, _, name = spec.rpartition("/")
+    group = group or RECIPE_GROUPS.get(command or "", "")
+    if not group or not name or group.startswith("."):
+        return None
+    recipe = _recipes() / group / f"{name}.yaml"
+    return recipe if recipe.is_file() else None
+
+
+def _not_found(spec: str | Path, command: str | None) -> str:
+    text = str(spec)
+    group, _, name = text.rpartition("/")
+    names = [] if "\\" in text or group.count("/") or Path(text).suffix else recipe_names(command or "", group)
+    if not names:
+        return f"config file not found: {spec}"
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    owner = f"one of the {group} recipes" if group else f"a recipe of modernlm {command}"
+    return f"config {text!r} is neither a file nor {owner}; {hint}recipes: {', '.join(names)}"
+
+
+def read_config_file(path: str | Path, command: str | None = None) -> dict[str, Any]:
+    """Read a .yaml/.yml/.json config file into a dict. A `path` that is not a file may name a shipped
+    recipe: `tiny` for `command` "pretrain" (see RECIPE_GROUPS), or `pretrain/tiny` for any command."""
+    file = Path(path)
+    if file.is_file():
+        text, suffix = file.read_text(), file.suffix
+    else:
+        recipe = find_recipe(path, command)
+        if recipe is None:
+            raise UserError(_not_found(path, command))
+        text, suffix = recipe.read_text(), ".yaml"
     try:
-        if path.suffix in (".yaml", ".yml"):
+        if suffix in (".yaml", ".yml"):
             import yaml
 
             data = yaml.safe_load(text)
-        elif path.suffix == ".json":
+        elif suffix == ".json":
             data = json.loads(text)
         else:
             raise UserError(f"config file {path}: expected a .yaml, .yml or .json file")
@@ -104,11 +163,12 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     base: dict[str, Any] | None = None,
+    command: str | None = None,
 ) -> T:
-    """Defaults of `cls` < `base` dict < file at `path` < dotted `overrides`."""
+    """Defaults of `cls` < `base` dict < file at `path` (or `command`'s recipe so named) < dotted `overrides`."""
     data: dict[str, Any] = dict(base or {})
     if path:
-        data = merge(data, read_config_file(path))
+        data = merge(data, read_config_file(path, command))
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(data, key, value)
@@ -258,18 +318,21 @@ def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config (YAML or JSON by suffix), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from modernlm.files import atomic_write
+
     text = json.dumps(to_dict(cfg), indent=2) if path.suffix == ".json" else to_yaml(cfg)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(path, text)
 
 
 __all__ = [
+    "RECIPE_GROUPS",
+    "find_recipe",
     "from_dict",
     "load_config",
     "merge",
     "parse_override",
     "read_config_file",
+    "recipe_names",
     "save_config",
     "set_dotted",
     "to_dict",

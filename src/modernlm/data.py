@@ -37,7 +37,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from typing import Any, Literal
 import numpy as np
 
 from modernlm.errors import UserError
+from modernlm.files import atomic_write, replace_dir, tmp_path
 
 FORMAT = "modernlm-tokens-v1"
 META_FILE = "meta.json"
@@ -580,7 +580,9 @@ def prepare_tokens(
         "bytes": np.zeros(n_sources, np.int64),
         "tokens": np.zeros(n_sources, np.int64),
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = tmp_path(out)  # .<out>.tmp-<pid>: files.clean_leftovers recognizes it after a kill
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
         rng = np.random.default_rng(seed)
@@ -653,8 +655,8 @@ def prepare_tokens(
             "bytes_per_token": total_bytes / max(text_tokens, 1),
         }
         tokenizer.save(tmp)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # last: marks it complete
-        _replace_dir(tmp, out)
+        atomic_write(tmp / META_FILE, json.dumps(meta, indent=2) + "\n")  # last: marks it complete
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -696,7 +698,7 @@ def write_shards(
     }
     if tokenizer is not None:
         tokenizer.save(path)
-    (path / META_FILE).write_text(json.dumps(meta, indent=2))
+    atomic_write(path / META_FILE, json.dumps(meta, indent=2))
     return path
 
 
@@ -708,16 +710,6 @@ def _source_record(src: SourceConfig) -> dict[str, Any]:
     if src.path:
         out["files"] = [str(p) for p in source_files(src.path)]
     return out
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        out.rename(trash / out.name)
-        tmp.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

@@ -288,7 +288,10 @@ def save_hf(
     hf.config.architectures = ["LlamaForCausalLM"]
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(dst)  # safetensors
+    from modernlm.files import atomic_files
+
+    with atomic_files(dst) as staging:
+        hf.save_pretrained(staging)  # safetensors
     if tokenizer is not None:
         tokenizer.save(dst)
 

@@ -371,7 +371,10 @@ def _save_tokenizer(tokenizer: Any, path: Path) -> None:
     if tokenizer is None:
         return
     if hasattr(tokenizer, "save_pretrained"):  # transformers
-        tokenizer.save_pretrained(str(path))
+        from modernlm.files import atomic_files
+
+        with atomic_files(path) as staging:
+            tokenizer.save_pretrained(str(staging))
     else:  # modernlm.tokenizer.Tokenizer
         tokenizer.save(path)
 
@@ -382,7 +385,7 @@ def save_adapter(model: PeftModel, path: str | Path, tokenizer: Any = None, info
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save
 
-    from modernlm.checkpoint import atomic_write_bytes
+    from modernlm.files import atomic_files, atomic_write
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -390,14 +393,15 @@ def save_adapter(model: PeftModel, path: str | Path, tokenizer: Any = None, info
     # base's config.json, or ask the hub, to find out).
     state = get_peft_model_state_dict(model, save_embedding_layers=False)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    atomic_write_bytes(path / ADAPTER_WEIGHTS, save(state, metadata={"format": "pt"}))
+    atomic_write(path / ADAPTER_WEIGHTS, save(state, metadata={"format": "pt"}))
     config = model.peft_config["default"]
     if info and info.get("base"):
         config.base_model_name_or_path = str(info["base"])
-    config.save_pretrained(str(path))
+    with atomic_files(path) as staging:
+        config.save_pretrained(str(staging))
     _save_tokenizer(tokenizer, path)
     if info is not None:
-        atomic_write_bytes(path / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
+        atomic_write(path / INFO_FILE, json.dumps(info, indent=2) + "\n")
     return path
 
 

@@ -43,14 +43,13 @@ file. `evaluate_predictions` logs the wrong examples of a task (see its docstrin
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from modernlm.errors import UserError
+from modernlm.files import atomic_write
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 TASKS = ("classification", "summarization", "gsm8k")
@@ -267,16 +266,7 @@ def write_errors(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
         ordered.update({k: v for k, v in row.items() if k not in ordered})
         lines.append(json.dumps(ordered, ensure_ascii=False, default=_json_default) + "\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, "".join(lines))
     return path
 
 

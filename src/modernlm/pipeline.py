@@ -8,7 +8,8 @@ changed pretrain config re-runs SFT, DPO, the verifier and the evaluations, and 
 config re-runs only what reads the verifier.
 After it, the status is "done", with its wall time. On the next run a stage is:
 - skipped when its status is done and its hash is the current one;
-- resumed in place when its hash is the current one but it did not finish (killed, failed): the
+- resumed in place when its hash is the current one but it did not finish (killed, failed,
+  interrupted: SIGINT / SIGTERM stop a training stage after a checkpoint of its last step): the
   training stages continue from their latest checkpoint, the others start over;
 - re-run from scratch (its directory cleared) when its hash changed, or when `--from` / `--only`
   select it.
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from modernlm.errors import UserError
+from modernlm.files import atomic_open, atomic_write, clean_leftovers
 from modernlm.preference import PreferenceDataConfig
 
 PIPELINE_FILE = "pipeline.json"
@@ -130,15 +132,11 @@ class Runner:
         return st.get("status") == "done" and st.get("hash") == self.hashes[name]
 
     def _write_marker(self, name: str, data: dict[str, Any]) -> None:
-        from modernlm.checkpoint import atomic_write_bytes
-
         path = self._marker(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+        atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
 
     def write_summary(self, started: str, env: dict[str, Any], finished: str | None = None) -> None:
-        from modernlm.checkpoint import atomic_write_bytes
-
         stages = []
         for s in self.stages:
             st = self.state(s.name)
@@ -152,7 +150,7 @@ class Runner:
             stages.append(entry)
         data = {"recipe": self.recipe, "started": started, "finished": finished, "environment": env, "stages": stages}
         self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.out / PIPELINE_FILE, (json.dumps(data, indent=2, default=str) + "\n").encode())
+        atomic_write(self.out / PIPELINE_FILE, json.dumps(data, indent=2, default=str) + "\n")
 
     def select(self, from_stage: str = "", only: str = "") -> tuple[list[Stage], set[str]]:
         """(stages to consider, stages forced to re-run), checking --from / --only and their inputs."""
@@ -186,8 +184,9 @@ class Runner:
         env = environment()
         started = _now()
         self.out.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(self.out)  # what a killed write of an earlier run left behind
         if self.config_text:
-            (self.out / "pipeline.yaml").write_text(self.config_text)
+            atomic_write(self.out / "pipeline.yaml", self.config_text)
         self.write_summary(started, env)
         total = len(chosen)
         for i, stage in enumerate(chosen, 1):
@@ -212,8 +211,9 @@ class Runner:
             self.write_summary(started, env, finished=_now() if i == total else None)
             try:
                 result = stage.run(stage.config)
-            except BaseException as e:
-                marker.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0][:500],
+            except BaseException as e:  # Ctrl-C / SIGTERM too: the stage stays unfinished, resumed next time
+                status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+                marker.update(status=status, error=f"{type(e).__name__}: {e}".splitlines()[0][:500],
                               wall_s=round(time.perf_counter() - t0, 2), finished=_now())  # fmt: skip
                 self._write_marker(stage.name, marker)
                 self.write_summary(started, env)
@@ -377,10 +377,10 @@ def write_rows(out_dir: Path, rows: list[dict[str, Any]], notes: str = "") -> di
     for r in rows:
         columns += [k for k in r if k not in columns]
     results = {"columns": columns, "rows": rows, "notes": notes}
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out_dir / "eval.json").write_text(json.dumps({r["model"]: {k: v for k, v in r.items() if k != "model"}
-                                                   for r in rows}, indent=2) + "\n")  # fmt: skip
-    with open(out_dir / "answers.jsonl", "w") as f:
+    atomic_write(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write(out_dir / "eval.json", json.dumps({r["model"]: {k: v for k, v in r.items() if k != "model"}
+                                                    for r in rows}, indent=2) + "\n")  # fmt: skip
+    with atomic_open(out_dir / "answers.jsonl") as f:
         for model, items in answers.items():
             for a in items:
                 f.write(json.dumps({"model": model, **a}) + "\n")

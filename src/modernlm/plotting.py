@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modernlm.files import atomic_open
+
 # file stem -> (y quantity, x axis)
 FIGURES: dict[str, tuple[str, str]] = {
     "loss_vs_step": ("loss", "step"),
@@ -148,6 +150,7 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, dpi: int = 120) -
     paths = []
     for stem, fig in curve_figures(series).items():
         path = out / f"{stem}.png"
-        fig.savefig(path, dpi=dpi)
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
         paths.append(path)
     return paths

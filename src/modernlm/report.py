@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from modernlm.errors import UserError
+from modernlm.files import atomic_write
 
 PIPELINE_FILE = "pipeline.json"
 RESULTS_FILE = "results.json"
@@ -533,12 +534,6 @@ def to_html(blocks: list[Block]) -> str:
     )
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_report(run_dir: str | Path, out: str | Path = "", force: bool = False, max_samples: int = 3) -> list[Path]:
     """Write OUT/report.md (+ OUT/report_assets/*.png) and OUT/report.html; OUT defaults to run_dir.
 
@@ -562,10 +557,10 @@ def write_report(run_dir: str | Path, out: str | Path = "", force: bool = False,
     if images:
         assets.mkdir(exist_ok=True)
         for b in images:
-            _write_atomic(assets / b.name, b.png)
+            atomic_write(assets / b.name, b.png)
             written.append(assets / b.name)
-    _write_atomic(md_path, to_markdown(blocks).encode())
-    _write_atomic(html_path, to_html(blocks).encode())
+    atomic_write(md_path, to_markdown(blocks).encode())
+    atomic_write(html_path, to_html(blocks).encode())
     return [md_path, html_path, *written]
 
 

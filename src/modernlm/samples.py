@@ -49,7 +49,7 @@ def checkpoint_dirs(path: str | Path) -> list[Path]:
     steps = []
     for p in root.iterdir():
         match = _STEP_DIR.match(p.name)
-        # a half-written checkpoint is a hidden .tmp_ dir, never step_*; still require the config
+        # a half-written checkpoint is a hidden .step_*.tmp-<pid> dir, never step_*; still require the config
         if match and (p / CONFIG_FILE).is_file():
             steps.append((int(match.group(1)), p))
     dirs = [p for _, p in sorted(steps)]

@@ -81,6 +81,7 @@ from pathlib import Path
 from typing import Any
 
 from modernlm.errors import UserError
+from modernlm.files import atomic_write
 
 # ---------------------------------------------------------------------------------------------
 # The world: every word the generator uses, written for this module.
@@ -695,8 +696,7 @@ def _pref_rows(problems: Sequence[Problem], rng: random.Random, max_number: int)
 
 def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
+    atomic_write(path, text)
 
 
 def _jsonl(rows: Sequence[dict[str, Any]]) -> str:

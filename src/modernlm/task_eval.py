@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from modernlm.errors import UserError
+from modernlm.files import atomic_write
 from modernlm.metrics import evaluate_predictions, macro_f1, write_errors
 from modernlm.tasks import TaskTokenizer
 
@@ -608,8 +609,8 @@ def evaluate_task(
             rows.append(row)
         _write_jsonl(out / "predictions.jsonl", rows)
         if prefix:
-            (out / "demonstrations.txt").write_text(prefix, encoding="utf-8")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+            atomic_write(out / "demonstrations.txt", prefix)
+        atomic_write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from modernlm.errors import UserError
+from modernlm.files import atomic_write
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -88,14 +89,14 @@ class Tokenizer:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(path / TOKENIZER_FILE))
+        atomic_write(path / TOKENIZER_FILE, self.backend.to_str(pretty=True))
         config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
         for name in ("bos_token", "eos_token", "pad_token"):
             if getattr(self, name) is not None:
                 config[name] = getattr(self, name)
         if self.chat_template:
             config["chat_template"] = self.chat_template
-        (path / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        atomic_write(path / TOKENIZER_CONFIG_FILE, json.dumps(config, indent=2))
 
     def __len__(self) -> int:
         return self.vocab_size

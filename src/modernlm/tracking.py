@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from modernlm.files import atomic_write, atomic_write_json
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -71,9 +72,7 @@ class MetricsWriter:
                 for line in path.read_text().splitlines()
                 if line.strip() and _step_of(line) is not None and _step_of(line) <= truncate_after
             ]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            atomic_write(path, "".join(line + "\n" for line in kept))
         self._file = open(path, "a")
         if tensorboard:
             self.board = _tensorboard(self.run_dir)
@@ -93,10 +92,7 @@ class MetricsWriter:
         """Write run_dir/summary.json (replaced atomically)."""
         if not self.enabled:
             return
-        path = self.run_dir / SUMMARY_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({k: _plain(v) for k, v in values.items()}, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_json(self.run_dir / SUMMARY_FILE, {k: _plain(v) for k, v in values.items()})
 
     def close(self) -> None:
         if self._file is not None:

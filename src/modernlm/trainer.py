@@ -176,12 +176,17 @@ class Trainer:
         self.resumed_from: Path | None = None
         self._resume_checked = False
         self.clock = time.perf_counter  # wall clock for the time budget (tests swap in a fake one)
-        self.stopped_by = ""  # "steps" or "time", once train() returns
+        self.stopped_by = ""  # "steps" or "time", once train() returns; "SIGINT" / "SIGTERM" if interrupted
+        self._signal = 0  # the first SIGINT / SIGTERM this rank received while train() runs
+        self._stop_signal = 0  # the stop request agreed by every rank (train_step); 0 = go on
 
     # ---- the loop -------------------------------------------------------------------------
 
     def train(self) -> dict[str, Any]:
-        """Run until cfg.num_steps; returns the summary also written to summary.json."""
+        """Run until cfg.num_steps; returns the summary also written to summary.json.
+
+        SIGINT / SIGTERM while it runs: the current step finishes (every rank stops after the same
+        one), its checkpoint is saved and `Interrupted` is raised; a second Ctrl-C exits at once."""
         from tqdm import tqdm
 
         cfg, rt = self.cfg, self.runtime
@@ -200,6 +205,9 @@ class Trainer:
         elapsed_before = self._elapsed_before = self.elapsed_s
         last_record: dict[str, Any] = {}
         step_time: float | None = None  # running mean of a step's wall time, for the time budget
+        # (step, directory) of the newest checkpoint of this run; the directory is None off rank 0
+        saved: tuple[int, Path | None] = (self.step, self.resumed_from) if self.resumed_from else (-1, None)
+        previous_handlers = self._catch_signals()
         try:
             if self.step == 0 and self.val_batches is not None and cfg.eval_at_start:
                 self._log_eval(writer, bar, best=False)  # the untrained baseline
@@ -265,17 +273,109 @@ class Trainer:
                     self.sample()
                 if _every(self.step, cfg.save_every) or last:
                     self.elapsed_s = elapsed_before + self.clock() - start_wall
-                    self.save_checkpoint()
+                    saved = (self.step, self.save_checkpoint())
+                if self._stop_signal or (self._signal and not rt.distributed):  # agreed in train_step
+                    self._interrupt(self._signal or self._stop_signal, saved)
                 if last:
                     break
             self.stopped_by = "steps" if self.step >= cfg.num_steps else "time"
+            # A signal after the last step's decision (during its eval or save) still stops the
+            # command that called train(), e.g. a pipeline before its next stage.
+            if self._agree_signal():
+                self._interrupt(self._signal or self._stop_signal, saved)
         finally:
-            bar.close()
-            self.elapsed_s = elapsed_before + self.clock() - start_wall
-            summary = self.summary(last_record)
-            writer.summary(**summary)
-            writer.close()
+            try:
+                bar.close()
+                self.elapsed_s = elapsed_before + self.clock() - start_wall
+                summary = self.summary(last_record)
+                writer.summary(**summary)
+                writer.close()
+            finally:
+                self._restore_signals(previous_handlers)
         return summary
+
+    # ---- SIGINT / SIGTERM: stop after the current step with a checkpoint --------------------
+
+    def _catch_signals(self) -> dict[int, Any]:
+        """Point SIGINT and SIGTERM at `_on_signal`; returns the handlers to restore. Only the main
+        thread can set handlers (elsewhere nothing changes), and an ignored signal (nohup, a
+        background job) stays ignored."""
+        import signal
+        import threading
+
+        self._signal = self._stop_signal = 0
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous: dict[int, Any] = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old = signal.getsignal(sig)
+            if old in (signal.SIG_IGN, None):  # ignored, or set outside Python: leave it alone
+                continue
+            previous[sig] = old
+            signal.signal(sig, self._on_signal)
+        return previous
+
+    def _restore_signals(self, previous: dict[int, Any]) -> None:
+        import signal
+
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """The first SIGINT / SIGTERM only records itself: the loop stops after the current step.
+        From then on SIGINT has its default action, so a second Ctrl-C ends the process at once
+        (even inside a long forward or a collective), without a checkpoint."""
+        import os
+        import signal
+
+        if signal.getsignal(signal.SIGINT) == self._on_signal:  # (a bound method: ==, not is)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if self._signal:
+            return
+        self._signal = signum
+        if self.runtime.is_main:
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            # os.write, not print: a handler may run in the middle of another write to stderr
+            os.write(2, f"\n{name}: stopping after this step to save a checkpoint; Ctrl-C again to exit now\n".encode())
+
+    def _agree_signal(self) -> int:
+        """The stop request of any rank, on every rank (one collective under DDP); 0 = none."""
+        if self.runtime.distributed:
+            flags = self._signal_flags(self.runtime.device, torch.float32)
+            torch.distributed.all_reduce(flags)
+            self._stop_signal = self._flags_signal(flags)
+        else:
+            self._stop_signal = self._signal
+        return self._stop_signal
+
+    def _signal_flags(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        import signal
+
+        return torch.tensor([self._signal == signal.SIGINT, self._signal == signal.SIGTERM], dtype=dtype, device=device)
+
+    @staticmethod
+    def _flags_signal(flags: Tensor) -> int:
+        """The signal of summed flags: SIGINT if any rank got one, else SIGTERM if any did, else 0."""
+        import signal
+
+        n_int, n_term = flags.tolist()
+        return int(signal.SIGINT) if n_int > 0 else int(signal.SIGTERM) if n_term > 0 else 0
+
+    def _interrupt(self, signum: int, saved: tuple[int, Path | None]) -> None:
+        """Save the step just done (unless it is saved already) and raise `Interrupted`."""
+        import signal
+
+        from modernlm.checkpoint import CHECKPOINTS_DIR
+        from modernlm.errors import Interrupted
+
+        step, path = saved
+        if step != self.step:  # the same decision on every rank
+            self.elapsed_s = self._elapsed_before + self.clock() - self._start_wall
+            path = self.save_checkpoint()  # collective under DDP; rank 0 writes
+        if path is None:  # not rank 0: the directory rank 0 wrote
+            path = self.run_dir / CHECKPOINTS_DIR / f"step_{self.step:07d}"
+        self.stopped_by = signal.Signals(signum).name
+        raise Interrupted(signum, self.step, str(path))
 
     def _elapsed(self) -> float:
         """Wall time of the run so far (all attempts), for the time_s column of metrics.jsonl."""
@@ -321,10 +421,14 @@ class Trainer:
                 v = v.detach() if isinstance(v, Tensor) else v
                 metrics[k] = metrics.get(k, 0) + v / n_micro
 
+        stop_flags = None
         if rt.distributed:
-            packed = torch.stack([loss_total, tokens_total.to(loss_total.dtype)])
+            # A stop request (SIGINT / SIGTERM on any rank) rides along: every rank stops after
+            # the same step, at no extra collective.
+            flags = self._signal_flags(rt.device, loss_total.dtype)
+            packed = torch.cat([torch.stack([loss_total, tokens_total.to(loss_total.dtype)]), flags])
             torch.distributed.all_reduce(packed)
-            loss_total, tokens_float = packed[0], packed[1]
+            loss_total, tokens_float, stop_flags = packed[0], packed[1], packed[2:]
         else:
             tokens_float = tokens_total.to(loss_total.dtype)
         if self.scaler.is_enabled():
@@ -353,6 +457,7 @@ class Trainer:
             overflow = bool(torch.isfinite(loss))  # finite loss, inf grads: the loss scale is too high
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self._stop_signal = self._flags_signal(stop_flags) if stop_flags is not None else self._signal
         return {
             "loss": loss.item(),
             "grad_norm": grad_norm.item(),
@@ -456,7 +561,8 @@ class Trainer:
                 save_best_checkpoint(self.run_dir, self.model, info, self.tokenizer, save_fn=self.save_model_fn)
 
     def sample(self) -> None:
-        """Append continuations of cfg.sample_prompts to run_dir/samples.md (rank 0)."""
+        """Append continuations of cfg.sample_prompts to run_dir/samples.md (rank 0; the file is
+        rewritten atomically, old sections + the new one, so a kill never leaves half a section)."""
         if not (self.runtime.is_main and self.tokenizer is not None and self.cfg.sample_prompts):
             return
         from modernlm.generation import generate_text
@@ -482,8 +588,11 @@ class Trainer:
         lines = [f"## step {self.step}\n"]
         for prompt, text in zip(self.cfg.sample_prompts, texts, strict=True):
             lines.append(f"**{prompt}**{text}\n")
-        with open(self.run_dir / "samples.md", "a") as f:
-            f.write("\n".join(lines) + "\n")
+        from modernlm.files import atomic_write
+
+        path = self.run_dir / "samples.md"
+        old = path.read_text(encoding="utf-8") if path.is_file() else ""
+        atomic_write(path, old + "\n".join(lines) + "\n")
 
     # ---- checkpoints and resume ------------------------------------------------------------
 
@@ -538,6 +647,11 @@ class Trainer:
         if self._resume_checked:
             return self.step
         self._resume_checked = True
+        if self.runtime.is_main:  # what a killed save left behind (its temporaries; best/ set aside)
+            from modernlm.files import clean_leftovers
+
+            clean_leftovers(self.run_dir / CHECKPOINTS_DIR)
+            clean_leftovers(self.run_dir)
         path: Path | None = None
         if self.cfg.resume_from:
             path = Path(self.cfg.resume_from)

@@ -115,10 +115,10 @@ def _read_rows(path: Path, total: int) -> list[dict[str, Any]]:
 
 
 def _write_text(path: Path, text: str) -> None:
-    from modernlm.checkpoint import atomic_write_bytes
+    from modernlm.files import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write(path, text)
 
 
 def draw_samples(
@@ -261,12 +261,13 @@ def save_verifier(model: VerifierModel, path: str | Path, tokenizer: Any = None)
     """The backbone as a modernlm checkpoint (config.json, model.safetensors, tokenizer) + the head."""
     from safetensors.torch import save
 
-    from modernlm.checkpoint import atomic_write_bytes, save_model
+    from modernlm.checkpoint import save_model
+    from modernlm.files import atomic_write
 
     path = Path(path)
     save_model(model.backbone, path, tokenizer)
     head = {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}
-    atomic_write_bytes(path / HEAD_FILE, save(head, metadata={"format": "pt"}))
+    atomic_write(path / HEAD_FILE, save(head, metadata={"format": "pt"}))
 
 
 def _load_head(model: VerifierModel, path: Path) -> None:

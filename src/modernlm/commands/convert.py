@@ -16,6 +16,7 @@ from modernlm.errors import UserError
 
 POSITIONALS = ["src", "dst"]
 FLAGS = {"--to": "to"}
+OUTPUTS = {"dst": "dir"}
 
 
 @dataclass
@@ -27,6 +28,20 @@ class Config:
     overwrite: bool = False  # allow writing into a non-empty dst
 
 
+def is_modernlm_checkpoint(src: str) -> bool:
+    """A directory whose config.json says model_type "modernlm" (what `checkpoint.save_model` writes)."""
+    import json
+
+    from modernlm.checkpoint import CONFIG_FILE, MODEL_TYPE
+
+    file = Path(src).expanduser() / CONFIG_FILE
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("model_type") == MODEL_TYPE
+
+
 def main(cfg: Config) -> None:
     if not cfg.src or not cfg.dst:
         raise UserError("usage: modernlm convert SRC DST [--to hf]  (SRC and DST are required)")
@@ -35,6 +50,11 @@ def main(cfg: Config) -> None:
         raise UserError(f"{dst} exists and is not empty (pass overwrite=true to write into it)")
     if Path(cfg.src).expanduser().resolve() == dst.expanduser().resolve():
         raise UserError("src and dst must differ")
+    if cfg.to == "modernlm" and is_modernlm_checkpoint(cfg.src):
+        raise UserError(
+            f"{cfg.src} is already a modernlm checkpoint; to convert it to Hugging Face format, "
+            f"add --to hf (modernlm convert {cfg.src} {cfg.dst} --to hf)"
+        )
 
     if cfg.to == "hf":
         import torch

@@ -22,12 +22,14 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from modernlm.files import atomic_write
 from modernlm.optim import OptimConfig
 from modernlm.preference import PreferenceDataConfig
 from modernlm.runtime import RunConfig
 from modernlm.trainer import TrainingConfig
 
 POSITIONALS = ["init_from"]
+OUTPUTS = {"run.out_dir": "dir"}
 
 
 @dataclass
@@ -65,6 +67,11 @@ class Config:
     )
     train: TrainingConfig = field(default_factory=lambda: TrainingConfig(num_steps=500, eval_every=100))
     run: RunConfig = field(default_factory=RunConfig)
+
+
+def derived_outputs(cfg: Config) -> list[tuple[str, Path, str]]:
+    """The run directory, checked by the cli before any work."""
+    return [("run.out_dir/run.name", Path(cfg.run.out_dir) / (cfg.run.name or "dpo"), "dir")]
 
 
 def main(cfg: Config) -> None:
@@ -143,7 +150,7 @@ def main(cfg: Config) -> None:
             )
             if val_items and trainer.step == 0:
                 report["before"] = evaluate_pairs(model, held_out, cfg.dpo.beta, runtime.device, runtime.autocast)
-                before_file.write_text(json.dumps(report["before"], indent=2) + "\n")
+                atomic_write(before_file, json.dumps(report["before"], indent=2) + "\n")
                 runtime.print0(f"before: held-out pair accuracy {report['before']['pair_accuracy']:.3f}")
             elif before_file.is_file():
                 report["before"] = json.loads(before_file.read_text())
@@ -155,7 +162,7 @@ def main(cfg: Config) -> None:
                     held_out = pair_batches(val_items, bs, pad)
                 report["after"] = evaluate_pairs(model, held_out, cfg.dpo.beta, runtime.device, runtime.autocast)
             report.update(step=trainer.step, n_train=len(items), n_val=len(val_items), skipped=dict(skipped))
-            (run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+            atomic_write(run_dir / "eval.json", json.dumps(report, indent=2) + "\n")
             line = f"done: {summary['steps']} steps, loss {summary['final_loss']:.4f}"
             if "after" in report:
                 a = report["after"]

@@ -21,6 +21,7 @@ from typing import Any
 
 POSITIONALS = ["run_dir"]
 FLAGS = {"--out": "out"}
+OUTPUTS = {"out": "file"}
 
 CSV_FILE = "checkpoint_eval.csv"
 COLUMNS = [
@@ -106,6 +107,13 @@ def read_rows(csv_path: Path) -> list[dict[str, str]]:
         if reader.fieldnames != COLUMNS:
             raise UserError(f"{csv_path}: columns {reader.fieldnames} are not {COLUMNS}; move it aside")
         return list(reader)
+
+
+def derived_outputs(cfg: Config) -> list[tuple[str, Path, str]]:
+    """The default CSV in the run directory (a missing run directory is main's error)."""
+    if cfg.out or not cfg.run_dir or not Path(cfg.run_dir).is_dir():
+        return []
+    return [("run_dir", Path(cfg.run_dir) / CSV_FILE, "file")]
 
 
 def main(cfg: Config) -> None:

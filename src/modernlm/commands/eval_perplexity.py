@@ -19,8 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from modernlm.files import atomic_write
+
 POSITIONALS = ["model", "data"]
 FLAGS = {"--out": "out"}
+OUTPUTS = {"out": "file"}
 
 
 @dataclass
@@ -62,7 +65,7 @@ def main(cfg: Config) -> None:
     if cfg.out:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(payload + "\n")
+        atomic_write(out, payload + "\n")
     else:
         print(payload)
     print(summary_line(report, data) + (f" -> {cfg.out}" if cfg.out else ""), flush=True)

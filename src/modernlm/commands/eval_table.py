@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modernlm.files import atomic_write
+
 POSITIONALS = ["checkpoints..."]
 FLAGS = {"--out": "out"}
+OUTPUTS = {"out": "file"}
 
 DEFAULT_DATA = "../shared/data/wikitext-2/wiki.test.raw"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -85,6 +88,11 @@ def markdown_table(rows: list[dict[str, Any]], data: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def derived_outputs(cfg: Config) -> list[tuple[str, Path, str]]:
+    """The .json written beside the Markdown table."""
+    return [("out", Path(cfg.out).with_suffix(".json"), "file")] if cfg.out else []
+
+
 def main(cfg: Config) -> None:
     import json
 
@@ -136,6 +144,6 @@ def main(cfg: Config) -> None:
     if cfg.out:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(table)
-        out.with_suffix(".json").write_text(json.dumps({"data": data, "rows": rows}, indent=2) + "\n")
+        atomic_write(out, table)
+        atomic_write(out.with_suffix(".json"), json.dumps({"data": data, "rows": rows}, indent=2) + "\n")
         print(f"-> {out} and {out.with_suffix('.json')}")

@@ -35,11 +35,13 @@ from typing import Any, Literal
 
 from modernlm.data import CorpusConfig
 from modernlm.errors import UserError
+from modernlm.files import atomic_open, atomic_write
 from modernlm.model import ModelConfig
 from modernlm.optim import OptimConfig
 from modernlm.trainer import TrainingConfig
 
 FLAGS = {"--out": "out"}
+OUTPUTS = {"out": "dir"}
 
 
 @dataclass
@@ -421,7 +423,16 @@ def plot(results: dict[str, Any], path: Path, points: int) -> None:
     ax.set_title(f"Perplexity past the trained context (C = {C}, window {results['window']})")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format=Path(path).suffix[1:] or "png")
+
+
+def derived_outputs(cfg: Config) -> list[tuple[str, Path, str]]:
+    """What the experiment writes in OUT: its data, the two runs, and the results at the very end."""
+    out = Path(cfg.out)
+    dirs = ([] if cfg.data.path else ["data"]) + ["sink", "nosink"]
+    files = ["results.json", "summary.md", "sinks.png"]
+    return [("out", out / d, "dir") for d in dirs] + [("out", out / f, "file") for f in files]
 
 
 def main(cfg: Config) -> None:
@@ -439,7 +450,7 @@ def main(cfg: Config) -> None:
     results["wall_time_s"] = round(time.perf_counter() - start, 1)
     results["config"] = to_dict(cfg)
     results = _finite(results)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "summary.md").write_text(summary_markdown(results, cfg))
+    atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write(out / "summary.md", summary_markdown(results, cfg))
     plot(results, out / "sinks.png", cfg.eval.plot_points)
     print(f"experiment sinks: {results['wall_time_s']:.0f}s -> {out}/summary.md, results.json, sinks.png")

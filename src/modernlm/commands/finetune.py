@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from modernlm.files import atomic_files, atomic_write
 from modernlm.lora import LoraSettings
 from modernlm.optim import OptimConfig
 from modernlm.runtime import RunConfig
@@ -39,6 +40,7 @@ from modernlm.tasks import TaskDatasetConfig
 from modernlm.trainer import TrainingConfig
 
 POSITIONALS = ["model.source"]
+OUTPUTS = {"run.out_dir": "dir"}
 
 
 @dataclass
@@ -122,7 +124,7 @@ def evaluate(
         ]  # fmt: skip
         write_errors(out_dir / "predictions.jsonl", rows)
         metrics.update(task=data.name, mode="head")
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         return metrics
 
     from modernlm.task_eval import TASKS, evaluate_task, wrap_hf, wrap_modernlm
@@ -153,6 +155,11 @@ def evaluate(
 def _headline(metrics: dict[str, Any]) -> str:
     keys = ("accuracy", "macro_f1", "exact_match_flexible", "exact_match_strict", "rouge1", "rougeL")
     return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics) or "no task metric"
+
+
+def derived_outputs(cfg: Config) -> list[tuple[str, Path, str]]:
+    """The run directory, checked by the cli before any work."""
+    return [("run.out_dir/run.name", Path(cfg.run.out_dir) / (cfg.run.name or "finetune"), "dir")]
 
 
 def main(cfg: Config) -> None:
@@ -281,7 +288,7 @@ def main(cfg: Config) -> None:
                     n=len(eval_examples),
                     train_wall_time_s=summary["wall_time_s"],
                 )
-                (run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+                atomic_write(run_dir / "eval.json", json.dumps(report, indent=2) + "\n")
             if cfg.save_merged:
                 _save_merged(model, tokenizer, kind, run_dir / "merged")
             fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
@@ -322,5 +329,6 @@ def _save_merged(model: Any, tokenizer: Any, kind: str, path: Path) -> None:
 
         save_model(merged, path, tokenizer)
     else:
-        merged.save_pretrained(str(path))
-        tokenizer.save_pretrained(str(path))
+        with atomic_files(path) as staging:
+            merged.save_pretrained(str(staging))
+            tokenizer.save_pretrained(str(staging))

@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modernlm.errors import UserError
+from modernlm.files import atomic_write
 
 POSITIONALS = ["checkpoints..."]
 FLAGS = {"--out": "out"}
+OUTPUTS = {"out": "file"}
 
 
 @dataclass
@@ -112,7 +114,7 @@ def main(cfg: Config) -> None:
     if cfg.out:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(document)
+        atomic_write(out, document)
         print(f"wrote {len(results)} checkpoint(s) x {len(prompts)} prompt(s) -> {out}")
     else:
         print(document, end="")

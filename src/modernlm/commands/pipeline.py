@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from modernlm.commands import dpo, prepare, pretrain, sft, tokenizer_train, verifier
+from modernlm.files import atomic_write
 from modernlm.pipeline import EvalSettings
 from modernlm.synthetic import SyntheticConfig
 
 FLAGS = {"--from": "from_stage", "--only": "only"}
+OUTPUTS = {"out_dir": "dir"}  # the stages write below it
 
 
 @dataclass
@@ -251,7 +253,7 @@ def write_samples(out_dir: Path, dirs: dict[str, str], c: SamplesStage, e: EvalS
                 text = generate_replies(m, enc, [[{"role": "user", "content": q}]], c.max_new_tokens)[0]["text"]
             lines.append(f"| {name} | {markdown_cell(text)} |")
         lines.append("")
-    (out_dir / "samples.md").write_text("\n".join(lines))
+    atomic_write(out_dir / "samples.md", "\n".join(lines))
 
 
 def main(cfg: Config) -> None:

@@ -10,9 +10,11 @@ the train lines' token counts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 POSITIONALS = ["run_dirs..."]
 FLAGS = {"--out": "out"}
+OUTPUTS = {"out": "dir"}
 
 
 @dataclass
@@ -20,6 +22,15 @@ class Config:
     run_dirs: list[str] = field(default_factory=list)  # run directories holding metrics.jsonl
     out: str = ""  # output directory; "" = the run directory for one run, ./plots for several
     dpi: int = 120  # resolution of the PNG files
+
+
+def derived_outputs(cfg: Config) -> list[tuple[str, str, str]]:
+    """The default output directory: the run directory for one run, ./plots for several."""
+    if cfg.out or not cfg.run_dirs:
+        return []
+    if len(cfg.run_dirs) > 1:
+        return [("out", "plots", "dir")]
+    return [("run_dirs", cfg.run_dirs[0], "dir")] if Path(cfg.run_dirs[0]).is_dir() else []
 
 
 def main(cfg: Config) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from modernlm.data import CorpusConfig, corpus_with_input, default_workers, prepare_tokens
@@ -22,6 +23,7 @@ from modernlm.tokenizer import load_tokenizer
 
 POSITIONALS = ["input"]
 FLAGS = {"--out": "out", "--tokenizer": "tokenizer"}
+OUTPUTS = {"out": "dir"}
 
 
 @dataclass
@@ -38,6 +40,12 @@ class Config:
     chunk_bytes: int = 1 << 20  # text per task sent to a worker
     overwrite: bool = False  # replace OUT if it exists
     progress: bool = True  # tqdm progress bar (on a terminal)
+
+
+def derived_outputs(cfg: Config) -> list[tuple[str, Path, str]]:
+    """OUT is built in a temporary sibling directory and renamed: its parent must be writable too."""
+    out = Path(cfg.out)
+    return [("out", out.absolute().parent, "dir")] if cfg.out and out.exists() else []
 
 
 def main(cfg: Config) -> None:

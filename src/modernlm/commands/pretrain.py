@@ -22,6 +22,8 @@ from modernlm.optim import OptimConfig
 from modernlm.runtime import RunConfig
 from modernlm.trainer import TrainingConfig
 
+OUTPUTS = {"run.out_dir": "dir"}
+
 
 @dataclass
 class Config:
@@ -48,6 +50,11 @@ def check_data(
             f"data.seq_len ({data.seq_len}) is longer than model.max_seq_len ({model.max_seq_len}); "
             "raise model.max_seq_len or lower data.seq_len"
         )
+
+
+def derived_outputs(cfg: Config) -> list[tuple[str, Path, str]]:
+    """The run directory, checked by the cli before any work."""
+    return [("run.out_dir/run.name", Path(cfg.run.out_dir) / (cfg.run.name or "pretrain"), "dir")]
 
 
 def main(cfg: Config) -> None:

@@ -25,12 +25,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from modernlm.errors import UserError
+from modernlm.files import atomic_write
 from modernlm.tasks import TaskDatasetConfig
 
 POSITIONALS = ["model"]
 FLAGS = {"--out": "out"}
+OUTPUTS = {"out": "dir"}
 
 TASKS = ("sst2", "samsum", "gsm8k")
+DEFAULT_OUT_PARENT = "runs/prompt"
 
 
 @dataclass
@@ -107,12 +110,18 @@ def _check(cfg: Config) -> None:
         raise UserError(f"shots_from: no such file: {cfg.shots_from}")
 
 
+def derived_outputs(cfg: Config) -> list[tuple[str, str, str]]:
+    """Without `out`, the run directory goes under runs/prompt/ (named after the loaded model)."""
+    return [] if cfg.out else [("out", DEFAULT_OUT_PARENT, "dir")]
+
+
 def main(cfg: Config) -> None:
     import json
     import sys
     import time
 
     from modernlm.config import save_config
+    from modernlm.files import check_output_dir
     from modernlm.task_eval import evaluate_task
     from modernlm.tasks import load_task_examples, resolve_task_config
 
@@ -133,7 +142,8 @@ def main(cfg: Config) -> None:
         if len(few_shot) < cfg.shots:
             raise UserError(f"shots_from: {cfg.shots_from} has {len(few_shot)} examples, fewer than shots={cfg.shots}")
     shots_name = f"{cfg.shots}shot" if cfg.shots else "zeroshot"
-    out = Path(cfg.out or f"runs/prompt/{cfg.task}-{tm.name.replace('/', '_')}-{shots_name}")
+    out = Path(cfg.out or f"{DEFAULT_OUT_PARENT}/{cfg.task}-{tm.name.replace('/', '_')}-{shots_name}")
+    check_output_dir(out, "out")  # the name depends on the model: checked again before the evaluation
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     metrics = evaluate_task(
@@ -149,7 +159,7 @@ def main(cfg: Config) -> None:
         "wall_seconds": round(wall, 2),
         "examples_per_second": round(metrics["n"] / metrics["seconds"], 3) if metrics["seconds"] else None,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     keys = {
         "sst2": ("accuracy", "macro_f1"),
         "samsum": ("rouge1", "rouge2", "rougeL", "rougeLsum"),

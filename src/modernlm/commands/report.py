@@ -14,9 +14,11 @@ embedded in the HTML page.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 POSITIONALS = ["run_dir"]
 FLAGS = {"--out": "out", "--force": "force"}
+OUTPUTS = {"out": "dir"}
 
 
 @dataclass
@@ -25,6 +27,19 @@ class Config:
     out: str = ""  # directory for report.md, report.html and report_assets/; "" = run_dir
     force: bool = False  # replace an existing report.md / report.html
     samples: int = 3  # entries of samples.md (or eval/predictions.jsonl) shown per run
+
+
+def derived_outputs(cfg: Config) -> list[tuple[str, Path, str]]:
+    """report.md and report.html in OUT, else in RUN_DIR (a missing RUN_DIR is main's error)."""
+    from modernlm.report import HTML_FILE, MD_FILE
+
+    if cfg.out:
+        setting, out = "out", Path(cfg.out)
+    elif cfg.run_dir and Path(cfg.run_dir).is_dir():
+        setting, out = "run_dir", Path(cfg.run_dir)
+    else:
+        return []
+    return [(setting, out, "dir"), (setting, out / MD_FILE, "file"), (setting, out / HTML_FILE, "file")]
 
 
 def main(cfg: Config) -> None:

@@ -24,11 +24,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from modernlm.chat import SFTDataConfig
+from modernlm.files import atomic_write
 from modernlm.optim import OptimConfig
 from modernlm.runtime import RunConfig
 from modernlm.trainer import TrainingConfig
 
 POSITIONALS = ["init_from"]
+OUTPUTS = {"run.out_dir": "dir"}
 
 
 @dataclass
@@ -60,6 +62,11 @@ def split_records(cfg: Config, seed: int) -> tuple[SFTDataConfig, SFTDataConfig 
 
         raise UserError(f"eval.val_fraction: must be in [0, 1), got {cfg.eval.val_fraction}")
     return cfg.data, None, cfg.eval.val_fraction
+
+
+def derived_outputs(cfg: Config) -> list[tuple[str, Path, str]]:
+    """The run directory, checked by the cli before any work."""
+    return [("run.out_dir/run.name", Path(cfg.run.out_dir) / (cfg.run.name or "sft"), "dir")]
 
 
 def main(cfg: Config) -> None:
@@ -137,7 +144,7 @@ def main(cfg: Config) -> None:
                 report["eos_rate"] = sum(r["stopped"] for r in replies) / len(replies)
                 report["n_generated"] = len(replies)
                 write_samples(run_dir / "samples.md", trainer.step, prompts, replies)
-            (run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+            atomic_write(run_dir / "eval.json", json.dumps(report, indent=2) + "\n")
             fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
             eos = f", replies ending with <|im_end|>: {report['eos_rate']:.0%}" if "eos_rate" in report else ""
             runtime.print0(
@@ -148,11 +155,11 @@ def main(cfg: Config) -> None:
 
 
 def write_samples(path: Path, step: int, prompts: list, replies: list[dict]) -> None:
-    """Append the held-out prompts and the model's replies to samples.md."""
+    """Append the held-out prompts and the model's replies to samples.md (rewritten atomically)."""
     lines = [f"## step {step}: replies to held-out prompts (greedy)\n"]
     for conv, reply in zip(prompts, replies, strict=True):
         user = next((m["content"] for m in reversed(conv) if m["role"] == "user"), "")
         end = "" if reply["stopped"] else " *(no <|im_end|> within the budget)*"
         lines.append(f"**user:** {user}\n\n**assistant:** {reply['text']}{end}\n")
-    with open(path, "a") as f:
-        f.write("\n".join(lines) + "\n")
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    atomic_write(path, old + "\n".join(lines) + "\n")

@@ -20,6 +20,7 @@ from modernlm.tokenizer import DEFAULT_SPECIAL_TOKENS, train_bpe
 
 POSITIONALS = ["input"]
 FLAGS = {"--out": "out"}
+OUTPUTS = {"out": "dir"}
 
 
 @dataclass

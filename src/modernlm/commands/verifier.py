@@ -33,11 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modernlm.files import atomic_write
 from modernlm.optim import OptimConfig
 from modernlm.runtime import RunConfig
 from modernlm.trainer import TrainingConfig
 
 POSITIONALS = ["init_from"]
+OUTPUTS = {"run.out_dir": "dir"}
 
 
 @dataclass
@@ -120,6 +122,11 @@ def rerank(
             "source": problems[p]["source"],
         })  # fmt: skip
     return rerank_metrics(picks, [g["correct"] for g in greedy]), predictions
+
+
+def derived_outputs(cfg: Config) -> list[tuple[str, Path, str]]:
+    """The run directory, checked by the cli before any work."""
+    return [("run.out_dir/run.name", Path(cfg.run.out_dir) / (cfg.run.name or "verifier"), "dir")]
 
 
 def main(cfg: Config) -> None:
@@ -248,7 +255,7 @@ def main(cfg: Config) -> None:
                 "lm_coef": cfg.lm_coef,
             },
         }  # fmt: skip
-        (run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write(run_dir / "eval.json", json.dumps(report, indent=2) + "\n")
         n = s.n_eval
         runtime.print0(
             f"done: greedy {metrics['greedy_accuracy']:.3f}, majority@{n} {metrics['majority_accuracy']:.3f}, "
