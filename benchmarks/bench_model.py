@@ -1,12 +1,12 @@
 """ModernDecoderLM vs transformers' LlamaForCausalLM: training step and greedy generation speed.
 
-Both models hold the same weights (ours, converted with `modernlm.hf.to_hf`), run float32 on the
+Both models hold the same weights (ours, converted with `modernlm.hf.convert.to_hf`), run float32 on the
 same device with torch's default thread count, and are timed on identical work:
 
 - train: forward + cross-entropy (same `F.cross_entropy` call for both) + backward +
   `torch.optim.AdamW` step, batch x seq random tokens; tokens/s = batch * seq / step time.
 - generate: batch 1, a random prompt, greedy with a KV cache for exactly N new tokens (no EOS):
-  ours `model.generate(temperature=0)`, HF `generate(do_sample=False)`; tokens/s = N / time.
+  ours `generate(model, temperature=0)`, HF `generate(do_sample=False)`; tokens/s = N / time.
   A second row runs ours with `compile=True` (decode steps through torch.compile, compiled in
   the untimed warm-up call) against the same eager HF `generate`.
 
@@ -28,7 +28,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from modernlm.hf import to_hf
+from modernlm.generation import generate
+from modernlm.hf.convert import to_hf
 from modernlm.model import ModelConfig, ModernDecoderLM
 
 TARGETS = {"train": 1.0, "generate": 1.5}  # ours / HF speed ratio the project aims for
@@ -134,7 +135,7 @@ def bench_generate(
     n = args.new_tokens
 
     def run_ours() -> torch.Tensor:
-        return ours.generate(prompt, max_new_tokens=n, temperature=0.0, compile=compile)
+        return generate(ours, prompt, max_new_tokens=n, temperature=0.0, compile=compile)
 
     def run_hf() -> torch.Tensor:
         return hf.generate(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modernlm.data import CorpusConfig, SourceConfig, iter_documents, prepare_tokens
+from modernlm.data.corpus import CorpusConfig, SourceConfig, iter_documents, prepare_tokens
 from modernlm.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,13 +28,13 @@ VOCAB, D, LAYERS, HEADS, BATCH, SEQ = 8192, 256, 4, 4, 8, 256
 
 
 def bench_ours(steps: int, warmup: int, shards: Path, out: Path, compile: bool = False) -> float:
-    from modernlm.batches import TokenStream, TrainWindows
-    from modernlm.losses import lm_loss
+    from modernlm.data.shards import TokenStream, TrainWindows
     from modernlm.model import ModelConfig, ModernDecoderLM
-    from modernlm.optim import OptimConfig
     from modernlm.runtime import Runtime
-    from modernlm.tracking import read_metrics
-    from modernlm.trainer import Trainer, TrainingConfig
+    from modernlm.train.losses import lm_loss
+    from modernlm.train.optim import OptimConfig
+    from modernlm.train.tracking import read_metrics
+    from modernlm.train.trainer import Trainer, TrainingConfig
 
     torch.manual_seed(0)
     model = ModernDecoderLM(
@@ -71,7 +71,7 @@ def bench_ours(steps: int, warmup: int, shards: Path, out: Path, compile: bool =
 def bench_hf(steps: int, warmup: int, tokens: np.ndarray) -> float:
     from transformers import LlamaForCausalLM
 
-    from modernlm.hf import model_config_to_llama_config
+    from modernlm.hf.convert import model_config_to_llama_config
     from modernlm.model import ModelConfig
 
     torch.manual_seed(0)
@@ -108,7 +108,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from modernlm.data import write_shards
+    from modernlm.data.corpus import write_shards
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_trainer_"))
     tokens = np.random.default_rng(0).integers(0, VOCAB, 2_000_000).astype(np.uint16)

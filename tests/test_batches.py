@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from modernlm.batches import TokenStream, TrainWindows, ValBatches, read_meta
-from modernlm.data import write_shards
+from modernlm.data.corpus import write_shards
+from modernlm.data.shards import TokenStream, TrainWindows, ValBatches, read_meta
 from modernlm.errors import UserError
 
 

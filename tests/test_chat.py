@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from modernlm.chat import (
+from modernlm.align.sft import (
     IM_END,
     IM_START,
     ChatEncoder,
@@ -22,10 +22,11 @@ from modernlm.chat import (
     render_chat,
     sft_loss,
 )
+from modernlm.checkpoint import save_model
 from modernlm.errors import UserError
-from modernlm.losses import IGNORE_INDEX
 from modernlm.model import ModernDecoderLM
 from modernlm.tokenizer import byte_tokenizer, load_tokenizer
+from modernlm.train.losses import IGNORE_INDEX
 from tests.conftest import tiny_config
 
 CHAT = [
@@ -179,7 +180,7 @@ def test_sft_command_learns_to_answer_and_stop(tmp_path):
 
     torch.manual_seed(0)
     tok = byte_tokenizer()
-    ModernDecoderLM(tiny_config(vocab_size=320, d_model=64, max_seq_len=64)).save_pretrained(tmp_path / "base", tok)
+    save_model(ModernDecoderLM(tiny_config(vocab_size=320, d_model=64, max_seq_len=64)), tmp_path / "base", tok)
     records = [{"instruction": f"Echo {w}.", "input": "", "output": w} for w in ("cat", "dog", "sun", "sky") * 20]
     (tmp_path / "data.json").write_text(json.dumps(records))
     with pytest.raises(SystemExit) as e:

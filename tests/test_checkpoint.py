@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modernlm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model
+from modernlm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, save_model
 from modernlm.cli import run_command
 from modernlm.errors import UserError
 from modernlm.model import ModernDecoderLM
@@ -24,8 +24,8 @@ def test_save_load_bit_identical(variant_config, tmp_path):
     with torch.no_grad():  # norms and the sink start as ones/zeros; make every tensor distinctive
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(tmp_path)
-    loaded = ModernDecoderLM.from_pretrained(tmp_path).eval()
+    save_model(model, tmp_path)
+    loaded = load_model(tmp_path).eval()
     assert loaded.config == model.config
     a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys()
@@ -43,8 +43,8 @@ def test_save_load_bit_identical(variant_config, tmp_path):
 
 def test_bfloat16_checkpoint_keeps_dtype(tmp_path):
     model = ModernDecoderLM(tiny_config()).to(torch.bfloat16)
-    model.save_pretrained(tmp_path)
-    loaded = ModernDecoderLM.from_pretrained(tmp_path)
+    save_model(model, tmp_path)
+    loaded = load_model(tmp_path)
     assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
     assert loaded.rope.cos.dtype == torch.float32  # RoPE tables stay float32 (precision)
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
@@ -113,7 +113,7 @@ BREAKS = {
 def broken(request, tmp_path) -> tuple[Path, str, str]:
     """A tiny checkpoint directory broken in the way named by the test parameter."""
     path = tmp_path / "ckpt"
-    ModernDecoderLM(tiny_config()).save_pretrained(path)  # d_ff 128, 2 layers, tied
+    save_model(ModernDecoderLM(tiny_config()), path)  # d_ff 128, 2 layers, tied
     load_model(path)  # intact, it loads
     breaker, file, words = BREAKS[request.param]
     breaker(path)
@@ -173,9 +173,9 @@ def test_missing_directory(tmp_path):
 
 def test_save_overwrites_atomically(tmp_path):
     """Saving again replaces the files and leaves no temporary files behind."""
-    ModernDecoderLM(tiny_config()).save_pretrained(tmp_path)
+    save_model(ModernDecoderLM(tiny_config()), tmp_path)
     second = ModernDecoderLM(tiny_config(n_layer=1))
-    second.save_pretrained(tmp_path)
+    save_model(second, tmp_path)
     assert sorted(os.listdir(tmp_path)) == [CONFIG_FILE, WEIGHTS_FILE]
     assert load_model(tmp_path).config.n_layer == 1
 
@@ -194,7 +194,7 @@ class Killed(BaseException):
 def _shards(root: Path) -> Path:
     import numpy as np
 
-    from modernlm.data import write_shards
+    from modernlm.data.corpus import write_shards
 
     rng = np.random.default_rng(0)
     base = rng.integers(0, 64, 37)
@@ -204,11 +204,11 @@ def _shards(root: Path) -> Path:
 
 
 def _trainer(shards: Path, run_dir: Path):
-    from modernlm.batches import TokenStream, TrainWindows, ValBatches
-    from modernlm.losses import lm_eval_loss, lm_loss
-    from modernlm.optim import OptimConfig
+    from modernlm.data.shards import TokenStream, TrainWindows, ValBatches
     from modernlm.runtime import Runtime
-    from modernlm.trainer import Trainer, TrainingConfig
+    from modernlm.train.losses import lm_eval_loss, lm_loss
+    from modernlm.train.optim import OptimConfig
+    from modernlm.train.trainer import Trainer, TrainingConfig
 
     torch.manual_seed(0)
     model = ModernDecoderLM(tiny_config(dropout=0.1))  # dropout: resume must restore the RNG too
@@ -270,7 +270,7 @@ def _inject(monkeypatch, root: Path, at: int | None) -> list[str]:
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "fallback"])
 def test_a_kill_inside_a_checkpoint_save_leaves_only_loadable_checkpoints(tmp_path, monkeypatch, exchange):
     from modernlm import files
-    from modernlm.tracking import read_metrics
+    from modernlm.train.tracking import read_metrics
 
     monkeypatch.setattr(os, "fsync", lambda fd: None)  # durability on power loss is not what is tested here
     if not exchange:
@@ -317,7 +317,7 @@ def test_sigkill_while_saving_every_step_then_resume_matches_an_uninterrupted_ru
     import signal
     import time
 
-    from modernlm.tracking import read_metrics
+    from modernlm.train.tracking import read_metrics
 
     shards, out = _shards(tmp_path), tmp_path / "runs"
     common = [

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modernlm.batches import TokenStream
 from modernlm.cli import run_command
 from modernlm.config import load_config
-from modernlm.data import (
+from modernlm.data.corpus import (
     CorpusConfig,
     SourceConfig,
     iter_documents,
@@ -26,6 +25,7 @@ from modernlm.data import (
     read_source,
     token_dtype,
 )
+from modernlm.data.shards import TokenStream
 from modernlm.errors import UserError
 from modernlm.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
@@ -405,7 +405,7 @@ def test_prepare_is_atomic_when_killed(shared_data, tmp_path):
     # SIGKILL the process after 50 documents, in the middle of writing shards
     script = textwrap.dedent(f"""
         import os, signal
-        from modernlm import data
+        from modernlm.data import corpus as data
         from modernlm.tokenizer import load_tokenizer
         read = data.iter_documents
         def dying(corpus):

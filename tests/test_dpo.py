@@ -10,11 +10,7 @@ import math
 import pytest
 import torch
 
-from modernlm.chat import ChatEncoder
-from modernlm.errors import UserError
-from modernlm.losses import IGNORE_INDEX, dpo_loss, sequence_logps
-from modernlm.model import ModernDecoderLM
-from modernlm.preference import (
+from modernlm.align.dpo import (
     PreferenceDataConfig,
     collate_pairs,
     dpo_loss_fn,
@@ -23,7 +19,12 @@ from modernlm.preference import (
     read_pairs,
     reference_logps,
 )
+from modernlm.align.sft import ChatEncoder
+from modernlm.checkpoint import save_model
+from modernlm.errors import UserError
+from modernlm.model import ModernDecoderLM
 from modernlm.tokenizer import byte_tokenizer
+from modernlm.train.losses import IGNORE_INDEX, dpo_loss, sequence_logps
 from tests.conftest import tiny_config
 
 
@@ -161,7 +162,7 @@ def _trl_and_ours(tmp_path, sft_weight: float = 0.0, label_smoothing: float = 0.
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from trl import DPOConfig, DPOTrainer
 
-    from modernlm.hf import from_hf
+    from modernlm.hf.convert import from_hf
 
     tok = byte_tokenizer()
     tok.save(tmp_path / "tok")
@@ -251,7 +252,7 @@ def test_dpo_command_raises_chosen_against_rejected(tmp_path):
     from modernlm.cli import main
 
     model, tok, _ = _policy_and_items()
-    model.save_pretrained(tmp_path / "sft", tok)
+    save_model(model, tmp_path / "sft", tok)
 
     # A preference a small model can pick up: answer, do not refuse. The answer is the longer reply, so
     # the untrained model gives it the lower log-probability (pair accuracy ~0 before).

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from modernlm.cli import run_command
-from modernlm.data import write_shards
-from modernlm.tracking import read_metrics
+from modernlm.data.corpus import write_shards
+from modernlm.train.tracking import read_metrics
 
 # The requirement is 0.1%; in float32 both sides compute the same logits, so they agree to ~1e-7.
 REL_TOL = 1e-5
@@ -63,7 +63,7 @@ def hf_setup(tmp_path_factory):
     if not tok_dir.is_dir() or not wiki.is_file():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     from modernlm.checkpoint import save_model
-    from modernlm.hf import from_hf
+    from modernlm.hf.convert import from_hf
     from modernlm.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("eval")
@@ -192,7 +192,7 @@ def test_bad_input_is_one_line(hf_setup, tmp_path, capsys):
 def test_hub_dataset_rows_are_joined_like_the_hf_guide(tmp_path):
     pytest.importorskip("datasets")
     from modernlm.errors import UserError
-    from modernlm.evaluation import load_text
+    from modernlm.eval.perplexity import load_text
 
     rows = [" = Title = \n", "", " Some text . \n"]
     (tmp_path / "test.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))

@@ -16,10 +16,10 @@ import torch
 pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from modernlm import lora  # noqa: E402
 from modernlm.cli import run_command  # noqa: E402
-from modernlm.tasks import TaskDatasetConfig, TaskTokenizer, eval_batches, load_task_examples, tokenize_examples  # noqa: E402, E501
-from modernlm.tracking import read_metrics  # noqa: E402
+from modernlm.data.tasks import TaskDatasetConfig, TaskTokenizer, eval_batches, load_task_examples, tokenize_examples  # noqa: E402, E501
+from modernlm.hf import lora  # noqa: E402
+from modernlm.train.tracking import read_metrics  # noqa: E402
 from tests.conftest import SHARED_DATA, tiny_config  # noqa: E402
 
 SST2_DEV = SHARED_DATA / "sst2" / "dev.tsv"
@@ -35,7 +35,7 @@ def models(tmp_path_factory):
     if not tok_dir.is_dir():
         pytest.skip(f"GPT-2 tokenizer not found at {tok_dir}")
     from modernlm.checkpoint import save_model
-    from modernlm.hf import hf_tokenizer_to_ours
+    from modernlm.hf.convert import hf_tokenizer_to_ours
     from modernlm.model import ModernDecoderLM
 
     root = tmp_path_factory.mktemp("models")
@@ -205,7 +205,7 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs" / "finetune").
 def test_recipes_load_and_name_real_data(path, tmp_path):
     from modernlm.commands.finetune import Config, eval_data_config
     from modernlm.config import load_config, to_yaml
-    from modernlm.tasks import resolve_task_config
+    from modernlm.data.tasks import resolve_task_config
 
     cfg = load_config(Config, path)
     assert cfg.model.source and cfg.run.name and cfg.optim.warmup_steps < cfg.train.num_steps

@@ -9,15 +9,15 @@ import torch
 from modernlm.checkpoint import save_best_checkpoint, save_model, save_training_checkpoint
 from modernlm.cli import main
 from modernlm.errors import UserError
-from modernlm.generation import generate_text
-from modernlm.model import ModernDecoderLM
-from modernlm.samples import (
+from modernlm.eval.compare import (
     checkpoint_dirs,
     checkpoint_name,
     checkpoint_step,
     markdown_table,
     md_escape,
 )
+from modernlm.generation import generate_text
+from modernlm.model import ModernDecoderLM
 from modernlm.tokenizer import train_bpe
 from tests.conftest import tiny_config
 

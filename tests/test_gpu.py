@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modernlm.model import ModernDecoderLM, compile_model
+from modernlm.model import ModernDecoderLM
+from modernlm.runtime import compile_model
 from tests.conftest import tiny_config
 
 pytestmark = [

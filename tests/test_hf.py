@@ -10,14 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from modernlm.checkpoint import load_model, save_model
 from modernlm.errors import UserError
+from modernlm.generation import generate
 from modernlm.model import ModelConfig, ModernDecoderLM
 
 pytestmark = pytest.mark.hf
 transformers = pytest.importorskip("transformers")
 
-from modernlm import hf  # noqa: E402  (after the importorskip)
 from modernlm.cli import run_command  # noqa: E402
+from modernlm.hf import convert as hf  # noqa: E402  (after the importorskip)
 
 TOL = 1e-4  # max |logit difference| at float32; the measured value is 0 (sdpa) to ~4e-7 (eager)
 
@@ -119,7 +121,7 @@ def test_hf_kv_cache_greedy_matches_ours():
         pad_token_id=0,
         eos_token_id=None,
     )
-    got = model.generate(idx, max_new_tokens=24, temperature=0.0)
+    got = generate(model, idx, max_new_tokens=24, temperature=0.0)
     assert got.tolist() == expected.tolist()
 
 
@@ -239,7 +241,7 @@ def _tiny_tokenizer():
 
 def test_convert_cli_both_ways(tmp_path, capsys):
     model, tok = ours(4, 2, True), _tiny_tokenizer()
-    model.save_pretrained(tmp_path / "ours", tok)
+    save_model(model, tmp_path / "ours", tok)
     assert run_command("convert", [str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "hf"]) == 0
     assert "2 layers" in capsys.readouterr().out
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [
@@ -250,7 +252,7 @@ def test_convert_cli_both_ways(tmp_path, capsys):
     assert hf_tok("t1 t5 t7", add_special_tokens=False).input_ids == tok.encode("t1 t5 t7")
 
     assert run_command("convert", [str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
-    back = ModernDecoderLM.from_pretrained(tmp_path / "back")
+    back = load_model(tmp_path / "back")
     for k, v in model.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
     from modernlm.tokenizer import load_tokenizer
@@ -268,7 +270,7 @@ def test_convert_cli_both_ways(tmp_path, capsys):
         run_command("convert", [str(tmp_path / "hf"), str(tmp_path / "bf16"), "dtype=bfloat16"])
         == 0
     )
-    assert ModernDecoderLM.from_pretrained(tmp_path / "bf16").tok_emb.weight.dtype == torch.bfloat16
+    assert load_model(tmp_path / "bf16").tok_emb.weight.dtype == torch.bfloat16
 
 
 def test_convert_cli_errors(tmp_path, capsys):
@@ -288,7 +290,7 @@ def test_convert_cli_errors(tmp_path, capsys):
             vocab_size=64, d_model=32, n_layer=1, n_head=4, n_expert=2, n_expert_per_token=1
         )
     )
-    moe.save_pretrained(tmp_path / "moe")
+    save_model(moe, tmp_path / "moe")
     assert "MoE" in error([str(tmp_path / "moe"), str(tmp_path / "out"), "--to", "hf"])
     assert not (tmp_path / "out").exists()
     # a non-Llama HF directory: refused from its config, before any weights are read
@@ -360,7 +362,7 @@ def test_convert_tiny_gguf(tmp_path, capsys):
     _write_gguf(ref, tmp_path / "tiny.gguf")
     assert run_command("convert", [str(tmp_path / "tiny.gguf"), str(tmp_path / "ours")]) == 0
     assert "2 layers" in capsys.readouterr().out
-    model = ModernDecoderLM.from_pretrained(tmp_path / "ours").eval()
+    model = load_model(tmp_path / "ours").eval()
     assert model.config.rope_theta == 500.0 and model.config.n_kv_head == 2
     idx = torch.randint(0, 96, (2, 40))
     with torch.no_grad():
@@ -399,7 +401,7 @@ def smol(tmp_path_factory):
     assert exit_info.value.code == 0
     from modernlm.tokenizer import load_tokenizer
 
-    model = ModernDecoderLM.from_pretrained(dst).eval()
+    model = load_model(dst).eval()
     tokenizer = load_tokenizer(dst)
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
@@ -453,7 +455,7 @@ def test_smollm2_gguf_matches_transformers(smol):
         eos_token_id=ref_tok.eos_token_id,
         pad_token_id=ref_tok.pad_token_id,
     )
-    got = model.generate(idx, max_new_tokens=n, temperature=0.0, eos_token_id=tokenizer.eos_id)
+    got = generate(model, idx, max_new_tokens=n, temperature=0.0, eos_token_id=tokenizer.eos_id)
     assert got.shape[1] >= idx.shape[1] + 15  # a real sentence, not an immediate EOS
     assert got.tolist() == expected.tolist(), (
         tokenizer.decode(got[0].tolist()),

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from modernlm.checkpoint import save_model
 from modernlm.cli import run_command
-from modernlm.data import write_shards
-from modernlm.tracking import read_metrics
+from modernlm.data.corpus import write_shards
+from modernlm.train.tracking import read_metrics
 
 TINY = ["model.vocab_size=64", "model.d_model=32", "model.n_layer=2", "model.n_head=4", "model.max_seq_len=32"]
 
@@ -150,7 +151,7 @@ def test_sft_signal_then_resume_matches(tmp_path, capsys):
     from tests.conftest import tiny_config
 
     torch.manual_seed(0)
-    ModernDecoderLM(tiny_config(vocab_size=320, max_seq_len=64)).save_pretrained(tmp_path / "base", byte_tokenizer())
+    save_model(ModernDecoderLM(tiny_config(vocab_size=320, max_seq_len=64)), tmp_path / "base", byte_tokenizer())
     records = [{"instruction": f"Echo {w}.", "input": "", "output": w} for w in ("cat", "dog", "sun", "sky") * 10]
     (tmp_path / "data.json").write_text(json.dumps(records))
     args = [str(tmp_path / "base"), f"data.path={tmp_path / 'data.json'}", "data.max_length=48",
@@ -179,7 +180,7 @@ def test_pipeline_stage_is_left_interrupted_and_resumed(tmp_path, capsys):
     from modernlm.commands import pretrain
     from modernlm.config import load_config
     from modernlm.errors import Interrupted
-    from modernlm.pipeline import Runner, Stage
+    from modernlm.pipeline.runner import Runner, Stage
 
     shards, out = make_shards(tmp_path / "shards"), tmp_path / "pipe"
     args = pretrain_args(shards, out, "train.num_steps=60", "train.eval_every=20")

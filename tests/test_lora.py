@@ -16,14 +16,14 @@ import torch
 pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from modernlm import lora  # noqa: E402
+from modernlm.data.tasks import TaskBatches, TaskDatasetConfig, collate, load_task_examples, tokenize_examples  # noqa: E402
 from modernlm.errors import UserError  # noqa: E402
-from modernlm.lora import LoraSettings  # noqa: E402
+from modernlm.hf import lora  # noqa: E402
+from modernlm.hf.lora import LoraSettings  # noqa: E402
 from modernlm.model import ModernDecoderLM  # noqa: E402
-from modernlm.optim import OptimConfig  # noqa: E402
 from modernlm.runtime import Runtime  # noqa: E402
-from modernlm.tasks import TaskBatches, TaskDatasetConfig, collate, load_task_examples, tokenize_examples  # noqa: E402
-from modernlm.trainer import Trainer, TrainingConfig  # noqa: E402
+from modernlm.train.optim import OptimConfig  # noqa: E402
+from modernlm.train.trainer import Trainer, TrainingConfig  # noqa: E402
 from tests.conftest import SHARED_DATA, tiny_config  # noqa: E402
 
 CPU = Runtime(device=torch.device("cpu"), dtype=torch.float32, tensorboard=False)

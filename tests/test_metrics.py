@@ -8,7 +8,7 @@ import random
 import pytest
 
 from modernlm.errors import UserError
-from modernlm.metrics import (
+from modernlm.eval.metrics import (
     accuracy,
     confusion_matrix,
     evaluate_predictions,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from modernlm.model import ModernDecoderLM
-from modernlm.optim import (
+from modernlm.train.optim import (
     OptimConfig,
     build_optimizer,
     decayed_parameter_names,
@@ -139,7 +139,7 @@ def test_newton_schulz_orthogonalises():
 
 
 def test_muon_takes_hidden_matrices_and_matches_torch_muon_plus_adamw(monkeypatch):
-    import modernlm.optim as optim
+    import modernlm.train.optim as optim
 
     # torch.optim.Muon always iterates in bfloat16; ours does so on CUDA only: compare in bf16
     float32_ns = optim.newton_schulz

@@ -25,18 +25,18 @@ REAL_INIT = ModernDecoderLM.__init__
 # output check came too late.
 LOADERS = [
     "modernlm.checkpoint.load_model",
-    "modernlm.hf.load_hf_model",
-    "modernlm.hf.load_hf_causal_lm",
-    "modernlm.evaluation.load_scoring_model",
+    "modernlm.hf.convert.load_hf_model",
+    "modernlm.hf.convert.load_hf_causal_lm",
+    "modernlm.eval.perplexity.load_scoring_model",
     "modernlm.model.ModernDecoderLM.__init__",
     "modernlm.runtime.setup_runtime",
     "modernlm.tokenizer.train_bpe",
     "modernlm.commands.tokenizer_train.train_bpe",
-    "modernlm.data.prepare_tokens",
+    "modernlm.data.corpus.prepare_tokens",
     "modernlm.commands.prepare.prepare_tokens",
-    "modernlm.plotting.plot_runs",
-    "modernlm.report.write_report",
-    "modernlm.pipeline.Runner.run",
+    "modernlm.pipeline.plotting.plot_runs",
+    "modernlm.pipeline.report.write_report",
+    "modernlm.pipeline.runner.Runner.run",
 ]
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from modernlm.errors import UserError
-from modernlm.pipeline import PIPELINE_FILE, Runner, Stage, config_hash
+from modernlm.pipeline.runner import PIPELINE_FILE, Runner, Stage, config_hash
 
 
 @dataclass

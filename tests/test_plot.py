@@ -8,11 +8,11 @@ import math
 import pytest
 
 from modernlm.cli import run_command
-from modernlm.tracking import MetricsWriter
+from modernlm.train.tracking import MetricsWriter
 
 pytest.importorskip("matplotlib")
 
-from modernlm.plotting import FIGURES, curve_figures, run_labels, run_series  # noqa: E402
+from modernlm.pipeline.plotting import FIGURES, curve_figures, run_labels, run_series  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TOKENS_PER_STEP = 512
@@ -38,7 +38,7 @@ def runs(tmp_path):
 
 
 def test_series_are_the_metrics(runs):
-    from modernlm.tracking import read_metrics
+    from modernlm.train.tracking import read_metrics
 
     a, b = runs
     s = run_series(read_metrics(a), "a")
@@ -54,7 +54,7 @@ def test_series_are_the_metrics(runs):
 
 
 def test_figures_draw_exactly_the_series(runs):
-    from modernlm.tracking import read_metrics
+    from modernlm.train.tracking import read_metrics
 
     series = [run_series(read_metrics(d), label) for d, label in zip(runs, ["a", "b"], strict=True)]
     figures = curve_figures(series)

@@ -13,10 +13,10 @@ import yaml
 from modernlm.checkpoint import load_model, save_model
 from modernlm.cli import run_command
 from modernlm.config import load_config
-from modernlm.metrics import accuracy
+from modernlm.data.tasks import TaskDatasetConfig, load_task_examples
+from modernlm.eval.metrics import accuracy
+from modernlm.eval.tasks import score_choices, wrap_modernlm
 from modernlm.model import ModernDecoderLM
-from modernlm.task_eval import score_choices, wrap_modernlm
-from modernlm.tasks import TaskDatasetConfig, load_task_examples
 from modernlm.tokenizer import load_tokenizer
 from tests.conftest import tiny_config
 

@@ -11,7 +11,7 @@ import re
 import pytest
 
 from modernlm.cli import run_command
-from modernlm.report import collect, flatten, fmt, headline, stage_timings, write_report
+from modernlm.pipeline.report import collect, flatten, fmt, headline, stage_timings, write_report
 
 pytest.importorskip("matplotlib")
 

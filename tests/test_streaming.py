@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modernlm.model import ModernDecoderLM
-from modernlm.streaming import (
+from modernlm.eval.sinks import (
     distinct_n,
     mean_stats,
     ngrams,
@@ -19,6 +18,7 @@ from modernlm.streaming import (
     segment_stats,
     streaming_nll,
 )
+from modernlm.model import ModernDecoderLM
 from tests.conftest import VARIANTS, tiny_config
 
 

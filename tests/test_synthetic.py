@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from modernlm.chat import SFTDataConfig, read_sft_records
-from modernlm.errors import UserError
-from modernlm.metrics import extract_flexible, extract_strict
-from modernlm.synthetic import (
+from modernlm.align.sft import SFTDataConfig, read_sft_records
+from modernlm.data.synthetic import (
     THINGS,
     SyntheticConfig,
     draw_problem,
@@ -25,7 +23,9 @@ from modernlm.synthetic import (
     write_demo_data,
     wrong_steps,
 )
-from modernlm.tasks import read_alpaca, read_gsm8k
+from modernlm.data.tasks import read_alpaca, read_gsm8k
+from modernlm.errors import UserError
+from modernlm.eval.metrics import extract_flexible, extract_strict
 
 SMALL = dict(
     train_stories=300,

@@ -9,10 +9,9 @@ import pytest
 import torch
 import transformers
 
-from modernlm.generation import generate
-from modernlm.metrics import accuracy, gsm8k_exact_match, macro_f1, rouge
-from modernlm.model import ModernDecoderLM
-from modernlm.task_eval import (
+from modernlm.data.tasks import TaskDatasetConfig, TaskTokenizer, load_task_examples
+from modernlm.eval.metrics import accuracy, gsm8k_exact_match, macro_f1, rouge
+from modernlm.eval.tasks import (
     STOPS,
     TaskModel,
     demonstrations,
@@ -21,7 +20,8 @@ from modernlm.task_eval import (
     wrap_hf,
     wrap_modernlm,
 )
-from modernlm.tasks import TaskDatasetConfig, TaskTokenizer, load_task_examples
+from modernlm.generation import generate
+from modernlm.model import ModernDecoderLM
 from modernlm.tokenizer import load_tokenizer
 from tests.conftest import tiny_config
 
@@ -123,7 +123,7 @@ def test_score_choices_matches_direct_computation(causal, choices):
 
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_logits_of_a_padded_batch_equal_each_row_alone(causal, side):
-    from modernlm.task_eval import _pad
+    from modernlm.eval.tasks import _pad
 
     tm, logits_fn = causal
     rows = tm.prompt_ids_batch(PROMPTS)

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modernlm.errors import UserError
-from modernlm.tasks import (
+from modernlm.data.tasks import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
     HHPairError,
@@ -37,6 +36,7 @@ from modernlm.tasks import (
     split_hh_pair,
     tokenize_examples,
 )
+from modernlm.errors import UserError
 from tests.conftest import SHARED_DATA
 
 HH_FILES = ["harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from modernlm.cli import run_command
-from modernlm.data import SourceConfig, read_source
+from modernlm.data.corpus import SourceConfig, read_source
 from modernlm.errors import UserError
 from modernlm.tokenizer import (
     CHATML_TEMPLATE,

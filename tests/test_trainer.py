@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from modernlm.batches import TokenStream, TrainWindows, ValBatches
 from modernlm.checkpoint import latest_checkpoint, load_training_state
-from modernlm.data import write_shards
+from modernlm.data.corpus import write_shards
+from modernlm.data.shards import TokenStream, TrainWindows, ValBatches
 from modernlm.errors import UserError
-from modernlm.losses import lm_eval_loss, lm_loss, next_token_loss
 from modernlm.model import ModernDecoderLM
-from modernlm.optim import OptimConfig
 from modernlm.runtime import Runtime
-from modernlm.tracking import read_metrics
-from modernlm.trainer import Trainer, TrainingConfig
+from modernlm.train.losses import lm_eval_loss, lm_loss, next_token_loss
+from modernlm.train.optim import OptimConfig
+from modernlm.train.tracking import read_metrics
+from modernlm.train.trainer import Trainer, TrainingConfig
 from tests.conftest import tiny_config
 
 CPU = Runtime(device=torch.device("cpu"), dtype=torch.float32, tensorboard=False)

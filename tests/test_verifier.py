@@ -1,4 +1,4 @@
-"""The GSM8K verifier (modernlm.verifier, `modernlm verifier`) on tiny models built from config.
+"""The GSM8K verifier (modernlm.align.verifier, `modernlm verifier`) on tiny models built from config.
 
 The loss against hand-computed BCE with its masks; a verifier trained briefly on a learnable set
 (correctness visible in one token) ranks held-out correct solutions above wrong ones; majority
@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from modernlm import verifier as V
+from modernlm.align import verifier as V
 from modernlm.errors import UserError
-from modernlm.losses import verifier_loss
 from modernlm.model import ModernDecoderLM
-from modernlm.optim import OptimConfig
 from modernlm.runtime import Runtime
-from modernlm.trainer import Trainer, TrainingConfig
+from modernlm.train.losses import verifier_loss
+from modernlm.train.optim import OptimConfig
+from modernlm.train.trainer import Trainer, TrainingConfig
 from tests.conftest import tiny_config
 
 CPU = Runtime(device=torch.device("cpu"), dtype=torch.float32)
@@ -30,7 +30,7 @@ CPU = Runtime(device=torch.device("cpu"), dtype=torch.float32)
 
 def chat_checkpoint(path, seed: int = 0):
     """A tiny chat-ready checkpoint: byte tokenizer with the ChatML tokens, <|im_end|> as eos."""
-    from modernlm.chat import prepare_chat_model
+    from modernlm.align.sft import prepare_chat_model
     from modernlm.checkpoint import save_model
     from modernlm.tokenizer import byte_tokenizer
 
@@ -74,7 +74,7 @@ def test_loss_fn_covers_solution_tokens_only():
     assert n.item() == 5 and loss.item() == pytest.approx(5 * math.log(2))  # zero head: p = 0.5 everywhere
     # The joint loss adds lm_coef x the summed next-token loss of the same solution tokens.
     loss_lm, n_lm, m_lm = V.verifier_loss_fn(0.5)(model, batch)
-    from modernlm.losses import next_token_loss
+    from modernlm.train.losses import next_token_loss
 
     lm_sum, lm_n = next_token_loss(model(batch["input_ids"]).logits[:, :-1], batch["labels"][:, 1:])
     assert n_lm.item() == lm_n.item() == 5
@@ -204,7 +204,7 @@ def test_bad_init_from_is_one_line_naming_the_path(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
-    from modernlm.chat import ChatEncoder, load_chat_model
+    from modernlm.align.sft import ChatEncoder, load_chat_model
 
     model, tok, _ = load_chat_model(str(chat_checkpoint(tmp_path_factory.mktemp("ckpt") / "sft")))
     return model.eval(), ChatEncoder(tok)
@@ -250,7 +250,7 @@ def test_draw_samples_resumes_exactly_and_is_reused(chat_model, tmp_path):
 
 
 def test_save_load_reproduces_scores_exactly(chat_model, tmp_path):
-    from modernlm.chat import ChatEncoder
+    from modernlm.align.sft import ChatEncoder
     from modernlm.checkpoint import save_model
     from modernlm.tokenizer import load_tokenizer
 

@@ -153,7 +153,7 @@ def compiled_decoder(model: ModernDecoderLM) -> torch.nn.Module:
     a submodule and show up in its state_dict.
     """
     if model not in _COMPILED:
-        from modernlm.model import compile_model
+        from modernlm.runtime import compile_model
 
         _COMPILED[model] = compile_model(model, dynamic=True)
     return _COMPILED[model]

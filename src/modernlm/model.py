@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -549,34 +548,3 @@ class ModernDecoderLM(nn.Module):
         return KVCache(
             self.config, batch_size, capacity, device=p.device, window=window, sink_size=sink_size, **kwargs
         )
-
-    def generate(self, idx: Tensor, **kwargs) -> Tensor:
-        """Autoregressive generation with a KV cache; see `modernlm.generation.generate`."""
-        from modernlm.generation import generate
-
-        return generate(self, idx, **kwargs)
-
-    def save_pretrained(self, path: str | Path, tokenizer=None) -> None:
-        """Write config.json + model.safetensors (+ tokenizer files) into directory `path`."""
-        from modernlm.checkpoint import save_model
-
-        save_model(self, path, tokenizer)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> ModernDecoderLM:
-        """Load a directory written by `save_pretrained`. Never unpickles code (safetensors)."""
-        from modernlm.checkpoint import load_model
-
-        return load_model(path, device=device)
-
-
-def compile_model(model: nn.Module, **kwargs) -> nn.Module:
-    """torch.compile, set up so the whole forward is one graph (no break per layer).
-
-    MoE routing has data-dependent shapes (which tokens chose expert e); letting dynamo capture
-    such ops keeps it in the graph instead of breaking at every expert of every layer.
-    """
-    import torch._dynamo
-
-    torch._dynamo.config.capture_dynamic_output_shape_ops = True
-    return torch.compile(model, **kwargs)

@@ -204,11 +204,25 @@ def warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=2)
 
 
+
+def compile_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
+    """torch.compile, set up so the whole forward is one graph (no break per layer).
+
+    MoE routing has data-dependent shapes (which tokens chose expert e); letting dynamo capture
+    such ops keeps it in the graph instead of breaking at every expert of every layer.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    return torch.compile(model, **kwargs)
+
+
 __all__ = [
     "PEAK_FLOPS",
     "RunConfig",
     "Runtime",
     "cleanup",
+    "compile_model",
     "lookup_peak_flops",
     "resolve_dtype",
     "rng_state",

@@ -22,6 +22,9 @@ from modernlm.files import atomic_write
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# The label of a token that contributes no loss (prompt tokens, padding): PyTorch's cross_entropy
+# default, and HF's. Data builds labels with it, losses skip it.
+IGNORE_INDEX = -100
 
 # ChatML, as SmolLM2 and Qwen use it; `train_bpe(chat_template="chatml")` stores it.
 CHATML_TEMPLATE = (

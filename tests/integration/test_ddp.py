@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from modernlm.data import write_shards
-from modernlm.tracking import read_metrics
+from modernlm.data.corpus import write_shards
+from modernlm.train.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from modernlm.checkpoint import save_model
 from tests.test_interrupt import (
     ENV,
     check_interrupted,
@@ -87,7 +88,7 @@ def test_dpo_process_stops_saves_and_resumes(tmp_path):
     from tests.test_dpo import _pairs, _policy_and_items, _write_jsonl
 
     model, tok, _ = _policy_and_items()
-    model.save_pretrained(tmp_path / "sft", tok)
+    save_model(model, tmp_path / "sft", tok)
     _write_jsonl(tmp_path / "pairs.jsonl", _pairs(64))
     _write_jsonl(tmp_path / "val.jsonl", _pairs(16, seed=1))
     args = ["dpo", str(tmp_path / "sft"), f"data.path={tmp_path / 'pairs.jsonl'}", "data.max_length=48",

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from modernlm.cli import run_command
-from modernlm.data import write_shards
-from modernlm.tracking import read_metrics
+from modernlm.data.corpus import write_shards
+from modernlm.train.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -8,15 +8,15 @@ import json
 import pytest
 
 from modernlm.cli import run_command
-from modernlm.tracking import read_metrics
+from modernlm.train.tracking import read_metrics
 from tests.test_verifier import chat_checkpoint, write_problems
 
 pytestmark = pytest.mark.slow
 
 
 def test_verifier_command_end_to_end(tmp_path, capsys):
-    from modernlm import verifier as V
-    from modernlm.chat import ChatEncoder
+    from modernlm.align import verifier as V
+    from modernlm.align.sft import ChatEncoder
     from modernlm.tokenizer import load_tokenizer
 
     sft = chat_checkpoint(tmp_path / "sft")

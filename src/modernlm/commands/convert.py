@@ -60,7 +60,7 @@ def main(cfg: Config) -> None:
         import torch
 
         from modernlm.checkpoint import load_model
-        from modernlm.hf import model_config_to_llama_config, save_hf
+        from modernlm.hf.convert import model_config_to_llama_config, save_hf
         from modernlm.tokenizer import TOKENIZER_FILE, load_tokenizer
 
         src = Path(cfg.src)
@@ -74,10 +74,11 @@ def main(cfg: Config) -> None:
         save_hf(model, tokenizer, dst, dtype=getattr(torch, cfg.dtype))
         what = "HF LlamaForCausalLM" + (" + tokenizer" if tokenizer else "")
     else:
-        from modernlm.hf import load_hf_model
+        from modernlm.checkpoint import save_model
+        from modernlm.hf.convert import load_hf_model
 
         model, tokenizer = load_hf_model(cfg.src, dtype=cfg.dtype)
-        model.save_pretrained(dst, tokenizer)
+        save_model(model, dst, tokenizer)
         what = "modernlm checkpoint" + (" + tokenizer" if tokenizer else "")
 
     c = model.config

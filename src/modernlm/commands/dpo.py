@@ -8,7 +8,7 @@ INIT_FROM (an SFT checkpoint or run directory) is both the policy's starting poi
 reference. With dpo.precompute_ref=true (the default) the reference scores every pair once before
 training and is then dropped, so training holds one model; false keeps the reference and runs it
 on every batch. The loss is the sigmoid DPO loss with conservative label smoothing
-(modernlm.losses.dpo_loss); metrics.jsonl logs what TRL logs: rewards/chosen, rewards/rejected,
+(modernlm.train.losses.dpo_loss); metrics.jsonl logs what TRL logs: rewards/chosen, rewards/rejected,
 rewards/accuracies, rewards/margins, logps/chosen, logps/rejected (val_... on held-out pairs).
 
 Held-out pairs: eval.val_path, else eval.val_fraction of the data. eval.json has their metrics
@@ -22,11 +22,11 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from modernlm.align.dpo import PreferenceDataConfig
 from modernlm.files import atomic_write
-from modernlm.optim import OptimConfig
-from modernlm.preference import PreferenceDataConfig
 from modernlm.runtime import RunConfig
-from modernlm.trainer import TrainingConfig
+from modernlm.train.optim import OptimConfig
+from modernlm.train.trainer import TrainingConfig
 
 POSITIONALS = ["init_from"]
 OUTPUTS = {"run.out_dir": "dir"}
@@ -79,10 +79,7 @@ def main(cfg: Config) -> None:
 
     import torch
 
-    from modernlm.chat import ChatEncoder, load_chat_model
-    from modernlm.config import save_config
-    from modernlm.errors import UserError
-    from modernlm.preference import (
+    from modernlm.align.dpo import (
         PreferenceBatches,
         dpo_loss_fn,
         evaluate_pairs,
@@ -90,8 +87,11 @@ def main(cfg: Config) -> None:
         pair_batches,
         reference_logps,
     )
+    from modernlm.align.sft import ChatEncoder, load_chat_model
+    from modernlm.config import save_config
+    from modernlm.errors import UserError
     from modernlm.runtime import cleanup, setup_runtime
-    from modernlm.trainer import Trainer
+    from modernlm.train.trainer import Trainer
 
     model, tokenizer, ckpt = load_chat_model(cfg.init_from, cfg.tokenizer)
     if cfg.data.max_length > model.config.max_seq_len:

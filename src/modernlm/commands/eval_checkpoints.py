@@ -121,10 +121,10 @@ def main(cfg: Config) -> None:
 
     import torch
 
-    from modernlm.batches import TokenStream
+    from modernlm.data.shards import TokenStream
     from modernlm.errors import UserError
-    from modernlm.evaluation import load_scoring_model, sliding_window_nll
-    from modernlm.tracking import read_metrics
+    from modernlm.eval.perplexity import load_scoring_model, sliding_window_nll
+    from modernlm.train.tracking import read_metrics
 
     if not cfg.run_dir:
         raise UserError("run_dir: give a run directory (modernlm eval checkpoints RUN_DIR)")

@@ -50,7 +50,7 @@ def main(cfg: Config) -> None:
     from pathlib import Path
 
     from modernlm.errors import UserError
-    from modernlm.evaluation import evaluate_text, load_scoring_model, load_text, summary_line
+    from modernlm.eval.perplexity import evaluate_text, load_scoring_model, load_text, summary_line
 
     if not cfg.model:
         raise UserError("model: give a model (modernlm eval perplexity MODEL DATA)")

@@ -97,7 +97,7 @@ def main(cfg: Config) -> None:
     import json
 
     from modernlm.errors import UserError
-    from modernlm.evaluation import evaluate_text, load_scoring_model, load_text, resolve_checkpoint, summary_line
+    from modernlm.eval.perplexity import evaluate_text, load_scoring_model, load_text, resolve_checkpoint, summary_line
 
     # Check every local path before the first (possibly long) scoring run.
     checkpoints = []

@@ -6,7 +6,7 @@
 
 Trains two models identical but for `model.attn_sink` (same data, seed, steps: the pretrain recipe)
 into OUT/sink and OUT/nosink, then reads and writes 1x .. Mx their trained context C with the
-rolling KV cache (window W; see modernlm.streaming). The arms:
+rolling KV cache (window W; see modernlm.eval.sinks). The arms:
 
     arm           model      KV cache
     sink          sink       learned sink token + the last W tokens (sink_size=1)
@@ -33,12 +33,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from modernlm.data import CorpusConfig
+from modernlm.data.corpus import CorpusConfig
 from modernlm.errors import UserError
 from modernlm.files import atomic_open, atomic_write
 from modernlm.model import ModelConfig
-from modernlm.optim import OptimConfig
-from modernlm.trainer import TrainingConfig
+from modernlm.train.optim import OptimConfig
+from modernlm.train.trainer import TrainingConfig
 
 FLAGS = {"--out": "out"}
 OUTPUTS = {"out": "dir"}
@@ -47,7 +47,7 @@ OUTPUTS = {"out": "dir"}
 @dataclass
 class DataConfig:
     path: str = ""  # prepared token shards to train and evaluate on; "" = build OUT/data from corpus
-    corpus: CorpusConfig = field(default_factory=CorpusConfig)  # text for OUT/data (see modernlm.data)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)  # text for OUT/data (see modernlm.data.corpus)
     vocab_size: int = 4096  # BPE vocabulary trained on the corpus for OUT/data
     tokenizer_bytes: int = 0  # train the BPE on the corpus' first this many bytes; 0 = all of it
     val_fraction: float = 0.01  # documents held out: validation loss and the evaluation text
@@ -148,7 +148,7 @@ def prepare_data(cfg: Config, out: Path) -> Path:
             "data: set data.path (shards from `modernlm prepare`) or data.corpus.sources "
             "(see configs/experiment/sinks-cpu.yaml)"
         )
-    from modernlm.data import default_workers, iter_documents, prepare_tokens
+    from modernlm.data.corpus import default_workers, iter_documents, prepare_tokens
     from modernlm.tokenizer import train_bpe
 
     def texts():  # the corpus, or its first data.tokenizer_bytes
@@ -176,9 +176,9 @@ def prepare_data(cfg: Config, out: Path) -> Path:
 
 def train_models(cfg: Config, data_path: Path, out: Path) -> dict[str, Path]:
     """Pretrain the sink and the no-sink model with the pretrain recipe; return their run dirs."""
-    from modernlm.batches import TokenDataConfig
     from modernlm.checkpoint import latest_checkpoint
     from modernlm.commands import pretrain
+    from modernlm.data.shards import TokenDataConfig
     from modernlm.runtime import RunConfig
 
     runs = {}
@@ -233,7 +233,7 @@ def eval_sequences(data_path: Path, length: int, count: int):
     """`count` (or as many as fit) consecutive, non-overlapping val sequences of `length` tokens."""
     import torch
 
-    from modernlm.batches import TokenStream
+    from modernlm.data.shards import TokenStream
 
     stream = TokenStream(data_path, "val")
     fit = len(stream) // length
@@ -253,10 +253,10 @@ def measure(cfg: Config, runs: dict[str, Path], data_path: Path, window: int) ->
     import torch
 
     from modernlm.checkpoint import latest_checkpoint, load_model
+    from modernlm.eval.sinks import mean_stats, position_buckets, segment_stats, streaming_nll
     from modernlm.generation import generate
-    from modernlm.streaming import mean_stats, position_buckets, segment_stats, streaming_nll
     from modernlm.tokenizer import load_tokenizer
-    from modernlm.tracking import SUMMARY_FILE, read_metrics
+    from modernlm.train.tracking import SUMMARY_FILE, read_metrics
 
     e, C = cfg.eval, cfg.model.max_seq_len
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -350,7 +350,7 @@ def _finite(value: Any) -> Any:
 
 
 def summary_markdown(results: dict[str, Any], cfg: Config) -> str:
-    from modernlm.samples import markdown_table
+    from modernlm.eval.compare import markdown_table
 
     C, M, W = results["context"], results["multiples"], results["window"]
     cols = [f"{k + 1}x" for k in range(M)]

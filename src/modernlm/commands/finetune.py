@@ -15,11 +15,11 @@ picks the model class and the loss:
   T5 diverges in float16: use float32 or bfloat16.
 - causal (GPT-2, SmolLM2, TinyLlama, our checkpoints): loss on the answer tokens only (the prompt
   is masked); SST-2 is evaluated by scoring the label words after "Review: ... Sentiment:", GSM8K
-  by exact match of the generated answer's final number (modernlm.task_eval, as the baselines).
+  by exact match of the generated answer's final number (modernlm.eval.tasks, as the baselines).
 
 Writes run.out_dir/run.name/: config.yaml, metrics.jsonl (train loss, val_loss on eval.path),
 summary.json, checkpoints/step_NNNNNNN/ (each an adapter directory; rerunning resumes),
-adapter/ (the final adapter + head + tokenizer + finetune.json; `modernlm.lora.load_finetuned`
+adapter/ (the final adapter + head + tokenizer + finetune.json; `modernlm.hf.lora.load_finetuned`
 rebuilds the model from it), eval/ (predictions.jsonl, errors.jsonl, metrics.json), eval.json
 (the task metrics, and with eval.before=true those of the model before training), and with
 save_merged=true merged/: the adapter folded into the weights, a plain HF or modernlm model.
@@ -32,12 +32,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from modernlm.data.tasks import TaskDatasetConfig
 from modernlm.files import atomic_files, atomic_write
-from modernlm.lora import LoraSettings
-from modernlm.optim import OptimConfig
+from modernlm.hf.lora import LoraSettings
 from modernlm.runtime import RunConfig
-from modernlm.tasks import TaskDatasetConfig
-from modernlm.trainer import TrainingConfig
+from modernlm.train.optim import OptimConfig
+from modernlm.train.trainer import TrainingConfig
 
 POSITIONALS = ["model.source"]
 OUTPUTS = {"run.out_dir": "dir"}
@@ -102,9 +102,9 @@ def evaluate(
     out_dir: Path,
 ) -> dict[str, Any]:
     """Task metrics of `model` on the eval examples; writes predictions / errors / metrics to out_dir."""
-    from modernlm.lora import base_of, predict_classes
-    from modernlm.metrics import evaluate_predictions, write_errors
-    from modernlm.tasks import TaskTokenizer, eval_batches, tokenize_examples
+    from modernlm.data.tasks import TaskTokenizer, eval_batches, tokenize_examples
+    from modernlm.eval.metrics import evaluate_predictions, write_errors
+    from modernlm.hf.lora import base_of, predict_classes
 
     if data.task_type == "classification":
         tok = TaskTokenizer(tokenizer)
@@ -127,7 +127,7 @@ def evaluate(
         atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         return metrics
 
-    from modernlm.task_eval import TASKS, evaluate_task, wrap_hf, wrap_modernlm
+    from modernlm.eval.tasks import TASKS, evaluate_task, wrap_hf, wrap_modernlm
 
     if data.name not in TASKS:
         print(f"note: no task metric for data.name={data.name} (only {', '.join(TASKS)}); val_loss only")
@@ -167,11 +167,8 @@ def main(cfg: Config) -> None:
 
     import torch
 
-    from modernlm import lora
     from modernlm.config import save_config
-    from modernlm.errors import UserError
-    from modernlm.runtime import cleanup, setup_runtime
-    from modernlm.tasks import (
+    from modernlm.data.tasks import (
         TaskBatches,
         TaskTokenizer,
         eval_batches,
@@ -179,7 +176,10 @@ def main(cfg: Config) -> None:
         resolve_task_config,
         tokenize_examples,
     )
-    from modernlm.trainer import Trainer
+    from modernlm.errors import UserError
+    from modernlm.hf import lora
+    from modernlm.runtime import cleanup, setup_runtime
+    from modernlm.train.trainer import Trainer
 
     # Everything cheap first, so a typo fails before a model loads.
     if not cfg.model.source:
@@ -312,7 +312,7 @@ def _fresh(path: Path) -> Path:
 
 
 def _save_fn(model: Any, path: Path, tokenizer: Any, info: dict[str, Any]) -> None:
-    from modernlm.lora import save_adapter
+    from modernlm.hf.lora import save_adapter
 
     save_adapter(model, path, tokenizer, info)
 
@@ -321,7 +321,7 @@ def _save_merged(model: Any, tokenizer: Any, kind: str, path: Path) -> None:
     """The adapter folded into a copy of the weights, saved as a plain model of the base's kind."""
     import copy
 
-    from modernlm.lora import merge
+    from modernlm.hf.lora import merge
 
     merged = merge(copy.deepcopy(model))
     if kind == "modernlm":

@@ -63,14 +63,14 @@ def _load(path: Path, device):
 def main(cfg: Config) -> None:
     import torch
 
-    from modernlm.generation import generate_text, stream_text
-    from modernlm.samples import (
+    from modernlm.eval.compare import (
         CheckpointSamples,
         checkpoint_dirs,
         checkpoint_name,
         checkpoint_step,
         generations_markdown,
     )
+    from modernlm.generation import generate_text, stream_text
 
     if not cfg.checkpoints:
         raise UserError("checkpoints: give a checkpoint or run directory (modernlm generate CHECKPOINT prompt=...)")

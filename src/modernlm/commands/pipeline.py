@@ -13,9 +13,9 @@ on). The pipeline fills in what connects the stages: every run.out_dir / run.nam
 init_from (pretrain -> sft -> dpo; sft -> verifier), the tokenizer and token paths, and, with
 data.kind=synthetic, every data path left empty. Running again skips the stages already done with
 the same config (and the same inputs), resumes an unfinished one, and re-runs what changed
-(modernlm.pipeline). The report (report.md, report.html) is rewritten whenever a stage ran.
+(modernlm.pipeline.runner). The report (report.md, report.html) is rewritten whenever a stage ran.
 
-With data.kind=synthetic the data are the project's own generated world (modernlm.synthetic):
+With data.kind=synthetic the data are the project's own generated world (modernlm.data.synthetic):
 stories for pretraining, word problems with checkable answers for SFT and the verifier, and pairs
 of a right and a wrong solution for DPO, on which a tiny model learns at every stage.
 """
@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from modernlm.commands import dpo, prepare, pretrain, sft, tokenizer_train, verifier
+from modernlm.data.synthetic import SyntheticConfig
 from modernlm.files import atomic_write
-from modernlm.pipeline import EvalSettings
-from modernlm.synthetic import SyntheticConfig
+from modernlm.pipeline.runner import EvalSettings
 
 FLAGS = {"--from": "from_stage", "--only": "only"}
 OUTPUTS = {"out_dir": "dir"}  # the stages write below it
@@ -127,7 +127,7 @@ def wire(cfg: Config) -> dict[str, Any]:
 
 def build_stages(cfg: Config) -> list[Any]:
     """The stages in order, each with its resolved config, inputs and run function."""
-    from modernlm import pipeline as P
+    from modernlm.pipeline import runner as P
 
     w = wire(cfg)
     d = w["dirs"]
@@ -136,7 +136,7 @@ def build_stages(cfg: Config) -> list[Any]:
     def data_stage(c: DataStage) -> dict[str, Any] | None:
         if c.kind == "none":
             return None
-        from modernlm.synthetic import write_demo_data
+        from modernlm.data.synthetic import write_demo_data
 
         meta = write_demo_data(d["data"], c.synthetic)
         return {k: v for k, v in meta.items() if isinstance(v, (int, float, str))}
@@ -160,7 +160,7 @@ def build_stages(cfg: Config) -> list[Any]:
         write_samples(Path(d["samples"]), d, *args)
 
     def report_stage(_: Any) -> None:
-        from modernlm.report import write_report
+        from modernlm.pipeline.report import write_report
 
         write_report(out, force=True)  # the pipeline's own report: rewritten when a stage ran
 
@@ -214,12 +214,12 @@ def verifier_rows(run_dir: Path) -> list[dict[str, Any]]:
 
 def write_samples(out_dir: Path, dirs: dict[str, str], c: SamplesStage, e: EvalSettings) -> None:
     """samples.md: the same prompts to every model, side by side."""
-    from modernlm import pipeline as P
-    from modernlm.chat import ChatEncoder, generate_replies, load_chat_model
+    from modernlm.align.sft import ChatEncoder, generate_replies, load_chat_model
     from modernlm.checkpoint import load_model
-    from modernlm.evaluation import resolve_checkpoint
+    from modernlm.eval.compare import md_escape as markdown_cell
+    from modernlm.eval.perplexity import resolve_checkpoint
     from modernlm.generation import generate_text
-    from modernlm.samples import md_escape as markdown_cell
+    from modernlm.pipeline import runner as P
     from modernlm.tokenizer import load_tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -258,7 +258,7 @@ def write_samples(out_dir: Path, dirs: dict[str, str], c: SamplesStage, e: EvalS
 
 def main(cfg: Config) -> None:
     from modernlm.config import to_yaml
-    from modernlm.pipeline import Runner
+    from modernlm.pipeline.runner import Runner
 
     stages = build_stages(cfg)
     recipe_text = to_yaml(replace(cfg, from_stage="", only=""))

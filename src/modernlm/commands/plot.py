@@ -37,7 +37,7 @@ def main(cfg: Config) -> None:
     from pathlib import Path
 
     from modernlm.errors import UserError
-    from modernlm.plotting import plot_runs
+    from modernlm.pipeline.plotting import plot_runs
 
     if not cfg.run_dirs:
         raise UserError("run_dirs: give one or more run directories (modernlm plot RUN_DIR ...)")

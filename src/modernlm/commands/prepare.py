@@ -1,4 +1,4 @@
-"""Tokenize a corpus once into token shards the trainer memory-maps (see modernlm.data).
+"""Tokenize a corpus once into token shards the trainer memory-maps (see modernlm.data.corpus).
 
     modernlm prepare ../shared/data/wikitext-2/wiki.train.tokens tokenizer=data/tok out=data/wt2
     modernlm prepare -c corpus.yaml --tokenizer ../shared/data/gpt2-tokenizer --out data/mix
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from modernlm.data import CorpusConfig, corpus_with_input, default_workers, prepare_tokens
+from modernlm.data.corpus import CorpusConfig, corpus_with_input, default_workers, prepare_tokens
 from modernlm.errors import UserError
 from modernlm.tokenizer import load_tokenizer
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from modernlm.batches import TokenDataConfig, TokenStream, TrainWindows, ValBatches, read_meta
+from modernlm.data.shards import TokenDataConfig, TokenStream, TrainWindows, ValBatches, read_meta
 from modernlm.errors import UserError
 from modernlm.model import ModelConfig
-from modernlm.optim import OptimConfig
 from modernlm.runtime import RunConfig
-from modernlm.trainer import TrainingConfig
+from modernlm.train.optim import OptimConfig
+from modernlm.train.trainer import TrainingConfig
 
 OUTPUTS = {"run.out_dir": "dir"}
 
@@ -59,10 +59,10 @@ def derived_outputs(cfg: Config) -> list[tuple[str, Path, str]]:
 
 def main(cfg: Config) -> None:
     from modernlm.config import save_config
-    from modernlm.losses import lm_eval_loss, lm_loss
     from modernlm.model import ModernDecoderLM
     from modernlm.runtime import cleanup, setup_runtime
-    from modernlm.trainer import Trainer
+    from modernlm.train.losses import lm_eval_loss, lm_loss
+    from modernlm.train.trainer import Trainer
 
     meta = read_meta(cfg.data.path)  # fail on bad data before starting process groups
     tokenizer = None

@@ -8,7 +8,7 @@
 
 MODEL is a modernlm checkpoint or run directory, an HF model directory, a hub id or a .gguf file
 (HF models run on transformers' own causal LM). Prompts are the task's causal templates in
-`modernlm.tasks` (SST-2: "Review: {text}\\nSentiment:"; override with data.prompt_template).
+`modernlm.data.tasks` (SST-2: "Review: {text}\\nSentiment:"; override with data.prompt_template).
 SST-2 predicts the label word (" negative" / " positive") with the higher log-probability
 (mode=score) or reads the first generated word (mode=generate); SAMSum and GSM8K generate greedily.
 shots > 0 prepends that many demonstrations (prompt + reference, blank-line separated) drawn, seeded,
@@ -24,9 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from modernlm.data.tasks import TaskDatasetConfig
 from modernlm.errors import UserError
 from modernlm.files import atomic_write
-from modernlm.tasks import TaskDatasetConfig
 
 POSITIONALS = ["model"]
 FLAGS = {"--out": "out"}
@@ -58,9 +58,9 @@ class Config:
 
 def load_task_model(src: str, device: str = "auto", dtype: str = "float32", add_bos: bool = False, progress=True):
     """A TaskModel for `src`: a modernlm checkpoint / run directory, else an HF model (dir, hub id, .gguf)."""
-    from modernlm.evaluation import checkpoint_label, resolve_checkpoint, resolve_device
+    from modernlm.eval.perplexity import checkpoint_label, resolve_checkpoint, resolve_device
+    from modernlm.eval.tasks import wrap_hf, wrap_modernlm
     from modernlm.runtime import DTYPES
-    from modernlm.task_eval import wrap_hf, wrap_modernlm
 
     if dtype not in DTYPES:
         raise UserError(f"dtype: must be float32, bfloat16 or float16, got {dtype!r}")
@@ -75,7 +75,7 @@ def load_task_model(src: str, device: str = "auto", dtype: str = "float32", add_
         return wrap_modernlm(model, load_tokenizer(ckpt), add_bos=add_bos, name=checkpoint_label(ckpt))
     if path.is_dir() and (path / "checkpoints").is_dir():
         raise UserError(f"model: {src} is a run directory without a complete checkpoint")
-    from modernlm.hf import load_hf_causal_lm
+    from modernlm.hf.convert import load_hf_causal_lm
 
     hf_model, tokenizer = load_hf_causal_lm(src, dtype=dtype, device=dev, progress=progress)
     if tokenizer is None:
@@ -121,9 +121,9 @@ def main(cfg: Config) -> None:
     import time
 
     from modernlm.config import save_config
+    from modernlm.data.tasks import load_task_examples, resolve_task_config
+    from modernlm.eval.tasks import evaluate_task
     from modernlm.files import check_output_dir
-    from modernlm.task_eval import evaluate_task
-    from modernlm.tasks import load_task_examples, resolve_task_config
 
     _check(cfg)
     t0 = time.perf_counter()

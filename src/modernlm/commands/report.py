@@ -31,7 +31,7 @@ class Config:
 
 def derived_outputs(cfg: Config) -> list[tuple[str, Path, str]]:
     """report.md and report.html in OUT, else in RUN_DIR (a missing RUN_DIR is main's error)."""
-    from modernlm.report import HTML_FILE, MD_FILE
+    from modernlm.pipeline.report import HTML_FILE, MD_FILE
 
     if cfg.out:
         setting, out = "out", Path(cfg.out)
@@ -44,7 +44,7 @@ def derived_outputs(cfg: Config) -> list[tuple[str, Path, str]]:
 
 def main(cfg: Config) -> None:
     from modernlm.errors import UserError
-    from modernlm.report import write_report
+    from modernlm.pipeline.report import write_report
 
     if not cfg.run_dir:
         raise UserError("run_dir: give a pipeline or run directory (modernlm report RUN_DIR)")

@@ -23,11 +23,11 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from modernlm.chat import SFTDataConfig
+from modernlm.align.sft import SFTDataConfig
 from modernlm.files import atomic_write
-from modernlm.optim import OptimConfig
 from modernlm.runtime import RunConfig
-from modernlm.trainer import TrainingConfig
+from modernlm.train.optim import OptimConfig
+from modernlm.train.trainer import TrainingConfig
 
 POSITIONALS = ["init_from"]
 OUTPUTS = {"run.out_dir": "dir"}
@@ -72,7 +72,7 @@ def derived_outputs(cfg: Config) -> list[tuple[str, Path, str]]:
 def main(cfg: Config) -> None:
     import torch
 
-    from modernlm.chat import (
+    from modernlm.align.sft import (
         ChatEncoder,
         SFTBatches,
         eval_sft_batches,
@@ -84,7 +84,7 @@ def main(cfg: Config) -> None:
     )
     from modernlm.config import save_config
     from modernlm.runtime import cleanup, setup_runtime
-    from modernlm.trainer import Trainer
+    from modernlm.train.trainer import Trainer
 
     model, tokenizer, ckpt = load_chat_model(cfg.init_from, cfg.tokenizer)
     encoder = ChatEncoder(tokenizer, add_bos=cfg.data.add_bos)

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from modernlm.data import CorpusConfig, corpus_with_input, iter_documents
+from modernlm.data.corpus import CorpusConfig, corpus_with_input, iter_documents
 from modernlm.errors import UserError
 from modernlm.tokenizer import DEFAULT_SPECIAL_TOKENS, train_bpe
 

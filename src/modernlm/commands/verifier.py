@@ -21,7 +21,7 @@ tokenizer has <|im_start|> / <|im_end|> and generation stops at <|im_end|>. Thre
 
 Runs in one process (CPU or one GPU). Writes run.out_dir/run.name/: config.yaml, samples/,
 metrics.jsonl, summary.json, checkpoints/, verifier/ (the final verifier: a modernlm checkpoint +
-value_head.safetensors, `modernlm.verifier.load_verifier`), eval.json, eval/predictions.jsonl (per
+value_head.safetensors, `modernlm.align.verifier.load_verifier`), eval.json, eval/predictions.jsonl (per
 problem: every answer and score, what each method picked) and eval/errors.jsonl (problems
 best-of-N got wrong). Prints one summary line.
 """
@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from modernlm.files import atomic_write
-from modernlm.optim import OptimConfig
 from modernlm.runtime import RunConfig
-from modernlm.trainer import TrainingConfig
+from modernlm.train.optim import OptimConfig
+from modernlm.train.trainer import TrainingConfig
 
 POSITIONALS = ["init_from"]
 OUTPUTS = {"run.out_dir": "dir"}
@@ -106,7 +106,7 @@ def rerank(
     problems: list[dict[str, Any]], greedy: list[dict[str, Any]], rows: list[dict[str, Any]], scores: list[float]
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """(accuracies of each method, one prediction row per problem) for the held-out samples."""
-    from modernlm.verifier import group_by_problem, rerank_metrics, rerank_problem
+    from modernlm.align.verifier import group_by_problem, rerank_metrics, rerank_problem
 
     picks, predictions = [], []
     for p, idxs in enumerate(group_by_problem(rows, len(problems))):
@@ -133,13 +133,13 @@ def main(cfg: Config) -> None:
     import numpy as np
     import torch
 
-    from modernlm import verifier as V
-    from modernlm.chat import ChatEncoder, load_chat_model
+    from modernlm.align import verifier as V
+    from modernlm.align.sft import ChatEncoder, load_chat_model
     from modernlm.config import save_config
     from modernlm.errors import UserError
-    from modernlm.metrics import write_errors
+    from modernlm.eval.metrics import write_errors
     from modernlm.runtime import cleanup, setup_runtime
-    from modernlm.trainer import Trainer
+    from modernlm.train.trainer import Trainer
 
     check(cfg)
     d = cfg.data

@@ -32,10 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from modernlm.errors import UserError
-from modernlm.model import compile_model
-from modernlm.optim import OptimConfig, build_optimizer, lr_at, set_lr
-from modernlm.runtime import Runtime, rng_state, set_rng_state, warn_once
-from modernlm.tracking import MetricsWriter, format_line, read_metrics
+from modernlm.runtime import Runtime, compile_model, rng_state, set_rng_state, warn_once
+from modernlm.train.optim import OptimConfig, build_optimizer, lr_at, set_lr
+from modernlm.train.tracking import MetricsWriter, format_line, read_metrics
 
 LossFn = Callable[[nn.Module, Any], tuple[Tensor, "Tensor | int", dict[str, Any]]]
 

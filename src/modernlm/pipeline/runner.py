@@ -30,9 +30,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from modernlm.align.dpo import PreferenceDataConfig
 from modernlm.errors import UserError
 from modernlm.files import atomic_open, atomic_write, clean_leftovers
-from modernlm.preference import PreferenceDataConfig
 
 PIPELINE_FILE = "pipeline.json"
 STAGES_DIR = "stages"
@@ -259,7 +259,7 @@ class EvalSettings:
 
 def read_problems(src: Source, limit: int = 0) -> list[dict[str, Any]]:
     """The first `limit` (0 = all) problems of `src`, with their gold number ("target")."""
-    from modernlm import verifier
+    from modernlm.align import verifier
 
     return verifier.read_problems(src.path, limit, hf_dataset=src.hf_dataset, hf_config=src.hf_config, split=src.split)
 
@@ -271,7 +271,7 @@ def eval_device(name: str) -> tuple[Any, Any]:
 
     import torch
 
-    from modernlm.evaluation import resolve_device
+    from modernlm.eval.perplexity import resolve_device
 
     device = resolve_device(name)
     if device.type == "cuda":
@@ -295,12 +295,12 @@ def evaluate_model(name: str, source: str | Path, chat: bool, cfg: EvalSettings)
     Chat models (SFT, DPO) are asked in ChatML; the pretrained model, which has never seen a chat,
     with `plain_prompt`, and its pairs scored as prompt + " " + reply + eos.
     """
-    from modernlm.chat import ChatEncoder, generate_replies, load_chat_model
+    from modernlm.align.dpo import collate_pairs, evaluate_pairs, load_pairs
+    from modernlm.align.sft import ChatEncoder, generate_replies, load_chat_model
+    from modernlm.align.verifier import label_solution
     from modernlm.checkpoint import load_model
-    from modernlm.evaluation import evaluate_text, load_text, resolve_checkpoint, scoring_model
-    from modernlm.preference import collate_pairs, evaluate_pairs, load_pairs
+    from modernlm.eval.perplexity import evaluate_text, load_text, resolve_checkpoint, scoring_model
     from modernlm.tokenizer import load_tokenizer
-    from modernlm.verifier import label_solution
 
     ckpt = resolve_checkpoint(source)
     if ckpt is None:
@@ -351,8 +351,8 @@ def evaluate_model(name: str, source: str | Path, chat: bool, cfg: EvalSettings)
 
 
 def _plain_pairs(cfg: EvalSettings, tok: Any, max_length: int) -> list[dict[str, Any]]:
-    from modernlm.losses import IGNORE_INDEX
-    from modernlm.preference import read_pairs
+    from modernlm.align.dpo import read_pairs
+    from modernlm.train.losses import IGNORE_INDEX
 
     items = []
     for _, pair in read_pairs(cfg.pairs):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100  # targets with this value contribute no loss (padding, prompt tokens)
+from modernlm.tokenizer import IGNORE_INDEX  # targets with this value contribute no loss
 
 
 def next_token_loss(

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from modernlm.data.tasks import TaskBatches
 from modernlm.errors import UserError
-from modernlm.losses import IGNORE_INDEX
-from modernlm.tasks import TaskBatches
 from modernlm.tokenizer import CHATML_TEMPLATE
+from modernlm.train.losses import IGNORE_INDEX
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 ROLES = ("system", "user", "assistant")
@@ -209,7 +209,7 @@ def alpaca_messages(record: dict[str, str]) -> list[Message]:
 
 def read_sft_records(cfg: SFTDataConfig) -> Iterator[tuple[str, list[Message]]]:
     """(where, messages) for every record of the configured source; bad records name file and line."""
-    from modernlm import tasks
+    from modernlm.data import tasks
 
     rows = tasks._rows(cfg.path, cfg.hf_dataset, cfg.hf_config, cfg.split, cfg.hf_data_dir)
     system = [{"role": "system", "content": cfg.system}] if cfg.system else []
@@ -333,7 +333,7 @@ def eval_sft_batches(examples: Sequence[dict[str, Any]], batch_size: int, pad_id
 
 def sft_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """loss_fn for the trainer: next-token loss on the labelled (assistant) tokens only."""
-    from modernlm.losses import next_token_loss
+    from modernlm.train.losses import next_token_loss
 
     out = model(batch["input_ids"], segment_ids=batch.get("segment_ids"))
     loss_sum, n = next_token_loss(out.logits[:, :-1], batch["labels"][:, 1:])
@@ -351,7 +351,7 @@ def load_chat_model(source: str, tokenizer: str = "", what: str = "init_from") -
     from pathlib import Path
 
     from modernlm.checkpoint import load_model
-    from modernlm.evaluation import resolve_checkpoint
+    from modernlm.eval.perplexity import resolve_checkpoint
     from modernlm.tokenizer import load_tokenizer
 
     if not source:

@@ -43,10 +43,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from modernlm.data.tasks import TaskTokenizer
 from modernlm.errors import UserError
+from modernlm.eval.metrics import evaluate_predictions, macro_f1, write_errors
 from modernlm.files import atomic_write
-from modernlm.metrics import evaluate_predictions, macro_f1, write_errors
-from modernlm.tasks import TaskTokenizer
 
 TASKS = ("sst2", "samsum", "gsm8k")
 MODES = ("auto", "score", "generate")

@@ -692,7 +692,7 @@ def write_shards(
         "eos_id": eos_id,
         "bos_id": bos_id,
         "splits": meta_splits,
-        "source": {"writer": "modernlm.data.write_shards"},
+        "source": {"writer": "modernlm.data.corpus.write_shards"},
         "bytes": 0,
         "bytes_per_token": 0.0,
     }

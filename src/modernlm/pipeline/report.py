@@ -1,6 +1,6 @@
 """The report of a pipeline or of run directories: one Markdown file and the same as one HTML page.
 
-    from modernlm.report import write_report
+    from modernlm.pipeline.report import write_report
     write_report("runs/demo")            # -> runs/demo/report.md, report_assets/*.png, report.html
 
 The report only reads run directories (DESIGN.md section 4); no stage imports it. Three layers:
@@ -372,7 +372,7 @@ def loss_figure(run: RunData, dpi: int = 100) -> bytes | None:
     import importlib.util
     import io
 
-    from modernlm.plotting import curve_figures, run_series
+    from modernlm.pipeline.plotting import curve_figures, run_series
 
     series = run_series(run.metrics, run.name)
     if not (series.train_step or series.val_step) or importlib.util.find_spec("matplotlib") is None:

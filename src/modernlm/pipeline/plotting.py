@@ -135,7 +135,7 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
 def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, dpi: int = 120) -> list[Path]:
     """Write out_dir/{loss,ppl}_vs_{step,tokens}.png for the runs; returns the paths written."""
     from modernlm.errors import UserError
-    from modernlm.tracking import METRICS_FILE, read_metrics
+    from modernlm.train.tracking import METRICS_FILE, read_metrics
 
     dirs = [Path(d) for d in run_dirs]
     series = []

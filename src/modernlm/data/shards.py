@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from modernlm.data import read_meta  # the shard format is defined where it is written
+from modernlm.data.corpus import read_meta  # the shard format is defined where it is written
 from modernlm.errors import UserError
 
 

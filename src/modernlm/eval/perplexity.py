@@ -132,7 +132,7 @@ def text_metrics(result: NLLResult, text: str) -> dict[str, float]:
 #
 # A model is a modernlm checkpoint directory, a run directory (its best checkpoint, else its
 # latest), an HF model directory, a hub id or a .gguf file. modernlm checkpoints run on our
-# ModernDecoderLM; everything else runs on transformers' own model (through modernlm.hf), so any
+# ModernDecoderLM; everything else runs on transformers' own model (through modernlm.hf.convert), so any
 # architecture transformers knows is scored as its authors ship it, not through a conversion.
 
 METHOD = (
@@ -247,7 +247,7 @@ def load_scoring_model(src: str, device: str = "auto", dtype: str = "float32", p
     path = Path(src).expanduser()
     if path.is_dir() and (path / "checkpoints").is_dir():
         raise UserError(f"{src}: a run directory without a complete checkpoint")
-    from modernlm.hf import load_hf_causal_lm
+    from modernlm.hf.convert import load_hf_causal_lm
 
     hf_model, tokenizer = load_hf_causal_lm(src, dtype=dtype, device=dev, progress=progress)
     config = hf_model.config

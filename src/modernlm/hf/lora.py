@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modernlm.errors import UserError
-from modernlm.losses import next_token_loss
+from modernlm.train.losses import next_token_loss
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -239,7 +239,7 @@ def _first_line(e: Exception) -> str:
 def inspect_source(source: str) -> tuple[str, str]:
     """(kind, model_type) of a model source without loading weights: ("modernlm", "modernlm") for
     our checkpoint or run directories, ("hf", config.model_type) otherwise."""
-    from modernlm.evaluation import resolve_checkpoint
+    from modernlm.eval.perplexity import resolve_checkpoint
 
     if not source:
         raise UserError("model.source: give a model (an HF directory, hub id, .gguf file or modernlm checkpoint)")
@@ -247,7 +247,7 @@ def inspect_source(source: str) -> tuple[str, str]:
         return "modernlm", "modernlm"
     from transformers import AutoConfig
 
-    from modernlm.hf import resolve_hf_source
+    from modernlm.hf.convert import resolve_hf_source
 
     where, kwargs, hub = resolve_hf_source(source, "model.source")
     try:
@@ -297,7 +297,7 @@ def load_base_model(
 
 def _load_modernlm(source: str, task_type: str, dtype: str, tokenizer: str) -> tuple[nn.Module, Any]:
     from modernlm.checkpoint import load_model
-    from modernlm.evaluation import resolve_checkpoint
+    from modernlm.eval.perplexity import resolve_checkpoint
     from modernlm.runtime import DTYPES
     from modernlm.tokenizer import load_tokenizer
 
@@ -316,7 +316,7 @@ def _load_modernlm(source: str, task_type: str, dtype: str, tokenizer: str) -> t
 def _load_hf(source: str, task_type: str, dtype: str, num_labels: int, tokenizer: str) -> tuple[nn.Module, Any]:
     import transformers
 
-    from modernlm.hf import from_pretrained_kwargs, resolve_hf_source
+    from modernlm.hf.convert import from_pretrained_kwargs, resolve_hf_source
     from modernlm.runtime import DTYPES
 
     where, kwargs, hub = resolve_hf_source(source, "model.source")

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from modernlm.chat import ChatEncoder, Message, check_messages
+from modernlm.align.sft import ChatEncoder, Message, check_messages
+from modernlm.data.tasks import TaskBatches
 from modernlm.errors import UserError
-from modernlm.losses import IGNORE_INDEX, dpo_loss, sequence_logps
-from modernlm.tasks import TaskBatches
+from modernlm.train.losses import IGNORE_INDEX, dpo_loss, sequence_logps
 
 PREFERENCE_FORMATS = ("pairs", "hh_rlhf")
 
@@ -68,7 +68,7 @@ def _reply(row: dict[str, Any], name: str, where: str) -> str:
 
 def read_pairs(cfg: PreferenceDataConfig, skipped: Counter | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, {"prompt": messages, "chosen": str, "rejected": str}) per usable pair."""
-    from modernlm import tasks
+    from modernlm.data import tasks
 
     rows = tasks._rows(cfg.path, cfg.hf_dataset, cfg.hf_config, cfg.split, cfg.hf_data_dir)
     system = [{"role": "system", "content": cfg.system}] if cfg.system else []

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from modernlm.errors import UserError
-from modernlm.losses import IGNORE_INDEX  # label value that contributes no loss (as in HF)
+from modernlm.tokenizer import IGNORE_INDEX  # label value that contributes no loss (as in HF)
 
 TASK_NAMES = ("sst2", "samsum", "gsm8k", "alpaca", "hh_rlhf", "custom")
 TASK_TYPES = ("classification", "seq2seq", "causal")

@@ -29,9 +29,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from modernlm.data.tasks import TaskBatches
 from modernlm.errors import UserError
-from modernlm.losses import IGNORE_INDEX
-from modernlm.tasks import TaskBatches
+from modernlm.train.losses import IGNORE_INDEX
 
 HEAD_FILE = "value_head.safetensors"
 SAMPLE_FIELDS = ("problem", "sample", "solution", "answer", "correct")
@@ -50,8 +50,8 @@ def read_problems(
     A missing field, an answer without '#### N', or one whose N is not a number is a UserError
     naming the file and line.
     """
-    from modernlm import tasks
-    from modernlm.metrics import gsm8k_target
+    from modernlm.data import tasks
+    from modernlm.eval.metrics import gsm8k_target
 
     out = []
     for where, rec in tasks._iter_gsm8k(tasks._rows(path, hf_dataset, hf_config, split, "")):
@@ -70,7 +70,7 @@ def read_problems(
 def label_solution(solution: str, target: str) -> tuple[str | None, bool]:
     """(the solution's final number, whether it equals the gold one): the last number anywhere in
     the text, as Cobbe's and lm-eval's flexible match read it, so a solution need not end in '####'."""
-    from modernlm.metrics import extract_flexible
+    from modernlm.eval.metrics import extract_flexible
 
     answer = extract_flexible(solution)
     return answer, answer is not None and answer == target
@@ -149,7 +149,7 @@ def draw_samples(
 
     from tqdm import tqdm
 
-    from modernlm.chat import generate_replies
+    from modernlm.align.sft import generate_replies
 
     path = Path(path)
     meta_path = path.with_suffix(".json")
@@ -329,7 +329,7 @@ def verifier_example(prompt: Sequence[int], reply: Sequence[int], correct: bool,
 
 def collate_verifier(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
     """Right-padded input_ids, labels (-100 off the solution) and correct (B,) float."""
-    from modernlm.chat import collate_sft
+    from modernlm.align.sft import collate_sft
 
     batch = collate_sft([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows], pad_id)
     batch["correct"] = torch.tensor([float(r["correct"]) for r in rows])
@@ -346,7 +346,7 @@ class VerifierBatches(TaskBatches):
 def verifier_loss_fn(lm_coef: float = 0.0) -> Callable[[nn.Module, Any], tuple[Tensor, Tensor, dict[str, Any]]]:
     """The Trainer's loss_fn: summed token-level value BCE (+ lm_coef * the summed LM loss on the
     same solution tokens), over the solution tokens; metrics: the mean value and LM losses."""
-    from modernlm.losses import next_token_loss, verifier_loss
+    from modernlm.train.losses import next_token_loss, verifier_loss
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Any]]:
         out = model(batch["input_ids"])
@@ -369,7 +369,7 @@ def verifier_loss_fn(lm_coef: float = 0.0) -> Callable[[nn.Module, Any], tuple[T
 @torch.no_grad()
 def value_eval_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Validation loss_fn: the value BCE alone, so val_loss reads the same for any lm_coef."""
-    from modernlm.losses import verifier_loss
+    from modernlm.train.losses import verifier_loss
 
     loss_sum, n = verifier_loss(model(batch["input_ids"]).values, batch["correct"], batch["labels"] != IGNORE_INDEX)
     return loss_sum, n, {}

@@ -1,0 +1,1 @@
+"""Alignment: SFT (chat format), DPO (preference pairs), the verifier."""

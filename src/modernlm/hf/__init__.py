@@ -1,0 +1,1 @@
+"""Hugging Face interop (the only package that imports transformers / peft): conversion, LoRA."""

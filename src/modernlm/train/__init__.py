@@ -1,0 +1,1 @@
+"""Training: the one Trainer loop, optimizers and schedules, losses, metrics tracking."""
