@@ -318,6 +318,7 @@ def test_sigkill_while_saving_every_step_then_resume_matches_an_uninterrupted_ru
     import time
 
     from modernlm.train.tracking import read_metrics
+    from tests.test_interrupt import logged_steps
 
     shards, out = _shards(tmp_path), tmp_path / "runs"
     common = [
@@ -339,12 +340,18 @@ def test_sigkill_while_saving_every_step_then_resume_matches_an_uninterrupted_ru
         before = metrics.stat().st_ino if metrics.exists() else None
         quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         proc = subprocess.Popen([*common, "run.name=killed"], env=env, **quiet)
-        deadline = time.time() + 120  # wait for training to start (the metrics file is rewritten then)
+        # Kill a few steps after training restarts (the metrics file is rewritten then), at a random
+        # moment inside a step: counted in steps, not seconds, so a fast machine gets its kills too.
+        target = None
+        deadline = time.time() + 120
         while proc.poll() is None and time.time() < deadline:
             if metrics.exists() and metrics.stat().st_ino != before:
-                break
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.5, 3.0))
+                steps = logged_steps(run_dir)
+                target = target or (steps[-1] if steps else 0) + rng.randint(3, 25)
+                if steps and steps[-1] >= target:
+                    break
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.2))
         if proc.poll() is not None:
             break  # finished before the kill
         proc.send_signal(signal.SIGKILL)
