@@ -165,10 +165,10 @@ def test_bad_sources_are_user_errors_naming_the_file(tmp_path):
     with pytest.raises(UserError, match="no files match"):
         docs_of(path=str(tmp_path / "*.jsonl"))
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": \n')
-    with pytest.raises(UserError, match=r"bad.jsonl:2: invalid JSON"):
+    with pytest.raises(UserError, match=r"bad.jsonl line 2: not valid JSON"):
         docs_of(path=str(tmp_path / "bad.jsonl"))
     (tmp_path / "nofield.jsonl").write_text('{"body": "x"}\n')
-    with pytest.raises(UserError, match=r"nofield.jsonl:1: no 'text' field"):
+    with pytest.raises(UserError, match=r"nofield.jsonl line 1: no 'text' field"):
         docs_of(path=str(tmp_path / "nofield.jsonl"))
     with pytest.raises(UserError, match="exactly one of path"):
         load_config(CorpusConfig, overrides=["sources=[{split: train}]"])

@@ -18,6 +18,7 @@ from modernlm.model import ModelConfig, ModernDecoderLM
 pytestmark = pytest.mark.hf
 transformers = pytest.importorskip("transformers")
 
+from modernlm.api import load  # noqa: E402
 from modernlm.cli import run_command  # noqa: E402
 from modernlm.hf import convert as hf  # noqa: E402  (after the importorskip)
 
@@ -131,7 +132,8 @@ def test_round_trip_through_hf_dir_is_bit_identical(shape, tmp_path):
     hf.save_hf(model, None, tmp_path / "hf")
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert type(loaded).__name__ == "LlamaForCausalLM"
-    back, tokenizer = hf.load_hf_model(tmp_path / "hf")
+    lm = load(tmp_path / "hf", backend="modernlm")
+    back, tokenizer = lm.model, lm.tokenizer
     assert tokenizer is None
     assert back.config == model.config
     a, b = model.state_dict(), back.state_dict()

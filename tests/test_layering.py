@@ -12,6 +12,9 @@ The packages, bottom to top (a layer imports only from layers below it and from 
     api        `modernlm.load`: the facade every command and server shares
     pipeline   the stage runner, the report, plots
     commands   one thin module per CLI command (cli.py finds them by name, never by import)
+    package    modernlm/__init__.py: `from modernlm import load, ModernDecoderLM, ModelConfig`; it names
+               the facade, so it sits on top (lazily, through a module __getattr__, so that importing
+               any submodule, or `modernlm --help`, never loads the facade or torch)
 
 Function-level (lazy) imports count as much as module-level ones: a lazy import hides a dependency,
 it does not remove it.
@@ -25,8 +28,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "modernlm"
 
 CORE = {"errors", "files", "config", "runtime", "model", "tokenizer", "checkpoint", "generation", "cli",
-        "__init__", "__main__"}  # fmt: skip
-LAYERS = ["core", "hf.convert", "data", "train", "eval", "hf.lora", "align", "api", "pipeline", "commands"]
+        "__main__"}  # fmt: skip
+LAYERS = ["core", "hf.convert", "data", "train", "eval", "hf.lora", "align", "api", "pipeline", "commands", "package"]
 
 
 def module_name(path: Path) -> str:
@@ -41,6 +44,8 @@ MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 
 def layer(module: str) -> str:
+    if module == "__init__":
+        return "package"
     top = module.split(".")[0]
     if top in CORE:
         return "core"

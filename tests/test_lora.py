@@ -316,7 +316,7 @@ def test_merged_logits_equal_unmerged(build, task_type):
 
     unmerged = logits(pm)
     assert not torch.allclose(unmerged, logits(_without_adapter(pm)), atol=1e-4)  # the adapter matters
-    merged = lora.merge(pm)
+    merged = lora.merge_adapter(pm)
     assert not any("lora" in n for n, _ in merged.named_parameters())
     assert type(merged).__name__ == type(pm.get_base_model()).__name__
     torch.testing.assert_close(logits(merged), unmerged, atol=1e-5, rtol=1e-5)

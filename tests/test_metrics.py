@@ -22,7 +22,7 @@ from modernlm.eval.metrics import (
     rouge,
     rouge_per_example,
     split_sentences,
-    write_errors,
+    write_predictions,
 )
 
 # ----------------------------------------------------------------------------- classification
@@ -255,17 +255,17 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_write_errors_atomic_and_ordered(tmp_path):
+def test_write_predictions_atomic_and_ordered(tmp_path):
     path = tmp_path / "sub" / "errors.jsonl"
-    write_errors(path, [{"score": 0.5, "reference": "b", "prediction": "a", "input": "é x"}])
+    write_predictions(path, [{"score": 0.5, "reference": "b", "prediction": "a", "input": "é x"}])
     assert path.read_text(encoding="utf-8").splitlines() == [
         '{"input": "é x", "prediction": "a", "reference": "b", "score": 0.5}'
     ]
     # A bad row fails before anything is replaced: the old file stays whole, no temp file is left.
     with pytest.raises(ValueError, match="lacks"):
-        write_errors(path, [{"input": 1, "prediction": 2, "reference": 3}, {"input": 1}])
+        write_predictions(path, [{"input": 1, "prediction": 2, "reference": 3}, {"input": 1}])
     assert read_jsonl(path) == [{"input": "é x", "prediction": "a", "reference": "b", "score": 0.5}]
-    write_errors(path, [])
+    write_predictions(path, [])
     assert path.read_text() == ""
     assert sorted(p.name for p in path.parent.iterdir()) == ["errors.jsonl"]
 

@@ -73,7 +73,7 @@ def test_prompt_few_shot_draws_seeded_demonstrations(ckpt, shared_data, tmp_path
 
 
 def test_prompt_hf_model_directory(shared_data, tmp_path, capsys):
-    """An HF causal LM directory goes through transformers (hf.load_hf_causal_lm)."""
+    """An HF causal LM directory goes through transformers (modernlm.load)."""
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         vocab_size=GPT2_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,

@@ -15,7 +15,7 @@ from modernlm.data.synthetic import (
     SyntheticConfig,
     draw_problem,
     equations,
-    generate,
+    make_world,
     question_text,
     run_steps,
     solution_text,
@@ -195,7 +195,7 @@ def test_splits_are_disjoint_in_questions_and_keys(demo):
     sft_train = json.loads((out / "sft/train.json").read_text())
     assert {r["question"] for r in train} == {r["instruction"] for r in sft_train if "####" in r["output"]}
     # and in memory, no corpus story comes from a held-out key
-    data = generate(cfg)
+    data = make_world(cfg)
     held = {p.key for p in data["problems"]["test"]} | {p.key for p in data["problems"]["val"]}
     assert not held & {p.key for p in data["problems"]["train"]}
     assert data["corpus_keys"] and not held & data["corpus_keys"]
@@ -245,7 +245,7 @@ def test_bad_config_is_a_clear_error(overrides, field):
 
 def test_too_few_combinations_is_a_clear_error():
     with pytest.raises(UserError, match="max_number"):
-        generate(SyntheticConfig(max_number=5, min_range=5, max_steps=1, test_problems=500))
+        make_world(SyntheticConfig(max_number=5, min_range=5, max_steps=1, test_problems=500))
 
 
 def test_story_instructions_are_followed(demo):

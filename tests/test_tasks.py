@@ -459,7 +459,7 @@ def test_hub_path_passes_config_split_and_data_dir(monkeypatch):
 @pytest.mark.parametrize(
     "name, content, reader, message",
     [
-        ("samsum.jsonl", '{"dialogue": "a", "summary": "b"}\n{"dialogue": "c"', read_samsum, "line 2: bad JSON"),
+        ("samsum.jsonl", '{"dialogue": "a", "summary": "b"}\n{"dialogue": "c"', read_samsum, "line 2: not valid JSON"),
         (
             "samsum.jsonl",
             '{"dialogue": "a", "summary": "b"}\n\n{"dialogue": "c"}\n',
@@ -473,7 +473,7 @@ def test_hub_path_passes_config_split_and_data_dir(monkeypatch):
         ("dev.tsv", "sentence\tlabel\ngood\t1\nbad\n", read_sst2, "dev.tsv line 3: expected 2 tab-separated"),
         ("dev.jsonl", '{"sentence": "x", "label": "pos"}\n', read_sst2, "line 1: bad label 'pos'"),
         ("a.json", '[{"instruction": "i", "output": "o"}, {"instruction": "j"}]', read_alpaca, "record 2: missing"),
-        ("a.json", '[{"instruction": "i",\n "output": }]', read_alpaca, "a.json line 2: bad JSON"),
+        ("a.json", '[{"instruction": "i",\n "output": }]', read_alpaca, "a.json line 2: not valid JSON"),
         ("a.json", '{"instruction": "i"}', read_alpaca, "expected a JSON list"),
         ("hh.jsonl", '{"chosen": "x"}\n', read_hh_rlhf, "hh.jsonl line 1: missing field 'rejected'"),
         ("data.csv", "a,b\n", read_samsum, "unsupported file type"),
@@ -493,7 +493,7 @@ def test_a_bad_line_in_a_gzipped_file(tmp_path):
         f.write(
             '{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "\\n\\nHuman: a\\n\\nAssistant: c"}\nnot json\n'
         )
-    with pytest.raises(UserError, match=r"test\.jsonl\.gz line 2: bad JSON"):
+    with pytest.raises(UserError, match=r"test\.jsonl\.gz line 2: not valid JSON"):
         list(read_hh_rlhf(path))
 
 

@@ -18,6 +18,7 @@ from modernlm.model import ModernDecoderLM
 from modernlm.runtime import Runtime
 from modernlm.train.losses import lm_eval_loss, lm_loss, next_token_loss
 from modernlm.train.optim import OptimConfig
+from modernlm.train.run import prompt_sampler
 from modernlm.train.tracking import read_metrics
 from modernlm.train.trainer import Trainer, TrainingConfig
 from tests.conftest import tiny_config
@@ -325,8 +326,7 @@ def test_periodic_samples_are_written(tmp_path, data):
     t = make_trainer(
         model, tmp_path / "r", reader(data), num_steps=4, sample_every=2, sample_tokens=5
     )
-    t.tokenizer = tok
-    t.cfg.sample_prompts = ["once upon", "a cat"]
+    t.sample_fn = prompt_sampler(tok, ["once upon", "a cat"], t.cfg.sample_tokens)
     t.train()
     text = (tmp_path / "r" / "samples.md").read_text()
     assert text.count("## step") == 2 and "## step 4" in text
@@ -352,6 +352,11 @@ def timed_trainer(tmp_path, data, seconds_per_step, **kw):
     optim = OptimConfig(lr=1e-2, warmup_steps=3, min_lr_ratio=0.1, schedule="cosine")
     val = ValBatches(TokenStream(data, "val"), 16, 2, 0)
     t = make_trainer(ModernDecoderLM(tiny_config()), tmp_path, reader(data), optim=optim, val=val, **kw)
+    return on_fake_clock(t, seconds_per_step)
+
+
+def on_fake_clock(t, seconds_per_step: float):
+    """Give trainer `t` a clock that only moves, by `seconds_per_step`, in each train_step."""
     now = [0.0]
     t.clock = lambda: now[0]
     step = t.train_step
@@ -395,7 +400,7 @@ def test_final_eval_can_score_the_whole_split_while_periodic_evals_sample_it(tmp
     sample, whole = ValBatches(stream, 16, 2, 1), ValBatches(stream, 16, 2, 0)
     assert len(sample) == 1 < len(whole)
     t = make_trainer(ModernDecoderLM(tiny_config()), tmp_path, reader(data), val=sample, num_steps=4, eval_every=2)
-    t.final_val_batches = whole
+    t.validator.final_batches = whole
     t.train()
     vals = {r["step"]: r["val_loss"] for r in read_metrics(tmp_path) if "val_loss" in r}
 

@@ -16,7 +16,27 @@ import numpy as np
 import pytest
 import torch
 
-from modernlm.align import verifier as V
+from modernlm.align.verifier import (
+    HEAD_FILE,
+    VerifierBatches,
+    VerifierModel,
+    best_of_n,
+    collate_verifier,
+    draw_samples,
+    examples_from_rows,
+    label_solution,
+    load_verifier,
+    load_verifier_weights,
+    majority_vote,
+    read_problems,
+    rerank_metrics,
+    rerank_problem,
+    save_verifier,
+    score_examples,
+    verifier_example,
+    verifier_loss_fn,
+    weighted_vote,
+)
 from modernlm.errors import UserError
 from modernlm.model import ModernDecoderLM
 from modernlm.runtime import Runtime
@@ -66,14 +86,14 @@ def test_verifier_loss_is_masked_token_bce():
 
 def test_loss_fn_covers_solution_tokens_only():
     torch.manual_seed(0)
-    model = V.VerifierModel(ModernDecoderLM(tiny_config()))
-    rows = [V.verifier_example([1, 7, 8, 2], [9, 10, 3], True, 32), V.verifier_example([1, 2], [11, 3], False, 32)]
-    batch = V.collate_verifier(rows, pad_id=0)
+    model = VerifierModel(ModernDecoderLM(tiny_config()))
+    rows = [verifier_example([1, 7, 8, 2], [9, 10, 3], True, 32), verifier_example([1, 2], [11, 3], False, 32)]
+    batch = collate_verifier(rows, pad_id=0)
     assert batch["labels"].tolist() == [[-100, -100, -100, -100, 9, 10, 3], [-100, -100, 11, 3, -100, -100, -100]]
-    loss, n, metrics = V.verifier_loss_fn(0.0)(model, batch)
+    loss, n, metrics = verifier_loss_fn(0.0)(model, batch)
     assert n.item() == 5 and loss.item() == pytest.approx(5 * math.log(2))  # zero head: p = 0.5 everywhere
     # The joint loss adds lm_coef x the summed next-token loss of the same solution tokens.
-    loss_lm, n_lm, m_lm = V.verifier_loss_fn(0.5)(model, batch)
+    loss_lm, n_lm, m_lm = verifier_loss_fn(0.5)(model, batch)
     from modernlm.train.losses import next_token_loss
 
     lm_sum, lm_n = next_token_loss(model(batch["input_ids"]).logits[:, :-1], batch["labels"][:, 1:])
@@ -83,7 +103,7 @@ def test_loss_fn_covers_solution_tokens_only():
 
 
 def test_long_examples_keep_the_end_of_the_solution():
-    ex = V.verifier_example(list(range(10, 20)), [30, 31, 32], False, 5)
+    ex = verifier_example(list(range(10, 20)), [30, 31, 32], False, 5)
     assert ex["input_ids"] == [18, 19, 30, 31, 32] and ex["labels"] == [-100, -100, 30, 31, 32]
 
 
@@ -98,7 +118,7 @@ def learnable_pairs(rng: np.random.Generator, n: int) -> list[tuple[dict, dict]]
         prompt = [1, *rng.integers(10, 60, 4).tolist(), 2]
         body, pos = rng.integers(10, 60, 6).tolist(), int(rng.integers(0, 7))
         pairs.append(tuple(
-            V.verifier_example(prompt, [*body[:pos], marker, *body[pos:], 3], marker == 5, 32) for marker in (5, 6)
+            verifier_example(prompt, [*body[:pos], marker, *body[pos:], 3], marker == 5, 32) for marker in (5, 6)
         ))  # fmt: skip
     return pairs
 
@@ -107,53 +127,53 @@ def test_verifier_learns_to_rank_correct_above_wrong(tmp_path):
     rng = np.random.default_rng(0)
     train, held_out = learnable_pairs(rng, 128), learnable_pairs(rng, 32)
     torch.manual_seed(0)
-    model = V.VerifierModel(ModernDecoderLM(tiny_config()))
+    model = VerifierModel(ModernDecoderLM(tiny_config()))
     flat = [e for pair in held_out for e in pair]
-    before = V.score_examples(model, flat)
+    before = score_examples(model, flat)
     assert len(set(before)) == 1  # zero-initialised head: no preference yet
     trainer = Trainer(
-        model, V.verifier_loss_fn(), V.VerifierBatches([e for p in train for e in p], 16, 0, seed=0),
+        model, verifier_loss_fn(), VerifierBatches([e for p in train for e in p], 16, 0, seed=0),
         TrainingConfig(num_steps=60, batch_size=16, log_every=60, eval_every=0, save_every=0, progress=False),
         OptimConfig(lr=3e-3, warmup_steps=5, weight_decay=0.0), CPU, tmp_path,
-        save_model_fn=V.save_verifier, load_model_fn=V.load_verifier_weights,
+        save_model_fn=save_verifier, load_model_fn=load_verifier_weights,
     )  # fmt: skip
     summary = trainer.train()
     assert summary["final_loss"] < 0.5  # from log 2 = 0.69 (tokens before the marker stay at 0.69)
-    scores = V.score_examples(model, flat)
+    scores = score_examples(model, flat)
     right = [scores[2 * i] > scores[2 * i + 1] for i in range(len(held_out))]
     assert sum(right) == len(held_out), scores
-    assert (tmp_path / "checkpoints" / "step_0000060" / V.HEAD_FILE).is_file()
+    assert (tmp_path / "checkpoints" / "step_0000060" / HEAD_FILE).is_file()
 
 
 # ---- reranking -----------------------------------------------------------------------------
 
 
 def test_majority_vote_ties_go_to_the_first_seen():
-    assert V.majority_vote(["3", "5", "5", "3", None, None, None]) == "3"  # 2 vs 2: "3" came first
-    assert V.majority_vote([None, "5", "3", "3"]) == "3"
-    assert V.majority_vote([None, None]) is None and V.majority_vote([]) is None
+    assert majority_vote(["3", "5", "5", "3", None, None, None]) == "3"  # 2 vs 2: "3" came first
+    assert majority_vote([None, "5", "3", "3"]) == "3"
+    assert majority_vote([None, None]) is None and majority_vote([]) is None
 
 
 def test_best_of_n_and_weighted_vote():
-    assert V.best_of_n([0.1, 0.9, 0.9, 0.2]) == 1  # tie: the earliest
+    assert best_of_n([0.1, 0.9, 0.9, 0.2]) == 1  # tie: the earliest
     with pytest.raises(ValueError):
-        V.best_of_n([])
+        best_of_n([])
     # "7" wins by count (3 vs 1), "4" by summed score (0.9 vs 0.6)
     answers, scores = ["7", "4", "7", None, "7"], [0.2, 0.9, 0.2, 1.0, 0.2]
-    assert V.majority_vote(answers) == "7" and V.weighted_vote(answers, scores) == "4"
-    assert V.weighted_vote(["1", "2"], [0.5, 0.5]) == "1"
-    pick = V.rerank_problem("4", answers, scores)
+    assert majority_vote(answers) == "7" and weighted_vote(answers, scores) == "4"
+    assert weighted_vote(["1", "2"], [0.5, 0.5]) == "1"
+    pick = rerank_problem("4", answers, scores)
     assert pick["best_index"] == 3 and pick["best_answer"] is None and not pick["best_correct"]  # no number
     assert not pick["majority_correct"] and pick["weighted_correct"] and pick["pass_at_n"]
 
 
 def test_rerank_metrics_over_problems():
     picks = [
-        V.rerank_problem("1", ["1", "2", "2"], [0.9, 0.1, 0.1]),  # best right, majority wrong
-        V.rerank_problem("2", ["2", "2", "3"], [0.3, 0.3, 0.5]),  # best wrong, majority + weighted right
-        V.rerank_problem("9", ["1", None, "3"], [0.5, 0.5, 0.5]),  # nobody: pass@3 fails too
+        rerank_problem("1", ["1", "2", "2"], [0.9, 0.1, 0.1]),  # best right, majority wrong
+        rerank_problem("2", ["2", "2", "3"], [0.3, 0.3, 0.5]),  # best wrong, majority + weighted right
+        rerank_problem("9", ["1", None, "3"], [0.5, 0.5, 0.5]),  # nobody: pass@3 fails too
     ]
-    m = V.rerank_metrics(picks, greedy_correct=[True, False, False])
+    m = rerank_metrics(picks, greedy_correct=[True, False, False])
     assert m == pytest.approx({
         "greedy_accuracy": 1 / 3, "majority_accuracy": 1 / 3, "best_of_n_accuracy": 1 / 3,
         "weighted_vote_accuracy": 2 / 3, "pass_at_n": 2 / 3,
@@ -161,9 +181,9 @@ def test_rerank_metrics_over_problems():
 
 
 def test_label_solution_reads_the_last_number():
-    assert V.label_solution("3 + 4 = 7 apples, so 7,000 in all", "7000") == ("7000", True)
-    assert V.label_solution("so $5.50.", "5.5") == ("5.5", True)
-    assert V.label_solution("no idea", "3") == (None, False)
+    assert label_solution("3 + 4 = 7 apples, so 7,000 in all", "7000") == ("7000", True)
+    assert label_solution("so $5.50.", "5.5") == ("5.5", True)
+    assert label_solution("no idea", "3") == (None, False)
 
 
 # ---- data and errors -----------------------------------------------------------------------
@@ -171,9 +191,9 @@ def test_label_solution_reads_the_last_number():
 
 def test_read_problems_and_bad_records(tmp_path):
     good = write_problems(tmp_path / "ok.jsonl", [("How many?", "2 + 2 = 4\n#### 4"), ("And?", "#### 1,000")])
-    problems = V.read_problems(good)
+    problems = read_problems(good)
     assert [p["target"] for p in problems] == ["4", "1000"] and problems[1]["source"].endswith("line 2")
-    assert len(V.read_problems(good, max_problems=1)) == 1
+    assert len(read_problems(good, max_problems=1)) == 1
     cases = {
         "missing field 'answer'": {"question": "q"},
         "no final '#### <number>'": {"question": "q", "answer": "it is 4"},
@@ -183,9 +203,9 @@ def test_read_problems_and_bad_records(tmp_path):
         path = tmp_path / "bad.jsonl"
         path.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n" + json.dumps(bad) + "\n")
         with pytest.raises(UserError, match=f"{path} line 2: .*{message}"):
-            V.read_problems(path)
+            read_problems(path)
     with pytest.raises(UserError, match="no such file"):
-        V.read_problems(tmp_path / "nope.jsonl")
+        read_problems(tmp_path / "nope.jsonl")
 
 
 def test_bad_init_from_is_one_line_naming_the_path(tmp_path, capsys):
@@ -204,9 +224,10 @@ def test_bad_init_from_is_one_line_naming_the_path(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
-    from modernlm.align.sft import ChatEncoder, load_chat_model
+    from modernlm.align.sft import ChatEncoder, chat_ready
+    from modernlm.api import load
 
-    model, tok, _ = load_chat_model(str(chat_checkpoint(tmp_path_factory.mktemp("ckpt") / "sft")))
+    model, tok, _ = chat_ready(load(chat_checkpoint(tmp_path_factory.mktemp("ckpt") / "sft"), backend="modernlm"))
     return model.eval(), ChatEncoder(tok)
 
 
@@ -220,7 +241,7 @@ DRAW = dict(max_new_tokens=6, temperature=1.0, seed=3, batch_size=4)
 
 def test_draw_samples_resumes_exactly_and_is_reused(chat_model, tmp_path):
     model, enc = chat_model
-    full, stats = V.draw_samples(tmp_path / "a" / "s.jsonl", model, enc, PROBLEMS, 3, **DRAW)
+    full, stats = draw_samples(tmp_path / "a" / "s.jsonl", model, enc, PROBLEMS, 3, **DRAW)
     assert [(r["problem"], r["sample"]) for r in full] == [(p, k) for p in range(3) for k in range(3)]
     assert stats["samples"] == 9 and 0 <= stats["share_correct"] <= 1
     assert len({r["solution"] for r in full}) > 1  # samples differ
@@ -229,21 +250,21 @@ def test_draw_samples_resumes_exactly_and_is_reused(chat_model, tmp_path):
 
     # Killed after the first batch (4 rows) and midway through writing a line of the second.
     path = tmp_path / "b" / "s.jsonl"
-    V.draw_samples(path, model, enc, PROBLEMS, 3, **DRAW)
+    draw_samples(path, model, enc, PROBLEMS, 3, **DRAW)
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:6]) + lines[6][:10])
-    resumed, _ = V.draw_samples(path, model, enc, PROBLEMS, 3, **DRAW)
+    resumed, _ = draw_samples(path, model, enc, PROBLEMS, 3, **DRAW)
     assert resumed == full and path.read_text() == (tmp_path / "a" / "s.jsonl").read_text()
 
     # A complete file is reused without generating at all.
-    again, _ = V.draw_samples(path, None, enc, PROBLEMS, 3, **DRAW)
+    again, _ = draw_samples(path, None, enc, PROBLEMS, 3, **DRAW)
     assert again == full
     with pytest.raises(UserError, match=r"other settings \(n: 3 -> 4"):
-        V.draw_samples(path, model, enc, PROBLEMS, 4, **DRAW)
+        draw_samples(path, model, enc, PROBLEMS, 4, **DRAW)
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:2]) + json.dumps({"problem": 0, "sample": 2}) + "\n")
     with pytest.raises(UserError, match=f"{path} line 3: missing field 'solution'"):
-        V.draw_samples(path, model, enc, PROBLEMS, 3, **DRAW)
+        draw_samples(path, model, enc, PROBLEMS, 3, **DRAW)
 
 
 # ---- save / load ---------------------------------------------------------------------------
@@ -255,24 +276,24 @@ def test_save_load_reproduces_scores_exactly(chat_model, tmp_path):
     from modernlm.tokenizer import load_tokenizer
 
     model, enc = chat_model
-    verifier = V.VerifierModel(ModernDecoderLM(model.config))
+    verifier = VerifierModel(ModernDecoderLM(model.config))
     torch.nn.init.normal_(verifier.head.weight, std=1.0)
     torch.nn.init.normal_(verifier.head.bias, std=1.0)
     rows = [{"question": p["question"], "solution": s, "correct": False} for p in PROBLEMS for s in ("4", "so 5")]
-    examples = V.examples_from_rows(rows, enc, 64)
-    scores = V.score_examples(verifier, examples, batch_size=4)
+    examples = examples_from_rows(rows, enc, 64)
+    scores = score_examples(verifier, examples, batch_size=4)
     assert len(set(scores)) == len(scores)
-    V.save_verifier(verifier, tmp_path / "v", enc.tokenizer)
-    loaded = V.load_verifier(tmp_path / "v")
-    assert V.score_examples(loaded, examples, batch_size=4) == scores
+    save_verifier(verifier, tmp_path / "v", enc.tokenizer)
+    loaded = load_verifier(tmp_path / "v")
+    assert score_examples(loaded, examples, batch_size=4) == scores
     assert ChatEncoder(load_tokenizer(tmp_path / "v")).end_id == enc.end_id  # the chat tokenizer comes along
-    fresh = V.VerifierModel(ModernDecoderLM(model.config))
-    V.load_verifier_weights(fresh, tmp_path / "v")
-    assert V.score_examples(fresh, examples, batch_size=4) == scores
+    fresh = VerifierModel(ModernDecoderLM(model.config))
+    load_verifier_weights(fresh, tmp_path / "v")
+    assert score_examples(fresh, examples, batch_size=4) == scores
 
     save_model(model, tmp_path / "plain")
     with pytest.raises(UserError, match="missing value_head.safetensors"):
-        V.load_verifier(tmp_path / "plain")
-    other = V.VerifierModel(ModernDecoderLM(tiny_config(vocab_size=320, max_seq_len=128, n_layer=1)))
+        load_verifier(tmp_path / "plain")
+    other = VerifierModel(ModernDecoderLM(tiny_config(vocab_size=320, max_seq_len=128, n_layer=1)))
     with pytest.raises(UserError, match="n_layer: 2 -> 1"):
-        V.load_verifier_weights(other, tmp_path / "v")
+        load_verifier_weights(other, tmp_path / "v")

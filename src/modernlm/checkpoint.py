@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -259,6 +259,77 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     root = Path(run_dir) / CHECKPOINTS_DIR
     done = [p for p in root.glob("step_*") if _is_step_dir(p) and (p / TRAIN_STATE_FILE).is_file()]
     return max(done, key=lambda p: p.name) if done else None
+
+
+def is_modernlm_checkpoint(path: str | Path) -> bool:
+    """A directory whose config.json says model_type "modernlm" (what `save_model` writes; a
+    config.json without model_type counts too, as `load_model_config` reads it)."""
+    file = Path(path).expanduser() / CONFIG_FILE
+    if not file.is_file():
+        return False
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return False
+    return isinstance(data, dict) and data.get("model_type", MODEL_TYPE) == MODEL_TYPE
+
+
+def resolve_checkpoint(path: str | Path) -> Path | None:
+    """A modernlm checkpoint directory for `path`: itself, or for a run directory its
+    checkpoints/best (else its latest step_*). None when `path` is neither."""
+    path = Path(path).expanduser()
+    if is_modernlm_checkpoint(path):
+        return path
+    root = path / CHECKPOINTS_DIR
+    if root.is_dir():
+        if is_modernlm_checkpoint(root / BEST_DIR):
+            return root / BEST_DIR
+        latest = latest_checkpoint(path)
+        if latest is not None:
+            return latest
+    return None
+
+
+class Source(NamedTuple):
+    """What a model source string names (`resolve_source`)."""
+
+    kind: str  # "modernlm" (our checkpoint) or "hf" (for transformers)
+    path: Path | None  # the modernlm checkpoint directory; for hf the local path, None for a hub id
+    where: str  # hf: what `from_pretrained` takes (a directory or a hub id)
+    kwargs: dict[str, Any]  # hf: its extra arguments ({"gguf_file": name} for a .gguf)
+    hub: bool  # hf: a hub id (downloaded, or found in the HF cache)
+
+
+def _looks_local(src: str) -> bool:
+    # A hub id is `name` or `org/name`; anything else (absolute, ./, ~, deeper) is a local path.
+    return src.startswith(("/", ".", "~")) or src.count("/") > 1 or "\\" in src or src.endswith(".gguf")
+
+
+def resolve_source(source: str | Path, field: str = "") -> Source:
+    """The one rule for a model source: a modernlm checkpoint directory, a run directory (its
+    checkpoints/best, else its latest step_*), an HF model directory, a `.gguf` file or a hub id.
+    Nothing is loaded; every error is a one-line UserError that names `field` (e.g. "model")."""
+    at = f"{field}: " if field else ""
+    src = str(source)
+    if not src:
+        raise UserError(f"{at}give a model (a modernlm checkpoint or run directory, an HF directory, hub id or .gguf)")
+    path = Path(src).expanduser()
+    if path.is_dir():
+        ckpt = resolve_checkpoint(path)
+        if ckpt is not None:
+            return Source("modernlm", ckpt, str(ckpt), {}, False)
+        if (path / CHECKPOINTS_DIR).is_dir():
+            raise UserError(f"{at}{src}: a run directory without a complete checkpoint")
+        if not (path / CONFIG_FILE).is_file():
+            raise UserError(f"{at}{path}: missing {CONFIG_FILE} (not a modernlm checkpoint, run or HF model directory)")
+        return Source("hf", path, str(path), {}, False)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"{at}{path}: expected a model directory, a hub id or a .gguf file")
+        return Source("hf", path, str(path.parent), {"gguf_file": path.name}, False)
+    if _looks_local(src):
+        raise UserError(f"{at}{src}: no such file or directory")
+    return Source("hf", None, src, {}, True)
 
 
 def load_training_state(

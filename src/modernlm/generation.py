@@ -1,10 +1,19 @@
 """Generation for ModernDecoderLM: KV-cache decoding, sampling, batching, streaming text.
 
-Three layers, lowest first:
-- `iter_tokens(model, idx, n)` prefills a KV cache with the prompt and yields one
-  `Step(tokens (B,), logits (B, V))` per new token. Everything else is built on it.
-- `generate(model, idx, n)` collects those steps into a (B, T + n) tensor (`model.generate`).
-- `generate_text` / `stream_text`: strings in, strings out, with stop strings and streaming.
+One engine from tokens to text, lowest layer first:
+- `Sampling`: every setting of one generation (max_new_tokens, temperature, top_k, top_p,
+  repetition_penalty, stop, eos_token_id, seed, window, ...), one dataclass every caller passes.
+- `iter_tokens(model, idx, sampling)` prefills a KV cache with the prompt and yields one
+  `Step(tokens (B,), logits (B, V))` per new token: the one decoding loop.
+- `generate(model, idx, sampling)` collects those steps into a (B, T + n) tensor.
+- `TextStream`: token ids in, text out (never half a character, cut before a stop string or eos);
+  `TextGeneration(model, tokenizer, rows, sampling)` runs `iter_tokens` with one stream per row;
+  `generate_text` / `stream_text` are strings in, strings out. transformers' `generate` (task
+  evaluation of HF models) turns its tokens into text with the same `TextStream`, and stops at
+  stop strings through `StopOnText`.
+
+`sampling` is a `Sampling`, or just max_new_tokens (an int), and keyword settings replace its
+fields: `generate(model, idx, 20, temperature=1.0, seed=7)`.
 
 Greedy or sampling is one knob, `temperature`: 0 means greedy (argmax; top_k/top_p are ignored),
 > 0 samples from softmax(logits / temperature). Logits go through the same steps, in the same
@@ -23,18 +32,103 @@ rolling StreamingLLM cache (the first `sink_size` slots plus the last `window`, 
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from modernlm.errors import UserError
+from modernlm.runtime import eval_mode
 
 if TYPE_CHECKING:
     from modernlm.model import KVCache, ModernDecoderLM
     from modernlm.tokenizer import Tokenizer
+
+
+@dataclass
+class Sampling:
+    """How one generation picks its tokens and when it stops.
+
+    temperature: 0 = greedy (the default); > 0 samples from softmax(logits / temperature).
+    top_k, top_p: sampling filters; None or 0 / 1.0 switch them off.
+    repetition_penalty: CTRL's penalty on tokens already in prompt + output (1.0 = off).
+    stop: stop strings; the text ends before the first one (text level only).
+    eos_token_id: one id or several; a row stops at its first one. None: the tokenizer's eos at the
+        text level, none at the token level.
+    seed: reproducible sampling from a private generator; None uses the global RNG.
+    window, sink_size: window > 0 selects the rolling StreamingLLM cache (sink_size + window
+        slots), for generation of any length in constant memory. Keep sink_size + window + chunk
+        <= max_seq_len so every position stays in the trained range. In a padded batch the
+        padding takes a shorter row's first slots, so that row keeps fewer sinks.
+    chunk: tokens per prefill forward in rolling mode (the prompt goes in chunks).
+    compile: run the one-token decode steps through `torch.compile` (built once per model, ~20 s
+        on a laptop CPU, reused by later calls); same tokens, ~1.3x faster per token on CPU
+        (benchmarks/RESULTS.md). The prefill stays eager.
+    window, sink_size, chunk and compile apply to ModernDecoderLM only.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    stop: Sequence[str] = ()
+    eos_token_id: int | Sequence[int] | None = None
+    seed: int | None = None
+    window: int = 0
+    sink_size: int = 4
+    chunk: int = 64
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        # UserErrors: these values come straight from `modernlm generate key=value` overrides.
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(s for s in self.stop or () if s)
+        if self.max_new_tokens < 0:
+            raise UserError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise UserError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if self.window < 0 or self.sink_size < 0:
+            raise UserError(f"window and sink_size must be >= 0, got {self.window} and {self.sink_size}")
+
+    @classmethod
+    def make(cls, sampling: Sampling | int | None = None, **settings: Any) -> Sampling:
+        """`sampling` (a Sampling, max_new_tokens as an int, or None for the defaults) with the
+        keyword `settings` replacing its fields."""
+        if isinstance(sampling, Sampling):
+            return dataclasses.replace(sampling, **settings) if settings else sampling
+        if sampling is not None:
+            settings["max_new_tokens"] = sampling
+        return cls(**settings)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        eos = self.eos_token_id
+        return [eos] if isinstance(eos, int) else list(eos or [])
+
+    def transformers_kwargs(self) -> dict[str, Any]:
+        """These settings as keyword arguments of transformers' `generate` (seed and stop strings
+        aside). Greedy sets temperature / top_k / top_p to None and sampling sets them all, so a
+        model's generation_config never adds a filter of its own."""
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
+        if self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_k=self.top_k or 0, top_p=self.top_p or 1.0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        if self.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        if self.eos_ids:
+            kwargs["eos_token_id"] = self.eos_ids[0] if len(self.eos_ids) == 1 else self.eos_ids
+        return kwargs
 
 
 class Step(NamedTuple):
@@ -97,30 +191,6 @@ def sample(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_args(
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    repetition_penalty: float,
-    window: int,
-    sink_size: int,
-) -> None:
-    # UserErrors: these values come straight from `modernlm generate key=value` overrides.
-    if max_new_tokens < 0:
-        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 0:
-        raise UserError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise UserError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
-    if repetition_penalty <= 0:
-        raise UserError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
-    if window < 0 or sink_size < 0:
-        raise UserError(f"window and sink_size must be >= 0, got {window} and {sink_size}")
-
-
 def _prefill(
     model: ModernDecoderLM, idx: Tensor, cache: KVCache, pad_mask: Tensor | None
 ) -> Tensor:
@@ -163,34 +233,27 @@ def compiled_decoder(model: ModernDecoderLM) -> torch.nn.Module:
 def iter_tokens(
     model: ModernDecoderLM,
     idx: Tensor,
-    max_new_tokens: int,
+    sampling: Sampling | int | None = None,
     *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
     pad_mask: Tensor | None = None,
-    seed: int | None = None,
-    window: int = 0,
-    sink_size: int = 4,
-    chunk: int = 64,
+    pad_token_id: int | None = None,
     cache: KVCache | None = None,
     vocab_size: int | None = None,
-    compile: bool = False,
+    **settings: Any,
 ) -> Iterator[Step]:
-    """Yield one `Step` per generated token; see `generate` for the arguments.
+    """Yield one `Step` per generated token: the one decoding loop. See `generate` for the
+    arguments.
 
     Stops after `max_new_tokens` steps or once every row has produced an EOS. The yielded tensors
     are inference tensors (made under `torch.inference_mode`): copy them into a normal tensor, as
     `generate` does, before using them in autograd. The model is put in eval mode meanwhile.
     """
-    _check_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, window, sink_size)
+    s = Sampling.make(sampling, **settings)
     if idx.dim() != 2 or idx.size(1) == 0:
         raise UserError(
             f"idx must be a (batch, tokens) tensor with at least one token, got {tuple(idx.shape)}"
         )
+    max_new_tokens = s.max_new_tokens
     if max_new_tokens == 0:
         return
     B, T = idx.shape
@@ -208,11 +271,11 @@ def iter_tokens(
         if pad_mask.all():
             pad_mask = None  # no padding after all: keep SDPA's causal fast path
     if cache is None:
-        if window and chunk < 1:
-            raise UserError(f"chunk must be >= 1 with a rolling cache, got {chunk}")
+        if s.window and s.chunk < 1:
+            raise UserError(f"chunk must be >= 1 with a rolling cache, got {s.chunk}")
         # Plain cache: room for everything this call can add (the last token is never fed back).
         cache = model.new_cache(
-            B, T + max_new_tokens, window=window, sink_size=sink_size, chunk=chunk
+            B, T + max_new_tokens, window=s.window, sink_size=s.sink_size, chunk=s.chunk
         )
     else:
         if cache.seen or cache.k[0].size(0) != B:
@@ -225,16 +288,16 @@ def iter_tokens(
                 "or use window > 0"
             )
 
-    greedy = temperature == 0
+    greedy = s.temperature == 0
     generator = None
-    if seed is not None and not greedy:
-        generator = torch.Generator(device=idx.device).manual_seed(seed)
-    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    if s.seed is not None and not greedy:
+        generator = torch.Generator(device=idx.device).manual_seed(s.seed)
+    eos_ids = s.eos_ids
     eos = torch.tensor(eos_ids, device=idx.device) if eos_ids else None
     pad_id = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     finished = torch.zeros(B, dtype=torch.bool, device=idx.device) if eos is not None else None
     seen = None
-    if repetition_penalty != 1.0:
+    if s.repetition_penalty != 1.0:
         vocab = model.config.vocab_size
         # One spare column collects the padding, so pad positions never count as "seen".
         real = idx if pad_mask is None else idx.masked_fill(~pad_mask, vocab)
@@ -248,10 +311,8 @@ def iter_tokens(
         torch.ones(B, 1, dtype=torch.bool, device=idx.device) if pad_mask is not None else None
     )
 
-    decode = compiled_decoder(model) if compile else model
-    was_training = model.training
-    model.eval()
-    try:
+    decode = compiled_decoder(model) if s.compile else model
+    with eval_mode(model):
         logits = _prefill(model, idx, cache, pad_mask)
         for i in range(max_new_tokens):
             scores = logits.float()
@@ -260,11 +321,11 @@ def iter_tokens(
                 scores = scores.clone()
                 scores[:, vocab_size:] = float("-inf")
             if seen is not None:
-                scores = apply_repetition_penalty(scores, seen, repetition_penalty)
+                scores = apply_repetition_penalty(scores, seen, s.repetition_penalty)
             if greedy:
                 tok = scores.argmax(dim=-1)
             else:
-                tok = sample(scores, temperature, top_k, top_p, generator)
+                tok = sample(scores, s.temperature, s.top_k, s.top_p, generator)
             if finished is not None:
                 tok = tok.masked_fill(finished, pad_id)
                 finished |= torch.isin(tok, eos)
@@ -275,65 +336,40 @@ def iter_tokens(
                 return
             logits = decode(tok[:, None], cache=cache, pad_mask=step_mask, last_only=True).logits
             logits = logits[:, -1]
-    finally:
-        model.train(was_training)
 
 
 def generate(
     model: ModernDecoderLM,
     idx: Tensor,
-    max_new_tokens: int,
+    sampling: Sampling | int | None = None,
     *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
     pad_mask: Tensor | None = None,
-    seed: int | None = None,
-    window: int = 0,
-    sink_size: int = 4,
-    chunk: int = 64,
+    pad_token_id: int | None = None,
     cache: KVCache | None = None,
     vocab_size: int | None = None,
-    compile: bool = False,
+    **settings: Any,
 ) -> Tensor:
     """Continue each row of `idx` (B, T) by up to `max_new_tokens` tokens, with a KV cache.
 
     Args:
-        temperature: 0 = greedy (the default); > 0 samples from softmax(logits / temperature).
-        top_k, top_p: sampling filters; None or 0 / 1.0 switch them off.
-        repetition_penalty: CTRL's penalty on tokens already in prompt + output (1.0 = off).
-        eos_token_id: one id or several; a row stops at its first one, then emits `pad_token_id`
-            (default: the first EOS id, else 0). Generation ends when every row has stopped.
+        sampling: a `Sampling` (or max_new_tokens as an int); `settings` replace its fields
+            (temperature, top_k, top_p, repetition_penalty, eos_token_id, seed, window, ...).
+            A row stops at its first EOS, then emits `pad_token_id` (default: the first EOS id,
+            else 0); generation ends when every row has stopped.
         pad_mask: (B, T) bool, False at the left padding of shorter prompts.
-        seed: reproducible sampling from a private generator; None uses the global RNG.
-        window, sink_size: window > 0 selects the rolling StreamingLLM cache (sink_size + window
-            slots), for generation of any length in constant memory. Keep sink_size + window +
-            chunk <= max_seq_len so every position stays in the trained range. In a padded
-            batch the padding takes a shorter row's first slots, so that row keeps fewer sinks.
-        chunk: tokens per prefill forward in rolling mode (the prompt goes in chunks).
         cache: an empty cache to fill instead of a new one (e.g. to inspect it afterwards).
         vocab_size: generate only ids below this (a tokenizer smaller than the padded vocab).
-        compile: run the one-token decode steps through `torch.compile` (built once per model,
-            ~20 s on a laptop CPU, reused by later calls); same tokens, ~1.3x faster per token on
-            CPU (benchmarks/RESULTS.md). The prefill stays eager.
 
     Returns:
         (B, T + n) tokens: the prompt as given, then n <= max_new_tokens new tokens per row (the
         EOS token included, padding after it). n < max_new_tokens only when every row stopped.
     """
+    s = Sampling.make(sampling, **settings)
     B, T = idx.shape
-    out = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)
+    out = torch.empty(B, T + s.max_new_tokens, dtype=idx.dtype, device=idx.device)
     out[:, :T] = idx
     n = 0
-    steps = iter_tokens(
-        model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-        pad_mask=pad_mask, seed=seed, window=window, sink_size=sink_size, chunk=chunk, cache=cache,
-        vocab_size=vocab_size, compile=compile,
-    )  # fmt: skip
+    steps = iter_tokens(model, idx, s, pad_mask=pad_mask, pad_token_id=pad_token_id, cache=cache, vocab_size=vocab_size)
     for step in steps:
         out[:, T + n] = step.tokens  # `out` is a normal tensor, usable in autograd later
         n += 1
@@ -364,7 +400,7 @@ class TextStream:
 
     Decoding token by token breaks multi-byte characters that a byte-level BPE splits across
     tokens (each part decodes to U+FFFD). So we decode a short window of recent tokens
-    `ids[prefix:]` and hand out what it adds to the text already handed out, minus a trailing
+    and hand out what it adds to the text already handed out, minus a trailing
     U+FFFD: lossy UTF-8 decoding marks an unfinished character with one U+FFFD at the end, which
     the next token may complete; everything before it is final. Whenever the window decodes
     cleanly it slides forward, keeping the previous piece as context (vLLM's incremental
@@ -372,27 +408,48 @@ class TextStream:
     decoders strip from a first token).
 
     Text that could be the start of a stop string is held back until it is ruled out. Once a
-    stop string appears, `text` is cut just before it and `stopped` becomes True. Joined, the
-    pieces from `push` and `flush` equal `text`.
+    stop string appears, `text` is cut just before it and `stopped` becomes True; an `eos` token
+    ends the text too. Joined, the pieces from `push` and `flush` equal `text`. `ids` are the
+    tokens taken (an eos not included); `finish` is None while running, then "eos", "stop" (a stop
+    string) or "length" (flushed).
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), context: Sequence[int] = ()):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        stop: Sequence[str] = (),
+        context: Sequence[int] = (),
+        *,
+        eos: Sequence[int] = (),
+        skip_special_tokens: bool = True,
+    ):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
+        self.eos = set(eos)
+        self.skip_special_tokens = skip_special_tokens
         # The last prompt tokens give the first generated ones their decoding context.
-        self.ids = list(context)[-4:]
-        self._prefix = 0  # the decoding window is ids[_prefix:]
-        self._read = len(self.ids)  # end of the window's last clean decode
-        self._done = len(self._decode(self.ids))  # characters of the window already in `text`
+        self._window = list(context)[-4:]
+        self._prefix = 0  # the decoding window is _window[_prefix:]
+        self._read = len(self._window)  # end of the window's last clean decode
+        self._done = len(self._decode(self._window))  # characters of the window already in `text`
         self.text = ""  # generated text so far (cut at a stop string once stopped)
         self._sent = 0  # characters of `text` already handed out
-        self.stopped = False
+        self.ids: list[int] = []
+        self.finish: str | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.finish == "stop"
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _advance(self, final: bool) -> None:
-        window = self._decode(self.ids[self._prefix :])
+        window = self._decode(self._window[self._prefix :])
         clean = final or not window.endswith("\ufffd")
         if not clean:
             window = window[:-1]  # an unfinished character: the next token may complete it
@@ -400,13 +457,13 @@ class TextStream:
             self.text += window[self._done :]
             self._done = len(window)
         if clean:  # slide the window so decoding stays O(1) per token
-            self._prefix, self._read = self._read, len(self.ids)
-            self._done = len(self._decode(self.ids[self._prefix :]))
+            self._prefix, self._read = self._read, len(self._window)
+            self._done = len(self._decode(self._window[self._prefix :]))
 
     def _release(self, final: bool) -> str:
         hits = [i for s in self.stop if (i := self.text.find(s, self._sent)) >= 0]
         if hits:
-            self.text, self.stopped = self.text[: min(hits)], True
+            self.text, self.finish = self.text[: min(hits)], "stop"
             end = len(self.text)
         elif final:
             end = len(self.text)
@@ -422,90 +479,116 @@ class TextStream:
 
     def push(self, token: int) -> str:
         """Add one generated token; return the new text that is safe to show (maybe '')."""
-        if self.stopped:
+        if self.finish is not None:
             return ""
+        if token in self.eos:
+            piece = self.flush()
+            self.finish = "eos"
+            return piece
         self.ids.append(token)
+        self._window.append(token)
         self._advance(final=False)
         return self._release(final=False)
 
     def flush(self) -> str:
         """End of generation: return whatever is still held back."""
-        if self.stopped:
+        if self.finish is not None:
             return ""
         self._advance(final=True)
-        return self._release(final=True)
+        piece = self._release(final=True)
+        self.finish = self.finish or "length"
+        return piece
+
+    def feed(self, ids: Sequence[int]) -> TextStream:
+        """Push every token of `ids` (up to the end: eos or a stop string), then flush."""
+        for token in ids:
+            if self.finish is not None:
+                break
+            self.push(token)
+        self.flush()
+        return self
 
 
-def _text_steps(
-    model: ModernDecoderLM,
-    tokenizer: Tokenizer,
-    prompts: list[str],
-    max_new_tokens: int,
-    stop: str | Sequence[str] | None,
-    add_bos: bool,
-    **kwargs,
-) -> Iterator[list[str]]:
-    """Yield, per generated token, the new text of every row ('' where there is none yet)."""
-    rows = [tokenizer.encode(p, add_bos=add_bos) for p in prompts]
-    for p, r in zip(prompts, rows, strict=True):
-        if not r:
-            raise UserError(
-                f"prompt {p!r} encodes to no tokens (and the tokenizer has no bos token)"
-            )
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    streams = [TextStream(tokenizer, stops, context=r) for r in rows]
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    idx, pad_mask = left_pad(rows, pad_id, device)
-    eos = kwargs.pop("eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_id
-    eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
-    done = [False] * len(rows)
-    steps = iter_tokens(
-        model, idx, max_new_tokens, eos_token_id=eos, pad_mask=pad_mask,
-        vocab_size=tokenizer.vocab_size, **kwargs,
-    )  # fmt: skip
-    for step in steps:
-        pieces = []
-        for i, tok in enumerate(step.tokens.tolist()):
-            if done[i]:
-                pieces.append("")
-            elif tok in eos_ids:
-                pieces.append(streams[i].flush())
-                done[i] = True
-            else:
-                pieces.append(streams[i].push(tok))
-                done[i] = streams[i].stopped
-        yield pieces
-        if all(done):
-            return  # every row ended on EOS or a stop string: skip the remaining steps
-    yield [s.flush() for s in streams]
+def prompt_ids(tokenizer: Tokenizer, text: str, add_bos: bool | None = None) -> list[int]:
+    """`text` as a prompt. `add_bos` None follows the tokenizer's own rule (`tokenizer.add_bos`:
+    ours prepend bos, an HF tokenizer does what transformers does); an empty prompt starts from bos."""
+    if add_bos is None:
+        add_bos = getattr(tokenizer, "add_bos", True)
+    ids = tokenizer.encode(text, add_bos=add_bos)
+    if not ids and tokenizer.bos_id is not None:
+        ids = [tokenizer.bos_id]
+    if not ids:
+        raise UserError(f"prompt {text!r} encodes to no tokens (and the tokenizer has no bos token)")
+    return ids
+
+
+class TextGeneration:
+    """Token rows in, text out: `iter_tokens` over the left-padded batch, one `TextStream` per row.
+
+    Iterating yields, per generated token, the new text of every row ('' where there is none yet);
+    `run()` goes to the end and returns the streams (`text`, `ids`, `finish` of each row). The eos
+    is `sampling.eos_token_id`, else the tokenizer's. skip_special_tokens=False keeps special
+    tokens in the text (their text, as `tokenizer.decode` gives it).
+    """
+
+    def __init__(
+        self,
+        model: ModernDecoderLM,
+        tokenizer: Tokenizer,
+        rows: Sequence[Sequence[int]],
+        sampling: Sampling | int | None = None,
+        *,
+        skip_special_tokens: bool = True,
+        **settings: Any,
+    ):
+        s = Sampling.make(sampling, **settings)
+        if s.eos_token_id is None and tokenizer.eos_id is not None:
+            s = dataclasses.replace(s, eos_token_id=tokenizer.eos_id)
+        if any(not r for r in rows):
+            raise UserError("a prompt encodes to no tokens")
+        self.model, self.tokenizer, self.rows, self.sampling = model, tokenizer, [list(r) for r in rows], s
+        self.streams = [
+            TextStream(tokenizer, s.stop, context=r, eos=s.eos_ids, skip_special_tokens=skip_special_tokens)
+            for r in self.rows
+        ]
+
+    def __iter__(self) -> Iterator[list[str]]:
+        if not self.rows:
+            return
+        device = next(self.model.parameters()).device
+        pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        idx, pad_mask = left_pad(self.rows, pad_id, device)
+        steps = iter_tokens(self.model, idx, self.sampling, pad_mask=pad_mask, vocab_size=self.tokenizer.vocab_size)
+        for step in steps:
+            yield [stream.push(tok) for stream, tok in zip(self.streams, step.tokens.tolist(), strict=True)]
+            if all(stream.done for stream in self.streams):
+                return  # every row ended on EOS or a stop string: skip the remaining steps
+        yield [stream.flush() for stream in self.streams]
+
+    def run(self) -> list[TextStream]:
+        for _ in self:
+            pass
+        return self.streams
 
 
 def generate_text(
     model: ModernDecoderLM,
     tokenizer: Tokenizer,
     prompt: str | list[str],
-    max_new_tokens: int = 256,
+    sampling: Sampling | int | None = None,
     *,
-    stop: str | Sequence[str] | None = None,
-    add_bos: bool = True,
-    **kwargs,
+    add_bos: bool | None = None,
+    **settings: Any,
 ) -> str | list[str]:
     """Continue `prompt` (one string, or a list generated as one left-padded batch).
 
-    Returns only the new text, ending before the tokenizer's EOS (or `eos_token_id`) or before
-    the first stop string. `add_bos` prepends the tokenizer's bos token, if it has one. `kwargs`
-    are those of `generate` (temperature, top_k, top_p, repetition_penalty, seed, window, ...).
+    Returns only the new text, ending before the EOS or the first stop string. `sampling` (or
+    max_new_tokens as an int) and `settings` as in `Sampling.make`. `add_bos` None follows the
+    tokenizer's rule (see `prompt_ids`).
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts:
-        return []
-    texts = [""] * len(prompts)
-    for pieces in _text_steps(model, tokenizer, prompts, max_new_tokens, stop, add_bos, **kwargs):
-        for i, piece in enumerate(pieces):
-            texts[i] += piece
+    rows = [prompt_ids(tokenizer, p, add_bos) for p in prompts]
+    texts = [s.text for s in TextGeneration(model, tokenizer, rows, sampling, **settings).run()]
     return texts[0] if isinstance(prompt, str) else texts
 
 
@@ -513,11 +596,10 @@ def stream_text(
     model: ModernDecoderLM,
     tokenizer: Tokenizer,
     prompt: str,
-    max_new_tokens: int = 256,
+    sampling: Sampling | int | None = None,
     *,
-    stop: str | Sequence[str] | None = None,
-    add_bos: bool = True,
-    **kwargs,
+    add_bos: bool | None = None,
+    **settings: Any,
 ) -> Iterator[str]:
     """`generate_text` for one prompt, yielding text pieces as they are produced.
 
@@ -526,19 +608,41 @@ def stream_text(
     """
     if not isinstance(prompt, str):
         raise UserError("stream_text takes one prompt string; use generate_text for a batch")
-    for (piece,) in _text_steps(model, tokenizer, [prompt], max_new_tokens, stop, add_bos, **kwargs):
+    rows = [prompt_ids(tokenizer, prompt, add_bos)]
+    for (piece,) in TextGeneration(model, tokenizer, rows, sampling, **settings):
         if piece:
             yield piece
 
 
+class StopOnText:
+    """A stopping criterion for transformers' `generate` (duck-typed: called with the ids so far,
+    returns (B,) bool): each row's new tokens go through its `TextStream`, and a row ends at its
+    eos or stop string, as in `TextGeneration`. `start` is where the new tokens begin."""
+
+    def __init__(self, streams: list[TextStream], start: int):
+        self.streams, self.start = streams, start
+
+    def __call__(self, input_ids: Tensor, scores: Any = None, **kwargs: Any) -> Tensor:
+        for stream, row in zip(self.streams, input_ids[:, self.start :].tolist(), strict=True):
+            for token in row[len(stream.ids) + int(stream.finish == "eos") :]:
+                if stream.done:
+                    break
+                stream.push(token)
+        return torch.tensor([s.done for s in self.streams], dtype=torch.bool, device=input_ids.device)
+
+
 __all__ = [
+    "Sampling",
     "Step",
+    "StopOnText",
+    "TextGeneration",
     "TextStream",
     "apply_repetition_penalty",
     "generate",
     "generate_text",
     "iter_tokens",
     "left_pad",
+    "prompt_ids",
     "sample",
     "stream_text",
     "top_k_filter",

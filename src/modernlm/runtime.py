@@ -119,6 +119,19 @@ def setup_runtime(cfg: RunConfig) -> Runtime:
     )
 
 
+def resolve_device(device: str) -> torch.device:
+    """ "auto" -> cuda when available, else cpu; anything else as torch reads it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"device: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device: {device!r} requested but CUDA is not available")
+    return dev
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -204,6 +217,17 @@ def warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=2)
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """`with eval_mode(model):` runs the block with the model in eval mode (dropout off) and puts
+    back the training mode it had on entry, on normal exit and on an exception alike."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
 
 def compile_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
     """torch.compile, set up so the whole forward is one graph (no break per layer).
@@ -223,7 +247,9 @@ __all__ = [
     "Runtime",
     "cleanup",
     "compile_model",
+    "eval_mode",
     "lookup_peak_flops",
+    "resolve_device",
     "resolve_dtype",
     "rng_state",
     "seed_everything",

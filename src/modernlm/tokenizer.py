@@ -8,6 +8,11 @@ character-level results (nanoGPT's shakespeare_char), and it round-trips any byt
 included (`encode_bytes` / `decode_bytes`).
 `Tokenizer.save(dir)` writes `tokenizer.json` + `tokenizer_config.json`, which both modernlm and
 `transformers.AutoTokenizer` load.
+
+Special tokens follow each tokenizer's own rule: `add_bos` says whether a prompt starts with the
+bos token. Ours do (modernlm's convention, the default); a tokenizer taken from Hugging Face keeps
+what transformers does with it (`hf.convert.hf_tokenizer_to_ours`), and `save` records a False as
+`add_bos_token: false`, so a converted SmolLM2 still prompts without `<|im_start|>`.
 """
 
 from __future__ import annotations
@@ -47,10 +52,12 @@ class Tokenizer:
         eos_token: str | None = None,
         pad_token: str | None = None,
         chat_template: str | None = None,
+        add_bos: bool = True,
     ):
         self.backend = backend
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.chat_template = chat_template
+        self.add_bos = add_bos and bos_token is not None  # prompts start with bos (see the module docstring)
         for name in ("bos_token", "eos_token", "pad_token"):
             tok = getattr(self, name)
             if tok is not None and backend.token_to_id(tok) is None:
@@ -99,6 +106,8 @@ class Tokenizer:
                 config[name] = getattr(self, name)
         if self.chat_template:
             config["chat_template"] = self.chat_template
+        if not self.add_bos and self.bos_token is not None:
+            config["add_bos_token"] = False  # transformers' name; True (ours) is the default
         atomic_write(path / TOKENIZER_CONFIG_FILE, json.dumps(config, indent=2))
 
     def __len__(self) -> int:
@@ -184,6 +193,13 @@ def _special(value: Any) -> str | None:
     return value
 
 
+def has_tokenizer(path: str | Path) -> bool:
+    """Whether directory `path` holds tokenizer files `load_tokenizer` reads (tokenizer.json, or
+    GPT-2's vocab.json + merges.txt): the one rule for "this checkpoint has a tokenizer"."""
+    path = Path(path)
+    return (path / TOKENIZER_FILE).is_file() or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file())
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer directory or tokenizer.json file (see module docstring)."""
     from tokenizers import Tokenizer as Backend
@@ -220,6 +236,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         eos_token=_special(config.get("eos_token")),
         pad_token=_special(config.get("pad_token")),
         chat_template=config.get("chat_template"),
+        add_bos=config.get("add_bos_token", True) is not False,
     )
 
 

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_verifier_command_end_to_end(tmp_path, capsys):
-    from modernlm.align import verifier as V
     from modernlm.align.sft import ChatEncoder
+    from modernlm.align.verifier import examples_from_rows, load_verifier, score_examples
     from modernlm.tokenizer import load_tokenizer
 
     sft = chat_checkpoint(tmp_path / "sft")
@@ -59,9 +59,9 @@ def test_verifier_command_end_to_end(tmp_path, capsys):
     assert steps == sorted(set(steps)) and steps[-1] == 9
 
     # The saved verifier scores the held-out samples exactly as eval.json's run did.
-    verifier = V.load_verifier(run / "verifier")
+    verifier = load_verifier(run / "verifier")
     encoder = ChatEncoder(load_tokenizer(run / "verifier"))
     rows = [json.loads(line) for line in samples["eval.jsonl"].splitlines()]
-    scores = V.score_examples(verifier, V.examples_from_rows(rows, encoder, 128), 8, encoder.tokenizer.pad_id)
+    scores = score_examples(verifier, examples_from_rows(rows, encoder, 128), 8, encoder.tokenizer.pad_id)
     predictions = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert [s for p in predictions for s in p["scores"]] == scores

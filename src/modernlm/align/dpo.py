@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from modernlm.align.sft import ChatEncoder, Message, check_messages
 from modernlm.data.tasks import TaskBatches
 from modernlm.errors import UserError
+from modernlm.runtime import eval_mode
 from modernlm.train.losses import IGNORE_INDEX, dpo_loss, sequence_logps
 
 PREFERENCE_FORMATS = ("pairs", "hh_rlhf")
@@ -70,7 +71,7 @@ def read_pairs(cfg: PreferenceDataConfig, skipped: Counter | None = None) -> Ite
     """(where, {"prompt": messages, "chosen": str, "rejected": str}) per usable pair."""
     from modernlm.data import tasks
 
-    rows = tasks._rows(cfg.path, cfg.hf_dataset, cfg.hf_config, cfg.split, cfg.hf_data_dir)
+    rows = tasks.source_rows(cfg.path, cfg.hf_dataset, cfg.hf_config, cfg.split, cfg.hf_data_dir)
     system = [{"role": "system", "content": cfg.system}] if cfg.system else []
     if cfg.format == "hh_rlhf":
         for where, rec in tasks._iter_hh_rlhf(rows, skipped):
@@ -136,8 +137,9 @@ def load_pairs(
 
 
 def collate_pairs(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
-    """input_ids / labels (2B, T): the B chosen rows, then the B rejected rows, right-padded.
-    With precomputed reference log-probs, also ref_logps (2B,) in the same order."""
+    """input_ids / labels (2B, T): the B chosen rows, then the B rejected rows, right-padded, and
+    lengths (2B,): each row's tokens before the padding. With precomputed reference log-probs, also
+    ref_logps (2B,) in the same order."""
     rows = [(it["chosen_ids"], it["chosen_labels"]) for it in items]
     rows += [(it["rejected_ids"], it["rejected_labels"]) for it in items]
     width = max(len(ids) for ids, _ in rows)
@@ -146,11 +148,17 @@ def collate_pairs(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Ten
     for i, (ids, lab) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(lab)] = torch.tensor(lab)
-    batch = {"input_ids": input_ids, "labels": labels}
+    batch = {"input_ids": input_ids, "labels": labels, "lengths": torch.tensor([len(ids) for ids, _ in rows])}
     if "ref_chosen" in items[0]:
         ref = [it["ref_chosen"] for it in items] + [it["ref_rejected"] for it in items]
         batch["ref_logps"] = torch.tensor(ref, dtype=torch.float32)
     return batch
+
+
+def pair_batch_counts(batch: dict[str, Tensor]) -> tuple[int, int]:
+    """The trainer's batch_counts for `collate_pairs` batches: (tokens of both replies' rows before
+    the padding, pairs)."""
+    return int(batch["lengths"].sum()), batch["input_ids"].size(0) // 2
 
 
 class PreferenceBatches(TaskBatches):
@@ -175,17 +183,15 @@ def reference_logps(
     model: nn.Module, items: list[dict[str, Any]], batch_size: int, pad_id: int, device: torch.device, autocast
 ) -> None:
     """Score every pair with the (frozen) reference once; stores ref_chosen / ref_rejected in items."""
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        batch = collate_pairs([{k: v for k, v in it.items() if not k.startswith("ref_")} for it in chunk], pad_id)
-        with autocast():
-            logps = policy_logps(model, {k: v.to(device) for k, v in batch.items()})[0].float().cpu()
-        chosen, rejected = logps.chunk(2)
-        for it, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
-            it["ref_chosen"], it["ref_rejected"] = c, r
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            batch = collate_pairs([{k: v for k, v in it.items() if not k.startswith("ref_")} for it in chunk], pad_id)
+            with autocast():
+                logps = policy_logps(model, {k: v.to(device) for k, v in batch.items()})[0].float().cpu()
+            chosen, rejected = logps.chunk(2)
+            for it, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
+                it["ref_chosen"], it["ref_rejected"] = c, r
 
 
 def dpo_loss_fn(
@@ -241,23 +247,21 @@ def evaluate_pairs(
     (meaningful before training too); with reference log-probs in the batches, also TRL's reward
     metrics: accuracy and mean margin of the implicit rewards beta * (log pi - log ref).
     """
-    was_training = model.training
-    model.eval()
-    n, wins, reward_wins, margin, lp_c, lp_r = 0, 0.0, 0.0, 0.0, 0.0, 0.0
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast():
-            chosen, rejected = policy_logps(model, batch)[0].float().chunk(2)
-        n += chosen.numel()
-        wins += (chosen > rejected).sum().item()
-        lp_c += chosen.sum().item()
-        lp_r += rejected.sum().item()
-        if "ref_logps" in batch:
-            ref_c, ref_r = batch["ref_logps"].chunk(2)
-            m = beta * ((chosen - ref_c) - (rejected - ref_r))
-            reward_wins += (m > 0).sum().item()
-            margin += m.sum().item()
-    model.train(was_training)
+    with eval_mode(model):
+        n, wins, reward_wins, margin, lp_c, lp_r = 0, 0.0, 0.0, 0.0, 0.0, 0.0
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast():
+                chosen, rejected = policy_logps(model, batch)[0].float().chunk(2)
+            n += chosen.numel()
+            wins += (chosen > rejected).sum().item()
+            lp_c += chosen.sum().item()
+            lp_r += rejected.sum().item()
+            if "ref_logps" in batch:
+                ref_c, ref_r = batch["ref_logps"].chunk(2)
+                m = beta * ((chosen - ref_c) - (rejected - ref_r))
+                reward_wins += (m > 0).sum().item()
+                margin += m.sum().item()
     out = {"pair_accuracy": wins / n, "logps/chosen": lp_c / n, "logps/rejected": lp_r / n, "n": n}
     if batches and "ref_logps" in batches[0]:
         out.update({"rewards/accuracies": reward_wins / n, "rewards/margins": margin / n})
@@ -272,6 +276,7 @@ __all__ = [
     "encode_pair",
     "evaluate_pairs",
     "load_pairs",
+    "pair_batch_counts",
     "pair_batches",
     "read_pairs",
     "reference_logps",

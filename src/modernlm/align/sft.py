@@ -211,7 +211,7 @@ def read_sft_records(cfg: SFTDataConfig) -> Iterator[tuple[str, list[Message]]]:
     """(where, messages) for every record of the configured source; bad records name file and line."""
     from modernlm.data import tasks
 
-    rows = tasks._rows(cfg.path, cfg.hf_dataset, cfg.hf_config, cfg.split, cfg.hf_data_dir)
+    rows = tasks.source_rows(cfg.path, cfg.hf_dataset, cfg.hf_config, cfg.split, cfg.hf_data_dir)
     system = [{"role": "system", "content": cfg.system}] if cfg.system else []
     if cfg.format == "alpaca":
         for where, rec in tasks._iter_alpaca(rows):
@@ -279,13 +279,15 @@ def pack_examples(examples: Sequence[dict[str, Any]], length: int) -> list[dict[
 
 
 def collate_sft(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
-    """Right-pad to the longest row: input_ids (pad_id), labels (-100), segment_ids (-2) if present.
+    """Right-pad to the longest row: input_ids (pad_id), labels (-100), segment_ids (-2) if present,
+    and lengths (B,): each row's tokens before the padding (the pad id may be a real token too).
 
     Right padding needs no attention mask: a causal model never looks at later positions.
     """
     width = max(len(r["input_ids"]) for r in rows)
     out = {"input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long)}
     out["labels"] = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    out["lengths"] = torch.tensor([len(r["input_ids"]) for r in rows], dtype=torch.long)
     packed = "segment_ids" in rows[0]
     if packed:
         out["segment_ids"] = torch.full((len(rows), width), -2, dtype=torch.long)
@@ -342,72 +344,63 @@ def sft_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor
     return loss_sum, n, {}
 
 
+def sft_batch_counts(batch: dict[str, Tensor]) -> tuple[int, int]:
+    """The trainer's batch_counts for `collate_sft` batches: (tokens before the padding, examples);
+    a packed row holds as many examples as segments."""
+    if "segment_ids" in batch:
+        examples = int((batch["segment_ids"].max(dim=1).values + 1).clamp_min(0).sum())
+    else:
+        examples = batch["input_ids"].size(0)
+    return int(batch["lengths"].sum()), examples
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading a chat model and generating replies
 
 
-def load_chat_model(source: str, tokenizer: str = "", what: str = "init_from") -> tuple[nn.Module, Any, Any]:
-    """(model, tokenizer, checkpoint dir) from a modernlm checkpoint or run dir, made chat-ready."""
-    from pathlib import Path
-
-    from modernlm.checkpoint import load_model
-    from modernlm.eval.perplexity import resolve_checkpoint
-    from modernlm.tokenizer import load_tokenizer
-
-    if not source:
-        raise UserError(f"{what}: give a modernlm checkpoint or run directory")
-    ckpt = resolve_checkpoint(source)
-    if ckpt is None:
-        raise UserError(f"{what}: {source} is not a modernlm checkpoint or a run directory with checkpoints")
-    tok_src = tokenizer or ckpt
-    if not tokenizer and not (Path(ckpt) / "tokenizer.json").is_file():
-        raise UserError(f"{what}: checkpoint {ckpt} has no tokenizer; name one with tokenizer=DIR")
-    model, tok = load_model(ckpt), load_tokenizer(tok_src)
-    prepare_chat_model(model, tok)
-    return model, tok, ckpt
+def chat_ready(lm: Any, what: str = "init_from") -> tuple[nn.Module, Any, Any]:
+    """(model, tokenizer, checkpoint) of a model loaded by `modernlm.load(..., backend="modernlm")`,
+    made chat-ready (`prepare_chat_model`) and in train mode, as SFT, DPO and the verifier start."""
+    if lm.tokenizer is None:
+        raise UserError(f"{what}: {lm.checkpoint or lm.source} has no tokenizer; name one with tokenizer=DIR")
+    prepare_chat_model(lm.model, lm.tokenizer)
+    return lm.model.train(), lm.tokenizer, lm.checkpoint or lm.source
 
 
-@torch.no_grad()
 def generate_replies(
     model: nn.Module,
     encoder: ChatEncoder,
     conversations: Sequence[Sequence[Message]],
-    max_new_tokens: int,
+    sampling: Any = None,
     *,
     batch_size: int = 32,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    seed: int | None = 0,
+    **settings: Any,
 ) -> list[dict[str, Any]]:
     """The assistant's next reply to each conversation: [{"text", "stopped", "ids"}], in order.
 
-    "stopped" says whether the reply ended with <|im_end|> (the chat EOS) within max_new_tokens.
-    Batches are left-padded; a seed makes sampling reproducible batch by batch.
+    `sampling` (a `generation.Sampling`, or max_new_tokens) and `settings` (temperature, top_k,
+    seed, ...) as in `Sampling.make`; the seed (default 0) + the batch's first index seeds each
+    batch, so sampling is reproducible batch by batch. "stopped" says whether the reply ended with
+    <|im_end|> (the chat EOS) within max_new_tokens. Batches are left-padded; the text keeps any
+    special token the model wrote.
     """
-    from modernlm.generation import generate, left_pad
+    from dataclasses import replace
+
+    from modernlm.generation import Sampling, TextGeneration
 
     tok = encoder.tokenizer
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out: list[dict[str, Any]] = []
     stops = [encoder.end_id] + ([tok.eos_id] if tok.eos_id not in (None, encoder.end_id) else [])
-    try:
-        for b in range(0, len(conversations), batch_size):
-            prompts = [encoder.prompt(c) for c in conversations[b : b + batch_size]]
-            room = model.config.max_seq_len - max_new_tokens
-            prompts = [p[-room:] if room > 0 and len(p) > room else p for p in prompts]
-            idx, pad_mask = left_pad(prompts, tok.pad_id or 0, device)
-            ids = generate(
-                model, idx, max_new_tokens, temperature=temperature, top_k=top_k, eos_token_id=stops,
-                pad_mask=pad_mask, seed=None if seed is None else seed + b, vocab_size=tok.vocab_size,
-            )[:, idx.size(1) :].tolist()  # fmt: skip
-            for row in ids:
-                end = next((i for i, t in enumerate(row) if t in stops), None)
-                new = row if end is None else row[:end]
-                out.append({"text": tok.decode(new), "stopped": end is not None, "ids": new})
-    finally:
-        model.train(was_training)
+    if not isinstance(sampling, Sampling):
+        settings.setdefault("seed", 0)
+    s = Sampling.make(sampling, **settings, eos_token_id=stops)
+    out: list[dict[str, Any]] = []
+    for b in range(0, len(conversations), batch_size):
+        prompts = [encoder.prompt(c) for c in conversations[b : b + batch_size]]
+        room = model.config.max_seq_len - s.max_new_tokens
+        prompts = [p[-room:] if room > 0 and len(p) > room else p for p in prompts]
+        batch = replace(s, seed=None if s.seed is None else s.seed + b)
+        for reply in TextGeneration(model, tok, prompts, batch, skip_special_tokens=False).run():
+            out.append({"text": reply.text, "stopped": reply.finish == "eos", "ids": reply.ids})
     return out
 
 
@@ -418,16 +411,17 @@ __all__ = [
     "SFTBatches",
     "SFTDataConfig",
     "alpaca_messages",
+    "chat_ready",
     "check_messages",
     "collate_sft",
     "eval_sft_batches",
     "generate_replies",
-    "load_chat_model",
     "load_sft_examples",
     "pack_examples",
     "prepare_chat_model",
     "read_sft_records",
     "render_chat",
     "resize_vocab",
+    "sft_batch_counts",
     "sft_loss",
 ]

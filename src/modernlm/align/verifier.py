@@ -29,8 +29,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from modernlm.data.readers import json_object, numbered_lines
 from modernlm.data.tasks import TaskBatches
 from modernlm.errors import UserError
+from modernlm.runtime import eval_mode
 from modernlm.train.losses import IGNORE_INDEX
 
 HEAD_FILE = "value_head.safetensors"
@@ -54,7 +56,7 @@ def read_problems(
     from modernlm.eval.metrics import gsm8k_target
 
     out = []
-    for where, rec in tasks._iter_gsm8k(tasks._rows(path, hf_dataset, hf_config, split, "")):
+    for where, rec in tasks._iter_gsm8k(tasks.source_rows(path, hf_dataset, hf_config, split)):
         try:
             target = gsm8k_target(rec["answer"])
         except ValueError:
@@ -97,17 +99,17 @@ def _read_rows(path: Path, total: int) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     rows = []
-    text = path.read_text(encoding="utf-8")
-    for lineno, line in enumerate(text.splitlines(keepends=True), start=1):
+    for lineno, line in numbered_lines(path):
         if not line.endswith("\n"):
             break
+        where = f"{path} line {lineno}"
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {lineno}: bad JSON ({e.msg}); delete the file to resample") from None
-        missing = [k for k in SAMPLE_FIELDS if not isinstance(row, dict) or k not in row]
+            row = json_object(line, where)
+        except UserError as e:
+            raise UserError(f"{e}; delete the file to resample") from None
+        missing = [k for k in SAMPLE_FIELDS if k not in row]
         if missing:
-            raise UserError(f"{path} line {lineno}: missing field '{missing[0]}'; delete the file to resample")
+            raise UserError(f"{where}: missing field '{missing[0]}'; delete the file to resample")
         rows.append(row)
     if len(rows) > total:
         raise UserError(f"{path}: {len(rows)} rows, more than the {total} this draw makes; delete it to resample")
@@ -150,7 +152,9 @@ def draw_samples(
     from tqdm import tqdm
 
     from modernlm.align.sft import generate_replies
+    from modernlm.generation import Sampling
 
+    sampling = Sampling(max_new_tokens, temperature=temperature, top_k=top_k or None)
     path = Path(path)
     meta_path = path.with_suffix(".json")
     settings = {
@@ -189,10 +193,7 @@ def draw_samples(
             chunk = pairs[b * batch_size : (b + 1) * batch_size]
             chats = [[{"role": "user", "content": problems[p]["question"]}] for p, _ in chunk]
             with autocast() if autocast else contextlib.nullcontext():
-                replies = generate_replies(
-                    model, encoder, chats, max_new_tokens, batch_size=len(chunk), temperature=temperature,
-                    top_k=top_k or None, seed=seed + b,
-                )  # fmt: skip
+                replies = generate_replies(model, encoder, chats, sampling, batch_size=len(chunk), seed=seed + b)
             new = []
             for (p, k), reply in zip(chunk, replies, strict=True):
                 answer, correct = label_solution(reply["text"], problems[p]["target"])
@@ -387,10 +388,8 @@ def score_examples(
     import contextlib
 
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     scores: list[float] = []
-    try:
+    with eval_mode(model):
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
             batch = collate_verifier(chunk, pad_id)
@@ -398,8 +397,6 @@ def score_examples(
                 values = model(batch["input_ids"].to(device)).values
             last = torch.tensor([len(e["input_ids"]) - 1 for e in chunk], device=device)
             scores += torch.sigmoid(values[torch.arange(len(chunk), device=device), last]).tolist()
-    finally:
-        model.train(was_training)
     return scores
 
 

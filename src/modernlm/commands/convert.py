@@ -28,21 +28,9 @@ class Config:
     overwrite: bool = False  # allow writing into a non-empty dst
 
 
-def is_modernlm_checkpoint(src: str) -> bool:
-    """A directory whose config.json says model_type "modernlm" (what `checkpoint.save_model` writes)."""
-    import json
-
-    from modernlm.checkpoint import CONFIG_FILE, MODEL_TYPE
-
-    file = Path(src).expanduser() / CONFIG_FILE
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("model_type") == MODEL_TYPE
-
-
 def main(cfg: Config) -> None:
+    from modernlm.checkpoint import is_modernlm_checkpoint
+
     if not cfg.src or not cfg.dst:
         raise UserError("usage: modernlm convert SRC DST [--to hf]  (SRC and DST are required)")
     dst = Path(cfg.dst)
@@ -56,28 +44,33 @@ def main(cfg: Config) -> None:
             f"add --to hf (modernlm convert {cfg.src} {cfg.dst} --to hf)"
         )
 
+    from modernlm.api import load
+
     if cfg.to == "hf":
         import torch
 
-        from modernlm.checkpoint import load_model
+        from modernlm.checkpoint import load_model_config, resolve_source
         from modernlm.hf.convert import model_config_to_llama_config, save_hf
-        from modernlm.tokenizer import TOKENIZER_FILE, load_tokenizer
 
-        src = Path(cfg.src)
-        if not src.exists():
-            raise UserError(f"{src}: no such checkpoint directory")
-        model = load_model(src)  # UserErrors name the broken file; no transformers needed yet
-        model_config_to_llama_config(
-            model.config
-        )  # MoE / sink -> UserError before writing anything
-        tokenizer = load_tokenizer(src) if (src / TOKENIZER_FILE).is_file() else None
+        src = resolve_source(cfg.src, "src")
+        if src.kind != "modernlm":
+            if src.path is not None and src.path.is_dir():
+                load_model_config(src.path)  # a foreign or broken config.json: says which, naming the file
+            raise UserError(
+                f"src: {cfg.src} is a Hugging Face model, not a modernlm checkpoint; to convert it to one, "
+                f"drop --to hf (modernlm convert {cfg.src} {cfg.dst})"
+            )
+        # a modernlm checkpoint: UserErrors name the broken file; no transformers needed yet
+        lm = load(cfg.src, what="src")
+        model, tokenizer = lm.model, lm.tokenizer
+        model_config_to_llama_config(model.config)  # MoE / sink -> UserError before writing anything
         save_hf(model, tokenizer, dst, dtype=getattr(torch, cfg.dtype))
         what = "HF LlamaForCausalLM" + (" + tokenizer" if tokenizer else "")
     else:
         from modernlm.checkpoint import save_model
-        from modernlm.hf.convert import load_hf_model
 
-        model, tokenizer = load_hf_model(cfg.src, dtype=cfg.dtype)
+        lm = load(cfg.src, dtype=cfg.dtype, backend="modernlm", what="src")
+        model, tokenizer = lm.model, lm.tokenizer
         save_model(model, dst, tokenizer)
         what = "modernlm checkpoint" + (" + tokenizer" if tokenizer else "")
 

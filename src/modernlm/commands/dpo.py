@@ -21,10 +21,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from modernlm.align.dpo import PreferenceDataConfig
 from modernlm.files import atomic_write
-from modernlm.runtime import RunConfig
+from modernlm.runtime import RunConfig, Runtime
 from modernlm.train.optim import OptimConfig
 from modernlm.train.trainer import TrainingConfig
 
@@ -79,45 +80,27 @@ def main(cfg: Config) -> None:
 
     import torch
 
-    from modernlm.align.dpo import (
-        PreferenceBatches,
-        dpo_loss_fn,
-        evaluate_pairs,
-        load_pairs,
-        pair_batches,
-        reference_logps,
-    )
-    from modernlm.align.sft import ChatEncoder, load_chat_model
-    from modernlm.config import save_config
+    from modernlm.align.dpo import PreferenceBatches, dpo_loss_fn, pair_batch_counts, pair_batches, reference_logps
+    from modernlm.align.sft import ChatEncoder, chat_ready
+    from modernlm.api import load
     from modernlm.errors import UserError
-    from modernlm.runtime import cleanup, setup_runtime
+    from modernlm.train.run import Training, fmt_loss, run_training
     from modernlm.train.trainer import Trainer
 
-    model, tokenizer, ckpt = load_chat_model(cfg.init_from, cfg.tokenizer)
+    lm = load(cfg.init_from, backend="modernlm", tokenizer=cfg.tokenizer, what="init_from")
+    model, tokenizer, ckpt = chat_ready(lm)
     if cfg.data.max_length > model.config.max_seq_len:
         raise UserError(
             f"data.max_length ({cfg.data.max_length}) is longer than the model's context "
             f"({model.config.max_seq_len}, {ckpt})"
         )
     encoder = ChatEncoder(tokenizer)
-    items, skipped = load_pairs(cfg.data, encoder, seed=cfg.run.seed)
-    if cfg.eval.val_path:
-        val_cfg = replace(cfg.data, path=cfg.eval.val_path, hf_dataset="", shuffle=False)
-        val_items, _ = load_pairs(val_cfg, encoder, max_examples=cfg.eval.max_examples)
-    else:
-        if not 0.0 <= cfg.eval.val_fraction < 1.0:
-            raise UserError(f"eval.val_fraction: must be in [0, 1), got {cfg.eval.val_fraction}")
-        n_val = round(len(items) * cfg.eval.val_fraction)
-        val_items, items = items[:n_val], items[n_val:]
-        val_items = val_items[: cfg.eval.max_examples or None]
+    items, val_items, skipped = split_pairs(cfg, encoder)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else encoder.end_id
+    bs = cfg.train.batch_size
 
-    cfg.run.name = cfg.run.name or "dpo"
-    runtime = setup_runtime(cfg.run)
-    try:
-        run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    def build(runtime: Runtime, run_dir: Path) -> Training:
         model.to(runtime.device)
-        pad = tokenizer.pad_id if tokenizer.pad_id is not None else encoder.end_id
-        bs = cfg.train.batch_size
         ref_model = None
         if cfg.dpo.precompute_ref:
             # The reference is the model as loaded: score every pair now, before any update.
@@ -126,51 +109,99 @@ def main(cfg: Config) -> None:
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         loss_fn = dpo_loss_fn(cfg.dpo.beta, cfg.dpo.label_smoothing, ref_model, cfg.dpo.sft_weight)
         mine = val_items[runtime.rank :: runtime.world_size]
-        val_batches = pair_batches(mine, bs, pad) if mine else None
         train_batches = PreferenceBatches(
             items, bs, pad, seed=cfg.run.seed, rank=runtime.rank, world_size=runtime.world_size
         )
         torch.manual_seed(cfg.run.seed + runtime.rank)
         trainer = Trainer(
             model, loss_fn, train_batches, cfg.train, cfg.optim, runtime, run_dir,
-            val_batches=val_batches, tokenizer=tokenizer, eval_perplexity=False,
+            val_batches=pair_batches(mine, bs, pad) if mine else None, tokenizer=tokenizer,
+            eval_perplexity=False, batch_counts=pair_batch_counts,
         )  # fmt: skip
-        trainer.maybe_resume()
-        held_out = pair_batches(val_items, bs, pad)
-        report: dict = {}
-        before_file = run_dir / "eval_before.json"
-        if runtime.is_main:
-            save_config(cfg, run_dir / "config.yaml")
+        banner = (
+            f"{model.num_params() / 1e6:.2f}M params from {ckpt}, {len(items):,} train / "
+            f"{len(val_items):,} held-out pairs, beta {cfg.dpo.beta}, label smoothing "
+            f"{cfg.dpo.label_smoothing}, reference {'precomputed' if ref_model is None else 'live'}"
+        )
+        held_out = Evaluation(cfg, model, ref_model, val_items, pad, runtime, run_dir)
+
+        def before() -> None:
             if skipped:
                 runtime.print0(f"skipped {sum(skipped.values())} pairs: {dict(skipped)}")
-            runtime.print0(
-                f"dpo: {model.num_params() / 1e6:.2f}M params from {ckpt}, {len(items):,} train / "
-                f"{len(val_items):,} held-out pairs, beta {cfg.dpo.beta}, label smoothing "
-                f"{cfg.dpo.label_smoothing}, reference {'precomputed' if ref_model is None else 'live'} -> {run_dir}"
-            )
-            if val_items and trainer.step == 0:
-                report["before"] = evaluate_pairs(model, held_out, cfg.dpo.beta, runtime.device, runtime.autocast)
-                atomic_write(before_file, json.dumps(report["before"], indent=2) + "\n")
-                runtime.print0(f"before: held-out pair accuracy {report['before']['pair_accuracy']:.3f}")
-            elif before_file.is_file():
-                report["before"] = json.loads(before_file.read_text())
-        summary = trainer.train()
-        if runtime.is_main:
-            if val_items:
-                if ref_model is not None:  # live reference: score the held-out pairs with it for rewards
-                    reference_logps(ref_model, val_items, 2 * bs, pad, runtime.device, runtime.autocast)
-                    held_out = pair_batches(val_items, bs, pad)
-                report["after"] = evaluate_pairs(model, held_out, cfg.dpo.beta, runtime.device, runtime.autocast)
+            held_out.before(trainer.step)
+
+        def after(summary: dict) -> str | None:
+            report = held_out.after()
             report.update(step=trainer.step, n_train=len(items), n_val=len(val_items), skipped=dict(skipped))
-            atomic_write(run_dir / "eval.json", json.dumps(report, indent=2) + "\n")
-            line = f"done: {summary['steps']} steps, loss {summary['final_loss']:.4f}"
-            if "after" in report:
-                a = report["after"]
-                b = report.get("before", {}).get("pair_accuracy")
-                line += (
-                    f"; held-out pair accuracy {'' if b is None else f'{b:.3f} -> '}{a['pair_accuracy']:.3f}, "
-                    f"reward accuracy {a['rewards/accuracies']:.3f}, margin {a['rewards/margins']:.3f}"
-                )
-            runtime.print0(f"{line} -> {run_dir}")
-    finally:
-        cleanup(runtime)
+            if runtime.is_main:
+                atomic_write(run_dir / "eval.json", json.dumps(report, indent=2) + "\n")
+            return f"{summary['steps']} steps, loss {fmt_loss(summary['final_loss'])}{held_out.text()}"
+
+        return Training(trainer, banner, before=before, after=after)
+
+    run_training(cfg, "dpo", build)
+
+
+def split_pairs(cfg: Config, encoder: Any) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """(training pairs, held-out pairs, {reason: pairs skipped})."""
+    from modernlm.align.dpo import load_pairs
+    from modernlm.errors import UserError
+
+    items, skipped = load_pairs(cfg.data, encoder, seed=cfg.run.seed)
+    if cfg.eval.val_path:
+        val_cfg = replace(cfg.data, path=cfg.eval.val_path, hf_dataset="", shuffle=False)
+        val_items, _ = load_pairs(val_cfg, encoder, max_examples=cfg.eval.max_examples)
+        return items, val_items, skipped
+    if not 0.0 <= cfg.eval.val_fraction < 1.0:
+        raise UserError(f"eval.val_fraction: must be in [0, 1), got {cfg.eval.val_fraction}")
+    n_val = round(len(items) * cfg.eval.val_fraction)
+    return items[n_val:], items[:n_val][: cfg.eval.max_examples or None], skipped
+
+
+class Evaluation:
+    """The held-out pairs' metrics before training (eval_before.json, kept across resumes) and
+    after (with the reference's rewards); rank 0 scores, the other ranks report nothing."""
+
+    def __init__(self, cfg: Config, model: Any, ref_model: Any, val_items: list[dict], pad: int, runtime: Runtime,
+                 run_dir: Path):  # fmt: skip
+        self.cfg, self.model, self.ref_model, self.val_items, self.pad = cfg, model, ref_model, val_items, pad
+        self.runtime, self.before_file = runtime, run_dir / "eval_before.json"
+        self.report: dict[str, Any] = {}
+
+    def _score(self) -> dict[str, float]:
+        from modernlm.align.dpo import evaluate_pairs, pair_batches
+
+        rt, bs = self.runtime, self.cfg.train.batch_size
+        batches = pair_batches(self.val_items, bs, self.pad)
+        return evaluate_pairs(self.model, batches, self.cfg.dpo.beta, rt.device, rt.autocast)
+
+    def before(self, step: int) -> None:
+        if not self.runtime.is_main:
+            return
+        if self.val_items and step == 0:
+            self.report["before"] = self._score()
+            atomic_write(self.before_file, json.dumps(self.report["before"], indent=2) + "\n")
+            self.runtime.print0(f"before: held-out pair accuracy {self.report['before']['pair_accuracy']:.3f}")
+        elif self.before_file.is_file():
+            self.report["before"] = json.loads(self.before_file.read_text())
+
+    def after(self) -> dict[str, Any]:
+        if self.runtime.is_main and self.val_items:
+            if self.ref_model is not None:  # live reference: score the held-out pairs with it for rewards
+                from modernlm.align.dpo import reference_logps
+
+                rt = self.runtime
+                reference_logps(self.ref_model, self.val_items, 2 * self.cfg.train.batch_size, self.pad, rt.device,
+                                rt.autocast)  # fmt: skip
+            self.report["after"] = self._score()
+        return self.report
+
+    def text(self) -> str:
+        """The done line's part: held-out accuracies before -> after, reward accuracy and margin."""
+        if "after" not in self.report:
+            return ""
+        a, b = self.report["after"], self.report.get("before", {}).get("pair_accuracy")
+        return (
+            f"; held-out pair accuracy {'' if b is None else f'{b:.3f} -> '}{a['pair_accuracy']:.3f}, "
+            f"reward accuracy {a['rewards/accuracies']:.3f}, margin {a['rewards/margins']:.3f}"
+        )

@@ -121,9 +121,10 @@ def main(cfg: Config) -> None:
 
     import torch
 
+    from modernlm.api import load
     from modernlm.data.shards import TokenStream
     from modernlm.errors import UserError
-    from modernlm.eval.perplexity import load_scoring_model, sliding_window_nll
+    from modernlm.eval.perplexity import sliding_window_nll
     from modernlm.train.tracking import read_metrics
 
     if not cfg.run_dir:
@@ -158,7 +159,7 @@ def main(cfg: Config) -> None:
             print(f"{name} (step {step}): already in {csv_path}, skipped")
             skipped += 1
             continue
-        model = load_scoring_model(str(path), cfg.device, cfg.dtype, cfg.progress)
+        model = load(path, device=cfg.device, dtype=cfg.dtype, progress=cfg.progress)
         if int(ids.max()) >= model.vocab_size:
             raise UserError(
                 f"{path}: the {cfg.split} tokens go up to id {int(ids.max())}, the model has {model.vocab_size}"

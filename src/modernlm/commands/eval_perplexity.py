@@ -49,13 +49,14 @@ def main(cfg: Config) -> None:
     import json
     from pathlib import Path
 
+    from modernlm.api import load
     from modernlm.errors import UserError
-    from modernlm.eval.perplexity import evaluate_text, load_scoring_model, load_text, summary_line
+    from modernlm.eval.perplexity import evaluate_text, load_text, summary_line
 
     if not cfg.model:
         raise UserError("model: give a model (modernlm eval perplexity MODEL DATA)")
     text, data = load_text(cfg.data, cfg.hf_dataset, cfg.hf_config, cfg.split, cfg.text_field)
-    model = load_scoring_model(cfg.model, cfg.device, cfg.dtype, cfg.progress)
+    model = load(cfg.model, device=cfg.device, dtype=cfg.dtype, progress=cfg.progress)
     report = evaluate_text(
         model, text, context=cfg.context, stride=cfg.stride, batch_size=cfg.batch_size,
         max_tokens=cfg.max_tokens, bos=cfg.bos, progress=cfg.progress,

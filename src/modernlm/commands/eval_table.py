@@ -69,7 +69,7 @@ def _params(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
-def markdown_table(rows: list[dict[str, Any]], data: str) -> str:
+def perplexity_table(rows: list[dict[str, Any]], data: str) -> str:
     """The table (one row per report of `evaluate_text`, with "role") and the note under it.
     `data` describes the text (every row scored the same one)."""
     lines = [
@@ -96,8 +96,10 @@ def derived_outputs(cfg: Config) -> list[tuple[str, Path, str]]:
 def main(cfg: Config) -> None:
     import json
 
+    from modernlm.api import load
+    from modernlm.checkpoint import resolve_checkpoint
     from modernlm.errors import UserError
-    from modernlm.eval.perplexity import evaluate_text, load_scoring_model, load_text, resolve_checkpoint, summary_line
+    from modernlm.eval.perplexity import evaluate_text, load_text, summary_line
 
     # Check every local path before the first (possibly long) scoring run.
     checkpoints = []
@@ -120,7 +122,7 @@ def main(cfg: Config) -> None:
         raise UserError(f"max_tokens must be >= 0 (0 = all), got {cfg.max_tokens}")
     rows: list[dict[str, Any]] = []
     for role, src in [("baseline", b) for b in baselines] + [("ours", c) for c in checkpoints]:
-        model = load_scoring_model(src, cfg.device, cfg.dtype, cfg.progress)
+        model = load(src, device=cfg.device, dtype=cfg.dtype, progress=cfg.progress)
         if cfg.max_tokens and not rows and model.tokenizer is not None:
             # Cut the text once, so that every model scores the same characters (the first N tokens
             # of each tokenizer would be different spans of text, and not comparable).
@@ -138,7 +140,7 @@ def main(cfg: Config) -> None:
         rows.append({"role": role, "data": data, **report})
         print(summary_line(report, source), flush=True)
 
-    table = markdown_table(rows, data)
+    table = perplexity_table(rows, data)
     print()
     print(table, end="")
     if cfg.out:

@@ -252,7 +252,8 @@ def measure(cfg: Config, runs: dict[str, Path], data_path: Path, window: int) ->
     """Every arm's perplexity by position and generation statistics; the numbers of results.json."""
     import torch
 
-    from modernlm.checkpoint import latest_checkpoint, load_model
+    from modernlm.api import load
+    from modernlm.checkpoint import latest_checkpoint
     from modernlm.eval.sinks import mean_stats, position_buckets, segment_stats, streaming_nll
     from modernlm.generation import generate
     from modernlm.tokenizer import load_tokenizer
@@ -271,7 +272,7 @@ def measure(cfg: Config, runs: dict[str, Path], data_path: Path, window: int) ->
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise UserError(f"{run_dir}: no checkpoint to measure")
-        models[name] = load_model(ckpt, device=device)
+        models[name] = load(ckpt, device=device).model
         evals = [r for r in read_metrics(run_dir) if "val_loss" in r]
         summary = run_dir / SUMMARY_FILE
         model_info[name] = {

@@ -35,7 +35,7 @@ from typing import Any, Literal
 from modernlm.data.tasks import TaskDatasetConfig
 from modernlm.files import atomic_files, atomic_write
 from modernlm.hf.lora import LoraSettings
-from modernlm.runtime import RunConfig
+from modernlm.runtime import RunConfig, Runtime
 from modernlm.train.optim import OptimConfig
 from modernlm.train.trainer import TrainingConfig
 
@@ -52,7 +52,7 @@ class ModelSettings:
 
 
 @dataclass
-class EvalSettings:
+class FinetuneEvalSettings:
     path: str = ""  # eval split file, same format as data.path ("" with data.hf_dataset: the hub split below)
     split: str = "validation"  # hub split for evaluation (with data.hf_dataset)
     max_examples: int = 0  # evaluate the first N examples (0 = all)
@@ -67,7 +67,7 @@ class Config:
     model: ModelSettings = field(default_factory=ModelSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: TaskDatasetConfig = field(default_factory=TaskDatasetConfig)  # the training split
-    eval: EvalSettings = field(default_factory=EvalSettings)
+    eval: FinetuneEvalSettings = field(default_factory=FinetuneEvalSettings)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainingConfig = field(default_factory=TrainingConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -103,7 +103,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Task metrics of `model` on the eval examples; writes predictions / errors / metrics to out_dir."""
     from modernlm.data.tasks import TaskTokenizer, eval_batches, tokenize_examples
-    from modernlm.eval.metrics import evaluate_predictions, write_errors
+    from modernlm.eval.metrics import evaluate_predictions, write_predictions
     from modernlm.hf.lora import base_of, predict_classes
 
     if data.task_type == "classification":
@@ -122,7 +122,7 @@ def evaluate(
              "predicted_label": k, "logits": logits[i].tolist(), "source": ex["source"]}
             for i, (ex, p, r, k) in enumerate(zip(examples, predictions, references, picked, strict=True))
         ]  # fmt: skip
-        write_errors(out_dir / "predictions.jsonl", rows)
+        write_predictions(out_dir / "predictions.jsonl", rows)
         metrics.update(task=data.name, mode="head")
         atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         return metrics
@@ -167,21 +167,116 @@ def main(cfg: Config) -> None:
 
     import torch
 
-    from modernlm.config import save_config
-    from modernlm.data.tasks import (
-        TaskBatches,
-        TaskTokenizer,
-        eval_batches,
-        load_task_examples,
-        resolve_task_config,
-        tokenize_examples,
-    )
-    from modernlm.errors import UserError
+    from modernlm.data.tasks import TaskBatches, TaskTokenizer, eval_batches, tokenize_examples
     from modernlm.hf import lora
-    from modernlm.runtime import cleanup, setup_runtime
+    from modernlm.train.run import Training, run_training
     from modernlm.train.trainer import Trainer
 
-    # Everything cheap first, so a typo fails before a model loads.
+    p = plan(cfg)  # everything cheap first, so a typo fails before a model loads
+    data, eval_cfg, eval_examples = p.data, p.eval_cfg, p.eval_examples
+
+    def build(runtime: Runtime, run_dir: Path) -> Training:
+        lora.check_precision(p.model_type, str(runtime.dtype))  # run.dtype=auto may pick fp16 on a GPU
+        model, tokenizer, kind = lora.load_base_model(
+            cfg.model.source, data.task_type, dtype=cfg.model.dtype, num_labels=p.num_labels or 2,
+            tokenizer=cfg.model.tokenizer,
+        )  # fmt: skip
+        tok = TaskTokenizer(tokenizer)
+        shard = dict(rank=runtime.rank, world_size=runtime.world_size)
+        train_items = tokenize_examples(p.train_examples, tokenizer, data)
+        val_batches = None
+        if eval_examples:
+            n_val = cfg.train.eval_batches * cfg.train.batch_size
+            val_items = tokenize_examples(eval_examples[:n_val] if n_val else eval_examples, tokenizer, eval_cfg)
+            val_batches = eval_batches(val_items, cfg.train.batch_size, tok.pad_id, **shard)
+        train_batches = TaskBatches(train_items, cfg.train.batch_size, tok.pad_id, seed=cfg.run.seed, **shard)
+        torch.manual_seed(cfg.run.seed)  # the same LoRA init (A is random) on every rank
+        model = lora.apply_lora(model, cfg.lora, data.task_type)
+        model.train()  # from_pretrained returns eval mode; dropout (and LoRA's) should be on
+        info = adapter_info(cfg, p, kind, tok.pad_id)
+        trainer = Trainer(
+            model, lora.task_loss_fn(data.task_type, ours=kind == "modernlm"), train_batches, cfg.train, cfg.optim,
+            runtime, run_dir, val_batches=val_batches, tokenizer=tokenizer,
+            save_model_fn=functools.partial(_save_fn, info=info), load_model_fn=lora.load_adapter_weights,
+            batch_counts=lora.task_batch_counts(data.task_type),
+        )  # fmt: skip
+        n_train, n_total = lora.trainable_parameters(model)
+        banner = (
+            f"{p.model_type} ({kind}) {data.task_type} on {data.name}, {len(train_items):,} train / "
+            f"{len(eval_examples):,} eval examples; LoRA r={cfg.lora.r} trains {n_train:,} of {n_total:,} "
+            f"params ({100 * n_train / n_total:.2f}%), {runtime.device} {str(runtime.dtype).removeprefix('torch.')}"
+        )
+        reports = Reports(cfg, p, model, tokenizer, kind, info, runtime, run_dir)
+        return Training(trainer, banner, lambda: reports.before(trainer.step), lambda s: reports.after(s, trainer.step))
+
+    run_training(cfg, "finetune", build)
+
+
+class Reports:
+    """Rank 0's work around training: the task metrics before it (eval_before/, kept across
+    resumes; with eval.before=true) and after it (eval/, eval.json), the final adapter/ and merged/."""
+
+    def __init__(self, cfg: Config, p: Plan, model: Any, tokenizer: Any, kind: str, info: dict[str, Any],
+                 runtime: Runtime, run_dir: Path):  # fmt: skip
+        self.cfg, self.p, self.model, self.tokenizer, self.kind, self.info = cfg, p, model, tokenizer, kind, info
+        self.runtime, self.run_dir = runtime, run_dir
+        self.report: dict[str, Any] = {}
+
+    def _evaluate(self, name: str) -> dict[str, Any]:
+        p = self.p
+        out = _fresh(self.run_dir / name)
+        return evaluate(self.model, self.tokenizer, self.kind, p.eval_cfg, p.eval_examples, self.cfg, self.runtime, out)
+
+    def before(self, step: int) -> None:
+        saved = self.run_dir / "eval_before" / "metrics.json"
+        if self.runtime.is_main and self.p.eval_examples and self.cfg.eval.before and step == 0:
+            self.report["before"] = self._evaluate("eval_before")
+            self.runtime.print0(f"before training: {_headline(self.report['before'])}")
+        elif saved.is_file():
+            self.report["before"] = json.loads(saved.read_text())
+
+    def after(self, summary: dict[str, Any], step: int) -> str | None:
+        """Writes adapter/, eval/, eval.json and merged/; returns the done line's text."""
+        from modernlm.hf.lora import save_adapter
+        from modernlm.train.run import fmt_loss
+
+        if not self.runtime.is_main:
+            return None
+        save_adapter(self.model, self.run_dir / "adapter", self.tokenizer, self.info)
+        if self.p.eval_examples:
+            e = self.p.eval_cfg
+            self.report["after"] = self._evaluate("eval")
+            self.report.update(step=step, eval_split=e.path or f"{e.hf_dataset}[{e.split}]",
+                               n=len(self.p.eval_examples), train_wall_time_s=summary["wall_time_s"])  # fmt: skip
+            atomic_write(self.run_dir / "eval.json", json.dumps(self.report, indent=2) + "\n")
+        if self.cfg.save_merged:
+            _save_merged(self.model, self.tokenizer, self.kind, self.run_dir / "merged")
+        metrics = _headline(self.report["after"]) if self.report.get("after") else "no eval data"
+        return (
+            f"{summary['steps']} steps in {summary['wall_time_s']:.0f}s, loss {fmt_loss(summary['final_loss'])}, "
+            f"val_loss {fmt_loss(summary['final_val_loss'])}; {metrics}"
+        )
+
+
+@dataclass
+class Plan:
+    """What `plan` settles before any model loads."""
+
+    data: TaskDatasetConfig  # the training split, resolved
+    eval_cfg: TaskDatasetConfig | None  # the eval split (None = no eval data)
+    kind: str  # of the source: "modernlm" or "hf"
+    model_type: str
+    train_examples: list[dict[str, Any]]
+    eval_examples: list[dict[str, Any]]
+    num_labels: int  # classification outputs (0 for other task types)
+
+
+def plan(cfg: Config) -> Plan:
+    """The config's checks, the task settings and the examples: everything before a model loads."""
+    from modernlm.data.tasks import load_task_examples, resolve_task_config
+    from modernlm.errors import UserError
+    from modernlm.hf import lora
+
     if not cfg.model.source:
         raise UserError("model.source: give a model (an HF directory, hub id, .gguf file or modernlm checkpoint)")
     data = resolve_task_config(cfg.data)
@@ -202,103 +297,24 @@ def main(cfg: Config) -> None:
         if unlabeled:
             raise UserError(f"eval.path: {unlabeled[0]} has no label (an unlabeled split such as SST-2 test)")
     num_labels = _num_labels(cfg, data, train_examples) if data.task_type == "classification" else 0
+    return Plan(data, eval_cfg, kind, model_type, train_examples, eval_examples, num_labels)
 
-    cfg.run.name = cfg.run.name or "finetune"
-    runtime = setup_runtime(cfg.run)
-    try:
-        lora.check_precision(model_type, str(runtime.dtype))  # run.dtype=auto may pick fp16 on a GPU
-        run_dir = Path(cfg.run.out_dir) / cfg.run.name
-        model, tokenizer, kind = lora.load_base_model(
-            cfg.model.source, data.task_type, dtype=cfg.model.dtype, num_labels=num_labels or 2,
-            tokenizer=cfg.model.tokenizer,
-        )  # fmt: skip
-        tok = TaskTokenizer(tokenizer)
-        train_items = tokenize_examples(train_examples, tokenizer, data)
-        val_batches = None
-        if eval_examples:
-            n_val = cfg.train.eval_batches * cfg.train.batch_size
-            val_items = tokenize_examples(eval_examples[:n_val] if n_val else eval_examples, tokenizer, eval_cfg)
-            val_batches = eval_batches(
-                val_items, cfg.train.batch_size, tok.pad_id, rank=runtime.rank, world_size=runtime.world_size
-            )
-        train_batches = TaskBatches(
-            train_items, cfg.train.batch_size, tok.pad_id, seed=cfg.run.seed, rank=runtime.rank,
-            world_size=runtime.world_size,
-        )  # fmt: skip
 
-        torch.manual_seed(cfg.run.seed)  # the same LoRA init (A is random) on every rank
-        model = lora.apply_lora(model, cfg.lora, data.task_type)
-        model.train()  # from_pretrained returns eval mode; dropout (and LoRA's) should be on
-        info = {
-            "base": _abs_if_local(cfg.model.source),  # load_finetuned works from any directory
-            "kind": kind,
-            "model_type": model_type,
-            "task_type": data.task_type,
-            "task": data.name,
-            "num_labels": num_labels,
-            "label_words": list(data.label_words),
-            "dtype": cfg.model.dtype,
-            "pad_token_id": tok.pad_id,
-            "prompt_template": data.prompt_template,
-            "add_bos": data.add_bos,
-        }
-        loss_fn = lora.task_loss_fn(data.task_type, ours=kind == "modernlm")
-        trainer = Trainer(
-            model,
-            loss_fn,
-            train_batches,
-            cfg.train,
-            cfg.optim,
-            runtime,
-            run_dir,
-            val_batches=val_batches,
-            tokenizer=tokenizer,
-            save_model_fn=functools.partial(_save_fn, info=info),
-            load_model_fn=lora.load_adapter_weights,
-        )
-        trainer.maybe_resume()  # before writing config.yaml: a mismatched resume must not overwrite it
-        n_train, n_total = lora.trainable_parameters(model)
-        if runtime.is_main:
-            save_config(cfg, run_dir / "config.yaml")
-            runtime.print0(
-                f"finetune: {model_type} ({kind}) {data.task_type} on {data.name}, {len(train_items):,} train / "
-                f"{len(eval_examples):,} eval examples; LoRA r={cfg.lora.r} trains {n_train:,} of {n_total:,} "
-                f"params ({100 * n_train / n_total:.2f}%), {runtime.device} "
-                f"{str(runtime.dtype).removeprefix('torch.')} -> {run_dir}"
-            )
-        report: dict[str, Any] = {}
-        if runtime.is_main and eval_examples and cfg.eval.before and trainer.step == 0:
-            report["before"] = evaluate(
-                model, tokenizer, kind, eval_cfg, eval_examples, cfg, runtime, _fresh(run_dir / "eval_before")
-            )
-            runtime.print0(f"before training: {_headline(report['before'])}")
-        elif (run_dir / "eval_before" / "metrics.json").is_file():
-            report["before"] = json.loads((run_dir / "eval_before" / "metrics.json").read_text())
-
-        summary = trainer.train()
-        if runtime.is_main:
-            lora.save_adapter(model, run_dir / "adapter", tokenizer, info)
-            if eval_examples:
-                report["after"] = evaluate(
-                    model, tokenizer, kind, eval_cfg, eval_examples, cfg, runtime, _fresh(run_dir / "eval")
-                )
-                report.update(
-                    step=trainer.step,
-                    eval_split=eval_cfg.path or f"{eval_cfg.hf_dataset}[{eval_cfg.split}]",
-                    n=len(eval_examples),
-                    train_wall_time_s=summary["wall_time_s"],
-                )
-                atomic_write(run_dir / "eval.json", json.dumps(report, indent=2) + "\n")
-            if cfg.save_merged:
-                _save_merged(model, tokenizer, kind, run_dir / "merged")
-            fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-            metrics = _headline(report["after"]) if report.get("after") else "no eval data"
-            runtime.print0(
-                f"done: {summary['steps']} steps in {summary['wall_time_s']:.0f}s, loss {fmt(summary['final_loss'])}, "
-                f"val_loss {fmt(summary['final_val_loss'])}; {metrics} -> {run_dir}"
-            )
-    finally:
-        cleanup(runtime)
+def adapter_info(cfg: Config, p: Plan, kind: str, pad_id: int | None) -> dict[str, Any]:
+    """finetune.json of every adapter directory: what `load_finetuned` rebuilds the model from."""
+    return {
+        "base": _abs_if_local(cfg.model.source),  # load_finetuned works from any directory
+        "kind": kind,
+        "model_type": p.model_type,
+        "task_type": p.data.task_type,
+        "task": p.data.name,
+        "num_labels": p.num_labels,
+        "label_words": list(p.data.label_words),
+        "dtype": cfg.model.dtype,
+        "pad_token_id": pad_id,
+        "prompt_template": p.data.prompt_template,
+        "add_bos": p.data.add_bos,
+    }
 
 
 def _abs_if_local(source: str) -> str:
@@ -321,9 +337,9 @@ def _save_merged(model: Any, tokenizer: Any, kind: str, path: Path) -> None:
     """The adapter folded into a copy of the weights, saved as a plain model of the base's kind."""
     import copy
 
-    from modernlm.hf.lora import merge
+    from modernlm.hf.lora import merge_adapter
 
-    merged = merge(copy.deepcopy(model))
+    merged = merge_adapter(copy.deepcopy(model))
     if kind == "modernlm":
         from modernlm.checkpoint import save_model
 

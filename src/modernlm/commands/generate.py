@@ -1,5 +1,7 @@
 """Generate text from modernlm checkpoints (directories with config.json, model.safetensors and
-tokenizer.json). One checkpoint and one prompt: the text is streamed to stdout as it is produced.
+tokenizer.json; an HF Llama directory, hub id or .gguf is converted as it loads, `modernlm.load`).
+The prompt starts with bos when the tokenizer's rule says so (ours: yes; a converted SmolLM2: no).
+One checkpoint and one prompt: the text is streamed to stdout as it is produced.
 Several checkpoints (or a run directory), or `prompts`/`out` set: a side-by-side Markdown table,
 one table per prompt, one row per checkpoint, every cell sampled with the same settings and seed.
 
@@ -47,22 +49,16 @@ class Config:
     device: str = "cpu"  # cpu, cuda, cuda:1, mps
 
 
-def _load(path: Path, device):
-    from modernlm.checkpoint import load_model
-    from modernlm.tokenizer import load_tokenizer
+def _load(path: Path, device: str):
+    from modernlm.api import load
 
-    model = load_model(path, device=device)
-    tokenizer = load_tokenizer(path)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(
-            f"checkpoint {path}: tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}"
-        )
-    return model, tokenizer
+    lm = load(path, device=device, backend="modernlm", what="checkpoints")
+    if lm.tokenizer is None:
+        raise UserError(f"checkpoints: {path} has no tokenizer (tokenizer.json)")
+    return lm
 
 
 def main(cfg: Config) -> None:
-    import torch
-
     from modernlm.eval.compare import (
         CheckpointSamples,
         checkpoint_dirs,
@@ -70,18 +66,12 @@ def main(cfg: Config) -> None:
         checkpoint_step,
         generations_markdown,
     )
-    from modernlm.generation import generate_text, stream_text
+    from modernlm.generation import Sampling
 
     if not cfg.checkpoints:
         raise UserError("checkpoints: give a checkpoint or run directory (modernlm generate CHECKPOINT prompt=...)")
     if cfg.prompt and cfg.prompts:
         raise UserError("give prompt (one) or prompts (a list), not both")
-    try:
-        device = torch.device(cfg.device)
-    except RuntimeError as e:
-        raise UserError(f"device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device: {cfg.device!r} requested but CUDA is not available")
     dirs = [d for c in cfg.checkpoints for d in checkpoint_dirs(c)]
     table = len(dirs) > 1 or bool(cfg.prompts) or bool(cfg.out)
     options = dict(
@@ -90,25 +80,26 @@ def main(cfg: Config) -> None:
         seed=cfg.seed if cfg.seed is not None or not table else 0,
         window=cfg.window, sink_size=cfg.sink_size,
     )  # fmt: skip
+    sampling = Sampling(**options, compile=cfg.compile)
 
     if not table:
-        model, tokenizer = _load(dirs[0], device)
+        lm = _load(dirs[0], cfg.device)
         if cfg.stream:
-            for piece in stream_text(model, tokenizer, cfg.prompt, compile=cfg.compile, **options):
+            for piece in lm.stream(cfg.prompt, sampling):
                 print(piece, end="", flush=True)
             print()
         else:
-            print(generate_text(model, tokenizer, cfg.prompt, compile=cfg.compile, **options))
+            print(lm.generate(cfg.prompt, sampling))
         return
 
     prompts = list(cfg.prompts) or [cfg.prompt]
     results = []
     for d in dirs:
         print(f"generate: {d}", file=sys.stderr)
-        model, tokenizer = _load(d, device)
+        lm = _load(d, cfg.device)
         # One prompt at a time: a batch would share one sampling generator between rows, so a
         # cell would depend on which other prompts are in the table.
-        texts = [generate_text(model, tokenizer, p, compile=cfg.compile, **options) for p in prompts]
+        texts = [lm.generate(p, sampling) for p in prompts]
         results.append(CheckpointSamples(checkpoint_name(d), checkpoint_step(d), texts))
     document = generations_markdown(options, prompts, results)
     if cfg.out:

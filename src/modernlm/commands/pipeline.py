@@ -29,7 +29,7 @@ from typing import Any, Literal
 from modernlm.commands import dpo, prepare, pretrain, sft, tokenizer_train, verifier
 from modernlm.data.synthetic import SyntheticConfig
 from modernlm.files import atomic_write
-from modernlm.pipeline.runner import EvalSettings
+from modernlm.pipeline.runner import PipelineEvalSettings
 
 FLAGS = {"--from": "from_stage", "--only": "only"}
 OUTPUTS = {"out_dir": "dir"}  # the stages write below it
@@ -65,7 +65,7 @@ class Config:
     sft: sft.Config = field(default_factory=sft.Config)
     dpo: dpo.Config = field(default_factory=dpo.Config)
     verifier: verifier.Config = field(default_factory=verifier.Config)
-    eval: EvalSettings = field(default_factory=EvalSettings)
+    eval: PipelineEvalSettings = field(default_factory=PipelineEvalSettings)
     samples: SamplesStage = field(default_factory=SamplesStage)
 
 
@@ -79,58 +79,63 @@ STAGE_DIRS = {
 def wire(cfg: Config) -> dict[str, Any]:
     """Each stage's config with the connections filled in (see the module docstring)."""
     out = Path(cfg.out_dir)
-    d = {name: str(out / sub) for name, sub in STAGE_DIRS.items()}
+    dirs = {name: str(out / sub) for name, sub in STAGE_DIRS.items()}
     synthetic = cfg.data.kind == "synthetic"
-    data = Path(d["data"])
+    data = Path(dirs["data"])
 
     def run(section: Any, name: str) -> Any:
         return replace(section, out_dir=str(out), name=STAGE_DIRS[name])
 
-    tok = cfg.tokenizer
-    if synthetic and not tok.input and not tok.corpus.sources:
-        tok = replace(tok, input=str(data / "corpus" / "train.txt"))
-    tok = replace(tok, out=d["tokenizer"])
-    prep = cfg.prepare
-    if synthetic and not prep.input and not prep.corpus.sources:
-        prep = replace(prep, input=str(data / "corpus" / "train.txt"))
-    prep = replace(prep, tokenizer=d["tokenizer"], out=d["prepare"], overwrite=True)
-    pre = replace(
-        cfg.pretrain, data=replace(cfg.pretrain.data, path=d["prepare"]), run=run(cfg.pretrain.run, "pretrain")
+    tokenizer_cfg = cfg.tokenizer
+    if synthetic and not tokenizer_cfg.input and not tokenizer_cfg.corpus.sources:
+        tokenizer_cfg = replace(tokenizer_cfg, input=str(data / "corpus" / "train.txt"))
+    tokenizer_cfg = replace(tokenizer_cfg, out=dirs["tokenizer"])
+    prepare_cfg = cfg.prepare
+    if synthetic and not prepare_cfg.input and not prepare_cfg.corpus.sources:
+        prepare_cfg = replace(prepare_cfg, input=str(data / "corpus" / "train.txt"))
+    prepare_cfg = replace(prepare_cfg, tokenizer=dirs["tokenizer"], out=dirs["prepare"], overwrite=True)
+    pretrain_cfg = replace(
+        cfg.pretrain, data=replace(cfg.pretrain.data, path=dirs["prepare"]), run=run(cfg.pretrain.run, "pretrain")
     )
-    s = cfg.sft
-    if synthetic and not s.data.path and not s.data.hf_dataset:
-        s = replace(s, data=replace(s.data, format="alpaca", path=str(data / "sft" / "train.json")),
-                    eval=replace(s.eval, val_path=s.eval.val_path or str(data / "sft" / "val.json")))  # fmt: skip
-    s = replace(s, init_from=d["pretrain"], run=run(s.run, "sft"))
-    p = cfg.dpo
-    if synthetic and not p.data.path and not p.data.hf_dataset:
-        p = replace(p, data=replace(p.data, format="pairs", path=str(data / "prefs" / "train.jsonl")),
-                    eval=replace(p.eval, val_path=p.eval.val_path or str(data / "prefs" / "val.jsonl")))  # fmt: skip
-    p = replace(p, init_from=d["sft"], run=run(p.run, "dpo"))
-    v = cfg.verifier
+
+    def tuned(section: Any, name: str, init_from: str, fmt: str, train: Path, val: Path) -> Any:
+        """sft / dpo: the synthetic data where the recipe names none, then init_from and the run."""
+        if synthetic and not section.data.path and not section.data.hf_dataset:
+            section = replace(section, data=replace(section.data, format=fmt, path=str(train)),
+                              eval=replace(section.eval, val_path=section.eval.val_path or str(val)))  # fmt: skip
+        return replace(section, init_from=init_from, run=run(section.run, name))
+
+    sft_cfg = tuned(cfg.sft, "sft", dirs["pretrain"], "alpaca", data / "sft" / "train.json", data / "sft" / "val.json")
+    dpo_cfg = tuned(cfg.dpo, "dpo", dirs["sft"], "pairs", data / "prefs" / "train.jsonl", data / "prefs" / "val.jsonl")
+    verifier_cfg = cfg.verifier
     if synthetic:
-        v = replace(v, data=replace(v.data, train_path=str(data / "gsm" / "train.jsonl"),
-                                    eval_path=str(data / "gsm" / "test.jsonl")))  # fmt: skip
-    v = replace(v, init_from=d["sft"], run=run(v.run, "verifier"))
-    e = cfg.eval
+        gsm = data / "gsm"
+        verifier_data = replace(
+            verifier_cfg.data, train_path=str(gsm / "train.jsonl"), eval_path=str(gsm / "test.jsonl")
+        )
+        verifier_cfg = replace(verifier_cfg, data=verifier_data)
+    verifier_cfg = replace(verifier_cfg, init_from=dirs["sft"], run=run(verifier_cfg.run, "verifier"))
+    eval_cfg = cfg.eval
     if synthetic:
 
         def fill(src: Any, path: Path) -> Any:  # a Source or the pairs' config: keep what the recipe names
             return src if src.path or src.hf_dataset else replace(src, path=str(path))
 
-        e = replace(e, text=fill(e.text, data / "corpus" / "val.txt"),
-                    problems=fill(e.problems, data / "gsm" / "test.jsonl"),
-                    pairs=fill(e.pairs, data / "prefs" / "val.jsonl"))  # fmt: skip
-    return {"data": cfg.data, "tokenizer": tok, "prepare": prep, "pretrain": pre, "eval_pretrain": e, "sft": s,
-            "dpo": p, "verifier": v, "eval": e, "samples": (cfg.samples, e), "dirs": d}  # fmt: skip
+        eval_cfg = replace(eval_cfg, text=fill(eval_cfg.text, data / "corpus" / "val.txt"),
+                           problems=fill(eval_cfg.problems, data / "gsm" / "test.jsonl"),
+                           pairs=fill(eval_cfg.pairs, data / "prefs" / "val.jsonl"))  # fmt: skip
+    return {"data": cfg.data, "tokenizer": tokenizer_cfg, "prepare": prepare_cfg, "pretrain": pretrain_cfg,
+            "eval_pretrain": eval_cfg, "sft": sft_cfg, "dpo": dpo_cfg, "verifier": verifier_cfg, "eval": eval_cfg,
+            "samples": (cfg.samples, eval_cfg), "dirs": dirs}  # fmt: skip
 
 
 def build_stages(cfg: Config) -> list[Any]:
     """The stages in order, each with its resolved config, inputs and run function."""
-    from modernlm.pipeline import runner as P
+    from modernlm.pipeline import runner
+    from modernlm.pipeline.runner import Stage
 
-    w = wire(cfg)
-    d = w["dirs"]
+    cfgs = wire(cfg)  # each stage's config
+    dirs = cfgs["dirs"]
     out = Path(cfg.out_dir)
 
     def data_stage(c: DataStage) -> dict[str, Any] | None:
@@ -138,45 +143,44 @@ def build_stages(cfg: Config) -> list[Any]:
             return None
         from modernlm.data.synthetic import write_demo_data
 
-        meta = write_demo_data(d["data"], c.synthetic)
+        meta = write_demo_data(dirs["data"], c.synthetic)
         return {k: v for k, v in meta.items() if isinstance(v, (int, float, str))}
 
-    def eval_pretrain(c: EvalSettings) -> dict[str, Any]:
-        row = P.evaluate_model("pretrain", d["pretrain"], chat=False, cfg=c)
-        P.write_rows(Path(d["eval_pretrain"]), [row])
+    def eval_pretrain(c: PipelineEvalSettings) -> dict[str, Any]:
+        row = runner.evaluate_model("pretrain", dirs["pretrain"], chat=False, cfg=c)
+        runner.write_rows(Path(dirs["eval_pretrain"]), [row])
         return {k: v for k, v in row.items() if not k.startswith("_")}
 
-    def final_eval(c: EvalSettings) -> dict[str, Any]:
+    def final_eval(c: PipelineEvalSettings) -> dict[str, Any]:
         import json
 
-        rows = json.loads((Path(d["eval_pretrain"]) / "results.json").read_text())["rows"]
+        rows = json.loads((Path(dirs["eval_pretrain"]) / "results.json").read_text())["rows"]
         for name in ("sft", "dpo"):
-            rows.append(P.evaluate_model(name, d[name], chat=True, cfg=c))
-        rows += verifier_rows(Path(d["verifier"]))
-        results = P.write_rows(Path(d["eval"]), rows, notes=RESULT_NOTES)
+            rows.append(runner.evaluate_model(name, dirs[name], chat=True, cfg=c))
+        rows += verifier_rows(Path(dirs["verifier"]))
+        results = runner.write_rows(Path(dirs["eval"]), rows, notes=RESULT_NOTES)
         return {"rows": len(results["rows"])}
 
-    def samples_stage(args: tuple[SamplesStage, EvalSettings]) -> None:
-        write_samples(Path(d["samples"]), d, *args)
+    def samples_stage(args: tuple[SamplesStage, PipelineEvalSettings]) -> None:
+        write_samples(Path(dirs["samples"]), dirs, *args)
 
     def report_stage(_: Any) -> None:
         from modernlm.pipeline.report import write_report
 
         write_report(out, force=True)  # the pipeline's own report: rewritten when a stage ran
 
-    S = P.Stage
     return [
-        S("data", STAGE_DIRS["data"], (), w["data"], data_stage),
-        S("tokenizer", STAGE_DIRS["tokenizer"], ("data",), w["tokenizer"], tokenizer_train.main),
-        S("prepare", STAGE_DIRS["prepare"], ("data", "tokenizer"), w["prepare"], prepare.main),
-        S("pretrain", STAGE_DIRS["pretrain"], ("prepare",), w["pretrain"], pretrain.main, resumable=True),
-        S("eval_pretrain", STAGE_DIRS["eval_pretrain"], ("data", "pretrain"), w["eval_pretrain"], eval_pretrain),
-        S("sft", STAGE_DIRS["sft"], ("data", "pretrain"), w["sft"], sft.main, resumable=True),
-        S("dpo", STAGE_DIRS["dpo"], ("data", "sft"), w["dpo"], dpo.main, resumable=True),
-        S("verifier", STAGE_DIRS["verifier"], ("data", "sft"), w["verifier"], verifier.main, resumable=True),
-        S("eval", STAGE_DIRS["eval"], ("eval_pretrain", "sft", "dpo", "verifier"), w["eval"], final_eval),
-        S("samples", STAGE_DIRS["samples"], ("pretrain", "sft", "dpo"), w["samples"], samples_stage),
-        S(
+        Stage("data", STAGE_DIRS["data"], (), cfgs["data"], data_stage),
+        Stage("tokenizer", STAGE_DIRS["tokenizer"], ("data",), cfgs["tokenizer"], tokenizer_train.main),
+        Stage("prepare", STAGE_DIRS["prepare"], ("data", "tokenizer"), cfgs["prepare"], prepare.main),
+        Stage("pretrain", STAGE_DIRS["pretrain"], ("prepare",), cfgs["pretrain"], pretrain.main, resumable=True),
+        Stage("eval_pretrain", STAGE_DIRS["eval_pretrain"], ("data", "pretrain"), cfgs["eval_pretrain"], eval_pretrain),
+        Stage("sft", STAGE_DIRS["sft"], ("data", "pretrain"), cfgs["sft"], sft.main, resumable=True),
+        Stage("dpo", STAGE_DIRS["dpo"], ("data", "sft"), cfgs["dpo"], dpo.main, resumable=True),
+        Stage("verifier", STAGE_DIRS["verifier"], ("data", "sft"), cfgs["verifier"], verifier.main, resumable=True),
+        Stage("eval", STAGE_DIRS["eval"], ("eval_pretrain", "sft", "dpo", "verifier"), cfgs["eval"], final_eval),
+        Stage("samples", STAGE_DIRS["samples"], ("pretrain", "sft", "dpo"), cfgs["samples"], samples_stage),
+        Stage(
             "report",
             ".",
             ("data", "tokenizer", "prepare", "pretrain", "eval_pretrain", "sft", "dpo", "verifier", "eval", "samples"),
@@ -212,24 +216,22 @@ def verifier_rows(run_dir: Path) -> list[dict[str, Any]]:
     ]
 
 
-def write_samples(out_dir: Path, dirs: dict[str, str], c: SamplesStage, e: EvalSettings) -> None:
+def write_samples(out_dir: Path, dirs: dict[str, str], c: SamplesStage, e: PipelineEvalSettings) -> None:
     """samples.md: the same prompts to every model, side by side."""
-    from modernlm.align.sft import ChatEncoder, generate_replies, load_chat_model
-    from modernlm.checkpoint import load_model
-    from modernlm.eval.compare import md_escape as markdown_cell
-    from modernlm.eval.perplexity import resolve_checkpoint
+    from modernlm.align.sft import ChatEncoder, chat_ready, generate_replies
+    from modernlm.api import load
+    from modernlm.eval.compare import markdown_table
     from modernlm.generation import generate_text
-    from modernlm.pipeline import runner as P
-    from modernlm.tokenizer import load_tokenizer
+    from modernlm.pipeline import runner
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    questions = [p["question"] for p in P.read_problems(e.problems, c.questions)] if e.problems.given() else []
+    questions = [p["question"] for p in runner.read_problems(e.problems, c.questions)] if e.problems.given() else []
     models = {}
-    base = resolve_checkpoint(dirs["pretrain"])
-    device, _ = P.eval_device(e.device)
-    models["pretrain"] = (load_model(base, device=device).eval(), load_tokenizer(base), None)
+    device, _ = runner.eval_device(e.device)
+    base = load(dirs["pretrain"], device=device, what="pretrain")
+    models["pretrain"] = (base.model, base.tokenizer, None)
     for name in ("sft", "dpo"):
-        m, tok, _ = load_chat_model(dirs[name], what=name)
+        m, tok, _ = chat_ready(load(dirs[name], what=name), name)
         models[name] = (m.to(device).eval(), tok, ChatEncoder(tok))
     lines = [
         "# Samples\n",
@@ -238,21 +240,21 @@ def write_samples(out_dir: Path, dirs: dict[str, str], c: SamplesStage, e: EvalS
         f"the plain prompt {e.plain_prompt!r}).\n",
     ]
     for prompt in c.story_prompts:
-        lines += [f"## Continue: {prompt!r}\n", "| model | continuation |", "|---|---|"]
+        rows = []
         for name, (m, tok, _) in models.items():
             text = generate_text(m, tok, prompt, c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
                                  seed=c.seed, add_bos=False)  # fmt: skip
-            lines.append(f"| {name} | {markdown_cell(prompt + text)} |")
-        lines.append("")
+            rows.append((name, prompt + text))
+        lines += [f"## Continue: {prompt!r}\n", markdown_table(["model", "continuation"], rows)]
     for q in questions + list(c.instructions):
-        lines += [f"## Ask: {q!r}\n", "| model | reply |", "|---|---|"]
+        rows = []
         for name, (m, tok, enc) in models.items():
             if enc is None:
-                text = P._plain_generate(m, tok, [e.plain_prompt.format(question=q)], c.max_new_tokens, 1)[0]
+                text = runner.plain_answers(m, tok, [e.plain_prompt.format(question=q)], c.max_new_tokens, 1)[0]
             else:
                 text = generate_replies(m, enc, [[{"role": "user", "content": q}]], c.max_new_tokens)[0]["text"]
-            lines.append(f"| {name} | {markdown_cell(text)} |")
-        lines.append("")
+            rows.append((name, text))
+        lines += [f"## Ask: {q!r}\n", markdown_table(["model", "reply"], rows)]
     atomic_write(out_dir / "samples.md", "\n".join(lines))
 
 

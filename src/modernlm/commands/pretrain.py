@@ -18,7 +18,7 @@ import torch
 from modernlm.data.shards import TokenDataConfig, TokenStream, TrainWindows, ValBatches, read_meta
 from modernlm.errors import UserError
 from modernlm.model import ModelConfig
-from modernlm.runtime import RunConfig
+from modernlm.runtime import RunConfig, Runtime
 from modernlm.train.optim import OptimConfig
 from modernlm.train.trainer import TrainingConfig
 
@@ -58,10 +58,9 @@ def derived_outputs(cfg: Config) -> list[tuple[str, Path, str]]:
 
 
 def main(cfg: Config) -> None:
-    from modernlm.config import save_config
     from modernlm.model import ModernDecoderLM
-    from modernlm.runtime import cleanup, setup_runtime
-    from modernlm.train.losses import lm_eval_loss, lm_loss
+    from modernlm.train.losses import lm_batch_counts, lm_eval_loss, lm_loss
+    from modernlm.train.run import Training, prompt_sampler, run_training
     from modernlm.train.trainer import Trainer
 
     meta = read_meta(cfg.data.path)  # fail on bad data before starting process groups
@@ -72,75 +71,35 @@ def main(cfg: Config) -> None:
         tokenizer = load_tokenizer(cfg.data.path)
     check_data(cfg.model, cfg.data, meta, tokenizer.vocab_size if tokenizer else None)
     train_stream = TokenStream(cfg.data.path, "train", meta)
-    val_stream = (
-        TokenStream(cfg.data.path, "val", meta)
-        if meta["splits"].get("val", {}).get("files")
-        else None
-    )
+    has_val = bool(meta["splits"].get("val", {}).get("files"))
+    val_stream = TokenStream(cfg.data.path, "val", meta) if has_val else None
 
-    cfg.run.name = cfg.run.name or "pretrain"
-    runtime = setup_runtime(cfg.run)
-    try:
-        run_dir = Path(cfg.run.out_dir) / cfg.run.name
-        train_batches = TrainWindows(
-            train_stream,
-            cfg.data.seq_len,
-            cfg.train.batch_size,
-            seed=cfg.run.seed,
-            rank=runtime.rank,
-            world_size=runtime.world_size,
-        )
+    def build(runtime: Runtime, run_dir: Path) -> Training:
+        shard = dict(rank=runtime.rank, world_size=runtime.world_size)
+        train_batches = TrainWindows(train_stream, cfg.data.seq_len, cfg.train.batch_size, seed=cfg.run.seed, **shard)
         val_batches = final_val_batches = None
         if val_stream is not None and len(val_stream) >= 2:
-
-            def val(max_batches: int) -> ValBatches:
-                return ValBatches(
-                    val_stream, cfg.data.seq_len, cfg.train.batch_size, max_batches,
-                    rank=runtime.rank, world_size=runtime.world_size,
-                )  # fmt: skip
-
+            val = lambda n: ValBatches(val_stream, cfg.data.seq_len, cfg.train.batch_size, n, **shard)  # noqa: E731
             val_batches = val(cfg.train.eval_batches)
             if cfg.train.final_eval_batches not in (-1, cfg.train.eval_batches):
                 final_val_batches = val(cfg.train.final_eval_batches)
-
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         model = ModernDecoderLM(cfg.model)
         torch.manual_seed(cfg.run.seed + runtime.rank)  # dropout streams differ per rank
         trainer = Trainer(
-            model,
-            lm_loss,
-            train_batches,
-            cfg.train,
-            cfg.optim,
-            runtime,
-            run_dir,
-            val_batches=val_batches,
-            final_val_batches=final_val_batches,
-            eval_loss_fn=lm_eval_loss,
-            tokenizer=tokenizer,
-            flops_per_token=model.flops_per_token(cfg.data.seq_len),
+            model, lm_loss, train_batches, cfg.train, cfg.optim, runtime, run_dir,
+            val_batches=val_batches, final_val_batches=final_val_batches, eval_loss_fn=lm_eval_loss,
+            tokenizer=tokenizer, flops_per_token=model.flops_per_token(cfg.data.seq_len),
             find_unused_parameters=cfg.model.n_expert > 0,  # an expert may get no tokens in a batch
+            batch_counts=lm_batch_counts,
+            sample_fn=prompt_sampler(tokenizer, cfg.train.sample_prompts, cfg.train.sample_tokens),
+        )  # fmt: skip
+        tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len * runtime.world_size
+        banner = (
+            f"{model.num_params() / 1e6:.2f}M params, {len(train_stream):,} train tokens, "
+            f"{tokens_per_step:,} tokens/step, {runtime.world_size} x {runtime.device} "
+            f"{str(runtime.dtype).removeprefix('torch.')}"
         )
-        trainer.maybe_resume()  # before writing config.yaml: a mismatched resume must not overwrite it
-        if runtime.is_main:
-            save_config(cfg, run_dir / "config.yaml")
-            tokens_per_step = (
-                cfg.train.batch_size
-                * cfg.train.grad_accum_steps
-                * cfg.data.seq_len
-                * runtime.world_size
-            )
-            runtime.print0(
-                f"pretrain: {model.num_params() / 1e6:.2f}M params, {len(train_stream):,} train tokens, "
-                f"{tokens_per_step:,} tokens/step, {runtime.world_size} x {runtime.device} "
-                f"{str(runtime.dtype).removeprefix('torch.')}"
-                f" -> {run_dir}"
-            )
-        summary = trainer.train()
-        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-        runtime.print0(
-            f"done: {summary['steps']} steps, {summary['tokens_seen']:,} tokens, "
-            f"val_loss {fmt(summary['final_val_loss'])} (best {fmt(summary['best_val_loss'])}) -> {run_dir}"
-        )
-    finally:
-        cleanup(runtime)
+        return Training(trainer, banner)
+
+    run_training(cfg, "pretrain", build)

@@ -57,31 +57,16 @@ class Config:
 
 
 def load_task_model(src: str, device: str = "auto", dtype: str = "float32", add_bos: bool = False, progress=True):
-    """A TaskModel for `src`: a modernlm checkpoint / run directory, else an HF model (dir, hub id, .gguf)."""
-    from modernlm.eval.perplexity import checkpoint_label, resolve_checkpoint, resolve_device
+    """A TaskModel for `src` (`modernlm.load`): a modernlm checkpoint / run directory, else an HF
+    model (dir, hub id, .gguf) on transformers' own causal LM."""
+    from modernlm.api import load
     from modernlm.eval.tasks import wrap_hf, wrap_modernlm
-    from modernlm.runtime import DTYPES
 
-    if dtype not in DTYPES:
-        raise UserError(f"dtype: must be float32, bfloat16 or float16, got {dtype!r}")
-    dev = resolve_device(device)
-    path = Path(src).expanduser()
-    ckpt = resolve_checkpoint(path) if path.is_dir() else None
-    if ckpt is not None:
-        from modernlm.checkpoint import load_model
-        from modernlm.tokenizer import load_tokenizer
-
-        model = load_model(ckpt, device=dev).to(DTYPES[dtype]).eval()
-        return wrap_modernlm(model, load_tokenizer(ckpt), add_bos=add_bos, name=checkpoint_label(ckpt))
-    if path.is_dir() and (path / "checkpoints").is_dir():
-        raise UserError(f"model: {src} is a run directory without a complete checkpoint")
-    from modernlm.hf.convert import load_hf_causal_lm
-
-    hf_model, tokenizer = load_hf_causal_lm(src, dtype=dtype, device=dev, progress=progress)
-    if tokenizer is None:
+    lm = load(src, device=device, dtype=dtype, progress=progress, what="model")
+    if lm.tokenizer is None:
         raise UserError(f"model: {src} has no usable tokenizer")
-    name = path.stem if path.is_file() else (path.name if path.is_dir() else src)
-    return wrap_hf(hf_model, tokenizer, add_bos=add_bos, name=name)
+    wrap = wrap_modernlm if lm.kind == "modernlm" else wrap_hf
+    return wrap(lm.model, lm.tokenizer, add_bos=add_bos, name=lm.name)
 
 
 def _check(cfg: Config) -> None:

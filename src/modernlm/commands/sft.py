@@ -22,10 +22,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from modernlm.align.sft import SFTDataConfig
 from modernlm.files import atomic_write
-from modernlm.runtime import RunConfig
+from modernlm.runtime import RunConfig, Runtime
 from modernlm.train.optim import OptimConfig
 from modernlm.train.trainer import TrainingConfig
 
@@ -53,7 +54,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-def split_records(cfg: Config, seed: int) -> tuple[SFTDataConfig, SFTDataConfig | None, float]:
+def split_records(cfg: Config) -> tuple[SFTDataConfig, SFTDataConfig | None, float]:
     """The training source, the validation source (or None: hold out a fraction), that fraction."""
     if cfg.eval.val_path:
         return cfg.data, replace(cfg.data, path=cfg.eval.val_path, hf_dataset="", max_examples=0), 0.0
@@ -75,18 +76,17 @@ def main(cfg: Config) -> None:
     from modernlm.align.sft import (
         ChatEncoder,
         SFTBatches,
+        chat_ready,
         eval_sft_batches,
-        generate_replies,
-        load_chat_model,
-        load_sft_examples,
-        read_sft_records,
+        sft_batch_counts,
         sft_loss,
     )
-    from modernlm.config import save_config
-    from modernlm.runtime import cleanup, setup_runtime
+    from modernlm.api import load
+    from modernlm.train.run import Training, fmt_loss, prompt_sampler, run_training
     from modernlm.train.trainer import Trainer
 
-    model, tokenizer, ckpt = load_chat_model(cfg.init_from, cfg.tokenizer)
+    lm = load(cfg.init_from, backend="modernlm", tokenizer=cfg.tokenizer, what="init_from")
+    model, tokenizer, ckpt = chat_ready(lm)
     encoder = ChatEncoder(tokenizer, add_bos=cfg.data.add_bos)
     if cfg.data.max_length > model.config.max_seq_len:
         from modernlm.errors import UserError
@@ -95,25 +95,10 @@ def main(cfg: Config) -> None:
             f"data.max_length ({cfg.data.max_length}) is longer than the model's context "
             f"({model.config.max_seq_len}, {ckpt})"
         )
-    train_cfg, val_cfg, fraction = split_records(cfg, cfg.run.seed)
-    examples = load_sft_examples(train_cfg, encoder, seed=cfg.run.seed)
-    if val_cfg is not None:
-        val_examples = load_sft_examples(replace(val_cfg, shuffle=False), encoder)
-    else:
-        n_val = round(len(examples) * fraction)
-        val_examples, examples = examples[:n_val], examples[n_val:]
-    if cfg.eval.max_examples:
-        val_examples = val_examples[: cfg.eval.max_examples]
-    # The raw held-out conversations, for the generation check at the end.
-    held_out = {ex["source"] for ex in val_examples}
-    val_src = val_cfg or train_cfg
-    conversations = [m for where, m in read_sft_records(val_src) if where in held_out][: cfg.eval.generate]
+    examples, val_examples, conversations = load_examples(cfg, encoder)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else encoder.end_id
 
-    cfg.run.name = cfg.run.name or "sft"
-    runtime = setup_runtime(cfg.run)
-    try:
-        run_dir = Path(cfg.run.out_dir) / cfg.run.name
-        pad = tokenizer.pad_id if tokenizer.pad_id is not None else encoder.end_id
+    def build(runtime: Runtime, run_dir: Path) -> Training:
         train_batches = SFTBatches(
             examples, cfg.train.batch_size, pad, pack=cfg.data.pack, max_length=cfg.data.max_length,
             seed=cfg.run.seed, rank=runtime.rank, world_size=runtime.world_size,
@@ -123,35 +108,62 @@ def main(cfg: Config) -> None:
         torch.manual_seed(cfg.run.seed + runtime.rank)
         trainer = Trainer(
             model, sft_loss, train_batches, cfg.train, cfg.optim, runtime, run_dir,
-            val_batches=val_batches, tokenizer=tokenizer,
+            val_batches=val_batches, tokenizer=tokenizer, batch_counts=sft_batch_counts,
             flops_per_token=model.flops_per_token(cfg.data.max_length),
+            sample_fn=prompt_sampler(tokenizer, cfg.train.sample_prompts, cfg.train.sample_tokens),
         )  # fmt: skip
-        trainer.maybe_resume()  # before writing config.yaml: a mismatched resume must not overwrite it
-        if runtime.is_main:
-            save_config(cfg, run_dir / "config.yaml")
-            n_tokens = sum(sum(t != -100 for t in ex["labels"]) for ex in examples)
-            runtime.print0(
-                f"sft: {model.num_params() / 1e6:.2f}M params from {ckpt}, {len(examples):,} train / "
-                f"{len(val_examples):,} val examples ({n_tokens:,} reply tokens), "
-                f"{len(train_batches.examples):,} rows{' (packed)' if cfg.data.pack else ''} -> {run_dir}"
-            )
-        summary = trainer.train()
-        if runtime.is_main:
+        n_tokens = sum(sum(t != -100 for t in ex["labels"]) for ex in examples)
+        banner = (
+            f"{model.num_params() / 1e6:.2f}M params from {ckpt}, {len(examples):,} train / "
+            f"{len(val_examples):,} val examples ({n_tokens:,} reply tokens), "
+            f"{len(train_batches.examples):,} rows{' (packed)' if cfg.data.pack else ''}"
+        )
+
+        def after(summary: dict) -> str | None:
+            if not runtime.is_main:
+                return None
             report = {"step": trainer.step, "val_loss": summary["final_val_loss"], "n_val": len(val_examples)}
-            if conversations:
-                prompts = [c[: max(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in conversations]
-                replies = generate_replies(model, encoder, prompts, cfg.eval.max_new_tokens)
-                report["eos_rate"] = sum(r["stopped"] for r in replies) / len(replies)
-                report["n_generated"] = len(replies)
-                write_samples(run_dir / "samples.md", trainer.step, prompts, replies)
+            report |= reply_check(model, encoder, conversations, cfg.eval.max_new_tokens, run_dir, trainer.step)
             atomic_write(run_dir / "eval.json", json.dumps(report, indent=2) + "\n")
-            fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
             eos = f", replies ending with <|im_end|>: {report['eos_rate']:.0%}" if "eos_rate" in report else ""
-            runtime.print0(
-                f"done: {summary['steps']} steps, val_loss {fmt(summary['final_val_loss'])}{eos} -> {run_dir}"
-            )
-    finally:
-        cleanup(runtime)
+            return f"{summary['steps']} steps, val_loss {fmt_loss(summary['final_val_loss'])}{eos}"
+
+        return Training(trainer, banner, after=after)
+
+    run_training(cfg, "sft", build)
+
+
+def load_examples(cfg: Config, encoder: Any) -> tuple[list[dict], list[dict], list[list[dict]]]:
+    """(training examples, validation examples, the raw held-out conversations to answer at the end)."""
+    from modernlm.align.sft import load_sft_examples, read_sft_records
+
+    train_cfg, val_cfg, fraction = split_records(cfg)
+    examples = load_sft_examples(train_cfg, encoder, seed=cfg.run.seed)
+    if val_cfg is not None:
+        val_examples = load_sft_examples(replace(val_cfg, shuffle=False), encoder)
+    else:
+        n_val = round(len(examples) * fraction)
+        val_examples, examples = examples[:n_val], examples[n_val:]
+    if cfg.eval.max_examples:
+        val_examples = val_examples[: cfg.eval.max_examples]
+    held_out = {ex["source"] for ex in val_examples}
+    conversations = [m for where, m in read_sft_records(val_cfg or train_cfg) if where in held_out]
+    return examples, val_examples, conversations[: cfg.eval.generate]
+
+
+def reply_check(
+    model: Any, encoder: Any, conversations: list[list[dict]], max_new_tokens: int, run_dir: Path, step: int
+) -> dict[str, Any]:
+    """Greedy replies to the held-out prompts: eos_rate and n_generated for eval.json; the replies
+    go to samples.md. {} without conversations."""
+    from modernlm.align.sft import generate_replies
+
+    if not conversations:
+        return {}
+    prompts = [c[: max(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in conversations]
+    replies = generate_replies(model, encoder, prompts, max_new_tokens)
+    write_samples(run_dir / "samples.md", step, prompts, replies)
+    return {"eos_rate": sum(r["stopped"] for r in replies) / len(replies), "n_generated": len(replies)}
 
 
 def write_samples(path: Path, step: int, prompts: list, replies: list[dict]) -> None:

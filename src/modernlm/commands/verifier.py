@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from modernlm.files import atomic_write
-from modernlm.runtime import RunConfig
+from modernlm.runtime import RunConfig, Runtime
 from modernlm.train.optim import OptimConfig
 from modernlm.train.trainer import TrainingConfig
 
@@ -130,82 +130,37 @@ def derived_outputs(cfg: Config) -> list[tuple[str, Path, str]]:
 
 
 def main(cfg: Config) -> None:
-    import numpy as np
     import torch
 
-    from modernlm.align import verifier as V
-    from modernlm.align.sft import ChatEncoder, load_chat_model
-    from modernlm.config import save_config
+    from modernlm.align import verifier
+    from modernlm.align.sft import ChatEncoder, chat_ready, sft_batch_counts
+    from modernlm.api import load
     from modernlm.errors import UserError
-    from modernlm.eval.metrics import write_errors
-    from modernlm.runtime import cleanup, setup_runtime
+    from modernlm.train.run import Training, run_training
     from modernlm.train.trainer import Trainer
 
     check(cfg)
-    d = cfg.data
-    # the hub dataset stands in for the files when no train_path is given
-    hub = {"hf_dataset": d.hf_dataset, "hf_config": d.hf_config} if d.hf_dataset and not d.train_path else {}
-    train_problems = V.read_problems(d.train_path, d.max_train_problems, **hub, split=d.train_split)
-    eval_problems = []
-    if d.eval_path or hub:
-        eval_hub = {} if d.eval_path else hub
-        eval_problems = V.read_problems(d.eval_path, d.max_eval_problems, **eval_hub, split=d.eval_split)
-    backbone, tokenizer, init_ckpt = load_chat_model(cfg.init_from)
+    train_problems, eval_problems = read_problem_sets(cfg.data)
+    backbone, tokenizer, init_ckpt = chat_ready(load(cfg.init_from, backend="modernlm", what="init_from"))
+    encoder = ChatEncoder(tokenizer)
+    max_length = cfg.data.max_length or backbone.config.max_seq_len
+    if max_length > backbone.config.max_seq_len:
+        raise UserError(f"data.max_length ({max_length}) is longer than the model's context ({init_ckpt})")
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else encoder.end_id
+    bs = cfg.train.batch_size
 
-    cfg.run.name = cfg.run.name or "verifier"
-    runtime = setup_runtime(cfg.run)
-    try:
-        run_dir = Path(cfg.run.out_dir) / cfg.run.name
-        encoder = ChatEncoder(tokenizer)
-        max_length = cfg.data.max_length or backbone.config.max_seq_len
-        if max_length > backbone.config.max_seq_len:
-            raise UserError(f"data.max_length ({max_length}) is longer than the model's context ({init_ckpt})")
-
+    def build(runtime: Runtime, run_dir: Path) -> Training:
         # ---- 1. samples (the generator only generates: its weights stay as loaded) ----
         if cfg.generator:
-            gen, gen_tok, gen_ckpt = load_chat_model(cfg.generator, what="generator")
+            gen, gen_tok, gen_ckpt = chat_ready(load(cfg.generator, backend="modernlm", what="generator"), "generator")
         else:
             gen, gen_tok, gen_ckpt = backbone, tokenizer, init_ckpt
-        gen.to(runtime.device).eval()
-        s = cfg.sample
-        common = dict(
-            max_new_tokens=s.max_new_tokens, top_k=s.top_k, seed=s.seed, batch_size=s.batch_size,
-            generator=str(gen_ckpt), progress=cfg.train.progress, autocast=runtime.autocast,
-        )  # fmt: skip
-        gen_enc = ChatEncoder(gen_tok)
-        samples = run_dir / "samples"
-        train_rows, train_stats = V.draw_samples(
-            samples / "train.jsonl", gen, gen_enc, train_problems, s.n_train, temperature=s.temperature, **common
-        )
-        runtime.print0(
-            f"samples: {len(train_rows):,} for {len(train_problems):,} training problems from {gen_ckpt}, "
-            f"{train_stats['share_correct']:.1%} correct, {train_stats['problems_with_a_correct']:.1%} of problems "
-            f"with a correct one -> {samples / 'train.jsonl'}"
-        )
-        greedy_rows, eval_rows, eval_stats = [], [], {}
-        if eval_problems:
-            greedy_rows, _ = V.draw_samples(
-                samples / "eval_greedy.jsonl", gen, gen_enc, eval_problems, 1, temperature=0.0, **common
-            )
-            eval_rows, eval_stats = V.draw_samples(
-                samples / "eval.jsonl", gen, gen_enc, eval_problems, s.n_eval, temperature=s.temperature, **common
-            )
-        if gen is not backbone:
-            del gen
-
+        drawn = draw(cfg, gen, ChatEncoder(gen_tok), str(gen_ckpt), train_problems, eval_problems, runtime, run_dir)
+        del gen
         # ---- 2. the verifier: training problems split by problem into train / val ----
-        order = np.random.default_rng(cfg.run.seed).permutation(len(train_problems))
-        n_val = min(round(len(train_problems) * cfg.data.val_fraction), len(train_problems) - 1)
-        held = {int(i) for i in order[:n_val]}
-        examples = V.examples_from_rows([r for r in train_rows if r["problem"] not in held], encoder, max_length)
-        val_examples = V.examples_from_rows([r for r in train_rows if r["problem"] in held], encoder, max_length)
-        if cfg.train.eval_batches:
-            val_examples = val_examples[: cfg.train.eval_batches * cfg.train.batch_size]
-        pad = tokenizer.pad_id if tokenizer.pad_id is not None else encoder.end_id
-        val_batches = [
-            V.collate_verifier(val_examples[i : i + cfg.train.batch_size], pad)
-            for i in range(0, len(val_examples), cfg.train.batch_size)
-        ] or None
+        examples, val_examples = split_examples(cfg, drawn["train_rows"], len(train_problems), encoder, max_length)
+        starts = range(0, len(val_examples), bs)
+        val_batches = [verifier.collate_verifier(val_examples[i : i + bs], pad) for i in starts]
         labels = {bool(e["correct"]) for e in examples}
         if len(labels) < 2:
             runtime.print0(
@@ -213,54 +168,132 @@ def main(cfg: Config) -> None:
                 "learn that (more samples, a higher temperature or a stronger generator give both kinds)"
             )
         torch.manual_seed(cfg.run.seed)
-        model = V.VerifierModel(backbone).train()
-        batches = V.VerifierBatches(examples, cfg.train.batch_size, pad, seed=cfg.run.seed)
+        model = verifier.VerifierModel(backbone).train()
+        batches = verifier.VerifierBatches(examples, bs, pad, seed=cfg.run.seed)
         trainer = Trainer(
-            model, V.verifier_loss_fn(cfg.lm_coef), batches, cfg.train, cfg.optim, runtime, run_dir,
-            val_batches=val_batches, eval_loss_fn=V.value_eval_loss, tokenizer=tokenizer,
-            save_model_fn=V.save_verifier, load_model_fn=V.load_verifier_weights, eval_perplexity=False,
+            model, verifier.verifier_loss_fn(cfg.lm_coef), batches, cfg.train, cfg.optim, runtime, run_dir,
+            val_batches=val_batches or None, eval_loss_fn=verifier.value_eval_loss, tokenizer=tokenizer,
+            save_model_fn=verifier.save_verifier, load_model_fn=verifier.load_verifier_weights, eval_perplexity=False,
+            batch_counts=sft_batch_counts,
         )  # fmt: skip
-        trainer.maybe_resume()  # before writing config.yaml: a mismatched resume must not overwrite it
-        save_config(cfg, run_dir / "config.yaml")
-        runtime.print0(
-            f"verifier: {model.num_params() / 1e6:.2f}M params from {init_ckpt}, {len(examples):,} train / "
+        banner = (
+            f"{model.num_params() / 1e6:.2f}M params from {init_ckpt}, {len(examples):,} train / "
             f"{len(val_examples):,} val solutions ({sum(e['correct'] for e in examples) / len(examples):.1%} correct), "
-            f"lm_coef {cfg.lm_coef} -> {run_dir}"
+            f"lm_coef {cfg.lm_coef}"
         )
-        summary = trainer.train()
-        V.save_verifier(model, run_dir / "verifier", tokenizer)
 
-        # ---- 3. rerank the held-out samples ----
-        if not eval_problems:
-            runtime.print0(f"done: {summary['steps']} steps, no data.eval_path: nothing to rerank -> {run_dir}")
-            return
-        scores = V.score_examples(
-            model, V.examples_from_rows(eval_rows, encoder, max_length), s.batch_size, pad, runtime.autocast
+        def after(summary: dict) -> str:
+            verifier.save_verifier(model, run_dir / "verifier", tokenizer)
+            if not eval_problems:
+                return f"{summary['steps']} steps, no data.eval_path: nothing to rerank"
+            # ---- 3. rerank the held-out samples ----
+            rows = verifier.examples_from_rows(drawn["eval_rows"], encoder, max_length)
+            scores = verifier.score_examples(model, rows, cfg.sample.batch_size, pad, runtime.autocast)
+            return write_report(cfg, eval_problems, drawn, scores, trainer.step, summary, run_dir)
+
+        return Training(trainer, banner, after=after)
+
+    run_training(cfg, "verifier", build)
+
+
+def read_problem_sets(d: DataSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training problems, held-out problems) from the files, or the hub dataset standing in for
+    the files when no train_path is given."""
+    from modernlm.align import verifier
+
+    hub = {"hf_dataset": d.hf_dataset, "hf_config": d.hf_config} if d.hf_dataset and not d.train_path else {}
+    train_problems = verifier.read_problems(d.train_path, d.max_train_problems, **hub, split=d.train_split)
+    eval_problems = []
+    if d.eval_path or hub:
+        eval_hub = {} if d.eval_path else hub
+        eval_problems = verifier.read_problems(d.eval_path, d.max_eval_problems, **eval_hub, split=d.eval_split)
+    return train_problems, eval_problems
+
+
+def draw(
+    cfg: Config, gen: Any, gen_enc: Any, generator: str, train_problems: list[dict], eval_problems: list[dict],
+    runtime: Any, run_dir: Path,
+) -> dict[str, Any]:  # fmt: skip
+    """Stage 1: the samples of run_dir/samples/ (reused, or finished, when there): train_rows and
+    train_stats, and for the held-out problems greedy_rows, eval_rows and eval_stats."""
+    from modernlm.align import verifier
+
+    gen.to(runtime.device).eval()
+    s = cfg.sample
+    common = dict(
+        max_new_tokens=s.max_new_tokens, top_k=s.top_k, seed=s.seed, batch_size=s.batch_size,
+        generator=generator, progress=cfg.train.progress, autocast=runtime.autocast,
+    )  # fmt: skip
+    samples = run_dir / "samples"
+    train_rows, train_stats = verifier.draw_samples(
+        samples / "train.jsonl", gen, gen_enc, train_problems, s.n_train, temperature=s.temperature, **common
+    )
+    runtime.print0(
+        f"samples: {len(train_rows):,} for {len(train_problems):,} training problems from {generator}, "
+        f"{train_stats['share_correct']:.1%} correct, {train_stats['problems_with_a_correct']:.1%} of problems "
+        f"with a correct one -> {samples / 'train.jsonl'}"
+    )
+    out = {"train_rows": train_rows, "train_stats": train_stats, "generator": generator}
+    out |= {"greedy_rows": [], "eval_rows": [], "eval_stats": {}}
+    if eval_problems:
+        out["greedy_rows"], _ = verifier.draw_samples(
+            samples / "eval_greedy.jsonl", gen, gen_enc, eval_problems, 1, temperature=0.0, **common
         )
-        metrics, predictions = rerank(eval_problems, greedy_rows, eval_rows, scores)
-        write_errors(run_dir / "eval" / "predictions.jsonl", predictions)
-        write_errors(run_dir / "eval" / "errors.jsonl", [p for p in predictions if not p["best_correct"]])
-        report = {
-            **metrics,
-            "sample_accuracy": eval_stats["share_correct"],  # one sample at the temperature: pass@1
-            "n": s.n_eval,
-            "n_problems": len(eval_problems),
-            "step": trainer.step,
-            "val_loss": summary["final_val_loss"],
-            "train_samples": train_stats,
-            "settings": {
-                "eval_path": cfg.data.eval_path or f"{cfg.data.hf_dataset}[{cfg.data.eval_split}]",
-                "generator": str(gen_ckpt), "verifier": str(run_dir / "verifier"),
-                "temperature": s.temperature, "top_k": s.top_k, "max_new_tokens": s.max_new_tokens, "seed": s.seed,
-                "lm_coef": cfg.lm_coef,
-            },
-        }  # fmt: skip
-        atomic_write(run_dir / "eval.json", json.dumps(report, indent=2) + "\n")
-        n = s.n_eval
-        runtime.print0(
-            f"done: greedy {metrics['greedy_accuracy']:.3f}, majority@{n} {metrics['majority_accuracy']:.3f}, "
-            f"best-of-{n} {metrics['best_of_n_accuracy']:.3f} (weighted vote {metrics['weighted_vote_accuracy']:.3f}), "
-            f"pass@{n} {metrics['pass_at_n']:.3f} on {len(eval_problems)} problems -> {run_dir}"
+        out["eval_rows"], out["eval_stats"] = verifier.draw_samples(
+            samples / "eval.jsonl", gen, gen_enc, eval_problems, s.n_eval, temperature=s.temperature, **common
         )
-    finally:
-        cleanup(runtime)
+    return out
+
+
+def split_examples(
+    cfg: Config, rows: list[dict], n_problems: int, encoder: Any, max_length: int
+) -> tuple[list[dict], list[dict]]:
+    """(training, validation) verifier examples: data.val_fraction of the training problems, with
+    all their samples, give the validation ones (at most eval_batches of them)."""
+    import numpy as np
+
+    from modernlm.align import verifier
+
+    order = np.random.default_rng(cfg.run.seed).permutation(n_problems)
+    n_val = min(round(n_problems * cfg.data.val_fraction), n_problems - 1)
+    held = {int(i) for i in order[:n_val]}
+    examples = verifier.examples_from_rows([r for r in rows if r["problem"] not in held], encoder, max_length)
+    val_examples = verifier.examples_from_rows([r for r in rows if r["problem"] in held], encoder, max_length)
+    if cfg.train.eval_batches:
+        val_examples = val_examples[: cfg.train.eval_batches * cfg.train.batch_size]
+    return examples, val_examples
+
+
+def write_report(
+    cfg: Config, eval_problems: list[dict], drawn: dict[str, Any], scores: list[float], step: int,
+    summary: dict[str, Any], run_dir: Path,
+) -> str:  # fmt: skip
+    """Stage 3: eval.json, eval/predictions.jsonl and eval/errors.jsonl; returns the done line's text."""
+    from modernlm.eval.metrics import write_predictions
+
+    metrics, predictions = rerank(eval_problems, drawn["greedy_rows"], drawn["eval_rows"], scores)
+    write_predictions(run_dir / "eval" / "predictions.jsonl", predictions)
+    write_predictions(run_dir / "eval" / "errors.jsonl", [p for p in predictions if not p["best_correct"]])
+    s = cfg.sample
+    report = {
+        **metrics,
+        "sample_accuracy": drawn["eval_stats"]["share_correct"],  # one sample at the temperature: pass@1
+        "n": s.n_eval,
+        "n_problems": len(eval_problems),
+        "step": step,
+        "val_loss": summary["final_val_loss"],
+        "train_samples": drawn["train_stats"],
+        "settings": {
+            "eval_path": cfg.data.eval_path or f"{cfg.data.hf_dataset}[{cfg.data.eval_split}]",
+            "generator": drawn["generator"], "verifier": str(run_dir / "verifier"),
+            "temperature": s.temperature, "top_k": s.top_k, "max_new_tokens": s.max_new_tokens, "seed": s.seed,
+            "lm_coef": cfg.lm_coef,
+        },
+    }  # fmt: skip
+    atomic_write(run_dir / "eval.json", json.dumps(report, indent=2) + "\n")
+    n = s.n_eval
+    return (
+        f"greedy {metrics['greedy_accuracy']:.3f}, majority@{n} {metrics['majority_accuracy']:.3f}, "
+        f"best-of-{n} {metrics['best_of_n_accuracy']:.3f} (weighted vote {metrics['weighted_vote_accuracy']:.3f}), "
+        f"pass@{n} {metrics['pass_at_n']:.3f} on {len(eval_problems)} problems"
+    )

@@ -27,10 +27,8 @@ uint32; documents concatenated, each followed by eos) and the tokenizer files. S
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
-import gzip
 import io
 import itertools
 import json
@@ -45,6 +43,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from modernlm.data.readers import jsonl_rows, load_hub, parquet_column, text_lines
 from modernlm.errors import UserError
 from modernlm.files import atomic_write, replace_dir, tmp_path
 
@@ -144,84 +143,18 @@ def _kind(path: Path, strict: bool = True) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _open_text(path: Path) -> Iterator[io.TextIOBase]:
-    opener = gzip.open if path.suffix.lower() == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            yield f
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
-        raise UserError(f"{path}: cannot read: {e}") from None
+def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
+    for where, row in jsonl_rows(path):
+        if text_field not in row:
+            raise UserError(f"{where}: no {text_field!r} field (set text_field=...)")
+        text = row[text_field]
+        if not isinstance(text, str):
+            raise UserError(f"{where}: {text_field!r} is {type(text).__name__}, expected a string")
+        yield text
 
 
-def _text_lines(path: Path) -> Iterator[str]:
-    with _open_text(path) as f:
-        yield from f
-
-
-def _jsonl_rows(path: Path, text_field: str) -> Iterator[str]:
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-            if not isinstance(row, dict) or text_field not in row:
-                raise UserError(f"{path}:{lineno}: no {text_field!r} field (set text_field=...)")
-            text = row[text_field]
-            if not isinstance(text, str):
-                raise UserError(
-                    f"{path}:{lineno}: {text_field!r} is {type(text).__name__}, expected a string"
-                )
-            yield text
-
-
-def _parquet_rows(path: Path, text_field: str) -> Iterator[str]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError(
-            f"{path}: reading .parquet files needs pyarrow (pip install pyarrow)"
-        ) from None
-    try:
-        source: Any = (
-            io.BytesIO(gzip.decompress(path.read_bytes())) if path.suffix.lower() == ".gz" else path
-        )
-        pf = pq.ParquetFile(source)
-    except Exception as e:
-        raise UserError(f"{path}: cannot read parquet: {e}") from None
-    if text_field not in pf.schema_arrow.names:
-        raise UserError(
-            f"{path}: no column {text_field!r}; columns: {', '.join(pf.schema_arrow.names)}"
-        )
-    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            if text is not None:
-                yield text
-
-
-def _hub_rows(src: SourceConfig) -> Iterator[str]:
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(
-            f"source {src.name}: hub datasets need the `datasets` package (pip install datasets)"
-        ) from None
-    try:
-        ds = datasets.load_dataset(
-            src.hf_dataset, src.hf_config or None, split=src.split, streaming=src.hf_streaming
-        )
-    except Exception as e:  # no network, unknown id/config/split: all user-fixable
-        raise UserError(f"source {src.name}: cannot load hub dataset: {e}") from None
-    columns = getattr(ds, "column_names", None)
-    if columns is not None and src.text_field not in columns:
-        raise UserError(
-            f"source {src.name}: no column {src.text_field!r}; columns: {', '.join(columns)}"
-        )
+def _hub_texts(src: SourceConfig) -> Iterator[str]:
+    ds = load_hub(src.hf_dataset, src.hf_config, src.split, streaming=src.hf_streaming, column=src.text_field)
     for row in ds:
         text = row.get(src.text_field)
         if isinstance(text, str):
@@ -276,7 +209,7 @@ def _as_lines(rows: Iterable[str]) -> Iterator[str]:
 def _file_documents(path: Path, src: SourceConfig) -> Iterator[str]:
     kind = _kind(path)
     if kind == "text":
-        lines: Iterable[str] = _text_lines(path)
+        lines: Iterable[str] = text_lines(path)
         rule = src.documents
         if rule == "auto":
             inner = path.with_suffix("") if path.suffix.lower() == ".gz" else path
@@ -284,11 +217,7 @@ def _file_documents(path: Path, src: SourceConfig) -> Iterator[str]:
         if src.separator:
             return _split_separator(lines, src.separator)
         return _group_lines(lines, rule)
-    rows = (
-        _jsonl_rows(path, src.text_field)
-        if kind == "jsonl"
-        else _parquet_rows(path, src.text_field)
-    )
+    rows = _jsonl_texts(path, src.text_field) if kind == "jsonl" else parquet_column(path, src.text_field)
     return _rows_to_documents(rows, src)
 
 
@@ -314,7 +243,7 @@ def read_source(src: SourceConfig) -> Iterator[str]:
 
     def docs() -> Iterator[str]:
         if src.hf_dataset:
-            yield from _nonempty(_rows_to_documents(_hub_rows(src), src), f"source {src.name}")
+            yield from _nonempty(_rows_to_documents(_hub_texts(src), src), f"source {src.name}")
             return
         for path in source_files(src.path):
             yield from _nonempty(_file_documents(path, src), str(path))

@@ -14,7 +14,7 @@ Everything comes from one seed (`random.Random` over string seeds, which Python 
 way everywhere), so the same config writes byte-identical files.
 
 **Problems.** A problem is a small structured record (`Problem`): a template ("chain:given+eats",
-"together", "more_than", ...), the free numbers it draws, and the steps it computes (`Step`: op,
+"together", "more_than", ...), the free numbers it draws, and the steps it computes (`CalcStep`: op,
 left, right, result), every count in 1..max_number, so nothing is ever negative. The question,
 the step-by-step solution ("Tom gives her 3 more, so she has 4 + 3 = 7 apples.") and the story
 form are renderings of the same record, so the answer is right by construction and tests check
@@ -204,7 +204,7 @@ class SyntheticConfig:
 
 
 @dataclass(frozen=True)
-class Step:
+class CalcStep:
     op: str  # "+" or "-"
     left: int
     right: int
@@ -261,12 +261,14 @@ def template_specs(template: str) -> list[tuple[str, Ref, Ref]]:
     return [(EVENTS[e].op, ("n", 0) if i == 0 else ("s", i - 1), ("n", i + 1)) for i, e in enumerate(events)]
 
 
-def run_steps(specs: Sequence[tuple[str, Ref, Ref]], numbers: Sequence[int], error: tuple | None = None) -> list[Step]:
+def run_steps(
+    specs: Sequence[tuple[str, Ref, Ref]], numbers: Sequence[int], error: tuple | None = None
+) -> list[CalcStep]:
     """Compute the steps; error=(i, "off", delta) shifts step i's result, (i, "op") flips its operation.
 
     Later steps always compute correctly from what came before, as a student who slipped once would.
     """
-    out: list[Step] = []
+    out: list[CalcStep] = []
     for i, (op, left, right) in enumerate(specs):
         a, b = (numbers[k] if kind == "n" else out[k].result for kind, k in (left, right))
         if error and error[0] == i and error[1] == "op":
@@ -274,7 +276,7 @@ def run_steps(specs: Sequence[tuple[str, Ref, Ref]], numbers: Sequence[int], err
         result = a + b if op == "+" else a - b
         if error and error[0] == i and error[1] == "off":
             result += error[2]
-        out.append(Step(op, a, b, result))
+        out.append(CalcStep(op, a, b, result))
     return out
 
 
@@ -282,7 +284,7 @@ def run_steps(specs: Sequence[tuple[str, Ref, Ref]], numbers: Sequence[int], err
 class Problem:
     template: str  # "chain:given+eats", "together", "more_than", ... (see template_specs)
     numbers: tuple[int, ...]  # the free numbers: the start count, then each amount
-    steps: tuple[Step, ...]  # the computation, in order
+    steps: tuple[CalcStep, ...]  # the computation, in order
     hero: Person
     friend: Person
     thing: Thing
@@ -343,7 +345,7 @@ def question_text(p: Problem) -> str:
     return " ".join(parts)
 
 
-def solution_text(p: Problem, steps: Sequence[Step] | None = None) -> str:
+def solution_text(p: Problem, steps: Sequence[CalcStep] | None = None) -> str:
     """The step-by-step solution ending in "#### N"; `steps` overrides the computation (a wrong one)."""
     steps = list(p.steps if steps is None else steps)
     f, t, s = p.friend.name, p.thing, p.hero.subj
@@ -367,7 +369,7 @@ def story_text(p: Problem, rng: random.Random, cfg: SyntheticConfig) -> str:
     present = rng.random() < cfg.present_fraction
     had, has_ = ("has", "have") if present else ("had", "had")
 
-    def equation(step: Step, who: str) -> list[str]:
+    def equation(step: CalcStep, who: str) -> list[str]:
         counted = ("count" if who == "they" else "counts") if present else "counted"
         return [f"{_cap(who)} {counted}: {step.text()}."] if rng.random() < cfg.equation_fraction else []
 
@@ -454,7 +456,7 @@ def draw_problem(rng: random.Random, cfg: SyntheticConfig) -> Problem:
     return Problem(template, numbers, tuple(run_steps(specs, numbers)), hero, friend, thing, rng.choice(SHOPS))
 
 
-def wrong_steps(p: Problem, rng: random.Random, max_number: int) -> list[Step]:
+def wrong_steps(p: Problem, rng: random.Random, max_number: int) -> list[CalcStep]:
     """The steps with one plausible slip (a result off by 1 or 2, or the wrong operation) and a wrong answer.
 
     Every count stays >= 0 and the final answer always differs from the right one.
@@ -703,7 +705,7 @@ def _jsonl(rows: Sequence[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def generate(cfg: SyntheticConfig) -> dict[str, Any]:
+def make_world(cfg: SyntheticConfig) -> dict[str, Any]:
     """Every split in memory: "problems", "corpus", "gsm", "sft", "prefs" (each {split: rows}), "corpus_keys"."""
     questions: set[str] = set()
     test = draw_problems(cfg.test_problems, _rng(cfg, "test"), cfg, set(), True, questions)
@@ -738,7 +740,7 @@ def write_demo_data(out_dir: str | Path, cfg: SyntheticConfig | None = None) -> 
     """
     cfg = cfg or SyntheticConfig()
     start = time.perf_counter()
-    data = generate(cfg)
+    data = make_world(cfg)
     out = Path(out_dir)
     for split, stories in data["corpus"].items():
         _write_text(out / "corpus" / f"{split}.txt", "\n\n".join(stories) + "\n")
@@ -770,12 +772,12 @@ __all__ = [
     "EVENTS",
     "PEOPLE",
     "THINGS",
+    "CalcStep",
     "Problem",
-    "Step",
     "SyntheticConfig",
     "draw_problem",
     "equations",
-    "generate",
+    "make_world",
     "plain_story",
     "question_text",
     "run_steps",

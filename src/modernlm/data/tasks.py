@@ -30,10 +30,7 @@ transformers tokenizer, without importing transformers here.
 
 from __future__ import annotations
 
-import contextlib
-import gzip
 import itertools
-import json
 import random
 import re
 import warnings
@@ -47,6 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from modernlm.data.readers import Rows, file_rows, hub_rows
 from modernlm.errors import UserError
 from modernlm.tokenizer import IGNORE_INDEX  # label value that contributes no loss (as in HF)
 
@@ -202,120 +200,23 @@ def resolve_task_config(cfg: TaskDatasetConfig, check_source: bool = True) -> Ta
 # Rows from files or the hub: (where, dict) pairs; `where` names the file and line for errors.
 
 
-def _file_kind(path: Path) -> str:
-    name = path.name.lower()
-    if name.endswith(".tsv"):
-        return "tsv"
-    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-        return "jsonl"
-    if name.endswith((".json", ".json.gz")):
-        return "json"
-    raise UserError(f"path: unsupported file type {path} (expected .tsv, .json, .jsonl or .jsonl.gz)")
-
-
-def _open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
-
-
-def _tsv_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    # GLUE tsv files are plain tab-split lines (no quoting); the header names the columns.
-    lineno = 0
-    try:
-        with _open_text(path) as f:
-            header = f.readline().rstrip("\r\n").split("\t")
-            lineno = 1
-            if not header or header == [""]:
-                raise UserError(f"{path} line 1: empty file; expected a header row such as 'sentence<TAB>label'")
-            for lineno, line in enumerate(f, start=2):
-                line = line.rstrip("\r\n")
-                if not line.strip():
-                    continue
-                cells = line.split("\t")
-                if len(cells) != len(header):
-                    raise UserError(
-                        f"{path} line {lineno}: expected {len(header)} tab-separated columns "
-                        f"({', '.join(header)}), got {len(cells)}"
-                    )
-                yield f"{path} line {lineno}", dict(zip(header, cells, strict=True))
-    except (UnicodeDecodeError, OSError, EOFError) as e:
-        raise UserError(f"{path} line {lineno + 1}: cannot read: {e}") from None
-
-
-def _jsonl_rows(path: Path, lines: Iterable[str] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
-    lineno = 0
-    try:
-        with _open_text(path) if lines is None else contextlib.nullcontext(lines) as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path} line {lineno}: bad JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
-                yield f"{path} line {lineno}", row
-    except (UnicodeDecodeError, OSError, EOFError) as e:
-        raise UserError(f"{path} line {lineno + 1}: cannot read: {e}") from None
-
-
-def _json_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    try:
-        with _open_text(path) as f:
-            text = f.read()
-    except (UnicodeDecodeError, OSError, EOFError) as e:
-        raise UserError(f"{path}: cannot read: {e}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # several JSON values: it is JSON Lines under a .json name (SAMSum's zip)
-            yield from _jsonl_rows(path, text.splitlines(keepends=True))
-            return
-        raise UserError(f"{path} line {e.lineno}: bad JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    for i, row in enumerate(data, start=1):
-        if not isinstance(row, dict):
-            raise UserError(f"{path} record {i}: expected a JSON object, got {type(row).__name__}")
-        yield f"{path} record {i}", row
-
-
 # A hub dataset's config when none is given: the one with the records our readers parse.
 HUB_DEFAULT_CONFIGS = {"openai/gsm8k": "main"}
 
 
-def _hub_rows(hf_dataset: str, hf_config: str, split: str, hf_data_dir: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    hf_config = hf_config or HUB_DEFAULT_CONFIGS.get(hf_dataset, "")
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(
-            "hf_dataset: loading from the hub needs the 'datasets' package (pip install datasets)"
-        ) from None
-    try:
-        ds = datasets.load_dataset(hf_dataset, hf_config or None, split=split, data_dir=hf_data_dir or None)
-    except Exception as e:  # network, unknown id, bad split: the user's to fix
-        raise UserError(
-            f"hf_dataset: cannot load '{hf_dataset}' (hf_config '{hf_config}', split '{split}'): {e}"
-        ) from None
-    for i, row in enumerate(ds):
-        yield f"{hf_dataset}[{split}] row {i}", dict(row)
-
-
-def _rows(
-    path: str | Path | None, hf_dataset: str, hf_config: str, split: str, hf_data_dir: str
-) -> Iterator[tuple[str, dict[str, Any]]]:
+def source_rows(
+    path: str | Path | None, hf_dataset: str = "", hf_config: str = "", split: str = "train", hf_data_dir: str = ""
+) -> Rows:
+    """(where, record) of a local file (.tsv, .json, .jsonl, .jsonl.gz) or of a hub dataset's split."""
     if hf_dataset:
-        return _hub_rows(hf_dataset, hf_config, split, hf_data_dir)
+        config = hf_config or HUB_DEFAULT_CONFIGS.get(hf_dataset, "")
+        return hub_rows(hf_dataset, config, split, data_dir=hf_data_dir)
     if not path:
         raise UserError("path: give a local file or hf_dataset")
     path = Path(path)
     if not path.is_file():
         raise UserError(f"path: no such file: {path}")
-    kind = _file_kind(path)
-    return {"tsv": _tsv_rows, "jsonl": _jsonl_rows, "json": _json_rows}[kind](path)
+    return file_rows(path)
 
 
 def _field(row: dict[str, Any], name: str, where: str, *, optional: bool = False) -> str:
@@ -475,7 +376,7 @@ def read_sst2(
     """
     if hf_dataset == "glue" and not hf_config:
         hf_config = "sst2"
-    for _, rec in _iter_sst2(_rows(path, hf_dataset, hf_config, split, "")):
+    for _, rec in _iter_sst2(source_rows(path, hf_dataset, hf_config, split)):
         yield rec
 
 
@@ -483,7 +384,7 @@ def read_samsum(
     path: str | Path | None = None, *, hf_dataset: str = "", hf_config: str = "", split: str = "train"
 ) -> Iterator[dict[str, Any]]:
     """SAMSum records {"id", "dialogue" (turns joined by "\\n"), "summary"}; hub: "knkarthick/samsum"."""
-    for _, rec in _iter_samsum(_rows(path, hf_dataset, hf_config, split, "")):
+    for _, rec in _iter_samsum(source_rows(path, hf_dataset, hf_config, split)):
         yield rec
 
 
@@ -491,7 +392,7 @@ def read_gsm8k(
     path: str | Path | None = None, *, hf_dataset: str = "", hf_config: str = "", split: str = "train"
 ) -> Iterator[dict[str, Any]]:
     """GSM8K records {"question", "answer" (full solution), "final" (after ####, no commas)}; hub: "openai/gsm8k"."""
-    for _, rec in _iter_gsm8k(_rows(path, hf_dataset, hf_config, split, "")):
+    for _, rec in _iter_gsm8k(source_rows(path, hf_dataset, hf_config, split)):
         yield rec
 
 
@@ -499,7 +400,7 @@ def read_alpaca(
     path: str | Path | None = None, *, hf_dataset: str = "", hf_config: str = "", split: str = "train"
 ) -> Iterator[dict[str, Any]]:
     """Alpaca records {"instruction", "input" ("" when absent), "output"}; hub: "tatsu-lab/alpaca"."""
-    for _, rec in _iter_alpaca(_rows(path, hf_dataset, hf_config, split, "")):
+    for _, rec in _iter_alpaca(source_rows(path, hf_dataset, hf_config, split)):
         yield rec
 
 
@@ -518,7 +419,7 @@ def read_hh_rlhf(
     hf_data_dir e.g. "helpful-base". Pairs that do not split cleanly are skipped; pass a Counter
     as `skipped` to get the count per reason.
     """
-    for _, rec in _iter_hh_rlhf(_rows(path, hf_dataset, hf_config, split, hf_data_dir), skipped):
+    for _, rec in _iter_hh_rlhf(source_rows(path, hf_dataset, hf_config, split, hf_data_dir), skipped):
         yield rec
 
 
@@ -586,7 +487,7 @@ def load_task_examples(cfg: TaskDatasetConfig) -> list[dict[str, Any]]:
     """
     cfg = resolve_task_config(cfg)
     skipped: Counter = Counter()
-    rows = _rows(cfg.path, cfg.hf_dataset, cfg.hf_config, cfg.split, cfg.hf_data_dir)
+    rows = source_rows(cfg.path, cfg.hf_dataset, cfg.hf_config, cfg.split, cfg.hf_data_dir)
     records = _iter_hh_rlhf(rows, skipped) if cfg.name == "hh_rlhf" else _ITERS[cfg.name](rows)
     if cfg.max_examples and not cfg.shuffle:
         records = itertools.islice(records, cfg.max_examples)  # stop reading early
@@ -921,6 +822,7 @@ __all__ = [
     "read_samsum",
     "read_sst2",
     "resolve_task_config",
+    "source_rows",
     "split_hh_pair",
     "tokenize_example",
     "tokenize_examples",

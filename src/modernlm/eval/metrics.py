@@ -35,7 +35,7 @@ Both extractors return the number normalized by `normalize_number`, so "$1,234.5
 compare equal. Fractions stay fractions ("1/2" is not "0.5"); "%" is dropped ("50%" equals 50),
 since GSM8K answers are bare numbers. No float conversion anywhere: the comparison is exact.
 
-Error logs: `write_errors` writes one JSON object per line, {"input", "prediction", "reference",
+Prediction logs: `write_predictions` writes one JSON object per line, {"input", "prediction", "reference",
 ...extra}, atomically (temp file in the same folder, then rename), so a reader never sees half a
 file. `evaluate_predictions` logs the wrong examples of a task (see its docstring).
 """
@@ -251,7 +251,7 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def write_errors(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
+def write_predictions(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
     """Write `rows` as JSONL, atomically; each row needs "input", "prediction" and "reference".
 
     Keys come out in that order, then the row's other keys. Parent folders are created. Returns the path.
@@ -261,7 +261,7 @@ def write_errors(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
     for i, row in enumerate(rows):
         missing = [k for k in ("input", "prediction", "reference") if k not in row]
         if missing:
-            raise ValueError(f"error row {i} lacks {missing}")
+            raise ValueError(f"prediction row {i} lacks {missing}")
         ordered = {"input": row["input"], "prediction": row["prediction"], "reference": row["reference"]}
         ordered.update({k: v for k, v in row.items() if k not in ordered})
         lines.append(json.dumps(ordered, ensure_ascii=False, default=_json_default) + "\n")
@@ -325,5 +325,5 @@ def evaluate_predictions(
     result["n"] = n
     result["n_logged"] = len(rows)
     if errors_path is not None:
-        write_errors(errors_path, rows)
+        write_predictions(errors_path, rows)
     return result

@@ -22,10 +22,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+
+from modernlm.data.readers import load_hub
 
 # (input_ids [B, T]) -> logits [B, T, V]. Our model: `lambda x: model(x).logits`; HF the same.
 LogitsFn = Callable[[Tensor], Tensor]
@@ -130,9 +132,9 @@ def text_metrics(result: NLLResult, text: str) -> dict[str, float]:
 # "A model" and "a text": what `modernlm eval perplexity` / `eval table` score
 # --------------------------------------------------------------------------------------------
 #
-# A model is a modernlm checkpoint directory, a run directory (its best checkpoint, else its
-# latest), an HF model directory, a hub id or a .gguf file. modernlm checkpoints run on our
-# ModernDecoderLM; everything else runs on transformers' own model (through modernlm.hf.convert), so any
+# A model is what `modernlm.load` returns for a modernlm checkpoint directory, a run directory
+# (its best checkpoint, else its latest), an HF model directory, a hub id or a .gguf file. modernlm
+# checkpoints run on our ModernDecoderLM; everything else on transformers' own model, so any
 # architecture transformers knows is scored as its authors ship it, not through a conversion.
 
 METHOD = (
@@ -143,12 +145,12 @@ METHOD = (
 )
 
 
-@dataclass
-class ScoringModel:
+class ScoringModel(Protocol):
+    """What `evaluate_text` reads of a model: the fields of `modernlm.api.LM`."""
+
     name: str  # short label for tables and summary lines
     source: str  # what the user gave
     kind: str  # "modernlm" (our model) or "transformers" (HF's model)
-    logits_fn: LogitsFn
     tokenizer: Any  # modernlm.tokenizer.Tokenizer, or None (token streams only)
     num_params: int  # parameters, tied embeddings counted once
     max_context: int  # positions the model was built for (the default and largest `context`)
@@ -156,52 +158,7 @@ class ScoringModel:
     device: torch.device
     dtype: str
 
-
-def resolve_device(device: str) -> torch.device:
-    """ "auto" -> cuda when available, else cpu; anything else as torch reads it."""
-    from modernlm.errors import UserError
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise UserError(f"device: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device: {device!r} requested but CUDA is not available")
-    return dev
-
-
-def is_modernlm_checkpoint(path: str | Path) -> bool:
-    """A directory whose config.json says model_type "modernlm" (what checkpoint.save_model writes)."""
-    import json
-
-    file = Path(path) / "config.json"
-    if not file.is_file():
-        return False
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        return False
-    return isinstance(data, dict) and data.get("model_type", "modernlm") == "modernlm"
-
-
-def resolve_checkpoint(path: str | Path) -> Path | None:
-    """A modernlm checkpoint directory for `path`: itself, or for a run directory its
-    checkpoints/best (else its latest step_*). None when `path` is neither."""
-    from modernlm.checkpoint import BEST_DIR, CHECKPOINTS_DIR, latest_checkpoint
-
-    path = Path(path).expanduser()
-    if is_modernlm_checkpoint(path):
-        return path
-    root = path / CHECKPOINTS_DIR
-    if root.is_dir():
-        if is_modernlm_checkpoint(root / BEST_DIR):
-            return root / BEST_DIR
-        latest = latest_checkpoint(path)
-        if latest is not None:
-            return latest
-    return None
+    def logits_fn(self, ids: Tensor) -> Tensor: ...
 
 
 def checkpoint_label(path: Path) -> str:
@@ -209,70 +166,6 @@ def checkpoint_label(path: Path) -> str:
     if path.parent.name == "checkpoints":
         return f"{path.parent.parent.name}/{path.name}"
     return path.name
-
-
-def scoring_model(model: Any, tokenizer: Any, ckpt: Path, device: torch.device, dtype: str = "float32") -> ScoringModel:
-    """A loaded modernlm model (in eval mode, on `device`) as a ScoringModel."""
-    return ScoringModel(
-        name=checkpoint_label(ckpt),
-        source=str(ckpt),
-        kind="modernlm",
-        logits_fn=lambda x: model(x).logits,
-        tokenizer=tokenizer,
-        num_params=model.num_params(),
-        max_context=model.config.max_seq_len,
-        vocab_size=model.config.vocab_size,
-        device=device,
-        dtype=dtype,
-    )
-
-
-def load_scoring_model(src: str, device: str = "auto", dtype: str = "float32", progress: bool = True) -> ScoringModel:
-    """Load `src` (see the section comment) for scoring, in eval mode on `device` (progress=False:
-    no loading bars)."""
-    from modernlm.errors import UserError
-    from modernlm.runtime import DTYPES
-
-    if dtype not in DTYPES:
-        raise UserError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    dev = resolve_device(device)
-    ckpt = resolve_checkpoint(src) if Path(src).expanduser().is_dir() else None
-    if ckpt is not None:
-        from modernlm.checkpoint import load_model
-        from modernlm.tokenizer import load_tokenizer
-
-        model = load_model(ckpt, device=dev).to(DTYPES[dtype]).eval()
-        has_tokenizer = (ckpt / "tokenizer.json").is_file() or (ckpt / "vocab.json").is_file()
-        return scoring_model(model, load_tokenizer(ckpt) if has_tokenizer else None, ckpt, dev, dtype)
-    path = Path(src).expanduser()
-    if path.is_dir() and (path / "checkpoints").is_dir():
-        raise UserError(f"{src}: a run directory without a complete checkpoint")
-    from modernlm.hf.convert import load_hf_causal_lm
-
-    hf_model, tokenizer = load_hf_causal_lm(src, dtype=dtype, device=dev, progress=progress)
-    config = hf_model.config
-    max_context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if path.is_file():  # a .gguf: "SmolLM2-135M-Instruct.Q4_1"
-        name = path.stem
-    else:
-        name = path.name if path.is_dir() else src
-
-    def logits_fn(x: Tensor) -> Tensor:
-        return hf_model(input_ids=x, use_cache=False).logits
-
-    return ScoringModel(
-        name=name,
-        source=src,
-        kind="transformers",
-        logits_fn=logits_fn,
-        tokenizer=tokenizer,
-        # parameters() yields a tied embedding once
-        num_params=sum(p.numel() for p in hf_model.parameters()),
-        max_context=int(max_context or 2048),  # no stated maximum (recurrent models): a 2048 default
-        vocab_size=int(hf_model.get_output_embeddings().weight.shape[0]),
-        device=dev,
-        dtype=dtype,
-    )
 
 
 def load_text(
@@ -292,18 +185,8 @@ def load_text(
             raise UserError(f"data: {path} is not UTF-8 text ({e})") from None
     if not hf_dataset:
         raise UserError("data: give a text file (data=PATH) or a hub dataset (hf_dataset=NAME)")
-    try:
-        import datasets
-    except ImportError:
-        raise UserError("hf_dataset needs the `datasets` package (pip install datasets)") from None
+    ds = load_hub(hf_dataset, hf_config, split, column=text_field)
     what = "/".join(x for x in (hf_dataset, hf_config) if x) + f" [{split}]"
-    try:
-        ds = datasets.load_dataset(hf_dataset, hf_config or None, split=split)
-    except Exception as e:  # no network, unknown name/config/split: all the user's to fix
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load dataset {what}: {first}") from None
-    if text_field not in ds.column_names:
-        raise UserError(f"text_field: {what} has no column {text_field!r} (columns: {ds.column_names})")
     return "\n\n".join(ds[text_field]), f"hub:{what}"
 
 

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from modernlm.runtime import eval_mode
+
 if TYPE_CHECKING:
     from modernlm.model import ModernDecoderLM
 
@@ -57,10 +59,8 @@ def streaming_nll(
     if window < 0 or sink_size < 0 or chunk < 1:
         raise ValueError(f"need window >= 0, sink_size >= 0, chunk >= 1; got {window}, {sink_size}, {chunk}")
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out = []
-    try:
+    with eval_mode(model):
         for rows in ids.split(batch_size):
             rows = rows.to(device)
             inputs, targets = rows[:, :-1], rows[:, 1:]
@@ -74,8 +74,6 @@ def streaming_nll(
                 logits = model(inputs[:, start : start + chunk], cache=cache).logits
                 pieces.append(_nll(logits, targets[:, start : start + chunk]))
             out.append(torch.cat(pieces, dim=1))
-    finally:
-        model.train(was_training)
     return torch.cat(out).cpu()
 
 

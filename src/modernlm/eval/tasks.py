@@ -32,7 +32,6 @@ and demonstrations.txt when few-shot.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import warnings
@@ -45,8 +44,10 @@ from torch import Tensor
 
 from modernlm.data.tasks import TaskTokenizer
 from modernlm.errors import UserError
-from modernlm.eval.metrics import evaluate_predictions, macro_f1, write_errors
+from modernlm.eval.metrics import evaluate_predictions, macro_f1, write_predictions
 from modernlm.files import atomic_write
+from modernlm.generation import Sampling, StopOnText, TextGeneration, TextStream
+from modernlm.runtime import eval_mode
 
 TASKS = ("sst2", "samsum", "gsm8k")
 MODES = ("auto", "score", "generate")
@@ -67,24 +68,6 @@ DEMO_SEPARATOR = "\n\n"
 
 # ---------------------------------------------------------------------------------------------
 # Models
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout, also in LoRA layers) and no autograd; the mode is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """`text` up to the first stop string (earliest position), and whether one was found."""
-    hits = [i for s in stop if s and (i := text.find(s)) >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
 
 
 class TaskModel:
@@ -108,16 +91,16 @@ class TaskModel:
         given the encoder's input_ids."""
         raise NotImplementedError
 
-    def generate(
-        self,
-        prompts: list[str],
-        *,
-        max_new_tokens: int,
-        stop: Sequence[str] = (),
-        temperature: float = 0.0,
-        seed: int | None = None,
-    ) -> list[str]:
-        """The continuation of each prompt (not the prompt), ending before eos or the first stop string."""
+    def generate(self, prompts: list[str], sampling: Sampling | int | None = None, **settings: Any) -> list[str]:
+        """The continuation of each prompt (not the prompt), ending before eos or the first stop
+        string. `sampling` / `settings` as in `generation.Sampling.make` (max_new_tokens, stop,
+        temperature, seed, ...)."""
+        if not prompts:
+            return []
+        return self.complete(self.prompt_ids_batch(prompts), Sampling.make(sampling, **settings))
+
+    def complete(self, rows: list[list[int]], sampling: Sampling) -> list[str]:
+        """`generate` from prompt token ids."""
         raise NotImplementedError
 
     # Shared helpers ----------------------------------------------------------------------
@@ -147,32 +130,10 @@ class TaskModel:
             return prompt[:1] + prompt[len(prompt) - keep + 1 :]
         return prompt[len(prompt) - keep :]
 
-    def _decode_new(self, context: list[int], new: list[int], stop: Sequence[str]) -> str:
-        """Text of `new` tokens, cut at eos and at the first stop string.
-
-        Decoded after the last prompt tokens and then removed, as `generation.TextStream` does:
-        SentencePiece-style decoders drop the leading space of a first token decoded alone.
-        """
-        eos = self.tokenizer.eos_id
-        if eos is not None and eos in new:
-            new = new[: new.index(eos)]
-        decode = self.tokenizer.tokenizer.decode
-        ctx = list(context[-4:])
-        head = decode(ctx, skip_special_tokens=True)
-        full = decode(ctx + list(new), skip_special_tokens=True)
-        text = full[len(head) :] if full.startswith(head) else decode(list(new), skip_special_tokens=True)
-        return _cut_at_stop(text, stop)[0]
-
-    def _stop_window(self, stop: Sequence[str]) -> int:
-        # A stop string of b UTF-8 bytes spans at most b tokens, plus one partial token at each end.
-        return max((len(s.encode("utf-8")) for s in stop if s), default=0) + 2
-
-    def _hit_stop(self, new: list[int], stop: Sequence[str]) -> bool:
-        if not stop:
-            return False
-        tail = new[-self._stop_window(stop) :]
-        text = self.tokenizer.tokenizer.decode(tail, skip_special_tokens=True)
-        return _cut_at_stop(text, stop)[1]
+    def _streams(self, rows: list[list[int]], sampling: Sampling) -> list[TextStream]:
+        """One `generation.TextStream` per row: the text side, shared with our generation."""
+        eos = sampling.eos_ids or ([self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else [])
+        return [TextStream(self.tokenizer.tokenizer, sampling.stop, context=r, eos=eos) for r in rows]
 
 
 class ModernLMTaskModel(TaskModel):
@@ -194,59 +155,16 @@ class ModernLMTaskModel(TaskModel):
         # Right padding needs no mask (causal attention never looks ahead); only left padding
         # (real tokens at the end of every row) is passed on, which is what the model supports.
         pad_mask = mask if not mask.all() and bool(mask[:, -1].all()) else None
-        with _eval_mode(self.model):
+        with eval_mode(self.model), torch.inference_mode():
             return self.model(input_ids.to(self.device), pad_mask=pad_mask).logits.float()
 
-    def generate(
-        self,
-        prompts: list[str],
-        *,
-        max_new_tokens: int,
-        stop: Sequence[str] = (),
-        temperature: float = 0.0,
-        seed: int | None = None,
-    ) -> list[str]:
-        from modernlm.generation import iter_tokens, left_pad
-
-        if not prompts:
+    def complete(self, rows: list[list[int]], sampling: Sampling) -> list[str]:
+        if not rows:
             return []
-        rows = [self._fit(r, max_new_tokens) for r in self.prompt_ids_batch(prompts)]
-        for p, r in zip(prompts, rows, strict=True):
-            if not r:
-                raise UserError(f"prompt {p[:40]!r} encodes to no tokens; set add_bos")
-        idx, pad_mask = left_pad(rows, self.tokenizer.pad_id, self.device)
-        eos = self.tokenizer.eos_id
-        new: list[list[int]] = [[] for _ in rows]
-        done = [False] * len(rows)
-        steps = iter_tokens(
-            self.model, idx, max_new_tokens, temperature=temperature, seed=seed, eos_token_id=eos,
-            pad_token_id=self.tokenizer.pad_id, pad_mask=pad_mask, vocab_size=self.vocab_size,
-        )  # fmt: skip
-        for step in steps:
-            for i, tok in enumerate(step.tokens.tolist()):
-                if done[i]:
-                    continue
-                new[i].append(tok)
-                done[i] = tok == eos or self._hit_stop(new[i], stop)
-            if all(done):
-                break  # every row ended on eos or a stop string: skip the remaining steps
-        return [self._decode_new(r, n, stop) for r, n in zip(rows, new, strict=True)]
-
-
-class _StopStrings:
-    """A transformers stopping criterion (duck-typed: called with input_ids, scores -> [B] bool)
-    that ends a row once its generated text contains a stop string."""
-
-    def __init__(self, tm: TaskModel, stop: Sequence[str], start: int):
-        self.tm, self.stop, self.start = tm, list(stop), start
-        self.done: list[bool] | None = None
-
-    def __call__(self, input_ids: Tensor, scores: Any = None, **kwargs: Any) -> Tensor:
-        if self.done is None:
-            self.done = [False] * input_ids.size(0)
-        for i, row in enumerate(input_ids[:, self.start :].tolist()):
-            self.done[i] = self.done[i] or self.tm._hit_stop(row, self.stop)
-        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+        rows = [self._fit(r, sampling.max_new_tokens) for r in rows]
+        if any(not r for r in rows):
+            raise UserError("a prompt encodes to no tokens; set add_bos")
+        return [s.text for s in TextGeneration(self.model, self.tokenizer.tokenizer, rows, sampling).run()]
 
 
 class HFTaskModel(TaskModel):
@@ -275,63 +193,42 @@ class HFTaskModel(TaskModel):
         elif not bool(attention_mask[:, 0].all()):
             # Left padding: positions count real tokens only, as HF generate computes them.
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        with _eval_mode(self.model):
+        with eval_mode(self.model), torch.inference_mode():
             return self.model(**kwargs).logits.float()
 
-    def generate(
-        self,
-        prompts: list[str],
-        *,
-        max_new_tokens: int,
-        stop: Sequence[str] = (),
-        temperature: float = 0.0,
-        seed: int | None = None,
-    ) -> list[str]:
-        if not prompts:
+    def complete(self, rows: list[list[int]], sampling: Sampling) -> list[str]:
+        if not rows:
             return []
-        if max_new_tokens < 0 or temperature < 0:
-            raise UserError("max_new_tokens and temperature must be >= 0")
         tok = self.tokenizer
-        rows = self.prompt_ids_batch(prompts)
         if self.is_encoder_decoder:
             if tok.eos_id is not None:
                 rows = [r + [tok.eos_id] for r in rows]  # T5's encoder inputs end with eos
             input_ids, attention_mask = _pad(rows, tok.pad_id, "right")
             start = 1  # outputs begin with the decoder start token
         else:
-            rows = [self._fit(r, max_new_tokens) for r in rows]
-            for p, r in zip(prompts, rows, strict=True):
-                if not r:
-                    raise UserError(f"prompt {p[:40]!r} encodes to no tokens; set add_bos")
+            rows = [self._fit(r, sampling.max_new_tokens) for r in rows]
+            if any(not r for r in rows):
+                raise UserError("a prompt encodes to no tokens; set add_bos")
             input_ids, attention_mask = _pad(rows, tok.pad_id, "left")
             start = input_ids.size(1)
-        if max_new_tokens == 0:
-            return [""] * len(prompts)
+        if sampling.max_new_tokens == 0:
+            return [""] * len(rows)
         kwargs: dict[str, Any] = dict(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tok.pad_id,
+            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), pad_token_id=tok.pad_id
         )
         if tok.eos_id is not None:
             kwargs["eos_token_id"] = tok.eos_id
-        if temperature > 0:
-            # top_k=0 / top_p=1: plain temperature sampling, whatever the model's generation_config says.
-            kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-        if stop:
-            kwargs["stopping_criteria"] = [_StopStrings(self, stop, start)]
+        kwargs |= sampling.transformers_kwargs()  # the same settings as our generation
+        contexts = [[] if self.is_encoder_decoder else r for r in rows]
+        if sampling.stop:
+            kwargs["stopping_criteria"] = [StopOnText(self._streams(contexts, sampling), start)]
         rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
-        with rng, _eval_mode(self.model):
-            if seed is not None:
-                torch.manual_seed(seed)  # inside fork_rng: the caller's global RNG is left as it was
+        with rng, eval_mode(self.model), torch.inference_mode():
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)  # inside fork_rng: the caller's global RNG is left as it was
             out = self.model.generate(**kwargs)
-        texts = []
-        for i, row in enumerate(out[:, start:].tolist()):
-            context = [] if self.is_encoder_decoder else rows[i]
-            texts.append(self._decode_new(context, row, stop))
-        return texts
+        streams = self._streams(contexts, sampling)
+        return [s.feed(row).text for s, row in zip(streams, out[:, start:].tolist(), strict=True)]
 
 
 def wrap_modernlm(model: Any, tokenizer: Any, *, add_bos: bool = False, name: str = "modernlm") -> TaskModel:
@@ -502,7 +399,7 @@ def _first_word(text: str) -> str:
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    write_errors(path, rows)  # the same atomic JSONL writer; every row has input / prediction / reference
+    write_predictions(path, rows)  # the same atomic JSONL writer; every row has input / prediction / reference
 
 
 def evaluate_task(

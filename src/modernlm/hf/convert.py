@@ -18,12 +18,15 @@ HF's stacked by rows (wqkv = [q; k; v], w_gate_up = [gate; up]):
 GGUF files go through transformers' GGUF loader, which de-quantizes to float and undoes the
 llama.cpp q/k row permutation, so they land in the same HF layout. What has no Llama equivalent
 (MoE, the sink token; rope scaling, biases, other activations on the HF side) is a `UserError`.
+
+Loading: `load_transformers(source, task)` is the one call of `from_pretrained` (causal LMs for
+`modernlm.load`, seq2seq and classification models for LoRA finetuning), `load_hf_tokenizer` the
+one of AutoTokenizer, and `hf_tokenizer_to_ours` keeps the tokenizer's bos rule and chat template.
 """
 
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +38,7 @@ from modernlm.runtime import DTYPES
 if TYPE_CHECKING:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+    from modernlm.checkpoint import Source
     from modernlm.model import ModelConfig, ModernDecoderLM
     from modernlm.tokenizer import Tokenizer
 
@@ -304,131 +308,112 @@ def from_pretrained_kwargs(dtype: torch.dtype) -> dict[str, Any]:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
-def _looks_local(src: str) -> bool:
-    # A hub id is `name` or `org/name`; anything else (absolute, ./, ~, deeper) is a local path.
-    return src.startswith(("/", ".", "~")) or src.count("/") > 1 or "\\" in src or src.endswith(".gguf")
-
-
-def resolve_hf_source(src: str, field: str = "") -> tuple[str, dict[str, Any], bool]:
-    """An HF model source (directory, `.gguf` file or hub id) -> (what from_pretrained takes, its
-    extra kwargs, whether it is a hub id). Errors name `field` (e.g. "model.source") when given."""
-    at = f"{field}: " if field else ""
-    path = Path(src).expanduser()
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise UserError(f"{at}{path}: expected an HF model directory, a hub id or a .gguf file")
-        return str(path.parent), {"gguf_file": path.name}, False
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"{at}{path}: not an HF model directory (no config.json)")
-        return str(path), {}, False
-    if _looks_local(src):
-        raise UserError(f"{at}{src}: no such file or directory")
-    return src, {}, True  # a hub id: transformers downloads it (or finds it in the HF cache)
-
-
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _load_error(e: Exception, src: str, hub: bool) -> UserError:
-    what = f"{src} (no such local path, so tried as a Hugging Face Hub id)" if hub else src
-    return UserError(f"cannot load {what}: {_first_line(e)}")
-
-
 def hf_tokenizer_to_ours(hf_tok: Any) -> Tokenizer:
-    """An HF fast tokenizer -> our Tokenizer (same backend, special tokens and chat template)."""
+    """An HF fast tokenizer -> our Tokenizer (same backend, special tokens, chat template and bos
+    rule: `add_bos` is whether transformers puts the bos token before a text, as Llama's do and
+    SmolLM2's and GPT-2's do not)."""
     from modernlm.tokenizer import Tokenizer
 
     backend = getattr(hf_tok, "backend_tokenizer", None)
     if backend is None:
         raise UserError(f"tokenizer {type(hf_tok).__name__} is not a fast (tokenizers-backed) tokenizer")
     template = getattr(hf_tok, "chat_template", None)
+    plain = hf_tok("a", add_special_tokens=False)["input_ids"]
+    special = hf_tok("a")["input_ids"]
+    bos = hf_tok.bos_token_id
     return Tokenizer(
         backend,
         bos_token=hf_tok.bos_token,
         eos_token=hf_tok.eos_token,
         pad_token=hf_tok.pad_token,
         chat_template=template if isinstance(template, str) else None,
+        add_bos=bos is not None and special[:1] == [bos] and plain[:1] != [bos],
     )
 
 
-def load_hf_model(
-    src: str | Path, dtype: str = "float32", with_tokenizer: bool = True
-) -> tuple[ModernDecoderLM, Tokenizer | None]:
-    """Load an HF Llama (model directory, hub id or `.gguf` file) as our model + tokenizer.
+def load_hf_tokenizer(source: Source | str) -> Any:
+    """transformers' AutoTokenizer of a model source (`resolve_source`), or of a tokenizer source: a
+    directory of tokenizer files (no config.json needed), a .gguf file or a hub id. Raises what
+    transformers raises: whether a missing tokenizer is an error is the caller's to say."""
+    from transformers import AutoTokenizer
 
-    dtype: "float32" (default), "bfloat16" or "float16"; GGUF weights are de-quantized to it.
-    The tokenizer is None when the source has none.
+    if isinstance(source, str):
+        path = Path(source).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(path) if path.exists() else source)
+    return AutoTokenizer.from_pretrained(source.where, **source.kwargs)
+
+
+AUTO_CLASSES = {  # task type -> transformers' Auto class
+    "causal": "AutoModelForCausalLM",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "classification": "AutoModelForSequenceClassification",
+}
+
+
+def load_transformers(
+    source: Source,
+    task: str = "causal",
+    *,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    num_labels: int = 2,
+    llama_only: bool = False,
+    progress: bool = True,
+    field: str = "",
+) -> PreTrainedModel:
+    """transformers' own model of an HF source (`resolve_source`: directory, hub id or .gguf), in
+    eval mode on `device`: the one place modernlm calls `from_pretrained`.
+
+    task: causal (any causal LM transformers knows: GPT-2, Qwen, Llama, ...), seq2seq (T5) or
+    classification (a new head of `num_labels` outputs when the checkpoint has none).
+    llama_only: refuse a non-Llama architecture from its config, before any weights are read
+    (what `from_hf` can convert). dtype: "float32", "bfloat16" or "float16" (GGUF weights are
+    de-quantized to it). progress=False silences transformers' loading bars for this call.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    if dtype not in DTYPES:
-        raise UserError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    src = str(src)
-    where, kwargs, hub = resolve_hf_source(src)
-
-    try:
-        # Check the architecture before reading any weights (passing the config on costs nothing).
-        config = AutoConfig.from_pretrained(where, **kwargs)
-        llama_config_to_model_config(config)
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            where, config=config, **kwargs, **from_pretrained_kwargs(DTYPES[dtype])
-        )
-    except UserError:
-        raise
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        # missing files, unknown repo, no network, unsupported gguf architecture, corrupt weights
-        raise _load_error(e, src, hub) from None
-    model = from_hf(hf_model, DTYPES[dtype])
-    del hf_model
-
-    tokenizer = None
-    if with_tokenizer:
-        try:
-            tokenizer = hf_tokenizer_to_ours(AutoTokenizer.from_pretrained(where, **kwargs))
-        except Exception as e:  # the tokenizer is optional: any failure leaves the weights usable
-            print(f"warning: no usable tokenizer in {src} ({_first_line(e)}); weights only", file=sys.stderr)
-    return model, tokenizer
-
-
-# --------------------------------------------------------------------------------------------
-# Any causal LM as transformers' own model (scoring GPT-2 & co., which cannot be converted)
-# --------------------------------------------------------------------------------------------
-
-
-def load_hf_causal_lm(
-    src: str | Path, dtype: str = "float32", device: str | torch.device = "cpu", progress: bool = True
-) -> tuple[PreTrainedModel, Tokenizer | None]:
-    """Load any transformers causal LM (model directory, hub id or `.gguf` file) unconverted.
-
-    Returns (transformers' model in eval mode on `device`, our Tokenizer or None). Unlike
-    `load_hf_model` nothing is mapped to modernlm, so every architecture transformers knows
-    (GPT-2, Qwen, Llama with rope scaling, ...) works; `modernlm eval perplexity` scores HF models
-    with it. dtype: "float32", "bfloat16" or "float16" (GGUF weights are de-quantized to it).
-    progress=False silences transformers' loading bars for this call.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import transformers
     from transformers.utils import logging as hf_logging
 
     if dtype not in DTYPES:
         raise UserError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    src = str(src)
-    where, kwargs, hub = resolve_hf_source(src)
+    at = f"{field}: " if field else ""
+    what = f"{source.where} (no such local path, so tried as a Hugging Face Hub id)" if source.hub else str(source.path)
     bars = hf_logging.is_progress_bar_enabled()
     if not progress:
         hf_logging.disable_progress_bar()
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(where, **kwargs, **from_pretrained_kwargs(DTYPES[dtype]))
+        config = transformers.AutoConfig.from_pretrained(source.where, **source.kwargs)
+        if llama_only:
+            llama_config_to_model_config(config)
+        if task == "classification":
+            config.num_labels = num_labels
+        auto = getattr(transformers, AUTO_CLASSES[task])
+        model = auto.from_pretrained(
+            source.where, config=config, **source.kwargs, **from_pretrained_kwargs(DTYPES[dtype])
+        )
+    except UserError:
+        raise
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise _load_error(e, src, hub) from None
+        # no such repo / no network, an architecture without this head (e.g. a seq2seq class for
+        # GPT-2), an unsupported gguf architecture, a head of another size, corrupt weights
+        kind = "" if task == "causal" else f" as a {task} model"
+        raise UserError(f"{at}cannot load {what}{kind}: {_first_line(e)}") from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    hf_model.to(device).eval()
-    try:
-        tokenizer = hf_tokenizer_to_ours(AutoTokenizer.from_pretrained(where, **kwargs))
-    except Exception as e:  # the caller decides whether it needs one
-        print(f"warning: no usable tokenizer in {src} ({_first_line(e)})", file=sys.stderr)
-        tokenizer = None
-    return hf_model, tokenizer
+    return model.to(device).eval()
+
+
+def render_chat_template(template: str, messages: list[dict[str, str]], **variables: Any) -> str:
+    """A conversation rendered with a Jinja chat template exactly as transformers'
+    `apply_chat_template(tokenize=False)` renders it (`variables`: add_generation_prompt and the
+    special tokens, e.g. bos_token)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template(conversations=[messages], chat_template=template, **variables)
+    return rendered[0]

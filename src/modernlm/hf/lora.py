@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modernlm.errors import UserError
-from modernlm.train.losses import next_token_loss
+from modernlm.runtime import eval_mode
+from modernlm.train.losses import IGNORE_INDEX, next_token_loss
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -237,23 +238,20 @@ def _first_line(e: Exception) -> str:
 
 
 def inspect_source(source: str) -> tuple[str, str]:
-    """(kind, model_type) of a model source without loading weights: ("modernlm", "modernlm") for
-    our checkpoint or run directories, ("hf", config.model_type) otherwise."""
-    from modernlm.eval.perplexity import resolve_checkpoint
+    """(kind, model_type) of a model source (`checkpoint.resolve_source`, the rule `modernlm.load`
+    follows) without loading weights: ("modernlm", "modernlm") for our checkpoint or run
+    directories, ("hf", config.model_type) otherwise."""
+    from modernlm.checkpoint import resolve_source
 
-    if not source:
-        raise UserError("model.source: give a model (an HF directory, hub id, .gguf file or modernlm checkpoint)")
-    if Path(source).expanduser().is_dir() and resolve_checkpoint(source) is not None:
+    src = resolve_source(source, "model.source")
+    if src.kind == "modernlm":
         return "modernlm", "modernlm"
     from transformers import AutoConfig
 
-    from modernlm.hf.convert import resolve_hf_source
-
-    where, kwargs, hub = resolve_hf_source(source, "model.source")
     try:
-        config = AutoConfig.from_pretrained(where, **kwargs)
+        config = AutoConfig.from_pretrained(src.where, **src.kwargs)
     except (OSError, ValueError, KeyError) as e:
-        what = f"{source} (no such local path, so tried as a Hugging Face Hub id)" if hub else source
+        what = f"{source} (no such local path, so tried as a Hugging Face Hub id)" if src.hub else source
         raise UserError(f"model.source: cannot load {what}: {_first_line(e)}") from None
     return "hf", str(getattr(config, "model_type", ""))
 
@@ -277,11 +275,17 @@ def load_base_model(
 ) -> tuple[nn.Module, Any, str]:
     """(model, tokenizer, kind) for finetuning; kind is "hf" or "modernlm".
 
-    HF sources load with the Auto class of the task type (a causal LM checkpoint gets a new,
-    randomly initialised classification head of `num_labels` outputs) and their HF tokenizer;
-    `tokenizer` names another tokenizer source when the model has none. modernlm checkpoint and run
-    directories load with our loader and tokenizer (causal only). Weights are cast to `dtype`.
+    `modernlm.load` loads causal LMs for inference; finetuning keeps this loader because it also
+    loads seq2seq (T5) and sequence-classification models, and keeps transformers' own tokenizer
+    (saved with the adapter). It shares load's rules: the source (`checkpoint.resolve_source`),
+    `hf.convert.load_transformers` and `load_hf_tokenizer` for HF sources, `tokenizer.has_tokenizer`
+    for our checkpoints. HF sources load with the Auto class of the task type (a causal LM
+    checkpoint gets a new, randomly initialised classification head of `num_labels` outputs) and
+    their HF tokenizer; `tokenizer` names another tokenizer source when the model has none.
+    modernlm checkpoint and run directories load with our tokenizer (causal only). Weights are cast
+    to `dtype`.
     """
+    from modernlm.checkpoint import resolve_source
     from modernlm.runtime import DTYPES
 
     if dtype not in DTYPES:
@@ -290,71 +294,42 @@ def load_base_model(
         raise UserError(f"task_type: unknown {task_type!r} (expected one of {', '.join(TASK_TYPES)})")
     kind, model_type = inspect_source(source)
     check_precision(model_type, dtype)
+    src = resolve_source(source, "model.source")
     if kind == "modernlm":
-        return (*_load_modernlm(source, task_type, dtype, tokenizer), kind)
-    return (*_load_hf(source, task_type, dtype, num_labels, tokenizer), kind)
+        return (*_load_modernlm(src.path, task_type, dtype, tokenizer), kind)
+    return (*_load_hf(src, task_type, dtype, num_labels, tokenizer), kind)
 
 
-def _load_modernlm(source: str, task_type: str, dtype: str, tokenizer: str) -> tuple[nn.Module, Any]:
+def _load_modernlm(ckpt: Path, task_type: str, dtype: str, tokenizer: str) -> tuple[nn.Module, Any]:
     from modernlm.checkpoint import load_model
-    from modernlm.eval.perplexity import resolve_checkpoint
     from modernlm.runtime import DTYPES
-    from modernlm.tokenizer import load_tokenizer
+    from modernlm.tokenizer import has_tokenizer, load_tokenizer
 
     if task_type != "causal":
         raise UserError(
             f"task_type: modernlm checkpoints finetune as causal LMs, not {task_type}; use data.task_type=causal"
         )
-    ckpt = resolve_checkpoint(source)
-    assert ckpt is not None
-    tok_src = tokenizer or ckpt
-    if not tokenizer and not ((ckpt / "tokenizer.json").is_file() or (ckpt / "vocab.json").is_file()):
+    if not tokenizer and not has_tokenizer(ckpt):
         raise UserError(f"model.tokenizer: checkpoint {ckpt} has no tokenizer; name one (model.tokenizer=DIR)")
-    return load_model(ckpt).to(DTYPES[dtype]), load_tokenizer(tok_src)
+    return load_model(ckpt).to(DTYPES[dtype]), load_tokenizer(tokenizer or ckpt)
 
 
-def _load_hf(source: str, task_type: str, dtype: str, num_labels: int, tokenizer: str) -> tuple[nn.Module, Any]:
-    import transformers
+def _load_hf(src: Any, task_type: str, dtype: str, num_labels: int, tokenizer: str) -> tuple[nn.Module, Any]:
+    from modernlm.hf.convert import load_hf_tokenizer, load_transformers
 
-    from modernlm.hf.convert import from_pretrained_kwargs, resolve_hf_source
-    from modernlm.runtime import DTYPES
-
-    where, kwargs, hub = resolve_hf_source(source, "model.source")
-    auto = {
-        "classification": transformers.AutoModelForSequenceClassification,
-        "seq2seq": transformers.AutoModelForSeq2SeqLM,
-        "causal": transformers.AutoModelForCausalLM,
-    }[task_type]
-    what = f"{source} (no such local path, so tried as a Hugging Face Hub id)" if hub else source
-    try:
-        config = transformers.AutoConfig.from_pretrained(where, **kwargs)
-        if task_type == "classification":
-            if num_labels < 2:
-                raise UserError(f"model.num_labels: a classifier needs at least 2 labels, got {num_labels}")
-            config.num_labels = num_labels
-        model = auto.from_pretrained(where, config=config, **kwargs, **from_pretrained_kwargs(DTYPES[dtype]))
-    except UserError:
-        raise
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        # no such repo / no network, an architecture without this head (e.g. a seq2seq class for
-        # GPT-2), a head of another size in the checkpoint, corrupt weights
-        raise UserError(f"model.source: cannot load {what} as a {task_type} model: {_first_line(e)}") from None
-    tok_where, tok_kwargs = (where, kwargs)
-    if tokenizer:  # a directory of tokenizer files (no config.json needed), a .gguf or a hub id
-        tok_path = Path(tokenizer).expanduser()
-        tok_where, tok_kwargs = str(tok_path), {}
-        if tok_path.is_file() and tok_path.suffix == ".gguf":
-            tok_where, tok_kwargs = str(tok_path.parent), {"gguf_file": tok_path.name}
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(tok_where, **tok_kwargs)
+    if task_type == "classification" and num_labels < 2:
+        raise UserError(f"model.num_labels: a classifier needs at least 2 labels, got {num_labels}")
+    model = load_transformers(src, task_type, dtype=dtype, num_labels=num_labels, field="model.source")
+    try:  # a directory of tokenizer files (no config.json needed), a .gguf or a hub id
+        tok = load_hf_tokenizer(tokenizer or src)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(
-            f"model.tokenizer: no usable tokenizer in {tokenizer or source} ({_first_line(e)}); "
+            f"model.tokenizer: no usable tokenizer in {tokenizer or src.where} ({_first_line(e)}); "
             "name one with model.tokenizer=DIR"
         ) from None
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise UserError(f"model.tokenizer: {tokenizer or source} has neither a pad nor an eos token")
+            raise UserError(f"model.tokenizer: {tokenizer or src.where} has neither a pad nor an eos token")
         tok.pad_token = tok.eos_token  # GPT-2 has no pad token: pad with eos, as is customary
     # Sequence classification pools the last token that is not pad_token_id: model and batches must agree.
     model.config.pad_token_id = tok.pad_token_id
@@ -480,7 +455,7 @@ def load_finetuned(path: str | Path, base: str = "") -> tuple[PeftModel, Any, di
     return peft_model, tokenizer, info
 
 
-def merge(model: PeftModel) -> nn.Module:
+def merge_adapter(model: PeftModel) -> nn.Module:
     """Fold the adapters into the base weights (W + alpha/r B A) and return the plain base model,
     with the trained head in place of the original. Modifies the base model in place."""
     return model.merge_and_unload()
@@ -543,23 +518,32 @@ def task_loss_fn(task_type: str, ours: bool = False) -> Callable[[nn.Module, Any
     return fns[task_type]
 
 
+def task_batch_counts(task_type: str) -> Callable[[dict[str, Tensor]], tuple[int, int]]:
+    """The trainer's batch_counts for `tasks.collate` batches: (input tokens, examples). Input
+    tokens are the attention mask's; seq2seq adds the decoder's (one per label token)."""
+
+    def counts(batch: dict[str, Tensor]) -> tuple[int, int]:
+        n = int(batch["attention_mask"].sum())
+        if task_type == "seq2seq":
+            n += int((batch["labels"] != IGNORE_INDEX).sum())
+        return n, batch["input_ids"].size(0)
+
+    return counts
+
+
 @torch.no_grad()
 def predict_classes(
     model: nn.Module, batches: Any, device: torch.device | str = "cpu", autocast: Any = None
 ) -> tuple[list[int], Tensor]:
     """(argmax labels, logits [N, C] float32) of a sequence classifier over collated batches."""
-    was_training = model.training
-    model.eval()
     out = []
-    try:
+    with eval_mode(model):
         for batch in batches:
             with autocast() if autocast is not None else contextlib.nullcontext():
                 logits = model(
                     input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
                 ).logits
             out.append(logits.float().cpu())
-    finally:
-        model.train(was_training)
     logits = torch.cat(out) if out else torch.empty(0, 0)
     return logits.argmax(-1).tolist(), logits
 
@@ -581,10 +565,11 @@ __all__ = [
     "load_adapter_weights",
     "load_base_model",
     "load_finetuned",
-    "merge",
+    "merge_adapter",
     "predict_classes",
     "read_info",
     "save_adapter",
+    "task_batch_counts",
     "task_loss_fn",
     "trainable_parameters",
 ]

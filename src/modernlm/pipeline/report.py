@@ -467,10 +467,6 @@ def _md_text(s: str) -> str:
     return html.escape(s, quote=False)  # Markdown passes raw HTML through; entities are shown as text
 
 
-def _md_cell(s: str) -> str:
-    return _md_text(s).replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
-
-
 def _fence(text: str) -> str:
     ticks = max((len(m) for m in re.findall(r"`+", text)), default=0)
     return "`" * max(3, ticks + 1)
@@ -478,6 +474,8 @@ def _fence(text: str) -> str:
 
 def to_markdown(blocks: list[Block], assets: str = ASSETS_DIR) -> str:
     """Markdown; images are linked as assets/NAME (the caller writes the files)."""
+    from modernlm.eval.compare import markdown_table, md_escape  # (imports torch: only when writing Markdown)
+
     out = []
     for b in blocks:
         if isinstance(b, Heading):
@@ -485,11 +483,9 @@ def to_markdown(blocks: list[Block], assets: str = ASSETS_DIR) -> str:
         elif isinstance(b, Text):
             out.append(_md_text(b.text))
         elif isinstance(b, Table):
-            lines = ["| " + " | ".join(_md_cell(h) for h in b.header) + " |", "|" + "---|" * len(b.header)]
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
-            out.append("\n".join(lines))
+            out.append(markdown_table(b.header, b.rows).rstrip("\n"))
         elif isinstance(b, Image):
-            out.append(f"![{_md_cell(b.alt)}]({assets}/{b.name})")
+            out.append(f"![{md_escape(b.alt)}]({assets}/{b.name})")
         elif isinstance(b, Code):
             fence = _fence(b.text)
             code = f"{fence}\n{b.text.rstrip()}\n{fence}"

@@ -243,7 +243,7 @@ class Source:
 
 
 @dataclass
-class EvalSettings:
+class PipelineEvalSettings:
     text: Source = field(default_factory=Source)  # held-out text for perplexity (synthetic: corpus/val.txt)
     problems: Source = field(default_factory=Source)  # held-out word problems, GSM8K records (synthetic: gsm/test)
     pairs: PreferenceDataConfig = field(default_factory=lambda: PreferenceDataConfig(split="test", shuffle=False))
@@ -271,7 +271,7 @@ def eval_device(name: str) -> tuple[Any, Any]:
 
     import torch
 
-    from modernlm.eval.perplexity import resolve_device
+    from modernlm.runtime import resolve_device
 
     device = resolve_device(name)
     if device.type == "cuda":
@@ -279,7 +279,8 @@ def eval_device(name: str) -> tuple[Any, Any]:
     return device, contextlib.nullcontext
 
 
-def _plain_generate(model: Any, tok: Any, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+def plain_answers(model: Any, tok: Any, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy continuations of plain-text prompts, cut at a blank line or the next "Question:"."""
     from modernlm.generation import generate_text
 
     out: list[str] = []
@@ -289,34 +290,35 @@ def _plain_generate(model: Any, tok: Any, prompts: list[str], max_new_tokens: in
     return out
 
 
-def evaluate_model(name: str, source: str | Path, chat: bool, cfg: EvalSettings) -> dict[str, Any]:
+def evaluate_model(name: str, source: str | Path, chat: bool, cfg: PipelineEvalSettings) -> dict[str, Any]:
     """One row of the results table: params, held-out perplexity, answer accuracy, pair accuracy.
 
     Chat models (SFT, DPO) are asked in ChatML; the pretrained model, which has never seen a chat,
     with `plain_prompt`, and its pairs scored as prompt + " " + reply + eos.
     """
     from modernlm.align.dpo import collate_pairs, evaluate_pairs, load_pairs
-    from modernlm.align.sft import ChatEncoder, generate_replies, load_chat_model
+    from modernlm.align.sft import ChatEncoder, chat_ready, generate_replies
     from modernlm.align.verifier import label_solution
-    from modernlm.checkpoint import load_model
-    from modernlm.eval.perplexity import evaluate_text, load_text, resolve_checkpoint, scoring_model
-    from modernlm.tokenizer import load_tokenizer
+    from modernlm.api import load
+    from modernlm.checkpoint import resolve_checkpoint
+    from modernlm.eval.perplexity import evaluate_text, load_text
 
     ckpt = resolve_checkpoint(source)
     if ckpt is None:
         raise UserError(f"eval: {source} has no checkpoint")
     device, autocast = eval_device(cfg.device)
+    lm = load(ckpt, device=device, what=name)
     if chat:
-        model, tok, _ = load_chat_model(str(ckpt), what=name)
+        model, tok, _ = chat_ready(lm, name)
         enc = ChatEncoder(tok)
     else:
-        model, tok, enc = load_model(ckpt), load_tokenizer(ckpt), None
-    model.to(device).eval()
+        model, tok, enc = lm.model, lm.tokenizer, None
+    model.eval()
     row: dict[str, Any] = {"model": name, "params": model.num_params()}
     if cfg.text.given():
         context = cfg.context or model.config.max_seq_len
         text, _ = load_text(cfg.text.path, cfg.text.hf_dataset, cfg.text.hf_config, cfg.text.split)
-        ppl = evaluate_text(scoring_model(model, tok, ckpt, device), text, context=context,
+        ppl = evaluate_text(lm, text, context=context,
                             stride=max(1, context // 2), batch_size=8, max_tokens=cfg.max_tokens)  # fmt: skip
         row["val_ppl"] = ppl["perplexity"]
         row["bits_per_byte"] = ppl["bits_per_byte"]
@@ -331,7 +333,7 @@ def evaluate_model(name: str, source: str | Path, chat: bool, cfg: EvalSettings)
         else:
             prompts = [cfg.plain_prompt.format(question=p["question"]) for p in problems]
             with autocast():
-                texts = _plain_generate(model, tok, prompts, cfg.max_new_tokens, cfg.batch_size)
+                texts = plain_answers(model, tok, prompts, cfg.max_new_tokens, cfg.batch_size)
         right = [label_solution(t, p["target"])[1] for t, p in zip(texts, problems, strict=True)]
         row["answer_accuracy"] = sum(right) / len(right)
         row["_answers"] = [{"question": p["question"], "answer": t, "correct": c}
@@ -350,7 +352,7 @@ def evaluate_model(name: str, source: str | Path, chat: bool, cfg: EvalSettings)
     return row
 
 
-def _plain_pairs(cfg: EvalSettings, tok: Any, max_length: int) -> list[dict[str, Any]]:
+def _plain_pairs(cfg: PipelineEvalSettings, tok: Any, max_length: int) -> list[dict[str, Any]]:
     from modernlm.align.dpo import read_pairs
     from modernlm.train.losses import IGNORE_INDEX
 

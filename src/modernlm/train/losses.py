@@ -56,6 +56,11 @@ def lm_loss(
     return loss_sum, n_tokens, metrics
 
 
+def lm_batch_counts(batch: tuple[Tensor, Tensor]) -> tuple[int, None]:
+    """The trainer's batch_counts for pretraining windows: every input token; no examples."""
+    return batch[0].numel(), None
+
+
 @torch.no_grad()
 def lm_eval_loss(
     model: nn.Module, batch: tuple[Tensor, Tensor]
@@ -118,4 +123,13 @@ def verifier_loss(values: Tensor, correct: Tensor, mask: Tensor) -> tuple[Tensor
     return torch.where(mask, per_token, 0.0).sum(), mask.sum()
 
 
-__all__ = ["IGNORE_INDEX", "dpo_loss", "lm_eval_loss", "lm_loss", "next_token_loss", "sequence_logps", "verifier_loss"]
+__all__ = [
+    "IGNORE_INDEX",
+    "dpo_loss",
+    "lm_batch_counts",
+    "lm_eval_loss",
+    "lm_loss",
+    "next_token_loss",
+    "sequence_logps",
+    "verifier_loss",
+]

@@ -110,7 +110,8 @@ def _step_of(line: str) -> int | None:
 
 def format_line(step: int, num_steps: int, record: dict[str, Any]) -> str:
     """The one human log line, fixed format so it greps well:
-    `step 120/1000 | loss 3.2140 | lr 3.00e-04 | gnorm 0.91 | 41200 tok/s | mfu 38.1%`."""
+    `step 120/1000 | loss 3.2140 | lr 3.00e-04 | gnorm 0.91 | 41200 tok/s | mfu 38.1%`
+    (tok/s: input tokens; SFT, DPO, the verifier and finetuning add examples per second, `8.0 ex/s`)."""
 
     def num(key: str, fmt: str) -> str:
         v = record[key]
@@ -133,6 +134,8 @@ def format_line(step: int, num_steps: int, record: dict[str, Any]) -> str:
         parts.append(f"gnorm {num('grad_norm', '.2f')}")
     if "tok_per_s" in record:
         parts.append(f"{num('tok_per_s', '.0f')} tok/s")
+    if "examples_per_s" in record:
+        parts.append(f"{num('examples_per_s', '.1f')} ex/s")
     if "mfu" in record:
         parts.append(f"mfu {100 * record['mfu']:.1f}%")
     if record.get("skipped_steps"):

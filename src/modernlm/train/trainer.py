@@ -3,13 +3,25 @@
 A stage supplies a model, batches and a `loss_fn`; the `Trainer` does the rest: gradient
 accumulation, AMP, the LR schedule, clipping, the non-finite guard, DDP, validation, samples,
 metrics, checkpoints and exact resume. Split like torchtitan's Trainer:
-`train` (the loop: schedule, logging, eval, checkpoints) -> `train_step` (one optimizer step over
-an accumulation window) -> `forward_backward_step` (one micro-batch).
+`train` (the loop: it asks its components whether to log, evaluate, save, stop) -> `train_step`
+(one optimizer step over an accumulation window) -> `forward_backward_step` (one micro-batch).
+The components (train/components.py) decide when they run: `TrainLog.should_log`,
+`Validator.should_eval`, `Checkpointer.should_save`, `TimeBudget`, `StopSignals`.
 
 The loss_fn contract: `loss_fn(model, batch) -> (loss_sum, n_tokens, metrics)`.
 - `loss_sum`: the SUM of per-token losses of the micro-batch (a scalar tensor with grad).
 - `n_tokens`: how many target tokens it covers (int or integer tensor; padding excluded).
-- `metrics`: extra scalars to log (tensors are fine; they are read only at log steps).
+- `metrics`: extra scalars to log (tensors are fine; they are read only at log steps), averaged
+  over the micro-batches of a step; validation logs them as token-weighted means val_<name>.
+What a step processed, for the throughput, comes from the stage's `batch_counts(batch) ->
+(input_tokens, examples)`, called on each CPU micro-batch (host integers: no device sync):
+`input_tokens` = every token fed to the model, padding excluded; `examples` = the examples in it
+where a step is a batch of examples (SFT conversations, DPO pairs, verifier solutions, finetuning
+examples), None where it is not (pretraining windows). Without batch_counts, input tokens are the
+target tokens. The trainer sums them over the micro-batches and all ranks; metrics.jsonl has
+`tok_per_s` (input tokens per second) and `examples_per_s` over the steps since the previous
+line, `mfu` on input tokens, and the running totals `tokens` (target tokens), `input_tokens` and
+`examples`.
 How the loss is normalised over the whole accumulation window: each micro-batch backpropagates
 loss_sum / ref, with ref a fixed per-step reference (tokens of the first micro-batch times the
 accumulation steps, agreed across ranks). After the window, when the true token count N of the
@@ -17,6 +29,11 @@ window over all ranks is known, the gradients are multiplied by ref / N. Gradien
 the loss, so the result is exactly the gradient of (sum of all token losses) / N, however padding
 spreads the tokens over micro-batches and ranks; with equal counts the factor is exactly 1.
 (Backpropagating raw sums would also be exact but can overflow fp16 activations.)
+
+Other hooks a stage passes in, none of them probed for: `save_model_fn` / `load_model_fn` (the
+model files of a checkpoint; default: modernlm models), `sample_fn(model, step) -> str | None`
+(a Markdown section for samples.md every train.sample_every steps; default: none), the training
+batches' `state_dict` / `load_state_dict` (their position in a checkpoint: exact resume).
 """
 
 from __future__ import annotations
@@ -26,17 +43,42 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from modernlm.errors import UserError
-from modernlm.runtime import Runtime, compile_model, rng_state, set_rng_state, warn_once
+from modernlm.runtime import Runtime, compile_model, eval_mode, rng_state, set_rng_state, warn_once
+from modernlm.train.components import (
+    Checkpointer,
+    LoadModelFn,
+    SaveModelFn,
+    StopSignals,
+    TimeBudget,
+    TrainLog,
+    Validator,
+    every,
+    load_model_weights,
+    to_device,
+)
 from modernlm.train.optim import OptimConfig, build_optimizer, lr_at, set_lr
-from modernlm.train.tracking import MetricsWriter, format_line, read_metrics
+from modernlm.train.tracking import read_metrics
 
 LossFn = Callable[[nn.Module, Any], tuple[Tensor, "Tensor | int", dict[str, Any]]]
+BatchCounts = Callable[[Any], tuple[int, "int | None"]]  # CPU batch -> (input tokens, examples or None)
+SampleFn = Callable[[nn.Module, int], "str | None"]  # (model in eval mode, step) -> a samples.md section
+STEP_KEYS = {"loss", "grad_norm", "tokens", "input_tokens", "examples", "ok", "overflow"}  # train_step's own
+
+
+class Batches(Protocol):
+    """The training batches: an endless iterator of CPU batches whose position a checkpoint keeps."""
+
+    def __next__(self) -> Any: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -80,46 +122,37 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor of a (nested) batch to `device`."""
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=device.type == "cuda")
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
-def _every(step: int, n: int) -> bool:
-    return n > 0 and step % n == 0
-
-
 class Trainer:
-    """Owns the model's training: optimizer, scaler, counters, checkpoints, metrics.
+    """Owns the model's training: optimizer, scaler, counters, and the components of the loop.
 
     Args:
-        model: the bare model (not compiled/DDP-wrapped; the trainer wraps it). It must be a
-            modernlm model (with `.config`) for checkpoints; the loop itself needs only nn.Module.
+        model: the bare model (not compiled/DDP-wrapped; the trainer wraps it).
         loss_fn: see the module docstring.
-        train_batches: an endless iterator of CPU batches; if it has `state_dict`/`load_state_dict`
-            its position is checkpointed and resume is exact.
+        train_batches: an endless iterator of CPU batches with `state_dict`/`load_state_dict`
+            (`Batches`): its position is checkpointed and resume is exact.
         val_batches: a re-iterable of validation batches for this rank (or None).
         final_val_batches: those of the last validation run, when they differ (e.g. the whole split
             at the end, a sample of it along the way); default: val_batches.
         eval_loss_fn: loss_fn used for validation (default: loss_fn).
-        flops_per_token: training FLOPs per token, for MFU (0 = no MFU).
+        tokenizer: saved with every checkpoint (through save_model_fn).
+        flops_per_token: training FLOPs per input token, for MFU (0 = no MFU).
+        batch_counts: `(batch) -> (input_tokens, examples | None)` of a CPU micro-batch, for the
+            throughput (see the module docstring); default: input tokens = target tokens.
         save_model_fn: `(model, dir, tokenizer)` writes a checkpoint's model files (default:
             checkpoint.save_model, for modernlm models); e.g. an adapter saver for HF LoRA.
-        load_model_fn: `(model, dir)` loads them back on resume (default: load_weights_into).
+        load_model_fn: `(model, dir)` loads them back on resume (default: a modernlm model's
+            weights, refused when the checkpoint's model config differs).
         eval_perplexity: log val_ppl = exp(val_loss); off when the loss is not a token NLL (DPO).
+        sample_fn: `(model, step) -> str | None`, a Markdown section appended to samples.md every
+            train.sample_every steps and at the last step (rank 0, model in eval mode); a
+            UserError from it skips that sample with a warning, anything else stops the run.
     """
 
     def __init__(
         self,
         model: nn.Module,
         loss_fn: LossFn,
-        train_batches: Iterator[Any],
+        train_batches: Batches | Iterator[Any],
         cfg: TrainingConfig,
         optim_cfg: OptimConfig,
         runtime: Runtime,
@@ -131,19 +164,32 @@ class Trainer:
         tokenizer: Any = None,
         flops_per_token: float = 0.0,
         find_unused_parameters: bool = False,
-        save_model_fn: Callable[[nn.Module, Path, Any], None] | None = None,
-        load_model_fn: Callable[[nn.Module, Path], None] | None = None,
+        save_model_fn: SaveModelFn | None = None,
+        load_model_fn: LoadModelFn | None = None,
         eval_perplexity: bool = True,
+        sample_fn: SampleFn | None = None,
+        batch_counts: BatchCounts | None = None,
     ):
+        from modernlm.checkpoint import save_model
+
         self.cfg, self.optim_cfg, self.runtime = cfg, optim_cfg, runtime
         self.run_dir = Path(run_dir)
         self.model = model.to(runtime.device)
-        self.loss_fn, self.eval_loss_fn = loss_fn, eval_loss_fn or loss_fn
-        self.train_batches, self.val_batches = train_batches, val_batches
-        self.final_val_batches = final_val_batches if final_val_batches is not None else val_batches
-        self.tokenizer, self.flops_per_token = tokenizer, flops_per_token
-        self.save_model_fn, self.load_model_fn = save_model_fn, load_model_fn
-        self.eval_perplexity = eval_perplexity
+        self.loss_fn = loss_fn
+        self.train_batches = train_batches
+        self.flops_per_token, self.sample_fn, self.batch_counts = flops_per_token, sample_fn, batch_counts
+        if cfg.sample_every and sample_fn is None:
+            warn_once("train.sample_every: this stage has no sampler (no tokenizer, or not a generating model)")
+        self.validator = Validator(
+            eval_loss_fn or loss_fn, val_batches, runtime, final_batches=final_val_batches,
+            every=cfg.eval_every, at_start=cfg.eval_at_start, perplexity=eval_perplexity,
+        )  # fmt: skip
+        self.checkpointer = Checkpointer(
+            self.run_dir, runtime, save_model_fn=save_model_fn or save_model,
+            load_model_fn=load_model_fn or load_model_weights, tokenizer=tokenizer, save_every=cfg.save_every,
+            keep_last=cfg.keep_last, save_best=cfg.save_best, resume=cfg.resume, resume_from=cfg.resume_from,
+        )  # fmt: skip
+        self.signals = StopSignals(runtime)
 
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, optim_cfg)
@@ -166,228 +212,127 @@ class Trainer:
 
         self.step = 0  # optimizer steps done (skipped ones included)
         self.tokens_seen = 0  # target tokens trained on, all ranks
+        self.input_tokens_seen = 0  # tokens fed to the model, padding excluded, all ranks
+        self.examples_seen = 0  # examples trained on, all ranks, where the loss_fn counts them
         self.skipped_steps = 0  # non-finite loss or gradient: optimizer not stepped
         self.overflow_steps = 0  # fp16 loss-scale overflows (GradScaler lowers its scale)
         self.consecutive_bad = 0
-        self.best_val_loss = math.inf
         self.last_val_loss: float | None = None
         self.elapsed_s = 0.0  # wall time over all attempts of this run
         self.resumed_from: Path | None = None
         self._resume_checked = False
         self.clock = time.perf_counter  # wall clock for the time budget (tests swap in a fake one)
         self.stopped_by = ""  # "steps" or "time", once train() returns; "SIGINT" / "SIGTERM" if interrupted
-        self._signal = 0  # the first SIGINT / SIGTERM this rank received while train() runs
-        self._stop_signal = 0  # the stop request agreed by every rank (train_step); 0 = go on
+        self.log: TrainLog | None = None  # while train() runs
+        self._budget: TimeBudget | None = None  # while train() runs
+
+    @property
+    def best_val_loss(self) -> float:
+        return self.checkpointer.best_val_loss
 
     # ---- the loop -------------------------------------------------------------------------
 
     def train(self) -> dict[str, Any]:
-        """Run until cfg.num_steps; returns the summary also written to summary.json.
+        """Run until cfg.num_steps (or the time budget); returns the summary also written to summary.json.
 
         SIGINT / SIGTERM while it runs: the current step finishes (every rank stops after the same
         one), its checkpoint is saved and `Interrupted` is raised; a second Ctrl-C exits at once."""
-        from tqdm import tqdm
-
-        cfg, rt = self.cfg, self.runtime
+        cfg = self.cfg
         self.maybe_resume()
         # Drop lines a killed attempt logged after the checkpoint we resume from (all of them on a
         # fresh start), so metrics.jsonl always reads as one uninterrupted run.
-        truncate = self.step if self.resumed_from is not None else -1
-        writer = MetricsWriter(self.run_dir, enabled=rt.is_main, tensorboard=rt.tensorboard, truncate_after=truncate)
-        bar = tqdm(
-            total=cfg.num_steps,
-            initial=self.step,
-            disable=not (rt.is_main and cfg.progress),
-            dynamic_ncols=True,
-        )
-        start_wall = self._start_wall = self.clock()
-        elapsed_before = self._elapsed_before = self.elapsed_s
-        last_record: dict[str, Any] = {}
-        step_time: float | None = None  # running mean of a step's wall time, for the time budget
-        # (step, directory) of the newest checkpoint of this run; the directory is None off rank 0
-        saved: tuple[int, Path | None] = (self.step, self.resumed_from) if self.resumed_from else (-1, None)
-        previous_handlers = self._catch_signals()
-        try:
-            if self.step == 0 and self.val_batches is not None and cfg.eval_at_start:
-                self._log_eval(writer, bar, best=False)  # the untrained baseline
-            interval_tokens, interval_time = 0, 0.0
-            while self.step < cfg.num_steps:
-                lr_step: float = self.step
-                if cfg.max_seconds:
-                    # Where this step will end, as a share of the budget (agreed across ranks).
-                    step_end = self._agree(elapsed_before + self.clock() - start_wall + (step_time or 0.0))
-                    if step_end >= cfg.max_seconds + (step_time or 0.0) / 2:
-                        break  # spent (a resumed run), or the next step would mostly run past it
-                    if self.step >= self.optim_cfg.warmup_steps:  # warmup is counted in steps
-                        lr_step = max(self.step, cfg.num_steps * min(step_end / cfg.max_seconds, 1.0))
-                t0 = self.clock()
-                lr = lr_at(lr_step, self.optim_cfg, cfg.num_steps)
-                set_lr(self.optimizer, lr)
-                micro_batches = [next(self.train_batches) for _ in range(cfg.grad_accum_steps)]
-                out = self.train_step(micro_batches)
-                self.step += 1
-                step_tokens = int(out["tokens"])
-                self.tokens_seen += step_tokens
-                interval_tokens += step_tokens
-                dt = self.clock() - t0
-                interval_time += dt
-                step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
-                self._check_finite(out, writer)
-                bar.update(1)
-                last = self.step == cfg.num_steps or self._out_of_time(elapsed_before, start_wall, step_time)
-
-                if self.step == 1 or _every(self.step, cfg.log_every) or last:
-                    tok_per_s = interval_tokens / max(interval_time, 1e-9)
-                    record: dict[str, Any] = {
-                        "loss": out["loss"],
-                        "lr": lr,
-                        "grad_norm": out["grad_norm"],
-                        "tok_per_s": tok_per_s,
-                        "tokens": self.tokens_seen,
-                        "skipped_steps": self.skipped_steps,
-                        "time_s": self._elapsed(),
-                    }
-                    if self.flops_per_token and rt.peak_flops:
-                        record["mfu"] = self.flops_per_token * tok_per_s / (rt.peak_flops * rt.world_size)
-                    record.update(
-                        {k: v for k, v in out.items() if k not in ("loss", "grad_norm", "tokens", "ok", "overflow")}
-                    )
-                    last_record = writer.log(self.step, **record)
-                    self._write(bar, format_line(self.step, cfg.num_steps, last_record))
-                    postfix = {
-                        "loss": f"{last_record['loss']:.3f}"
-                        if isinstance(last_record["loss"], float)
-                        else last_record["loss"],
-                        "lr": f"{lr:.2e}",
-                        "tok/s": f"{tok_per_s:.0f}",
-                    }
-                    if "mfu" in record:
-                        postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
-                    bar.set_postfix(postfix, refresh=False)
-                    interval_tokens, interval_time = 0, 0.0
-
-                if self.val_batches is not None and (_every(self.step, cfg.eval_every) or last):
-                    self._log_eval(writer, bar, best=True, final=last)
-                if cfg.sample_every and (_every(self.step, cfg.sample_every) or last):
-                    self.sample()
-                if _every(self.step, cfg.save_every) or last:
-                    self.elapsed_s = elapsed_before + self.clock() - start_wall
-                    saved = (self.step, self.save_checkpoint())
-                if self._stop_signal or (self._signal and not rt.distributed):  # agreed in train_step
-                    self._interrupt(self._signal or self._stop_signal, saved)
-                if last:
-                    break
-            self.stopped_by = "steps" if self.step >= cfg.num_steps else "time"
-            # A signal after the last step's decision (during its eval or save) still stops the
-            # command that called train(), e.g. a pipeline before its next stage.
-            if self._agree_signal():
-                self._interrupt(self._signal or self._stop_signal, saved)
-        finally:
+        log = self.log = TrainLog(
+            self.run_dir, self.runtime, num_steps=cfg.num_steps, log_every=cfg.log_every, progress=cfg.progress,
+            initial_step=self.step, truncate_after=self.step if self.resumed_from else -1,
+            flops_per_token=self.flops_per_token,
+        )  # fmt: skip
+        budget = self._budget = TimeBudget(cfg.max_seconds, self.clock, self.elapsed_s, self._agree)
+        with self.signals:
             try:
-                bar.close()
-                self.elapsed_s = elapsed_before + self.clock() - start_wall
-                summary = self.summary(last_record)
-                writer.summary(**summary)
-                writer.close()
+                if self.validator.should_eval_first(self.step):
+                    self._validate(best=False)  # the untrained baseline
+                while self.step < cfg.num_steps and (lr := self._next_lr(budget)) is not None:
+                    t0 = self.clock()
+                    set_lr(self.optimizer, lr)
+                    out = self.train_step([next(self.train_batches) for _ in range(cfg.grad_accum_steps)])
+                    self.step += 1
+                    self._count(out, self.clock() - t0)
+                    self._check_finite(out)
+                    last = self.step == cfg.num_steps or budget.out_of_time()
+                    if log.should_log(self.step, last):
+                        self._log_step(out, lr)
+                    if self.validator.should_eval(self.step, last):
+                        self._validate(best=True, final=last)
+                    if self.should_sample(self.step, last):
+                        self.sample()
+                    if self.checkpointer.should_save(self.step, last):
+                        self.save_checkpoint()
+                    if self.signals.stop_requested():  # agreed by every rank in train_step
+                        self._interrupt()
+                    if last:
+                        break
+                self.stopped_by = "steps" if self.step >= cfg.num_steps else "time"
+                # A signal after the last step's decision (during its eval or save) still stops the
+                # command that called train(), e.g. a pipeline before its next stage.
+                if self.signals.agree():
+                    self._interrupt()
             finally:
-                self._restore_signals(previous_handlers)
+                self.elapsed_s = budget.elapsed()
+                self._budget = None
+                summary = self.summary(log.last_record)
+                log.close(summary)
         return summary
 
-    # ---- SIGINT / SIGTERM: stop after the current step with a checkpoint --------------------
+    def _next_lr(self, budget: TimeBudget) -> float | None:
+        """The LR of the next step; None when the time budget leaves no room for it. After warmup
+        (counted in steps) the schedule's progress is the larger of step / num_steps and
+        (elapsed time + one step) / max_seconds, so the last step runs at the floor."""
+        lr_step: float = self.step
+        if budget.max_seconds:
+            step_end = budget.next_step_end()
+            if budget.spent(step_end):
+                return None  # spent (a resumed run), or the next step would mostly run past it
+            if self.step >= self.optim_cfg.warmup_steps:
+                lr_step = max(self.step, self.cfg.num_steps * min(step_end / budget.max_seconds, 1.0))
+        return lr_at(lr_step, self.optim_cfg, self.cfg.num_steps)
 
-    def _catch_signals(self) -> dict[int, Any]:
-        """Point SIGINT and SIGTERM at `_on_signal`; returns the handlers to restore. Only the main
-        thread can set handlers (elsewhere nothing changes), and an ignored signal (nohup, a
-        background job) stays ignored."""
-        import signal
-        import threading
+    def _count(self, out: dict[str, Any], seconds: float) -> None:
+        """Add a finished step to the run's totals, the log's interval and the time budget."""
+        self.tokens_seen += out["tokens"]
+        self.input_tokens_seen += out["input_tokens"]
+        self.examples_seen += out["examples"] or 0
+        assert self.log is not None and self._budget is not None
+        self.log.step_done(out["input_tokens"], out["examples"], seconds)
+        self._budget.step_done(seconds)
 
-        self._signal = self._stop_signal = 0
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        previous: dict[int, Any] = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            old = signal.getsignal(sig)
-            if old in (signal.SIG_IGN, None):  # ignored, or set outside Python: leave it alone
-                continue
-            previous[sig] = old
-            signal.signal(sig, self._on_signal)
-        return previous
+    def _log_step(self, out: dict[str, Any], lr: float) -> None:
+        values: dict[str, Any] = {"loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"]}
+        values |= {"tokens": self.tokens_seen, "input_tokens": self.input_tokens_seen}
+        if out["examples"] is not None:
+            values["examples"] = self.examples_seen
+        values |= {"skipped_steps": self.skipped_steps, "time_s": self._time_s()}
+        values |= {k: v for k, v in out.items() if k not in STEP_KEYS}  # the loss_fn's metrics
+        assert self.log is not None
+        self.log.log_step(self.step, values)
 
-    def _restore_signals(self, previous: dict[int, Any]) -> None:
-        import signal
-
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        """The first SIGINT / SIGTERM only records itself: the loop stops after the current step.
-        From then on SIGINT has its default action, so a second Ctrl-C ends the process at once
-        (even inside a long forward or a collective), without a checkpoint."""
-        import os
-        import signal
-
-        if signal.getsignal(signal.SIGINT) == self._on_signal:  # (a bound method: ==, not is)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-        if self._signal:
-            return
-        self._signal = signum
-        if self.runtime.is_main:
-            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            # os.write, not print: a handler may run in the middle of another write to stderr
-            os.write(2, f"\n{name}: stopping after this step to save a checkpoint; Ctrl-C again to exit now\n".encode())
-
-    def _agree_signal(self) -> int:
-        """The stop request of any rank, on every rank (one collective under DDP); 0 = none."""
-        if self.runtime.distributed:
-            flags = self._signal_flags(self.runtime.device, torch.float32)
-            torch.distributed.all_reduce(flags)
-            self._stop_signal = self._flags_signal(flags)
-        else:
-            self._stop_signal = self._signal
-        return self._stop_signal
-
-    def _signal_flags(self, device: torch.device, dtype: torch.dtype) -> Tensor:
-        import signal
-
-        return torch.tensor([self._signal == signal.SIGINT, self._signal == signal.SIGTERM], dtype=dtype, device=device)
-
-    @staticmethod
-    def _flags_signal(flags: Tensor) -> int:
-        """The signal of summed flags: SIGINT if any rank got one, else SIGTERM if any did, else 0."""
-        import signal
-
-        n_int, n_term = flags.tolist()
-        return int(signal.SIGINT) if n_int > 0 else int(signal.SIGTERM) if n_term > 0 else 0
-
-    def _interrupt(self, signum: int, saved: tuple[int, Path | None]) -> None:
+    def _interrupt(self) -> None:
         """Save the step just done (unless it is saved already) and raise `Interrupted`."""
         import signal
 
-        from modernlm.checkpoint import CHECKPOINTS_DIR
         from modernlm.errors import Interrupted
 
-        step, path = saved
+        signum = self.signals.received or self.signals.agreed
+        step, path = self.checkpointer.saved
         if step != self.step:  # the same decision on every rank
-            self.elapsed_s = self._elapsed_before + self.clock() - self._start_wall
             path = self.save_checkpoint()  # collective under DDP; rank 0 writes
         if path is None:  # not rank 0: the directory rank 0 wrote
-            path = self.run_dir / CHECKPOINTS_DIR / f"step_{self.step:07d}"
+            path = self.checkpointer.step_dir(self.step)
         self.stopped_by = signal.Signals(signum).name
         raise Interrupted(signum, self.step, str(path))
 
-    def _elapsed(self) -> float:
+    def _time_s(self) -> float:
         """Wall time of the run so far (all attempts), for the time_s column of metrics.jsonl."""
-        return round(self._elapsed_before + self.clock() - self._start_wall, 3)
-
-    def _out_of_time(self, elapsed_before: float, start_wall: float, step_time: float | None) -> bool:
-        """Whether the time budget is spent: the next step would end more than half a step past it.
-        (`train` checks the same before each step; asking here too lets the last step evaluate and
-        save before the loop ends.)"""
-        if not self.cfg.max_seconds or step_time is None:
-            return False
-        step_end = self._agree(elapsed_before + self.clock() - start_wall + step_time)
-        return step_end >= self.cfg.max_seconds + step_time / 2
+        return round(self._budget.elapsed() if self._budget is not None else self.elapsed_s, 3)
 
     def _agree(self, value: float) -> float:
         """Rank 0's clock-derived value on every rank: they must stop, and set the LR, together."""
@@ -406,9 +351,17 @@ class Trainer:
         n_micro = len(micro_batches)
         loss_total = torch.zeros((), device=rt.device)
         tokens_total = torch.zeros((), dtype=torch.int64, device=rt.device)
+        counts = [0, 0]  # input tokens, examples: host integers from batch_counts
+        count_examples = False
         ref: Tensor | None = None
         metrics: dict[str, Any] = {}
         for i, batch in enumerate(micro_batches):
+            if self.batch_counts is not None:
+                n_inputs, n_examples = self.batch_counts(batch)
+                counts[0] += n_inputs
+                if n_examples is not None:
+                    counts[1] += n_examples
+                    count_examples = True
             if rt.distributed:
                 # Sync gradients only on the last micro-batch. nanoGPT toggles this flag rather
                 # than nesting `no_sync()` contexts: same effect, no context-manager plumbing.
@@ -424,10 +377,12 @@ class Trainer:
         if rt.distributed:
             # A stop request (SIGINT / SIGTERM on any rank) rides along: every rank stops after
             # the same step, at no extra collective.
-            flags = self._signal_flags(rt.device, loss_total.dtype)
-            packed = torch.cat([torch.stack([loss_total, tokens_total.to(loss_total.dtype)]), flags])
+            flags = self.signals.flags(rt.device, loss_total.dtype)
+            sums = torch.stack([loss_total, tokens_total.to(loss_total.dtype)])
+            packed = torch.cat([sums, torch.tensor(counts, dtype=sums.dtype, device=rt.device), flags])
             torch.distributed.all_reduce(packed)
-            loss_total, tokens_float, stop_flags = packed[0], packed[1], packed[2:]
+            loss_total, tokens_float, stop_flags = packed[0], packed[1], packed[4:]
+            counts = [round(v) for v in packed[2:4].tolist()]
         else:
             tokens_float = tokens_total.to(loss_total.dtype)
         if self.scaler.is_enabled():
@@ -456,11 +411,14 @@ class Trainer:
             overflow = bool(torch.isfinite(loss))  # finite loss, inf grads: the loss scale is too high
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self._stop_signal = self._flags_signal(stop_flags) if stop_flags is not None else self._signal
+        self.signals.agree_flags(stop_flags)
+        tokens = round(tokens_float.item())
         return {
             "loss": loss.item(),
             "grad_norm": grad_norm.item(),
-            "tokens": round(tokens_float.item()),
+            "tokens": tokens,
+            "input_tokens": counts[0] if self.batch_counts is not None else tokens,
+            "examples": counts[1] if count_examples else None,
             "ok": ok,
             "overflow": overflow,
             **metrics,
@@ -489,7 +447,7 @@ class Trainer:
         self.scaler.scale(loss_sum / ref).backward()
         return loss_sum, n_tokens, metrics, ref
 
-    def _check_finite(self, out: dict[str, Any], writer: MetricsWriter) -> None:
+    def _check_finite(self, out: dict[str, Any]) -> None:
         if out["ok"]:
             self.consecutive_bad = 0
             return
@@ -500,7 +458,8 @@ class Trainer:
         self.consecutive_bad += 1
         warn_once("non-finite loss or gradient: skipping the update (counted as skipped_steps)")
         if self.consecutive_bad >= self.cfg.max_bad_steps:
-            writer.log(self.step, event="stopped", skipped_steps=self.skipped_steps)
+            assert self.log is not None
+            self.log.event(self.step, event="stopped", skipped_steps=self.skipped_steps)
             raise UserError(
                 f"training stopped at step {self.step}: the loss or gradient was NaN/inf for "
                 f"{self.consecutive_bad} steps in a row (train.max_bad_steps={self.cfg.max_bad_steps}); "
@@ -510,88 +469,43 @@ class Trainer:
 
     # ---- validation and samples ----------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self, final: bool = False) -> dict[str, float]:
-        """Mean validation loss over all target tokens of val_batches (all ranks), and perplexity;
-        the eval loss_fn's metrics as token-weighted means, named val_<name>."""
-        batches = self.final_val_batches if final else self.val_batches
-        if batches is None:
-            return {}
-        rt = self.runtime
-        was_training = self.model.training
-        self.model.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=rt.device)
-        extra: dict[str, Tensor] = {}  # the loss_fn's metrics, weighted by n_tokens
-        for batch in batches:
-            with rt.autocast():
-                loss_sum, n_tokens, metrics = self.eval_loss_fn(self.eval_model, to_device(batch, rt.device))
-            n = torch.as_tensor(n_tokens, device=rt.device).double()
-            totals[0] += loss_sum.detach().double()
-            totals[1] += n
-            for k, v in metrics.items():
-                extra[k] = extra.get(k, 0) + torch.as_tensor(v, device=rt.device).detach().double() * n
-        names = sorted(extra)
-        packed = torch.cat([totals, torch.stack([extra[k] for k in names])]) if names else totals
-        if rt.distributed:
-            torch.distributed.all_reduce(packed)
-        self.model.train(was_training)
-        if packed[1].item() == 0:
-            return {}
-        val_loss = (packed[0] / packed[1]).item()
-        result = {"val_loss": val_loss}
-        if self.eval_perplexity:
-            result["val_ppl"] = math.exp(min(val_loss, 50.0))
-        result.update({f"val_{k}": (packed[2 + i] / packed[1]).item() for i, k in enumerate(names)})
-        return result
+        """Mean validation loss over all target tokens of the validation batches (all ranks), and
+        perplexity; the eval loss_fn's metrics as token-weighted means, named val_<name>."""
+        return self.validator.evaluate(self.model, final, forward=self.eval_model)
 
-    def _log_eval(self, writer: MetricsWriter, bar: Any, best: bool, final: bool = False) -> None:
+    def _validate(self, best: bool, final: bool = False) -> None:
         result = self.evaluate(final)
         if not result:
             return
         self.last_val_loss = result["val_loss"]
-        record = writer.log(self.step, **result, time_s=self._elapsed())
-        self._write(bar, format_line(self.step, self.cfg.num_steps, record))
-        if best and result["val_loss"] < self.best_val_loss:
-            self.best_val_loss = result["val_loss"]
-            if self.cfg.save_best and self.runtime.is_main:
-                from modernlm.checkpoint import save_best_checkpoint
+        assert self.log is not None
+        self.log.log(self.step, **result, time_s=self._time_s())
+        if best:
+            self.checkpointer.update_best(self.step, self.model, result["val_loss"])
 
-                info = {"step": self.step, "val_loss": self.best_val_loss}
-                save_best_checkpoint(self.run_dir, self.model, info, self.tokenizer, save_fn=self.save_model_fn)
+    def should_sample(self, step: int, last: bool) -> bool:
+        n = self.cfg.sample_every
+        return self.sample_fn is not None and n > 0 and (every(step, n) or last)
 
     def sample(self) -> None:
-        """Append continuations of cfg.sample_prompts to run_dir/samples.md (rank 0; the file is
-        rewritten atomically, old sections + the new one, so a kill never leaves half a section)."""
-        if not (self.runtime.is_main and self.tokenizer is not None and self.cfg.sample_prompts):
+        """Append sample_fn's section to run_dir/samples.md (rank 0; the file is rewritten
+        atomically, old sections + the new one, so a kill never leaves half a section)."""
+        if not (self.runtime.is_main and self.sample_fn is not None):
             return
-        from modernlm.generation import generate_text
-
-        was_training = self.model.training
-        self.model.eval()
         try:
-            # A fixed seed with generation's own generator: sampling never disturbs the training RNG.
-            texts = generate_text(
-                self.model,
-                self.tokenizer,
-                list(self.cfg.sample_prompts),
-                self.cfg.sample_tokens,
-                temperature=0.8,
-                top_k=50,
-                seed=self.step,
-            )
-        except Exception as e:  # a sampling bug must not kill a long training run
-            warn_once(f"sampling failed, skipping samples: {e}")
+            with eval_mode(self.model):
+                text = self.sample_fn(self.model, self.step)
+        except UserError as e:  # e.g. a prompt longer than the context: the run goes on
+            warn_once(f"sampling skipped: {e}")
             return
-        finally:
-            self.model.train(was_training)
-        lines = [f"## step {self.step}\n"]
-        for prompt, text in zip(self.cfg.sample_prompts, texts, strict=True):
-            lines.append(f"**{prompt}**{text}\n")
+        if not text:
+            return
         from modernlm.files import atomic_write
 
         path = self.run_dir / "samples.md"
         old = path.read_text(encoding="utf-8") if path.is_file() else ""
-        atomic_write(path, old + "\n".join(lines) + "\n")
+        atomic_write(path, old + f"## step {self.step}\n\n{text}\n")
 
     # ---- checkpoints and resume ------------------------------------------------------------
 
@@ -601,15 +515,16 @@ class Trainer:
         if self.runtime.distributed:
             rngs = [None] * self.runtime.world_size
             torch.distributed.all_gather_object(rngs, rng_state())
-        data = self.train_batches.state_dict() if hasattr(self.train_batches, "state_dict") else None
         return {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "rng": rngs,
-            "data": data,
+            "data": self.train_batches.state_dict(),
             "counters": {
                 "tokens_seen": self.tokens_seen,
+                "input_tokens_seen": self.input_tokens_seen,
+                "examples_seen": self.examples_seen,
                 "skipped_steps": self.skipped_steps,
                 "overflow_steps": self.overflow_steps,
                 "consecutive_bad": self.consecutive_bad,
@@ -620,74 +535,26 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path | None:
-        from modernlm.checkpoint import save_training_checkpoint
-
-        state = self.state_dict()  # collective under DDP: every rank takes part
-        path = None
-        if self.runtime.is_main:
-            path = save_training_checkpoint(
-                self.run_dir,
-                self.step,
-                self.model,
-                state,
-                self.tokenizer,
-                self.cfg.keep_last,
-                save_fn=self.save_model_fn,
-            )
-        if self.runtime.distributed:
-            torch.distributed.barrier()
-        return path
+        """Save this step (collective under DDP: every rank takes part); rank 0 gets the directory."""
+        if self._budget is not None:
+            self.elapsed_s = self._budget.elapsed()
+        return self.checkpointer.save(self.step, self.model, self.state_dict())
 
     def maybe_resume(self) -> int:
         """Resume from train.resume_from, or (train.resume=auto) from the run dir's latest
         checkpoint, if any. Returns the step training continues from. Idempotent."""
-        from modernlm.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
-
         if self._resume_checked:
             return self.step
         self._resume_checked = True
-        if self.runtime.is_main:  # what a killed save left behind (its temporaries; best/ set aside)
-            from modernlm.files import clean_leftovers
-
-            clean_leftovers(self.run_dir / CHECKPOINTS_DIR)
-            clean_leftovers(self.run_dir)
-        path: Path | None = None
-        if self.cfg.resume_from:
-            path = Path(self.cfg.resume_from)
-            if (path / CHECKPOINTS_DIR).is_dir():
-                path = latest_checkpoint(path)
-                if path is None:
-                    raise UserError(f"train.resume_from: no checkpoint in run directory {self.cfg.resume_from}")
-            elif not path.is_dir():
-                raise UserError(f"train.resume_from: checkpoint directory not found: {path}")
-        elif self.cfg.resume == "auto":
-            path = latest_checkpoint(self.run_dir)
+        path = self.checkpointer.resume_path()
         if path is not None:
             self.load_checkpoint(path)
         return self.step
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, optimizer, scaler, counters, RNG and data position from `path`."""
-        from modernlm.checkpoint import (
-            config_differences,
-            load_model_config,
-            load_training_state,
-            load_weights_into,
-        )
-
         path = Path(path)
-        if self.load_model_fn is not None:
-            self.load_model_fn(self.model, path)
-        elif hasattr(self.model, "config"):
-            diffs = config_differences(load_model_config(path), self.model.config)
-            if diffs:
-                raise UserError(
-                    f"cannot resume from {path}: its model config differs from this run's "
-                    f"({'; '.join(diffs)}); use the same model settings, or start a new run "
-                    "(another run.name, or train.resume=never)"
-                )
-            load_weights_into(self.model, path)
-        state = load_training_state(path)
+        state = self.checkpointer.load(self.model, path)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
@@ -701,27 +568,24 @@ class Trainer:
             warn_once(
                 f"checkpoint has RNG state for {len(rngs)} ranks, this run has {self.runtime.world_size}: not restored"
             )
-        if state.get("data") is not None and hasattr(self.train_batches, "load_state_dict"):
+        if state.get("data") is not None:
             self.train_batches.load_state_dict(state["data"])
         counters = state.get("counters", {})
         self.tokens_seen = int(counters.get("tokens_seen", 0))
+        self.input_tokens_seen = int(counters.get("input_tokens_seen", 0))
+        self.examples_seen = int(counters.get("examples_seen", 0))
         self.skipped_steps = int(counters.get("skipped_steps", 0))
         self.overflow_steps = int(counters.get("overflow_steps", 0))
         self.consecutive_bad = int(counters.get("consecutive_bad", 0))
-        self.best_val_loss = float(counters.get("best_val_loss", math.inf))
+        self.checkpointer.best_val_loss = float(counters.get("best_val_loss", math.inf))
         self.elapsed_s = float(counters.get("elapsed_s", 0.0))
         self.step = int(state["step"])
         self.resumed_from = path
-        self._write(None, f"resumed from {path} at step {self.step}")
+        self.runtime.print0(f"resumed from {path} at step {self.step}")
 
     # ---- reporting ---------------------------------------------------------------------------
 
     def summary(self, last_record: dict[str, Any]) -> dict[str, Any]:
-        n_params = (
-            self.model.num_params()
-            if hasattr(self.model, "num_params")
-            else sum(p.numel() for p in self.model.parameters())
-        )
         final_loss, final_val_loss = last_record.get("loss"), self.last_val_loss
         if final_loss is None or final_val_loss is None:
             # This attempt logged nothing (e.g. a rerun of a finished run): take the run's history.
@@ -731,9 +595,11 @@ class Trainer:
             if final_val_loss is None:
                 final_val_loss = next((r["val_loss"] for r in reversed(history) if "val_loss" in r), None)
         summary: dict[str, Any] = {
-            "params": n_params,
+            "params": sum(p.numel() for p in self.model.parameters()),
             "steps": self.step,
             "tokens_seen": self.tokens_seen,
+            "input_tokens_seen": self.input_tokens_seen,
+            "examples_seen": self.examples_seen or None,
             "wall_time_s": round(self.elapsed_s, 3),
             "stopped_by": self.stopped_by or None,
             "final_loss": final_loss,
@@ -747,13 +613,5 @@ class Trainer:
             summary["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(self.runtime.device) / 2**30, 3)
         return summary
 
-    def _write(self, bar: Any, line: str) -> None:
-        if not self.runtime.is_main:
-            return
-        if bar is not None and not bar.disable:
-            bar.write(line)
-        else:
-            print(line, flush=True)
 
-
-__all__ = ["LossFn", "Trainer", "TrainingConfig", "to_device"]
+__all__ = ["BatchCounts", "Batches", "LossFn", "SampleFn", "Trainer", "TrainingConfig", "to_device"]

@@ -1,0 +1,216 @@
+"""`modernlm.load`: one loader for every model source, and the small object it returns.
+
+    from modernlm import load
+    lm = load("runs/tiny")                            # a run directory: checkpoints/best, else the latest
+    lm = load("SmolLM2-135M-Instruct.Q4_1.gguf")      # or an HF directory or hub id
+    lm.generate("Once upon a time", max_new_tokens=40, temperature=0.8, seed=0)
+    for piece in lm.stream("Once upon a time"):
+        print(piece, end="")
+    lm.chat([{"role": "user", "content": "What is 2 + 3?"}])
+    lm.loglikelihood("The capital of France is", " Paris")  # summed log-probability, in nats
+    lm.perplexity(text)                                      # as `modernlm eval perplexity` computes it
+
+A source means what `checkpoint.resolve_source` says (the one rule). A modernlm checkpoint loads as
+a ModernDecoderLM with the tokenizer beside it (`tokenizer.has_tokenizer`, the one rule); an HF
+source as transformers' own model (`backend="transformers"`, its default: the reference, for any
+architecture) or converted to a ModernDecoderLM (`backend="modernlm"`: Llama architectures, same
+logits), with its HF tokenizer as ours. Prompts follow the tokenizer's own rule for special tokens
+(`Tokenizer.add_bos`) and chats its chat template (ChatML for ours), so `load(hf_or_gguf).generate`
+gives transformers' text. Our models generate with `generation.TextGeneration`, transformers' with
+their `generate` and the same text side (`eval.tasks.HFTaskModel`). `LM` has the fields
+`eval.perplexity.evaluate_text` reads, so the commands score it directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from modernlm.errors import UserError
+from modernlm.generation import Sampling, TextGeneration, prompt_ids, stream_text
+from modernlm.runtime import eval_mode
+
+BACKENDS = ("auto", "modernlm", "transformers")
+
+
+@dataclass(eq=False)
+class LM:
+    """A loaded model and its tokenizer (see the module docstring); `load` makes one."""
+
+    model: Any  # a ModernDecoderLM (kind "modernlm") or transformers' model (kind "transformers")
+    tokenizer: Any  # modernlm.tokenizer.Tokenizer, or None (token ids only)
+    kind: str
+    source: str  # what was given
+    name: str  # a short label for tables
+    checkpoint: Path | None  # the modernlm checkpoint directory the source resolved to
+    device: torch.device
+
+    @property
+    def dtype(self) -> str:
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
+    @property
+    def num_params(self) -> int:  # tied embeddings counted once
+        return self.model.num_params() if self.kind == "modernlm" else sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def max_context(self) -> int:
+        """Positions the model was built for (no stated maximum, as in recurrent models: 2048)."""
+        c = self.model.config
+        if self.kind == "modernlm":
+            return c.max_seq_len
+        return int(getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 2048)
+
+    @property
+    def vocab_size(self) -> int:  # logits per position
+        if self.kind == "modernlm":
+            return self.model.config.vocab_size
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    def logits_fn(self, ids: Tensor) -> Tensor:
+        """[B, T] token ids -> [B, T, V] logits (eval mode, no autograd, no cache)."""
+        with eval_mode(self.model), torch.no_grad():
+            if self.kind == "modernlm":
+                return self.model(ids.to(self.device)).logits
+            return self.model(input_ids=ids.to(self.device), use_cache=False).logits
+
+    def _tok(self) -> Any:
+        if self.tokenizer is None:
+            raise UserError(f"{self.source}: no tokenizer, so there is no text to work with")
+        return self.tokenizer
+
+    def _complete(self, rows: list[list[int]], sampling: Sampling) -> list[str]:
+        if self.kind == "modernlm":
+            return [s.text for s in TextGeneration(self.model, self.tokenizer, rows, sampling).run()]
+        from modernlm.eval.tasks import wrap_hf
+
+        task_model = wrap_hf(self.model, self.tokenizer, add_bos=self.tokenizer.add_bos, name=self.name)
+        return task_model.complete(rows, sampling)
+
+    def generate(
+        self, prompt: str | list[str], sampling: Sampling | int | None = None, **settings: Any
+    ) -> str | list[str]:
+        """The continuation of `prompt` (or of each prompt of a list, as one batch), ending before
+        eos or a stop string. `sampling` (or max_new_tokens) and `settings` as in `Sampling.make`;
+        greedy by default."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        rows = [prompt_ids(self._tok(), p) for p in prompts]
+        texts = self._complete(rows, Sampling.make(sampling, **settings)) if rows else []
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def stream(self, prompt: str, sampling: Sampling | int | None = None, **settings: Any) -> Iterator[str]:
+        """`generate` of one prompt in pieces as they come (transformers' models: one piece at the end)."""
+        if self.kind == "modernlm":
+            yield from stream_text(self.model, self._tok(), prompt, sampling, **settings)
+        else:
+            yield self.generate(prompt, sampling, **settings)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The conversation in the model's chat template, the assistant's turn opened: ChatML for
+        ours (and whenever the tokenizer has no template), else the tokenizer's Jinja template as
+        transformers renders it."""
+        from modernlm.align.sft import check_messages, render_chat
+        from modernlm.tokenizer import CHATML_TEMPLATE
+
+        tok = self._tok()
+        messages = check_messages(messages, "chat")
+        if tok.chat_template in (None, CHATML_TEMPLATE):
+            return render_chat(messages, add_generation_prompt=True)
+        from modernlm.hf.convert import render_chat_template
+
+        special = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token}
+        return render_chat_template(tok.chat_template, messages, add_generation_prompt=True, **special)
+
+    def chat(self, messages: list[dict[str, str]], sampling: Sampling | int | None = None, **settings: Any) -> str:
+        """The assistant's reply to `messages` ([{"role", "content"}, ...]): `chat_prompt` tokenized
+        as transformers' apply_chat_template does (the template holds every special token)."""
+        return self._complete([self._tok().encode(self.chat_prompt(messages))], Sampling.make(sampling, **settings))[0]
+
+    def loglikelihood(self, context: str, continuation: str) -> float:
+        """log p(continuation | context), summed over the continuation's tokens, in nats. Both are
+        tokenized apart (the context with the tokenizer's bos rule), as task scoring does."""
+        tok = self._tok()
+        ctx, cont = prompt_ids(tok, context), tok.encode(continuation)
+        if not cont:
+            return 0.0
+        ids = torch.tensor([ctx + cont], device=self.device)
+        logp = self.logits_fn(ids[:, :-1])[0, len(ctx) - 1 :].float().log_softmax(-1)
+        return float(logp.gather(-1, ids[0, len(ctx) :, None]).sum())
+
+    def perplexity(self, text: str, **options: Any) -> float:
+        """Token perplexity of `text` by `modernlm eval perplexity`'s method and defaults (`options`:
+        context, stride, batch_size, max_tokens, bos; see `eval.perplexity.evaluate_text`)."""
+        from modernlm.eval.perplexity import evaluate_text
+
+        return evaluate_text(self, text, **options)["perplexity"]
+
+
+def load(
+    source: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | None = None,
+    backend: str = "auto",
+    tokenizer: str = "",
+    progress: bool = True,
+    what: str = "",
+) -> LM:
+    """Load a model source (see the module docstring) in eval mode on `device` ("auto": cuda when
+    there is one). dtype: "float32", "bfloat16" or "float16" (None: a checkpoint's own, float32 for
+    HF). backend: "auto", "modernlm" (HF Llamas converted) or "transformers" (HF sources only).
+    tokenizer: another tokenizer source. progress=False: no loading bars. `what` names the option
+    in errors ("init_from: ...")."""
+    from modernlm.checkpoint import load_model, resolve_source
+    from modernlm.runtime import DTYPES, resolve_device
+
+    at = f"{what}: " if what else ""
+    if backend not in BACKENDS:
+        raise UserError(f"{at}backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"{at}dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    src = resolve_source(source, what)
+    dev = resolve_device(str(device))
+    if src.kind == "modernlm":
+        from modernlm.eval.perplexity import checkpoint_label
+        from modernlm.tokenizer import has_tokenizer, load_tokenizer
+
+        if backend == "transformers":
+            raise UserError(f"{at}{source} is a modernlm checkpoint; backend=transformers takes HF models")
+        model = load_model(src.path, device=dev)
+        if dtype is not None:
+            model = model.to(DTYPES[dtype])
+        tok = load_tokenizer(tokenizer or src.path) if tokenizer or has_tokenizer(src.path) else None
+        if tok is not None and tok.vocab_size > model.config.vocab_size:
+            raise UserError(
+                f"{at}{src.path}: tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}"
+            )
+        return LM(model.eval(), tok, "modernlm", str(source), checkpoint_label(src.path), src.path, dev)
+
+    from modernlm.hf.convert import from_hf, hf_tokenizer_to_ours, load_hf_tokenizer, load_transformers
+
+    dtype = dtype or "float32"
+    convert = backend == "modernlm"
+    model = load_transformers(src, dtype=dtype, device=dev, llama_only=convert, progress=progress, field=what)
+    try:
+        tok = hf_tokenizer_to_ours(load_hf_tokenizer(tokenizer or src))
+    except Exception as e:  # without a tokenizer the weights still score token ids
+        import sys
+
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if tokenizer:
+            raise UserError(f"{at}no usable tokenizer in {tokenizer} ({first})") from None
+        print(f"warning: no usable tokenizer in {source} ({first}); weights only", file=sys.stderr)
+        tok = None
+    if convert:
+        model = from_hf(model, DTYPES[dtype]).to(dev).eval()
+    path = src.path
+    name = path.stem if path is not None and path.is_file() else path.name if path is not None else src.where
+    return LM(model, tok, "modernlm" if convert else "transformers", str(source), name, None, dev)
+
+
+__all__ = ["BACKENDS", "LM", "load"]

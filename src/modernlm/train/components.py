@@ -1,0 +1,480 @@
+"""The trainer's components: each owns one job of the loop and decides when it runs.
+
+As torchtitan's `Trainer.train` asks `should_log` / `should_eval` / `checkpointer.save(step,
+last_step=...)`, `Trainer.train` asks its components, and each answers from its own settings:
+
+- `TrainLog.should_log(step, last)`: metrics.jsonl, the log line, the progress bar, throughput;
+- `Validator.should_eval(step, last)`: the validation loss, token-weighted over all ranks;
+- `Checkpointer.should_save(step, last)`: step checkpoints, keep_last, best/, where to resume from;
+- `TimeBudget`: train.max_seconds, agreed across ranks;
+- `StopSignals`: SIGINT / SIGTERM -> stop after the current step, with a checkpoint.
+
+None of them knows the model: the checkpointer writes and reads model files only through the
+`save_model_fn` / `load_model_fn` it is given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from modernlm.errors import UserError
+from modernlm.runtime import Runtime, eval_mode
+from modernlm.train.tracking import MetricsWriter, format_line
+
+SaveModelFn = Callable[[nn.Module, Path, Any], None]  # (model, directory, tokenizer): write the model files
+LoadModelFn = Callable[[nn.Module, Path], None]  # (model, directory): load them back into the model
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) batch to `device`."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=device.type == "cuda")
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def every(step: int, n: int) -> bool:
+    """Whether `step` is a multiple of n (n = 0: never)."""
+    return n > 0 and step % n == 0
+
+
+# ---- metrics, the log line, the progress bar --------------------------------------------------
+
+
+class TrainLog:
+    """What a run tells: metrics.jsonl (+ TensorBoard), the human log line and the progress bar.
+    Rank 0 writes; the other ranks' logs do nothing.
+
+    `should_log`: step 1, every `log_every` steps and the last step. Throughput covers the steps
+    since the previous training line: `tok_per_s` = input tokens (every token fed to the model,
+    padding excluded, all ranks) per second; `examples_per_s` where the stage counts examples
+    (the trainer's batch_counts);
+    `mfu` = flops_per_token * tok_per_s / (the peak FLOP/s of all devices), when both are known.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        runtime: Runtime,
+        *,
+        num_steps: int,
+        log_every: int,
+        progress: bool = True,
+        initial_step: int = 0,
+        truncate_after: int | None = None,
+        flops_per_token: float = 0.0,
+    ):
+        from tqdm import tqdm
+
+        self.runtime, self.num_steps, self.log_every = runtime, num_steps, log_every
+        self.flops_per_token = flops_per_token
+        self.writer = MetricsWriter(
+            run_dir, enabled=runtime.is_main, tensorboard=runtime.tensorboard, truncate_after=truncate_after
+        )
+        self.bar = tqdm(
+            total=num_steps, initial=initial_step, disable=not (runtime.is_main and progress), dynamic_ncols=True
+        )
+        self.last_record: dict[str, Any] = {}  # the newest training line
+        self._tokens, self._examples, self._seconds = 0, 0, 0.0  # since the previous training line
+        self._count_examples = False
+
+    def should_log(self, step: int, last: bool) -> bool:
+        return step == 1 or every(step, self.log_every) or last
+
+    def step_done(self, input_tokens: int, examples: int | None, seconds: float) -> None:
+        """Count one optimizer step into the current interval."""
+        self._tokens += input_tokens
+        self._seconds += seconds
+        if examples is not None:
+            self._examples += examples
+            self._count_examples = True
+        self.bar.update(1)
+
+    def throughput(self) -> dict[str, float]:
+        """tok_per_s, examples_per_s (where examples are counted) and mfu (where known) of the interval."""
+        seconds = max(self._seconds, 1e-9)
+        out = {"tok_per_s": self._tokens / seconds}
+        if self._count_examples:
+            out["examples_per_s"] = self._examples / seconds
+        rt = self.runtime
+        if self.flops_per_token and rt.peak_flops:
+            out["mfu"] = self.flops_per_token * out["tok_per_s"] / (rt.peak_flops * rt.world_size)
+        return out
+
+    def log_step(self, step: int, values: dict[str, Any]) -> dict[str, Any]:
+        """A training line: `values` and the interval's throughput; starts the next interval."""
+        speed = self.throughput()
+        record = self.log(step, **values, **speed)
+        self.last_record = record
+        loss = record["loss"]
+        postfix = {"loss": f"{loss:.3f}" if isinstance(loss, float) else loss, "lr": f"{record['lr']:.2e}"}
+        postfix["tok/s"] = f"{speed['tok_per_s']:.0f}"
+        if "examples_per_s" in speed:
+            postfix["ex/s"] = f"{speed['examples_per_s']:.1f}"
+        if "mfu" in speed:
+            postfix["mfu"] = f"{100 * speed['mfu']:.1f}%"
+        self.bar.set_postfix(postfix, refresh=False)
+        self._tokens, self._examples, self._seconds = 0, 0, 0.0
+        return record
+
+    def log(self, step: int, **values: Any) -> dict[str, Any]:
+        """A line of metrics.jsonl, also printed as the human log line."""
+        record = self.writer.log(step, **values)
+        self.write(format_line(step, self.num_steps, record))
+        return record
+
+    def event(self, step: int, **values: Any) -> None:
+        """A line of metrics.jsonl only (e.g. why the run stopped)."""
+        self.writer.log(step, **values)
+
+    def write(self, line: str) -> None:
+        if not self.runtime.is_main:
+            return
+        if not self.bar.disable:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self, summary: dict[str, Any]) -> None:
+        """Close the bar, write summary.json, close metrics.jsonl."""
+        self.bar.close()
+        self.writer.summary(**summary)
+        self.writer.close()
+
+
+# ---- validation ------------------------------------------------------------------------------
+
+
+class Validator:
+    """Validation runs: when, on what, and the loss they report.
+
+    `should_eval`: every `every` steps and at the last step (every = 0: only the last);
+    `should_eval_first`: the untrained model at step 0 too (`at_start`), a baseline for the curves.
+    `evaluate`: the mean loss over every target token of the batches on all ranks (val_loss),
+    exp of it (val_ppl, when the loss is a token NLL: `perplexity`), and the loss_fn's metrics as
+    token-weighted means named val_<name>. The last run scores `final_batches` (default: batches),
+    e.g. the whole split at the end and a sample of it along the way.
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[[nn.Module, Any], tuple[Tensor, Any, dict[str, Any]]],
+        batches: Iterable[Any] | None,
+        runtime: Runtime,
+        *,
+        final_batches: Iterable[Any] | None = None,
+        every: int = 0,
+        at_start: bool = True,
+        perplexity: bool = True,
+    ):
+        self.loss_fn, self.batches, self.runtime = loss_fn, batches, runtime
+        self.final_batches = final_batches if final_batches is not None else batches
+        self.every, self.at_start, self.perplexity = every, at_start, perplexity
+
+    def should_eval(self, step: int, last: bool) -> bool:
+        return self.batches is not None and (every(step, self.every) or last)
+
+    def should_eval_first(self, step: int) -> bool:
+        return self.batches is not None and self.at_start and step == 0
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, final: bool = False, forward: nn.Module | None = None) -> dict[str, float]:
+        """Validation metrics of `model` (in eval mode meanwhile); the loss_fn calls `forward`
+        (default: model), e.g. its compiled version. {} when there is nothing to score."""
+        batches = self.final_batches if final else self.batches
+        if batches is None:
+            return {}
+        rt = self.runtime
+        totals = torch.zeros(2, dtype=torch.float64, device=rt.device)
+        extra: dict[str, Tensor] = {}  # the loss_fn's metrics, weighted by n_tokens
+        with eval_mode(model):
+            for batch in batches:
+                with rt.autocast():
+                    loss_sum, n_tokens, metrics = self.loss_fn(forward or model, to_device(batch, rt.device))
+                n = torch.as_tensor(n_tokens, device=rt.device).double()
+                totals[0] += loss_sum.detach().double()
+                totals[1] += n
+                for k, v in metrics.items():
+                    extra[k] = extra.get(k, 0) + torch.as_tensor(v, device=rt.device).detach().double() * n
+            names = sorted(extra)
+            packed = torch.cat([totals, torch.stack([extra[k] for k in names])]) if names else totals
+            if rt.distributed:
+                torch.distributed.all_reduce(packed)
+        if packed[1].item() == 0:
+            return {}
+        val_loss = (packed[0] / packed[1]).item()
+        result = {"val_loss": val_loss}
+        if self.perplexity:
+            result["val_ppl"] = math.exp(min(val_loss, 50.0))
+        result.update({f"val_{k}": (packed[2 + i] / packed[1]).item() for i, k in enumerate(names)})
+        return result
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+
+def load_model_weights(model: nn.Module, path: Path) -> None:
+    """The default load_model_fn, for modernlm models: the checkpoint's weights, refused when its
+    model config differs from the model's."""
+    from modernlm.checkpoint import config_differences, load_model_config, load_weights_into
+
+    diffs = config_differences(load_model_config(path), model.config)
+    if diffs:
+        raise UserError(
+            f"cannot resume from {path}: its model config differs from this run's "
+            f"({'; '.join(diffs)}); use the same model settings, or start a new run "
+            "(another run.name, or train.resume=never)"
+        )
+    load_weights_into(model, path)
+
+
+class Checkpointer:
+    """The run's checkpoints: when to save, how many to keep, the best model, where to resume from.
+
+    `should_save`: every `save_every` steps and at the last step (save_every = 0: only the last).
+    `save` writes run_dir/checkpoints/step_NNNNNNN/ (model files through `save_model_fn`, the
+    trainer's state as train_state.pt) and keeps the newest `keep_last`; it is collective under DDP
+    (rank 0 writes, every rank waits). `update_best` keeps checkpoints/best/ = the model of the
+    lowest validation loss (with `save_best`). `resume_path`: `resume_from` (a checkpoint or a run
+    directory), else with resume="auto" the run directory's newest checkpoint, else None; `load`
+    reads one back (model files through `load_model_fn`) and returns its training state.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        runtime: Runtime,
+        *,
+        save_model_fn: SaveModelFn,
+        load_model_fn: LoadModelFn,
+        tokenizer: Any = None,
+        save_every: int = 0,
+        keep_last: int = 3,
+        save_best: bool = True,
+        resume: str = "auto",
+        resume_from: str = "",
+    ):
+        self.run_dir, self.runtime, self.tokenizer = Path(run_dir), runtime, tokenizer
+        self.save_model_fn, self.load_model_fn = save_model_fn, load_model_fn
+        self.save_every, self.keep_last, self.save_best = save_every, keep_last, save_best
+        self.resume, self.resume_from = resume, resume_from
+        self.best_val_loss = math.inf
+        # (step, directory) of this run's newest checkpoint; the directory is None off rank 0
+        self.saved: tuple[int, Path | None] = (-1, None)
+
+    def should_save(self, step: int, last: bool) -> bool:
+        return every(step, self.save_every) or last
+
+    def step_dir(self, step: int) -> Path:
+        from modernlm.checkpoint import CHECKPOINTS_DIR
+
+        return self.run_dir / CHECKPOINTS_DIR / f"step_{step:07d}"
+
+    def save(self, step: int, model: nn.Module, state: dict[str, Any]) -> Path | None:
+        """Write step's checkpoint (rank 0; every rank waits for it). Returns its directory on rank 0."""
+        from modernlm.checkpoint import save_training_checkpoint
+
+        path = None
+        if self.runtime.is_main:
+            path = save_training_checkpoint(
+                self.run_dir, step, model, state, self.tokenizer, self.keep_last, save_fn=self.save_model_fn
+            )
+        if self.runtime.distributed:
+            torch.distributed.barrier()
+        self.saved = (step, path)
+        return path
+
+    def update_best(self, step: int, model: nn.Module, val_loss: float) -> bool:
+        """Record a validation loss; a new lowest one replaces checkpoints/best/ (rank 0, save_best)."""
+        if not val_loss < self.best_val_loss:
+            return False
+        self.best_val_loss = val_loss
+        if self.save_best and self.runtime.is_main:
+            from modernlm.checkpoint import save_best_checkpoint
+
+            info = {"step": step, "val_loss": val_loss}
+            save_best_checkpoint(self.run_dir, model, info, self.tokenizer, save_fn=self.save_model_fn)
+        return True
+
+    def resume_path(self) -> Path | None:
+        """The checkpoint to resume from, if any; first removes what a killed save left behind."""
+        from modernlm.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
+
+        if self.runtime.is_main:  # a killed save's temporaries; best/ set aside
+            from modernlm.files import clean_leftovers
+
+            clean_leftovers(self.run_dir / CHECKPOINTS_DIR)
+            clean_leftovers(self.run_dir)
+        if self.resume_from:
+            path = Path(self.resume_from)
+            if (path / CHECKPOINTS_DIR).is_dir():
+                found = latest_checkpoint(path)
+                if found is None:
+                    raise UserError(f"train.resume_from: no checkpoint in run directory {self.resume_from}")
+                return found
+            if not path.is_dir():
+                raise UserError(f"train.resume_from: checkpoint directory not found: {path}")
+            return path
+        return latest_checkpoint(self.run_dir) if self.resume == "auto" else None
+
+    def load(self, model: nn.Module, path: Path) -> dict[str, Any]:
+        """Load the checkpoint's model files into `model`; returns its training state."""
+        from modernlm.checkpoint import load_training_state
+
+        self.load_model_fn(model, path)
+        state = load_training_state(path)
+        self.saved = (int(state["step"]), path)
+        return state
+
+
+# ---- the time budget -------------------------------------------------------------------------
+
+
+class TimeBudget:
+    """train.max_seconds over all attempts of a run (0 = none); rank 0's clock decides for every
+    rank (`agree`), since they must stop, and set the LR, together.
+
+    The next step is taken unless it would end more than half a step past the budget; `step_time`
+    is a running mean of a step's wall time."""
+
+    def __init__(
+        self, max_seconds: float, clock: Callable[[], float], elapsed_before: float, agree: Callable[[float], float]
+    ):
+        self.max_seconds, self.clock, self.before, self.agree = max_seconds, clock, elapsed_before, agree
+        self.start = clock()
+        self.step_time: float | None = None
+
+    def elapsed(self) -> float:
+        """Wall time of the run so far, all attempts."""
+        return self.before + self.clock() - self.start
+
+    def next_step_end(self) -> float:
+        """When the next step would end, in seconds of the run (agreed across ranks)."""
+        return self.agree(self.elapsed() + (self.step_time or 0.0))
+
+    def spent(self, step_end: float) -> bool:
+        """Whether a step ending at `step_end` would run mostly past the budget."""
+        return step_end >= self.max_seconds + (self.step_time or 0.0) / 2
+
+    def step_done(self, seconds: float) -> None:
+        self.step_time = seconds if self.step_time is None else 0.9 * self.step_time + 0.1 * seconds
+
+    def out_of_time(self) -> bool:
+        """After a step: whether the budget allows no other, so this one evaluates and saves as the last."""
+        return bool(self.max_seconds) and self.step_time is not None and self.spent(self.next_step_end())
+
+
+# ---- SIGINT / SIGTERM ------------------------------------------------------------------------
+
+
+class StopSignals:
+    """SIGINT / SIGTERM while training: a request to stop after the current step, with a checkpoint.
+
+    `with signals:` points SIGINT and SIGTERM at `_on_signal` and restores the previous handlers on
+    exit. Only the main thread can set handlers (elsewhere nothing changes), and an ignored signal
+    (nohup, a background job) stays ignored. The first signal is only recorded (`received`); from
+    then on SIGINT has its default action, so a second Ctrl-C ends the process at once. Under DDP
+    every rank must stop after the same step: the flags of every rank ride on the step's loss
+    all-reduce (`flags` -> `agree_flags`), or take one collective of their own (`agree`).
+    """
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.received = 0  # the first SIGINT / SIGTERM this rank received
+        self.agreed = 0  # the stop request agreed by every rank; 0 = go on
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        import signal
+        import threading
+
+        self.received = self.agreed = 0
+        self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old = signal.getsignal(sig)
+            if old in (signal.SIG_IGN, None):  # ignored, or set outside Python: leave it alone
+                continue
+            self._previous[sig] = old
+            signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        import os
+        import signal
+
+        if signal.getsignal(signal.SIGINT) == self._on_signal:  # (a bound method: ==, not is)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if self.received:
+            return
+        self.received = signum
+        if self.runtime.is_main:
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            # os.write, not print: a handler may run in the middle of another write to stderr
+            os.write(2, f"\n{name}: stopping after this step to save a checkpoint; Ctrl-C again to exit now\n".encode())
+
+    def flags(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """This rank's request as [SIGINT?, SIGTERM?], to sum over ranks."""
+        import signal
+
+        got = self.received
+        return torch.tensor([got == signal.SIGINT, got == signal.SIGTERM], dtype=dtype, device=device)
+
+    def agree_flags(self, flags: Tensor | None) -> None:
+        """Take the flags summed over ranks (None = one process: this rank's own request)."""
+        import signal
+
+        if flags is None:
+            self.agreed = self.received
+            return
+        n_int, n_term = flags.tolist()
+        self.agreed = int(signal.SIGINT) if n_int > 0 else int(signal.SIGTERM) if n_term > 0 else 0
+
+    def agree(self) -> int:
+        """The stop request of any rank, on every rank (one collective under DDP); 0 = none."""
+        if self.runtime.distributed:
+            flags = self.flags(self.runtime.device, torch.float32)
+            torch.distributed.all_reduce(flags)
+            self.agree_flags(flags)
+        else:
+            self.agree_flags(None)
+        return self.agreed
+
+    def stop_requested(self) -> int:
+        """The signal to stop for now, 0 = go on: the request agreed at the last step, or in one
+        process a signal that came since (during the step's eval or save). Under DDP a signal
+        since the last step waits for the next one, which every rank then stops after."""
+        if self.agreed or (self.received and not self.runtime.distributed):
+            return self.received or self.agreed
+        return 0
+
+
+__all__ = [
+    "Checkpointer",
+    "LoadModelFn",
+    "SaveModelFn",
+    "StopSignals",
+    "TimeBudget",
+    "TrainLog",
+    "Validator",
+    "every",
+    "load_model_weights",
+    "to_device",
+]
