@@ -6,7 +6,7 @@
     lm.generate("Once upon a time", max_new_tokens=40, temperature=0.8, seed=0)
     for piece in lm.stream("Once upon a time"):
         print(piece, end="")
-    lm.chat([{"role": "user", "content": "What is 2 + 3?"}])
+    lm.chat([{"role": "user", "content": "What is 2 + 3?"}])  # lm.stream_chat(...): in pieces
     lm.loglikelihood("The capital of France is", " Paris")  # summed log-probability, in nats
     lm.perplexity(text)                                      # as `modernlm eval perplexity` computes it
 
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from modernlm.errors import UserError
-from modernlm.generation import Sampling, TextGeneration, prompt_ids, stream_text
+from modernlm.generation import Sampling, TextGeneration, prompt_ids
 from modernlm.runtime import eval_mode
 
 BACKENDS = ("auto", "modernlm", "transformers")
@@ -105,10 +105,15 @@ class LM:
 
     def stream(self, prompt: str, sampling: Sampling | int | None = None, **settings: Any) -> Iterator[str]:
         """`generate` of one prompt in pieces as they come (transformers' models: one piece at the end)."""
-        if self.kind == "modernlm":
-            yield from stream_text(self.model, self._tok(), prompt, sampling, **settings)
+        return self._stream(prompt_ids(self._tok(), prompt), Sampling.make(sampling, **settings))
+
+    def _stream(self, ids: list[int], sampling: Sampling) -> Iterator[str]:
+        if self.kind == "modernlm":  # joined, the pieces are `_complete`'s text (`stream_text`)
+            for (piece,) in TextGeneration(self.model, self.tokenizer, [ids], sampling):
+                if piece:
+                    yield piece
         else:
-            yield self.generate(prompt, sampling, **settings)
+            yield self._complete([ids], sampling)[0]
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """The conversation in the model's chat template, the assistant's turn opened: ChatML for
@@ -129,7 +134,17 @@ class LM:
     def chat(self, messages: list[dict[str, str]], sampling: Sampling | int | None = None, **settings: Any) -> str:
         """The assistant's reply to `messages` ([{"role", "content"}, ...]): `chat_prompt` tokenized
         as transformers' apply_chat_template does (the template holds every special token)."""
-        return self._complete([self._tok().encode(self.chat_prompt(messages))], Sampling.make(sampling, **settings))[0]
+        return "".join(self.stream_chat(messages, sampling, **settings))
+
+    def stream_chat(
+        self, messages: list[dict[str, str]], sampling: Sampling | int | None = None, **settings: Any
+    ) -> Iterator[str]:
+        """`chat` in pieces as they come (transformers' models: one piece at the end)."""
+        return self._stream(self.chat_prompt_ids(messages), Sampling.make(sampling, **settings))
+
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """`chat_prompt` as the token ids `chat` gives the model (no bos: the template has them all)."""
+        return self._tok().encode(self.chat_prompt(messages))
 
     def loglikelihood(self, context: str, continuation: str) -> float:
         """log p(continuation | context), summed over the continuation's tokens, in nats. Both are
