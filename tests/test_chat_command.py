@@ -13,32 +13,11 @@ import sys
 import time
 
 import pytest
-import torch
 
-from modernlm import ModernDecoderLM, load
-from modernlm.checkpoint import save_model
-from modernlm.tokenizer import train_bpe
-from tests.conftest import tiny_config
+from modernlm import load
+from tests.serve_util import chat_checkpoint as _checkpoint
 
-CORPUS = [
-    "Once upon a time there was a little cat who lived in a big house.",
-    "The quick brown fox jumps over the lazy dog, again and again.",
-    "In 1999 the committee decided that the river should be cleaned.",
-]
 GREEDY = ["temperature=0", "max_new_tokens=8"]
-
-
-def _checkpoint(path, chat: bool, max_seq_len: int = 256):
-    specials = ("<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>") if chat else ("<|endoftext|>", "<|pad|>")
-    tok = train_bpe(CORPUS * 20, vocab_size=320, special_tokens=specials, chat_template="chatml" if chat else None)
-    torch.manual_seed(0)
-    model = ModernDecoderLM(tiny_config(vocab_size=320, max_seq_len=max_seq_len))
-    with torch.no_grad():  # sharper logits: greedy replies that depend on the prompt, not one token repeated
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(8)
-    save_model(model, path, tok)
-    return path
 
 
 @pytest.fixture(scope="module")

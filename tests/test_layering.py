@@ -10,6 +10,7 @@ The packages, bottom to top (a layer imports only from layers below it and from 
     hf.lora    LoRA finetuning (PEFT) on the trainer, with task evaluation
     align      SFT, DPO, the verifier
     api        `modernlm.load`: the facade every command and server shares
+    serve      the OpenAI-compatible server: its continuous-batching engine, the API's shapes, the app
     pipeline   the stage runner, the report, plots
     commands   one thin module per CLI command (cli.py finds them by name, never by import)
     package    modernlm/__init__.py: `from modernlm import load, ModernDecoderLM, ModelConfig`; it names
@@ -29,7 +30,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "modernlm"
 
 CORE = {"errors", "files", "config", "runtime", "model", "tokenizer", "checkpoint", "generation", "cli",
         "__main__"}  # fmt: skip
-LAYERS = ["core", "hf.convert", "data", "train", "eval", "hf.lora", "align", "api", "pipeline", "commands", "package"]
+LAYERS = ["core", "hf.convert", "data", "train", "eval", "hf.lora", "align", "api", "serve", "pipeline", "commands",
+          "package"]
 
 
 def module_name(path: Path) -> str:

@@ -115,6 +115,18 @@ class LM:
         else:
             yield self._complete([ids], sampling)[0]
 
+    @property
+    def has_chat_template(self) -> bool:
+        """Ours: the tokenizer has <|im_start|> and <|im_end|> (SFT adds them); HF: a `chat_template`."""
+        from modernlm.align.sft import IM_END, IM_START
+
+        tok = self.tokenizer
+        if tok is None:
+            return False
+        if self.checkpoint is not None:
+            return all(tok.token_to_id(t) is not None for t in (IM_START, IM_END))
+        return bool(tok.chat_template)
+
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """The conversation in the model's chat template, the assistant's turn opened: ChatML for
         ours (and whenever the tokenizer has no template), else the tokenizer's Jinja template as

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("modernlm.commands.convert", "convert an HF Llama model or .gguf to modernlm (or back)"),
     "generate": ("modernlm.commands.generate", "generate from checkpoints: one streamed, or several side by side"),
     "chat": ("modernlm.commands.chat", "chat in the terminal with any model source (its chat template, streamed)"),
+    "serve": ("modernlm.commands.serve", "OpenAI-compatible server with continuous batching, and a chat page"),
     "tokenizer train": ("modernlm.commands.tokenizer_train", "train a byte-level BPE tokenizer"),
     "prepare": ("modernlm.commands.prepare", "tokenize a corpus into token shards on disk"),
     "pretrain": ("modernlm.commands.pretrain", "pretrain a ModernDecoderLM from token shards"),

@@ -186,6 +186,36 @@ def sample(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def prompt_seen(idx: Tensor, vocab: int, pad_mask: Tensor | None = None) -> Tensor:
+    """(B, vocab) bool: the tokens of each prompt (padding not counted), for the repetition penalty."""
+    # One spare column collects the padding, so pad positions never count as "seen".
+    real = idx if pad_mask is None else idx.masked_fill(~pad_mask, vocab)
+    seen = torch.zeros(idx.size(0), vocab + 1, dtype=torch.bool, device=idx.device).scatter_(1, real, True)
+    return seen[:, :vocab]
+
+
+def pick_tokens(
+    logits: Tensor,
+    s: Sampling,
+    seen: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
+) -> Tensor:
+    """The next token of each row (B,) from its raw logits (B, V), as `s` says: ids from
+    `vocab_size` on masked, repetition penalty on `seen` (B, V), then argmax (temperature 0) or a
+    sample. Every decoding loop picks its tokens here (`iter_tokens`, the server's engine)."""
+    scores = logits.float()
+    if vocab_size is not None and vocab_size < scores.size(-1):
+        # ids past the tokenizer's vocabulary (a padded embedding) decode to nothing
+        scores = scores.clone()
+        scores[:, vocab_size:] = float("-inf")
+    if seen is not None:
+        scores = apply_repetition_penalty(scores, seen, s.repetition_penalty)
+    if s.temperature == 0:
+        return scores.argmax(dim=-1)
+    return sample(scores, s.temperature, s.top_k, s.top_p, generator)
+
+
 # --------------------------------------------------------------------------------------------
 # Token-level generation
 # --------------------------------------------------------------------------------------------
@@ -288,23 +318,14 @@ def iter_tokens(
                 "or use window > 0"
             )
 
-    greedy = s.temperature == 0
     generator = None
-    if s.seed is not None and not greedy:
+    if s.seed is not None and s.temperature > 0:
         generator = torch.Generator(device=idx.device).manual_seed(s.seed)
     eos_ids = s.eos_ids
     eos = torch.tensor(eos_ids, device=idx.device) if eos_ids else None
     pad_id = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     finished = torch.zeros(B, dtype=torch.bool, device=idx.device) if eos is not None else None
-    seen = None
-    if s.repetition_penalty != 1.0:
-        vocab = model.config.vocab_size
-        # One spare column collects the padding, so pad positions never count as "seen".
-        real = idx if pad_mask is None else idx.masked_fill(~pad_mask, vocab)
-        seen_buf = torch.zeros(B, vocab + 1, dtype=torch.bool, device=idx.device).scatter_(
-            1, real, True
-        )
-        seen = seen_buf[:, :vocab]
+    seen = prompt_seen(idx, model.config.vocab_size, pad_mask) if s.repetition_penalty != 1.0 else None
     # With padding, every decode step passes a one-column all-True pad mask so the cache marks
     # the new slot valid explicitly (a rolling cache reuses slots that may have held padding).
     step_mask = (
@@ -315,17 +336,7 @@ def iter_tokens(
     with eval_mode(model):
         logits = _prefill(model, idx, cache, pad_mask)
         for i in range(max_new_tokens):
-            scores = logits.float()
-            if vocab_size is not None and vocab_size < scores.size(-1):
-                # ids past the tokenizer's vocabulary (a padded embedding) decode to nothing
-                scores = scores.clone()
-                scores[:, vocab_size:] = float("-inf")
-            if seen is not None:
-                scores = apply_repetition_penalty(scores, seen, s.repetition_penalty)
-            if greedy:
-                tok = scores.argmax(dim=-1)
-            else:
-                tok = sample(scores, s.temperature, s.top_k, s.top_p, generator)
+            tok = pick_tokens(logits, s, seen, generator, vocab_size)
             if finished is not None:
                 tok = tok.masked_fill(finished, pad_id)
                 finished |= torch.isin(tok, eos)
@@ -642,7 +653,9 @@ __all__ = [
     "generate_text",
     "iter_tokens",
     "left_pad",
+    "pick_tokens",
     "prompt_ids",
+    "prompt_seen",
     "sample",
     "stream_text",
     "top_k_filter",

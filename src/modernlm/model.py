@@ -144,6 +144,13 @@ class RotaryEmbedding(nn.Module):
             self._build(max(start + length, 2 * self.cos.size(0)))
         return self.cos[start : start + length], self.sin[start : start + length]
 
+    def at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin for each row's own positions (B, T): each (B, 1, T, D), broadcast over heads."""
+        need = int(positions.max()) + 1
+        if need > self.cos.size(0):
+            self._build(max(need, 2 * self.cos.size(0)))
+        return self.cos[positions][:, None], self.sin[positions][:, None]
+
 
 def dropout_layer(p: float) -> nn.Module:
     # Identity when off: a Dropout(0) still costs a dispatch per call, which shows in decoding.
@@ -239,6 +246,76 @@ class KVCache:
         return sum(b.numel() * b.element_size() for b in (*self.k, *self.v))
 
 
+class SlotCache:
+    """A KV cache for continuous batching (`modernlm serve`): each row is a slot that holds one
+    sequence at its own position, so sequences can join and leave between decode steps.
+
+    Row b's token at position p sits at slot p, its key stored after RoPE, as in a plain KVCache;
+    `lengths` (B,) counts each row's tokens. A prompt is prefilled alone in a plain KVCache and
+    copied into a free row with `put` (so it gets exactly the keys it gets alone); every forward
+    then adds T tokens to each of the first `rows` rows (the rows in use: `move` packs them at the
+    front when a sequence leaves). Attention runs over the longest row's keys, each row masked to
+    its own (see `ModernDecoderLM._attention_mask`).
+    """
+
+    rolling = False
+    valid = None
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, capacity: int, *, device, dtype: torch.dtype):
+        shape = (batch_size, cfg.n_kv_head, capacity, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.capacity = capacity
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.rows = 0  # rows in use: 0 .. rows-1
+        self.seen = 1  # never 0: prompts (and the sink token) go in through `put`
+
+    def check_room(self, t: int) -> None:
+        if self.rows and int(self.lengths[: self.rows].max()) + t > self.capacity:
+            raise ValueError(f"SlotCache: cannot add {t} tokens (capacity {self.capacity}); grow it first")
+
+    def grow(self, capacity: int) -> None:
+        """Make room for `capacity` tokens per row, keeping what is cached."""
+        if capacity <= self.capacity:
+            return
+        pad = capacity - self.capacity
+        self.k = [F.pad(buf, (0, 0, 0, pad)) for buf in self.k]
+        self.v = [F.pad(buf, (0, 0, 0, pad)) for buf in self.v]
+        self.capacity = capacity
+
+    def put(self, row: int, cache: KVCache) -> None:
+        """Copy a one-row plain cache (a prefilled prompt) into `row`."""
+        n = cache.length
+        for dst, src in zip((*self.k, *self.v), (*cache.k, *cache.v), strict=True):
+            dst[row, :, :n] = src[0, :, :n]
+        self.lengths[row] = n
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row `src` into row `dst` (packing the rows in use when one leaves)."""
+        n = int(self.lengths[src])
+        for buf in (*self.k, *self.v):
+            buf[dst, :, :n] = buf[src, :, :n]
+        self.lengths[dst] = n
+
+    def positions(self, t: int) -> Tensor:
+        """(rows, t) positions of the next t tokens of each row in use."""
+        return self.lengths[: self.rows, None] + torch.arange(t, device=self.lengths.device)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (rows, K, T, D) at each row's next slots; return keys/values (rows, K, S, D),
+        S the longest row's length after the write."""
+        pos = self.positions(k.size(2))  # (rows, T)
+        rows = torch.arange(self.rows, device=pos.device)[:, None]  # (rows, 1)
+        # advanced indices on dims 0 and 2: the indexed view is (rows, T, K, D)
+        self.k[layer][rows, :, pos] = k.transpose(1, 2)
+        self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        s = int(pos[:, -1].max()) + 1
+        return self.k[layer][: self.rows, :, :s], self.v[layer][: self.rows, :, :s]
+
+    def advance(self, t: int) -> None:
+        self.lengths[: self.rows] += t
+
+
 # --------------------------------------------------------------------------------------------
 # Attention, SwiGLU, MoE, Block
 # --------------------------------------------------------------------------------------------
@@ -259,7 +336,7 @@ class Attention(nn.Module):
         self,
         x: Tensor,
         rope: tuple[Tensor, Tensor],
-        cache: KVCache | None = None,
+        cache: KVCache | SlotCache | None = None,
         mask: Tensor | None = None,
         key_rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
@@ -418,7 +495,7 @@ class ModernDecoderLM(nn.Module):
         self,
         idx: Tensor,
         *,
-        cache: KVCache | None = None,
+        cache: KVCache | SlotCache | None = None,
         pad_mask: Tensor | None = None,
         segment_ids: Tensor | None = None,
         last_only: bool = False,
@@ -426,7 +503,8 @@ class ModernDecoderLM(nn.Module):
     ) -> LMOutput:
         """idx (B, T) token ids -> LMOutput(logits (B, T, V), aux_loss, hidden).
 
-        cache: continue from (and append to) a KVCache; positions continue from the cache.
+        cache: continue from (and append to) a KVCache; positions continue from the cache. A
+            SlotCache (continuous batching) continues each row from its own position.
         pad_mask: (B, T) bool, False at padding (left-padded batched prompts); padding is never
             attended to. Without padding, attention runs SDPA's causal fast path.
         segment_ids: (B, T) ints for packed rows: a token attends only to earlier tokens of its own
@@ -461,15 +539,25 @@ class ModernDecoderLM(nn.Module):
 
         start = 0
         key_rope = None
-        if cache is not None:
+        if isinstance(cache, SlotCache):
+            # Continuous batching: each row continues at its own position, attending to its own keys.
+            if B != cache.rows:
+                raise ValueError(f"SlotCache has {cache.rows} rows in use, idx has {B}")
             cache.check_room(T)
-            start = cache.length
-            if pad_mask is not None:
-                cache.set_valid(pad_mask)
-            if cache.rolling:
-                key_rope = self.rope(0, start + T)  # rotate cached keys by slot
-        rope = self.rope(start, T)
-        mask = self._attention_mask(T, start, cache, pad_mask, x.device)
+            pos = cache.positions(T)  # (B, T)
+            rope = self.rope.at(pos)
+            k_pos = torch.arange(int(pos[:, -1].max()) + 1, device=x.device)  # (S,)
+            mask = (k_pos <= pos[..., None])[:, None]  # (B, 1, T, S)
+        else:
+            if cache is not None:
+                cache.check_room(T)
+                start = cache.length
+                if pad_mask is not None:
+                    cache.set_valid(pad_mask)
+                if cache.rolling:
+                    key_rope = self.rope(0, start + T)  # rotate cached keys by slot
+            rope = self.rope(start, T)
+            mask = self._attention_mask(T, start, cache, pad_mask, x.device)
         if segment_ids is not None:
             # Block-diagonal causal mask: same segment (or the sink, segment -1) and not in the future.
             same = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]) | (

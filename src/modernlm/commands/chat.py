@@ -63,16 +63,6 @@ def load_chat_model(source: str, device: str, backend: str) -> Any:
     return load(source, device=device, backend=backend, what="model")
 
 
-def has_chat_template(lm: Any) -> bool:
-    """Ours: the tokenizer has <|im_start|> and <|im_end|> (SFT adds them); HF: a `chat_template`."""
-    from modernlm.align.sft import IM_END, IM_START
-
-    tok = lm.tokenizer
-    if lm.checkpoint is not None:
-        return all(tok.token_to_id(t) is not None for t in (IM_START, IM_END))
-    return bool(tok.chat_template)
-
-
 def _read(tty: bool) -> str | None:
     """The next line of input, None at the end (EOF or Ctrl-C at the prompt)."""
     try:
@@ -102,7 +92,7 @@ def main(cfg: Config) -> None:
     lm = load_chat_model(cfg.model, cfg.device, cfg.backend)
     if lm.tokenizer is None:
         raise UserError(f"model: {cfg.model} has no tokenizer, so there is no text to chat with")
-    chat = has_chat_template(lm)
+    chat = lm.has_chat_template
     tty = sys.stdin.isatty()
     if tty:
         _say(f"chat with {lm.name} ({lm.kind}); {HELP}")

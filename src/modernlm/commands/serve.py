@@ -1,0 +1,80 @@
+"""Serve a model over HTTP with OpenAI's API, many requests batched together, and a chat page at /.
+
+    modernlm serve runs/dpo/checkpoints/best
+    modernlm serve SmolLM2-135M-Instruct.Q4_1.gguf port=8080 api_key=sk-local
+    modernlm serve CKPT max_batch=1          # one request at a time (no batching)
+
+Then any OpenAI client talks to it:
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="sk-local")
+    client.chat.completions.create(model=client.models.list().data[0].id,
+                                   messages=[{"role": "user", "content": "Hi!"}], stream=True)
+
+Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, and the chat
+page at GET / (open http://127.0.0.1:8000 in a browser). Extensions to OpenAI's fields: top_k,
+repetition_penalty, ignore_eos. Sources: our checkpoints and run directories, and HF Llama
+directories, hub ids and .gguf files (converted as they load); other architectures are refused.
+Binds 127.0.0.1 unless host says otherwise. api_key (or the MODERNLM_API_KEY environment variable)
+makes /v1 routes need `Authorization: Bearer <key>`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+from modernlm.errors import UserError
+from modernlm.serve.app import ServeConfig
+
+POSITIONALS = ["model"]
+FLAGS: dict[str, str] = {}
+OUTPUTS: dict[str, str] = {}
+
+
+@dataclass
+class Config(ServeConfig):
+    model: str = ""  # a checkpoint or run directory, HF Llama directory or hub id, or .gguf
+    device: str = "cpu"  # cpu, cuda, cuda:1, mps, auto
+    dtype: str | None = None  # float32, bfloat16, float16 (null: the checkpoint's own; float32 for HF)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail in one line, before the model loads, when the address cannot be bound."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise UserError(f"host/port: cannot listen on {host}:{port} ({e.strerror or e})") from None
+
+
+def main(cfg: Config) -> None:
+    from modernlm.api import load
+    from modernlm.checkpoint import resolve_source
+
+    if not cfg.model:
+        raise UserError("model: give a model source (modernlm serve MODEL)")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise UserError("serve needs FastAPI and uvicorn: pip install 'modernlm[serve]'") from None
+    _check_port(cfg.host, cfg.port)
+    api_key = cfg.api_key or os.environ.get("MODERNLM_API_KEY", "")
+    backend = "auto" if resolve_source(cfg.model, "model").kind == "modernlm" else "modernlm"
+    lm = load(cfg.model, device=cfg.device, dtype=cfg.dtype, backend=backend, what="model")
+    from dataclasses import fields
+
+    from modernlm.serve.app import make_app
+
+    server = ServeConfig(**{f.name: getattr(cfg, f.name) for f in fields(ServeConfig)} | {"api_key": api_key})
+    app = make_app(lm, server)
+    where = f"http://{cfg.host if ':' not in cfg.host else f'[{cfg.host}]'}:{cfg.port}"
+    print(f"modernlm serve: {app.state.model_name} ({lm.num_params / 1e6:.1f}M parameters, {lm.device}) on {where}"
+          f" - OpenAI API at {where}/v1, chat page at {where}/"
+          f"{' - API key required' if api_key else ''}", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")

@@ -1,0 +1,254 @@
+"""The OpenAI-compatible HTTP server of `modernlm serve`: FastAPI routes around one `Engine`.
+
+    GET  /v1/models             the one model served
+    POST /v1/chat/completions   chats, in the model's chat template
+    POST /v1/completions        plain continuations (a string, strings, or token ids)
+    GET  /health                200 while the engine runs (no key needed)
+    GET  /                      the chat page (chat.html, shipped in the package)
+
+Requests are checked by `serve.openai.parse` and queued in the engine; its events come back to the
+event loop (`call_soon_threadsafe`), so generation never runs on the loop. Streaming answers are
+Server-Sent Events in OpenAI's chunk format ending with `data: [DONE]`; their joined text equals
+the non-streamed answer for the same seed (the same engine events, shaped two ways).
+
+Safe by default: ServeConfig binds 127.0.0.1; with `api_key` every /v1 route needs
+`Authorization: Bearer <key>` (what OpenAI's SDKs send; 401 otherwise); bodies over
+`max_body_bytes` get 413; a full queue gets 503 with Retry-After; a request past `request_timeout`
+seconds is cancelled (504, or an error event when streaming); a client that disconnects frees its
+rows at the engine's next step.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the routes' annotations (the Request
+# type, imported inside make_app so that importing this module does not need FastAPI).
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from modernlm.errors import UserError
+from modernlm.serve.engine import Done, Engine, EngineFull, Failed, Piece, Request
+from modernlm.serve.openai import APIError, Choice, Context, Job, chunk, chunk_choice, logprobs_json, parse, response
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"  # the address to bind; 0.0.0.0 exposes the server to the network
+    port: int = 8000
+    api_key: str = ""  # when set, /v1 routes need `Authorization: Bearer <api_key>`
+    name: str = ""  # the model id clients send and /v1/models lists ("" = the model's name)
+    max_batch: int = 16  # sequences decoded together; 1 = one request at a time (no batching)
+    max_queue: int = 64  # sequences waiting for a place in the batch; more get 503
+    max_tokens: int = 4096  # the largest max_tokens a request may ask for
+    max_n: int = 8  # the most choices (n) per request
+    max_body_bytes: int = 1 << 20  # request bodies larger than this get 413
+    request_timeout: float = 600.0  # seconds before a request is cancelled
+
+    def __post_init__(self) -> None:
+        for name in ("port", "max_batch", "max_tokens", "max_n", "max_body_bytes"):
+            if getattr(self, name) < (0 if name == "port" else 1):
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_queue < 0 or self.request_timeout <= 0:
+            raise UserError("max_queue must be >= 0 and request_timeout > 0")
+
+
+def check_servable(lm: Any) -> None:
+    """The engine runs ModernDecoderLMs (ours, and HF Llamas converted as they load) with a tokenizer."""
+    if lm.kind != "modernlm":
+        raise UserError(f"{lm.source}: serve runs modernlm models and Llama-architecture HF models (converted)")
+    if lm.tokenizer is None:
+        raise UserError(f"{lm.source}: no tokenizer, so there is no text to serve")
+
+
+def make_app(lm: Any, cfg: ServeConfig | None = None) -> Any:
+    """The FastAPI app serving `lm` (a `modernlm.load` result); the engine thread runs while the
+    app's lifespan does."""
+    from fastapi import FastAPI
+    from fastapi import Request as HTTPRequest
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    cfg = cfg or ServeConfig()
+    check_servable(lm)
+    name = cfg.name or lm.name
+    ctx = Context(lm, name, cfg.max_tokens, cfg.max_n)
+    engine = Engine(lm.model, lm.tokenizer, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
+    started = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.close)
+
+    app = FastAPI(title="modernlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.model_name = engine, name
+
+    def error(e: APIError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if e.status == 503 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: HTTPRequest, e: APIError) -> JSONResponse:
+        return error(e)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: HTTPRequest, e: HTTPException) -> JSONResponse:
+        return error(APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: HTTPRequest, e: RequestValidationError) -> JSONResponse:
+        return error(APIError(400, str(e)))
+
+    @app.middleware("http")
+    async def _auth(request: HTTPRequest, call_next: Any) -> Any:
+        if cfg.api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            scheme, _, key = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), cfg.api_key.encode()):
+                what = "no API key given" if not given else "incorrect API key provided"
+                return error(APIError(401, f"{what}: send Authorization: Bearer <key>", code="invalid_api_key"))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        running, waiting = engine.load
+        return {"status": "ok", "running": running, "waiting": waiting}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(resources.files("modernlm.serve").joinpath("chat.html").read_text("utf-8"))
+
+    def model_card() -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": started, "owned_by": "modernlm",
+                "max_model_len": lm.max_context}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != name:
+            raise APIError(404, f"The model `{model_id}` does not exist", "model", code="model_not_found")
+        return model_card()
+
+    async def read_json(request: HTTPRequest) -> Any:
+        declared = request.headers.get("content-length")
+        too_big = APIError(413, f"the request body is larger than {cfg.max_body_bytes} bytes")
+        if declared is not None and declared.isdigit() and int(declared) > cfg.max_body_bytes:
+            raise too_big
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > cfg.max_body_bytes:
+                raise too_big
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON ({e})") from None
+
+    async def run(kind: str, request: HTTPRequest) -> Any:
+        job = await asyncio.to_thread(parse, kind, await read_json(request), ctx)  # tokenizing is not free
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        requests = []
+        for p, prompt in enumerate(job.prompts):
+            def emit(event: Any, p: int = p) -> None:
+                loop.call_soon_threadsafe(events.put_nowait, (p, event))
+
+            requests.append(Request(prompt, job.sampling, emit, n=job.n, logprobs=job.logprobs))
+        try:
+            for r in requests:
+                engine.submit(r)
+        except EngineFull as e:
+            for r in requests:
+                r.cancel()
+            raise APIError(503, f"{e}; try again shortly") from None
+        stream = events_until_done(job, requests, events, request)
+        if job.stream:
+            sse = sse_events(job, rid, created, stream, requests)
+            return StreamingResponse(sse, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        choices = [Choice(i) for i in range(len(job.prompts) * job.n)]
+        async for index, event in stream:
+            choices[index].add(event)
+        return response(job, rid, created, name, choices, lm.tokenizer)
+
+    async def events_until_done(job: Job, requests: list[Request], events: asyncio.Queue,
+                                request: HTTPRequest) -> AsyncIterator[tuple[int, Piece | Done]]:
+        """The engine's events as (choice index, event) until every choice is done; cancels the
+        requests when the client goes, the time runs out, or the consumer stops early."""
+        deadline = time.monotonic() + cfg.request_timeout
+        checked = time.monotonic()  # when we last asked whether the client is still there
+        left = len(requests) * job.n
+        try:
+            while left:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise APIError(504, f"the request took longer than {cfg.request_timeout:g} s")
+                if now - checked > 0.5:
+                    checked = now
+                    if await request.is_disconnected():
+                        return
+                try:
+                    p, event = await asyncio.wait_for(events.get(), timeout=min(0.5, deadline - now))
+                except TimeoutError:
+                    continue
+                if isinstance(event, Failed):
+                    raise APIError(500, event.message)
+                yield p * job.n + event.choice, event
+                left -= isinstance(event, Done)
+        finally:
+            for r in requests:
+                r.cancel()
+
+    async def sse_events(job: Job, rid: str, created: int, stream: Any, requests: list[Request]) -> AsyncIterator[str]:
+        choices = [Choice(i) for i in range(len(job.prompts) * job.n)]
+        offsets = [0] * len(choices)
+        if job.kind == "chat":  # the role comes first, as OpenAI sends it
+            for c in choices:
+                yield chunk(job, rid, created, name, [chunk_choice(job, c.index, "", None, None, role=True)])
+        try:
+            async for index, event in stream:
+                c = choices[index]
+                c.add(event)
+                if isinstance(event, Piece):
+                    lp = None
+                    if job.logprobs is not None and event.tokens:
+                        lp = logprobs_json(job.kind, lm.tokenizer, event.tokens, offsets[index])
+                        offsets[index] += len(event.text)
+                    if event.text or lp is not None:
+                        yield chunk(job, rid, created, name, [chunk_choice(job, index, event.text, lp, None)])
+                else:
+                    yield chunk(job, rid, created, name, [chunk_choice(job, index, None, None, c.finish_reason)])
+        except APIError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"
+        else:
+            if job.include_usage:
+                use = response(job, rid, created, name, choices, lm.tokenizer)["usage"]
+                yield chunk(job, rid, created, name, [], use)
+        finally:  # the client went away (the response is cancelled here): free its rows now
+            for r in requests:
+                r.cancel()
+            await stream.aclose()
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest) -> Any:
+        return await run("chat", request)
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest) -> Any:
+        return await run("completion", request)
+
+    return app

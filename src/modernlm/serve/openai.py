@@ -1,0 +1,346 @@
+"""OpenAI's API, as data: request bodies in (validated field by field), responses and stream chunks out.
+
+`parse(kind, body, ctx)` turns the JSON body of /v1/chat/completions (kind "chat") or
+/v1/completions (kind "completion") into a `Job`: token prompts, a `Sampling`, n, logprobs and the
+streaming options. A bad value raises `APIError(400, ..., param=FIELD)`, which the app answers in
+OpenAI's error shape: {"error": {"message", "type", "param", "code"}}. Fields OpenAI has and this
+server does not implement are refused by name when they would change the result (a
+frequency_penalty, tools, ...); unknown fields are ignored, as OpenAI does.
+
+`Choice` gathers one choice's text, tokens and finish reason from the engine's events; `response`
+and `chunk` shape them as OpenAI does (chat.completion / text_completion, and their chunks).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from modernlm.errors import UserError
+from modernlm.generation import Sampling, prompt_ids
+from modernlm.serve.engine import Done, Piece, TokenInfo
+
+MAX_STOP = 4  # stop strings per request, as OpenAI
+MAX_TOP_LOGPROBS = 20
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None):  # noqa: A002 (OpenAI's field name)
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Context:
+    """What a request is checked against: the served model and the server's caps."""
+
+    lm: Any  # modernlm.api.LM
+    model_name: str
+    max_tokens: int  # the largest max_tokens a request may ask for
+    max_n: int
+
+
+@dataclass
+class Job:
+    kind: str  # "chat" or "completion"
+    prompts: list[list[int]]  # token ids of each prompt (chat: one)
+    sampling: Sampling
+    n: int
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # None: none; k: each token's logprob and its top k
+
+
+# ---- reading fields ------------------------------------------------------------------------------
+
+
+def _number(body: dict, name: str, default: float | None, lo: float, hi: float, *, open_lo: bool = False) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise APIError(400, f"{name} must be a number, got {json.dumps(value)}", name)
+    if value < lo or value > hi or (open_lo and value == lo):
+        span = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]"
+        raise APIError(400, f"{name} must be in {span}, got {value}", name)
+    return value
+
+
+def _integer(body: dict, name: str, default: int | None, lo: int, hi: int) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise APIError(400, f"{name} must be an integer, got {json.dumps(value)}", name)
+    if not lo <= value <= hi:
+        raise APIError(400, f"{name} must be between {lo} and {hi}, got {value}", name)
+    return value
+
+
+def _boolean(body: dict, name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise APIError(400, f"{name} must be true or false, got {json.dumps(value)}", name)
+    return value
+
+
+def _unsupported(body: dict) -> None:
+    """Refuse, by name, fields that would change the result and that this server does not do."""
+    checks = {
+        "frequency_penalty": lambda v: v not in (None, 0),
+        "presence_penalty": lambda v: v not in (None, 0),
+        "logit_bias": lambda v: bool(v),
+        "tools": lambda v: bool(v),
+        "functions": lambda v: bool(v),
+        "echo": lambda v: bool(v),
+        "suffix": lambda v: bool(v),
+        "response_format": lambda v: v not in (None, {}) and not (isinstance(v, dict) and v.get("type") == "text"),
+    }
+    for name, bad in checks.items():
+        if bad(body.get(name)):
+            raise APIError(400, f"{name} is not supported by this server", name)
+    if body.get("best_of") not in (None, 1, body.get("n", 1)):
+        raise APIError(400, "best_of is not supported by this server (use n)", "best_of")
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise APIError(400, "stop must be a string or a list of strings", "stop")
+    if len(stop) > MAX_STOP:
+        raise APIError(400, f"stop takes at most {MAX_STOP} strings, got {len(stop)}", "stop")
+    return tuple(s for s in stop if s)
+
+
+def _messages(body: dict) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise APIError(400, f"{where} must be an object with role and content", where)
+        role, content = m.get("role"), m.get("content")
+        role = "system" if role == "developer" else role  # OpenAI's newer name for the system role
+        if role not in ("system", "user", "assistant"):
+            raise APIError(400, f"{where}.role must be system, developer, user or assistant, got {json.dumps(role)}",
+                           f"{where}.role")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise APIError(400, f"{where}.content: only text parts are supported", f"{where}.content")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise APIError(400, f"{where}.content must be a string", f"{where}.content")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _completion_prompts(body: dict, lm: Any) -> list[list[int]]:
+    prompt = body.get("prompt")
+    bad = APIError(400, "prompt must be a string, a list of strings, or token ids", "prompt")
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise bad
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        prompt = [prompt]  # one prompt as token ids
+    rows = []
+    for p in prompt:
+        if isinstance(p, str):
+            rows.append(prompt_ids(lm.tokenizer, p))
+        elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            if not all(0 <= t < lm.tokenizer.vocab_size for t in p):
+                raise APIError(400, f"prompt: token ids must be in [0, {lm.tokenizer.vocab_size})", "prompt")
+            rows.append(list(p))
+        else:
+            raise bad
+    return rows
+
+
+def parse(kind: str, body: Any, ctx: Context) -> Job:
+    """Check the body of a chat ("chat") or completions ("completion") request; see the module docstring."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise APIError(400, "model is required (GET /v1/models lists it)", "model")
+    if model != ctx.model_name:
+        raise APIError(404, f"The model `{model}` does not exist (this server has `{ctx.model_name}`)", "model",
+                       code="model_not_found")
+    _unsupported(body)
+    lm = ctx.lm
+    if kind == "chat":
+        messages = _messages(body)
+        if not lm.has_chat_template:
+            raise APIError(400, "this model has no chat template: use /v1/completions", "messages")
+        try:
+            prompts = [lm.chat_prompt_ids(messages)]
+        except UserError as e:
+            raise APIError(400, str(e), "messages") from None
+        max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+        logprobs = (top or 0) if _boolean(body, "logprobs") else None
+        if top is not None and logprobs is None:
+            raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+    else:
+        prompts = _completion_prompts(body, lm)
+        max_name = "max_tokens"
+        logprobs = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
+    max_tokens = _integer(body, max_name, None, 1, ctx.max_tokens)
+    context = lm.max_context
+    longest = max(len(p) for p in prompts)
+    field_name = "messages" if kind == "chat" else "prompt"
+    if longest >= context or (max_tokens is not None and longest + max_tokens > context):
+        asked = f"{longest} in the {field_name}" + (f" and {max_tokens} in the completion" if max_tokens else "")
+        raise APIError(400, f"This model's maximum context length is {context} tokens; you asked for {asked}. "
+                       f"Reduce the length of the {field_name} or {max_name}.", field_name,
+                       code="context_length_exceeded")
+    if max_tokens is None:  # OpenAI: chats run to the context's end, completions 16 tokens
+        max_tokens = min(ctx.max_tokens, context - longest, 16 if kind == "completion" else context)
+    stream = _boolean(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise APIError(400, "stream_options must be an object", "stream_options")
+    include_usage = _boolean(options or {}, "include_usage")
+    top_k = _integer(body, "top_k", None, -1, 1 << 30)
+    sampling = Sampling(
+        max_new_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0, 2),
+        top_p=_number(body, "top_p", 1.0, 0, 1, open_lo=True),
+        top_k=top_k if top_k and top_k > 0 else None,
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0, 2, open_lo=True),
+        stop=_stop(body),
+        seed=_integer(body, "seed", None, -(1 << 63), (1 << 63) - 1),
+        eos_token_id=() if _boolean(body, "ignore_eos") else None,
+    )
+    n = _integer(body, "n", 1, 1, ctx.max_n)
+    return Job(kind, prompts, sampling, n, stream, include_usage, logprobs)
+
+
+# ---- shaping responses ---------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=8)
+def _byte_decoder(tokenizer: Any) -> dict[str, int] | None:
+    """GPT-2 byte-level symbols -> byte values, when `tokenizer` is byte-level (else None)."""
+    from modernlm.tokenizer import _byte_symbols
+
+    decoder = json.loads(tokenizer.backend.to_str()).get("decoder") or {}
+    kinds = [d.get("type") for d in decoder.get("decoders", [decoder])]
+    return {s: b for b, s in enumerate(_byte_symbols())} if "ByteLevel" in kinds else None
+
+
+def token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    """The exact bytes a token stands for (a byte-level token may be part of a character)."""
+    piece = tokenizer.backend.id_to_token(token_id) or ""
+    table = _byte_decoder(tokenizer)
+    if table is not None and piece and all(c in table for c in piece):
+        return bytes(table[c] for c in piece)
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
+        return bytes([int(piece[3:5], 16)])
+    return tokenizer.decode([token_id]).encode("utf-8")
+
+
+@dataclass
+class Choice:
+    """One choice's events gathered: its text, tokens, finish reason."""
+
+    index: int
+    text: str = ""
+    tokens: list[TokenInfo] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+    def add(self, event: Piece | Done) -> None:
+        if isinstance(event, Piece):
+            self.text += event.text
+            self.tokens += event.tokens
+        else:
+            self.finish_reason, self.completion_tokens = event.finish_reason, event.completion_tokens
+
+
+def logprobs_json(kind: str, tokenizer: Any, tokens: list[TokenInfo], offset: int = 0) -> dict[str, Any]:
+    """Chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions: {tokens,
+    token_logprobs, top_logprobs, text_offset} (offsets from `offset`, into the completion's text)."""
+
+    def text(token_id: int) -> str:
+        return token_bytes(tokenizer, token_id).decode("utf-8", errors="replace")
+
+    if kind == "chat":
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            return {"token": text(token_id), "logprob": logprob, "bytes": list(token_bytes(tokenizer, token_id))}
+
+        return {"content": [{**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
+                            for t in tokens]}
+    offsets, at = [], offset
+    for t in tokens:
+        offsets.append(at)
+        at += len(text(t.id))
+    return {
+        "tokens": [text(t.id) for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [{text(i): lp for i, lp in t.top} for t in tokens],
+        "text_offset": offsets,
+    }
+
+
+def usage(prompt_tokens: int, choices: list[Choice]) -> dict[str, int]:
+    completion = sum(c.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def response(job: Job, rid: str, created: int, model: str, choices: list[Choice], tokenizer: Any) -> dict[str, Any]:
+    """The whole (non-streamed) response."""
+    prompt_tokens = sum(len(p) for p in job.prompts)
+    out = []
+    for c in choices:
+        lp = logprobs_json(job.kind, tokenizer, c.tokens) if job.logprobs is not None else None
+        if job.kind == "chat":
+            message = {"role": "assistant", "content": c.text}
+            out.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": c.finish_reason})
+        else:
+            out.append({"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
+    obj = "chat.completion" if job.kind == "chat" else "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": out,
+            "usage": usage(prompt_tokens, choices), "system_fingerprint": None}
+
+
+def chunk(job: Job, rid: str, created: int, model: str, choices: list[dict[str, Any]],
+          usage_: dict[str, int] | None = None) -> str:
+    """One Server-Sent Event of a streamed response ("data: {json}\\n\\n")."""
+    obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
+    data: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+    if job.include_usage:
+        data["usage"] = usage_
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def chunk_choice(job: Job, index: int, text: str | None, logprobs: dict | None, finish: str | None,
+                 role: bool = False) -> dict[str, Any]:
+    """A choice of a chunk: chat's `delta` ({"role"} first, then {"content"}, {} at the end) or
+    completions' `text`."""
+    if job.kind == "chat":
+        delta: dict[str, Any] = {"role": "assistant"} if role else {}
+        if text is not None:
+            delta["content"] = text
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}

@@ -1,0 +1,318 @@
+"""`modernlm serve` through the official `openai` client against a live server on 127.0.0.1: the
+answers equal `modernlm.load`'s own generation (greedy and seeded sampling), streamed text joins to
+the whole text, stop strings and n behave, usage counts the tokens, logprobs are the model's own
+log-softmax, errors come in OpenAI's shape, concurrent clients get what they get alone, a client
+that disconnects frees its place, and the command fails in one line on a bad address."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx2 as httpx
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+
+from modernlm import load  # noqa: E402
+from tests.serve_util import chat_checkpoint, serving  # noqa: E402
+
+USER = [{"role": "user", "content": "Once upon a time"}]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    return load(chat_checkpoint(tmp_path_factory.mktemp("serve") / "ckpt"))
+
+
+@pytest.fixture(scope="module")
+def slow_lm(lm):
+    """The same model, 20 ms per forward: a request that is still running when the test looks."""
+    slow = load(lm.checkpoint)
+    forward = slow.model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    slow.model.forward = slow_forward
+    return slow
+
+
+@pytest.fixture(scope="module")
+def url(lm):
+    with serving(lm, max_batch=4) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_models_list(client, lm):
+    models = client.models.list().data
+    assert [m.id for m in models] == [lm.name]
+    assert client.models.retrieve(lm.name).id == lm.name
+
+
+def test_chat_equals_the_facade_streamed_or_not(client, lm):
+    reply = client.chat.completions.create(model=lm.name, messages=USER, max_tokens=12, temperature=0)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == lm.chat(USER, 12)
+    chunks = list(client.chat.completions.create(model=lm.name, messages=USER, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [choice.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == reply.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completions_equal_generate(client, lm):
+    for prompt in ("Once upon", "The quick brown fox jumps over the lazy"):
+        out = client.completions.create(model=lm.name, prompt=prompt, max_tokens=10, temperature=0)
+        assert out.choices[0].text == lm.generate(prompt, 10)
+        ids = lm.tokenizer.encode(prompt, add_bos=lm.tokenizer.add_bos)
+        assert out.usage.prompt_tokens == len(ids)
+    # several prompts, and token ids, in one request
+    prompts = ["Once upon", "In 1999 the"]
+    out = client.completions.create(model=lm.name, prompt=prompts, max_tokens=6, temperature=0)
+    assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == lm.generate(prompts, 6)
+    ids = lm.tokenizer.encode("Once upon", add_bos=True)
+    out = client.completions.create(model=lm.name, prompt=ids, max_tokens=6, temperature=0)
+    assert out.choices[0].text == lm.generate("Once upon", 6)
+
+
+def test_finish_reason_and_usage(client, lm):
+    out = client.chat.completions.create(model=lm.name, messages=USER, max_tokens=5, temperature=0)
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.prompt_tokens == len(lm.chat_prompt_ids(USER))
+    assert out.usage.completion_tokens == 5
+    assert out.usage.total_tokens == out.usage.prompt_tokens + 5
+    # a reply that ends at eos counts its tokens, the eos included
+    long = client.chat.completions.create(model=lm.name, messages=USER, max_tokens=200, temperature=0)
+    if long.choices[0].finish_reason == "stop":
+        assert long.usage.completion_tokens <= 200
+    else:
+        assert long.usage.completion_tokens == 200
+
+
+def test_stop_strings_streamed_and_not(client, lm):
+    full = lm.generate("Once upon", 30)
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert len(stop) == 2 and stop.strip(), full
+    cut = full[: full.index(stop)]
+    out = client.completions.create(model=lm.name, prompt="Once upon", max_tokens=30, temperature=0, stop=[stop, "zzz"])
+    assert out.choices[0].text == cut and out.choices[0].finish_reason == "stop"
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model=lm.name, prompt="Once upon", max_tokens=30, temperature=0, stop=stop, stream=True) if c.choices]
+    assert "".join(pieces) == cut  # no piece showed the stop string, or a part of it past the cut
+
+
+def test_seeded_sampling_reproduces_and_n_choices(client, lm):
+    kw = dict(model=lm.name, prompt="Once upon", max_tokens=12, temperature=1.0, seed=7, n=3)
+    a = client.completions.create(**kw)
+    b = client.completions.create(**kw)
+    texts = [c.text for c in sorted(a.choices, key=lambda c: c.index)]
+    assert texts == [c.text for c in sorted(b.choices, key=lambda c: c.index)]
+    assert len(texts) == 3 and len(set(texts)) > 1
+    # choice i is sampled with seed + i, exactly as `generate` samples alone
+    assert texts == [lm.generate("Once upon", 12, temperature=1.0, seed=7 + i) for i in range(3)]
+    streamed = ["", "", ""]
+    for c in client.completions.create(**kw, stream=True):
+        for ch in c.choices:
+            streamed[ch.index] += ch.text
+    assert streamed == texts
+    chat = client.chat.completions.create(model=lm.name, messages=USER, max_tokens=12, temperature=0.8, seed=3)
+    assert chat.choices[0].message.content == lm.chat(USER, 12, temperature=0.8, seed=3)
+
+
+def test_logprobs_are_the_models_log_softmax(client, lm):
+    out = client.completions.create(model=lm.name, prompt="Once upon", max_tokens=6, temperature=0, logprobs=3)
+    ids = lm.tokenizer.encode("Once upon", add_bos=True)
+    lp = out.choices[0].logprobs
+    gen = lm.tokenizer.encode(out.choices[0].text)
+    full = torch.tensor([ids + gen])
+    ref = lm.logits_fn(full)[0, len(ids) - 1 : -1].float().log_softmax(-1)  # (new, V)
+    assert len(lp.token_logprobs) == len(gen) == 6
+    for t, (token_id, logprob) in enumerate(zip(gen, lp.token_logprobs, strict=True)):
+        assert logprob == pytest.approx(float(ref[t, token_id]), abs=1e-4)
+        top = ref[t].topk(3)
+        assert sorted(lp.top_logprobs[t].values(), reverse=True) == pytest.approx(top.values.tolist(), abs=1e-4)
+    chat = client.chat.completions.create(model=lm.name, messages=USER, max_tokens=4, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(e.top_logprobs) == 2 for e in content)
+    assert bytes(b for e in content for b in e.bytes).decode() == chat.choices[0].message.content
+    prompt = lm.chat_prompt_ids(USER)
+    gen = lm.tokenizer.encode(chat.choices[0].message.content)
+    ref = lm.logits_fn(torch.tensor([prompt + gen]))[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+    assert [e.logprob for e in content] == pytest.approx([float(ref[t, i]) for t, i in enumerate(gen)], abs=1e-4)
+
+
+def _error(call) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as info:
+        call()
+    return info.value
+
+
+def test_errors_in_openais_shape(client, lm, url):
+    e = _error(lambda: client.chat.completions.create(model=lm.name, messages=USER, temperature=5))
+    assert e.status_code == 400 and e.body["param"] == "temperature" and "temperature" in e.body["message"]
+    assert e.body["type"] == "invalid_request_error"
+    e = _error(lambda: client.completions.create(model=lm.name, prompt="x", max_tokens=0))
+    assert e.status_code == 400 and e.body["param"] == "max_tokens"
+    e = _error(lambda: client.chat.completions.create(model=lm.name, messages=[{"role": "robot", "content": "x"}]))
+    assert e.status_code == 400 and e.body["param"] == "messages[0].role"
+    e = _error(lambda: client.completions.create(model=lm.name, prompt="x", stop=["a"] * 5))
+    assert e.status_code == 400 and e.body["param"] == "stop"
+    e = _error(lambda: client.completions.create(model=lm.name, prompt="x", frequency_penalty=0.5))
+    assert e.status_code == 400 and e.body["param"] == "frequency_penalty"
+    e = _error(lambda: client.completions.create(model="gpt-4", prompt="x"))
+    assert e.status_code == 404 and e.body["code"] == "model_not_found"
+    too_long = "the cat " * 400  # far past the 256-token context
+    e = _error(lambda: client.chat.completions.create(model=lm.name, messages=[{"role": "user", "content": too_long}]))
+    assert e.status_code == 400 and e.body["code"] == "context_length_exceeded" and e.body["param"] == "messages"
+    e = _error(lambda: client.completions.create(model=lm.name, prompt="x", max_tokens=300))
+    assert e.status_code == 400 and e.body["code"] == "context_length_exceeded"
+    # unknown fields are ignored, as OpenAI does
+    out = client.completions.create(model=lm.name, prompt="Once upon", max_tokens=3, temperature=0,
+                                    extra_body={"no_such_field": 1})
+    assert out.choices[0].text == lm.generate("Once upon", 3)
+    r = httpx.post(f"{url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_api_key_body_size_and_timeout(slow_lm):
+    lm = slow_lm
+    with serving(lm, api_key="secret", max_body_bytes=2000, request_timeout=0.5) as url:
+        wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0)
+        e = _error(lambda: wrong.models.list())
+        assert e.status_code == 401 and e.body["code"] == "invalid_api_key"
+        right = openai.OpenAI(base_url=f"{url}/v1", api_key="secret", max_retries=0)
+        assert right.models.list().data[0].id == lm.name
+        assert httpx.get(f"{url}/health").status_code == 200  # no key needed
+        e = _error(lambda: right.completions.create(model=lm.name, prompt="x" * 5000))
+        assert e.status_code == 413
+        e = _error(lambda: right.completions.create(model=lm.name, prompt="Once", max_tokens=200, temperature=0,
+                                                    extra_body={"ignore_eos": True}))  # 200 x 20 ms
+        assert e.status_code == 504 and "longer than 0.5 s" in e.body["message"]
+        deadline = time.monotonic() + 5  # and the engine let it go
+        while httpx.get(f"{url}/health").json()["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(f"{url}/health").json()["running"] == 0
+
+
+def test_a_full_queue_is_refused_with_503(slow_lm):
+    lm = slow_lm
+    with serving(lm, max_batch=1, max_queue=0) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        busy = client.completions.create(model=lm.name, prompt="Once", max_tokens=240, temperature=0, stream=True,
+                                         extra_body={"ignore_eos": True})
+        next(iter(busy))  # it holds the only row
+        e = _error(lambda: client.completions.create(model=lm.name, prompt="x", max_tokens=2))
+        assert e.status_code == 503 and e.response.headers.get("retry-after") == "1"
+        busy.close()
+
+
+def test_concurrent_clients_get_what_they_get_alone(lm):
+    prompts = [" ".join(["Once upon a time there was a cat"] * (1 + i % 5))[: 5 + 7 * i] for i in range(16)]
+    lengths = [4 + (5 * i) % 23 for i in range(16)]
+    alone = [lm.generate(p, n) for p, n in zip(prompts, lengths, strict=True)]
+    with serving(lm, max_batch=16) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+
+        def ask(i: int) -> str:
+            stream = i % 2 == 0
+            out = client.completions.create(model=lm.name, prompt=prompts[i], max_tokens=lengths[i], temperature=0,
+                                            stream=stream)
+            return "".join(c.choices[0].text for c in out if c.choices) if stream else out.choices[0].text
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(ask, range(16)))
+        engine_steps = httpx.get(f"{url}/health").json()
+    assert got == alone
+    assert engine_steps["running"] == 0 and engine_steps["waiting"] == 0
+
+
+def test_a_client_that_disconnects_frees_its_row(slow_lm):
+    lm = slow_lm
+    with serving(lm, max_batch=1, max_queue=4) as url:
+        body = {"model": lm.name, "prompt": "Once", "max_tokens": 250, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        with httpx.Client(timeout=30) as http, http.stream("POST", f"{url}/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+        # the connection is closed mid-stream: the next request gets the row
+        t0 = time.monotonic()
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30)
+        out = client.completions.create(model=lm.name, prompt="Once upon", max_tokens=3, temperature=0)
+        assert out.choices[0].text == lm.generate("Once upon", 3)
+        assert time.monotonic() - t0 < 4  # not after the 250 x 20 ms the gone client asked for
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{url}/health").json()["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(f"{url}/health").json() == {"status": "ok", "running": 0, "waiting": 0}
+
+
+def test_no_chat_template_means_completions_only(tmp_path):
+    plain = load(chat_checkpoint(tmp_path / "plain", chat=False))
+    with serving(plain) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        e = _error(lambda: client.chat.completions.create(model=plain.name, messages=USER))
+        assert e.status_code == 400 and "/v1/completions" in e.body["message"]
+        assert client.completions.create(model=plain.name, prompt="Once", max_tokens=3, temperature=0).choices
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_command_serves_and_refuses_a_taken_port(lm, tmp_path):
+    port = _free_port()
+    env = {**os.environ, "MODERNLM_API_KEY": "k"}
+    proc = subprocess.Popen([sys.executable, "-m", "modernlm", "serve", str(lm.checkpoint), f"port={port}"],
+                            stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        banner = proc.stderr.readline()
+        assert f"http://127.0.0.1:{port}" in banner and "API key required" in banner
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        assert client.completions.create(model=lm.name, prompt="Once upon", max_tokens=4, temperature=0).choices[
+            0].text == lm.generate("Once upon", 4)
+        taken = subprocess.run([sys.executable, "-m", "modernlm", "serve", str(lm.checkpoint), f"port={port}"],
+                               capture_output=True, text=True, timeout=60)
+        assert taken.returncode == 2 and taken.stderr.count("\n") == 1 and "port" in taken.stderr
+        assert "Traceback" not in taken.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    missing = subprocess.run([sys.executable, "-m", "modernlm", "serve", str(tmp_path / "nope")],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+
+
+def test_the_page_is_served(url):
+    r = httpx.get(url + "/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "/v1/chat/completions" in r.text
+    assert json.loads(httpx.get(f"{url}/v1/nothing").text)["error"]["code"] == "not_found"

@@ -1,0 +1,163 @@
+"""The continuous-batching engine: a SlotCache decode step gives each row the logits it gets alone
+(every model variant, rows at different positions), and the engine's sequences get the text
+`TextGeneration` gives each alone, whatever joins or leaves the batch meanwhile: greedy, seeded
+sampling, repetition penalty, stop strings; cancelling frees a row at once."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from modernlm.generation import Sampling, TextGeneration
+from modernlm.model import ModernDecoderLM, SlotCache
+from modernlm.serve.engine import Done, Engine, EngineFull, Failed, Piece, Request
+from modernlm.tokenizer import train_bpe
+from tests.serve_util import CORPUS
+
+
+def test_slot_cache_rows_at_their_own_positions_equal_alone(variant_config):
+    torch.manual_seed(0)
+    model = ModernDecoderLM(variant_config).eval()
+    prompts = [torch.randint(0, variant_config.vocab_size, (1, n)) for n in (3, 9, 5)]
+    steps = 4
+    # alone: a plain KVCache per prompt, decode `steps` fixed tokens
+    feed = torch.randint(0, variant_config.vocab_size, (3, steps))
+    alone = []
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            cache = model.new_cache(1, p.size(1) + steps)
+            model(p, cache=cache)
+            alone.append(torch.cat([model(feed[i : i + 1, t : t + 1], cache=cache).logits for t in range(steps)], 1))
+        # together: each prompt prefilled alone and put in its row; rows join at different steps
+        slots = SlotCache(variant_config, 4, 8, device="cpu", dtype=torch.float32)
+        got = [[] for _ in prompts]
+        for t in range(steps + 2):
+            if t < len(prompts):  # one new row per step
+                cache = model.new_cache(1, prompts[t].size(1))
+                model(prompts[t], cache=cache)
+                slots.grow(32)
+                slots.put(t, cache)
+                slots.rows = t + 1
+            idx = torch.stack([feed[i, min(len(got[i]), steps - 1)] for i in range(slots.rows)])  # done rows: any
+            logits = model(idx[:, None], cache=slots).logits
+            for i in range(slots.rows):
+                if len(got[i]) < steps:
+                    got[i].append(logits[i : i + 1])
+    for i in range(3):
+        torch.testing.assert_close(torch.cat(got[i], 1), alone[i], atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from tests.conftest import tiny_config
+
+    tok = train_bpe(CORPUS * 20, vocab_size=320, special_tokens=("<|endoftext|>", "<|pad|>"))
+    torch.manual_seed(0)
+    model = ModernDecoderLM(tiny_config(vocab_size=320, max_seq_len=256, n_expert=4, moe_layers=[1],
+                                        attn_sink=True)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(8)
+    return model, tok
+
+
+class Collector:
+    """Gathers each request's events; `wait()` until every choice is done."""
+
+    def __init__(self, n_choices: int):
+        self.texts: dict[int, str] = {}
+        self.done: dict[int, Done] = {}
+        self.failed: list[str] = []
+        self.left = n_choices
+        self.event = threading.Event()
+        self.lock = threading.Lock()
+
+    def __call__(self, ev) -> None:
+        with self.lock:
+            if isinstance(ev, Piece):
+                self.texts[ev.choice] = self.texts.get(ev.choice, "") + ev.text
+            elif isinstance(ev, Done):
+                self.done[ev.choice] = ev
+                self.left -= 1
+            elif isinstance(ev, Failed):
+                self.failed.append(ev.message)
+            if self.left == 0 or self.failed:
+                self.event.set()
+
+    def wait(self) -> None:
+        assert self.event.wait(60), "the engine did not finish"
+        assert not self.failed, self.failed
+
+
+SETTINGS = [
+    Sampling(max_new_tokens=9),
+    Sampling(max_new_tokens=17, temperature=0.9, seed=5),
+    Sampling(max_new_tokens=6, repetition_penalty=1.3),
+    Sampling(max_new_tokens=12, temperature=1.2, top_k=20, top_p=0.9, seed=1),
+]
+
+
+def test_engine_sequences_equal_alone_as_they_join_and_leave(setup):
+    model, tok = setup
+    texts = ["Once upon", "The quick brown fox jumps", "In 1999 the", "a", "the river should be", "cat"]
+    jobs = [(tok.encode(t, add_bos=True), SETTINGS[i % len(SETTINGS)]) for i, t in enumerate(texts * 2)]
+    engine = Engine(model, tok, max_batch=3, max_queue=32).start()  # fewer rows than requests
+    try:
+        collectors = []
+        for prompt, s in jobs:
+            c = Collector(1)
+            engine.submit(Request(prompt, s, c))
+            collectors.append(c)
+        for c in collectors:
+            c.wait()
+    finally:
+        engine.close()
+    for (prompt, s), c in zip(jobs, collectors, strict=True):
+        ref = TextGeneration(model, tok, [prompt], s).run()[0]
+        assert c.texts.get(0, "") == ref.text
+        assert c.done[0].completion_tokens == len(ref.ids) + (ref.finish == "eos")
+        assert c.done[0].finish_reason == ("length" if ref.finish == "length" else "stop")
+    assert engine.load == (0, 0)
+
+
+def test_stop_strings_and_n_choices(setup):
+    model, tok = setup
+    prompt = tok.encode("Once upon", add_bos=True)
+    full = TextGeneration(model, tok, [prompt], Sampling(max_new_tokens=20)).run()[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    engine = Engine(model, tok, max_batch=4).start()
+    try:
+        c = Collector(1)
+        engine.submit(Request(prompt, Sampling(max_new_tokens=20, stop=[stop]), c))
+        c.wait()
+        assert c.texts[0] == full[: full.index(stop)] and c.done[0].finish_reason == "stop"
+        c = Collector(3)
+        engine.submit(Request(prompt, Sampling(max_new_tokens=10, temperature=1.0, seed=11), c, n=3))
+        c.wait()
+    finally:
+        engine.close()
+    for i in range(3):
+        alone = TextGeneration(model, tok, [prompt], 10, temperature=1.0, seed=11 + i).run()[0]
+        assert c.texts.get(i, "") == alone.text
+
+
+def test_cancel_frees_the_row_and_a_full_queue_refuses(setup):
+    model, tok = setup
+    engine = Engine(model, tok, max_batch=1, max_queue=1).start()
+    try:
+        prompt = tok.encode("Once", add_bos=True)
+        long = Request(prompt, Sampling(max_new_tokens=200, eos_token_id=()), Collector(1))
+        engine.submit(long)
+        waiting = Collector(1)
+        engine.submit(Request(prompt, Sampling(max_new_tokens=3), waiting))  # the queue's one place
+        with pytest.raises(EngineFull):
+            engine.submit(Request(prompt, Sampling(max_new_tokens=3), Collector(1)))
+        long.cancel()
+        waiting.wait()  # admitted once the cancelled request left its row
+        assert not long.emit.done  # the cancelled request never finished its 200 tokens
+    finally:
+        engine.close()
+    assert engine.load == (0, 0)
