@@ -316,3 +316,37 @@ def test_the_page_is_served(url):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "/v1/chat/completions" in r.text
     assert json.loads(httpx.get(f"{url}/v1/nothing").text)["error"]["code"] == "not_found"
+
+
+@pytest.mark.hf
+@pytest.mark.slow
+def test_smollm2_served_equals_transformers():
+    """The real model: SmolLM2-135M-Instruct served from its .gguf (converted, our engine) answers
+    4 concurrent chats with transformers' own greedy replies (`load(gguf)`, the transformers
+    backend), counts the prompt tokens of transformers' chat template, and streams the same text."""
+    import transformers
+
+    from tests.test_api import _smol_gguf
+
+    gguf = _smol_gguf()
+    reference = load(gguf, progress=False)  # transformers' model and generate
+    served = load(gguf, backend="modernlm", progress=False)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    questions = ["What is the capital of France?", "Name a color.", "What is 2 + 3?", "Say hello in Spanish."]
+    chats = [[{"role": "user", "content": q}] for q in questions]
+    expected = [reference.chat(c, 16) for c in chats]
+    with serving(served, max_batch=4) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
+
+        def ask(i: int):
+            return client.chat.completions.create(model=served.name, messages=chats[i], max_tokens=16, temperature=0)
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(ask, range(4)))
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model=served.name, messages=chats[0], max_tokens=16, temperature=0, stream=True) if c.choices)
+    assert [r.choices[0].message.content for r in replies] == expected
+    assert streamed == expected[0]
+    for chat, r in zip(chats, replies, strict=True):
+        ids = hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert r.usage.prompt_tokens == len(ids)

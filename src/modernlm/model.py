@@ -355,13 +355,21 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
 
+        dropout = self.attn_dropout if self.training else 0.0
+        if self.n_kv_head != self.n_head and T == 1:
+            # GQA, one new token (a decode step): each K/V head's G query heads become G queries of
+            # that head, so the cache is read as it is instead of copied G times (at batch 16 that
+            # copy cost more than the matmuls). One token's queries share one mask, no causal order.
+            G = self.n_head // self.n_kv_head
+            y = F.scaled_dot_product_attention(q.reshape(B, K, G, D), k, v, attn_mask=mask, dropout_p=dropout)
+            y = y.reshape(B, self.n_head * self.head_dim)[:, None]  # (B, 1, H*D): head h = kv head h // G
+            return self.resid_dropout(self.wo(y))
         if self.n_kv_head != self.n_head:
             # GQA: each K/V head serves n_head // n_kv_head query heads. SDPA's enable_gqa would
             # skip this copy but is not supported by every backend (and not by older torch).
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, H, S, D)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
 
-        dropout = self.attn_dropout if self.training else 0.0
         if mask is None:
             # Causal among the T new tokens, full view of the cache: is_causal covers T == S
             # (no cache) and T == 1 (one decode step sees everything).
