@@ -304,8 +304,8 @@ def test_the_command_serves_and_refuses_a_taken_port(lm, tmp_path):
         assert taken.returncode == 2 and taken.stderr.count("\n") == 1 and "port" in taken.stderr
         assert "Traceback" not in taken.stderr
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        proc.terminate()  # SIGTERM: the engine and the HTTP server stop, exit 0
+        assert proc.wait(timeout=30) == 0
     missing = subprocess.run([sys.executable, "-m", "modernlm", "serve", str(tmp_path / "nope")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr

@@ -22,8 +22,11 @@ makes /v1 routes need `Authorization: Bearer <key>`.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import threading
+import time
 from dataclasses import dataclass
 
 from modernlm.errors import UserError
@@ -72,9 +75,28 @@ def main(cfg: Config) -> None:
     from modernlm.serve.app import make_app
 
     server = ServeConfig(**{f.name: getattr(cfg, f.name) for f in fields(ServeConfig)} | {"api_key": api_key})
-    app = make_app(lm, server)
+    app = make_app(lm, server, engine_thread=False)
     where = f"http://{cfg.host if ':' not in cfg.host else f'[{cfg.host}]'}:{cfg.port}"
     print(f"modernlm serve: {app.state.model_name} ({lm.num_params / 1e6:.1f}M parameters, {lm.device}) on {where}"
           f" - OpenAI API at {where}/v1, chat page at {where}/"
           f"{' - API key required' if api_key else ''}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    # The HTTP server in a thread, the engine on this one: the thread that loaded the model runs it
+    # fastest on a CPU (see Engine.run). Ctrl-C or SIGTERM stops both.
+    web = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"))
+    thread = threading.Thread(target=web.run, name="modernlm-http", daemon=True)
+    thread.start()
+    while not web.started:  # uvicorn is up, or it failed (and said why)
+        if not thread.is_alive():
+            raise UserError(f"host/port: the server could not start on {cfg.host}:{cfg.port}")
+        time.sleep(0.02)
+    engine = app.state.engine
+    previous = signal.signal(signal.SIGTERM, lambda *_: engine.close())
+    try:
+        engine.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        engine.close()
+        web.should_exit = True
+        thread.join(timeout=10)

@@ -65,9 +65,10 @@ def check_servable(lm: Any) -> None:
         raise UserError(f"{lm.source}: no tokenizer, so there is no text to serve")
 
 
-def make_app(lm: Any, cfg: ServeConfig | None = None) -> Any:
-    """The FastAPI app serving `lm` (a `modernlm.load` result); the engine thread runs while the
-    app's lifespan does."""
+def make_app(lm: Any, cfg: ServeConfig | None = None, *, engine_thread: bool = True) -> Any:
+    """The FastAPI app serving `lm` (a `modernlm.load` result). Its engine (`app.state.engine`)
+    runs in a thread of its own while the app's lifespan does, or, with engine_thread=False, where
+    the caller runs `engine.run()` (`modernlm serve`: on the main thread, the server in another)."""
     from fastapi import FastAPI
     from fastapi import Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
@@ -83,7 +84,8 @@ def make_app(lm: Any, cfg: ServeConfig | None = None) -> Any:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
-        engine.start()
+        if engine_thread:
+            engine.start()
         try:
             yield
         finally:
