@@ -84,7 +84,8 @@ class LM:
             raise UserError(f"{self.source}: no tokenizer, so there is no text to work with")
         return self.tokenizer
 
-    def _complete(self, rows: list[list[int]], sampling: Sampling) -> list[str]:
+    def complete(self, rows: list[list[int]], sampling: Sampling) -> list[str]:
+        """The text continuing each row of token ids (one left-padded batch), as `generate` gives it."""
         if self.kind == "modernlm":
             return [s.text for s in TextGeneration(self.model, self.tokenizer, rows, sampling).run()]
         from modernlm.eval.tasks import wrap_hf
@@ -100,7 +101,7 @@ class LM:
         greedy by default."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         rows = [prompt_ids(self._tok(), p) for p in prompts]
-        texts = self._complete(rows, Sampling.make(sampling, **settings)) if rows else []
+        texts = self.complete(rows, Sampling.make(sampling, **settings)) if rows else []
         return texts[0] if isinstance(prompt, str) else texts
 
     def stream(self, prompt: str, sampling: Sampling | int | None = None, **settings: Any) -> Iterator[str]:
@@ -108,12 +109,12 @@ class LM:
         return self._stream(prompt_ids(self._tok(), prompt), Sampling.make(sampling, **settings))
 
     def _stream(self, ids: list[int], sampling: Sampling) -> Iterator[str]:
-        if self.kind == "modernlm":  # joined, the pieces are `_complete`'s text (`stream_text`)
+        if self.kind == "modernlm":  # joined, the pieces are `complete`'s text (`stream_text`)
             for (piece,) in TextGeneration(self.model, self.tokenizer, [ids], sampling):
                 if piece:
                     yield piece
         else:
-            yield self._complete([ids], sampling)[0]
+            yield self.complete([ids], sampling)[0]
 
     @property
     def has_chat_template(self) -> bool:
@@ -240,4 +241,18 @@ def load(
     return LM(model, tok, "modernlm" if convert else "transformers", str(source), name, None, dev)
 
 
-__all__ = ["BACKENDS", "LM", "load"]
+def load_fastest(source: str | Path, *, backend: str = "auto", **options: Any) -> LM:
+    """`load` choosing the engine that decodes fastest when backend is "auto": ours for modernlm
+    checkpoints and HF Llama architectures (converted as they load), transformers' for any other
+    architecture. Another backend is passed on as it is."""
+    from modernlm.checkpoint import resolve_source
+
+    if backend == "auto" and resolve_source(source, options.get("what", "")).kind != "modernlm":
+        try:
+            return load(source, backend="modernlm", **options)
+        except UserError:  # not a Llama architecture
+            backend = "transformers"
+    return load(source, backend=backend, **options)
+
+
+__all__ = ["BACKENDS", "LM", "load", "load_fastest"]

@@ -49,20 +49,6 @@ class Config:
     backend: str = "auto"  # auto (HF Llamas converted, others in transformers), modernlm, transformers
 
 
-def load_chat_model(source: str, device: str, backend: str) -> Any:
-    """`modernlm.load` of `source`; an HF source with backend=auto is converted when it is a Llama
-    (so replies stream), else run in transformers."""
-    from modernlm.api import load
-    from modernlm.checkpoint import resolve_source
-
-    if backend == "auto" and resolve_source(source, "model").kind != "modernlm":
-        try:
-            return load(source, device=device, backend="modernlm", what="model")
-        except UserError:  # not a Llama architecture
-            backend = "transformers"
-    return load(source, device=device, backend=backend, what="model")
-
-
 def _read(tty: bool) -> str | None:
     """The next line of input, None at the end (EOF or Ctrl-C at the prompt)."""
     try:
@@ -89,7 +75,9 @@ def main(cfg: Config) -> None:
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
         top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed,
     )  # fmt: skip
-    lm = load_chat_model(cfg.model, cfg.device, cfg.backend)
+    from modernlm.api import load_fastest
+
+    lm = load_fastest(cfg.model, device=cfg.device, backend=cfg.backend, what="model")
     if lm.tokenizer is None:
         raise UserError(f"model: {cfg.model} has no tokenizer, so there is no text to chat with")
     chat = lm.has_chat_template
