@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 TORCH="torch==2.13.0"  # a CPU build where pip finds one (this is also the version the GPU check targets)
-EXTRAS="hf,eval,dev,serve"   # what scripts/setup.sh installs
+EXTRAS="hf,eval,dev,serve,harness"   # what scripts/setup.sh installs
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 python3 -m venv "$tmp/venv"

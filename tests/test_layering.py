@@ -11,6 +11,7 @@ The packages, bottom to top (a layer imports only from layers below it and from 
     align      SFT, DPO, the verifier
     api        `modernlm.load`: the facade every command and server shares
     serve      the OpenAI-compatible server: its continuous-batching engine, the API's shapes, the app
+    harness    lm-evaluation-harness: the harness model "modernlm", task runs, offline task YAMLs
     pipeline   the stage runner, the report, plots
     commands   one thin module per CLI command (cli.py finds them by name, never by import)
     package    modernlm/__init__.py: `from modernlm import load, ModernDecoderLM, ModelConfig`; it names
@@ -30,8 +31,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "modernlm"
 
 CORE = {"errors", "files", "config", "runtime", "model", "tokenizer", "checkpoint", "generation", "cli",
         "__main__"}  # fmt: skip
-LAYERS = ["core", "hf.convert", "data", "train", "eval", "hf.lora", "align", "api", "serve", "pipeline", "commands",
-          "package"]
+LAYERS = ["core", "hf.convert", "data", "train", "eval", "hf.lora", "align", "api", "serve", "harness", "pipeline",
+          "commands", "package"]
 
 
 def module_name(path: Path) -> str:

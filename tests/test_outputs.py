@@ -87,6 +87,7 @@ FILE_OUTPUTS = {
     "eval perplexity": (["model", "text.txt", "--out", "{}"], "file"),
     "generate": (["ckpt", "--out", "{}"], "file"),
     "eval table": (["ckpt", "--out", "{}"], "file"),
+    "eval tasks": (["model", "tasks=sst2_local", "--out", "{}"], "file"),
     "eval checkpoints": (["run", "--out", "{}"], "file"),
 }
 DIR_OUTPUTS = {

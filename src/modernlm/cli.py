@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("modernlm.commands.prepare", "tokenize a corpus into token shards on disk"),
     "pretrain": ("modernlm.commands.pretrain", "pretrain a ModernDecoderLM from token shards"),
     "eval perplexity": ("modernlm.commands.eval_perplexity", "perplexity, bits/byte, word perplexity of a model"),
+    "eval tasks": (
+        "modernlm.commands.eval_tasks", "lm-evaluation-harness tasks (offline SST-2, GSM8K, WikiText, or any)"),
     "eval table": ("modernlm.commands.eval_table", "WikiText-2 perplexity of baselines next to our checkpoints"),
     "eval checkpoints": ("modernlm.commands.eval_checkpoints", "score every checkpoint of a run into a CSV"),
     "plot": ("modernlm.commands.plot", "loss and perplexity curves of one or more runs (PNG)"),

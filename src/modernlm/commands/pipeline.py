@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from modernlm.commands import dpo, prepare, pretrain, sft, tokenizer_train, verifier
 from modernlm.data.synthetic import SyntheticConfig
+from modernlm.errors import UserError
 from modernlm.files import atomic_write
 from modernlm.pipeline.runner import PipelineEvalSettings
 
@@ -262,6 +263,13 @@ def main(cfg: Config) -> None:
     from modernlm.config import to_yaml
     from modernlm.pipeline.runner import Runner
 
+    if cfg.eval.harness_tasks:  # a wrong task name or a missing file fails now, not after pretraining
+        try:
+            from modernlm.harness.run import prepare_tasks
+        except ImportError as e:
+            raise UserError(f"eval.harness_tasks needs lm-evaluation-harness: pip install 'modernlm[harness]' "
+                            f"({e})") from None
+        prepare_tasks(cfg.eval.harness_tasks, cfg.eval.harness_data_dir)
     stages = build_stages(cfg)
     recipe_text = to_yaml(replace(cfg, from_stage="", only=""))
     Runner(cfg.out_dir, stages, cfg.recipe, recipe_text).run(cfg.from_stage, cfg.only)

@@ -255,6 +255,12 @@ class PipelineEvalSettings:
     batch_size: int = 32  # rows per forward / generate call
     plain_prompt: str = "Question: {question}\nAnswer:"  # how a model without chat training is asked
     device: str = "auto"  # auto = cuda when available (bf16 autocast there), else cpu
+    # lm-evaluation-harness tasks scored for every model (columns "<task> <metric>"): ours offline
+    # (sst2_local, gsm8k_local, wikitext_local, under harness_data_dir) or any harness task name
+    harness_tasks: list[str] = field(default_factory=list)
+    harness_limit: int | None = None  # the first N examples of each task (null = all)
+    harness_num_fewshot: int | None = None  # null = each task's own default
+    harness_data_dir: str = "../shared/data"
 
 
 def read_problems(src: Source, limit: int = 0) -> list[dict[str, Any]]:
@@ -349,6 +355,11 @@ def evaluate_model(name: str, source: str | Path, chat: bool, cfg: PipelineEvalS
         pairs = evaluate_pairs(model, batches, 1.0, device, autocast)
         row["pair_accuracy"] = pairs["pair_accuracy"]
         row["pair_logp_margin"] = pairs["logps/chosen"] - pairs["logps/rejected"]
+    if cfg.harness_tasks:
+        from modernlm.harness.run import headline_metrics
+
+        row.update(headline_metrics(lm, cfg.harness_tasks, cfg.harness_data_dir, limit=cfg.harness_limit,
+                                    num_fewshot=cfg.harness_num_fewshot, batch_size=cfg.batch_size))
     return row
 
 
