@@ -87,7 +87,7 @@ class ModelConfig:
 
 
 class LMOutput(NamedTuple):
-    logits: Tensor  # (B, T, V), or (B, 1, V) with last_only
+    logits: Tensor | None  # (B, T, V), or (B, 1, V) with last_only; None with head=False
     aux_loss: Tensor | None  # MoE load-balancing loss, already weighted by moe_aux_loss_coef
     hidden: Tensor | None = None  # (B, T, C) final-norm states, with return_hidden (value heads)
 
@@ -508,6 +508,7 @@ class ModernDecoderLM(nn.Module):
         segment_ids: Tensor | None = None,
         last_only: bool = False,
         return_hidden: bool = False,
+        head: bool = True,
     ) -> LMOutput:
         """idx (B, T) token ids -> LMOutput(logits (B, T, V), aux_loss, hidden).
 
@@ -520,6 +521,8 @@ class ModernDecoderLM(nn.Module):
             logits it would get alone. Training only (no cache, no pad_mask).
         last_only: compute logits for the last position only (generation).
         return_hidden: also return the final-norm hidden states (for value / verifier heads).
+        head: False skips the LM head (logits None; with return_hidden, the caller applies
+            `lm_head` at the few positions it scores: a 49k-token vocabulary costs more than the rest).
         """
         cfg = self.config
         B, T = idx.shape
@@ -586,7 +589,7 @@ class ModernDecoderLM(nn.Module):
         if last_only:
             x = x[:, -1:]
         h = self.norm(x)  # (B, T, C)
-        logits = self.lm_head(h)  # (B, T, V)
+        logits = self.lm_head(h) if head else None  # (B, T, V)
         if aux_total is not None:
             aux_total = cfg.moe_aux_loss_coef * aux_total
         return LMOutput(logits, aux_total, h if return_hidden else None)
