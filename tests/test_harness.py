@@ -422,3 +422,22 @@ def test_smollm2_wikitext_matches_the_harness_hflm(smol_pair, shared_data):
         print(f"article {a['doc_id']}: log-likelihood {words_a:.4f} (ours) vs {words_b:.4f} (HFLM)")
     for key in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
         assert mine[key] == pytest.approx(theirs[key], rel=1e-6)
+
+
+def test_lm_evals_own_command_line_runs_the_modernlm_model(tiny_ckpt, shared_data, tmp_path):
+    """`python -m modernlm.harness` is lm-eval's command line with the model "modernlm" registered
+    (lm-eval 0.4.13 finds no installed models by entry point); its default device cuda:0 falls back
+    to the CPU as HFLM's does."""
+    import subprocess
+    import sys
+
+    from modernlm.harness.run import offline_task_dir
+
+    tasks = offline_task_dir(["sst2_local"], shared_data)
+    out = subprocess.run(
+        [sys.executable, "-m", "modernlm.harness", "run", "--model", "modernlm", "--model_args",
+         f"pretrained={tiny_ckpt}", "--tasks", "sst2_local", "--include_path", str(tasks), "--limit", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "sst2_local" in out.stdout and "acc" in out.stdout

@@ -55,7 +55,7 @@ class ModernLMEval(TemplateLM):
         batch_size: int | str = 8,
         max_length: int | None = None,
         max_gen_toks: int = 256,
-        device: str = "cpu",
+        device: str | None = "cpu",
         dtype: str | None = None,
         backend: str = "auto",
         **kwargs: Any,
@@ -63,10 +63,12 @@ class ModernLMEval(TemplateLM):
         super().__init__()
         from modernlm.api import LM, load
 
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            device = "cpu"  # lm-eval's command line asks for cuda:0 by default; HFLM falls back the same way
         if pretrained is None:
             raise ValueError("model_args: pretrained=MODEL is required (a checkpoint, HF directory, hub id or .gguf)")
         self.lm = pretrained if isinstance(pretrained, LM) else load(
-            str(pretrained), device=device, dtype=dtype, backend=backend, progress=False
+            str(pretrained), device=device or "cpu", dtype=dtype, backend=backend, progress=False
         )
         if self.lm.tokenizer is None:
             raise ValueError(f"{self.lm.source}: no tokenizer, so the harness has no text to work with")
