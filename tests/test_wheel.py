@@ -122,6 +122,10 @@ def test_the_installed_wheel_runs_every_recipe_by_name(tmp_path):
     (wheel,) = wheels.glob("modernlm-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"modernlm/recipes/{i}.yaml" for i in IDS} <= names
+    # the chat page `modernlm serve` answers at /, and the harness's offline tasks with their helper
+    tasks = {f"modernlm/harness/tasks/{n}" for n in ("sst2_local.yaml", "gsm8k_local.yaml", "wikitext_local.yaml",
+                                                      "utils.py")}
+    assert {"modernlm/serve/chat.html", *tasks} <= names
 
     # A clean venv that sees the dev environment's dependencies (a plain path line: the editable
     # modernlm's .pth there is not executed), with the wheel installed into it, not editable.
