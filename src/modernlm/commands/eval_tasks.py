@@ -48,8 +48,7 @@ class Config:
 def main(cfg: Config) -> None:
     if not cfg.model:
         raise UserError("model: give a model source (modernlm eval tasks MODEL tasks=...)")
-    names = [t.strip() for t in (cfg.tasks if isinstance(cfg.tasks, list) else [cfg.tasks]) for t in t.split(",")]
-    names = [n for n in names if n]
+    names = [n.strip() for item in cfg.tasks for n in item.split(",") if n.strip()]  # tasks=a,b or [a, b]
     if not names:
         raise UserError("tasks: name at least one harness task (tasks=sst2_local,gsm8k_local)")
     if cfg.limit is not None and cfg.limit < 1:

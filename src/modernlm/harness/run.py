@@ -3,8 +3,10 @@ their files, `simple_evaluate`, then the harness's results JSON and a Markdown t
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -27,6 +29,7 @@ def offline_task_dir(names: list[str], data_dir: str | Path) -> Path:
     """A copy of the shipped task folder whose data files sit under `data_dir` (checked to exist)."""
     src = Path(str(resources.files("modernlm.harness").joinpath("tasks")))
     out = Path(tempfile.mkdtemp(prefix="modernlm-tasks-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)  # lm-eval reads it until the run ends
     data_dir = Path(data_dir).resolve()
     for path in src.iterdir():
         if path.suffix == ".py":
