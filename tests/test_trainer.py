@@ -357,7 +357,7 @@ def timed_trainer(tmp_path, data, seconds_per_step, **kw):
 
 def on_fake_clock(t, seconds_per_step: float):
     """Give trainer `t` a clock that only moves, by `seconds_per_step`, in each train_step."""
-    now = [0.0]
+    now = t.fake_now = [0.0]
     t.clock = lambda: now[0]
     step = t.train_step
 
@@ -384,6 +384,27 @@ def test_time_budget_stops_training_and_the_schedule_reaches_its_floor(tmp_path,
     # resuming a run whose budget is spent trains no further
     again = timed_trainer(tmp_path / "timed", data, 1.0, num_steps=1000, max_seconds=20)
     assert again.train()["steps"] == 20
+
+
+def test_time_spent_between_steps_never_skips_the_final_eval_and_save(tmp_path, data):
+    """Whether to stop is decided once, after a step: time spent after that decision (logging,
+    0.5 s a step here) cannot end the loop before a step marked last, which evaluates and saves.
+    Step 13 ends at 19.0 s (not last: the next would end at 20.0 <= 20 + half a step); its log
+    takes the clock to 19.5 s, where a fresh look would find the next step past the budget."""
+    t = timed_trainer(tmp_path / "slow-log", data, 1.0, num_steps=1000, max_seconds=20, eval_every=0, log_every=1)
+    log_step = t._log_step
+
+    def slow_log(*args):
+        t.fake_now[0] += 0.5
+        return log_step(*args)
+
+    t._log_step = slow_log
+    summary = t.train()
+    assert summary["stopped_by"] == "time" and summary["steps"] == 14
+    records = read_metrics(tmp_path / "slow-log")
+    assert any(r["step"] == 14 and "val_loss" in r for r in records)  # the last step is evaluated
+    assert summary["final_val_loss"] == [r["val_loss"] for r in records if "val_loss" in r][-1]
+    assert latest_checkpoint(tmp_path / "slow-log").name == "step_0000014"  # and saved
 
 
 def test_steps_end_first_when_the_budget_is_large(tmp_path, data):

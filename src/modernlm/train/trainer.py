@@ -290,8 +290,11 @@ class Trainer:
         lr_step: float = self.step
         if budget.max_seconds:
             step_end = budget.next_step_end()
-            if budget.spent(step_end):
-                return None  # spent (a resumed run), or the next step would mostly run past it
+            # Only a resumed run stops here (its budget spent before it started): after a step,
+            # out_of_time() has already decided whether it was the last, and stopping here instead
+            # (time spent logging or evaluating since) would skip the final eval and save.
+            if budget.step_time is None and budget.spent(step_end):
+                return None
             if self.step >= self.optim_cfg.warmup_steps:
                 lr_step = max(self.step, self.cfg.num_steps * min(step_end / budget.max_seconds, 1.0))
         return lr_at(lr_step, self.optim_cfg, self.cfg.num_steps)
