@@ -98,6 +98,7 @@ DIR_OUTPUTS = {
     "sft": (["init", "run.out_dir={}"], "dir"),
     "dpo": (["init", "run.out_dir={}"], "dir"),
     "verifier": (["init", "run.out_dir={}"], "dir"),
+    "grpo": (["init", "run.out_dir={}"], "dir"),
     "finetune": (["gpt2", "run.out_dir={}"], "dir"),
     "plot": (["run", "--out", "{}"], "dir"),
     "experiment sinks": (["--out", "{}"], "dir"),
@@ -156,7 +157,7 @@ def test_the_setting_is_named_as_written(where, capsys):
 # ---- paths built from other fields ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["pretrain", "sft", "dpo", "verifier", "finetune"])
+@pytest.mark.parametrize("name", ["pretrain", "sft", "dpo", "grpo", "verifier", "finetune"])
 def test_run_directory_that_is_a_file(name, where, capsys):
     """run.out_dir is fine, but run.out_dir/run.name (by default the command's name) is a file."""
     init = [] if name == "pretrain" else ["init"]

@@ -103,8 +103,8 @@ def test_wiring_connects_the_stages(tmp_path):
 
     cfg = Config(out_dir=str(tmp_path))
     stages = {s.name: s for s in build_stages(cfg)}
-    assert list(stages) == ["data", "tokenizer", "prepare", "pretrain", "eval_pretrain", "sft", "dpo", "verifier",
-                            "eval", "samples", "report"]  # fmt: skip
+    assert list(stages) == ["data", "tokenizer", "prepare", "pretrain", "eval_pretrain", "sft", "dpo", "rl",
+                            "verifier", "eval", "samples", "report"]  # fmt: skip
     c = {n: s.config for n, s in stages.items()}
     assert c["tokenizer"].input == str(tmp_path / "data" / "corpus" / "train.txt")
     assert c["prepare"].tokenizer == c["tokenizer"].out == str(tmp_path / "tokenizer")
@@ -113,7 +113,15 @@ def test_wiring_connects_the_stages(tmp_path):
     assert c["dpo"].init_from == str(tmp_path / "sft") and c["dpo"].data.path.endswith("prefs/train.jsonl")
     assert c["verifier"].init_from == str(tmp_path / "sft")
     assert c["verifier"].data.eval_path == c["eval"].problems.path == str(tmp_path / "data" / "gsm" / "test.jsonl")
-    for n in ("pretrain", "sft", "dpo", "verifier"):
+    # What chooses a checkpoint is never what the results table reports.
+    gsm, prefs = tmp_path / "data" / "gsm", tmp_path / "data" / "prefs"
+    assert c["dpo"].eval.val_path == str(prefs / "val.jsonl") and c["eval"].pairs.path == str(prefs / "test.jsonl")
+    assert c["rl"].init_from == str(tmp_path / "dpo") and stages["rl"].deps == ("data", "dpo")
+    assert c["rl"].data.path == str(gsm / "train.jsonl") and c["rl"].eval.path == str(gsm / "val.jsonl")
+    assert c["sft"].eval.val_path.endswith("sft/val.json")
+    rl_from_sft = {s.name: s for s in build_stages(Config(out_dir=str(tmp_path), rl_start="sft"))}["rl"]
+    assert rl_from_sft.config.init_from == str(tmp_path / "sft") and rl_from_sft.deps == ("data", "sft")
+    for n in ("pretrain", "sft", "dpo", "rl", "verifier"):
         assert (c[n].run.out_dir, c[n].run.name) == (str(tmp_path), stages[n].run_dir)
 
 

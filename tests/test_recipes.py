@@ -12,7 +12,7 @@ from modernlm.config import load_config, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted([*ROOT.glob("align/*.yaml"), *ROOT.glob("pipeline/*.yaml")])
-COMMAND = {"sft": "sft", "dpo": "dpo", "verifier": "verifier"}
+COMMAND = {"sft": "sft", "dpo": "dpo", "verifier": "verifier", "grpo": "grpo"}
 
 
 def command_of(path: Path) -> str:
@@ -21,7 +21,7 @@ def command_of(path: Path) -> str:
 
 def test_the_recipes_are_there():
     assert {f"{p.parent.name}/{p.stem}" for p in RECIPES} >= {
-        "align/sft", "align/dpo", "align/verifier", "pipeline/demo", "pipeline/seed",
+        "align/sft", "align/dpo", "align/verifier", "align/grpo", "pipeline/demo", "pipeline/seed",
     }  # fmt: skip
 
 

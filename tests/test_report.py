@@ -11,9 +11,11 @@ import re
 import pytest
 
 from modernlm.cli import run_command
-from modernlm.pipeline.report import collect, flatten, fmt, headline, stage_timings, write_report
+from modernlm.pipeline.report import collect, flatten, fmt, headline, kind_table, stage_timings, write_report
 
 pytest.importorskip("matplotlib")
+
+from modernlm.pipeline.plotting import accuracy_figure, accuracy_kinds, metric_figure  # noqa: E402
 
 EVIL = "<script>alert('x')</script>"
 
@@ -117,9 +119,13 @@ def test_pipeline_report_has_every_section(pipeline, capsys):
     assert "prediction: 4" in md
     assert "````\n## step 4\n\n**Once upon** a ``` fence\n````" in md  # a fence longer than any backtick run inside
     assert "Directory: samples (missing)." in md
-    # one loss curve per training stage, linked relatively and written as files
+    # the accuracy figure, then one loss curve per training stage, linked relatively and written as files
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert links == ["report_assets/02-pretrain-loss.png", "report_assets/03-dpo-loss.png"]
+    assert links == [
+        "report_assets/00-accuracy.png",
+        "report_assets/02-pretrain-loss.png",
+        "report_assets/03-dpo-loss.png",
+    ]
     for link in links:
         assert (pipeline / link).read_bytes().startswith(b"\x89PNG")
     assert capsys.readouterr().out.split() == [str(pipeline / "report.md"), str(pipeline / "report.html")]
@@ -129,7 +135,7 @@ def test_html_is_self_contained_and_escaped(pipeline):
     write_report(pipeline)
     _, page = read(pipeline)
     images = re.findall(r'<img [^>]*src="([^"]*)"', page)
-    assert len(images) == 2 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert len(images) == 3 and all(src.startswith("data:image/png;base64,") for src in images)  # accuracy + 2 losses
     assert "report_assets" not in page and 'src="http' not in page and "<link" not in page
     assert "<script" not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
     assert "<style>" in page
@@ -225,3 +231,121 @@ def test_formatting_and_flatten():
     assert [fmt("x", None), fmt("x", True), fmt("x", "nan"), fmt("x", [1])] == ["n/a", "true", "nan", "[1]"]
     assert flatten({"a": {"b": {"c": 1}, "d": [1, 2]}, "e": 2}) == [("a/b/c", 1), ("a/d", [1, 2]), ("e", 2)]
     assert flatten(0.5) == [("value", 0.5)]
+
+
+# ---- the accuracy figure, per-kind accuracies, an RL stage ----------------------------------------
+
+KIND_ROWS = [
+    {"model": "pretrain", "params": 1234567, "val_ppl": 12.3, "answer_accuracy": 0.1,
+     "answer_accuracy/chain1": 0.2, "answer_accuracy/compare": 0.0},
+    {"model": "sft", "params": 1234567, "answer_accuracy": 0.5, "answer_accuracy/compare": 0.25,
+     "answer_accuracy/together": 0.6, "answer_accuracy/chain1": 0.75},
+    {"model": "rl", "params": 1234567, "answer_accuracy": 0.7, "answer_accuracy/compare": 0.65,
+     "answer_accuracy/together": 0.7, "answer_accuracy/chain1": 0.8},
+    {"model": "sft, majority vote of 8", "answer_accuracy": 0.55},
+    {"model": "sft, pass@8 (oracle)", "answer_accuracy": 0.9, "answer_accuracy/compare": 0.5},
+]  # fmt: skip
+
+
+@pytest.fixture
+def rl_pipeline(pipeline):
+    """The pipeline with per-kind accuracies in results.json and an rl stage after dpo."""
+    results = {"columns": ["model", "params", "val_ppl", "answer_accuracy", "answer_accuracy/chain1"],
+               "rows": KIND_ROWS, "notes": "per kind too"}  # fmt: skip
+    (pipeline / "eval" / "results.json").write_text(json.dumps(results))
+    pipe = json.loads((pipeline / "pipeline.json").read_text())
+    pipe["stages"].insert(3, {"name": "rl", "run_dir": "rl", "status": "done", "wall_s": 9.0})
+    (pipeline / "pipeline.json").write_text(json.dumps(pipe))
+    rl = pipeline / "rl"
+    rl.mkdir()
+    (rl / "config.yaml").write_text("rl:\n  group_size: 8\n")
+    lines = [
+        {"step": 0, "val_loss": 0.9, "val_accuracy": 0.5},
+        {"step": 1, "loss": 0.01, "lr": 1e-5, "reward": 0.4, "reward_std": 0.3, "frac_reward_zero_std": 0.5,
+         "kl": 0.0, "clip_ratio/region_mean": 0.0, "completions/mean_length": 41.0, "entropy": 1.2},
+        {"step": 2, "loss": -0.02, "lr": 1e-5, "reward": 0.55, "reward_std": 0.25, "frac_reward_zero_std": 0.375,
+         "kl": 0.01, "clip_ratio/region_mean": 0.02, "completions/mean_length": 38.5, "entropy": 1.1},
+        {"step": 2, "val_loss": 0.8, "val_accuracy": 0.625},
+    ]  # fmt: skip
+    (rl / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (rl / "summary.json").write_text(json.dumps({"params": 1234567, "steps": 2, "final_loss": -0.02}))
+    (rl / "eval.json").write_text(json.dumps({"before": {"accuracy": 0.5}, "after": {"accuracy": 0.625}}))
+    return pipeline
+
+
+def test_accuracy_figure_opens_the_results(rl_pipeline):
+    md, page = [p.read_text() for p in write_report(rl_pipeline)[:2]]
+    image = md.index("![held-out answer accuracy")
+    assert "(report_assets/00-accuracy.png)" in md
+    assert (rl_pipeline / "report_assets" / "00-accuracy.png").read_bytes().startswith(b"\x89PNG")
+    caption = md.index("Share of held-out word problems")
+    main = md.index("| model | params | val_ppl | answer_accuracy |\n")  # per-kind columns left out of it
+    kinds = md.index("| model | all | chain1 | together | compare |")
+    assert (
+        md.index("## Results") < image < caption < main < kinds < md.index("per kind too") < md.index("## Environment")
+    )
+    assert "the kind the SFT demonstrations get wrong" in md
+    assert (
+        "| pretrain | 0.10 | 0.20 | n/a | 0.00 |" in md and "| sft, pass@8 (oracle) | 0.90 | n/a | n/a | 0.50 |" in md
+    )
+    assert "majority vote of 8 | 0.55" not in md.split("| model | all |")[1].split("\n\n")[0]  # no kind: no row
+    # the HTML inlines it, before any table
+    assert page.index('<img alt="held-out answer accuracy') < page.index("<table>")
+    # with the per-kind keys gone the figure has only "all"; without answer_accuracy there is none
+    header, rows = kind_table(collect(rl_pipeline))
+    assert (
+        header == ["model", "all", "chain1", "together", "compare"]
+        and [r[0] for r in rows][-1] == "sft, pass@8 (oracle)"
+    )
+    (rl_pipeline / "eval" / "results.json").write_text(json.dumps({"rows": [{"model": "pretrain", "val_ppl": 3.0}]}))
+    md, page = [p.read_text() for p in write_report(rl_pipeline, force=True)[:2]]
+    assert "00-accuracy.png" not in md and "| model | all |" not in md
+    assert not (rl_pipeline / "report_assets" / "00-accuracy.png").exists()
+    assert page.index("<table>") < page.index("<img")
+
+
+def test_accuracy_figure_bars_are_the_numbers():
+    assert accuracy_figure([]) is None and accuracy_figure([{"model": "pretrain", "val_ppl": 3.0}]) is None
+    assert accuracy_figure([{"model": "x", "answer_accuracy": "nan"}]) is None
+    keys = ["zeta", "compare", "alpha", "chain1", ""]
+    row = {"answer_accuracy/" + k if k else "answer_accuracy": 0.5 for k in keys}
+    assert accuracy_kinds([row]) == ["chain1", "compare", "alpha", "zeta"]
+    fig = accuracy_figure(KIND_ROWS)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["all", "chain1", "together", "compare"]
+    bars = {c.get_label(): c for c in ax.containers}
+    assert list(bars) == [r["model"] for r in KIND_ROWS]
+    groups = ["answer_accuracy", "answer_accuracy/chain1", "answer_accuracy/together", "answer_accuracy/compare"]
+    for row in KIND_ROWS:
+        patches = bars[row["model"]].patches
+        want = [(g, row[k]) for g, k in enumerate(groups) if k in row]  # a kind not measured: no bar
+        assert [round(p.get_x() + p.get_width() / 2) for p in patches] == [g for g, _ in want]
+        assert [p.get_height() for p in patches] == pytest.approx([v for _, v in want])
+    oracle = bars["sft, pass@8 (oracle)"].patches[0]
+    assert oracle.get_hatch() and not bars["sft"].patches[0].get_hatch()
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert sorted(legend) == sorted(bars) and "sft, pass@8 (oracle)" in legend
+    # a pass@N row named without the word still reads "oracle" in the legend
+    fig = accuracy_figure([{"model": "sft, pass@4", "answer_accuracy": 0.5}])
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["sft, pass@4 (oracle)"]
+
+
+def test_rl_stage_is_reported_with_reward_and_accuracy_curves(rl_pipeline):
+    md = write_report(rl_pipeline)[0].read_text()
+    section = md.split("## 4. rl (done)")[1].split("\n## ")[0]
+    assert "Directory: rl; wall time 9.0 s." in section
+    assert "| after/accuracy | 0.625 |" in section and "| final_loss | -0.0200 |" in section
+    assert "| frac_reward_zero_std | 0.375 |" in section and "| val_accuracy | 0.625 |" in section
+    assert "### Loss curves" in section and "### reward and val_accuracy curves" in section
+    assert "(report_assets/04-rl-loss.png)" in section and "(report_assets/04-rl-curves.png)" in section
+    assert "group_size: 8" in section
+    assert (rl_pipeline / "report_assets" / "04-rl-curves.png").read_bytes().startswith(b"\x89PNG")
+    assert "-curves.png" not in md.replace("04-rl-curves.png", "")  # the other stages log no reward/accuracy
+    # the curves are the metrics
+    records = [json.loads(line) for line in (rl_pipeline / "rl" / "metrics.jsonl").read_text().splitlines()]
+    fig = metric_figure(records, {"reward": "mean reward", "val_accuracy": "accuracy", "absent": "x"})
+    assert len(fig.axes) == 2
+    reward, accuracy = (ax.get_lines()[0] for ax in fig.axes)
+    assert list(reward.get_xdata()) == [1, 2] and list(reward.get_ydata()) == [0.4, 0.55]
+    assert list(accuracy.get_xdata()) == [0, 2] and list(accuracy.get_ydata()) == [0.5, 0.625]
+    assert metric_figure(records, {"absent": "x"}) is None

@@ -43,6 +43,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("modernlm.commands.sft", "supervised finetuning of a checkpoint on chats (ChatML, loss on replies)"),
     "dpo": ("modernlm.commands.dpo", "direct preference optimisation against a frozen reference"),
     "verifier": ("modernlm.commands.verifier", "GSM8K verifier: sample, label, train a value head, rerank best-of-N"),
+    "grpo": ("modernlm.commands.grpo", "GRPO: reinforcement learning with verifiable rewards (answer checker)"),
     "pipeline": ("modernlm.commands.pipeline", "every stage end to end from one recipe, then the report"),
 }
 

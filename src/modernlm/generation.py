@@ -59,7 +59,9 @@ class Sampling:
     stop: stop strings; the text ends before the first one (text level only).
     eos_token_id: one id or several; a row stops at its first one. None: the tokenizer's eos at the
         text level, none at the token level.
-    seed: reproducible sampling from a private generator; None uses the global RNG.
+    seed: reproducible sampling from a private generator; None uses the global RNG. A list of
+        seeds, one per row, gives each row its own generator: a row then samples the same tokens
+        whatever batch it is in (GRPO's rollouts: batched == alone).
     window, sink_size: window > 0 selects the rolling StreamingLLM cache (sink_size + window
         slots), for generation of any length in constant memory. Keep sink_size + window + chunk
         <= max_seq_len so every position stays in the trained range. In a padded batch the
@@ -78,7 +80,7 @@ class Sampling:
     repetition_penalty: float = 1.0
     stop: Sequence[str] = ()
     eos_token_id: int | Sequence[int] | None = None
-    seed: int | None = None
+    seed: int | Sequence[int] | None = None
     window: int = 0
     sink_size: int = 4
     chunk: int = 64
@@ -174,15 +176,18 @@ def sample(
     temperature: float,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> Tensor:
-    """Draw one token per row (B,) from softmax(logits / temperature) after top-k / top-p."""
+    """Draw one token per row (B,) from softmax(logits / temperature) after top-k / top-p; a
+    list of generators draws row i with generator i."""
     logits = logits / temperature
     if top_k:
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1.0:
         logits = top_p_filter(logits, top_p)
     probs = logits.softmax(dim=-1)
+    if isinstance(generator, Sequence):
+        return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generator)])[:, 0]
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -198,7 +203,7 @@ def pick_tokens(
     logits: Tensor,
     s: Sampling,
     seen: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     vocab_size: int | None = None,
 ) -> Tensor:
     """The next token of each row (B,) from its raw logits (B, V), as `s` says: ids from
@@ -318,8 +323,12 @@ def iter_tokens(
                 "or use window > 0"
             )
 
-    generator = None
-    if s.seed is not None and s.temperature > 0:
+    generator: torch.Generator | list[torch.Generator] | None = None
+    if isinstance(s.seed, Sequence):
+        if len(s.seed) != B:
+            raise UserError(f"seed: a list of seeds needs one per row ({B}), got {len(s.seed)}")
+        generator = [torch.Generator(device=idx.device).manual_seed(int(k)) for k in s.seed]
+    elif s.seed is not None and s.temperature > 0:
         generator = torch.Generator(device=idx.device).manual_seed(s.seed)
     eos_ids = s.eos_ids
     eos = torch.tensor(eos_ids, device=idx.device) if eos_ids else None

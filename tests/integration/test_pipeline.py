@@ -24,15 +24,16 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert _run("pipeline", "-c", str(RECIPE), f"out_dir={out}") == 0
     summary = json.loads((out / "pipeline.json").read_text())
-    assert [s["status"] for s in summary["stages"]] == ["done"] * 11
+    assert [s["status"] for s in summary["stages"]] == ["done"] * 12
     for stage in ("pretrain", "sft", "dpo", "verifier"):
         for name in ("config.yaml", "metrics.jsonl", "summary.json"):
             assert (out / stage / name).is_file(), (stage, name)
     assert (out / "sft" / "eval.json").is_file() and (out / "dpo" / "eval.json").is_file()
     results = json.loads((out / "eval" / "results.json").read_text())
     models = [r["model"] for r in results["rows"]]
-    assert models[:3] == ["pretrain", "sft", "dpo"] and any("best of" in m for m in models)
-    assert all(r["params"] > 0 and r["val_ppl"] > 1 for r in results["rows"][:3])
+    assert models[:4] == ["pretrain", "sft", "dpo", "rl"] and any("best of" in m for m in models)
+    assert all(r["params"] > 0 and r["val_ppl"] > 1 for r in results["rows"][:4])
+    assert (out / "rl" / "eval.json").is_file()
     metrics = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     vals = [m["val_loss"] for m in metrics if "val_loss" in m]
     assert vals[-1] < vals[0] - 1.0  # pretraining learned
@@ -45,7 +46,7 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     before = (out / "report.md").stat().st_mtime_ns
     capsys.readouterr()
     assert _run("pipeline", "-c", str(RECIPE), f"out_dir={out}") == 0
-    assert capsys.readouterr().out.count("skipped") == 11
+    assert capsys.readouterr().out.count("skipped") == 12
     assert (out / "report.md").stat().st_mtime_ns == before
 
     # So does a copy of the pipeline directory, run with out_dir pointing at it.
@@ -54,7 +55,7 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     assert _run("pipeline", "-c", str(RECIPE), f"out_dir={copy}") == 0
-    assert capsys.readouterr().out.count("skipped") == 11
+    assert capsys.readouterr().out.count("skipped") == 12
 
     # --only re-runs one stage.
     assert _run("pipeline", "-c", str(RECIPE), f"out_dir={out}", "--only", "samples") == 0

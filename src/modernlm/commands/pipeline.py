@@ -1,5 +1,5 @@
 """Every stage end to end from one recipe: data, tokenizer, prepare, pretrain, eval, SFT, DPO,
-verifier, eval, samples, report.
+RL (GRPO), verifier, eval, samples, report.
 
     modernlm pipeline                                   # the demo recipe: offline, CPU, <= 15 minutes
     modernlm pipeline -c configs/pipeline/demo.yaml pretrain.train.max_seconds=60
@@ -10,14 +10,18 @@ verifier, eval, samples, report.
 Each stage has its own directory under out_dir and is the library's own command run in process,
 configured by the recipe's section of the same name (`sft:` is `modernlm sft`'s config, and so
 on). The pipeline fills in what connects the stages: every run.out_dir / run.name, each stage's
-init_from (pretrain -> sft -> dpo; sft -> verifier), the tokenizer and token paths, and, with
+init_from (pretrain -> sft -> dpo -> rl, rl_start naming rl's start; sft -> verifier), the tokenizer and
+token paths, and, with
 data.kind=synthetic, every data path left empty. Running again skips the stages already done with
 the same config (and the same inputs), resumes an unfinished one, and re-runs what changed
 (modernlm.pipeline.runner). The report (report.md, report.html) is rewritten whenever a stage ran.
 
 With data.kind=synthetic the data are the project's own generated world (modernlm.data.synthetic):
-stories for pretraining, word problems with checkable answers for SFT and the verifier, and pairs
-of a right and a wrong solution for DPO, on which a tiny model learns at every stage.
+stories for pretraining, word problems with checkable answers for SFT, RL and the verifier, and
+pairs of a right and a wrong solution for DPO, on which a tiny model learns at every stage. What
+chooses a checkpoint is never what the report measures: SFT keeps its best on sft/val, DPO on
+prefs/val, RL on gsm/val, the verifier on a share of gsm/train; the results table scores gsm/test
+and prefs/test, per kind of problem as well as overall.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from modernlm.commands import dpo, prepare, pretrain, sft, tokenizer_train, verifier
+from modernlm.commands import dpo, grpo, prepare, pretrain, sft, tokenizer_train, verifier
 from modernlm.data.synthetic import SyntheticConfig
 from modernlm.errors import UserError
 from modernlm.files import atomic_write
@@ -65,6 +69,8 @@ class Config:
     pretrain: pretrain.Config = field(default_factory=pretrain.Config)
     sft: sft.Config = field(default_factory=sft.Config)
     dpo: dpo.Config = field(default_factory=dpo.Config)
+    rl_start: Literal["sft", "dpo"] = "dpo"  # the model the rl stage starts from
+    rl: grpo.Config = field(default_factory=grpo.Config)
     verifier: verifier.Config = field(default_factory=verifier.Config)
     eval: PipelineEvalSettings = field(default_factory=PipelineEvalSettings)
     samples: SamplesStage = field(default_factory=SamplesStage)
@@ -72,7 +78,8 @@ class Config:
 
 STAGE_DIRS = {
     "data": "data", "tokenizer": "tokenizer", "prepare": "tokens", "pretrain": "pretrain",
-    "eval_pretrain": "eval_pretrain", "sft": "sft", "dpo": "dpo", "verifier": "verifier", "eval": "eval",
+    "eval_pretrain": "eval_pretrain", "sft": "sft", "dpo": "dpo", "rl": "rl", "verifier": "verifier",
+    "eval": "eval",
     "samples": "samples",
 }  # fmt: skip
 
@@ -108,6 +115,12 @@ def wire(cfg: Config) -> dict[str, Any]:
 
     sft_cfg = tuned(cfg.sft, "sft", dirs["pretrain"], "alpaca", data / "sft" / "train.json", data / "sft" / "val.json")
     dpo_cfg = tuned(cfg.dpo, "dpo", dirs["sft"], "pairs", data / "prefs" / "train.jsonl", data / "prefs" / "val.jsonl")
+    rl_cfg = cfg.rl
+    if synthetic and not rl_cfg.data.given():
+        gsm = data / "gsm"
+        rl_eval = rl_cfg.eval if rl_cfg.eval.given() else replace(rl_cfg.eval, path=str(gsm / "val.jsonl"))
+        rl_cfg = replace(rl_cfg, data=replace(rl_cfg.data, path=str(gsm / "train.jsonl")), eval=rl_eval)
+    rl_cfg = replace(rl_cfg, init_from=dirs[cfg.rl_start], run=run(rl_cfg.run, "rl"))
     verifier_cfg = cfg.verifier
     if synthetic:
         gsm = data / "gsm"
@@ -124,10 +137,10 @@ def wire(cfg: Config) -> dict[str, Any]:
 
         eval_cfg = replace(eval_cfg, text=fill(eval_cfg.text, data / "corpus" / "val.txt"),
                            problems=fill(eval_cfg.problems, data / "gsm" / "test.jsonl"),
-                           pairs=fill(eval_cfg.pairs, data / "prefs" / "val.jsonl"))  # fmt: skip
+                           pairs=fill(eval_cfg.pairs, data / "prefs" / "test.jsonl"))  # fmt: skip
     return {"data": cfg.data, "tokenizer": tokenizer_cfg, "prepare": prepare_cfg, "pretrain": pretrain_cfg,
-            "eval_pretrain": eval_cfg, "sft": sft_cfg, "dpo": dpo_cfg, "verifier": verifier_cfg, "eval": eval_cfg,
-            "samples": (cfg.samples, eval_cfg), "dirs": dirs}  # fmt: skip
+            "eval_pretrain": eval_cfg, "sft": sft_cfg, "dpo": dpo_cfg, "rl": rl_cfg, "verifier": verifier_cfg,
+            "eval": eval_cfg, "samples": (cfg.samples, eval_cfg), "dirs": dirs}  # fmt: skip
 
 
 def build_stages(cfg: Config) -> list[Any]:
@@ -156,9 +169,9 @@ def build_stages(cfg: Config) -> list[Any]:
         import json
 
         rows = json.loads((Path(dirs["eval_pretrain"]) / "results.json").read_text())["rows"]
-        for name in ("sft", "dpo"):
+        for name in ("sft", "dpo", "rl"):
             rows.append(runner.evaluate_model(name, dirs[name], chat=True, cfg=c))
-        rows += verifier_rows(Path(dirs["verifier"]))
+        rows += verifier_rows(Path(dirs["verifier"]), runner.problem_kinds(c.problems, c.max_problems))
         results = runner.write_rows(Path(dirs["eval"]), rows, notes=RESULT_NOTES)
         return {"rows": len(results["rows"])}
 
@@ -178,13 +191,16 @@ def build_stages(cfg: Config) -> list[Any]:
         Stage("eval_pretrain", STAGE_DIRS["eval_pretrain"], ("data", "pretrain"), cfgs["eval_pretrain"], eval_pretrain),
         Stage("sft", STAGE_DIRS["sft"], ("data", "pretrain"), cfgs["sft"], sft.main, resumable=True),
         Stage("dpo", STAGE_DIRS["dpo"], ("data", "sft"), cfgs["dpo"], dpo.main, resumable=True),
+        Stage("rl", STAGE_DIRS["rl"], ("data", cfg.rl_start), cfgs["rl"], grpo.main, resumable=True),
         Stage("verifier", STAGE_DIRS["verifier"], ("data", "sft"), cfgs["verifier"], verifier.main, resumable=True),
-        Stage("eval", STAGE_DIRS["eval"], ("eval_pretrain", "sft", "dpo", "verifier"), cfgs["eval"], final_eval),
-        Stage("samples", STAGE_DIRS["samples"], ("pretrain", "sft", "dpo"), cfgs["samples"], samples_stage),
+        Stage("eval", STAGE_DIRS["eval"], ("eval_pretrain", "sft", "dpo", "rl", "verifier"), cfgs["eval"],
+              final_eval),
+        Stage("samples", STAGE_DIRS["samples"], ("pretrain", "sft", "dpo", "rl"), cfgs["samples"], samples_stage),
         Stage(
             "report",
             ".",
-            ("data", "tokenizer", "prepare", "pretrain", "eval_pretrain", "sft", "dpo", "verifier", "eval", "samples"),
+            ("data", "tokenizer", "prepare", "pretrain", "eval_pretrain", "sft", "dpo", "rl", "verifier", "eval",
+             "samples"),
             None,
             report_stage,
         ),  # fmt: skip
@@ -194,27 +210,40 @@ def build_stages(cfg: Config) -> list[Any]:
 RESULT_NOTES = (
     "val_ppl: perplexity of the held-out stories (sliding window, stride = context / 2). answer_accuracy: "
     "greedy answers to held-out word problems, right when the last number equals the reference (chat models "
-    "are asked in ChatML, the pretrained model with a plain 'Question: ... Answer:' prompt). pair_accuracy: "
-    "held-out preference pairs whose right solution gets the higher log-probability. The verifier rows rerank "
-    "N samples of the SFT model on the same problems."
+    "are asked in ChatML, the pretrained model with a plain 'Question: ... Answer:' prompt); "
+    "answer_accuracy/<kind>: the same per kind of problem (compare: the 'more / fewer than' problems the SFT "
+    "demonstrations get wrong). pair_accuracy: held-out preference pairs whose right solution gets the higher "
+    "log-probability. The verifier rows rerank N samples of the SFT model on the same problems. None of these "
+    "problems or pairs chose a checkpoint."
 )
 
 
-def verifier_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """The verifier's reranking results as rows of the results table."""
+def verifier_rows(run_dir: Path, kinds: list[str | None] | None = None) -> list[dict[str, Any]]:
+    """The verifier's reranking results as rows of the results table; with the problems' kinds
+    (in eval order), each method's accuracy per kind too (from eval/predictions.jsonl)."""
     import json
+
+    from modernlm.pipeline.runner import accuracy_by_kind
 
     path = run_dir / "eval.json"
     if not path.is_file():
         return []
     r = json.loads(path.read_text())
     n = r.get("n")
-    return [
-        {"model": f"sft, majority vote of {n}", "answer_accuracy": r["majority_accuracy"]},
-        {"model": f"sft + verifier, best of {n}", "answer_accuracy": r["best_of_n_accuracy"]},
-        {"model": f"sft + verifier, weighted vote of {n}", "answer_accuracy": r["weighted_vote_accuracy"]},
-        {"model": f"sft, pass@{n} (oracle)", "answer_accuracy": r["pass_at_n"]},
-    ]
+    rows = [
+        ({"model": f"sft, majority vote of {n}", "answer_accuracy": r["majority_accuracy"]}, "majority_correct"),
+        ({"model": f"sft + verifier, best of {n}", "answer_accuracy": r["best_of_n_accuracy"]}, "best_correct"),
+        ({"model": f"sft + verifier, weighted vote of {n}", "answer_accuracy": r["weighted_vote_accuracy"]},
+         "weighted_correct"),
+        ({"model": f"sft, pass@{n} (oracle)", "answer_accuracy": r["pass_at_n"]}, "pass_at_n"),
+    ]  # fmt: skip
+    predictions = run_dir / "eval" / "predictions.jsonl"
+    if kinds and predictions.is_file():
+        picks = [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()]
+        problem_kinds = [kinds[p["index"]] if p["index"] < len(kinds) else None for p in picks]
+        for row, key in rows:
+            row.update(accuracy_by_kind([bool(p[key]) for p in picks], problem_kinds))
+    return [row for row, _ in rows]
 
 
 def write_samples(out_dir: Path, dirs: dict[str, str], c: SamplesStage, e: PipelineEvalSettings) -> None:
@@ -231,7 +260,7 @@ def write_samples(out_dir: Path, dirs: dict[str, str], c: SamplesStage, e: Pipel
     device, _ = runner.eval_device(e.device)
     base = load(dirs["pretrain"], device=device, what="pretrain")
     models["pretrain"] = (base.model, base.tokenizer, None)
-    for name in ("sft", "dpo"):
+    for name in ("sft", "dpo", "rl"):
         m, tok, _ = chat_ready(load(dirs[name], what=name), name)
         models[name] = (m.to(device).eval(), tok, ChatEncoder(tok))
     lines = [

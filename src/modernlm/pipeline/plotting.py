@@ -154,3 +154,117 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, dpi: int = 120) -
             fig.savefig(f, format="png", dpi=dpi)
         paths.append(path)
     return paths
+
+
+# ---- the headline picture: answer accuracy per model and kind of problem ---------------------------
+
+ACCURACY = "answer_accuracy"
+KIND_ORDER = ("chain1", "chain2", "chain3", "together", "compare")  # the synthetic word problems' kinds
+
+
+def accuracy_kinds(rows: list[dict[str, Any]]) -> list[str]:
+    """The kinds of the rows' `answer_accuracy/<kind>` keys: KIND_ORDER first, then any other alphabetically."""
+    found = {k.split("/", 1)[1] for r in rows for k in r if k.startswith(ACCURACY + "/") and k != ACCURACY + "/"}
+    return [k for k in KIND_ORDER if k in found] + sorted(found - set(KIND_ORDER))
+
+
+def is_oracle(model: str) -> bool:
+    """pass@N: right when any of N samples is; an upper bound no reranker reaches, not a model."""
+    return "oracle" in model or "pass@" in model
+
+
+def accuracy_bars(rows: list[dict[str, Any]]) -> tuple[list[str], list[tuple[str, list[float | None]]]]:
+    """What the accuracy figure draws (pure): the groups ("all", then each kind) and per row with an
+    `answer_accuracy`, in the rows' order, its label and one value per group (None: not measured)."""
+    rows = [r for r in rows if isinstance(r, dict) and _number(r.get(ACCURACY)) is not None]
+    kinds = accuracy_kinds(rows)
+    bars = []
+    for r in rows:
+        label = str(r.get("model") or "?")
+        if is_oracle(label) and "oracle" not in label:
+            label += " (oracle)"
+        bars.append((label, [_number(r.get(ACCURACY))] + [_number(r.get(f"{ACCURACY}/{k}")) for k in kinds]))
+    return ["all", *kinds], bars
+
+
+def accuracy_figure(rows: list[dict[str, Any]]) -> Any:
+    """Grouped bars of held-out answer accuracy: one group per kind of problem (first "all"), one bar per
+    results row with an answer_accuracy (the pass@N oracle hatched); None when no row has one."""
+    groups, bars = accuracy_bars(rows)
+    if not bars:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = min(0.84 / len(bars), 0.16)  # a few bars in one group stay bars, not slabs
+    label_size = 7 if len(bars) * len(groups) <= 24 else 6.5
+    rotation = 0 if width >= 0.12 else 90  # a label wider than its bar stands up
+    for i, (label, values) in enumerate(bars):
+        xs = [g + (i - (len(bars) - 1) / 2) * width for g, v in enumerate(values) if v is not None]
+        ys = [v for v in values if v is not None]
+        if is_oracle(label):
+            style = {"facecolor": "white", "edgecolor": "0.35", "hatch": "////", "linewidth": 0.8}
+        else:
+            style = {"color": f"C{i % 10}"}
+        container = ax.bar(xs, ys, width * 0.92, label=label, **style)
+        ax.bar_label(container, fmt="%.2f", fontsize=label_size, rotation=rotation, padding=2)
+    ax.set_xticks(range(len(groups)), groups, fontsize=10)
+    ax.set_xlim(-0.5, len(groups) - 0.5)
+    ax.set_ylim(0, 1.12)  # room above a bar at 1.0 for its label
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ax.set_ylabel("answer accuracy")
+    if len(groups) > 1:
+        ax.set_xlabel("kind of problem")
+    ax.set_title("Held-out answer accuracy (greedy unless named)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.spines[["top", "right"]].set_visible(False)
+    # matplotlib fills a legend column by column; reordered so that it reads row by row, in the rows' order
+    handles, labels = ax.get_legend_handles_labels()
+    ncols = min(4, len(bars))
+    nrows = -(-len(bars) // ncols)
+    order = [i * ncols + c for c in range(ncols) for i in range(nrows) if i * ncols + c < len(bars)]
+    fig.legend([handles[j] for j in order], [labels[j] for j in order], loc="outside lower center",
+               ncols=ncols, fontsize=8, frameon=False)  # fmt: skip
+    return fig
+
+
+# ---- curves of other metrics than the loss (RL's reward, held-out accuracy at evals) ---------------
+
+
+def metric_points(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric, lines without a finite value left out."""
+    steps, values = [], []
+    for r in records:
+        step, v = r.get("step"), _number(r.get(key))
+        if isinstance(step, int) and v is not None:
+            steps.append(step)
+            values.append(v)
+    return steps, values
+
+
+def metric_figure(records: list[dict[str, Any]], metrics: dict[str, str], label: str = "") -> Any:
+    """One panel per metric (key -> axis label) the records have, vs step; None when they have none."""
+    panels = [(key, name, *metric_points(records, key)) for key, name in metrics.items()]
+    panels = [p for p in panels if p[2]]
+    if not panels:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.5 * len(panels), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, (key, name, xs, ys) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        few = len(xs) <= 30  # evaluation points: marked
+        ax.plot(xs, ys, color=f"C{i + 1}", linewidth=1.2, marker="o" if few else None, markersize=3, label=key)
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.set_title(f"{label} {key}".strip(), fontsize=10)
+        ax.grid(True, alpha=0.3)
+        if "accuracy" in key:
+            ax.set_ylim(0, 1)
+    return fig

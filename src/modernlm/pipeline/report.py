@@ -36,6 +36,10 @@ RESULTS_FILE = "results.json"
 MD_FILE, HTML_FILE, ASSETS_DIR = "report.md", "report.html", "report_assets"
 # Any of these makes a directory a run (training stages write the first three).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "eval.json", "stage.json")
+# Metrics besides the loss drawn vs step when a run logs them (RL: reward per completion, and the
+# accuracy on held-out problems at its evaluations); metric -> axis label.
+CURVE_METRICS = {"reward": "mean reward", "val_accuracy": "held-out answer accuracy"}
+ACCURACY_IMAGE = "00-accuracy.png"
 
 
 # ---- what is on disk ------------------------------------------------------------------------
@@ -276,12 +280,25 @@ def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix or "value", value)]
 
 
+def _result_rows(data: ReportData) -> list[dict[str, Any]]:
+    rows = (data.results or {}).get("rows")
+    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+
+
+def _per_kind(column: str) -> bool:
+    return column.startswith("answer_accuracy/")
+
+
 def headline(data: ReportData) -> tuple[list[str], list[list[str]]]:
-    """The headline table: results.json as given, else one row per run that has a summary.json."""
+    """The headline table: results.json as given, else one row per run that has a summary.json.
+
+    The per-kind accuracies (answer_accuracy/<kind>) are left to `kind_table`, so the table stays narrow.
+    """
     if data.results is not None:
-        rows = [r for r in data.results.get("rows") or [] if isinstance(r, dict)]
+        rows = _result_rows(data)
         cols = data.results.get("columns") or list(dict.fromkeys(k for r in rows for k in r))
-        return [str(c) for c in cols], [[fmt(str(c), r.get(c)) for c in cols] for r in rows]
+        cols = [str(c) for c in cols if not _per_kind(str(c))]
+        return cols, [[fmt(c, r.get(c)) for c in cols] for r in rows]
     header = ["model", "params", "steps", "tokens", "final loss", "best val loss", "val ppl", "wall time"]
     rows = []
     for run in data.runs:
@@ -305,6 +322,21 @@ def headline(data: ReportData) -> tuple[list[str], list[list[str]]]:
             ]
         )
     return header, rows
+
+
+def kind_table(data: ReportData) -> tuple[list[str], list[list[str]]]:
+    """Answer accuracy per kind of problem: model x ("all", then each kind), 2 decimals, the rows that have any kind."""
+    from modernlm.pipeline.plotting import accuracy_kinds
+
+    rows = _result_rows(data)
+    kinds = accuracy_kinds(rows)
+    cols = ["answer_accuracy", *(f"answer_accuracy/{k}" for k in kinds)]
+    table = [
+        [str(r.get("model", "n/a")), *("n/a" if (v := _finite(r.get(c))) is None else f"{v:.2f}" for c in cols)]
+        for r in rows
+        if any(c in r for c in cols[1:])
+    ]
+    return (["model", "all", *kinds], table) if table else ([], [])
 
 
 def stage_timings(runs: list[RunData]) -> list[tuple[str, str, float | None, float | None]]:
@@ -370,16 +402,66 @@ def _slug(name: str) -> str:
 def loss_figure(run: RunData, dpi: int = 100) -> bytes | None:
     """Train loss (solid) and val loss (dashed) vs step as PNG bytes; None when nothing to draw."""
     import importlib.util
-    import io
 
     from modernlm.pipeline.plotting import curve_figures, run_series
 
     series = run_series(run.metrics, run.name)
     if not (series.train_step or series.val_step) or importlib.util.find_spec("matplotlib") is None:
         return None
+    return _png(curve_figures([series])["loss_vs_step"], dpi)
+
+
+def _png(fig: Any, dpi: int) -> bytes:
+    import io
+
     buf = io.BytesIO()
-    curve_figures([series])["loss_vs_step"].savefig(buf, format="png", dpi=dpi)
+    fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
+
+
+def accuracy_png(rows: list[dict[str, Any]], dpi: int = 100) -> bytes | None:
+    """plotting.accuracy_figure as PNG bytes; None when no row has an answer_accuracy (or no matplotlib)."""
+    import importlib.util
+
+    from modernlm.pipeline.plotting import accuracy_bars, accuracy_figure
+
+    if not accuracy_bars(rows)[1] or importlib.util.find_spec("matplotlib") is None:
+        return None
+    return _png(accuracy_figure(rows), dpi)
+
+
+def curve_metrics(run: RunData) -> list[str]:
+    """The CURVE_METRICS that the run logged."""
+    from modernlm.pipeline.plotting import metric_points
+
+    return [k for k in CURVE_METRICS if metric_points(run.metrics, k)[0]]
+
+
+def curves_figure(run: RunData, dpi: int = 100) -> bytes | None:
+    """The CURVE_METRICS the run logged (RL's reward, val_accuracy) vs step as PNG bytes; None when none."""
+    import importlib.util
+
+    from modernlm.pipeline.plotting import metric_figure
+
+    if not curve_metrics(run) or importlib.util.find_spec("matplotlib") is None:
+        return None
+    return _png(metric_figure(run.metrics, CURVE_METRICS, run.name), dpi)
+
+
+def accuracy_caption(rows: list[dict[str, Any]]) -> str:
+    from modernlm.pipeline.plotting import accuracy_kinds
+
+    kinds = accuracy_kinds(rows)
+    text = (
+        "Share of held-out word problems answered right by each model, greedy unless its name says otherwise "
+        "(majority vote, verifier best of N or weighted vote: N samples of the SFT model; pass@N, hatched: "
+        "the oracle that counts a problem right when any of the N samples is)"
+    )
+    if kinds:
+        text += ", over all problems and per kind of problem"
+        if "compare" in kinds:
+            text += ' ("compare": the "more/fewer than" problems, the kind the SFT demonstrations get wrong)'
+    return text + "."
 
 
 def _kv_table(pairs: list[tuple[str, Any]]) -> Table:
@@ -395,21 +477,31 @@ def render(data: ReportData, now: datetime | None = None) -> list[Block]:
         intro.append(f"Started {p.get('started') or 'n/a'}, finished {p.get('finished') or 'n/a'}.")
     blocks.append(Text(" ".join(intro)))
 
-    blocks.append(Heading("Environment"))
-    if not data.environment_recorded:
-        blocks.append(Text("Not recorded by the runs: this is the environment the report was made in."))
-    blocks.append(_kv_table(list(data.environment.items())))
-
+    # the results first: the accuracy figure, the table, the per-kind table, results.json's notes
     header, rows = headline(data)
     blocks.append(Heading("Results"))
+    if png := accuracy_png(_result_rows(data)):
+        alt = "held-out answer accuracy per model, overall and per kind of problem"
+        blocks += [Image(ACCURACY_IMAGE, png, alt), Text(accuracy_caption(_result_rows(data)))]
     if rows:
         blocks.append(Table(header, rows))
         if data.results is None:
             blocks.append(Text("val ppl is the last validation perplexity of each run (exp of its final val loss)."))
     else:
         blocks.append(Text("n/a: no results.json and no summary.json."))
+    kind_header, kind_rows = kind_table(data)
+    if kind_rows:
+        blocks += [
+            Text("answer_accuracy per kind of problem (the same held-out problems):"),
+            Table(kind_header, kind_rows),
+        ]
     if data.results is not None and isinstance(data.results.get("notes"), str):
         blocks.append(Text(data.results["notes"]))
+
+    blocks.append(Heading("Environment"))
+    if not data.environment_recorded:
+        blocks.append(Text("Not recorded by the runs: this is the environment the report was made in."))
+    blocks.append(_kv_table(list(data.environment.items())))
 
     if data.kind != "run":
         blocks.append(Heading("Timings"))
@@ -450,6 +542,10 @@ def _run_blocks(i: int, run: RunData, data: ReportData) -> list[Block]:
     if png := loss_figure(run):
         image = Image(f"{i:02d}-{_slug(run.name)}-loss.png", png, f"{run.name} loss vs step")
         blocks += [Heading("Loss curves", 3), image]
+    if png := curves_figure(run):
+        names = " and ".join(curve_metrics(run))
+        image = Image(f"{i:02d}-{_slug(run.name)}-curves.png", png, f"{run.name} {names} vs step")
+        blocks += [Heading(f"{names} curves", 3), image]
     if run.samples:
         more = f" (first {len(run.samples)} of {run.samples_total})" if run.samples_total > len(run.samples) else ""
         blocks.append(Heading("Samples", 3))
@@ -560,4 +656,16 @@ def write_report(run_dir: str | Path, out: str | Path = "", force: bool = False,
     return [md_path, html_path, *written]
 
 
-__all__ = ["collect", "flatten", "fmt", "headline", "render", "stage_timings", "to_html", "to_markdown", "write_report"]
+__all__ = [
+    "accuracy_png",
+    "collect",
+    "flatten",
+    "fmt",
+    "headline",
+    "kind_table",
+    "render",
+    "stage_timings",
+    "to_html",
+    "to_markdown",
+    "write_report",
+]

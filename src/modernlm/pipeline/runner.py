@@ -270,6 +270,37 @@ def read_problems(src: Source, limit: int = 0) -> list[dict[str, Any]]:
     return verifier.read_problems(src.path, limit, hf_dataset=src.hf_dataset, hf_config=src.hf_config, split=src.split)
 
 
+def problem_kinds(src: Source, limit: int = 0) -> list[str | None]:
+    """The kind of each of the first `limit` problems of a local GSM8K JSONL file whose rows carry
+    the synthetic data's "record" ({"kind": ...}); [] for other sources (no kinds to report)."""
+    path = Path(src.path) if src.path else None
+    if path is None or path.suffix != ".jsonl" or not path.is_file():
+        return []
+    kinds: list[str | None] = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line).get("record")
+                kinds.append(record.get("kind") if isinstance(record, dict) else None)
+                if limit and len(kinds) >= limit:
+                    break
+    return kinds if any(kinds) else []
+
+
+def accuracy_by_kind(correct: list[bool], kinds: list[str | None]) -> dict[str, float]:
+    """{"answer_accuracy/<kind>": share correct} over the problems of each kind (in KINDS' order)."""
+    if not kinds or len(kinds) < len(correct):
+        return {}
+    from modernlm.data.synthetic import KINDS
+
+    groups: dict[str, list[bool]] = {}
+    for c, k in zip(correct, kinds, strict=False):
+        if k is not None:
+            groups.setdefault(k, []).append(c)
+    order = [k for k in KINDS if k in groups] + sorted(k for k in groups if k not in KINDS)
+    return {f"answer_accuracy/{k}": sum(groups[k]) / len(groups[k]) for k in order}
+
+
 def eval_device(name: str) -> tuple[Any, Any]:
     """(device, autocast factory) for evaluation: bf16 autocast on a GPU, none on the CPU."""
     import contextlib
@@ -342,6 +373,7 @@ def evaluate_model(name: str, source: str | Path, chat: bool, cfg: PipelineEvalS
                 texts = plain_answers(model, tok, prompts, cfg.max_new_tokens, cfg.batch_size)
         right = [label_solution(t, p["target"])[1] for t, p in zip(texts, problems, strict=True)]
         row["answer_accuracy"] = sum(right) / len(right)
+        row.update(accuracy_by_kind(right, problem_kinds(cfg.problems, cfg.max_problems)))
         row["_answers"] = [{"question": p["question"], "answer": t, "correct": c}
                            for p, t, c in zip(problems, texts, right, strict=True)]  # fmt: skip
     if cfg.pairs.path or cfg.pairs.hf_dataset:
