@@ -1,24 +1,36 @@
-"""The self-generated demo dataset: determinism, disjoint splits, answers checked by recomputation,
-wrong rejected answers, files our readers load, configured sizes and clear config errors."""
+"""The self-generated demo dataset: determinism, splits disjoint in arithmetic with train's mix of
+kinds, answers checked by recomputation, wrong rejected answers, files our readers load, configured
+sizes and clear config errors."""
 
 from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from modernlm.align.sft import SFTDataConfig, read_sft_records
+from modernlm.config import read_config_file
 from modernlm.data.synthetic import (
+    KINDS,
+    PEOPLE,
+    SHOPS,
     THINGS,
+    Problem,
     SyntheticConfig,
     draw_problem,
     equations,
+    is_flawed_kind,
+    kind_quotas,
     make_world,
+    problem_kind,
     question_text,
     run_steps,
     solution_text,
+    split_of,
+    template_kind,
     template_specs,
     write_demo_data,
     wrong_steps,
@@ -46,6 +58,7 @@ FILES = [
     "sft/val.json",
     "prefs/train.jsonl",
     "prefs/val.jsonl",
+    "prefs/test.jsonl",
     "meta.json",
 ]
 
@@ -101,6 +114,7 @@ def test_sizes_as_configured(demo):
     assert len(json.loads((out / "sft/train.json").read_text())) == cfg.train_problems + n_stories
     assert len(_jsonl(out / "prefs/train.jsonl")) == cfg.pref_train
     assert len(_jsonl(out / "prefs/val.jsonl")) == cfg.pref_val
+    assert len(_jsonl(out / "prefs/test.jsonl")) == cfg.pref_test == min(200, cfg.test_problems)
     on_disk = json.loads((out / "meta.json").read_text())
     assert on_disk["seed"] == cfg.seed and on_disk["config"]["train_problems"] == cfg.train_problems
     assert on_disk["counts"]["gsm/test.jsonl"] == cfg.test_problems
@@ -117,9 +131,11 @@ def test_files_load_with_our_readers(demo):
         assert rows and all(r["instruction"] and r["output"] and r["input"] == "" for r in rows)
         chats = list(read_sft_records(SFTDataConfig(format="alpaca", path=str(out / "sft" / f"{split}.json"))))
         assert len(chats) == len(rows)
+    for split in ("train", "val", "test"):
         for row in _jsonl(out / "prefs" / f"{split}.jsonl"):
             for key in ("prompt", "chosen", "rejected"):
                 assert isinstance(row[key], str) and row[key].strip(), (key, row)
+            assert row["kind"] in KINDS
     for name in ("train", "val"):
         assert all(p.strip() for p in _paragraphs(out / "corpus" / f"{name}.txt"))
 
@@ -132,6 +148,7 @@ def test_answers_are_right_by_record_and_by_arithmetic(demo):
             rec = row["record"]
             steps = run_steps(template_specs(rec["template"]), rec["numbers"])
             assert [s.__dict__ for s in steps] == rec["steps"]
+            assert rec["kind"] == template_kind(rec["template"]) in KINDS
             assert steps[-1].result == rec["result"]
             assert cfg.min_steps <= len(steps) <= cfg.max_steps
             assert all(1 <= v <= cfg.max_number for s in steps for v in (s.left, s.right, s.result))
@@ -146,7 +163,7 @@ def test_answers_are_right_by_record_and_by_arithmetic(demo):
 def test_rejected_solutions_have_one_slip_and_a_wrong_answer(demo):
     out, cfg, _ = demo
     gsm = {r["question"]: r for r in _jsonl(out / "gsm/train.jsonl")}
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
         for row in _jsonl(out / "prefs" / f"{split}.jsonl"):
             if not equations(row["rejected"]):
                 continue  # a comparison's shortcut answer: test_the_demonstrations_skip_...
@@ -177,28 +194,179 @@ def test_wrong_steps_always_wrong_on_many_problems():
         assert extract_strict(solution_text(p, wrong)) == str(wrong[-1].result)
 
 
-def test_splits_are_disjoint_in_questions_and_keys(demo):
+def _key(row: dict) -> tuple:
+    """A gsm row's arithmetic key, from its record: (op, left, right) of each step."""
+    return tuple((st["op"], st["left"], st["right"]) for st in row["record"]["steps"])
+
+
+def test_splits_are_disjoint_in_questions_and_arithmetic(demo):
     out, cfg, _ = demo
-    key = lambda r: (r["record"]["template"], tuple(r["record"]["numbers"]))  # noqa: E731
-    test = _jsonl(out / "gsm/test.jsonl")
-    train, val = _jsonl(out / "gsm/train.jsonl"), _jsonl(out / "gsm/val.jsonl")
-    test_q, test_keys = {r["question"] for r in test}, {key(r) for r in test}
-    assert len(test_q) == len(test) and len(test_keys) == len(test)
-    assert not test_keys & {key(r) for r in train} and not test_keys & {key(r) for r in val}
-    assert not {key(r) for r in val} & {key(r) for r in train}
-    assert len({r["question"] for r in train}) == len(train)
+    rows = {split: _jsonl(out / "gsm" / f"{split}.jsonl") for split in ("train", "val", "test")}
+    keys = {split: {_key(r) for r in rs} for split, rs in rows.items()}
+    questions = {split: [r["question"] for r in rs] for split, rs in rows.items()}
+    assert not keys["test"] & keys["train"] and not keys["val"] & keys["train"] and not keys["val"] & keys["test"]
+    every = [q for qs in questions.values() for q in qs]
+    assert len(set(every)) == len(every)  # question texts distinct across all files
+    for split, ks in keys.items():
+        assert all(split_of(k, cfg) == split for k in ks), split  # each split only from its own keys
+    test_q = set(questions["test"])
     for split in ("train", "val"):
         sft = json.loads((out / "sft" / f"{split}.json").read_text())
         assert not test_q & {r["instruction"] for r in sft}
         assert not test_q & {r["prompt"] for r in _jsonl(out / "prefs" / f"{split}.jsonl")}
     # the word problems of sft/train are exactly gsm/train
     sft_train = json.loads((out / "sft/train.json").read_text())
-    assert {r["question"] for r in train} == {r["instruction"] for r in sft_train if "####" in r["output"]}
+    assert set(questions["train"]) == {r["instruction"] for r in sft_train if "####" in r["output"]}
     # and in memory, no corpus story comes from a held-out key
     data = make_world(cfg)
     held = {p.key for p in data["problems"]["test"]} | {p.key for p in data["problems"]["val"]}
     assert not held & {p.key for p in data["problems"]["train"]}
     assert data["corpus_keys"] and not held & data["corpus_keys"]
+
+
+def test_the_key_is_the_arithmetic_whatever_the_words():
+    """The reviewer's case: given / finds / buys (and gives away / loses / eats) with the same numbers
+    are one computation, whoever does it and to whatever, and so is "together" or "N more than"."""
+
+    def problem(template: str, numbers: tuple[int, ...], hero: int, thing: int) -> Problem:
+        steps = tuple(run_steps(template_specs(template), numbers))
+        return Problem(template, numbers, steps, PEOPLE[hero], PEOPLE[hero + 1], THINGS[thing], SHOPS[0])
+
+    plus = [problem(t, (6, 1), i, i) for i, t in enumerate(["chain:given", "chain:finds", "chain:buys"])]
+    plus += [problem("together", (6, 1), 5, 8), problem("more_than", (6, 1), 7, 9)]
+    assert len({question_text(p) for p in plus}) == len(plus)
+    assert {p.key for p in plus} == {(("+", 6, 1),)}
+    minus = [problem(t, (6, 1), i, i) for i, t in enumerate(["chain:gives_away", "chain:loses", "chain:eats"])]
+    minus.append(problem("fewer_than", (6, 1), 3, 2))
+    assert {p.key for p in minus} == {(("-", 6, 1),)}
+    two = [problem("chain:given+loses", (6, 1, 2), 0, 3), problem("chain:buys+eats", (6, 1, 2), 4, 1)]
+    assert {p.key for p in two} == {(("+", 6, 1), ("-", 7, 2))}
+    assert problem("chain:loses+given", (6, 1, 2), 0, 3).key != two[0].key  # other arithmetic, other key
+    # a key is in one split only, so these problems can never be on both sides
+    cfg = SyntheticConfig()
+    assert len({split_of(p.key, cfg) for p in plus}) == 1
+
+
+def test_kinds():
+    assert KINDS == ("chain1", "chain2", "chain3", "together", "compare")
+    cases = {
+        "chain:finds": "chain1",
+        "chain:given+eats": "chain2",
+        "chain:buys+loses+finds": "chain3",
+        "together": "together",
+        "more_than": "compare",
+        "fewer_than": "compare",
+        "more_than_together": "compare",
+        "fewer_than_together": "compare",
+    }
+    for template, kind in cases.items():
+        assert template_kind(template) == kind
+    rng, cfg = random.Random(2), SyntheticConfig(max_steps=3)
+    for _ in range(500):
+        p = draw_problem(rng, cfg)
+        assert p.kind == problem_kind(p) == p.record()["kind"] == template_kind(p.template)
+        assert is_flawed_kind(p) == (p.kind == "compare")
+
+
+def test_kind_quotas_largest_remainder():
+    assert kind_quotas({"chain1": 1, "chain2": 1, "compare": 1}, 10) == {
+        "chain1": 4, "chain2": 3, "chain3": 0, "together": 0, "compare": 3
+    }  # fmt: skip
+    counts = {"chain1": 759, "chain2": 1046, "together": 378, "compare": 1817}
+    for n in (1, 7, 30, 200, 500):
+        q = kind_quotas(counts, n)
+        assert sum(q.values()) == n and q["chain3"] == 0
+        assert all(abs(q[k] - n * counts.get(k, 0) / 4000) < 1 for k in KINDS)
+
+
+# The demo's own data config (configs/pipeline/demo.yaml), at full size: about a second to build.
+@pytest.fixture(scope="module")
+def demo_world() -> tuple[SyntheticConfig, dict]:
+    cfg = SyntheticConfig(**read_config_file("pipeline/demo", "pipeline")["data"]["synthetic"])
+    return cfg, make_world(cfg)
+
+
+def test_demo_no_held_out_computation_is_trained_on(demo_world):
+    cfg, world = demo_world
+    problems = world["problems"]
+    by_question = {question_text(p): p for ps in problems.values() for p in ps}
+    held = {split: {p.key for p in problems[split]} for split in ("val", "test")}
+    assert held["val"] and held["test"] and not held["val"] & held["test"]
+    held_out = held["val"] | held["test"]
+    trained = {
+        "gsm/train": [p.key for p in problems["train"]],
+        "prefs/train": [by_question[r["prompt"]].key for r in world["prefs"]["train"]],
+        "sft/train": [by_question[r["instruction"]].key for r in world["sft"]["train"] if "####" in r["output"]],
+        "corpus": world["corpus_keys"],
+    }
+    for name, keys in trained.items():
+        assert keys and not held_out & set(keys), name
+    # the reviewer's count: test problems with a training problem on the same arithmetic
+    train_keys = set(trained["gsm/train"])
+    assert sum(p.key in train_keys for p in problems["test"]) == 0
+
+
+def test_demo_held_out_splits_have_trains_mix_of_kinds(demo_world):
+    cfg, world = demo_world
+    problems, quotas = world["problems"], world["quotas"]
+    train = Counter(p.kind for p in problems["train"])
+    for split in ("val", "test"):
+        ps = problems[split]
+        n, counts = len(ps), Counter(p.kind for p in ps)
+        assert quotas[split] == kind_quotas(train, n)
+        for kind in KINDS:
+            assert counts[kind] == quotas[split][kind]
+            assert abs(counts[kind] - n * train[kind] / len(problems["train"])) <= 1, (split, kind)
+        compare = counts["compare"] / n - train["compare"] / len(problems["train"])
+        assert abs(compare) <= 1 / n, split
+        # every prefix keeps the mix (eval reads the first max_problems, prefs the first pref_val / pref_test)
+        running: Counter[str] = Counter()
+        for m, p in enumerate(ps, 1):
+            running[p.kind] += 1
+            assert all(abs(running[k] - m * quotas[split][k] / n) <= 1 for k in KINDS), (split, m)
+
+
+def test_demo_prefs_val_and_test_prompts(demo_world):
+    """prefs/val (choosing DPO's checkpoint) holds val questions, prefs/test (reported) test questions."""
+    cfg, world = demo_world
+    problems, prefs = world["problems"], world["prefs"]
+    val_q = [question_text(p) for p in problems["val"]]
+    test_q = [question_text(p) for p in problems["test"]]
+    assert [r["prompt"] for r in prefs["val"]] == val_q[: cfg.pref_val]
+    assert [r["prompt"] for r in prefs["test"]] == test_q[: cfg.pref_test]
+    assert len(prefs["test"]) == cfg.pref_test == 200
+    assert not {r["prompt"] for r in prefs["val"]} & {r["prompt"] for r in prefs["test"]}
+    assert not {r["prompt"] for r in prefs["train"]} & set(val_q + test_q)
+    for split in ("val", "test"):
+        kinds = {question_text(p): p.kind for p in problems[split]}
+        assert all(r["kind"] == kinds[r["prompt"]] for r in prefs[split])
+
+
+def test_meta_counts_kinds_and_distinct_computations(demo):
+    out, cfg, _ = demo
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["counts"]["prefs/test.jsonl"] == cfg.pref_test
+    for split in ("train", "val", "test"):
+        rows = _jsonl(out / "gsm" / f"{split}.jsonl")
+        kinds = Counter(r["record"]["kind"] for r in rows)
+        assert meta["kinds"][split] == {k: kinds[k] for k in KINDS}
+        distinct = meta["distinct_keys"][split]
+        assert distinct["all"] == len({_key(r) for r in rows})
+        for k in KINDS:
+            assert distinct[k] == len({_key(r) for r in rows if r["record"]["kind"] == k})
+    assert meta["distinct_keys"]["corpus"] > 0
+
+
+def test_three_step_chains_keep_their_share():
+    sizes = dict(train_stories=20, val_stories=5, train_problems=400, val_problems=50, test_problems=80)
+    cfg = SyntheticConfig(max_steps=3, pref_train=100, pref_val=20, **sizes)
+    world = make_world(cfg)
+    train = Counter(p.kind for p in world["problems"]["train"])
+    assert train["chain3"] > 0
+    for split in ("val", "test"):
+        assert Counter(p.kind for p in world["problems"][split]) == Counter(
+            {k: v for k, v in world["quotas"][split].items() if v}
+        )
 
 
 def test_corpus_is_stories_not_questions(demo):
@@ -236,6 +404,12 @@ def test_questions_read_well():
         (dict(max_number=2), "max_number"),
         (dict(max_number=20, min_range=30), "min_range"),
         (dict(pref_train=5000), "pref_train"),
+        (dict(pref_test=501), "pref_test"),
+        (dict(test_key_fraction=0), "test_key_fraction"),
+        (dict(test_key_fraction=1.5), "test_key_fraction"),
+        (dict(val_key_fraction=-0.1), "val_key_fraction"),
+        (dict(val_key_fraction="a"), "val_key_fraction"),
+        (dict(test_key_fraction=0.5, val_key_fraction=0.5), "test_key_fraction"),
     ],
 )
 def test_bad_config_is_a_clear_error(overrides, field):
@@ -244,8 +418,15 @@ def test_bad_config_is_a_clear_error(overrides, field):
 
 
 def test_too_few_combinations_is_a_clear_error():
-    with pytest.raises(UserError, match="max_number"):
-        make_world(SyntheticConfig(max_number=5, min_range=5, max_steps=1, test_problems=500))
+    # 1 step, counts up to 5: 10 "+" computations. A seed whose test split has none of them cannot give
+    # test the "together" problems train has: the error names the sizes to change.
+    plus = [(("+", a, b),) for a in range(1, 5) for b in range(1, 6 - a)]
+    small = dict(max_number=5, min_range=5, max_steps=1, train_stories=5, val_stories=5)
+    small |= dict(train_problems=200, val_problems=20, test_problems=50, pref_train=10, pref_val=10)
+    seed = next(s for s in range(100) if all(split_of(k, SyntheticConfig(seed=s, **small)) != "test" for k in plus))
+    with pytest.raises(UserError, match="test_key_fraction or max_number, or lower test_problems") as e:
+        make_world(SyntheticConfig(seed=seed, **small))
+    assert "'together'" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_story_instructions_are_followed(demo):

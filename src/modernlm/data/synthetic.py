@@ -5,10 +5,15 @@ every stage. So this module writes its own small world (children, things, places
 word lists below, written for this project) and renders it into every file the pipeline needs:
 
     corpus/train.txt, corpus/val.txt   pretraining text, one story per blank-line paragraph
-    gsm/{train,val,test}.jsonl         word problems in GSM8K's format: {"question", "answer": "... #### N"}
+    gsm/{train,val,test}.jsonl         word problems in GSM8K's format: {"question", "answer": "... #### N"},
+                                       plus "record" (template, kind, numbers, steps, result)
     sft/train.json, sft/val.json       Alpaca records {"instruction", "input", "output"}
-    prefs/train.jsonl, prefs/val.jsonl {"prompt", "chosen", "rejected"}: right and wrong solutions
-    meta.json                          counts, seed, the config
+    prefs/{train,val,test}.jsonl       {"prompt", "chosen", "rejected"}: right and wrong solutions (+ answers, kind)
+    meta.json                          counts, each split's kinds and distinct computations, seed, the config
+
+Roles: train files teach; the val files (sft/val.json, prefs/val.jsonl, gsm/val.jsonl) choose
+checkpoints (SFT's validation loss, DPO's best pair accuracy); the test files (gsm/test.jsonl,
+prefs/test.jsonl) are what gets reported, never used to choose anything.
 
 Everything comes from one seed (`random.Random` over string seeds, which Python hashes the same
 way everywhere), so the same config writes byte-identical files.
@@ -20,10 +25,23 @@ the step-by-step solution ("Tom gives her 3 more, so she has 4 + 3 = 7 apples.")
 form are renderings of the same record, so the answer is right by construction and tests check
 it twice: against the record and by re-doing every "a + b = c" line of the text with Python.
 
-**Splits.** The problem's key is (template, numbers), names and things left out. Test problems are
-drawn first; validation problems never share a test key; train problems, preference prompts and
-the stories of the corpus share neither. So no held-out question is seen in any form, not even
-with other names, and held-out accuracy measures arithmetic that was learned, not recalled.
+**Splits.** A problem's key is its arithmetic: the (op, left, right) of each step, whatever the
+words. "Max finds 1 more cherry", "Mia buys 1 more carrot" (both from 6), "6 and 1 together" and
+"1 more than 6" are one computation, ("+", 6, 1). A hash of (seed, key) puts every key in exactly
+one split: test for a share test_key_fraction of the keys, val for val_key_fraction, train for
+the rest. Train problems (so sft/train.json and prefs/train.jsonl) and every story of the corpus
+come only from train keys, val problems (sft/val.json, prefs/val.jsonl) only from val keys, test
+problems (prefs/test.jsonl) only from test keys. No held-out computation is trained on in any
+words; the single facts of its steps ("6 + 1 = 7") are, as steps of other computations (in the
+demo config every step of every held-out problem is a step of some train problem or story).
+Held-out splits have train's mix of kinds (`KINDS`): each kind's quota is its share of train,
+rounded by largest remainder, and is drawn from the generator restricted to that kind and the
+split's keys, so within a kind the numbers follow train's distribution too. The held-out files
+are ordered so that every prefix (eval's first max_problems, prefs' first pref_val / pref_test)
+keeps that mix to within about one problem per kind. A kind has few computations in a held-out
+split, so they repeat there with other names, things and verbs: in the demo config, gsm/test's
+500 problems are 187 distinct computations (chain1 39, chain2 111, together 23, compare 69),
+gsm/val's 200 are 86 (22, 46, 10, 33). Question texts are distinct across all files.
 
 **Why no question/answer text in pretraining.** The demo's point is that SFT raises answer accuracy
 over the pretrained model. The corpus therefore holds only stories: plain ones, and ones that
@@ -39,7 +57,9 @@ question's verbs ("gives", "has") are not new words at SFT.
 many it learns depends on how often each one is seen. Each problem draws its own range 1..R with
 R in min_range..max_number, so small numbers are the commonest (as in real text) and are learned
 first: accuracy falls smoothly with the size of the numbers instead of jumping from chance to
-nearly all right. Measured on the 2-core CPU with the defaults (40 and 10): a 1.1M-parameter model
+nearly all right. Measured before the arithmetic split (on the earlier held-out sets, keyed by
+template and numbers, which shared computations with training and over-represented comparisons;
+to be re-measured), on the 2-core CPU with the defaults (40 and 10): a 1.1M-parameter model
 pretrained for 200 s (1.95M tokens, about one epoch of the 1.73M-token corpus), then SFT for 120 s,
 answered 63.5% of 200 held-out problems greedily (82% of those whose counts stay within 10, 32% of
 those reaching 31..40; one step 81%, two steps 45%); the pretrained model, asked "Question: ...
@@ -47,9 +67,10 @@ Answer:", 1.5%. With every count uniform in 1..20 the SFT model had 96% (nothing
 verifier), with 1..30 or 1..50 35%, and then even the smallest sums were not learned.
 
 **The demonstrations' flaw, and why.** Real SFT data is written by people and has systematic
-mistakes. Here, in `sft_flaw` (half) of the "N more / fewer than" comparisons of sft/ (about 22%
-of the problems), the annotator took a shortcut: no computation, the count the question gives
-restated as the answer ("Luke has 11 plums. #### 11"). The answer key (gsm/) and the preference
+mistakes. Here, in `sft_flaw` (half) of the "N more / fewer than" comparisons of sft/ (kind
+"compare": 28% of train's problems with the defaults, 46% in the demo config), the annotator took
+a shortcut: no computation, the count the question gives restated as the answer ("Luke has 11
+plums. #### 11"). The answer key (gsm/) and the preference
 pairs' chosen side are right. This gives the later stages a mistake a tiny model can learn to fix
 in minutes. Measured on this data at this size, neither DPO nor a verifier learns to spot a plain
 arithmetic slip ("19 - 3 = 15") from a few thousand examples (a verifier trained on 16k clean
@@ -70,13 +91,15 @@ value, so the final answer is wrong (+ and - are one-to-one in each argument).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import random
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -159,10 +182,13 @@ class SyntheticConfig:
     equation_fraction: float = 0.4  # share of narrated steps that also write the sum out ("She counted: 4 + 3 = 7.")
     present_fraction: float = 0.25  # share of stories told in the present tense (the questions' tense)
     train_problems: int = 4000  # gsm/train.jsonl; also the word problems of sft/train.json
-    val_problems: int = 200  # gsm/val.jsonl, the problems of sft/val.json and prefs/val.jsonl (keys not in test)
-    test_problems: int = 500  # gsm/test.jsonl (keys disjoint from every other file)
+    val_problems: int = 200  # gsm/val.jsonl, the problems of sft/val.json and prefs/val.jsonl (val keys only)
+    test_problems: int = 500  # gsm/test.jsonl, the problems of prefs/test.jsonl (test keys only)
     pref_train: int = 2000  # prefs/train.jsonl pairs (prompts: train problems)
-    pref_val: int = 200  # prefs/val.jsonl pairs (prompts: validation problems)
+    pref_val: int = 200  # prefs/val.jsonl pairs (prompts: the first val problems; choose DPO's checkpoint)
+    pref_test: int | None = None  # prefs/test.jsonl pairs (prompts: first test problems); None: min(200, test_problems)
+    test_key_fraction: float = 0.2  # share of arithmetic keys (computations) held out for test (docstring: Splits)
+    val_key_fraction: float = 0.1  # share of arithmetic keys held out for val, disjoint from test's
     sft_story_fraction: float = 0.1  # story-writing instructions added to sft, as a share of its word problems
     compare_fraction: float = 0.4  # share of problems that compare two people (the rest: a chain of events)
     sft_flaw: float = 0.5  # share of "more/fewer than" demonstrations in sft/ that skip the computation (docstring)
@@ -172,8 +198,10 @@ class SyntheticConfig:
     max_steps: int = 2  # most arithmetic steps in a problem (1..3)
 
     def __post_init__(self) -> None:
+        if self.pref_test is None and isinstance(self.test_problems, int):
+            self.pref_test = min(200, self.test_problems)
         sizes = ("train_stories", "val_stories", "train_problems", "val_problems", "test_problems")
-        for name in (*sizes, "pref_train", "pref_val"):
+        for name in (*sizes, "pref_train", "pref_val", "pref_test"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise UserError(f"{name}: must be an int >= 0, got {value!r}")
@@ -197,6 +225,17 @@ class SyntheticConfig:
             raise UserError(f"pref_train: at most train_problems ({self.train_problems}), got {self.pref_train}")
         if self.pref_val > self.val_problems:
             raise UserError(f"pref_val: at most val_problems ({self.val_problems}), got {self.pref_val}")
+        if self.pref_test > self.test_problems:
+            raise UserError(f"pref_test: at most test_problems ({self.test_problems}), got {self.pref_test}")
+        for name in ("test_key_fraction", "val_key_fraction"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < 1:
+                raise UserError(f"{name}: must be a fraction in (0, 1) (a held-out split needs keys), got {value!r}")
+        if self.test_key_fraction + self.val_key_fraction > 0.9:
+            raise UserError(
+                f"test_key_fraction + val_key_fraction: at most 0.9 (train keeps the rest), "
+                f"got {self.test_key_fraction} + {self.val_key_fraction}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +319,23 @@ def run_steps(
     return out
 
 
+# The kinds of problem, in display order: a chain of events with 1, 2 or 3 steps ("Mia has 4. Tom
+# gives her 3 more. ..."), two counts added ("together"), and every "N more / fewer than" comparison
+# (1 or 2 steps): the demonstrations' flawed kind. Held-out splits keep train's mix of these.
+KINDS = ("chain1", "chain2", "chain3", "together", "compare")
+
+ArithmeticKey = tuple[tuple[str, int, int], ...]
+
+
+def template_kind(template: str) -> str:
+    """The kind (one of `KINDS`) of a template: what per-kind reports group by."""
+    if template == "together":
+        return "together"
+    if template in COMPARE_TEMPLATES:
+        return "compare"
+    return f"chain{len(_chain_events(template))}"
+
+
 @dataclass(frozen=True)
 class Problem:
     template: str  # "chain:given+eats", "together", "more_than", ... (see template_specs)
@@ -291,9 +347,18 @@ class Problem:
     shop: str
 
     @property
-    def key(self) -> tuple[str, tuple[int, ...]]:
-        """What the splits keep apart: the template and its numbers (names and things left out)."""
-        return (self.template, self.numbers)
+    def key(self) -> ArithmeticKey:
+        """What the splits keep apart: the arithmetic, (op, left, right) of each step, whatever the words.
+
+        "Max finds 1 more cherry" and "Mia buys 1 more carrot" from 6, "6 and 1 together" and "1 more
+        than 6" all have the key (("+", 6, 1),): one computation, so one split.
+        """
+        return tuple((s.op, s.left, s.right) for s in self.steps)
+
+    @property
+    def kind(self) -> str:
+        """One of `KINDS`: "chain1".."chain3", "together" or "compare" (see `template_kind`)."""
+        return template_kind(self.template)
 
     @property
     def answer(self) -> int:
@@ -303,10 +368,16 @@ class Problem:
         """The structured record, JSON-ready (what tests recompute the answer from)."""
         return {
             "template": self.template,
+            "kind": self.kind,
             "numbers": list(self.numbers),
             "steps": [asdict(s) for s in self.steps],
             "result": self.answer,
         }
+
+
+def problem_kind(p: Problem) -> str:
+    """The problem's kind, one of `KINDS` (the same as `p.kind`)."""
+    return p.kind
 
 
 def _slots(p: Problem, n: int = 0) -> dict[str, str]:
@@ -607,38 +678,123 @@ def _rng(cfg: SyntheticConfig, stream: str) -> random.Random:
     return random.Random(f"modernlm-synthetic:{cfg.seed}:{stream}")
 
 
+SPLITS = ("train", "val", "test")
+_MAX_MISSES = 100_000  # rejected draws in a row that mean a split's problems are used up
+
+
+def split_of(key: ArithmeticKey, cfg: SyntheticConfig) -> str:
+    """The one split ("train", "val" or "test") of a computation: a hash of (seed, key) against the
+    key fractions, the same on every machine and independent of every size."""
+    digest = hashlib.blake2b(f"modernlm-split:{cfg.seed}:{key!r}".encode(), digest_size=8).digest()
+    u = int.from_bytes(digest, "big") / 2.0**64
+    if u < cfg.test_key_fraction:
+        return "test"
+    return "val" if u < cfg.test_key_fraction + cfg.val_key_fraction else "train"
+
+
+def _splitter(cfg: SyntheticConfig) -> Callable[[ArithmeticKey], str]:
+    """`split_of` for this config, remembered per key (the same computations are drawn again and again)."""
+    cache: dict[ArithmeticKey, str] = {}
+
+    def split(key: ArithmeticKey) -> str:
+        found = cache.get(key)
+        if found is None:
+            found = cache[key] = split_of(key, cfg)
+        return found
+
+    return split
+
+
+def kind_quotas(counts: Mapping[str, int], n: int) -> dict[str, int]:
+    """n problems shared over `KINDS` in proportion to counts (largest remainder; ties in KINDS order)."""
+    total = sum(counts.get(k, 0) for k in KINDS)
+    if total == 0:
+        raise ValueError("kind_quotas: no counts to take shares from")
+    quotas = {k: n * counts.get(k, 0) // total for k in KINDS}
+    remainders = {k: n * counts.get(k, 0) % total for k in KINDS}
+    for k in sorted(KINDS, key=lambda k: -remainders[k])[: n - sum(quotas.values())]:  # sorted() is stable
+        quotas[k] += 1
+    return quotas
+
+
 def draw_problems(
-    n: int, rng: random.Random, cfg: SyntheticConfig, banned: set, unique_keys: bool, seen_questions: set[str]
+    n: int,
+    rng: random.Random,
+    cfg: SyntheticConfig,
+    split: str,
+    split_fn: Callable[[ArithmeticKey], str],
+    seen_questions: set[str],
+    quotas: Mapping[str, int] | None = None,
 ) -> list[Problem]:
-    """n problems with distinct questions, none with a banned key (distinct keys too if unique_keys)."""
+    """n problems of the generator whose keys belong to `split`, with questions not in seen_questions (and
+    added to it); with quotas, exactly quotas[kind] of each kind, in the order drawn.
+
+    Rejection keeps the generator's distribution: each kind's problems are the generator's draws of that
+    kind restricted to the split's computations (which may repeat, with other words).
+    """
+    if quotas is not None and sum(quotas.values()) != n:
+        raise ValueError(f"quotas {dict(quotas)} do not add up to {n}")
+    need = dict(quotas) if quotas is not None else None
     out: list[Problem] = []
-    keys: set = set()
     misses = 0  # draws in a row that were rejected: many means the combinations are used up
     while len(out) < n:
-        if misses > 10_000:
-            raise UserError(
-                f"cannot draw {n} distinct problems with max_number={cfg.max_number}, steps "
-                f"{cfg.min_steps}..{cfg.max_steps}: too few combinations; raise max_number or lower the sizes"
-            )
-        p = draw_problem(rng, cfg)
-        q = question_text(p)
+        if misses > _MAX_MISSES:
+            raise UserError(_used_up(n, out, split, cfg, need))
         misses += 1
-        if p.key in banned or (unique_keys and p.key in keys) or q in seen_questions:
+        p = draw_problem(rng, cfg)
+        if split_fn(p.key) != split or (need is not None and need[p.kind] == 0):
+            continue
+        q = question_text(p)
+        if q in seen_questions:
             continue
         misses = 0
         seen_questions.add(q)
-        keys.add(p.key)
+        if need is not None:
+            need[p.kind] -= 1
         out.append(p)
     return out
 
 
-def _stories(n: int, rng: random.Random, cfg: SyntheticConfig, banned: set) -> tuple[list[str], set]:
-    """n stories (arithmetic_fraction of them narrate a problem whose key is not banned), and those keys."""
+def _used_up(n: int, found: Sequence[Problem], split: str, cfg: SyntheticConfig, need: dict | None) -> str:
+    """The one-line error when a split's problems run out: what is missing and which sizes to change."""
+    world = f"max_number={cfg.max_number}, steps {cfg.min_steps}..{cfg.max_steps}"
+    distinct = len({p.key for p in found})
+    if split == "train" or need is None:
+        return (
+            f"cannot draw {n} {split} problems with distinct questions ({len(found)} found on {distinct} "
+            f"computations; {world}): raise max_number or lower {split}_problems"
+        )
+    short = ", ".join(f"{left} {kind!r}" for kind, left in need.items() if left)
+    return (
+        f"cannot draw {n} {split} problems with train's mix of kinds: {short} still missing after "
+        f"{len(found)} found on {distinct} {split} computations ({world}); raise {split}_key_fraction "
+        f"or max_number, or lower {split}_problems"
+    )
+
+
+def _interleave(problems: Sequence[Problem]) -> list[Problem]:
+    """The problems in an order whose every prefix has the whole list's mix of kinds (within about one
+    per kind): the i-th of a kind with q problems goes at (i + 1/2) / q of the way, ties in KINDS order.
+    Readers that take the first N (eval's max_problems, prefs' pref_val / pref_test) keep the mix."""
+    totals = Counter(p.kind for p in problems)
+    seen: Counter[str] = Counter()
+    placed = []
+    for p in problems:
+        placed.append((Fraction(2 * seen[p.kind] + 1, 2 * totals[p.kind]), KINDS.index(p.kind), len(placed), p))
+        seen[p.kind] += 1
+    return [p for *_, p in sorted(placed, key=lambda t: t[:3])]
+
+
+def _stories(
+    n: int, rng: random.Random, cfg: SyntheticConfig, split_fn: Callable[[ArithmeticKey], str]
+) -> tuple[list[str], set]:
+    """n stories (arithmetic_fraction of them narrate a problem whose computation is a train key), and
+    the keys narrated."""
     out, keys = [], set()
     while len(out) < n:
         if rng.random() < cfg.arithmetic_fraction:
             p = draw_problem(rng, cfg)
-            if p.key in banned:
+            if split_fn(p.key) != "train":
                 continue
             out.append(story_text(p, rng, cfg))
             keys.add(p.key)
@@ -652,8 +808,9 @@ def _gsm_row(p: Problem) -> dict[str, Any]:
 
 
 def is_flawed_kind(p: Problem) -> bool:
-    """The problems the demonstrations get systematically wrong: "N more / fewer than" comparisons."""
-    return p.template.startswith(("more_than", "fewer_than"))
+    """The problems the demonstrations get systematically wrong: "N more / fewer than" comparisons
+    (kind "compare")."""
+    return p.kind == "compare"
 
 
 def lazy_solution(p: Problem) -> str | None:
@@ -691,6 +848,7 @@ def _pref_rows(problems: Sequence[Problem], rng: random.Random, max_number: int)
                 "rejected": lazy or solution_text(p, wrong),
                 "answer": p.answer,
                 "rejected_answer": p.numbers[0] if lazy else wrong[-1].result,
+                "kind": p.kind,
             }
         )
     return rows
@@ -706,21 +864,27 @@ def _jsonl(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def make_world(cfg: SyntheticConfig) -> dict[str, Any]:
-    """Every split in memory: "problems", "corpus", "gsm", "sft", "prefs" (each {split: rows}), "corpus_keys"."""
+    """Every split in memory: "problems", "corpus", "gsm", "sft", "prefs" (each {split: rows}),
+    "corpus_keys" (the computations the stories narrate) and "quotas" (the held-out splits' kind counts)."""
+    split = _splitter(cfg)
     questions: set[str] = set()
-    test = draw_problems(cfg.test_problems, _rng(cfg, "test"), cfg, set(), True, questions)
-    test_keys = {p.key for p in test}
-    val = draw_problems(cfg.val_problems, _rng(cfg, "val"), cfg, test_keys, True, questions)
-    held_out = test_keys | {p.key for p in val}
-    train = draw_problems(cfg.train_problems, _rng(cfg, "train"), cfg, held_out, False, questions)
+    train = draw_problems(cfg.train_problems, _rng(cfg, "train"), cfg, "train", split, questions)
+    shares = Counter(p.kind for p in train)
+    quotas = {"val": kind_quotas(shares, cfg.val_problems), "test": kind_quotas(shares, cfg.test_problems)}
+    held = {
+        name: _interleave(draw_problems(n, _rng(cfg, name), cfg, name, split, questions, quotas[name]))
+        for name, n in (("test", cfg.test_problems), ("val", cfg.val_problems))
+    }
+    val, test = held["val"], held["test"]
     prefs_rng = _rng(cfg, "prefs")
-    corpus_train, keys_train = _stories(cfg.train_stories, _rng(cfg, "corpus-train"), cfg, held_out)
-    corpus_val, keys_val = _stories(cfg.val_stories, _rng(cfg, "corpus-val"), cfg, held_out)
+    corpus_train, keys_train = _stories(cfg.train_stories, _rng(cfg, "corpus-train"), cfg, split)
+    corpus_val, keys_val = _stories(cfg.val_stories, _rng(cfg, "corpus-val"), cfg, split)
     return {
         "problems": {"train": train, "val": val, "test": test},
+        "quotas": quotas,
         "corpus": {"train": corpus_train, "val": corpus_val},
         "corpus_keys": keys_train | keys_val,  # the problems the stories narrate
-        "gsm": {split: [_gsm_row(p) for p in ps] for split, ps in (("train", train), ("val", val), ("test", test))},
+        "gsm": {name: [_gsm_row(p) for p in ps] for name, ps in (("train", train), ("val", val), ("test", test))},
         "sft": {
             "train": _sft_rows(train, _rng(cfg, "sft-train"), cfg.sft_story_fraction, cfg.sft_flaw),
             "val": _sft_rows(val, _rng(cfg, "sft-val"), cfg.sft_story_fraction, cfg.sft_flaw),
@@ -728,6 +892,7 @@ def make_world(cfg: SyntheticConfig) -> dict[str, Any]:
         "prefs": {
             "train": _pref_rows(prefs_rng.sample(train, cfg.pref_train), prefs_rng, cfg.max_number),
             "val": _pref_rows(val[: cfg.pref_val], prefs_rng, cfg.max_number),
+            "test": _pref_rows(test[: cfg.pref_test], _rng(cfg, "prefs-test"), cfg.max_number),
         },
     }
 
@@ -735,8 +900,8 @@ def make_world(cfg: SyntheticConfig) -> dict[str, Any]:
 def write_demo_data(out_dir: str | Path, cfg: SyntheticConfig | None = None) -> dict[str, Any]:
     """Write every file of the demo dataset under out_dir (layout: the module docstring); returns meta.json's dict.
 
-    gsm rows carry, besides GSM8K's "question" / "answer", the structured "record" (template,
-    numbers, steps, result); prefs rows carry both final answers. Readers ignore extra fields.
+    gsm rows carry, besides GSM8K's "question" / "answer", the structured "record" (template, kind,
+    numbers, steps, result); prefs rows carry both final answers and the kind. Readers ignore extra fields.
     """
     cfg = cfg or SyntheticConfig()
     start = time.perf_counter()
@@ -750,7 +915,12 @@ def write_demo_data(out_dir: str | Path, cfg: SyntheticConfig | None = None) -> 
         _write_text(out / "sft" / f"{split}.json", json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
     for split, rows in data["prefs"].items():
         _write_text(out / "prefs" / f"{split}.jsonl", _jsonl(rows))
-    templates = Counter(p.template.split(":")[0] + f":{len(p.steps)}" for p in data["problems"]["train"])
+    problems = data["problems"]
+    templates = Counter(p.template.split(":")[0] + f":{len(p.steps)}" for p in problems["train"])
+
+    def distinct(ps: Sequence[Problem]) -> dict[str, int]:
+        return {"all": len({p.key for p in ps}), **{k: len({p.key for p in ps if p.kind == k}) for k in KINDS}}
+
     meta = {
         "seed": cfg.seed,
         "config": asdict(cfg),
@@ -762,6 +932,10 @@ def write_demo_data(out_dir: str | Path, cfg: SyntheticConfig | None = None) -> 
         },
         "corpus_bytes": {s: (out / "corpus" / f"{s}.txt").stat().st_size for s in data["corpus"]},
         "train_problem_kinds": dict(sorted(templates.items())),
+        # problems of each kind per split (val and test: train's shares, by largest remainder)
+        "kinds": {s: {k: sum(p.kind == k for p in problems[s]) for k in KINDS} for s in SPLITS},
+        # distinct computations (arithmetic keys) per split, in all and per kind; the corpus's stories'
+        "distinct_keys": {**{s: distinct(problems[s]) for s in SPLITS}, "corpus": len(data["corpus_keys"])},
     }
     _write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     # Wall time is reported, not stored: meta.json must be byte-identical for one config.
@@ -770,19 +944,27 @@ def write_demo_data(out_dir: str | Path, cfg: SyntheticConfig | None = None) -> 
 
 __all__ = [
     "EVENTS",
+    "KINDS",
     "PEOPLE",
+    "SPLITS",
     "THINGS",
     "CalcStep",
     "Problem",
     "SyntheticConfig",
     "draw_problem",
+    "draw_problems",
     "equations",
+    "is_flawed_kind",
+    "kind_quotas",
     "make_world",
     "plain_story",
+    "problem_kind",
     "question_text",
     "run_steps",
     "solution_text",
+    "split_of",
     "story_text",
+    "template_kind",
     "template_specs",
     "write_demo_data",
     "wrong_steps",
