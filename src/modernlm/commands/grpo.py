@@ -118,6 +118,7 @@ def main(cfg: Config) -> None:
     from modernlm.api import load
     from modernlm.errors import UserError
     from modernlm.train.run import Training, run_training
+    from modernlm.train.tracking import read_metrics
     from modernlm.train.trainer import Trainer
 
     check(cfg)
@@ -157,7 +158,7 @@ def main(cfg: Config) -> None:
         )
 
         def after(summary: dict) -> str:
-            records = [r for r in _read_records(run_dir) if "val_accuracy" in r]
+            records = [r for r in read_metrics(run_dir) if "val_accuracy" in r]
             report: dict[str, Any] = {"step": trainer.step, "n_train": len(problems), "n_val": len(held_out)}
             if records:
                 report.update(before=records[0]["val_accuracy"], after=records[-1]["val_accuracy"],
@@ -173,9 +174,3 @@ def main(cfg: Config) -> None:
         return Training(trainer, banner, after=after)
 
     run_training(cfg, "grpo", build)
-
-
-def _read_records(run_dir: Path) -> list[dict[str, Any]]:
-    from modernlm.train.tracking import read_metrics
-
-    return read_metrics(run_dir)

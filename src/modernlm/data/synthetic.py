@@ -40,8 +40,8 @@ split's keys, so within a kind the numbers follow train's distribution too. The 
 are ordered so that every prefix (eval's first max_problems, prefs' first pref_val / pref_test)
 keeps that mix to within about one problem per kind. A kind has few computations in a held-out
 split, so they repeat there with other names, things and verbs: in the demo config, gsm/test's
-500 problems are 187 distinct computations (chain1 39, chain2 111, together 23, compare 69),
-gsm/val's 200 are 86 (22, 46, 10, 33). Question texts are distinct across all files.
+500 problems are 225 distinct computations (chain1 54, chain2 154, together 18, compare 45),
+gsm/val's 200 are 113 (28, 72, 7, 24). Question texts are distinct across all files.
 
 **Why no question/answer text in pretraining.** The demo's point is that SFT raises answer accuracy
 over the pretrained model. The corpus therefore holds only stories: plain ones, and ones that
@@ -57,18 +57,19 @@ question's verbs ("gives", "has") are not new words at SFT.
 many it learns depends on how often each one is seen. Each problem draws its own range 1..R with
 R in min_range..max_number, so small numbers are the commonest (as in real text) and are learned
 first: accuracy falls smoothly with the size of the numbers instead of jumping from chance to
-nearly all right. Measured before the arithmetic split (on the earlier held-out sets, keyed by
-template and numbers, which shared computations with training and over-represented comparisons;
-to be re-measured), on the 2-core CPU with the defaults (40 and 10): a 1.1M-parameter model
-pretrained for 200 s (1.95M tokens, about one epoch of the 1.73M-token corpus), then SFT for 120 s,
-answered 63.5% of 200 held-out problems greedily (82% of those whose counts stay within 10, 32% of
-those reaching 31..40; one step 81%, two steps 45%); the pretrained model, asked "Question: ...
-Answer:", 1.5%. With every count uniform in 1..20 the SFT model had 96% (nothing left for a
-verifier), with 1..30 or 1..50 35%, and then even the smallest sums were not learned.
+nearly all right. Measured on the 2-core CPU with the demo config (max_number 20, min_range 10,
+compare_fraction 0.3) and the arithmetic split: a 1.1M-parameter model pretrained for 200 s (3.2M
+tokens, about two epochs of the 1.76M-token corpus), then SFT for 120 s, answered 70.5% of the
+first 200 test problems greedily (one-step chains 91%, two-step chains 82.5%, "together" 10 of 10,
+comparisons 7%: the flaw below); the pretrained model, asked "Question: ... Answer:", 4%. Measured
+earlier, on the split this one replaced (which shared computations with training): with the
+defaults (40 and 10) SFT reached 63.5% (one step 81%, two steps 45%); with every count uniform in
+1..20 96% (nothing left for a verifier), with 1..30 or 1..50 35%, and then even the smallest sums
+were not learned.
 
 **The demonstrations' flaw, and why.** Real SFT data is written by people and has systematic
 mistakes. Here, in `sft_flaw` (half) of the "N more / fewer than" comparisons of sft/ (kind
-"compare": 28% of train's problems with the defaults, 46% in the demo config), the annotator took
+"compare": 28% of train's problems with the defaults, 21% in the demo config), the annotator took
 a shortcut: no computation, the count the question gives restated as the answer ("Luke has 11
 plums. #### 11"). The answer key (gsm/) and the preference
 pairs' chosen side are right. This gives the later stages a mistake a tiny model can learn to fix

@@ -111,7 +111,7 @@ def _step_of(line: str) -> int | None:
 def format_line(step: int, num_steps: int, record: dict[str, Any]) -> str:
     """The one human log line, fixed format so it greps well:
     `step 120/1000 | loss 3.2140 | lr 3.00e-04 | gnorm 0.91 | 41200 tok/s | mfu 38.1%`
-    (tok/s: input tokens; SFT, DPO, the verifier and finetuning add examples per second, `8.0 ex/s`)."""
+    (tok/s: input tokens; SFT, DPO, GRPO, the verifier and finetuning add examples per second, `8.0 ex/s`)."""
 
     def num(key: str, fmt: str) -> str:
         v = record[key]
@@ -124,8 +124,9 @@ def format_line(step: int, num_steps: int, record: dict[str, Any]) -> str:
         parts.append(f"val_loss {num('val_loss', '.4f')}")
     if "val_ppl" in record:
         parts.append(f"val_ppl {num('val_ppl', '.2f')}")
-    for prefix in ("", "val_"):  # DPO's reward metrics, short
-        for key, short in (("rewards/accuracies", "reward_acc"), ("rewards/margins", "margin")):
+    for prefix in ("", "val_"):  # DPO's reward metrics, GRPO's reward and held-out accuracy, short
+        for key, short in (("rewards/accuracies", "reward_acc"), ("rewards/margins", "margin"), ("reward", "reward"),
+                           ("accuracy", "accuracy")):  # fmt: skip
             if prefix + key in record:
                 parts.append(f"{prefix}{short} {num(prefix + key, '.3f')}")
     if "lr" in record:
