@@ -36,7 +36,8 @@ def test_eval_mode_nests():
 
 def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
     with pytest.raises(UserError, match="device"):
         resolve_device("nonsense")
     if not torch.cuda.is_available():

@@ -34,6 +34,7 @@ RECIPE_GROUPS: dict[str, str] = {
     "sft": "align",
     "dpo": "align",
     "verifier": "align",
+    "grpo": "align",
     "finetune": "finetune",
     "prompt": "prompt",
     "experiment sinks": "experiment",

@@ -3,6 +3,10 @@
 `setup_runtime(cfg)` turns the `run:` config section into a `Runtime`: it reads torchrun's
 RANK / WORLD_SIZE / LOCAL_RANK, starts the process group (nccl on GPU, gloo on CPU), picks the
 device and the autocast dtype. Everything else asks the `Runtime`, never the environment.
+
+Devices: `auto` = cuda, else Apple's mps, else cpu. The autocast dtype: `auto` = bf16 on GPUs that
+have it, else fp16 on CUDA; float32 on the CPU and on mps (whose 16-bit op coverage is still
+partial: 16-bit there is an explicit choice, allowed where this torch can train in it).
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ class RunConfig:
     out_dir: str = "runs"  # parent of the run directory
     name: str = ""  # run directory = out_dir/name; "" = the command's name (e.g. pretrain)
     seed: int = 1337  # seeds python, numpy and torch (per rank: seed + rank after model init)
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto = cuda, else mps (Apple), else cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = (
-        "auto"  # autocast dtype; auto = bf16 on GPUs that have it, else fp16 on CUDA, fp32 on CPU
+        "auto"  # autocast dtype; auto = bf16 on GPUs that have it, else fp16 on CUDA, fp32 on CPU and mps
     )
     compile: bool = False  # torch.compile the model
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look the GPU up (no MFU on CPU)
@@ -86,11 +90,14 @@ def setup_runtime(cfg: RunConfig) -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
 
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            "run.device: cuda requested but no CUDA device is available (use run.device=cpu)"
-        )
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    kind = auto_device() if cfg.device == "auto" else cfg.device
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError("run.device: cuda requested but no CUDA device is available (use run.device=cpu)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError("run.device: mps requested but this torch / Mac has no MPS (use run.device=cpu)")
+    if kind == "mps" and world_size > 1:
+        raise UserError("run.device: mps trains in one process (one Apple GPU, no NCCL); run without torchrun")
+    use_cuda = kind == "cuda"
     if use_cuda:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -98,7 +105,7 @@ def setup_runtime(cfg: RunConfig) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     else:
-        device = torch.device("cpu")
+        device = torch.device(kind)
 
     if world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(
@@ -119,16 +126,27 @@ def setup_runtime(cfg: RunConfig) -> Runtime:
     )
 
 
+def auto_device() -> str:
+    """The device type "auto" means: cuda, else mps (Apple silicon), else cpu."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
 def resolve_device(device: str) -> torch.device:
-    """ "auto" -> cuda when available, else cpu; anything else as torch reads it."""
+    """ "auto" -> `auto_device()`; anything else as torch reads it."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(auto_device())
     try:
         dev = torch.device(device)
     except RuntimeError as e:
         raise UserError(f"device: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device: {device!r} requested but CUDA is not available")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device: {device!r} requested but MPS is not available")
     return dev
 
 
@@ -139,11 +157,27 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return torch.float32  # CPU, and mps (see the module docstring)
     dtype = DTYPES[name]
     if dtype == torch.float16 and device.type == "cpu":
         raise UserError("run.dtype: float16 autocast needs a GPU; use bfloat16 or float32 on CPU")
+    if device.type == "mps" and dtype != torch.float32:
+        problem = mps_autocast_problem(dtype)
+        if problem:
+            raise UserError(f"run.dtype: {name} on mps {problem}; use run.dtype=float32")
     return dtype
+
+
+def mps_autocast_problem(dtype: torch.dtype) -> str:
+    """Why this torch cannot train in `dtype` autocast on mps; "" when it can. Autocast on mps came
+    in torch 2.5 (float16) and 2.6 (bfloat16, which Metal has from macOS 14); float16 also needs
+    loss scaling, whose GradScaler runs on mps from torch 2.8."""
+    need = (2, 8) if dtype == torch.float16 else (2, 6)
+    if torch.__version__ < need:
+        return f"needs torch >= {need[0]}.{need[1]} (this is {torch.__version__})"
+    if dtype == torch.bfloat16 and not torch.backends.mps.is_macos_or_newer(14, 0):
+        return "needs macOS 14 or newer"
+    return ""
 
 
 def lookup_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
@@ -187,6 +221,8 @@ def rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()  # dropout on mps draws from its own generator
     return state
 
 
@@ -205,6 +241,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
 
 
 _warned: set[str] = set()
@@ -245,10 +283,12 @@ __all__ = [
     "PEAK_FLOPS",
     "RunConfig",
     "Runtime",
+    "auto_device",
     "cleanup",
     "compile_model",
     "eval_mode",
     "lookup_peak_flops",
+    "mps_autocast_problem",
     "resolve_device",
     "resolve_dtype",
     "rng_state",

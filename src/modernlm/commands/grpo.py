@@ -82,6 +82,12 @@ def check(cfg: Config) -> None:
                         f"x grpo.group_size = {n} sequences")  # fmt: skip
     if cfg.eval_batch_size <= 0:
         raise UserError(f"eval_batch_size: must be positive, got {cfg.eval_batch_size}")
+    import os
+
+    if cfg.train.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every rank samples its own rollouts, a different number of decode steps each: a sharded
+        # model's forward would wait for ranks that already stopped
+        raise UserError("train.parallel=fsdp: grpo samples on every rank; use train.parallel=ddp under torchrun")
 
 
 def load_problems(src: ProblemSource, encoder: Any, max_prompt: int) -> list[dict[str, Any]]:

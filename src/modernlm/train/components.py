@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from modernlm.errors import UserError
 from modernlm.runtime import Runtime, eval_mode
+from modernlm.train.memory import peak_memory_bytes, reset_peak_memory
 from modernlm.train.tracking import MetricsWriter, format_line
 
 SaveModelFn = Callable[[nn.Module, Path, Any], None]  # (model, directory, tokenizer): write the model files
@@ -59,6 +60,8 @@ class TrainLog:
     padding excluded, all ranks) per second; `examples_per_s` where the stage counts examples
     (the trainer's batch_counts);
     `mfu` = flops_per_token * tok_per_s / (the peak FLOP/s of all devices), when both are known.
+    `peak_mem_mib`: this rank's peak memory in MiB (train/memory.py): on CUDA the tensors allocated
+    since the previous training line, elsewhere the process's peak resident set size so far.
     """
 
     def __init__(
@@ -86,6 +89,8 @@ class TrainLog:
         self.last_record: dict[str, Any] = {}  # the newest training line
         self._tokens, self._examples, self._seconds = 0, 0, 0.0  # since the previous training line
         self._count_examples = False
+        self.peak_mem_bytes = 0  # the highest peak_mem_mib so far, in bytes
+        reset_peak_memory(runtime.device)  # the first line's peak: training's, not the model loading's
 
     def should_log(self, step: int, last: bool) -> bool:
         return step == 1 or every(step, self.log_every) or last
@@ -110,10 +115,22 @@ class TrainLog:
             out["mfu"] = self.flops_per_token * out["tok_per_s"] / (rt.peak_flops * rt.world_size)
         return out
 
+    def peak_memory(self) -> dict[str, float]:
+        """peak_mem_mib of the interval ({} where unknown); starts the next one. Host counters only:
+        no device sync."""
+        peak = peak_memory_bytes(self.runtime.device)
+        reset_peak_memory(self.runtime.device)
+        self.peak_mem_bytes = max(self.peak_mem_bytes, peak)
+        return {"peak_mem_mib": round(peak / 2**20, 1)} if peak else {}
+
+    def run_peak_memory_bytes(self) -> int:
+        """The peak of the whole run so far: the logged intervals' and the current one's."""
+        return max(self.peak_mem_bytes, peak_memory_bytes(self.runtime.device))
+
     def log_step(self, step: int, values: dict[str, Any]) -> dict[str, Any]:
-        """A training line: `values` and the interval's throughput; starts the next interval."""
+        """A training line: `values`, the interval's throughput and peak memory; starts the next interval."""
         speed = self.throughput()
-        record = self.log(step, **values, **speed)
+        record = self.log(step, **values, **speed, **self.peak_memory())
         self.last_record = record
         loss = record["loss"]
         postfix = {"loss": f"{loss:.3f}" if isinstance(loss, float) else loss, "lr": f"{record['lr']:.2e}"}
@@ -225,16 +242,28 @@ class Validator:
 def load_model_weights(model: nn.Module, path: Path) -> None:
     """The default load_model_fn, for modernlm models: the checkpoint's weights, refused when its
     model config differs from the model's."""
-    from modernlm.checkpoint import config_differences, load_model_config, load_weights_into
+    from modernlm.checkpoint import load_weights_into
 
-    diffs = config_differences(load_model_config(path), model.config)
+    check_model_config(model, path)
+    load_weights_into(model, path)
+
+
+def check_model_config(model: nn.Module, path: Path) -> None:
+    """Refuse a checkpoint whose config.json differs from a modernlm model's config (before its
+    weights or distributed shards load); other models: no check."""
+    from modernlm.checkpoint import config_differences, load_model_config
+    from modernlm.model import ModelConfig
+
+    config = getattr(model, "config", None)
+    if not isinstance(config, ModelConfig):
+        return
+    diffs = config_differences(load_model_config(path), config)
     if diffs:
         raise UserError(
             f"cannot resume from {path}: its model config differs from this run's "
             f"({'; '.join(diffs)}); use the same model settings, or start a new run "
             "(another run.name, or train.resume=never)"
         )
-    load_weights_into(model, path)
 
 
 class Checkpointer:
@@ -247,6 +276,8 @@ class Checkpointer:
     lowest validation loss (with `save_best`). `resume_path`: `resume_from` (a checkpoint or a run
     directory), else with resume="auto" the run directory's newest checkpoint, else None; `load`
     reads one back (model files through `load_model_fn`) and returns its training state.
+    With `fsdp` (train.parallel=fsdp) a checkpoint also holds `distributed/`: model + optimizer as
+    torch.distributed.checkpoint shards, written by every rank and read back on any number of ranks.
     """
 
     def __init__(
@@ -262,8 +293,11 @@ class Checkpointer:
         save_best: bool = True,
         resume: str = "auto",
         resume_from: str = "",
+        fsdp: bool = False,
     ):
         self.run_dir, self.runtime, self.tokenizer = Path(run_dir), runtime, tokenizer
+        # train.parallel=fsdp: model + optimizer as sharded distributed checkpoints (see `save`)
+        self.fsdp = fsdp
         self.save_model_fn, self.load_model_fn = save_model_fn, load_model_fn
         self.save_every, self.keep_last, self.save_best = save_every, keep_last, save_best
         self.resume, self.resume_from = resume, resume_from
@@ -279,10 +313,16 @@ class Checkpointer:
 
         return self.run_dir / CHECKPOINTS_DIR / f"step_{step:07d}"
 
-    def save(self, step: int, model: nn.Module, state: dict[str, Any]) -> Path | None:
-        """Write step's checkpoint (rank 0; every rank waits for it). Returns its directory on rank 0."""
+    def save(
+        self, step: int, model: nn.Module, state: dict[str, Any], optimizer: torch.optim.Optimizer | None = None
+    ) -> Path | None:
+        """Write step's checkpoint (rank 0; every rank waits for it). Returns its directory on rank 0.
+        Under FSDP, `optimizer` is saved with the model's shards (`_save_sharded`)."""
         from modernlm.checkpoint import save_training_checkpoint
 
+        if self.fsdp:
+            assert optimizer is not None
+            return self._save_sharded(step, model, state, optimizer)
         path = None
         if self.runtime.is_main:
             path = save_training_checkpoint(
@@ -293,11 +333,55 @@ class Checkpointer:
         self.saved = (step, path)
         return path
 
+    def _save_sharded(
+        self, step: int, model: nn.Module, state: dict[str, Any], optimizer: torch.optim.Optimizer
+    ) -> Path | None:
+        """FSDP: every rank writes its shards of model + optimizer (torch.distributed.checkpoint) into
+        a temporary directory named by rank 0; the full weights are gathered to rank 0, which writes
+        them as the usual model files with train_state.pt, moves the shards in as `distributed/` and
+        puts the whole directory in place atomically, like every other checkpoint. A kill at any
+        point leaves temporaries that `clean_leftovers` removes (they carry rank 0's pid)."""
+        import os
+
+        from modernlm.checkpoint import save_training_checkpoint
+        from modernlm.files import tmp_path
+        from modernlm.train.fsdp import DISTRIBUTED_DIR, full_weights, save_sharded
+
+        rt = self.runtime
+        final = self.step_dir(step)
+        shards = [tmp_path(final.with_name(f"{final.name}.shards"))]  # rank 0's pid on every rank
+        if rt.is_main and shards[0].exists():  # this process's own failed save: no stale shard may stay
+            import shutil
+
+            shutil.rmtree(shards[0])
+        if rt.distributed:  # (also: no rank writes before rank 0 cleared the directory)
+            torch.distributed.broadcast_object_list(shards, src=0)
+        save_sharded(model, optimizer, shards[0])
+        weights = full_weights(model, rt)  # collective: the full weights land on rank 0
+        path = None
+        if rt.is_main:
+
+            def save_fn(m: Any, directory: Path, tokenizer: Any) -> None:
+                self.save_model_fn(m, directory, tokenizer)
+                os.replace(shards[0], directory / DISTRIBUTED_DIR)
+
+            path = save_training_checkpoint(
+                self.run_dir, step, weights, state, self.tokenizer, self.keep_last, save_fn=save_fn
+            )
+        if rt.distributed:
+            torch.distributed.barrier()
+        self.saved = (step, path)
+        return path
+
     def update_best(self, step: int, model: nn.Module, val_loss: float) -> bool:
         """Record a validation loss; a new lowest one replaces checkpoints/best/ (rank 0, save_best)."""
         if not val_loss < self.best_val_loss:
             return False
         self.best_val_loss = val_loss
+        if self.save_best and self.fsdp:
+            from modernlm.train.fsdp import full_weights
+
+            model = full_weights(model, self.runtime)  # collective: every rank gathers, rank 0 writes
         if self.save_best and self.runtime.is_main:
             from modernlm.checkpoint import save_best_checkpoint
 
@@ -326,11 +410,26 @@ class Checkpointer:
             return path
         return latest_checkpoint(self.run_dir) if self.resume == "auto" else None
 
-    def load(self, model: nn.Module, path: Path) -> dict[str, Any]:
-        """Load the checkpoint's model files into `model`; returns its training state."""
+    def load(self, model: nn.Module, path: Path, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+        """Load the checkpoint's model files into `model`; returns its training state. A checkpoint
+        with distributed shards (saved under FSDP) loads model + `optimizer` from them, resharded to
+        this run's ranks; its state's "optimizer" is then None."""
         from modernlm.checkpoint import load_training_state
+        from modernlm.train.fsdp import DISTRIBUTED_DIR
 
-        self.load_model_fn(model, path)
+        shards = path / DISTRIBUTED_DIR
+        if shards.is_dir() and optimizer is not None:
+            from modernlm.train.fsdp import load_sharded
+
+            check_model_config(model, path)
+            load_sharded(model, optimizer, shards)
+        elif self.fsdp:
+            raise UserError(
+                f"train.parallel=fsdp: cannot resume from {path}: it has no {DISTRIBUTED_DIR}/ shards "
+                "(saved with train.parallel=ddp); resume it with train.parallel=ddp"
+            )
+        else:
+            self.load_model_fn(model, path)
         state = load_training_state(path)
         self.saved = (int(state["step"]), path)
         return state
@@ -474,6 +573,7 @@ __all__ = [
     "TimeBudget",
     "TrainLog",
     "Validator",
+    "check_model_config",
     "every",
     "load_model_weights",
     "to_device",

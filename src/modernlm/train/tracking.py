@@ -110,8 +110,9 @@ def _step_of(line: str) -> int | None:
 
 def format_line(step: int, num_steps: int, record: dict[str, Any]) -> str:
     """The one human log line, fixed format so it greps well:
-    `step 120/1000 | loss 3.2140 | lr 3.00e-04 | gnorm 0.91 | 41200 tok/s | mfu 38.1%`
-    (tok/s: input tokens; SFT, DPO, GRPO, the verifier and finetuning add examples per second, `8.0 ex/s`)."""
+    `step 120/1000 | loss 3.2140 | lr 3.00e-04 | gnorm 0.91 | 41200 tok/s | mfu 38.1% | peak 9120 MiB`
+    (tok/s: input tokens; SFT, DPO, GRPO, the verifier and finetuning add examples per second, `8.0 ex/s`;
+    peak: peak_mem_mib, see TrainLog)."""
 
     def num(key: str, fmt: str) -> str:
         v = record[key]
@@ -139,6 +140,8 @@ def format_line(step: int, num_steps: int, record: dict[str, Any]) -> str:
         parts.append(f"{num('examples_per_s', '.1f')} ex/s")
     if "mfu" in record:
         parts.append(f"mfu {100 * record['mfu']:.1f}%")
+    if "peak_mem_mib" in record:
+        parts.append(f"peak {num('peak_mem_mib', '.0f')} MiB")
     if record.get("skipped_steps"):
         parts.append(f"skipped {record['skipped_steps']}")
     return " | ".join(parts)

@@ -1,8 +1,8 @@
 """The one training loop, reused by every stage (pretrain, SFT, DPO, verifier, LoRA finetuning).
 
 A stage supplies a model, batches and a `loss_fn`; the `Trainer` does the rest: gradient
-accumulation, AMP, the LR schedule, clipping, the non-finite guard, DDP, validation, samples,
-metrics, checkpoints and exact resume. Split like torchtitan's Trainer:
+accumulation, AMP, the LR schedule, clipping, the non-finite guard, activation checkpointing, DDP
+or FSDP, validation, samples, metrics, checkpoints and exact resume. Split like torchtitan's Trainer:
 `train` (the loop: it asks its components whether to log, evaluate, save, stop) -> `train_step`
 (one optimizer step over an accumulation window) -> `forward_backward_step` (one micro-batch).
 The components (train/components.py) decide when they run: `TrainLog.should_log`,
@@ -62,6 +62,7 @@ from modernlm.train.components import (
     load_model_weights,
     to_device,
 )
+from modernlm.train.memory import AC_MODES, ACMode, apply_activation_checkpointing
 from modernlm.train.optim import OptimConfig, build_optimizer, lr_at, set_lr
 from modernlm.train.tracking import read_metrics
 
@@ -88,6 +89,10 @@ class TrainingConfig:
     # whichever of num_steps / max_seconds ends first, reaching its floor on the last step.
     batch_size: int = 8  # sequences per micro-batch, per rank
     grad_accum_steps: int = 1  # micro-batches per optimizer step
+    # Recompute the transformer blocks' activations in the backward instead of keeping them:
+    # none | full (every block) | selective (every other block). Less memory, more compute;
+    # checkpoints are the same either way. See train/memory.py.
+    activation_checkpointing: ACMode = "none"
     log_every: int = 10  # steps between metrics.jsonl lines (step 1 is always logged)
     eval_every: int = 250  # steps between validation runs; 0 = only at the end
     eval_at_start: bool = True  # score the untrained model first (a baseline for the curves)
@@ -103,6 +108,11 @@ class TrainingConfig:
     resume: Literal["auto", "never"] = "auto"  # auto = continue from the run dir's latest checkpoint
     resume_from: str = ""  # a checkpoint dir (or a run dir) to resume from; overrides `resume`
     progress: bool = True  # tqdm progress bar on rank 0
+    # ddp: every rank holds the whole model; fsdp: FSDP2 shards weights, gradients and optimizer
+    # state over the ranks (torch >= 2.6; checkpoints as sharded distributed checkpoints, which
+    # resume on any number of ranks, plus the usual model.safetensors). See train/fsdp.py.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    fsdp_cpu_offload: bool = False  # fsdp: keep the shards and the optimizer step on the CPU
 
     def __post_init__(self) -> None:
         for name in (
@@ -120,6 +130,11 @@ class TrainingConfig:
         for name in ("eval_every", "eval_batches", "save_every", "sample_every", "sample_tokens", "max_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.activation_checkpointing not in AC_MODES:
+            raise UserError(
+                f"train.activation_checkpointing: expected one of {', '.join(AC_MODES)}, "
+                f"got {self.activation_checkpointing!r}"
+            )
 
 
 class Trainer:
@@ -175,6 +190,9 @@ class Trainer:
         self.cfg, self.optim_cfg, self.runtime = cfg, optim_cfg, runtime
         self.run_dir = Path(run_dir)
         self.model = model.to(runtime.device)
+        # Before compile and DDP / FSDP wrap the model (torchtitan's order): they see the blocks
+        # that recompute, so compile traces the recompute and data parallel wraps the whole.
+        apply_activation_checkpointing(self.model, cfg.activation_checkpointing)
         self.loss_fn = loss_fn
         self.train_batches = train_batches
         self.flops_per_token, self.sample_fn, self.batch_counts = flops_per_token, sample_fn, batch_counts
@@ -184,10 +202,24 @@ class Trainer:
             eval_loss_fn or loss_fn, val_batches, runtime, final_batches=final_val_batches,
             every=cfg.eval_every, at_start=cfg.eval_at_start, perplexity=eval_perplexity,
         )  # fmt: skip
+        self.fsdp = cfg.parallel == "fsdp"
+        if self.fsdp:
+            from modernlm.train.fsdp import check_fsdp
+
+            check_fsdp(runtime, optim_cfg.name)
+            if save_model_fn is not None and runtime.distributed:
+                # a stage's own saver (verifier head, LoRA adapter) would see sharded weights
+                raise UserError("train.parallel=fsdp: this stage saves its model its own way; use train.parallel=ddp")
+            if sample_fn is not None and runtime.distributed:
+                # generation on rank 0 alone would wait forever for the other ranks' shards
+                if cfg.sample_every:
+                    warn_once("train.sample_every: no samples under train.parallel=fsdp on several ranks")
+                self.sample_fn = None
         self.checkpointer = Checkpointer(
             self.run_dir, runtime, save_model_fn=save_model_fn or save_model,
             load_model_fn=load_model_fn or load_model_weights, tokenizer=tokenizer, save_every=cfg.save_every,
             keep_last=cfg.keep_last, save_best=cfg.save_best, resume=cfg.resume, resume_from=cfg.resume_from,
+            fsdp=self.fsdp,
         )  # fmt: skip
         self.signals = StopSignals(runtime)
 
@@ -198,9 +230,11 @@ class Trainer:
 
         # What the loss_fn calls: compiled, then DDP-wrapped (nanoGPT's order). Saving, eval and
         # sampling use the bare model.
-        self.eval_model = compile_model(self.model) if runtime.compile else self.model
+        self.eval_model = compile_model(self.model) if runtime.compile and not self.fsdp else self.model
         self.train_model = self.eval_model
-        if runtime.distributed:
+        if self.fsdp:
+            self._shard()
+        elif runtime.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
@@ -225,6 +259,17 @@ class Trainer:
         self.stopped_by = ""  # "steps" or "time", once train() returns; "SIGINT" / "SIGTERM" if interrupted
         self.log: TrainLog | None = None  # while train() runs
         self._budget: TimeBudget | None = None  # while train() runs
+
+    def _shard(self) -> None:
+        """train.parallel=fsdp: compile (run.compile) and shard each block, then the root; after
+        activation checkpointing, which must wrap the blocks first."""
+        from modernlm.train.fsdp import shard_model
+
+        shard_model(self.model, self.runtime, cpu_offload=self.cfg.fsdp_cpu_offload)
+        # Sharding replaced the parameters by sharded ones: the optimizer (built after sharding,
+        # so its state is sharded too) and the clipping list must hold those.
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, self.optim_cfg)
 
     @property
     def best_val_loss(self) -> float:
@@ -365,7 +410,11 @@ class Trainer:
                 if n_examples is not None:
                     counts[1] += n_examples
                     count_examples = True
-            if rt.distributed:
+            if self.fsdp:
+                from modernlm.train.fsdp import set_grad_sync
+
+                set_grad_sync(self.model, i == n_micro - 1)  # reduce-scatter on the last micro-batch only
+            elif rt.distributed:
                 # Sync gradients only on the last micro-batch. nanoGPT toggles this flag rather
                 # than nesting `no_sync()` contexts: same effect, no context-manager plumbing.
                 self.train_model.require_backward_grad_sync = i == n_micro - 1
@@ -394,12 +443,23 @@ class Trainer:
         # rescale to grad(sum of losses) / N, N = target tokens of the window on all ranks.
         correction = ref * rt.world_size / tokens_float.clamp_min(1)
         grads = [p.grad for p in self.params if p.grad is not None]
+        if grads and self.fsdp:
+            from modernlm.train.fsdp import local
+
+            # FSDP's gradients are DTensors: scale each rank's shard (and on the shards' device,
+            # the CPU with fsdp_cpu_offload)
+            grads = [local(g) for g in grads]
+            correction = correction.to(grads[0].device)
         if grads:
             torch._foreach_mul_(grads, correction)
         max_norm = self.optim_cfg.grad_clip or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.params, max_norm, foreach=True if grads and grads[0].is_cuda else None
         )
+        if self.fsdp:
+            from modernlm.train.fsdp import full
+
+            grad_norm = full(grad_norm).to(tokens_float.device)  # the whole norm, on every rank
         loss = loss_total / tokens_float.clamp_min(1)
         # The one host sync per step: needed to decide whether to step at all.
         ok = bool(torch.isfinite(grad_norm) & torch.isfinite(loss))
@@ -520,7 +580,8 @@ class Trainer:
             torch.distributed.all_gather_object(rngs, rng_state())
         return {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            # under FSDP the optimizer is saved sharded, with the model (Checkpointer)
+            "optimizer": None if self.fsdp else self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "rng": rngs,
             "data": self.train_batches.state_dict(),
@@ -541,7 +602,7 @@ class Trainer:
         """Save this step (collective under DDP: every rank takes part); rank 0 gets the directory."""
         if self._budget is not None:
             self.elapsed_s = self._budget.elapsed()
-        return self.checkpointer.save(self.step, self.model, self.state_dict())
+        return self.checkpointer.save(self.step, self.model, self.state_dict(), optimizer=self.optimizer)
 
     def maybe_resume(self) -> int:
         """Resume from train.resume_from, or (train.resume=auto) from the run dir's latest
@@ -557,9 +618,10 @@ class Trainer:
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, optimizer, scaler, counters, RNG and data position from `path`."""
         path = Path(path)
-        state = self.checkpointer.load(self.model, path)
+        state = self.checkpointer.load(self.model, path, optimizer=self.optimizer)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if state["optimizer"] is not None:  # None: loaded with the model's distributed shards
+                self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
             raise UserError(f"cannot resume from {path}: optimizer state does not match the model ({e})") from None
         if self.scaler.is_enabled() and state.get("scaler"):
@@ -613,7 +675,10 @@ class Trainer:
             "world_size": self.runtime.world_size,
         }
         if self.runtime.device.type == "cuda":
-            summary["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(self.runtime.device) / 2**30, 3)
+            # the whole run's: TrainLog restarts the allocator's peak at every training line
+            log, device = self.log, self.runtime.device
+            peak = log.run_peak_memory_bytes() if log is not None else torch.cuda.max_memory_allocated(device)
+            summary["peak_memory_gb"] = round(peak / 2**30, 3)
         return summary
 
 

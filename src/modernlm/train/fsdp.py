@@ -1,0 +1,200 @@
+"""FSDP2 (`train.parallel=fsdp`): parameters, gradients and optimizer state sharded over the ranks.
+
+`shard_model` applies `torch.distributed.fsdp.fully_shard` to each transformer block and then to
+the root (embedding, sink, final norm, LM head), as torchtitan does: a block's weights are
+gathered just for its forward / backward and freed after, so peak memory holds one block whole.
+On GPU a `MixedPrecisionPolicy` computes in bf16 and reduce-scatters gradients in fp32 (the
+sharded master weights and optimizer state stay fp32); `train.fsdp_cpu_offload` keeps the shards,
+their gradients and the optimizer step on the CPU. With run.compile each block is compiled on its
+own before sharding (a whole-model graph would have to trace through FSDP's hooks).
+
+One process (no process group) runs the model unsharded: there is nothing to shard over, and the
+run still writes the distributed checkpoint format, so its checkpoints resume on any number of ranks.
+
+Checkpoints (see `Checkpointer`): model + optimizer go through `torch.distributed.checkpoint`
+(each rank writes its own shards into `distributed/`, nothing is gathered to one rank); the full
+weights are also gathered once, on rank 0, for the usual model.safetensors + config.json that
+eval / generate / convert / serve read. DCP reshards on load, so a run resumes on another number
+of ranks (2 -> 1, 1 -> 2).
+
+Needs torch >= 2.6 (where `fully_shard` became public); imported only when train.parallel=fsdp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from modernlm.errors import UserError
+from modernlm.runtime import Runtime, warn_once
+
+DISTRIBUTED_DIR = "distributed"  # a checkpoint's DCP shards (model + optimizer), one file per rank
+
+
+def fsdp_api() -> Any:
+    """torch.distributed.fsdp, where it has FSDP2's `fully_shard` (torch >= 2.6)."""
+    try:
+        from torch.distributed import fsdp
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        raise UserError(
+            f"train.parallel=fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this is torch "
+            f"{torch.__version__}: upgrade torch or use train.parallel=ddp"
+        ) from None
+    return fsdp
+
+
+def check_fsdp(runtime: Runtime, optim_name: str) -> None:
+    """One-line UserErrors for what FSDP here does not support."""
+    fsdp_api()
+    if runtime.dtype == torch.float16:
+        # fp16 needs a loss scaler that understands sharded gradients; bf16 needs none.
+        raise UserError("train.parallel=fsdp: run.dtype=float16 is not supported; use run.dtype=bfloat16")
+    if optim_name == "muon":
+        # Muon orthogonalises whole matrices; a rank holds only a slice of each.
+        raise UserError("train.parallel=fsdp: optim.name=muon needs whole matrices; use optim.name=adamw")
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The units sharded (and compiled) one by one: the transformer blocks (`model.layers`)."""
+    layers = getattr(model, "layers", None)
+    return list(layers) if isinstance(layers, nn.ModuleList) else []
+
+
+def shard_model(model: nn.Module, runtime: Runtime, *, cpu_offload: bool = False) -> nn.Module:
+    """Compile (run.compile) and fully_shard each block, then the root; in place, returns the model.
+    Activation checkpointing, if any, must already be applied. One process: compile only."""
+    fsdp = fsdp_api()
+    if runtime.compile:
+        import torch._dynamo
+
+        # as runtime.compile_model: MoE routing's data-dependent shapes stay in the graph
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+        for block in blocks(model):
+            block.compile()  # in place: the block keeps its name in the state dict
+    if cpu_offload and (not runtime.distributed or runtime.device.type == "cpu"):
+        where = "in one process (nothing is sharded)" if not runtime.distributed else "on the CPU (it is there already)"
+        warn_once(f"train.fsdp_cpu_offload: ignored {where}")
+        cpu_offload = False
+    if not runtime.distributed:
+        return model
+    mp = fsdp.MixedPrecisionPolicy()
+    if runtime.device.type == "cuda" and runtime.dtype == torch.bfloat16:
+        # bf16 compute and all-gathers, fp32 gradient reduction (the sum of many bf16 gradients
+        # would lose the small ones); the sharded weights and optimizer state stay fp32.
+        mp = fsdp.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    offload = fsdp.CPUOffloadPolicy() if cpu_offload else fsdp.OffloadPolicy()
+    for block in blocks(model):
+        fsdp.fully_shard(block, mp_policy=mp, offload_policy=offload)
+    fsdp.fully_shard(model, mp_policy=mp, offload_policy=offload)
+    return model
+
+
+def set_grad_sync(model: nn.Module, sync: bool) -> None:
+    """Reduce-scatter gradients on this backward (the last micro-batch), or accumulate them locally."""
+    if hasattr(model, "set_requires_gradient_sync"):  # an FSDPModule (not in one process)
+        model.set_requires_gradient_sync(sync)
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (in-place ops on it change the DTensor); a tensor as is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full(t: Tensor) -> Tensor:
+    """A DTensor's whole value on every rank (e.g. the gradient norm); a tensor as is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet():
+    """DCP warns that it assumes one process when there is no process group: that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        yield
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Write model + optimizer state to `path` with torch.distributed.checkpoint: collective, each
+    rank writes its own shards, rank 0 the metadata last (a directory without .metadata is unread)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    path.mkdir(parents=True, exist_ok=True)
+    with _quiet():
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path))
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Load model + optimizer state from a `save_sharded` directory, resharded to this run's ranks
+    (sharded or plain model, any number of ranks)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not (path / ".metadata").is_file():
+        raise UserError(f"checkpoint {path}: missing .metadata (not a complete distributed checkpoint)")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    try:
+        with _quiet():
+            dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:  # a foreign or damaged checkpoint (other model shapes, missing files)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"cannot resume from {path.parent}: its distributed state does not fit this run ({first})"
+        ) from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+class FullWeights:
+    """What save_model_fn receives under FSDP: the model, whose `state_dict()` is the full weights
+    gathered to rank 0 on the CPU (every other attribute, e.g. `config`, is the model's)."""
+
+    def __init__(self, model: nn.Module, state: dict[str, Tensor]):
+        self._model, self._state = model, state
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self._state
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def full_weights(model: nn.Module, runtime: Runtime) -> Any:
+    """The model with its full weights for save_model_fn: gathered (collective; rank 0 gets them,
+    on the CPU) when sharded, the model itself in one process."""
+    if not runtime.distributed:
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return FullWeights(model, state)
+
+
+__all__ = [
+    "DISTRIBUTED_DIR",
+    "FullWeights",
+    "blocks",
+    "check_fsdp",
+    "fsdp_api",
+    "full",
+    "full_weights",
+    "load_sharded",
+    "local",
+    "save_sharded",
+    "set_grad_sync",
+    "shard_model",
+]
