@@ -38,3 +38,119 @@ def test_bf16_autocast_and_compile_match_eager():
     torch.testing.assert_close(compiled, eager, rtol=0.02, atol=0.02)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ---- issue 19: FSDP, activation checkpointing and peak memory on the GPU --------------------------
+
+
+@pytest.fixture(scope="module")
+def one_rank_group(tmp_path_factory):
+    """A 1-rank NCCL process group: FSDP2 shards over it (train/fsdp.py shards under any group)."""
+    import torch.distributed as dist
+
+    path = tmp_path_factory.mktemp("pg") / "store"
+    dist.init_process_group("nccl", init_method=f"file://{path}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture
+def full_fp32_matmuls():
+    """fp32 matmuls without TF32 (the trainer's runtime turns TF32 on): exact comparisons."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def _train(model, forward, steps: int = 3) -> list[float]:
+    from modernlm.train.optim import OptimConfig, build_optimizer
+
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.1))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, 64, (4, 33), device="cuda", generator=gen)
+        logits = forward(idx[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fsdp_on_one_gpu_trains_as_the_unsharded_model(one_rank_group, dtype, full_fp32_matmuls):
+    from modernlm.runtime import Runtime
+    from modernlm.train.fsdp import shard_model
+
+    runtime = Runtime(device=torch.device("cuda", 0), dtype=dtype)
+    torch.manual_seed(0)
+    # fp32: MoE + sink too; bf16: dense (bf16 rounding could flip a router's near-tie on one side)
+    variant = dict(n_expert=4, moe_layers=[1], attn_sink=True) if dtype == torch.float32 else {}
+    plain = ModernDecoderLM(tiny_config(**variant)).cuda()
+    sharded = ModernDecoderLM(plain.config).cuda()
+    sharded.load_state_dict(plain.state_dict())
+    shard_model(sharded, runtime)
+    assert type(sharded).__name__.startswith("FSDP")  # really sharded, over the 1-rank group
+
+    def run(model):
+        def forward(idx):
+            with runtime.autocast():
+                return model(idx).logits
+
+        return _train(model, forward)
+
+    ref, got = run(plain), run(sharded)
+    # fp32: the same kernels on both sides; bf16: FSDP computes with bf16 weights (its mixed
+    # precision policy), autocast with fp32 weights cast per op, so the bf16 rounding differs
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=tol, atol=tol)
+
+
+def test_activation_checkpointing_lowers_gpu_peak_memory_with_the_same_gradients(full_fp32_matmuls):
+    from modernlm.train.memory import apply_activation_checkpointing
+
+    config = tiny_config(d_model=256, n_head=4, n_layer=6, max_seq_len=512)
+    idx = torch.randint(0, 64, (8, 512), device="cuda")
+    grads, peaks = {}, {}
+    for mode in ("none", "selective", "full"):
+        torch.manual_seed(0)
+        model = apply_activation_checkpointing(ModernDecoderLM(config).cuda(), mode)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        F.cross_entropy(model(idx).logits.flatten(0, 1), idx.flatten()).backward()
+        torch.cuda.synchronize()
+        peaks[mode] = torch.cuda.max_memory_allocated() - base
+        grads[mode] = [p.grad.clone() for p in model.parameters()]
+        del model
+    for mode in ("selective", "full"):
+        for g, ref in zip(grads[mode], grads["none"], strict=True):
+            torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6)  # the recompute's kernels: same values
+    assert peaks["full"] < 0.6 * peaks["none"] and peaks["full"] < peaks["selective"] < peaks["none"], peaks
+
+
+def test_trainer_logs_gpu_peak_memory_and_mfu(tmp_path):
+    import numpy as np
+
+    from modernlm.cli import run_command
+    from modernlm.data.corpus import write_shards
+    from modernlm.train.tracking import read_metrics
+
+    rng = np.random.default_rng(0)
+    splits = {"train": rng.integers(0, 64, 20_000), "val": rng.integers(0, 64, 2_000)}
+    shards = write_shards(tmp_path / "shards", splits, vocab_size=64)
+    code = run_command("pretrain", [
+        f"data.path={shards}", "data.seq_len=64", "model.vocab_size=64", "model.d_model=64", "model.n_layer=2",
+        "model.n_head=4", "model.max_seq_len=64", f"run.out_dir={tmp_path}", "run.device=cuda", "run.dtype=bfloat16",
+        "run.peak_flops=1e14", "train.num_steps=4", "train.log_every=2", "train.batch_size=4", "train.progress=false",
+        "train.activation_checkpointing=selective",
+    ])  # fmt: skip
+    assert code == 0
+    lines = [r for r in read_metrics(tmp_path / "pretrain") if "tok_per_s" in r]
+    assert [r["step"] for r in lines][-2:] == [2, 4]
+    for r in lines:
+        # max_memory_allocated of the interval: at least the fp32 weights + AdamW state, far below 1 GiB
+        assert 0.1 < r["peak_mem_mib"] < 1024 and 0 < r["mfu"] < 1, r

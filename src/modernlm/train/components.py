@@ -357,7 +357,7 @@ class Checkpointer:
         if rt.distributed:  # (also: no rank writes before rank 0 cleared the directory)
             torch.distributed.broadcast_object_list(shards, src=0)
         save_sharded(model, optimizer, shards[0])
-        weights = full_weights(model, rt)  # collective: the full weights land on rank 0
+        weights = full_weights(model)  # collective: the full weights land on rank 0
         path = None
         if rt.is_main:
 
@@ -381,7 +381,7 @@ class Checkpointer:
         if self.save_best and self.fsdp:
             from modernlm.train.fsdp import full_weights
 
-            model = full_weights(model, self.runtime)  # collective: every rank gathers, rank 0 writes
+            model = full_weights(model)  # collective: every rank gathers, rank 0 writes
         if self.save_best and self.runtime.is_main:
             from modernlm.checkpoint import save_best_checkpoint
 

@@ -8,8 +8,10 @@ sharded master weights and optimizer state stay fp32); `train.fsdp_cpu_offload` 
 their gradients and the optimizer step on the CPU. With run.compile each block is compiled on its
 own before sharding (a whole-model graph would have to trace through FSDP's hooks).
 
-One process (no process group) runs the model unsharded: there is nothing to shard over, and the
-run still writes the distributed checkpoint format, so its checkpoints resume on any number of ranks.
+One process without a process group (the Trainer joins one only for several ranks) runs the model
+unsharded: there is nothing to shard over, and the run still writes the distributed checkpoint
+format, so its checkpoints resume on any number of ranks. Under a process group the model is
+sharded whatever its size, one rank included (benchmarks/bench_gpu.py: FSDP on one GPU vs DDP).
 
 Checkpoints (see `Checkpointer`): model + optimizer go through `torch.distributed.checkpoint`
 (each rank writes its own shards into `distributed/`, nothing is gathered to one rank); the full
@@ -66,9 +68,14 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return list(layers) if isinstance(layers, nn.ModuleList) else []
 
 
+def sharding() -> bool:
+    """Whether there is a process group to shard over (torchrun with several ranks, or a caller's)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def shard_model(model: nn.Module, runtime: Runtime, *, cpu_offload: bool = False) -> nn.Module:
     """Compile (run.compile) and fully_shard each block, then the root; in place, returns the model.
-    Activation checkpointing, if any, must already be applied. One process: compile only."""
+    Activation checkpointing, if any, must already be applied. No process group: compile only."""
     fsdp = fsdp_api()
     if runtime.compile:
         import torch._dynamo
@@ -77,11 +84,11 @@ def shard_model(model: nn.Module, runtime: Runtime, *, cpu_offload: bool = False
         torch._dynamo.config.capture_dynamic_output_shape_ops = True
         for block in blocks(model):
             block.compile()  # in place: the block keeps its name in the state dict
-    if cpu_offload and (not runtime.distributed or runtime.device.type == "cpu"):
-        where = "in one process (nothing is sharded)" if not runtime.distributed else "on the CPU (it is there already)"
+    if cpu_offload and (not sharding() or runtime.device.type == "cpu"):
+        where = "in one process (nothing is sharded)" if not sharding() else "on the CPU (it is there already)"
         warn_once(f"train.fsdp_cpu_offload: ignored {where}")
         cpu_offload = False
-    if not runtime.distributed:
+    if not sharding():
         return model
     mp = fsdp.MixedPrecisionPolicy()
     if runtime.device.type == "cuda" and runtime.dtype == torch.bfloat16:
@@ -173,10 +180,10 @@ class FullWeights:
         return getattr(self._model, name)
 
 
-def full_weights(model: nn.Module, runtime: Runtime) -> Any:
+def full_weights(model: nn.Module) -> Any:
     """The model with its full weights for save_model_fn: gathered (collective; rank 0 gets them,
     on the CPU) when sharded, the model itself in one process."""
-    if not runtime.distributed:
+    if not sharding():
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -197,4 +204,5 @@ __all__ = [
     "save_sharded",
     "set_grad_sync",
     "shard_model",
+    "sharding",
 ]
