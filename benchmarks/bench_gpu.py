@@ -65,7 +65,8 @@ def trainer_row(label: str, extra: list[str], shards: Path, work: Path, s: dict,
     log_every = max(steps // 4, 1)
     cmd = [
         sys.executable, "-m", "modernlm", "pretrain", "-c", "seed-253m", f"data.path={shards}",
-        f"data.seq_len={s['seq']}", f"run.out_dir={out}", "run.name=bench", f"run.device={s['device']}", f"run.dtype={s['dtype']}",
+        f"data.seq_len={s['seq']}", f"run.out_dir={out}", "run.name=bench", f"run.device={s['device']}",
+        f"run.dtype={s['dtype']}",
         "run.tensorboard=false", "run.compile=false", f"train.num_steps={steps}", f"train.batch_size={s['batch']}",
         f"train.log_every={log_every}", "train.eval_every=0", "train.save_every=0", "train.sample_every=0",
         "train.eval_batches=1", "train.progress=false", "train.keep_last=1", *s["model"],
@@ -277,7 +278,8 @@ def table(info: dict, rows: list[dict]) -> str:
     compiled = next((r for r in rows if r["row"].endswith("compiled") and r.get("mfu")), None)
     if compiled and any(name in info["device"] for name in ("H100", "H200")):
         verdict = "met" if compiled["mfu"] >= 0.45 else "NOT met"
-        lines.append(f"\nMFU target (compiled, seq {info['seq']}, H100/H200): >= 45%: {verdict} ({compiled['mfu']:.1%})")
+        target = f"MFU target (compiled, seq {info['seq']}, H100/H200): >= 45%"
+        lines.append(f"\n{target}: {verdict} ({compiled['mfu']:.1%})")
     return "\n".join(lines)
 
 

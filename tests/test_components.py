@@ -15,7 +15,7 @@ from modernlm.errors import UserError
 from modernlm.model import ModernDecoderLM
 from modernlm.runtime import Runtime
 from modernlm.train.components import Checkpointer, StopSignals, TimeBudget, TrainLog, Validator
-from modernlm.train.losses import lm_batch_counts
+from modernlm.train.losses import lm_batch_counts, lm_loss
 from modernlm.train.optim import OptimConfig
 from modernlm.train.tracking import format_line, read_metrics
 from modernlm.train.trainer import Trainer, TrainingConfig
@@ -47,6 +47,15 @@ def test_should_eval_every_n_the_last_and_at_start():
     assert not any(none.should_eval(s, last=True) for s in range(1, 4)) and not none.should_eval_first(0)
     assert Validator(sft_loss, ["a"], CPU, final_batches=["b"]).final_batches == ["b"]
     assert Validator(sft_loss, ["a"], CPU).final_batches == ["a"]
+
+
+def test_evaluate_calls_a_compiled_forward():
+    """run.compile hands evaluate a torch.compile'd module: its bool() is len(), a TypeError."""
+    model = ModernDecoderLM(tiny_config())
+    x = torch.randint(0, 64, (2, 8))
+    v = Validator(lm_loss, [(x, x)], CPU)
+    compiled = torch.compile(model, backend="eager")
+    assert v.evaluate(model, forward=compiled)["val_loss"] == pytest.approx(v.evaluate(model)["val_loss"])
 
 
 def test_should_save_every_n_and_the_last(tmp_path):

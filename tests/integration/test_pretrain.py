@@ -268,3 +268,28 @@ def test_shakespeare_speedrun_recipe_stops_on_its_time_budget(tmp_path):
     assert lrs[-1] == pytest.approx(floor, rel=0.05)  # the floor on the last step
     assert max(lrs) == pytest.approx(cfg.optim.lr, rel=0.05)
     assert summary["final_val_loss"] < 5.0  # learned something in 6 s (uniform over 260 ids: 5.56)
+
+
+@pytest.mark.slow
+def test_compiled_pretrain_in_one_process_evaluates_and_follows_the_eager_run(tmp_path, shards):
+    """run.compile=true in one process: the trainer hands the compiled module to validation (which
+    once crashed taking its truth value); losses and validation match the eager run."""
+    curves = {}
+    for compile in ("false", "true"):
+        out = tmp_path / compile
+        args = pretrain_args(shards, out, f"run.compile={compile}", "train.num_steps=6", "train.log_every=1",
+                             "train.eval_every=3", "train.eval_batches=2")  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "modernlm", "pretrain", *args], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        records = read_metrics(out / "pretrain")
+        logged = [r for r in records if "loss" in r or "val_loss" in r]
+        curves[compile] = [(r["step"], r.get("loss"), r.get("val_loss")) for r in logged]
+    eager, compiled = curves["false"], curves["true"]
+    assert [s for s, *_ in compiled] == [s for s, *_ in eager] and sum(v is not None for *_, v in eager) >= 2
+    for (_, loss_a, val_a), (_, loss_b, val_b) in zip(eager, compiled, strict=True):
+        # inductor's fused CPU kernels round differently from eager's: equal to 1e-4
+        assert (loss_a is None) == (loss_b is None) and (val_a is None) == (val_b is None)
+        if loss_a is not None:
+            assert loss_b == pytest.approx(loss_a, rel=1e-4, abs=1e-4)
+        if val_a is not None:
+            assert val_b == pytest.approx(val_a, rel=1e-4, abs=1e-4)

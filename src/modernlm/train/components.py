@@ -213,10 +213,12 @@ class Validator:
         rt = self.runtime
         totals = torch.zeros(2, dtype=torch.float64, device=rt.device)
         extra: dict[str, Tensor] = {}  # the loss_fn's metrics, weighted by n_tokens
+        if forward is None:  # not `forward or model`: bool() of a torch.compile'd module calls len(), a TypeError
+            forward = model
         with eval_mode(model):
             for batch in batches:
                 with rt.autocast():
-                    loss_sum, n_tokens, metrics = self.loss_fn(forward or model, to_device(batch, rt.device))
+                    loss_sum, n_tokens, metrics = self.loss_fn(forward, to_device(batch, rt.device))
                 n = torch.as_tensor(n_tokens, device=rt.device).double()
                 totals[0] += loss_sum.detach().double()
                 totals[1] += n
