@@ -43,12 +43,12 @@ def test_bf16_autocast_and_compile_match_eager():
 # ---- issue 19: FSDP, activation checkpointing and peak memory on the GPU --------------------------
 
 
-@pytest.fixture(scope="module")
-def one_rank_group(tmp_path_factory):
-    """A 1-rank NCCL process group: FSDP2 shards over it (train/fsdp.py shards under any group)."""
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A 1-rank NCCL process group for one test: FSDP2 shards over it (train/fsdp.py shards under any group)."""
     import torch.distributed as dist
 
-    path = tmp_path_factory.mktemp("pg") / "store"
+    path = tmp_path / "store"
     dist.init_process_group("nccl", init_method=f"file://{path}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()

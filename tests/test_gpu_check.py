@@ -1,8 +1,9 @@
 """The GPU check's scripts, run here on the CPU so they cannot rot between GPU loans:
-scripts/gpu_check.sh refuses a machine without CUDA in one line; benchmarks/bench_gpu.py --smoke
-runs every row of its table on a tiny model; benchmarks/bench_memory.py (slow) runs its three
-modes on 2 ranks. Their figures are measurements; what is asserted are the invariants they rest on
-(the modes train the same model) and that every row is there."""
+scripts/gpu_check.sh refuses a machine without CUDA in one line, and with GPU_CHECK_SMOKE=1 runs
+its whole path, benchmarks/bench_gpu.py --smoke filling every row of its table on a tiny model;
+benchmarks/bench_memory.py (slow) runs its three modes on 2 ranks. Their figures are measurements;
+what is asserted are the invariants they rest on (the modes train the same model) and that every
+row is there."""
 
 from __future__ import annotations
 
@@ -34,17 +35,21 @@ def test_gpu_check_refuses_a_machine_without_cuda_in_one_line():
     assert done.stdout == ""
 
 
-def test_bench_gpu_smoke_fills_every_row_and_its_modes_train_the_same_model(tmp_path):
+def test_gpu_check_smoke_runs_the_gpu_tests_and_fills_every_row_of_the_table(tmp_path):
+    """GPU_CHECK_SMOKE=1: the script's whole path on the CPU (pytest -m gpu skips its tests here),
+    with bench_gpu.py --smoke's table: every row there, and its modes train the same model."""
     pytest.importorskip("transformers")
-    out = tmp_path / "gpu.json"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--smoke", "--json", str(out)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh")],
+        env={**os.environ, "PYTHON": sys.executable, "GPU_CHECK_SMOKE": "1", "OUT": str(tmp_path),
+             "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "skipped" in done.stdout  # the GPU tests ran (and skipped: no CUDA here)
+    out = tmp_path / "gpu_check.json"
     result = json.loads(out.read_text())
     rows = {r["row"]: r for r in result["rows"]}
     assert not [r for r in rows.values() if "error" in r], rows
