@@ -16,7 +16,9 @@ before the final validation and checkpoints: saving is measured apart, in the pe
 FSDP gathers the whole model to rank 0 for model.safetensors), and its peak at exit.
 `bytes/param` = (training peak - base) / parameters: everything training added, weights +
 gradients + AdamW's two moments (16 bytes a parameter in fp32 when nothing is sharded) + the
-activations of one micro-batch + the communication buffers and optimizer temporaries. tok/s is
+activations of one micro-batch + the communication buffers and optimizer temporaries. The
+`weights + AdamW state` column counts the tensors themselves on each rank after the last step
+(12 bytes a parameter unsharded; the gradients, 4 more, exist from the backward to the step). tok/s is
 the trainer's own (the last logging interval: the first step, the warm-up, is left out); the loss
 of the last step shows that the modes train the same model.
 
@@ -66,6 +68,18 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def state_bytes(model, optimizer) -> int:
+    """The bytes of this rank's weights and optimizer state (its shards under FSDP), between steps:
+    the gradients (4 bytes a parameter, 4 / ranks under FSDP) live from the backward to the step."""
+    import torch
+
+    from modernlm.train.fsdp import local
+
+    tensors = [local(p) for p in model.parameters()]
+    tensors += [local(v) for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors if t.numel() > 1)  # not the step counters
+
+
 def worker(report_dir: Path, argv: list[str]) -> None:
     """One rank: `modernlm` with `argv`, recording its RSS into report_dir/rank<R>.json."""
     import atexit
@@ -82,6 +96,7 @@ def worker(report_dir: Path, argv: list[str]) -> None:
     def note_peak_then_validate(self, *args, **kwargs):
         if kwargs.get("final"):  # after the last step: the final eval, then the best and last checkpoints
             record["train_peak"] = peak_rss_bytes()
+            record["state"] = state_bytes(self.model, self.optimizer)
         return validate(self, *args, **kwargs)
 
     Trainer._validate = note_peak_then_validate
@@ -181,8 +196,9 @@ def main() -> None:
     print(f"\n{n_params / 1e6:.1f}M parameters, 2 ranks, {args.steps} steps, AdamW fp32, torch {torch.__version__}, "
           f"OMP_NUM_THREADS=1 per rank, {glibc}\n")  # fmt: skip
     print("| batch per rank | mode | base RSS MiB (r0 / r1) | training peak RSS MiB (r0 / r1) | peak at exit MiB "
-          "(r0 / r1) | bytes/param (max rank) | vs ddp | tok/s | vs ddp | last loss |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "(r0 / r1) | bytes/param (max rank) | vs ddp | weights + AdamW state, bytes/param | tok/s | vs ddp "
+          "| last loss |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
     def per_param(r: dict) -> float:
         return max(x["train_peak"] - x["base"] for x in r["ranks"]) / n_params
@@ -193,6 +209,7 @@ def main() -> None:
         print(f"| {r['batch']} x {r['seq']} | {r['mode']} | {base[0]:.0f} / {base[1]:.0f} | "
               f"{peak[0]:.0f} / {peak[1]:.0f} | "
               f"{exit_peak[0]:.0f} / {exit_peak[1]:.0f} | {per_param(r):.1f} | {per_param(r) / per_param(ref):.2f}x | "
+              f"{max(x.get('state', 0) for x in r['ranks']) / n_params:.1f} | "
               f"{r['tok_per_s']:.0f} | {r['tok_per_s'] / ref['tok_per_s']:.2f}x | {r['loss']:.4f} |")  # fmt: skip
     print(
         "\nUnsharded AdamW training holds 16 bytes a parameter in fp32 state (weights 4, gradients 4, "
