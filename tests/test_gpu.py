@@ -128,7 +128,10 @@ def test_activation_checkpointing_lowers_gpu_peak_memory_with_the_same_gradients
         del model
     for mode in ("selective", "full"):
         for g, ref in zip(grads[mode], grads["none"], strict=True):
-            torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6)  # the recompute's kernels: same values
+            # the same kernels recompute the same values; CUDA's memory-efficient attention backward
+            # adds with atomics, in no fixed order, so fp32 rounding may differ (bit-identical on CPU:
+            # tests/test_memory.py)
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
     assert peaks["full"] < 0.6 * peaks["none"] and peaks["full"] < peaks["selective"] < peaks["none"], peaks
 
 
