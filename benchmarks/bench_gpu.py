@@ -42,8 +42,10 @@ SMOKE_MODEL = ["model.vocab_size=512", "model.d_model=64", "model.n_layer=2", "m
 def settings(args: argparse.Namespace) -> dict:
     """The model shape, sequence, batch and device of the run (`--smoke`: tiny, on the CPU)."""
     if args.smoke:
-        return {"device": "cpu", "dtype": "float32", "vocab": 512, "seq": 64, "batch": 2, "model": SMOKE_MODEL}
-    return {"device": "cuda", "dtype": "bfloat16", "vocab": 32768, "seq": 1024, "batch": 20, "model": []}
+        s = {"device": "cpu", "dtype": "float32", "vocab": 512, "seq": 64, "batch": 2, "model": SMOKE_MODEL}
+    else:
+        s = {"device": "cuda", "dtype": "bfloat16", "vocab": 32768, "seq": 1024, "batch": 20, "model": []}
+    return s | {"config": model_config(s)}
 
 
 def model_config(s: dict):
@@ -93,7 +95,7 @@ def attention_kernels(s: dict) -> str:
     from modernlm.model import ModernDecoderLM
 
     device = torch.device(s["device"])
-    model = ModernDecoderLM(model_config(s)).to(device)
+    model = ModernDecoderLM(s["config"]).to(device)
     idx = torch.randint(0, s["vocab"], (2, s["seq"]), device=device)
     dtype = getattr(torch, s["dtype"])
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -129,7 +131,7 @@ def parallel_rows(s: dict, steps: int) -> list[dict]:
         try:
             for name in ("ddp", "fsdp"):
                 torch.manual_seed(0)
-                model = ModernDecoderLM(model_config(s)).to(device)
+                model = ModernDecoderLM(s["config"]).to(device)
                 if name == "ddp":
                     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -203,7 +205,7 @@ def smollm2(s: dict):
                              max_seq_len=8192, rope_theta=100000.0)  # fmt: skip
         label = "SmolLM2-135M architecture, random weights"
     else:
-        config = model_config(s)
+        config = s["config"]
         label = "tiny model (--smoke)"
     torch.manual_seed(0)
     return ModernDecoderLM(config).to(device=device, dtype=dtype).eval(), label
@@ -316,7 +318,7 @@ def main() -> None:
 
     device = torch.device(s["device"])
     with torch.device("meta"):
-        flops_per_token = ModernDecoderLM(model_config(s)).flops_per_token(s["seq"])
+        flops_per_token = ModernDecoderLM(s["config"]).flops_per_token(s["seq"])
     info = {
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (--smoke)",
         "torch": torch.__version__, "cuda": torch.version.cuda, "seq": s["seq"], "batch": s["batch"],

@@ -14,7 +14,8 @@
 # 3. prints the table of benchmarks/bench_gpu.py (tok/s, MFU, peak memory for seed-253m eager /
 #    compiled / with activation checkpointing, FSDP vs DDP on one GPU, SmolLM2 decode vs
 #    transformers), also written to $OUT/gpu_check.json (OUT defaults to the current directory).
-# About 5-8 minutes on one H100 / H200. Exit status: the tests' (the table is printed either way).
+# Not yet timed on a GPU (none lent so far): sized for well under 8 minutes on one H100 / H200
+# (4 trainer runs of 40 steps, one compile). Exit status: the tests' (the table is printed either way).
 # GPU_CHECK_SMOKE=1 runs it on the CPU without installing anything: the GPU tests skip, the table
 # is bench_gpu.py --smoke's (tests/test_gpu_check.py; it checks this script, it measures nothing).
 set -uo pipefail

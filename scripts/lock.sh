@@ -6,13 +6,13 @@
 #   bash scripts/lock.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-TORCH="torch==2.13.0"  # a CPU build where pip finds one (this is also the version the GPU check targets)
+TORCH_VERSION="2.13.0"  # the CPU build (scripts/install_torch.sh); GPU machines keep their own build
 EXTRAS="hf,eval,dev,serve,harness"   # what scripts/setup.sh installs
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 python3 -m venv "$tmp/venv"
 "$tmp/venv/bin/python" -m pip install -q --upgrade pip setuptools wheel
-"$tmp/venv/bin/python" -m pip install -q "$TORCH"
+bash scripts/install_torch.sh "$tmp/venv/bin/python" "$TORCH_VERSION"
 "$tmp/venv/bin/python" -m pip install -q -e ".[$EXTRAS]"
 {
   echo "# The exact versions scripts/setup.sh installs (pip install -r requirements/lock.txt)."

@@ -7,9 +7,9 @@
 # `pip install`. `source scripts/setup.sh` leaves that environment active in your shell; after
 # `bash scripts/setup.sh`, activate it with `source .venv/bin/activate`.
 #
-# torch: the lock pins torch==2.13.0; on this project's machines pip finds a CPU build of it. On a
-# machine where pip would pull a multi-GB CUDA build, install the torch you want first (a CPU build
-# from PyTorch's CPU index, or your CUDA build): any 2.13.0 build satisfies the lock.
+# torch: the lock pins torch==2.13.0, any build of it. scripts/install_torch.sh installs it first:
+# the CPU build (from PyTorch's CPU index, else the configured one), PyPI's CUDA build where an
+# NVIDIA GPU is, or nothing where torch 2.13.0 is installed already (install your own build first).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ -z "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] \
@@ -25,6 +25,7 @@ if [ -z "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] \
   source .venv/bin/activate
 fi
 echo "setup: installing into $(python -c 'import sys; print(sys.prefix)')"
+bash scripts/install_torch.sh python "$(sed -n 's/^torch==//p' requirements/lock.txt)"
 python -m pip install -q -r requirements/lock.txt
 # The package itself, with no dependency resolution of its own (the lock has them all) and no
 # isolated build environment (the lock's setuptools builds it, so nothing unpinned is fetched).

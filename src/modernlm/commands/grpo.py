@@ -21,6 +21,7 @@ chose the checkpoint. Resumable like every stage, the current rollout and the pr
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,7 @@ def check(cfg: Config) -> None:
                         f"x grpo.group_size = {n} sequences")  # fmt: skip
     if cfg.eval_batch_size <= 0:
         raise UserError(f"eval_batch_size: must be positive, got {cfg.eval_batch_size}")
-    import os
-
+    # before the model loads (the Runtime, which knows the ranks, comes later)
     if cfg.train.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # every rank samples its own rollouts, a different number of decode steps each: a sharded
         # model's forward would wait for ranks that already stopped

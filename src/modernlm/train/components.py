@@ -16,6 +16,8 @@ None of them knows the model: the checkpointer writes and reads model files only
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -343,8 +345,6 @@ class Checkpointer:
         them as the usual model files with train_state.pt, moves the shards in as `distributed/` and
         puts the whole directory in place atomically, like every other checkpoint. A kill at any
         point leaves temporaries that `clean_leftovers` removes (they carry rank 0's pid)."""
-        import os
-
         from modernlm.checkpoint import save_training_checkpoint
         from modernlm.files import tmp_path
         from modernlm.train.fsdp import DISTRIBUTED_DIR, full_weights, save_sharded
@@ -353,8 +353,6 @@ class Checkpointer:
         final = self.step_dir(step)
         shards = [tmp_path(final.with_name(f"{final.name}.shards"))]  # rank 0's pid on every rank
         if rt.is_main and shards[0].exists():  # this process's own failed save: no stale shard may stay
-            import shutil
-
             shutil.rmtree(shards[0])
         if rt.distributed:  # (also: no rank writes before rank 0 cleared the directory)
             torch.distributed.broadcast_object_list(shards, src=0)
@@ -518,7 +516,6 @@ class StopSignals:
         self._previous = {}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        import os
         import signal
 
         if signal.getsignal(signal.SIGINT) == self._on_signal:  # (a bound method: ==, not is)
