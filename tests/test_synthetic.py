@@ -4,8 +4,10 @@ sizes and clear config errors."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -286,24 +288,90 @@ def demo_world() -> tuple[SyntheticConfig, dict]:
     return cfg, make_world(cfg)
 
 
-def test_demo_no_held_out_computation_is_trained_on(demo_world):
-    cfg, world = demo_world
-    problems = world["problems"]
-    by_question = {question_text(p): p for ps in problems.values() for p in ps}
-    held = {split: {p.key for p in problems[split]} for split in ("val", "test")}
-    assert held["val"] and held["test"] and not held["val"] & held["test"]
-    held_out = held["val"] | held["test"]
-    trained = {
-        "gsm/train": [p.key for p in problems["train"]],
-        "prefs/train": [by_question[r["prompt"]].key for r in world["prefs"]["train"]],
-        "sft/train": [by_question[r["instruction"]].key for r in world["sft"]["train"] if "####" in r["output"]],
-        "corpus": world["corpus_keys"],
-    }
-    for name, keys in trained.items():
-        assert keys and not held_out & set(keys), name
-    # the reviewer's count: test problems with a training problem on the same arithmetic
-    train_keys = set(trained["gsm/train"])
-    assert sum(p.key in train_keys for p in problems["test"]) == 0
+def _true_equations(text: str) -> list[tuple[str, int, int]]:
+    """The true "a op b = c" of a text, in order, as (op, a, b) with a + b written smaller first."""
+    return [(op, *sorted((a, b))) if op == "+" else (op, a, b) for a, op, b, c in equations(text)
+            if c == (a + b if op == "+" else a - b)]  # fmt: skip
+
+
+def _training_texts(out: Path) -> dict[str, list[str]]:
+    """Every text a training stage reads, from the files: stories, problems with their solutions,
+    demonstrations, chosen and rejected solutions."""
+    gsm = _jsonl(out / "gsm" / "train.jsonl")
+    prefs = _jsonl(out / "prefs" / "train.jsonl")
+    return {
+        "corpus/train.txt": _paragraphs(out / "corpus" / "train.txt"),
+        "gsm/train.jsonl": [r["question"] + "\n" + r["answer"] for r in gsm],
+        "sft/train.json": [r["instruction"] + "\n" + r["output"] for r in json.loads((out / "sft" / "train.json").read_text())],
+        "prefs/train.jsonl chosen": [r["prompt"] + "\n" + r["chosen"] for r in prefs],
+        "prefs/train.jsonl rejected": [r["prompt"] + "\n" + r["rejected"] for r in prefs],
+    }  # fmt: skip
+
+
+def held_out_leaks(out: Path) -> dict[str, list[str]]:
+    """The held-out problems (gsm/val, gsm/test) whose computation a training text states, read from the
+    texts alone: a one-step problem's fact (a + b as b + a too) anywhere, a multi-step one's steps in
+    order within one text. {training file: the leaked questions}."""
+    states: dict[str, tuple[set, set]] = {}  # file: (facts, in-order runs of 2+ facts)
+    for name, texts in _training_texts(out).items():
+        facts, runs = set(), set()
+        for text in texts:
+            eqs = _true_equations(text)
+            facts |= set(eqs)
+            runs |= {run for n in range(2, len(eqs) + 1) for run in itertools.combinations(eqs, n)}
+        states[name] = (facts, runs)
+    leaks: dict[str, list[str]] = {name: [] for name in states}
+    for split in ("val", "test"):
+        for row in _jsonl(out / "gsm" / f"{split}.jsonl"):
+            steps = tuple(_true_equations(row["answer"]))
+            for name, (facts, runs) in states.items():
+                if (steps[0] in facts) if len(steps) == 1 else (steps in runs):
+                    leaks[name].append(row["question"])
+    return leaks
+
+
+@pytest.fixture(scope="module")
+def demo_files(tmp_path_factory, demo_world) -> Path:
+    out = tmp_path_factory.mktemp("demo-data")
+    write_demo_data(out, demo_world[0])
+    return out
+
+
+def test_demo_no_held_out_computation_in_any_training_text(demo_files):
+    texts = _training_texts(demo_files)
+    assert all(texts.values()) and sum(bool(_true_equations(t)) for t in texts["corpus/train.txt"]) > 1000
+    assert held_out_leaks(demo_files) == {name: [] for name in texts}
+
+
+def test_the_leak_check_finds_a_stated_fact_and_a_stated_chain(demo_files, tmp_path):
+    """held_out_leaks sees a held-out one-step fact (in either order) and a multi-step computation
+    stated in a copy of the training files."""
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_files, copy)
+    rows = {s: _jsonl(copy / "gsm" / f"{s}.jsonl") for s in ("val", "test")}
+    one = next(r for r in rows["test"] if len(r["record"]["steps"]) == 1 and r["record"]["steps"][0]["op"] == "+")
+    two = next(r for r in rows["val"] if len(r["record"]["steps"]) == 2)
+    a, b, c = (one["record"]["steps"][0][k] for k in ("left", "right", "result"))
+    story = f"Mia counted: {b} + {a} = {c}."  # the fact with its operands swapped
+    with open(copy / "corpus" / "train.txt", "a") as f:
+        f.write(f"\n{story}\n")
+    with open(copy / "prefs" / "train.jsonl", "a") as f:
+        f.write(json.dumps({"prompt": two["question"], "chosen": "#### 0", "rejected": two["answer"]}) + "\n")
+    leaks = held_out_leaks(copy)
+    same_fact = [r["question"] for r in rows["val"] + rows["test"] if _true_equations(r["answer"]) == [("+", *sorted((a, b)))]]
+    assert one["question"] in same_fact and leaks["corpus/train.txt"] == same_fact
+    assert two["question"] in leaks["prefs/train.jsonl rejected"]
+
+
+def test_multi_step_computations_split_over_train_facts_only():
+    cfg = SyntheticConfig()
+    facts = [(op, a, b) for op in "+-" for a in range(1, 21) for b in range(1, 21)]
+    held = [f for f in facts if split_of((f,), cfg) != "train"]
+    train = [f for f in facts if split_of((f,), cfg) == "train"]
+    assert held and train and split_of((("+", 3, 4),), cfg) == split_of((("+", 4, 3),), cfg)
+    for h in held[:20]:
+        assert split_of((train[0], h), cfg) is None and split_of((h, train[0]), cfg) is None
+    assert {split_of((train[i], train[i + 1]), cfg) for i in range(200)} == {"train", "val", "test"}
 
 
 def test_demo_held_out_splits_have_trains_mix_of_kinds(demo_world):

@@ -25,23 +25,26 @@ the step-by-step solution ("Tom gives her 3 more, so she has 4 + 3 = 7 apples.")
 form are renderings of the same record, so the answer is right by construction and tests check
 it twice: against the record and by re-doing every "a + b = c" line of the text with Python.
 
-**Splits.** A problem's key is its arithmetic: the (op, left, right) of each step, whatever the
-words. "Max finds 1 more cherry", "Mia buys 1 more carrot" (both from 6), "6 and 1 together" and
-"1 more than 6" are one computation, ("+", 6, 1). A hash of (seed, key) puts every key in exactly
-one split: test for a share test_key_fraction of the keys, val for val_key_fraction, train for
-the rest. Train problems (so sft/train.json and prefs/train.jsonl) and every story of the corpus
-come only from train keys, val problems (sft/val.json, prefs/val.jsonl) only from val keys, test
-problems (prefs/test.jsonl) only from test keys. No held-out computation is trained on in any
-words; the single facts of its steps ("6 + 1 = 7") are, as steps of other computations (in the
-demo config every step of every held-out problem is a step of some train problem or story).
+**Splits.** Held out means unseen: no training text (story, problem, demonstration, chosen or
+rejected solution) states a held-out problem's computation. The unit is the fact, (op, left, right)
+with a + b and b + a one fact: "Max finds 1 more cherry" from 6, "6 and 1 together" and "1 more than
+6" are all the fact 6 + 1. A hash of (seed, fact) puts every fact in one split (test for a share
+test_key_fraction, val for val_key_fraction, train the rest), and a one-step problem is in its
+fact's split. A multi-step problem is split by its facts in order (its key), and only when every one
+of them is a train fact; over a held-out fact it is in no split. So a held-out one-step problem asks
+a fact no training text states, even as a step of a longer problem, and a held-out multi-step problem
+composes train facts in an order no training text has (`split_of`). Rejected solutions, whose
+slips make new true equations, are drawn only where those stay in what the split may state
+(`states_only`: train's only train's; val's, which chooses DPO's checkpoint, nothing of test's). Not
+held out: the inverse facts (7 - 3 = 4 beside a held-out 3 + 4 = 7) and every number's words.
 Held-out splits have train's mix of kinds (`KINDS`): each kind's quota is its share of train,
 rounded by largest remainder, and is drawn from the generator restricted to that kind and the
 split's keys, so within a kind the numbers follow train's distribution too. The held-out files
 are ordered so that every prefix (eval's first max_problems, prefs' first pref_val / pref_test)
 keeps that mix to within about one problem per kind. A kind has few computations in a held-out
-split, so they repeat there with other names, things and verbs: in the demo config, gsm/test's
-500 problems are 225 distinct computations (chain1 54, chain2 154, together 18, compare 45),
-gsm/val's 200 are 113 (28, 72, 7, 24). Question texts are distinct across all files.
+split, so they repeat there with other names, things and verbs (meta.json counts the distinct
+ones). Question texts are distinct across all files. prefs/test.jsonl's prompts are the first
+gsm/test problems.
 
 **Why no question/answer text in pretraining.** The demo's point is that SFT raises answer accuracy
 over the pretrained model. The corpus therefore holds only stories: plain ones, and ones that
@@ -93,12 +96,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import random
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -528,10 +532,13 @@ def draw_problem(rng: random.Random, cfg: SyntheticConfig) -> Problem:
     return Problem(template, numbers, tuple(run_steps(specs, numbers)), hero, friend, thing, rng.choice(SHOPS))
 
 
-def wrong_steps(p: Problem, rng: random.Random, max_number: int) -> list[CalcStep]:
+def wrong_steps(
+    p: Problem, rng: random.Random, max_number: int, allowed: Callable[[Sequence[CalcStep]], bool] | None = None
+) -> list[CalcStep]:
     """The steps with one plausible slip (a result off by 1 or 2, or the wrong operation) and a wrong answer.
 
-    Every count stays >= 0 and the final answer always differs from the right one.
+    Every count stays >= 0 and the final answer always differs from the right one; with `allowed`, the
+    steps also pass it (`states_only`: a wrong solution must not state a held-out computation).
     """
     options = [(i, "off", d) for i in range(len(p.steps)) for d in (-2, -1, 1, 2)]
     options += [(i, "op") for i in range(len(p.steps))]
@@ -539,8 +546,23 @@ def wrong_steps(p: Problem, rng: random.Random, max_number: int) -> list[CalcSte
     for error in options:
         steps = run_steps(template_specs(p.template), p.numbers, error)
         if all(0 <= s.result <= 2 * max_number + 2 for s in steps) and steps[-1].result != p.answer:
-            return steps
-    raise AssertionError(f"no wrong solution for {p.key}")  # unreachable: "off +1" always works
+            if allowed is None or allowed(steps):
+                return steps
+    # unreachable: the last step "off +1" always works, and states only the problem's own earlier steps
+    raise AssertionError(f"no wrong solution for {p.key}")
+
+
+def right_steps(steps: Sequence[CalcStep]) -> list[CalcStep]:
+    """The steps whose equation is true (a wrong solution's slip is not; the steps after it are)."""
+    return [s for s in steps if s.result == (s.left + s.right if s.op == "+" else s.left - s.right)]
+
+
+def states_only(steps: Sequence[CalcStep], split: Splitter, splits: Collection[str]) -> bool:
+    """Whether a text with these steps states only computations of `splits`: each true equation is a fact
+    of one of them, and so is each run of true equations in order (a multi-step computation)."""
+    right = [(s.op, s.left, s.right) for s in right_steps(steps)]
+    runs = (run for n in range(1, len(right) + 1) for run in itertools.combinations(right, n))
+    return all(split(run) in splits or (len(run) > 1 and split(run) is None) for run in runs)
 
 
 _EQUATION_RE = re.compile(r"(\d+) ([+-]) (\d+) = (\d+)")
@@ -683,9 +705,8 @@ SPLITS = ("train", "val", "test")
 _MAX_MISSES = 100_000  # rejected draws in a row that mean a split's problems are used up
 
 
-def split_of(key: ArithmeticKey, cfg: SyntheticConfig) -> str:
-    """The one split ("train", "val" or "test") of a computation: a hash of (seed, key) against the
-    key fractions, the same on every machine and independent of every size."""
+def _hash_split(key: ArithmeticKey, cfg: SyntheticConfig) -> str:
+    """A hash of (seed, key) against the key fractions: the same on every machine, independent of sizes."""
     digest = hashlib.blake2b(f"modernlm-split:{cfg.seed}:{key!r}".encode(), digest_size=8).digest()
     u = int.from_bytes(digest, "big") / 2.0**64
     if u < cfg.test_key_fraction:
@@ -693,15 +714,38 @@ def split_of(key: ArithmeticKey, cfg: SyntheticConfig) -> str:
     return "val" if u < cfg.test_key_fraction + cfg.val_key_fraction else "train"
 
 
-def _splitter(cfg: SyntheticConfig) -> Callable[[ArithmeticKey], str]:
-    """`split_of` for this config, remembered per key (the same computations are drawn again and again)."""
-    cache: dict[ArithmeticKey, str] = {}
+def fact(op: str, left: int, right: int) -> ArithmeticKey:
+    """A single fact as the one-step key that splits it: a + b and b + a are one fact."""
+    return ((op, min(left, right), max(left, right)) if op == "+" else (op, left, right),)
 
-    def split(key: ArithmeticKey) -> str:
-        found = cache.get(key)
-        if found is None:
-            found = cache[key] = split_of(key, cfg)
-        return found
+
+def split_of(key: ArithmeticKey, cfg: SyntheticConfig) -> str | None:
+    """The one split ("train", "val" or "test") of a computation, or None for a computation in no split.
+
+    A one-step computation is a single fact, split by the fact (a + b with b + a). A multi-step one is
+    split by its facts in order, and only when each of its steps is a train fact; over a held-out fact it is
+    in no split. So a held-out fact is stated in no training text, not even as a step of a longer
+    computation, and a held-out multi-step problem composes train facts in an order no training text has.
+    """
+    facts = [fact(*step) for step in key]
+    if len(facts) == 1:
+        return _hash_split(facts[0], cfg)
+    if any(_hash_split(f, cfg) != "train" for f in facts):
+        return None
+    return _hash_split(sum(facts, ()), cfg)
+
+
+Splitter = Callable[[ArithmeticKey], str | None]
+
+
+def _splitter(cfg: SyntheticConfig) -> Splitter:
+    """`split_of` for this config, remembered per key (the same computations are drawn again and again)."""
+    cache: dict[ArithmeticKey, str | None] = {}
+
+    def split(key: ArithmeticKey) -> str | None:
+        if key not in cache:
+            cache[key] = split_of(key, cfg)
+        return cache[key]
 
     return split
 
@@ -723,7 +767,7 @@ def draw_problems(
     rng: random.Random,
     cfg: SyntheticConfig,
     split: str,
-    split_fn: Callable[[ArithmeticKey], str],
+    split_fn: Splitter,
     seen_questions: set[str],
     quotas: Mapping[str, int] | None = None,
 ) -> list[Problem]:
@@ -787,7 +831,7 @@ def _interleave(problems: Sequence[Problem]) -> list[Problem]:
 
 
 def _stories(
-    n: int, rng: random.Random, cfg: SyntheticConfig, split_fn: Callable[[ArithmeticKey], str]
+    n: int, rng: random.Random, cfg: SyntheticConfig, split_fn: Splitter
 ) -> tuple[list[str], set]:
     """n stories (arithmetic_fraction of them narrate a problem whose computation is a train key), and
     the keys narrated."""
@@ -795,8 +839,8 @@ def _stories(
     while len(out) < n:
         if rng.random() < cfg.arithmetic_fraction:
             p = draw_problem(rng, cfg)
-            if split_fn(p.key) != "train":
-                continue
+            while split_fn(p.key) != "train":  # redraw the problem, not the coin: the share stays as configured
+                p = draw_problem(rng, cfg)
             out.append(story_text(p, rng, cfg))
             keys.add(p.key)
         else:
@@ -836,12 +880,14 @@ def _sft_rows(
     return [{"instruction": instruction, "input": "", "output": output} for instruction, output in pairs]
 
 
-def _pref_rows(problems: Sequence[Problem], rng: random.Random, max_number: int) -> list[dict[str, Any]]:
+def _pref_rows(
+    problems: Sequence[Problem], rng: random.Random, max_number: int, allowed: Callable[[Sequence[CalcStep]], bool]
+) -> list[dict[str, Any]]:
     rows = []
     for p in problems:
         # A comparison pair rejects the demonstrations' systematic mistake; any other one a random slip.
         lazy = lazy_solution(p)
-        wrong = None if lazy else wrong_steps(p, rng, max_number)
+        wrong = None if lazy else wrong_steps(p, rng, max_number, allowed)
         rows.append(
             {
                 "prompt": question_text(p),
@@ -878,6 +924,8 @@ def make_world(cfg: SyntheticConfig) -> dict[str, Any]:
     }
     val, test = held["val"], held["test"]
     prefs_rng = _rng(cfg, "prefs")
+    trains_only = functools.partial(states_only, split=split, splits=("train",))
+    not_test = functools.partial(states_only, split=split, splits=("train", "val"))
     corpus_train, keys_train = _stories(cfg.train_stories, _rng(cfg, "corpus-train"), cfg, split)
     corpus_val, keys_val = _stories(cfg.val_stories, _rng(cfg, "corpus-val"), cfg, split)
     return {
@@ -890,10 +938,12 @@ def make_world(cfg: SyntheticConfig) -> dict[str, Any]:
             "train": _sft_rows(train, _rng(cfg, "sft-train"), cfg.sft_story_fraction, cfg.sft_flaw),
             "val": _sft_rows(val, _rng(cfg, "sft-val"), cfg.sft_story_fraction, cfg.sft_flaw),
         },
+        # A rejected solution's true equations stay in what its split may state: train's only train's,
+        # val's (which chooses DPO's checkpoint) nothing of test's.
         "prefs": {
-            "train": _pref_rows(prefs_rng.sample(train, cfg.pref_train), prefs_rng, cfg.max_number),
-            "val": _pref_rows(val[: cfg.pref_val], prefs_rng, cfg.max_number),
-            "test": _pref_rows(test[: cfg.pref_test], _rng(cfg, "prefs-test"), cfg.max_number),
+            "train": _pref_rows(prefs_rng.sample(train, cfg.pref_train), prefs_rng, cfg.max_number, trains_only),
+            "val": _pref_rows(val[: cfg.pref_val], prefs_rng, cfg.max_number, not_test),
+            "test": _pref_rows(test[: cfg.pref_test], _rng(cfg, "prefs-test"), cfg.max_number, lambda steps: True),
         },
     }
 
