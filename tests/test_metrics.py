@@ -9,6 +9,7 @@ import pytest
 
 from modernlm.errors import UserError
 from modernlm.eval.metrics import (
+    wilson_interval,
     accuracy,
     confusion_matrix,
     evaluate_predictions,
@@ -324,3 +325,14 @@ def test_evaluate_without_file_and_bad_task(tmp_path):
         evaluate_predictions("qa", None, ["a"], ["a"])
     with pytest.raises(ValueError, match="3 inputs but 2 predictions"):
         evaluate_predictions("classification", [1, 2, 3], ["a", "b"], ["a", "a"])
+
+
+@pytest.mark.parametrize("correct, n", [(0, 10), (5, 10), (10, 10), (61, 68), (17, 42), (1, 200)])
+def test_wilson_interval_equals_scipys(correct, n):
+    scipy_stats = pytest.importorskip("scipy.stats")
+    want = scipy_stats.binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
+    lo, hi = wilson_interval(correct, n)
+    assert lo == pytest.approx(want.low, abs=1e-4) and hi == pytest.approx(want.high, abs=1e-4)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)  # the textbook example
+    with pytest.raises(ValueError):
+        wilson_interval(0, 0)

@@ -289,6 +289,13 @@ def test_accuracy_figure_opens_the_results(rl_pipeline):
         "| pretrain | 0.10 | 0.20 | n/a | 0.00 |" in md and "| sft, pass@8 (oracle) | 0.90 | n/a | n/a | 0.50 |" in md
     )
     assert "majority vote of 8 | 0.55" not in md.split("| model | all |")[1].split("\n\n")[0]  # no kind: no row
+    # with the problem counts the rows carry, each accuracy gets its 95% Wilson interval; counts are no column
+    results = json.loads((rl_pipeline / "eval" / "results.json").read_text())
+    results["rows"][1].update({"answer_count": 200, "answer_count/chain1": 68, "answer_count/compare": 4})
+    (rl_pipeline / "eval" / "results.json").write_text(json.dumps(results))
+    md = write_report(rl_pipeline, force=True)[0].read_text()
+    assert "| sft | 0.50 [0.43, 0.57] | 0.75 [0.64, 0.84] | 0.60 | 0.25 [0.05, 0.70] |" in md
+    assert "answer_count" not in md and "95% interval" in md
     # the HTML inlines it, before any table
     assert page.index('<img alt="held-out answer accuracy') < page.index("<table>")
     # with the per-kind keys gone the figure has only "all"; without answer_accuracy there is none

@@ -213,8 +213,9 @@ RESULT_NOTES = (
     "are asked in ChatML, the pretrained model with a plain 'Question: ... Answer:' prompt); "
     "answer_accuracy/<kind>: the same per kind of problem (compare: the 'more / fewer than' problems the SFT "
     "demonstrations get wrong). pair_accuracy: held-out preference pairs whose right solution gets the higher "
-    "log-probability. The verifier rows rerank N samples of the SFT model on the same problems. None of these "
-    "problems or pairs chose a checkpoint."
+    "log-probability; the pairs' prompts are the first gsm/test problems, so pair and answer accuracy share "
+    "their questions. The verifier rows rerank N samples of the SFT model on the same problems. None of these "
+    "problems or pairs chose a checkpoint, and no training text states their computations."
 )
 
 
@@ -242,6 +243,7 @@ def verifier_rows(run_dir: Path, kinds: list[str | None] | None = None) -> list[
         picks = [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()]
         problem_kinds = [kinds[p["index"]] if p["index"] < len(kinds) else None for p in picks]
         for row, key in rows:
+            row["answer_count"] = len(picks)
             row.update(accuracy_by_kind([bool(p[key]) for p in picks], problem_kinds))
     return [row for row, _ in rows]
 

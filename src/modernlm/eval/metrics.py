@@ -42,6 +42,8 @@ file. `evaluate_predictions` logs the wrong examples of a task (see its docstrin
 
 from __future__ import annotations
 
+import math
+
 import json
 import re
 from collections.abc import Hashable, Iterable, Mapping, Sequence
@@ -53,6 +55,17 @@ from modernlm.files import atomic_write
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 TASKS = ("classification", "summarization", "gsm8k")
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a share correct / n (95% for z = 1.96): unlike p +- z * se it stays
+    inside [0, 1] and is not empty at 0 or n, which small per-kind counts reach."""
+    if n <= 0:
+        raise ValueError("wilson_interval: n must be positive")
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _check_lengths(predictions: Sequence[Any], references: Sequence[Any]) -> int:

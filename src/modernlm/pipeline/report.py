@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from modernlm.errors import UserError
+from modernlm.eval.metrics import wilson_interval
 from modernlm.files import atomic_write
 
 PIPELINE_FILE = "pipeline.json"
@@ -286,7 +287,8 @@ def _result_rows(data: ReportData) -> list[dict[str, Any]]:
 
 
 def _per_kind(column: str) -> bool:
-    return column.startswith("answer_accuracy/")
+    """Columns left to `kind_table`: per-kind accuracies and the problem counts behind the intervals."""
+    return column.startswith(("answer_accuracy/", "answer_count"))
 
 
 def headline(data: ReportData) -> tuple[list[str], list[list[str]]]:
@@ -331,12 +333,20 @@ def kind_table(data: ReportData) -> tuple[list[str], list[list[str]]]:
     rows = _result_rows(data)
     kinds = accuracy_kinds(rows)
     cols = ["answer_accuracy", *(f"answer_accuracy/{k}" for k in kinds)]
-    table = [
-        [str(r.get("model", "n/a")), *("n/a" if (v := _finite(r.get(c))) is None else f"{v:.2f}" for c in cols)]
-        for r in rows
-        if any(c in r for c in cols[1:])
-    ]
+    table = [[str(r.get("model", "n/a")), *(_with_interval(r, c) for c in cols)]
+             for r in rows if any(c in r for c in cols[1:])]  # fmt: skip
     return (["model", "all", *kinds], table) if table else ([], [])
+
+
+def _with_interval(row: dict[str, Any], column: str) -> str:
+    """"0.75 [0.64, 0.84]": an accuracy with its 95% Wilson interval where the row counts its problems."""
+    v, n = _finite(row.get(column)), row.get(column.replace("answer_accuracy", "answer_count", 1))
+    if v is None:
+        return "n/a"
+    if not isinstance(n, int) or n <= 0:
+        return f"{v:.2f}"
+    lo, hi = wilson_interval(round(v * n), n)
+    return f"{v:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 def stage_timings(runs: list[RunData]) -> list[tuple[str, str, float | None, float | None]]:
@@ -492,7 +502,8 @@ def render(data: ReportData, now: datetime | None = None) -> list[Block]:
     kind_header, kind_rows = kind_table(data)
     if kind_rows:
         blocks += [
-            Text("answer_accuracy per kind of problem (the same held-out problems):"),
+            Text("answer_accuracy per kind of problem (the same held-out problems), with its 95% interval "
+                 "(Wilson) over the problems of that kind:"),
             Table(kind_header, kind_rows),
         ]
     if data.results is not None and isinstance(data.results.get("notes"), str):

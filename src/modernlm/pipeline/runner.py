@@ -288,7 +288,8 @@ def problem_kinds(src: Source, limit: int = 0) -> list[str | None]:
 
 
 def accuracy_by_kind(correct: list[bool], kinds: list[str | None]) -> dict[str, float]:
-    """{"answer_accuracy/<kind>": share correct} over the problems of each kind (in KINDS' order)."""
+    """{"answer_accuracy/<kind>": share correct, "answer_count/<kind>": problems} over the problems of each
+    kind (in KINDS' order); the counts give the report its intervals."""
     if not kinds or len(kinds) < len(correct):
         return {}
     from modernlm.data.synthetic import KINDS
@@ -298,7 +299,11 @@ def accuracy_by_kind(correct: list[bool], kinds: list[str | None]) -> dict[str, 
         if k is not None:
             groups.setdefault(k, []).append(c)
     order = [k for k in KINDS if k in groups] + sorted(k for k in groups if k not in KINDS)
-    return {f"answer_accuracy/{k}": sum(groups[k]) / len(groups[k]) for k in order}
+    out: dict[str, float] = {}
+    for k in order:
+        out[f"answer_accuracy/{k}"] = sum(groups[k]) / len(groups[k])
+        out[f"answer_count/{k}"] = len(groups[k])
+    return out
 
 
 def eval_device(name: str) -> tuple[Any, Any]:
@@ -372,7 +377,7 @@ def evaluate_model(name: str, source: str | Path, chat: bool, cfg: PipelineEvalS
             with autocast():
                 texts = plain_answers(model, tok, prompts, cfg.max_new_tokens, cfg.batch_size)
         right = [label_solution(t, p["target"])[1] for t, p in zip(texts, problems, strict=True)]
-        row["answer_accuracy"] = sum(right) / len(right)
+        row["answer_accuracy"], row["answer_count"] = sum(right) / len(right), len(right)
         row.update(accuracy_by_kind(right, problem_kinds(cfg.problems, cfg.max_problems)))
         row["_answers"] = [{"question": p["question"], "answer": t, "correct": c}
                            for p, t, c in zip(problems, texts, right, strict=True)]  # fmt: skip
