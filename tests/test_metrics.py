@@ -9,7 +9,6 @@ import pytest
 
 from modernlm.errors import UserError
 from modernlm.eval.metrics import (
-    wilson_interval,
     accuracy,
     confusion_matrix,
     evaluate_predictions,
@@ -23,6 +22,7 @@ from modernlm.eval.metrics import (
     rouge,
     rouge_per_example,
     split_sentences,
+    wilson_interval,
     write_predictions,
 )
 

@@ -76,6 +76,10 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _json(path: Path) -> list[dict]:
+    return json.loads(path.read_text())
+
+
 def _paragraphs(path: Path) -> list[str]:
     return path.read_text().strip("\n").split("\n\n")
 
@@ -302,7 +306,7 @@ def _training_texts(out: Path) -> dict[str, list[str]]:
     return {
         "corpus/train.txt": _paragraphs(out / "corpus" / "train.txt"),
         "gsm/train.jsonl": [r["question"] + "\n" + r["answer"] for r in gsm],
-        "sft/train.json": [r["instruction"] + "\n" + r["output"] for r in json.loads((out / "sft" / "train.json").read_text())],
+        "sft/train.json": [r["instruction"] + "\n" + r["output"] for r in _json(out / "sft" / "train.json")],
         "prefs/train.jsonl chosen": [r["prompt"] + "\n" + r["chosen"] for r in prefs],
         "prefs/train.jsonl rejected": [r["prompt"] + "\n" + r["rejected"] for r in prefs],
     }  # fmt: skip
@@ -358,7 +362,8 @@ def test_the_leak_check_finds_a_stated_fact_and_a_stated_chain(demo_files, tmp_p
     with open(copy / "prefs" / "train.jsonl", "a") as f:
         f.write(json.dumps({"prompt": two["question"], "chosen": "#### 0", "rejected": two["answer"]}) + "\n")
     leaks = held_out_leaks(copy)
-    same_fact = [r["question"] for r in rows["val"] + rows["test"] if _true_equations(r["answer"]) == [("+", *sorted((a, b)))]]
+    fact = [("+", *sorted((a, b)))]
+    same_fact = [r["question"] for r in rows["val"] + rows["test"] if _true_equations(r["answer"]) == fact]
     assert one["question"] in same_fact and leaks["corpus/train.txt"] == same_fact
     assert two["question"] in leaks["prefs/train.jsonl rejected"]
 

@@ -42,9 +42,8 @@ file. `evaluate_predictions` logs the wrong examples of a task (see its docstrin
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
 import re
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
