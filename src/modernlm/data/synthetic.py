@@ -830,9 +830,7 @@ def _interleave(problems: Sequence[Problem]) -> list[Problem]:
     return [p for *_, p in sorted(placed, key=lambda t: t[:3])]
 
 
-def _stories(
-    n: int, rng: random.Random, cfg: SyntheticConfig, split_fn: Splitter
-) -> tuple[list[str], set]:
+def _stories(n: int, rng: random.Random, cfg: SyntheticConfig, split_fn: Splitter) -> tuple[list[str], set]:
     """n stories (arithmetic_fraction of them narrate a problem whose computation is a train key), and
     the keys narrated."""
     out, keys = [], set()

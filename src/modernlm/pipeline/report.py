@@ -339,7 +339,7 @@ def kind_table(data: ReportData) -> tuple[list[str], list[list[str]]]:
 
 
 def _with_interval(row: dict[str, Any], column: str) -> str:
-    """"0.75 [0.64, 0.84]": an accuracy with its 95% Wilson interval where the row counts its problems."""
+    """An accuracy with its 95% Wilson interval ("0.75 [0.64, 0.84]") where the row counts its problems."""
     v, n = _finite(row.get(column)), row.get(column.replace("answer_accuracy", "answer_count", 1))
     if v is None:
         return "n/a"
