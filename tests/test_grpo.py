@@ -1,6 +1,7 @@
 """GRPO's rollouts, rewards and command: rollouts batched == alone with the same seeds, the answer
-checker's rewards, the rollout state a checkpoint keeps, what `modernlm grpo` logs, and an exact
-resume after SIGKILL. The loss itself is checked against TRL in tests/test_grpo_loss.py."""
+checker's rewards, the rollout's completion mask and log-probs against `LM.loglikelihood`, the
+rollout state a checkpoint keeps, what `modernlm grpo` logs, and an exact resume after SIGKILL. The
+loss itself is checked against TRL in tests/test_grpo_loss.py."""
 
 from __future__ import annotations
 
@@ -15,10 +16,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from modernlm.align.grpo import GRPOSettings, Rollouts, answer_reward, rollout_seed, sample_completions
+from modernlm.align.grpo import (
+    GRPOSettings,
+    Rollouts,
+    answer_reward,
+    collate_rollout,
+    completion_logps,
+    rollout_seed,
+    sample_completions,
+)
 from modernlm.align.sft import ChatEncoder, chat_ready
 from modernlm.api import load
 from modernlm.cli import run_command
+from modernlm.generation import prompt_ids
 from modernlm.train.tracking import read_metrics
 from tests.serve_util import chat_checkpoint
 
@@ -62,6 +72,43 @@ def test_rollouts_batched_equal_each_completion_sampled_alone(chat_model):
     assert len({tuple(ids) for ids, _, _ in batched}) > 2  # the seeds differ, so do the samples
     again = sample_completions(model, tok, rows, seeds, s, enc.end_id)
     assert again == batched
+
+
+# Float32 on both sides, the same weights; the facade scores each row alone, unpadded, the loss one
+# right-padded batch: the sums agree to float32 rounding. Measured over 24 random rows (sums -12 to
+# -209 nats): at most 1.5e-5 apart (1 ulp at 128..256), 1.3e-7 relative. The tolerance (atol 1e-5 +
+# rtol 1e-6 * |sum|) leaves >= 10x room and is 400x below the smallest wrong alignment measured on
+# those rows: the mask one position late moves a sum by >= 0.061 nats, one early by >= 0.11, and
+# padding counted in by >= 18.7.
+ALIGN_TOL = dict(rtol=1e-6, atol=1e-5)
+
+
+def test_the_rollout_mask_picks_the_facades_loglikelihood(chat_model):
+    """collate_rollout's completion_mask over completion_logps' token log-probs, summed per row, is
+    log p(completion | prompt) as `LM.loglikelihood` scores it, for prompts and completions of
+    different lengths in one right-padded batch (a 1-token completion, one ending in eos)."""
+    lm = load(chat_model[0])
+    tok = lm.tokenizer
+    pairs = [
+        ("What is 2 + 3?", " 5<|im_end|>"),
+        ("Hi", " there was a little cat who lived in a big house."),
+        ("The quick brown fox jumps over the lazy dog, again and", " again"),
+        ("In 1999 the committee", " decided that the river"),
+    ]
+    rows = [{"prompt": prompt_ids(tok, c), "completion": tok.encode(x), "advantage": 0.5} for c, x in pairs]
+    assert rows[0]["completion"][-1] == tok.eos_id and len(rows[2]["completion"]) == 1
+    batch = collate_rollout(rows, tok.pad_id)
+    ids, mask = batch["input_ids"], batch["completion_mask"]
+    lengths = [len(r["prompt"]) + len(r["completion"]) for r in rows]
+    assert ids.shape == (4, max(lengths)) and mask.shape == (4, max(lengths) - 1) and len(set(lengths)) == 4
+    assert mask.sum(1).tolist() == [len(r["completion"]) for r in rows]
+    with torch.no_grad():
+        logps, _ = completion_logps(lm.model, ids)
+    assert logps.dtype == torch.float32 and next(lm.model.parameters()).dtype == torch.float32
+    got = (logps * mask).sum(1)
+    expected = torch.tensor([lm.loglikelihood(c, x) for c, x in pairs])
+    torch.testing.assert_close(got, expected, **ALIGN_TOL)
+    assert expected.abs().min() > 1  # real sums, not zeros agreeing
 
 
 def rollouts(chat_model, problems, **kw):

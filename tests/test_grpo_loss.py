@@ -1,6 +1,7 @@
 """GRPO maths: our token log-probs, group advantages and clipped surrogate against TRL's GRPOTrainer
-(its own _compute_loss on the same tiny Llama, loss, gradients and metrics), hand-computed
-advantages, the accumulation invariant our trainer relies on, and bad options refused."""
+(its own _compute_loss on the same tiny Llama, loss, gradients and metrics; the trainer built
+without __init__ checked once against a real one), hand-computed advantages, the accumulation
+invariant our trainer relies on, and bad options refused."""
 
 from __future__ import annotations
 
@@ -78,17 +79,24 @@ def _our_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
     return token_logps_and_entropy(logits[:, P - 1 : -1], completion_ids)  # (B, C) each
 
 
+def _grpo_config(loss_type: str, beta: float, bias_correction: bool, **extra):
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        report_to=[], use_cpu=True, bf16=False, fp16=False, per_device_train_batch_size=B, num_generations=4,
+        loss_type=loss_type, beta=beta, epsilon=EPS_LOW, epsilon_high=EPS_HIGH,
+        max_completion_length=MAX_COMPLETION, use_bias_correction_kl=bias_correction, **extra,
+    )  # fmt: skip
+
+
 def _trl_trainer(model, loss_type: str, beta: float, bias_correction: bool):
     """A GRPOTrainer without its __init__ (which wants a tokenizer, reward functions, a dataset and
     an accelerator): the attributes _compute_loss and _get_per_token_logps_and_entropies read, set
-    from a real GRPOConfig the way __init__ sets them. One process, no gradient accumulation."""
-    from trl import GRPOConfig, GRPOTrainer
+    from a real GRPOConfig the way __init__ sets them (checked against a real GRPOTrainer by
+    test_the_shortcut_trainer_is_the_real_one). One process, no gradient accumulation."""
+    from trl import GRPOTrainer
 
-    args = GRPOConfig(
-        report_to=[], use_cpu=True, bf16=False, fp16=False, per_device_train_batch_size=B, num_generations=4,
-        loss_type=loss_type, beta=beta, epsilon=EPS_LOW, epsilon_high=EPS_HIGH,
-        max_completion_length=MAX_COMPLETION, use_bias_correction_kl=bias_correction,
-    )  # fmt: skip
+    args = _grpo_config(loss_type, beta, bias_correction)
     assert args.steps_per_generation == 1 and args.delta is None and args.top_entropy_quantile == 1.0
     t = object.__new__(GRPOTrainer)
     t.args, t.model = args, model
@@ -201,6 +209,87 @@ def test_token_logps_and_entropy_equal_trls_fused_head(llama):
     m = mask.bool()  # TRL writes 0 on padding; we score every position
     torch.testing.assert_close(logps[m], trl_logps[m], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(entropy[m], trl_entropy[m], rtol=1e-5, atol=1e-6)
+
+
+# The real trainer's config: every choice _grpo_config makes differs from GRPOConfig's default but
+# epsilon's 0.2 (defaults: loss_type dapo, beta 0, epsilon_high None, max_completion_length 512,
+# use_bias_correction_kl True).
+REAL = dict(loss_type="dr_grpo", beta=0.04, bias_correction=False)
+
+
+def _real_trl_trainer(tmp_path, args):
+    """A GRPOTrainer built by its own __init__ (~0.3 s): a tiny Llama saved to a local directory
+    (beta > 0 makes TRL load its reference model from the policy's _name_or_path), the byte
+    tokenizer as a PreTrainedTokenizerFast, a reward function, 8 in-memory prompts, CPU."""
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from trl import GRPOTrainer
+
+    from modernlm.tokenizer import byte_tokenizer
+
+    byte_tokenizer().save(tmp_path / "tok")
+    cfg = LlamaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).float()
+    model.save_pretrained(tmp_path / "model")
+    model.config._name_or_path = str(tmp_path / "model")
+
+    def length_reward(completions, **_):  # any reward: __init__ only stores it
+        return [float(len(c)) for c in completions]
+
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=length_reward, args=args, train_dataset=Dataset.from_list([{"prompt": "2+3="}] * B),
+        processing_class=PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "tok")),
+    )  # fmt: skip
+    trainer.model.train()  # as TRL's training loop: its metrics go to "train"
+    return trainer
+
+
+@pytest.mark.hf
+def test_the_shortcut_trainer_is_the_real_one(tmp_path):
+    """The object.__new__ trainer the comparisons above use holds what GRPOTrainer.__init__ sets for
+    the same GRPOConfig, and computes the same loss, gradients and metrics as the real trainer (its
+    real Accelerator, one CPU process), so the shortcut cannot drift from TRL unnoticed. The real
+    one is built once, here, after the shortcut: building a GRPOConfig (a TrainingArguments) resets
+    accelerate's global state, which would break an Accelerator built before it."""
+    short = _trl_trainer(None, REAL["loss_type"], REAL["beta"], REAL["bias_correction"])
+    args = _grpo_config(REAL["loss_type"], REAL["beta"], REAL["bias_correction"], output_dir=str(tmp_path / "out"))
+    real = _real_trl_trainer(tmp_path, args)
+    short.model = real.model  # with the fused LM head GRPOTrainer.__init__ added
+    assert real.ref_model is not None and real.accelerator.num_processes == 1
+    assert real.accelerator.mixed_precision == "no" and real.accelerator.is_main_process
+    # The same config, but for where a real run writes.
+    ours, theirs = short.args.to_dict(), real.args.to_dict()
+    assert ours.keys() == theirs.keys()
+    assert {k for k, v in ours.items() if v != theirs[k]} == {"output_dir"}
+    # Every attribute the shortcut sets by hand, as __init__ set it. current_gradient_accumulation_steps
+    # is set by transformers' training loop at each window (the micro-batches it fetched, as many as
+    # gradient_accumulation_steps): set here as the loop would.
+    assert real.args.gradient_accumulation_steps == 1 and not hasattr(real, "current_gradient_accumulation_steps")
+    real.current_gradient_accumulation_steps = real.args.gradient_accumulation_steps
+    hand_set = set(vars(short)) - {"args", "model", "accelerator"}
+    assert len(hand_set) == 16, sorted(hand_set)
+    for name in sorted(hand_set):
+        value = getattr(real, name)
+        assert type(value) is type(vars(short)[name]) and value == vars(short)[name], name
+    assert (short.epsilon_high, short.beta, short.max_completion_length) == (EPS_HIGH, 0.04, MAX_COMPLETION)
+
+    # And the same numbers: off-policy, with the KL, through each trainer's own _compute_loss.
+    batch = _batch(real.model)
+    batch["num_items_in_batch"] = batch["completion_mask"].sum()
+    results = []
+    for trainer in (real, short):
+        real.model.zero_grad(set_to_none=True)
+        loss = trainer._compute_loss(real.model, batch)
+        loss.backward()
+        results.append((loss.detach(), _grads(real.model), {k: v[-1] for k, v in trainer._metrics["train"].items()}))
+    (real_loss, real_grads, real_metrics), (short_loss, short_grads, short_metrics) = results
+    assert real_loss.item() == short_loss.item() and abs(real_loss.item()) > 1e-3
+    assert all(torch.equal(real_grads[n], short_grads[n]) for n in real_grads)
+    assert real_metrics == short_metrics and "kl" in real_metrics
 
 
 def test_token_logps_and_entropy_formula():

@@ -1,8 +1,9 @@
 """`modernlm serve` through the official `openai` client against a live server on 127.0.0.1: the
 answers equal `modernlm.load`'s own generation (greedy and seeded sampling), streamed text joins to
 the whole text, stop strings and n behave, usage counts the tokens, logprobs are the model's own
-log-softmax, errors come in OpenAI's shape, concurrent clients get what they get alone, a client
-that disconnects frees its place, and the command fails in one line on a bad address."""
+log-softmax, errors come in OpenAI's shape, concurrent clients get what they get alone, a short
+request is decoded in the same forwards as a long one and answered first, a client that
+disconnects frees its place, and the command fails in one line on a bad address."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx2 as httpx
@@ -67,8 +69,16 @@ def test_chat_equals_the_facade_streamed_or_not(client, lm):
     choice = reply.choices[0]
     assert choice.message.role == "assistant"
     assert choice.message.content == lm.chat(USER, 12)
-    chunks = list(client.chat.completions.create(model=lm.name, messages=USER, max_tokens=12, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=lm.name,
+            messages=USER,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == choice.message.content
@@ -115,8 +125,13 @@ def test_stop_strings_streamed_and_not(client, lm):
     cut = full[: full.index(stop)]
     out = client.completions.create(model=lm.name, prompt="Once upon", max_tokens=30, temperature=0, stop=[stop, "zzz"])
     assert out.choices[0].text == cut and out.choices[0].finish_reason == "stop"
-    pieces = [c.choices[0].text for c in client.completions.create(
-        model=lm.name, prompt="Once upon", max_tokens=30, temperature=0, stop=stop, stream=True) if c.choices]
+    pieces = [
+        c.choices[0].text
+        for c in client.completions.create(
+            model=lm.name, prompt="Once upon", max_tokens=30, temperature=0, stop=stop, stream=True
+        )
+        if c.choices
+    ]
     assert "".join(pieces) == cut  # no piece showed the stop string, or a part of it past the cut
 
 
@@ -150,8 +165,9 @@ def test_logprobs_are_the_models_log_softmax(client, lm):
         assert logprob == pytest.approx(float(ref[t, token_id]), abs=1e-4)
         top = ref[t].topk(3)
         assert sorted(lp.top_logprobs[t].values(), reverse=True) == pytest.approx(top.values.tolist(), abs=1e-4)
-    chat = client.chat.completions.create(model=lm.name, messages=USER, max_tokens=4, temperature=0,
-                                          logprobs=True, top_logprobs=2)
+    chat = client.chat.completions.create(
+        model=lm.name, messages=USER, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == 4 and all(len(e.top_logprobs) == 2 for e in content)
     assert bytes(b for e in content for b in e.bytes).decode() == chat.choices[0].message.content
@@ -187,8 +203,9 @@ def test_errors_in_openais_shape(client, lm, url):
     e = _error(lambda: client.completions.create(model=lm.name, prompt="x", max_tokens=300))
     assert e.status_code == 400 and e.body["code"] == "context_length_exceeded"
     # unknown fields are ignored, as OpenAI does
-    out = client.completions.create(model=lm.name, prompt="Once upon", max_tokens=3, temperature=0,
-                                    extra_body={"no_such_field": 1})
+    out = client.completions.create(
+        model=lm.name, prompt="Once upon", max_tokens=3, temperature=0, extra_body={"no_such_field": 1}
+    )
     assert out.choices[0].text == lm.generate("Once upon", 3)
     r = httpx.post(f"{url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
@@ -205,8 +222,11 @@ def test_api_key_body_size_and_timeout(slow_lm):
         assert httpx.get(f"{url}/health").status_code == 200  # no key needed
         e = _error(lambda: right.completions.create(model=lm.name, prompt="x" * 5000))
         assert e.status_code == 413
-        e = _error(lambda: right.completions.create(model=lm.name, prompt="Once", max_tokens=200, temperature=0,
-                                                    extra_body={"ignore_eos": True}))  # 200 x 20 ms
+        e = _error(
+            lambda: right.completions.create(
+                model=lm.name, prompt="Once", max_tokens=200, temperature=0, extra_body={"ignore_eos": True}
+            )
+        )  # 200 x 20 ms
         assert e.status_code == 504 and "longer than 0.5 s" in e.body["message"]
         deadline = time.monotonic() + 5  # and the engine let it go
         while httpx.get(f"{url}/health").json()["running"] and time.monotonic() < deadline:
@@ -218,8 +238,9 @@ def test_a_full_queue_is_refused_with_503(slow_lm):
     lm = slow_lm
     with serving(lm, max_batch=1, max_queue=0) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-        busy = client.completions.create(model=lm.name, prompt="Once", max_tokens=240, temperature=0, stream=True,
-                                         extra_body={"ignore_eos": True})
+        busy = client.completions.create(
+            model=lm.name, prompt="Once", max_tokens=240, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
         next(iter(busy))  # it holds the only row
         e = _error(lambda: client.completions.create(model=lm.name, prompt="x", max_tokens=2))
         assert e.status_code == 503 and e.response.headers.get("retry-after") == "1"
@@ -235,8 +256,9 @@ def test_concurrent_clients_get_what_they_get_alone(lm):
 
         def ask(i: int) -> str:
             stream = i % 2 == 0
-            out = client.completions.create(model=lm.name, prompt=prompts[i], max_tokens=lengths[i], temperature=0,
-                                            stream=stream)
+            out = client.completions.create(
+                model=lm.name, prompt=prompts[i], max_tokens=lengths[i], temperature=0, stream=stream
+            )
             return "".join(c.choices[0].text for c in out if c.choices) if stream else out.choices[0].text
 
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
@@ -246,11 +268,71 @@ def test_concurrent_clients_get_what_they_get_alone(lm):
     assert engine_steps["running"] == 0 and engine_steps["waiting"] == 0
 
 
+def test_requests_are_decoded_together_and_a_short_one_finishes_first(lm):
+    """Batching through the server: a 3-token request sent while a 250-token one streams is decoded
+    in the same forwards and answered while the long one still runs. A forward pre-hook on the
+    model records the rows of each decode forward (those given the engine's SlotCache) and holds the
+    engine at two points, so no timing matters: in the long request's first decode step until the
+    short one is seen waiting (/health), and at its 20th until the client has the short answer. A
+    one-request-at-a-time server keeps the short request waiting behind the long one's 250 tokens
+    and decodes one row per forward."""
+    from modernlm.model import SlotCache
+
+    served = load(lm.checkpoint)  # a model of its own: the hook stays off the module's server
+    rows: list[int] = []
+    holding, queued, answered = threading.Event(), threading.Event(), threading.Event()
+
+    def decode_rows(module, args, kwargs) -> None:
+        if isinstance(kwargs.get("cache"), SlotCache):
+            rows.append(args[0].size(0))
+            if len(rows) == 1:  # the long request's first step: past its admission
+                holding.set()
+                queued.wait(30)
+            elif len(rows) == 20:
+                answered.wait(30)
+
+    handle = served.model.register_forward_pre_hook(decode_rows, with_kwargs=True)
+    try:
+        with serving(served, max_batch=4) as url, concurrent.futures.ThreadPoolExecutor(2) as pool:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+            long = pool.submit(lambda: client.completions.create(
+                model=served.name, prompt="Once", max_tokens=250, temperature=0, stream=True,
+                extra_body={"ignore_eos": True}))  # fmt: skip
+            assert holding.wait(30)  # the long request has its row; the engine waits in its first step
+            short = pool.submit(lambda: client.completions.create(
+                model=served.name, prompt="Once upon", max_tokens=3, temperature=0))  # fmt: skip
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{url}/health").json()["waiting"] != 1:  # queued: the engine is held
+                assert time.monotonic() < deadline, "the short request never reached the engine"
+                time.sleep(0.01)
+            queued.set()
+            answer = short.result(timeout=60)
+            steps_then, running_then = len(rows), httpx.get(f"{url}/health").json()["running"]
+            answered.set()
+            long_text = "".join(c.choices[0].text for c in long.result(timeout=60) if c.choices)
+    finally:
+        queued.set()
+        answered.set()
+        handle.remove()
+    assert answer.choices[0].text == lm.generate("Once upon", 3) and answer.usage.completion_tokens == 3
+    assert running_then == 1 and 3 <= steps_then <= 20  # answered while the long request was mid-way
+    # One decode forward per step, 249 of them (the prefill gives the long one's first token); the
+    # short request's prefill fills a second row after step 1, its two decode steps are 2 and 3.
+    assert rows == [1] + [2] * 2 + [1] * 246
+    assert long_text == lm.generate("Once", 250, eos_token_id=())  # what it gets alone
+
+
 def test_a_client_that_disconnects_frees_its_row(slow_lm):
     lm = slow_lm
     with serving(lm, max_batch=1, max_queue=4) as url:
-        body = {"model": lm.name, "prompt": "Once", "max_tokens": 250, "temperature": 0, "stream": True,
-                "ignore_eos": True}
+        body = {
+            "model": lm.name,
+            "prompt": "Once",
+            "max_tokens": 250,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        }
         with httpx.Client(timeout=30) as http, http.stream("POST", f"{url}/v1/completions", json=body) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
@@ -284,8 +366,12 @@ def _free_port() -> int:
 def test_the_command_serves_and_refuses_a_taken_port(lm, tmp_path):
     port = _free_port()
     env = {**os.environ, "MODERNLM_API_KEY": "k"}
-    proc = subprocess.Popen([sys.executable, "-m", "modernlm", "serve", str(lm.checkpoint), f"port={port}"],
-                            stderr=subprocess.PIPE, env=env, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modernlm", "serve", str(lm.checkpoint), f"port={port}"],
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
     try:
         banner = proc.stderr.readline()
         assert f"http://127.0.0.1:{port}" in banner and "API key required" in banner
@@ -299,16 +385,22 @@ def test_the_command_serves_and_refuses_a_taken_port(lm, tmp_path):
                 time.sleep(0.1)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
         assert client.completions.create(model=lm.name, prompt="Once upon", max_tokens=4, temperature=0).choices[
-            0].text == lm.generate("Once upon", 4)
-        taken = subprocess.run([sys.executable, "-m", "modernlm", "serve", str(lm.checkpoint), f"port={port}"],
-                               capture_output=True, text=True, timeout=60)
+            0
+        ].text == lm.generate("Once upon", 4)
+        taken = subprocess.run(
+            [sys.executable, "-m", "modernlm", "serve", str(lm.checkpoint), f"port={port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert taken.returncode == 2 and taken.stderr.count("\n") == 1 and "port" in taken.stderr
         assert "Traceback" not in taken.stderr
     finally:
         proc.terminate()  # SIGTERM: the engine and the HTTP server stop, exit 0
         assert proc.wait(timeout=30) == 0
-    missing = subprocess.run([sys.executable, "-m", "modernlm", "serve", str(tmp_path / "nope")],
-                             capture_output=True, text=True, timeout=60)
+    missing = subprocess.run(
+        [sys.executable, "-m", "modernlm", "serve", str(tmp_path / "nope")], capture_output=True, text=True, timeout=60
+    )
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
 
 
@@ -344,8 +436,13 @@ def test_smollm2_served_equals_transformers():
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             replies = list(pool.map(ask, range(4)))
-        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-            model=served.name, messages=chats[0], max_tokens=16, temperature=0, stream=True) if c.choices)
+        streamed = "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(
+                model=served.name, messages=chats[0], max_tokens=16, temperature=0, stream=True
+            )
+            if c.choices
+        )
     assert [r.choices[0].message.content for r in replies] == expected
     assert streamed == expected[0]
     for chat, r in zip(chats, replies, strict=True):

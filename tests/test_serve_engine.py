@@ -1,7 +1,8 @@
 """The continuous-batching engine: a SlotCache decode step gives each row the logits it gets alone
 (every model variant, rows at different positions), and the engine's sequences get the text
 `TextGeneration` gives each alone, whatever joins or leaves the batch meanwhile: greedy, seeded
-sampling, repetition penalty, stop strings; cancelling frees a row at once."""
+sampling, repetition penalty, stop strings; a request arriving mid-generation decodes in the same
+forwards as the running one and finishes first; cancelling frees a row at once."""
 
 from __future__ import annotations
 
@@ -55,8 +56,9 @@ def setup():
 
     tok = train_bpe(CORPUS * 20, vocab_size=320, special_tokens=("<|endoftext|>", "<|pad|>"))
     torch.manual_seed(0)
-    model = ModernDecoderLM(tiny_config(vocab_size=320, max_seq_len=256, n_expert=4, moe_layers=[1],
-                                        attn_sink=True)).eval()
+    model = ModernDecoderLM(
+        tiny_config(vocab_size=320, max_seq_len=256, n_expert=4, moe_layers=[1], attn_sink=True)
+    ).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
@@ -161,3 +163,50 @@ def test_cancel_frees_the_row_and_a_full_queue_refuses(setup):
     finally:
         engine.close()
     assert engine.load == (0, 0)
+
+
+def test_a_request_joins_the_running_batch_and_finishes_first(setup):
+    """Batching, observed at the model: a forward pre-hook records the rows of every decode forward
+    (those given the engine's SlotCache), and at the 4th submits a 3-token request while a 250-token
+    one runs. The newcomer is prefilled alone between steps, decodes in the same forwards as the
+    long one (2 rows in steps 5 and 6) and is done at step 6 of the long one's 249; a
+    one-request-at-a-time engine would decode 1 row per step and finish it after the long one."""
+    model, tok = setup
+    engine = Engine(model, tok, max_batch=4)
+    prompt_long, prompt_short = tok.encode("Once", add_bos=True), tok.encode("The quick brown", add_bos=True)
+    s_long, s_short = Sampling(max_new_tokens=250, eos_token_id=()), Sampling(max_new_tokens=3, eos_token_id=())
+    finished: list[tuple[str, int]] = []  # (request, decode steps run when it was done), on the engine thread
+
+    def collect(name: str, c: Collector):
+        def emit(ev) -> None:
+            if isinstance(ev, Done):
+                finished.append((name, engine.steps))
+            c(ev)
+
+        return emit
+
+    long_c, short_c = Collector(1), Collector(1)
+    short = Request(prompt_short, s_short, collect("short", short_c))
+    rows: list[int] = []
+
+    def decode_rows(module, args, kwargs) -> None:
+        if isinstance(kwargs.get("cache"), SlotCache):  # a decode step (a prefill has a cache of its own)
+            rows.append(args[0].size(0))
+            if len(rows) == 4:
+                engine.submit(short)  # arrives while the long request is mid-generation
+
+    handle = model.register_forward_pre_hook(decode_rows, with_kwargs=True)
+    try:
+        engine.start()
+        engine.submit(Request(prompt_long, s_long, collect("long", long_c)))
+        long_c.wait()
+        short_c.wait()
+    finally:
+        handle.remove()
+        engine.close()
+    assert finished == [("short", 6), ("long", 249)]
+    assert rows == [1] * 4 + [2] * 2 + [1] * 243  # 249 decode steps; the prefills give the first tokens
+    assert short_c.done[0].completion_tokens == 3 and long_c.done[0].completion_tokens == 250
+    # The rows decoded together got the tokens each gets alone.
+    for prompt, s, c in ((prompt_long, s_long, long_c), (prompt_short, s_short, short_c)):
+        assert c.texts.get(0, "") == TextGeneration(model, tok, [prompt], s).run()[0].text
