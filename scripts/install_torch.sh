@@ -7,13 +7,15 @@
 # sorts higher), so it is added as an extra index. Where that index cannot be reached (an offline
 # mirror, as on this project's machines, which serve a CPU build) pip warns, then uses the configured
 # index. A torch of VERSION already installed (e.g. your CUDA build) is kept. With an NVIDIA driver
-# (`nvidia-smi` runs) PyPI's CUDA build is installed. TORCH_INDEX_URL replaces the CPU index.
+# (`nvidia-smi` runs) PyPI's CUDA build is installed, unless TORCH_BUILD=cpu (scripts/lock.sh sets
+# it: the lock is the CPU build's, without the CUDA build's nvidia-* wheels, on any machine).
+# TORCH_INDEX_URL replaces the CPU index.
 set -euo pipefail
 python=$1 version=$2
 if "$python" -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$version')" 2>/dev/null; then
   exit 0
 fi
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+if [ "${TORCH_BUILD:-}" != cpu ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
   echo "setup: installing torch==$version (an NVIDIA GPU is here: PyPI's CUDA build, with its nvidia-* wheels)"
   "$python" -m pip install -q "torch==$version"
 else

@@ -12,10 +12,13 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 python3 -m venv "$tmp/venv"
 "$tmp/venv/bin/python" -m pip install -q --upgrade pip setuptools wheel
-bash scripts/install_torch.sh "$tmp/venv/bin/python" "$TORCH_VERSION"
+TORCH_BUILD=cpu bash scripts/install_torch.sh "$tmp/venv/bin/python" "$TORCH_VERSION"
+# torch went in without its dependencies: this resolve adds them (an installed torch's requirements
+# are resolved like any other), so the lock is complete: scripts/setup.sh installs it with --no-deps
 "$tmp/venv/bin/python" -m pip install -q -e ".[$EXTRAS]"
+"$tmp/venv/bin/python" -m pip check
 {
-  echo "# The exact versions scripts/setup.sh installs (pip install -r requirements/lock.txt)."
+  echo "# The exact versions scripts/setup.sh installs (pip install --no-deps -r requirements/lock.txt)."
   echo "# Made by scripts/lock.sh on $(date -u +%Y-%m-%d) with Python $("$tmp/venv/bin/python" -c 'import platform; print(platform.python_version())') on $(uname -sm); do not edit by hand."
   echo "# pyproject.toml keeps version ranges for people who use modernlm as a library."
   # torch: the version without its local label (2.13.0+cpu satisfies ==2.13.0, and so does the

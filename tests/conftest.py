@@ -1,7 +1,10 @@
-"""Shared fixtures: tiny model configs (CPU, milliseconds) and the path to ../shared/data."""
+"""Shared fixtures: tiny model configs (CPU, milliseconds) and the path to ../shared/data; under CI,
+a skip that does not say it needs CUDA fails the run (the hooks at the end)."""
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 from pathlib import Path
 
@@ -9,6 +12,9 @@ import pytest
 import torch
 
 from modernlm.model import ModelConfig
+
+# pytester: tests/test_ci_skips.py runs inner pytest sessions to test the CI hooks below.
+pytest_plugins = ["pytester"]
 
 # A test runner started as a background job of a non-interactive shell inherits SIGINT ignored, and
 # so would every subprocess a test starts: the interrupt tests (tests/test_interrupt.py) need Ctrl-C
@@ -56,3 +62,47 @@ def shared_data() -> Path:
 
 # Tiny models run faster on one thread: with two, synchronisation costs more than the matmuls.
 torch.set_num_threads(1)
+
+
+# ---- CI: no silent skips ---------------------------------------------------------------------------
+# A skip hides missing proof: a package the lock should have, data that is not where the test looks,
+# a browser CI could not install. Under CI (the environment variable CI=true, as CI services set it)
+# such a skip fails the run instead, naming its reason; only a skip whose reason says it needs CUDA
+# stays a skip (CI has no GPU: tests/test_gpu.py's "needs CUDA"). Without CI skips stay skips.
+# Tested in tests/test_ci_skips.py.
+CI_ALLOWED_SKIP = re.compile(r"\bCUDA\b")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def _fail_a_silent_skip(report) -> None:
+    if not report.skipped or hasattr(report, "wasxfail") or not _in_ci():
+        return  # xfail reports are "skipped" too: they are not skips
+    where, reason = "", str(report.longrepr)
+    if isinstance(report.longrepr, tuple):  # (path, line, "Skipped: reason")
+        path, line, reason = report.longrepr
+        where = f" ({path}:{line})"
+    reason = reason.removeprefix("Skipped: ")
+    if CI_ALLOWED_SKIP.search(reason):
+        return
+    report.outcome = "failed"
+    report.longrepr = (
+        f"skipped under CI=true, which fails the run: {reason}{where}\n"
+        "(in CI only a skip whose reason says it needs CUDA may skip; install what the test needs)"
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    _fail_a_silent_skip(report)  # pytest.skip in a test or fixture, skip/skipif marks
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield
+    _fail_a_silent_skip(report)  # a module-level pytest.importorskip / pytest.skip(allow_module_level)
+    return report

@@ -22,7 +22,7 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 REPLY = "<script>alert(1)</script>"
 WAIT_S = 20
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
+webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (in the lock: bash scripts/setup.sh)")
 from selenium.common.exceptions import NoAlertPresentException, TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -43,7 +43,7 @@ window.fetch = (url, init) => {
 def driver(tmp_path_factory):
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
     if missing:
-        pytest.skip(f"no {' or '.join(missing)}: the chat page test needs `apt-get install chromium chromium-driver`")
+        pytest.skip(f"no {' or '.join(missing)}: needs `apt-get install chromium chromium-driver` (as .ci/run does)")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
