@@ -1,9 +1,10 @@
 """train.parallel=fsdp in one process (fast): the same training as ddp, distributed checkpoints that
-either mode resumes, one-line errors for what FSDP does not support. Two ranks under torchrun:
-tests/integration/test_fsdp.py."""
+either mode resumes, one-line errors for what FSDP does not support and for shards that do not fit
+the run (other load errors keep their traceback). Two ranks under torchrun: tests/integration/test_fsdp.py."""
 
 from __future__ import annotations
 
+import errno
 import os
 
 import numpy as np
@@ -78,3 +79,75 @@ def test_torch_without_fully_shard_is_a_one_line_error(monkeypatch):
     monkeypatch.delattr(torch.distributed.fsdp, "fully_shard")  # as on torch < 2.6
     with pytest.raises(UserError, match=r"^train.parallel=fsdp needs torch >= 2.6 .*train.parallel=ddp$"):
         fsdp_api()
+
+
+def saved_shards(tmp_path):
+    """A checkpoint's distributed/ (one process: the model unsharded, the format the same)."""
+    from modernlm.train.fsdp import save_sharded
+
+    m = model()
+    optimizer = torch.optim.AdamW(m.parameters())
+    m(torch.zeros(1, 8, dtype=torch.long)).logits.sum().backward()
+    optimizer.step()  # with its state, as in a run's checkpoint
+    save_sharded(m, optimizer, tmp_path / "ckpt" / "distributed")
+    return tmp_path / "ckpt" / "distributed"
+
+
+def test_shards_that_do_not_fit_are_one_line_naming_the_checkpoint_and_the_mismatch(tmp_path):
+    from torch.distributed.checkpoint import CheckpointException
+
+    from modernlm.train.fsdp import load_sharded
+
+    path = saved_shards(tmp_path)
+    fits = f"^cannot resume from {tmp_path / 'ckpt'}: its distributed/ does not fit this run "
+    other_shapes = ModernDecoderLM(tiny_config(n_expert=4, attn_sink=True, d_model=64))
+    other_keys = ModernDecoderLM(tiny_config())  # dense: no router
+    for m, why in [
+        (other_shapes, r"\(Size mismatch between saved torch.Size\(\[32\]\) and current: torch.Size\(\[64\]\) .*\)$"),
+        (other_keys, r"\(Missing key in checkpoint state_dict: model\..*\)$"),
+    ]:
+        with pytest.raises(UserError, match=fits + why) as e:
+            load_sharded(m, torch.optim.AdamW(m.parameters()), path)
+        assert isinstance(e.value.__cause__, CheckpointException)  # the cause is kept
+        assert "\n" not in str(e.value)
+    (path / "__0_0.distcp").unlink()  # a shard file missing
+    m = model()
+    with pytest.raises(UserError, match=fits + r"\(\[Errno 2\] No such file or directory: .*__0_0.distcp'\)$"):
+        load_sharded(m, torch.optim.AdamW(m.parameters()), path)
+    (path / ".metadata").unlink()
+    with pytest.raises(
+        UserError, match=r"^cannot resume from .*: distributed/.metadata is missing \(an incomplete checkpoint\)$"
+    ):
+        load_sharded(m, torch.optim.AdamW(m.parameters()), path)
+
+
+DCP = "torch.distributed.checkpoint"
+
+
+@pytest.mark.parametrize(
+    "where, error",
+    [
+        (f"{DCP}.load", OSError(errno.EIO, "Input/output error")),
+        (f"{DCP}.filesystem.FileSystemReader.read_data", OSError(errno.EIO, "Input/output error")),
+        (f"{DCP}.default_planner.DefaultLoadPlanner.create_local_plan", RuntimeError("a bug")),
+    ],
+    ids=["io-error", "io-error-in-dcp-reader", "bug-in-dcp-planner"],
+)
+def test_other_load_errors_are_not_turned_into_does_not_fit(tmp_path, monkeypatch, where, error):
+    """An I/O error or a bug is no user mistake: it propagates with its traceback, as raised or in
+    the CheckpointException DCP wraps the errors raised within it in."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    from modernlm.train.fsdp import load_sharded
+
+    def fail(*args, **kwargs):
+        raise error
+
+    path = saved_shards(tmp_path)
+    monkeypatch.setattr(where, fail)
+    m = model()
+    with pytest.raises(BaseException) as e:  # (CheckpointException is not an Exception)
+        load_sharded(m, torch.optim.AdamW(m.parameters()), path)
+    wrapped = isinstance(e.value, CheckpointException)
+    assert wrapped == (where != f"{DCP}.load")
+    assert ([x for x, _ in e.value.failures.values()] if wrapped else [e.value]) == [error]

@@ -1,17 +1,22 @@
 """FSDP2 (train.parallel=fsdp): 2 CPU processes under torchrun (gloo).
 
 - the loss curve is DDP's and one process's at the same global batch (dense, and MoE + sink);
-- its sharded checkpoints resume on another number of ranks (2 -> 1, 1 -> 2) with the
-  uninterrupted run's losses;
+- with gradient accumulation too;
+- its sharded checkpoints resume on another number of ranks (2 -> 1, 1 -> 2; the 1-rank side in one
+  process and sharded on a 1-rank process group) with the uninterrupted run's losses;
+- a checkpoint whose shards do not fit the run is one line and exit code 2 on every rank, no hang;
 - its exported model.safetensors loads with the normal loader and gives the sharded model's logits;
 - SIGTERM on 2 ranks writes one consistent checkpoint, and the rerun resumes exactly.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +55,31 @@ def two(*args: str) -> list[str]:
             *args, "train.batch_size=2"]  # fmt: skip
 
 
+# torchrun with one process joins no process group (runtime.py), so FSDP would not shard: this
+# joins one first, as benchmarks/bench_gpu.py does, and says whether the model came out sharded.
+ONE_RANK_SHARDED = """
+import sys
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+import modernlm.train.fsdp as fsdp
+from modernlm.cli import main
+
+dist.init_process_group("gloo")
+shard_model = fsdp.shard_model
+
+def shard_and_say(model, *args, **kwargs):
+    model = shard_model(model, *args, **kwargs)
+    print(f"sharded on {dist.get_world_size()} rank: {isinstance(model, FSDPModule)}", flush=True)
+    return model
+
+fsdp.shard_model = shard_and_say
+try:
+    main(sys.argv[1:])
+finally:
+    dist.destroy_process_group()
+"""
+
+
 def run_ok(cmd: list[str]) -> str:
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -60,16 +90,29 @@ def curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
     return [(r["step"], r[key]) for r in read_metrics(run_dir) if key in r]
 
 
-def assert_same_curves(a: Path, b: Path, keys=("loss", "val_loss", "grad_norm"), from_step: int = -1) -> None:
+def assert_same_curves(a: Path, b: Path, keys=("loss", "val_loss", "grad_norm"), from_step=-1, least=3) -> None:
     for key in keys:
         ca, cb = ([(s, v) for s, v in curve(d, key) if s > from_step] for d in (a, b))
-        assert [s for s, _ in ca] == [s for s, _ in cb] and len(ca) >= 3, (key, ca, cb)
+        assert [s for s, _ in ca] == [s for s, _ in cb] and len(ca) >= least, (key, ca, cb)
         np.testing.assert_allclose([v for _, v in ca], [v for _, v in cb], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     return make_shards(tmp_path_factory.mktemp("fsdp") / "shards")
+
+
+@pytest.fixture(scope="module")
+def one_sharded(tmp_path_factory):
+    """Like `one`, sharded on 1 rank under torchrun (ONE_RANK_SHARDED)."""
+    worker = tmp_path_factory.mktemp("worker") / "one_rank_sharded.py"
+    worker.write_text(ONE_RANK_SHARDED)
+
+    def cmd(*args: str) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(worker),
+                *args, "train.batch_size=4"]  # fmt: skip
+
+    return cmd
 
 
 @pytest.mark.parametrize("model", [[], MOE_SINK], ids=["dense", "moe-sink"])
@@ -103,16 +146,87 @@ def test_fsdp_matches_ddp_and_one_process_at_the_same_global_batch(shards, tmp_p
         np.testing.assert_allclose(v.numpy(), ddp[k].numpy(), rtol=1e-4, atol=1e-6, err_msg=k)
 
 
+def test_fsdp_with_gradient_accumulation_matches_ddp_and_one_process(shards, tmp_path):
+    """2 micro-batches a step: FSDP reduce-scatters only on the last one, DDP all-reduces there."""
+    args = ["pretrain", *common(shards, tmp_path), "train.grad_accum_steps=2"]
+    run_ok(one(*args, "run.name=one"))
+    run_ok(two(*args, "run.name=ddp"))
+    run_ok(two(*args, "run.name=fsdp", "train.parallel=fsdp"))
+    assert_same_curves(tmp_path / "one", tmp_path / "fsdp")
+    assert_same_curves(tmp_path / "ddp", tmp_path / "fsdp")
+
+
 @pytest.mark.parametrize("ranks", ["2to1", "1to2"])
-def test_fsdp_checkpoint_resumes_on_another_number_of_ranks(shards, tmp_path, ranks):
-    first, then = (two, one) if ranks == "2to1" else (one, two)
-    args = ["pretrain", *common(shards, tmp_path, *MOE_SINK), "train.parallel=fsdp"]
-    run_ok(first(*args, "run.name=full"))
-    step4 = tmp_path / "full" / "checkpoints" / "step_0000004"
-    out = run_ok(then(*args, "run.name=resumed", f"train.resume_from={step4}"))
-    assert f"resumed from {step4} at step 4" in out
-    assert [s for s, _ in curve(tmp_path / "resumed", "loss")] == [5, 6, 7, 8]
-    assert_same_curves(tmp_path / "full", tmp_path / "resumed", keys=("loss", "grad_norm"), from_step=4)
+def test_fsdp_checkpoint_resumes_on_another_number_of_ranks(shards, tmp_path, one_sharded, ranks):
+    """The 1-rank side both in one process (unsharded) and sharded on a 1-rank process group."""
+    sharded = "sharded on 1 rank: True"
+    args = ["pretrain", *common(shards, tmp_path, *MOE_SINK, "train.eval_every=2"), "train.parallel=fsdp"]
+    firsts, thens = ([two], [one, one_sharded]) if ranks == "2to1" else ([one, one_sharded], [two])
+    for i, first in enumerate(firsts):
+        out = run_ok(first(*args, f"run.name=full{i}"))
+        assert (sharded in out) == (first is one_sharded), out
+    if len(firsts) == 2:  # FSDP on 1 rank is the one process
+        assert_same_curves(tmp_path / "full0", tmp_path / "full1")
+    for i, (j, then) in itertools.product(range(len(firsts)), enumerate(thens)):
+        step4, name = tmp_path / f"full{i}" / "checkpoints" / "step_0000004", f"resumed{i}{j}"
+        out = run_ok(then(*args, f"run.name={name}", f"train.resume_from={step4}"))
+        assert f"resumed from {step4} at step 4" in out and (sharded in out) == (then is one_sharded), out
+        assert [s for s, _ in curve(tmp_path / name, "loss")] == [5, 6, 7, 8]
+        # the validation loss too: the resharded weights are the whole model's (at steps 6 and 8)
+        assert_same_curves(tmp_path / f"full{i}", tmp_path / name, from_step=4, least=2)
+
+
+def by_hand(cmds: list[list[str]], timeout: float = 120) -> tuple[list[int], list[list[str]]]:
+    """cmds[r] run as rank r, started by hand: torchrun would stop the other ranks at the first
+    exit, hiding a rank left waiting (a timeout here) and their exit codes. Exit codes, stderr lines."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**ENV, "WORLD_SIZE": str(len(cmds)), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [
+        subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+        for r, cmd in enumerate(cmds)
+    ]  # fmt: skip
+    try:
+        errs = [p.communicate(timeout=timeout)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [p.returncode for p in procs], [err.strip().splitlines() for err in errs]
+
+
+def test_fsdp_resume_from_shards_that_do_not_fit_is_one_line_on_every_rank(shards, tmp_path):
+    """The run's config.json, another model's shards (another d_model): exit code 2 and the same
+    one line on each of 2 ranks, naming the checkpoint and the mismatch; no traceback, no hang."""
+    import torch
+
+    from modernlm.model import ModernDecoderLM
+    from modernlm.train.fsdp import save_sharded
+    from tests.conftest import tiny_config
+
+    args = ["pretrain", *common(shards, tmp_path, "train.num_steps=1"), "train.parallel=fsdp"]
+    run_ok(one(*args, "run.name=a"))
+    ckpt = tmp_path / "a" / "checkpoints" / "step_0000001"
+    shutil.rmtree(ckpt / "distributed")
+    other = ModernDecoderLM(tiny_config(d_model=64))
+    save_sharded(other, torch.optim.AdamW(other.parameters()), ckpt / "distributed")
+
+    def resume(*ckpts: Path) -> tuple[list[int], list[list[str]]]:  # rank r from ckpts[r]
+        return by_hand([[sys.executable, "-m", "modernlm", *args, "run.name=b", f"train.resume_from={c}",
+                         "train.batch_size=2"] for c in ckpts])  # fmt: skip
+
+    error = "modernlm pretrain: error: cannot resume from"
+    line = (
+        f"{error} {ckpt}: its distributed/ does not fit this run (Size mismatch between saved "
+        "torch.Size([64, 64]) and current: torch.Size([64, 32]) for model.tok_emb.weight)"
+    )
+    assert resume(ckpt, ckpt) == ([2, 2], [[line], [line]])
+    # rank 1 sees a copy without .metadata (as on a node without the file): both stop, neither waits
+    bare = shutil.copytree(ckpt, tmp_path / "bare")
+    (bare / "distributed" / ".metadata").unlink()
+    missing = "distributed/.metadata is missing on rank 1 (an incomplete checkpoint)"
+    assert resume(ckpt, bare) == ([2, 2], [[f"{error} {ckpt}: {missing}"], [f"{error} {bare}: {missing}"]])
 
 
 def test_fsdp_with_compile_and_activation_checkpointing_follows_the_same_curve(shards, tmp_path):

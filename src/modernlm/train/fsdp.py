@@ -17,7 +17,8 @@ Checkpoints (see `Checkpointer`): model + optimizer go through `torch.distribute
 (each rank writes its own shards into `distributed/`, nothing is gathered to one rank); the full
 weights are also gathered once, on rank 0, for the usual model.safetensors + config.json that
 eval / generate / convert / serve read. DCP reshards on load, so a run resumes on another number
-of ranks (2 -> 1, 1 -> 2).
+of ranks (2 -> 1, 1 -> 2). Shards that do not fit the run (other shapes or keys, a missing file)
+are a one-line UserError on every rank; any other load error (I/O, a bug) keeps its traceback.
 
 Needs torch >= 2.6 (where `fully_shard` became public); imported only when train.parallel=fsdp.
 """
@@ -27,13 +28,16 @@ from __future__ import annotations
 import contextlib
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from modernlm.errors import UserError
 from modernlm.runtime import Runtime, warn_once
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint import CheckpointException
 
 DISTRIBUTED_DIR = "distributed"  # a checkpoint's DCP shards (model + optimizer), one file per rank
 
@@ -147,23 +151,56 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path)
 
 def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
     """Load model + optimizer state from a `save_sharded` directory, resharded to this run's ranks
-    (sharded or plain model, any number of ranks)."""
+    (sharded or plain model, any number of ranks). A directory that does not fit this run (other
+    shapes or keys, a missing file) is a UserError on every rank; any other error propagates."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    if not (path / ".metadata").is_file():
-        raise UserError(f"checkpoint {path}: missing .metadata (not a complete distributed checkpoint)")
+    # Decided together: a rank that raised alone (say, on a node without the file) would leave the
+    # others waiting in dcp.load's collectives.
+    missing = _ranks_where(not (path / ".metadata").is_file())
+    if missing:
+        where = f" on rank {', '.join(map(str, missing))}" if sharding() else ""
+        raise UserError(
+            f"cannot resume from {path.parent}: {path.name}/.metadata is missing{where} (an incomplete checkpoint)"
+        )
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
     try:
         with _quiet():
             dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:  # a foreign or damaged checkpoint (other model shapes, missing files)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"cannot resume from {path.parent}: its distributed state does not fit this run ({first})"
-        ) from None
+    except CheckpointException as e:  # (a BaseException, not an Exception)
+        # DCP gathers every rank's errors and raises the same CheckpointException on each: every
+        # rank decides alike here, none is left in a collective.
+        misfit = _misfit(e)
+        if not misfit:
+            raise  # an I/O error, a bug: not the user's, with its traceback
+        raise UserError(f"cannot resume from {path.parent}: its {path.name}/ does not fit this run ({misfit})") from e
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _misfit(e: CheckpointException) -> str:
+    """The first rank's error, if every rank's says the checkpoint does not fit this run; else "".
+    DCP's planner raises ValueError "Size mismatch ..." (other shapes) and RuntimeError "Missing key
+    ..." (another model or optimizer), its reader FileNotFoundError (a shard file missing). Bugs
+    raise ValueError and RuntimeError too: only these messages count."""
+    errors = [error for error, _ in e.failures.values()]
+    known = [
+        isinstance(x, FileNotFoundError)
+        or (isinstance(x, (ValueError, RuntimeError)) and str(x).startswith(("Size mismatch", "Missing key")))
+        for x in errors
+    ]
+    return str(errors[0]).strip().splitlines()[0] if errors and all(known) else ""
+
+
+def _ranks_where(flag: bool) -> list[int]:
+    """The ranks where `flag` holds (a collective under a process group; [0] or [] without)."""
+    if not sharding():
+        return [0] if flag else []
+    flags = [False] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(flags, flag)  # objects: no tensor device to pick (gloo or NCCL)
+    return [rank for rank, f in enumerate(flags) if f]
 
 
 class FullWeights:
