@@ -1,7 +1,8 @@
 """modernlm.load and the LM it returns: every source kind gives the direct path's logits and tokens,
 generation follows the tokenizer's own bos rule (transformers' text for HF sources), chats use the
 model's chat template, loglikelihood and perplexity are the hand-computed / `eval perplexity`
-numbers, and a bad source is one line that names it."""
+numbers, and a bad source is one line that names it. An HF source without tokenizer files loads
+as weights only; any other error on the tokenizer path is raised."""
 
 from __future__ import annotations
 
@@ -226,6 +227,71 @@ def test_convert_keeps_the_bos_rule(hf_dir, tmp_path):
 def test_backend_transformers_refuses_our_checkpoint(ckpt):
     with pytest.raises(UserError, match="modernlm checkpoint"):
         load(ckpt, backend="transformers")
+
+
+@pytest.fixture(scope="module")
+def hf_no_tokenizer(tmp_path_factory):
+    """An HF directory with a tiny Llama's weights and config, and no tokenizer files."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("hf") / "no-tokenizer"
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.hf
+def test_hf_dir_without_a_tokenizer_loads_weights_only(hf_no_tokenizer, capsys):
+    """No tokenizer files: what transformers raises for that (its ValueError "Couldn't instantiate
+    the backend tokenizer", an OSError in transformers 4 and from the hub) means weights only; a
+    tokenizer= asked for that has none is a one-line UserError naming it."""
+    lm = load(hf_no_tokenizer, progress=False)
+    assert lm.tokenizer is None and lm.kind == "transformers"
+    err = capsys.readouterr().err
+    assert f"warning: no usable tokenizer in {hf_no_tokenizer}" in err and "weights only" in err
+    assert lm.logits_fn(torch.tensor([[1, 2, 3]])).shape == (1, 3, 320)  # the weights still score token ids
+    with pytest.raises(UserError, match=f"tokenizer: no usable tokenizer in {hf_no_tokenizer}") as e:
+        load(hf_no_tokenizer, tokenizer=str(hf_no_tokenizer), progress=False, what="tokenizer")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.hf
+def test_hf_tokenizer_errors_other_than_none_there_propagate(hf_no_tokenizer, tmp_path, monkeypatch, capsys):
+    """Only "there is no tokenizer" means weights only: a corrupt tokenizer.json or a failure inside
+    the conversion is raised as it is, never turned into a warning."""
+    import shutil
+
+    import modernlm.hf.convert
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(hf_no_tokenizer, corrupt)
+    (corrupt / "tokenizer.json").write_text("{not json")
+    with pytest.raises(json.JSONDecodeError):
+        load(corrupt, progress=False)
+
+    def broken(hf_tok):
+        raise RuntimeError("a bug in the conversion")
+
+    (tmp_path / "tok").mkdir()
+    monkeypatch.setattr(modernlm.hf.convert, "hf_tokenizer_to_ours", broken)
+    monkeypatch.setattr(modernlm.hf.convert, "load_hf_tokenizer", lambda source: object())
+    with pytest.raises(RuntimeError, match="a bug in the conversion"):
+        load(hf_no_tokenizer, progress=False)
+    assert "weights only" not in capsys.readouterr().err
+
+    # transformers 4's "no tokenizer files" and the hub's "no such repository": an OSError itself
+    def missing(source):
+        raise OSError(f"Can't load tokenizer for '{source}'.")
+
+    monkeypatch.setattr(modernlm.hf.convert, "load_hf_tokenizer", missing)
+    assert load(hf_no_tokenizer, progress=False).tokenizer is None
+    assert "Can't load tokenizer" in capsys.readouterr().err
+    monkeypatch.setattr(modernlm.hf.convert, "load_hf_tokenizer", lambda source: open(tmp_path / "tok"))
+    with pytest.raises(IsADirectoryError):  # an OSError subclass: a real error on the way
+        load(hf_no_tokenizer, progress=False)
 
 
 # ---- the real model: SmolLM2-135M-Instruct (.gguf); ~20 tokens/s on a laptop CPU -------------------

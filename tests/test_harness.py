@@ -8,7 +8,9 @@
   the harness's rolling windows scored by hand and `modernlm eval perplexity`'s total over the same
   windows; `generate_until` equals `LM.generate` with the same stop strings, for a mixed batch;
 - `modernlm eval tasks` fails in one line (exit 2) on bad input before it loads a model, and
-  writes the harness's results JSON and a table end to end;
+  writes the harness's results JSON and a table end to end; `python -m modernlm.harness` (lm-eval's
+  own command line) fails in one line too: bad --model_args before lm-eval starts, an unknown task
+  before the model loads;
 - slow: on SmolLM2 (the same .gguf), our converted model through the adapter gives the harness's
   HFLM over transformers' model the same per-request log-likelihoods (within 1e-4; measured: equal),
   greedy flags and accuracy on sst2_local, the same prompts and generated texts on gsm8k_local (plain
@@ -62,8 +64,11 @@ DATASET_FIELDS = {
     "task", "tag", "dataset_path", "dataset_name", "dataset_kwargs", "training_split", "validation_split",
     "test_split", "fewshot_split", "process_docs",
 }  # fmt: skip
-HARNESS_TASKS = {"sst2_local": "glue/sst2/default.yaml", "gsm8k_local": "gsm8k/gsm8k.yaml",
-                 "wikitext_local": "wikitext/wikitext.yaml"}
+HARNESS_TASKS = {
+    "sst2_local": "glue/sst2/default.yaml",
+    "gsm8k_local": "gsm8k/gsm8k.yaml",
+    "wikitext_local": "wikitext/wikitext.yaml",
+}
 
 
 class _Function(NamedTuple):
@@ -108,8 +113,11 @@ def test_offline_task_is_the_harness_task(ours):
     theirs = _read_task_yaml(Path(lm_eval.tasks.__file__).parent / HARNESS_TASKS[ours])
     assert mine["task"] == ours
     strip = lambda cfg: {k: v for k, v in cfg.items() if k not in DATASET_FIELDS}  # noqa: E731
-    differ = {k: (strip(mine).get(k), strip(theirs).get(k)) for k in strip(mine).keys() | strip(theirs).keys()
-              if strip(mine).get(k) != strip(theirs).get(k)}
+    differ = {
+        k: (strip(mine).get(k), strip(theirs).get(k))
+        for k in strip(mine).keys() | strip(theirs).keys()
+        if strip(mine).get(k) != strip(theirs).get(k)
+    }
     assert not differ, f"{ours} drifted from the harness's task (ours, theirs): {differ}"
     # The split evaluated and the few-shot split have the same names, and ours has a file for each.
     assert _eval_split(mine) == _eval_split(theirs)
@@ -254,8 +262,9 @@ def test_generate_until_is_lm_generate(moe_lm):
         {"until": [stop, "\n"], "max_gen_toks": 12, "do_sample": False},
         {"until": ["Question:"], "max_gen_toks": 5, "temperature": 0.0},
     ]
-    args = [(c, settings[i % 2]) for i, c in enumerate(contexts)] + [(c, settings[1 - i % 2]) for i, c in
-                                                                     enumerate(contexts)]
+    args = [(c, settings[i % 2]) for i, c in enumerate(contexts)] + [
+        (c, settings[1 - i % 2]) for i, c in enumerate(contexts)
+    ]
     eos = moe_lm.tokenizer.decode([moe_lm.tokenizer.eos_id])
     expected = [moe_lm.generate(c, max_new_tokens=s["max_gen_toks"], stop=s["until"] + [eos]) for c, s in args]
     assert expected[0] == free[: free.index(stop)] and expected[0] != free  # the stop string took effect
@@ -318,6 +327,98 @@ def test_command_end_to_end(tiny_ckpt, shared_data, tmp_path, capsys):
     assert "| sst2_local |" in table and "| wikitext_local |" in table and "word_perplexity" in table
     printed = capsys.readouterr().out
     assert "| sst2_local |" in printed
+
+
+# ---- `python -m modernlm.harness`: lm-eval's command line, its user mistakes in one line ---------------
+
+HARNESS_RUN = ["run", "--model", "modernlm", "--tasks", "sst2_local"]
+
+
+def test_harness_cli_rejects_bad_model_args_before_lm_eval_starts(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """`--model modernlm`'s arguments are checked before lm-eval starts (it indexes every harness
+    task, seconds, before it loads the model): one line naming the field, exit 2, no traceback."""
+    import lm_eval.__main__
+
+    from modernlm.harness.__main__ import main
+
+    def not_started():
+        raise AssertionError("lm-eval started before the model's arguments were checked")
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", not_started)
+    missing = tmp_path / "missing"
+    ckpt = f"pretrained={tiny_ckpt}"
+    cases = [
+        ([f"pretrained={missing}"], [f"pretrained: {missing}: no such file or directory"]),
+        ([json.dumps({"pretrained": str(missing)})], [str(missing)]),  # lm-eval's JSON form
+        ([], ["pretrained=MODEL is required"]),
+        ([f"{ckpt},dtyp=bfloat16"], ["unknown key 'dtyp'", "did you mean 'dtype'"]),
+        ([ckpt, "batch_size=4"], ["batch_size is lm-eval's own option", "--batch_size"]),
+        ([ckpt, "dtype=float33"], ["dtype must be one of", "'float33'"]),
+        ([ckpt, "backend=vllm"], ["backend must be one of", "'vllm'"]),
+        ([ckpt, "max_gen_toks=many"], ["max_gen_toks must be a positive integer", "'many'"]),
+        ([ckpt, "pretrained"], ["expected key=value", "'pretrained'"]),
+    ]
+    for model_args, words in cases:
+        assert main([*HARNESS_RUN, *(["--model_args", *model_args] if model_args else [])]) == 2, model_args
+        line = _one_line_error(capsys)
+        assert line.startswith("modernlm.harness: error: --model_args") and all(w in line for w in words), line
+    # the same from lm-eval's --config YAML (the command line overrides it)
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({"model": "modernlm", "model_args": {"pretrained": str(missing)}}))
+    assert main(["run", "--config", str(config), "--tasks", "sst2_local"]) == 2
+    assert str(missing) in _one_line_error(capsys)
+    assert main(["run", "--config", str(config), "--model_args", ckpt, "dtype=x", "--tasks", "sst2_local"]) == 2
+    assert "dtype must be one of" in _one_line_error(capsys)
+    # another model's arguments are lm-eval's to check
+    with pytest.raises(AssertionError, match="lm-eval started"):
+        main(["run", "--model", "hf", "--model_args", f"pretrained={missing}", "--tasks", "sst2_local"])
+
+
+def test_harness_cli_names_an_unknown_task_before_the_model_loads(tiny_ckpt, shared_data, monkeypatch, capsys):
+    """lm-eval looks the task names up (after indexing its tasks) before it loads the model: an
+    unknown one is one line naming it, exit 2, and the model never loads. (lm-eval's own index of
+    its ~15,000 tasks takes seconds; here it indexes the --include_path only.)"""
+    import lm_eval.__main__
+    import lm_eval.tasks
+
+    import modernlm.api
+    from modernlm.harness.__main__ import main
+    from modernlm.harness.run import offline_task_dir
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the task names were checked")
+
+    monkeypatch.setattr(modernlm.api, "load", no_loading)
+    # lm-eval's logging setup binds a handler to this test's captured stderr for good: leave it out
+    monkeypatch.setattr(lm_eval.__main__, "setup_logging", lambda *a, **k: None)
+    index = lm_eval.tasks.TaskManager.__init__
+    monkeypatch.setattr(
+        lm_eval.tasks.TaskManager, "__init__", lambda self, *a, **k: index(self, *a, **k, include_defaults=False)
+    )
+    tasks = offline_task_dir(["sst2_local"], shared_data)
+    args = ["run", "--model", "modernlm", "--model_args", f"pretrained={tiny_ckpt}", "--include_path", str(tasks)]
+    assert main([*args, "--tasks", "sst2_locl,sst2_local"]) == 2
+    line = _one_line_error(capsys)
+    assert line.startswith("modernlm.harness: error: --tasks: no such harness task: sst2_locl "), line
+
+
+def test_harness_module_exits_2_in_one_line_on_a_missing_model(shared_data, tmp_path):
+    """As a user runs it: `python -m modernlm.harness ... pretrained=missing` with a task that exists."""
+    import subprocess
+    import sys
+
+    from modernlm.harness.run import offline_task_dir
+
+    missing, tasks = tmp_path / "missing", offline_task_dir(["sst2_local"], shared_data)
+    out = subprocess.run(
+        [sys.executable, "-m", "modernlm.harness", *HARNESS_RUN, "--include_path", str(tasks), "--model_args",
+         f"pretrained={missing}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [
+        f"modernlm.harness: error: --model_args pretrained: {missing}: no such file or directory"
+    ]
 
 
 # ---- 5. slow: the harness's own HFLM on SmolLM2 --------------------------------------------------------
@@ -435,9 +536,25 @@ def test_lm_evals_own_command_line_runs_the_modernlm_model(tiny_ckpt, shared_dat
 
     tasks = offline_task_dir(["sst2_local"], shared_data)
     out = subprocess.run(
-        [sys.executable, "-m", "modernlm.harness", "run", "--model", "modernlm", "--model_args",
-         f"pretrained={tiny_ckpt}", "--tasks", "sst2_local", "--include_path", str(tasks), "--limit", "2"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "modernlm.harness",
+            "run",
+            "--model",
+            "modernlm",
+            "--model_args",
+            f"pretrained={tiny_ckpt}",
+            "--tasks",
+            "sst2_local",
+            "--include_path",
+            str(tasks),
+            "--limit",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "sst2_local" in out.stdout and "acc" in out.stdout

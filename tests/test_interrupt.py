@@ -1,7 +1,12 @@
 """SIGINT / SIGTERM during training: the step in progress finishes, its checkpoint is saved, the
 command exits 130 / 143 with one line, and rerunning it resumes with the uninterrupted run's losses.
 A second Ctrl-C exits at once. Real signals to real runs: here in-process (fast, through
-`cli.run_command`), in tests/integration/test_interrupt.py to `python -m modernlm` and torchrun."""
+`cli.run_command`: pretrain, sft, verifier, finetune, a pipeline stage), in
+tests/integration/test_interrupt.py to `python -m modernlm` and torchrun.
+
+The step at which a test sends its signal is random, drawn from $MODERNLM_TEST_SEED (default: a
+fresh seed per session) and the test's id; every failure's report prints the seed, and
+`MODERNLM_TEST_SEED=N pytest ...` replays the same steps."""
 
 from __future__ import annotations
 
@@ -22,6 +27,22 @@ from modernlm.checkpoint import save_model
 from modernlm.cli import run_command
 from modernlm.data.corpus import write_shards
 from modernlm.train.tracking import read_metrics
+
+SEED_VAR = "MODERNLM_TEST_SEED"
+try:
+    SEED = int(os.environ.get(SEED_VAR) or random.SystemRandom().randrange(2**32))
+except ValueError:
+    raise ValueError(f"{SEED_VAR} must be an integer, got {os.environ[SEED_VAR]!r}") from None
+
+
+@pytest.fixture
+def signal_rng(request) -> random.Random:
+    """The random.Random that picks the step at which this test sends its signal: seeded from SEED
+    and the test's id, so replaying one test gives it the same steps whatever else runs. The seed
+    goes into the report of any failure ("Captured replay call")."""
+    request.node.add_report_section("call", "replay", f"replay the signal steps with {SEED_VAR}={SEED}")
+    return random.Random(f"{SEED} {request.node.nodeid}")
+
 
 TINY = ["model.vocab_size=64", "model.d_model=32", "model.n_layer=2", "model.n_head=4", "model.max_seq_len=32"]
 
@@ -118,12 +139,12 @@ def signal_self_while(run_dir: Path, k: int, sig: signal.Signals, run):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_saves_the_step_and_rerun_resumes_with_the_same_losses(tmp_path, capsys, sig):
+def test_signal_saves_the_step_and_rerun_resumes_with_the_same_losses(tmp_path, capsys, sig, signal_rng):
     shards, out = make_shards(tmp_path / "shards"), tmp_path / "runs"
     args = pretrain_args(shards, out, "train.num_steps=60", "train.eval_every=20")
     assert run_command("pretrain", [*args, "run.name=full"]) == 0
 
-    k = random.randint(3, 20)
+    k = signal_rng.randint(3, 20)
     run_dir = out / "stopped"
     capsys.readouterr()
     handler = signal.getsignal(signal.SIGINT)
@@ -143,7 +164,7 @@ def test_signal_saves_the_step_and_rerun_resumes_with_the_same_losses(tmp_path, 
     assert vals(run_dir) == vals(out / "full")
 
 
-def test_sft_signal_then_resume_matches(tmp_path, capsys):
+def test_sft_signal_then_resume_matches(tmp_path, capsys, signal_rng):
     import torch
 
     from modernlm.model import ModernDecoderLM
@@ -160,7 +181,7 @@ def test_sft_signal_then_resume_matches(tmp_path, capsys):
             "eval.generate=0", f"run.out_dir={tmp_path}", "run.device=cpu"]  # fmt: skip
     assert run_command("sft", [*args, "run.name=full"]) == 0
 
-    k, sig = random.randint(3, 15), signal.SIGTERM
+    k, sig = signal_rng.randint(3, 15), signal.SIGTERM
     run_dir = tmp_path / "stopped"
     capsys.readouterr()
     code = signal_self_while(run_dir, k, sig, lambda: run_command("sft", [*args, "run.name=stopped"]))
@@ -174,7 +195,7 @@ def test_sft_signal_then_resume_matches(tmp_path, capsys):
     assert json.loads((run_dir / "eval.json").read_text())["step"] == 50
 
 
-def test_pipeline_stage_is_left_interrupted_and_resumed(tmp_path, capsys):
+def test_pipeline_stage_is_left_interrupted_and_resumed(tmp_path, capsys, signal_rng):
     """A training stage run in-process by the pipeline: the signal stops the pipeline (the stage
     marked interrupted, nothing after it runs); the rerun resumes the stage from its checkpoint."""
     from modernlm.commands import pretrain
@@ -192,7 +213,7 @@ def test_pipeline_stage_is_left_interrupted_and_resumed(tmp_path, capsys):
         return [Stage("lm", "lm", (), cfg, pretrain.main, resumable=True),
                 Stage("after", "after", ("lm",), cfg.train, lambda c: calls.append("after"))]  # fmt: skip
 
-    k, sig = random.randint(3, 20), signal.SIGINT
+    k, sig = signal_rng.randint(3, 20), signal.SIGINT
 
     def run_pipeline() -> Interrupted:
         with pytest.raises(Interrupted) as e:
@@ -211,6 +232,109 @@ def test_pipeline_stage_is_left_interrupted_and_resumed(tmp_path, capsys):
     assert "lm: resuming an unfinished attempt" in capsys.readouterr().out
     assert calls == ["after"] and json.loads((out / "stages" / "lm.json").read_text())["status"] == "done"
     assert losses(out / "lm") == losses(tmp_path / "full"), f"k={k}, stopped at {stopped_at}"
+
+
+# ---- the verifier and LoRA finetune: commands with their own model files --------------------------
+
+
+@pytest.fixture(scope="module")
+def verifier_full(tmp_path_factory):
+    """(out_dir, the verifier's arguments but run.name): its uninterrupted run is out_dir/full."""
+    from tests.test_verifier import chat_checkpoint, write_problems
+
+    tmp = tmp_path_factory.mktemp("verifier")
+    sft = chat_checkpoint(tmp / "sft")
+    train = write_problems(tmp / "train.jsonl", [(f"{a}+{b}?", f"#### {a + b}") for a in range(3) for b in range(3)])
+    test = write_problems(tmp / "test.jsonl", [(f"{a}*{b}?", f"#### {a * b}") for a in range(2) for b in range(2)])
+    args = [str(sft), f"data.train_path={train}", f"data.eval_path={test}", "data.val_fraction=0.2",
+            "sample.n_train=4", "sample.n_eval=3", "sample.max_new_tokens=8", "sample.batch_size=8", "lm_coef=0.5",
+            "train.num_steps=40", "train.batch_size=4", "train.eval_every=20", "train.log_every=1",
+            "train.save_every=1000", "train.progress=false", "optim.lr=1e-3", "optim.warmup_steps=2",
+            f"run.out_dir={tmp}", "run.device=cpu"]  # fmt: skip
+    assert run_command("verifier", [*args, "run.name=full"]) == 0
+    assert [s for s, _ in losses(tmp / "full")] == list(range(1, 41))
+    return tmp, args
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_verifier_signal_then_resume_matches(verifier_full, capsys, sig, signal_rng):
+    """The signal lands in the verifier's training (after its sampling): nothing after training runs
+    (no verifier/, no rerank); the rerun reuses the samples, resumes with the same losses and ends
+    with the uninterrupted run's scores."""
+    out, args = verifier_full
+    k, run_dir = signal_rng.randint(3, 15), out / f"stopped-{sig.name}"
+    capsys.readouterr()
+    code = signal_self_while(run_dir, k, sig, lambda: run_command("verifier", [*args, f"run.name={run_dir.name}"]))
+    assert code == 128 + sig
+    stopped_at = logged_steps(run_dir)[-1]
+    check_interrupted(run_dir, stopped_at, k, capsys.readouterr().err, sig)
+    assert stopped_at < 40
+    assert not (run_dir / "eval.json").exists() and not (run_dir / "verifier").exists()
+    samples = {p.name: p.read_text() for p in (run_dir / "samples").glob("*.jsonl")}
+    assert len(samples) == 3
+
+    assert run_command("verifier", [*args, f"run.name={run_dir.name}"]) == 0
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:07d}'}" in capsys.readouterr().out
+    assert losses(run_dir) == losses(out / "full"), f"k={k}, stopped at {stopped_at}"
+    assert {p.name: p.read_text() for p in (run_dir / "samples").glob("*.jsonl")} == samples  # not redrawn
+    predictions = lambda d: (d / "eval" / "predictions.jsonl").read_text()  # noqa: E731
+    assert predictions(run_dir) == predictions(out / "full")  # every verifier score, exactly
+    assert json.loads((run_dir / "eval.json").read_text())["step"] == 40
+
+
+@pytest.fixture(scope="module")
+def finetune_full(tmp_path_factory):
+    """(out_dir, finetune's arguments but run.name): LoRA (dropout on) + a new classification head
+    on a tiny GPT-2 with the real GPT-2 tokenizer, SST-2; the uninterrupted run is out_dir/full."""
+    from tests.conftest import SHARED_DATA
+
+    pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    if not (SHARED_DATA / "gpt2-tokenizer").is_dir():
+        pytest.skip(f"GPT-2 tokenizer not found at {SHARED_DATA / 'gpt2-tokenizer'}")
+    tmp = tmp_path_factory.mktemp("finetune")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50257, n_positions=256)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp / "gpt2")
+    transformers.GPT2TokenizerFast.from_pretrained(str(SHARED_DATA / "gpt2-tokenizer")).save_pretrained(tmp / "gpt2")
+    dev = SHARED_DATA / "sst2" / "dev.tsv"
+    args = [str(tmp / "gpt2"), "data.name=sst2", f"data.path={dev}", "data.max_examples=64", f"eval.path={dev}",
+            "eval.max_examples=8", "eval.before=true", "lora.dropout=0.1", "train.num_steps=40", "train.batch_size=4",
+            "train.eval_every=20", "train.log_every=1", "train.save_every=1000", "train.progress=false",
+            "optim.lr=5e-3", "optim.warmup_steps=2", "run.tensorboard=false", f"run.out_dir={tmp}",
+            "run.device=cpu"]  # fmt: skip
+    assert run_command("finetune", [*args, "run.name=full"]) == 0
+    assert [s for s, _ in losses(tmp / "full")] == list(range(1, 41))
+    return tmp, args
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_finetune_signal_then_resume_matches(finetune_full, capsys, sig, signal_rng):
+    """LoRA finetune: the checkpoint is the adapter (+ head); nothing after training runs (adapter/,
+    eval/); the rerun resumes with the same losses and ends with the uninterrupted run's adapter,
+    the evaluation before training kept from the first attempt."""
+    from safetensors.torch import load_file
+
+    out, args = finetune_full
+    k, run_dir = signal_rng.randint(3, 15), out / f"stopped-{sig.name}"
+    capsys.readouterr()
+    code = signal_self_while(run_dir, k, sig, lambda: run_command("finetune", [*args, f"run.name={run_dir.name}"]))
+    assert code == 128 + sig
+    stopped_at = logged_steps(run_dir)[-1]
+    check_interrupted(run_dir, stopped_at, k, capsys.readouterr().err, sig)
+    assert stopped_at < 40
+    assert not (run_dir / "eval.json").exists() and not (run_dir / "adapter").exists()
+    assert (run_dir / "checkpoints" / f"step_{stopped_at:07d}" / "adapter_model.safetensors").is_file()
+
+    assert run_command("finetune", [*args, f"run.name={run_dir.name}"]) == 0
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:07d}'}" in capsys.readouterr().out
+    assert losses(run_dir) == losses(out / "full"), f"k={k}, stopped at {stopped_at}"
+    a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (run_dir, out / "full"))
+    assert a.keys() == b.keys() and all((a[n] == b[n]).all() for n in a)
+    report, full = (json.loads((d / "eval.json").read_text()) for d in (run_dir, out / "full"))
+    assert report["step"] == 40 and report["before"] == full["before"] and report["after"] == full["after"]
 
 
 # ---- a subprocess: the second Ctrl-C -----------------------------------------------------------

@@ -226,7 +226,9 @@ def load(
     model = load_transformers(src, dtype=dtype, device=dev, llama_only=convert, progress=progress, field=what)
     try:
         tok = hf_tokenizer_to_ours(load_hf_tokenizer(tokenizer or src))
-    except Exception as e:  # without a tokenizer the weights still score token ids
+    except (OSError, ValueError, UserError) as e:  # without a tokenizer the weights still score token ids
+        if not _no_tokenizer(e):
+            raise
         import sys
 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -239,6 +241,22 @@ def load(
     path = src.path
     name = path.stem if path is not None and path.is_file() else path.name if path is not None else src.where
     return LM(model, tok, "modernlm" if convert else "transformers", str(source), name, None, dev)
+
+
+def _no_tokenizer(e: BaseException) -> bool:
+    """Whether an error of the HF tokenizer path means the source has no tokenizer we can use:
+    transformers' own words for "no tokenizer files here", not any error on the way.
+
+    - OSError itself (not a subclass such as PermissionError): transformers 4's "Can't load
+      tokenizer for ..." when a directory has no tokenizer files; the hub's "not a valid model
+      identifier" or "couldn't connect ... or find them in the cached files".
+    - ValueError itself, "Couldn't instantiate the backend tokenizer ...": transformers 5 when a
+      directory has no tokenizer files (nothing to build one from), or only files it cannot convert.
+    - UserError: `hf_tokenizer_to_ours` on a tokenizer without a `tokenizers` backend.
+    Anything else (a corrupt tokenizer.json, a bug) is an error, not a missing tokenizer."""
+    if isinstance(e, UserError) or type(e) is OSError:
+        return True
+    return type(e) is ValueError and str(e).startswith("Couldn't instantiate the backend tokenizer")
 
 
 def load_fastest(source: str | Path, *, backend: str = "auto", **options: Any) -> LM:

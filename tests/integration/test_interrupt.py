@@ -1,12 +1,12 @@
 """SIGINT / SIGTERM to real `python -m modernlm` processes and to torchrun (2 gloo ranks on CPU):
 exit 130 / 143 (torchrun: non-zero), one checkpoint of the step it stopped at, and rerunning the
-same command resumes with the uninterrupted run's losses, step for step."""
+same command resumes with the uninterrupted run's losses, step for step. The signal's step is
+random: `MODERNLM_TEST_SEED` replays it (tests/test_interrupt.py, `signal_rng`)."""
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -25,6 +25,7 @@ from tests.test_interrupt import (
     make_shards,
     pretrain_args,
     saved_steps,
+    signal_rng,  # noqa: F401 (a fixture)
     signal_when_logged,
 )
 
@@ -66,9 +67,9 @@ def pretrain_full(tmp_path_factory):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_pretrain_process_stops_saves_and_resumes(pretrain_full, sig):
+def test_pretrain_process_stops_saves_and_resumes(pretrain_full, sig, signal_rng):  # noqa: F811
     out, args, full = pretrain_full
-    k = random.randint(3, 60)
+    k = signal_rng.randint(3, 60)
     run_dir = out / f"stopped-{sig.name}"
     cmd = cli("pretrain", *args, f"run.name={run_dir.name}")
     code, err = run_and_signal(cmd, run_dir, k, sig)
@@ -84,7 +85,7 @@ def test_pretrain_process_stops_saves_and_resumes(pretrain_full, sig):
     assert vals(run_dir) == vals(out / "full")
 
 
-def test_dpo_process_stops_saves_and_resumes(tmp_path):
+def test_dpo_process_stops_saves_and_resumes(tmp_path, signal_rng):  # noqa: F811
     from tests.test_dpo import _pairs, _policy_and_items, _write_jsonl
 
     model, tok, _ = _policy_and_items()
@@ -97,7 +98,7 @@ def test_dpo_process_stops_saves_and_resumes(tmp_path):
             "train.progress=false", "run.device=cpu", f"run.out_dir={tmp_path}"]  # fmt: skip
     run_ok(cli(*args, "run.name=full"))
 
-    k, sig = random.randint(3, 30), signal.SIGINT
+    k, sig = signal_rng.randint(3, 30), signal.SIGINT
     run_dir = tmp_path / "stopped"
     code, err = run_and_signal(cli(*args, "run.name=stopped"), run_dir, k, sig)
     assert code == 130, err[-2000:]
@@ -136,14 +137,14 @@ def worker_pid(launcher: int, rank: int, timeout: float = 60) -> int:
 
 
 @pytest.mark.parametrize("target", ["launcher", "rank1"])
-def test_torchrun_sigterm_gives_one_checkpoint_and_an_exact_resume(tmp_path, target):
+def test_torchrun_sigterm_gives_one_checkpoint_and_an_exact_resume(tmp_path, target, signal_rng):  # noqa: F811
     shards, out = make_shards(tmp_path / "shards"), tmp_path / "runs"
     args = pretrain_args(shards, out, "train.num_steps=80", "train.eval_every=40", "train.batch_size=2")
     run_ok(torchrun("pretrain", *args, "run.name=full"))
     full = losses(out / "full")
     assert [s for s, _ in full] == list(range(1, 81))
 
-    k, sig = random.randint(3, 40), signal.SIGTERM
+    k, sig = signal_rng.randint(3, 40), signal.SIGTERM
     run_dir = out / "stopped"
     send = None if target == "launcher" else (lambda proc, s: os.kill(worker_pid(proc.pid, 1), s))
     code, err = run_and_signal(torchrun("pretrain", *args, "run.name=stopped"), run_dir, k, sig, send)

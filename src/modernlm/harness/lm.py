@@ -66,12 +66,14 @@ class ModernLMEval(TemplateLM):
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # lm-eval's command line asks for cuda:0 by default; HFLM falls back the same way
         if pretrained is None:
-            raise ValueError("model_args: pretrained=MODEL is required (a checkpoint, HF directory, hub id or .gguf)")
-        self.lm = pretrained if isinstance(pretrained, LM) else load(
-            str(pretrained), device=device or "cpu", dtype=dtype, backend=backend, progress=False
+            raise UserError("model_args: pretrained=MODEL is required (a checkpoint, HF directory, hub id or .gguf)")
+        self.lm = (
+            pretrained
+            if isinstance(pretrained, LM)
+            else load(str(pretrained), device=device or "cpu", dtype=dtype, backend=backend, progress=False)
         )
         if self.lm.tokenizer is None:
-            raise ValueError(f"{self.lm.source}: no tokenizer, so the harness has no text to work with")
+            raise UserError(f"{self.lm.source}: no tokenizer, so the harness has no text to work with")
         self.tokenizer = self.lm.tokenizer  # TemplateLM's chat_template() reads .chat_template
         self.batch_size_per_gpu = int(batch_size) if str(batch_size) != "auto" else 8
         self._max_length = int(max_length) if max_length else self.lm.max_context
@@ -207,11 +209,18 @@ class ModernLMEval(TemplateLM):
             max_gen_toks = kwargs.pop("max_gen_toks")
             room = self.max_length - max_gen_toks
             if room <= 0:
-                raise UserError(f"max_gen_toks: {max_gen_toks} leaves no room for a prompt in the model's "
-                                f"context of {self.max_length} tokens")
+                raise UserError(
+                    f"max_gen_toks: {max_gen_toks} leaves no room for a prompt in the model's "
+                    f"context of {self.max_length} tokens"
+                )
             temperature = float(kwargs.get("temperature") or 0.0) if kwargs.get("do_sample") else 0.0
-            sampling = Sampling(max_new_tokens=max_gen_toks, temperature=temperature, top_p=kwargs.get("top_p"),
-                                top_k=kwargs.get("top_k"), stop=until)
+            sampling = Sampling(
+                max_new_tokens=max_gen_toks,
+                temperature=temperature,
+                top_p=kwargs.get("top_p"),
+                top_k=kwargs.get("top_k"),
+                stop=until,
+            )
             rows = [self.tok_encode(c)[-room:] for c in contexts]
             for context, text in zip(contexts, self.lm.complete(rows, sampling), strict=True):
                 text = postprocess_generated_text(text, until, None)  # as HFLM: cut at any stop string
