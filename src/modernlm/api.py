@@ -252,11 +252,20 @@ def _no_tokenizer(e: BaseException) -> bool:
       identifier" or "couldn't connect ... or find them in the cached files".
     - ValueError itself, "Couldn't instantiate the backend tokenizer ...": transformers 5 when a
       directory has no tokenizer files (nothing to build one from), or only files it cannot convert.
+    - ValueError itself, "Cannot build a tokenizer from a GGUF file stating tokenizer None": a .gguf
+      whose metadata has no tokenizer (tokenizer.ggml.model unset).
     - UserError: `hf_tokenizer_to_ours` on a tokenizer without a `tokenizers` backend.
     Anything else (a corrupt tokenizer.json, a bug) is an error, not a missing tokenizer."""
     if isinstance(e, UserError) or type(e) is OSError:
         return True
-    return type(e) is ValueError and str(e).startswith("Couldn't instantiate the backend tokenizer")
+    return type(e) is ValueError and str(e).startswith(NO_TOKENIZER_ERRORS)
+
+
+# transformers' ValueErrors that mean "no tokenizer in this source" (see `_no_tokenizer`)
+NO_TOKENIZER_ERRORS = (
+    "Couldn't instantiate the backend tokenizer",
+    "Cannot build a tokenizer from a GGUF file stating tokenizer None",
+)
 
 
 def load_fastest(source: str | Path, *, backend: str = "auto", **options: Any) -> LM:
