@@ -9,6 +9,7 @@ import json
 import random
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -334,24 +335,39 @@ def held_out_leaks(out: Path) -> dict[str, list[str]]:
     return leaks
 
 
+# The demo's data (two-step problems), and the same world with one- to three-step problems.
+WORLDS = {"demo": {}, "steps1-3": {"min_steps": 1, "max_steps": 3}}
+
+
 @pytest.fixture(scope="module")
-def demo_files(tmp_path_factory, demo_world) -> Path:
-    out = tmp_path_factory.mktemp("demo-data")
-    write_demo_data(out, demo_world[0])
-    return out
+def world_files(tmp_path_factory, demo_world):
+    """name -> the directory of that world's files (written once per module)."""
+    written: dict[str, Path] = {}
+
+    def files(name: str) -> Path:
+        if name not in written:
+            written[name] = tmp_path_factory.mktemp(f"world-{name}")
+            write_demo_data(written[name], replace(demo_world[0], **WORLDS[name]))
+        return written[name]
+
+    return files
 
 
-def test_demo_no_held_out_computation_in_any_training_text(demo_files):
-    texts = _training_texts(demo_files)
+@pytest.mark.parametrize("world", list(WORLDS))
+def test_demo_no_held_out_computation_in_any_training_text(world_files, world):
+    out = world_files(world)
+    texts = _training_texts(out)
     assert all(texts.values()) and sum(bool(_true_equations(t)) for t in texts["corpus/train.txt"]) > 1000
-    assert held_out_leaks(demo_files) == {name: [] for name in texts}
+    assert held_out_leaks(out) == {name: [] for name in texts}
+    steps = Counter(len(r["record"]["steps"]) for s in ("val", "test") for r in _jsonl(out / "gsm" / f"{s}.jsonl"))
+    assert set(steps) == set(range(WORLDS[world].get("min_steps", 2), WORLDS[world].get("max_steps", 2) + 1))
 
 
-def test_the_leak_check_finds_a_stated_fact_and_a_stated_chain(demo_files, tmp_path):
+def test_the_leak_check_finds_a_stated_fact_and_a_stated_chain(world_files, tmp_path):
     """held_out_leaks sees a held-out one-step fact (in either order) and a multi-step computation
     stated in a copy of the training files."""
     copy = tmp_path / "copy"
-    shutil.copytree(demo_files, copy)
+    shutil.copytree(world_files("steps1-3"), copy)
     rows = {s: _jsonl(copy / "gsm" / f"{s}.jsonl") for s in ("val", "test")}
     one = next(r for r in rows["test"] if len(r["record"]["steps"]) == 1 and r["record"]["steps"][0]["op"] == "+")
     two = next(r for r in rows["val"] if len(r["record"]["steps"]) == 2)

@@ -31,7 +31,8 @@ with a + b and b + a one fact: "Max finds 1 more cherry" from 6, "6 and 1 togeth
 6" are all the fact 6 + 1. A hash of (seed, fact) puts every fact in one split (test for a share
 test_key_fraction, val for val_key_fraction, train the rest), and a one-step problem is in its
 fact's split. A multi-step problem is split by its facts in order (its key), and only when every one
-of them is a train fact; over a held-out fact it is in no split. So a held-out one-step problem asks
+of them is a train fact (and every shorter run of them a train computation); otherwise it is in no
+split. So a held-out one-step problem asks
 a fact no training text states, even as a step of a longer problem, and a held-out multi-step problem
 composes train facts in an order no training text has (`split_of`). Rejected solutions, whose
 slips make new true equations, are drawn only where those stay in what the split may state
@@ -723,14 +724,19 @@ def split_of(key: ArithmeticKey, cfg: SyntheticConfig) -> str | None:
     """The one split ("train", "val" or "test") of a computation, or None for a computation in no split.
 
     A one-step computation is a single fact, split by the fact (a + b with b + a). A multi-step one is
-    split by its facts in order, and only when each of its steps is a train fact; over a held-out fact it is
-    in no split. So a held-out fact is stated in no training text, not even as a step of a longer
-    computation, and a held-out multi-step problem composes train facts in an order no training text has.
+    split by its facts in order, and only when each of its steps is a train fact and, for three steps,
+    each two of them in order a train computation; otherwise it is in no split. So a held-out fact is
+    stated in no training text, not even as a step of a longer computation, and a held-out multi-step
+    problem composes train facts in an order no training text has.
     """
     facts = [fact(*step) for step in key]
     if len(facts) == 1:
         return _hash_split(facts[0], cfg)
     if any(_hash_split(f, cfg) != "train" for f in facts):
+        return None
+    # a train computation must not state a shorter held-out one: its steps in order are in its texts
+    shorter = (run for n in range(2, len(key)) for run in itertools.combinations(key, n))
+    if any(split_of(run, cfg) != "train" for run in shorter):
         return None
     return _hash_split(sum(facts, ()), cfg)
 
