@@ -1,15 +1,15 @@
-"""The direction of every effect the demo claims, on the demo itself with step budgets instead of
-time budgets (the steps the demo's stages take in their time on the 2-core CPU, a little fewer), so
-the outcome does not depend on the machine's speed or load, and a regression shows up in CI, not
-in a report. About 10 minutes on 2 idle cores. On held-out problems (gsm/test) and pairs
-(prefs/test) that chose no checkpoint:
+"""Every effect the README claims for the demo, on the demo itself: `configs/pipeline/demo.yaml` as a
+user runs it (its stages stop by step budgets, so the outcome does not depend on the machine's speed
+or load), and a regression shows up in CI, not in a report. About 12 minutes on 2 idle cores. On
+held-out problems (gsm/test) and pairs (prefs/test) that chose no checkpoint, each claim strict:
 - SFT raises greedy answer accuracy over the pretrained model;
 - DPO raises held-out pair accuracy over SFT;
-- the verifier's best-of-N is not below the SFT model's greedy accuracy on the same problems;
-- RL (GRPO) raises greedy answer accuracy over the SFT model it starts from (selected on gsm/val).
-At a third of the budgets SFT had not learned the task yet (0.09), so smaller runs would test
-nothing. The pipeline runs in a subprocess, as a user runs it (this process's torch has one
-thread: tests/conftest.py). Margins are directions, not the README's figures."""
+- RL (GRPO, from SFT) raises greedy answer accuracy over SFT, by fixing `compare` (chain2 unchanged);
+- the verifier's best-of-N and its weighted vote beat the SFT model's greedy answers.
+The table itself is the README's (benchmarks/demo/results.json, kept from the documented run): on
+this machine equal to the digit (two runs measured), elsewhere within a few answers of 200, which
+other CPU kernels' rounding may flip. The pipeline runs in a subprocess, as a user runs it (this
+process's torch has one thread: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -21,28 +21,36 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+KEPT = ROOT / "benchmarks" / "demo" / "results.json"
 pytestmark = pytest.mark.slow
-# demo3 (README's run) took pretrain 1488, sft 487, dpo 341, rl 136, verifier 552 steps in its budgets
-STEPS = [f"{stage}.train.max_seconds=0" for stage in ("pretrain", "sft", "dpo", "rl", "verifier")] + [
-    "pretrain.train.num_steps=1400", "sft.train.num_steps=450", "dpo.train.num_steps=300", "rl.train.num_steps=120",
-    "verifier.train.num_steps=500",
-]  # fmt: skip
 
 
 def test_every_claimed_effect_points_the_right_way(tmp_path):
     out = tmp_path / "demo"
     recipe = ROOT / "configs" / "pipeline" / "demo.yaml"
-    done = subprocess.run([sys.executable, "-m", "modernlm", "pipeline", "-c", str(recipe), f"out_dir={out}", *STEPS],
-                          capture_output=True, text=True, timeout=2400)  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "modernlm", "pipeline", "-c", str(recipe), f"out_dir={out}"],
+                          capture_output=True, text=True, timeout=3000)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = {r["model"]: r for r in json.loads((out / "eval" / "results.json").read_text())["rows"]}
+    results = json.loads((out / "eval" / "results.json").read_text())
+    rows = {r["model"]: r for r in results["rows"]}
     pretrain, sft, dpo, rl = rows["pretrain"], rows["sft"], rows["dpo"], rows["rl"]
-    assert sft["answer_accuracy"] > pretrain["answer_accuracy"] + 0.1, (sft, pretrain)
+    acc, compare = "answer_accuracy", "answer_accuracy/compare"
+    assert sft[acc] > pretrain[acc], (sft, pretrain)
     assert dpo["pair_accuracy"] > sft["pair_accuracy"], (dpo, sft)
+    assert rl[acc] > sft[acc] and rl[compare] > sft[compare], (rl, sft)  # RL starts from SFT in the demo
+    assert rl[f"{acc}/chain2"] == sft[f"{acc}/chain2"], (rl, sft)  # all of RL's gain is on compare
     verifier = json.loads((out / "verifier" / "eval.json").read_text())
-    assert verifier["best_of_n_accuracy"] >= verifier["greedy_accuracy"], verifier
-    assert rl["answer_accuracy"] > sft["answer_accuracy"], (rl, sft)  # RL starts from SFT in the demo
-    for row in (sft, dpo, rl):  # every kind is reported
-        assert {k for k in row if k.startswith("answer_accuracy/")} >= {
-            "answer_accuracy/chain1", "answer_accuracy/chain2", "answer_accuracy/together", "answer_accuracy/compare",
-        }  # fmt: skip
+    assert verifier["greedy_accuracy"] == sft[acc]  # the same model, the same problems
+    assert verifier["best_of_n_accuracy"] > verifier["greedy_accuracy"], verifier
+    assert verifier["weighted_vote_accuracy"] > verifier["greedy_accuracy"], verifier
+    for row in (sft, dpo, rl):  # every kind is reported, with its count
+        kinds = {"chain2", "compare"}  # the demo's problems are two-step
+        assert {k.split("/")[1] for k in row if k.startswith("answer_count/")} >= kinds, row
+    # the README's table is this one
+    kept = {r["model"]: r for r in json.loads(KEPT.read_text())["rows"]}
+    assert kept.keys() == rows.keys()
+    for model, row in rows.items():
+        for key, value in row.items():
+            if isinstance(value, float):  # accuracies: a few answers of 200 may flip on another CPU
+                tol = dict(abs=0.03) if "accuracy" in key or "rate" in key or "pass" in key else dict(rel=0.02)
+                assert value == pytest.approx(kept[model][key], **tol), (model, key)
