@@ -237,6 +237,25 @@ def test_pipeline_stage_is_left_interrupted_and_resumed(tmp_path, capsys, signal
 # ---- the verifier and LoRA finetune: commands with their own model files --------------------------
 
 
+def stop_in_process(command: str, args: list[str], run_dir: Path, k: int, sig, capsys, steps: int) -> int:
+    """Run `modernlm <command>` in this process, signalled after its k-th logged step; check the stop
+    (exit code, the step's checkpoint, the one line saying where) and return the step it stopped at."""
+    capsys.readouterr()
+    code = signal_self_while(run_dir, k, sig, lambda: run_command(command, [*args, f"run.name={run_dir.name}"]))
+    assert code == 128 + sig
+    stopped_at = logged_steps(run_dir)[-1]
+    check_interrupted(run_dir, stopped_at, k, capsys.readouterr().err, sig)
+    assert stopped_at < steps
+    return stopped_at
+
+
+def resume_in_process(command: str, args: list[str], run_dir: Path, stopped_at: int, full: Path, k: int, capsys):
+    """Rerun the same command: it resumes from the stop's checkpoint with the uninterrupted run's losses."""
+    assert run_command(command, [*args, f"run.name={run_dir.name}"]) == 0
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:07d}'}" in capsys.readouterr().out
+    assert losses(run_dir) == losses(full), f"k={k}, stopped at {stopped_at}"
+
+
 @pytest.fixture(scope="module")
 def verifier_full(tmp_path_factory):
     """(out_dir, the verifier's arguments but run.name): its uninterrupted run is out_dir/full."""
@@ -263,19 +282,12 @@ def test_verifier_signal_then_resume_matches(verifier_full, capsys, sig, signal_
     with the uninterrupted run's scores."""
     out, args = verifier_full
     k, run_dir = signal_rng.randint(3, 15), out / f"stopped-{sig.name}"
-    capsys.readouterr()
-    code = signal_self_while(run_dir, k, sig, lambda: run_command("verifier", [*args, f"run.name={run_dir.name}"]))
-    assert code == 128 + sig
-    stopped_at = logged_steps(run_dir)[-1]
-    check_interrupted(run_dir, stopped_at, k, capsys.readouterr().err, sig)
-    assert stopped_at < 40
+    stopped_at = stop_in_process("verifier", args, run_dir, k, sig, capsys, steps=40)
     assert not (run_dir / "eval.json").exists() and not (run_dir / "verifier").exists()
     samples = {p.name: p.read_text() for p in (run_dir / "samples").glob("*.jsonl")}
     assert len(samples) == 3
 
-    assert run_command("verifier", [*args, f"run.name={run_dir.name}"]) == 0
-    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:07d}'}" in capsys.readouterr().out
-    assert losses(run_dir) == losses(out / "full"), f"k={k}, stopped at {stopped_at}"
+    resume_in_process("verifier", args, run_dir, stopped_at, out / "full", k, capsys)
     assert {p.name: p.read_text() for p in (run_dir / "samples").glob("*.jsonl")} == samples  # not redrawn
     predictions = lambda d: (d / "eval" / "predictions.jsonl").read_text()  # noqa: E731
     assert predictions(run_dir) == predictions(out / "full")  # every verifier score, exactly
@@ -319,18 +331,11 @@ def test_finetune_signal_then_resume_matches(finetune_full, capsys, sig, signal_
 
     out, args = finetune_full
     k, run_dir = signal_rng.randint(3, 15), out / f"stopped-{sig.name}"
-    capsys.readouterr()
-    code = signal_self_while(run_dir, k, sig, lambda: run_command("finetune", [*args, f"run.name={run_dir.name}"]))
-    assert code == 128 + sig
-    stopped_at = logged_steps(run_dir)[-1]
-    check_interrupted(run_dir, stopped_at, k, capsys.readouterr().err, sig)
-    assert stopped_at < 40
+    stopped_at = stop_in_process("finetune", args, run_dir, k, sig, capsys, steps=40)
     assert not (run_dir / "eval.json").exists() and not (run_dir / "adapter").exists()
     assert (run_dir / "checkpoints" / f"step_{stopped_at:07d}" / "adapter_model.safetensors").is_file()
 
-    assert run_command("finetune", [*args, f"run.name={run_dir.name}"]) == 0
-    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:07d}'}" in capsys.readouterr().out
-    assert losses(run_dir) == losses(out / "full"), f"k={k}, stopped at {stopped_at}"
+    resume_in_process("finetune", args, run_dir, stopped_at, out / "full", k, capsys)
     a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (run_dir, out / "full"))
     assert a.keys() == b.keys() and all((a[n] == b[n]).all() for n in a)
     report, full = (json.loads((d / "eval.json").read_text()) for d in (run_dir, out / "full"))
