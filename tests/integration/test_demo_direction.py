@@ -1,6 +1,6 @@
 """Every effect the README claims for the demo, on the demo itself: `configs/pipeline/demo.yaml` as a
 user runs it (its stages stop by step budgets, so the outcome does not depend on the machine's speed
-or load), and a regression shows up in CI, not in a report. About 12 minutes on 2 idle cores. On
+or load), and a regression shows up in CI, not in a report. About 13 minutes on 2 idle cores. On
 held-out problems (gsm/test) and pairs (prefs/test) that chose no checkpoint, each claim strict:
 - SFT raises greedy answer accuracy over the pretrained model;
 - DPO raises held-out pair accuracy over SFT;
