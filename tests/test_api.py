@@ -7,6 +7,7 @@ as weights only; any other error on the tokenizer path is raised."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,18 +139,25 @@ def test_bad_source_is_one_line_naming_it(tmp_path):
 # ---- Hugging Face sources: a tiny random Llama + GPT-2's tokenizer ---------------------------------
 
 
+def save_tiny_llama(path: Path, vocab: int, layers: int, context: int, bos: int) -> Path:
+    """A tiny random LlamaForCausalLM (seed 0) saved with save_pretrained, bos = eos = `bos`."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=context, bos_token_id=bos, eos_token_id=bos,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module", params=["no-bos", "bos"])
 def hf_dir(request, tmp_path_factory, shared_data_module):
     """An HF directory (save_pretrained): a tiny Llama, GPT-2's tokenizer as shipped (no bos) or
     set to put bos before every text (as Llama's tokenizers do), with a Jinja chat template."""
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=50256, eos_token_id=50256,
-    )  # fmt: skip
-    path = tmp_path_factory.mktemp("hf") / request.param
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    path = save_tiny_llama(tmp_path_factory.mktemp("hf") / request.param, vocab=50257, layers=2, context=128, bos=50256)
     hf_tok = transformers.GPT2TokenizerFast.from_pretrained(
         str(shared_data_module / "gpt2-tokenizer"), add_bos_token=request.param == "bos"
     )
@@ -232,15 +240,8 @@ def test_backend_transformers_refuses_our_checkpoint(ckpt):
 @pytest.fixture(scope="module")
 def hf_no_tokenizer(tmp_path_factory):
     """An HF directory with a tiny Llama's weights and config, and no tokenizer files."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    path = tmp_path_factory.mktemp("hf") / "no-tokenizer"
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    pytest.importorskip("transformers")
+    return save_tiny_llama(tmp_path_factory.mktemp("hf") / "no-tokenizer", vocab=320, layers=1, context=64, bos=0)
 
 
 @pytest.mark.hf
