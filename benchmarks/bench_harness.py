@@ -52,8 +52,8 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
 
     from modernlm import load
-    from modernlm.harness.lm import ModernLMEval
-    from modernlm.harness.run import prepare_tasks
+    from modernlm.eval.tasks.lm import ModernLMEval
+    from modernlm.eval.tasks.run import prepare_tasks
 
     gguf = smol_gguf()
     manager = prepare_tasks(["sst2_local"], args.data_dir)

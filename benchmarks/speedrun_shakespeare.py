@@ -18,7 +18,7 @@ batches every 250 steps as nanoGPT does (and the whole split at the end, as ours
 
 Both are scored the same way on the full validation split (the last 10% of the text, 111,540
 characters): every character once (but the first), in consecutive windows of the model's trained
-context (modernlm.eval.perplexity.sliding_window_nll with context = L + 1 and stride = L: each window
+context (modernlm.perplexity.sliding_window_nll with context = L + 1 and stride = L: each window
 predicts L characters from the ones before them in the window). On ASCII text a byte
 is a character, so these are nats per character, comparable with nanoGPT's reported losses.
 Writes OUT/speedrun.json and OUT/speedrun.png (validation loss against wall time).
@@ -113,7 +113,7 @@ def full_val_loss(logits_fn, data_dir: Path, seq_len: int) -> tuple[float, int]:
     """Mean NLL over the whole val split: windows of seq_len + 1 tokens every seq_len tokens, so
     each window predicts seq_len tokens and every token but the first is scored exactly once."""
     from modernlm.data.shards import TokenStream
-    from modernlm.eval.perplexity import sliding_window_nll
+    from modernlm.perplexity import sliding_window_nll
 
     val = TokenStream(data_dir, "val")
     ids = val.read(0, len(val)).astype("int64")

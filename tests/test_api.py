@@ -265,7 +265,7 @@ def test_hf_tokenizer_errors_other_than_none_there_propagate(hf_no_tokenizer, tm
     the conversion is raised as it is, never turned into a warning."""
     import shutil
 
-    import modernlm.hf.convert
+    import modernlm.api
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(hf_no_tokenizer, corrupt)
@@ -277,8 +277,8 @@ def test_hf_tokenizer_errors_other_than_none_there_propagate(hf_no_tokenizer, tm
         raise RuntimeError("a bug in the conversion")
 
     (tmp_path / "tok").mkdir()
-    monkeypatch.setattr(modernlm.hf.convert, "hf_tokenizer_to_ours", broken)
-    monkeypatch.setattr(modernlm.hf.convert, "load_hf_tokenizer", lambda source: object())
+    monkeypatch.setattr(modernlm.api, "hf_tokenizer_to_ours", broken)
+    monkeypatch.setattr(modernlm.api, "load_hf_tokenizer", lambda source: object())
     with pytest.raises(RuntimeError, match="a bug in the conversion"):
         load(hf_no_tokenizer, progress=False)
     assert "weights only" not in capsys.readouterr().err
@@ -287,10 +287,10 @@ def test_hf_tokenizer_errors_other_than_none_there_propagate(hf_no_tokenizer, tm
     def missing(source):
         raise OSError(f"Can't load tokenizer for '{source}'.")
 
-    monkeypatch.setattr(modernlm.hf.convert, "load_hf_tokenizer", missing)
+    monkeypatch.setattr(modernlm.api, "load_hf_tokenizer", missing)
     assert load(hf_no_tokenizer, progress=False).tokenizer is None
     assert "Can't load tokenizer" in capsys.readouterr().err
-    monkeypatch.setattr(modernlm.hf.convert, "load_hf_tokenizer", lambda source: open(tmp_path / "tok"))
+    monkeypatch.setattr(modernlm.api, "load_hf_tokenizer", lambda source: open(tmp_path / "tok"))
     with pytest.raises(IsADirectoryError):  # an OSError subclass: a real error on the way
         load(hf_no_tokenizer, progress=False)
 

@@ -9,9 +9,6 @@ import pytest
 import torch
 
 from modernlm.align.sft import (
-    IM_END,
-    IM_START,
-    ChatEncoder,
     SFTBatches,
     SFTDataConfig,
     collate_sft,
@@ -19,14 +16,13 @@ from modernlm.align.sft import (
     pack_examples,
     prepare_chat_model,
     read_sft_records,
-    render_chat,
     sft_loss,
 )
+from modernlm.chat import IGNORE_INDEX, IM_END, IM_START, ChatEncoder, render_chat
 from modernlm.checkpoint import save_model
 from modernlm.errors import UserError
 from modernlm.model import ModernDecoderLM
 from modernlm.tokenizer import byte_tokenizer, load_tokenizer
-from modernlm.train.losses import IGNORE_INDEX
 from tests.conftest import tiny_config
 
 CHAT = [

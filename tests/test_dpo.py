@@ -19,12 +19,12 @@ from modernlm.align.dpo import (
     read_pairs,
     reference_logps,
 )
-from modernlm.align.sft import ChatEncoder
+from modernlm.chat import IGNORE_INDEX, ChatEncoder
 from modernlm.checkpoint import save_model
 from modernlm.errors import UserError
 from modernlm.model import ModernDecoderLM
 from modernlm.tokenizer import byte_tokenizer
-from modernlm.train.losses import IGNORE_INDEX, dpo_loss, sequence_logps
+from modernlm.train.losses import dpo_loss, sequence_logps
 from tests.conftest import tiny_config
 
 

@@ -191,8 +191,8 @@ def test_bad_input_is_one_line(hf_setup, tmp_path, capsys):
 
 def test_hub_dataset_rows_are_joined_like_the_hf_guide(tmp_path):
     pytest.importorskip("datasets")
+    from modernlm.data.readers import load_text
     from modernlm.errors import UserError
-    from modernlm.eval.perplexity import load_text
 
     rows = [" = Title = \n", "", " Some text . \n"]
     (tmp_path / "test.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))

@@ -17,8 +17,9 @@ pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from modernlm.cli import run_command  # noqa: E402
-from modernlm.data.tasks import TaskDatasetConfig, TaskTokenizer, eval_batches, load_task_examples, tokenize_examples  # noqa: E402, E501
+from modernlm.data.tasks import TaskDatasetConfig, eval_batches, load_task_examples, tokenize_examples  # noqa: E402, E501
 from modernlm.hf import lora  # noqa: E402
+from modernlm.textmodel import TaskTokenizer
 from modernlm.train.tracking import read_metrics  # noqa: E402
 from tests.conftest import SHARED_DATA, tiny_config  # noqa: E402
 

@@ -25,8 +25,9 @@ from modernlm.align.grpo import (
     rollout_seed,
     sample_completions,
 )
-from modernlm.align.sft import ChatEncoder, chat_ready
+from modernlm.align.sft import chat_ready
 from modernlm.api import load
+from modernlm.chat import ChatEncoder
 from modernlm.cli import run_command
 from modernlm.generation import prompt_ids
 from modernlm.train.tracking import read_metrics

@@ -1,4 +1,4 @@
-"""lm-evaluation-harness on modernlm's models (`modernlm.harness`), against references:
+"""lm-evaluation-harness on modernlm's models (`modernlm.eval.tasks`), against references:
 
 - our offline task YAMLs are the harness's own sst2 / gsm8k / wikitext: every field but the dataset
   ones is equal (the `!function`s resolve to the harness's functions), so they cannot drift apart;
@@ -8,7 +8,7 @@
   the harness's rolling windows scored by hand and `modernlm eval perplexity`'s total over the same
   windows; `generate_until` equals `LM.generate` with the same stop strings, for a mixed batch;
 - `modernlm eval tasks` fails in one line (exit 2) on bad input before it loads a model, and
-  writes the harness's results JSON and a table end to end; `python -m modernlm.harness` (lm-eval's
+  writes the harness's results JSON and a table end to end; `python -m modernlm.eval.tasks` (lm-eval's
   own command line) fails in one line too: bad --model_args before lm-eval starts, an unknown task
   before the model loads;
 - slow: on SmolLM2 (the same .gguf), our converted model through the adapter gives the harness's
@@ -40,9 +40,9 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noq
 
 from modernlm import load  # noqa: E402
 from modernlm.cli import run_command  # noqa: E402
-from modernlm.eval.perplexity import evaluate_text  # noqa: E402
-from modernlm.harness.lm import ModernLMEval  # noqa: E402
-from modernlm.harness.run import shipped_tasks  # noqa: E402
+from modernlm.eval.tasks.lm import ModernLMEval  # noqa: E402
+from modernlm.eval.tasks.run import shipped_tasks  # noqa: E402
+from modernlm.perplexity import evaluate_text  # noqa: E402
 from tests.serve_util import CORPUS, chat_checkpoint  # noqa: E402
 
 # Both sides of every comparison below run the same float32 model on the same tokens; only the
@@ -329,7 +329,7 @@ def test_command_end_to_end(tiny_ckpt, shared_data, tmp_path, capsys):
     assert "| sst2_local |" in printed
 
 
-# ---- `python -m modernlm.harness`: lm-eval's command line, its user mistakes in one line ---------------
+# ---- `python -m modernlm.eval.tasks`: lm-eval's command line, its user mistakes in one line ---------------
 
 HARNESS_RUN = ["run", "--model", "modernlm", "--tasks", "sst2_local"]
 
@@ -339,7 +339,7 @@ def test_harness_cli_rejects_bad_model_args_before_lm_eval_starts(tiny_ckpt, tmp
     task, seconds, before it loads the model): one line naming the field, exit 2, no traceback."""
     import lm_eval.__main__
 
-    from modernlm.harness.__main__ import main
+    from modernlm.eval.tasks.__main__ import main
 
     def not_started():
         raise AssertionError("lm-eval started before the model's arguments were checked")
@@ -361,7 +361,7 @@ def test_harness_cli_rejects_bad_model_args_before_lm_eval_starts(tiny_ckpt, tmp
     for model_args, words in cases:
         assert main([*HARNESS_RUN, *(["--model_args", *model_args] if model_args else [])]) == 2, model_args
         line = _one_line_error(capsys)
-        assert line.startswith("modernlm.harness: error: --model_args") and all(w in line for w in words), line
+        assert line.startswith("modernlm.eval.tasks: error: --model_args") and all(w in line for w in words), line
     # the same from lm-eval's --config YAML (the command line overrides it)
     config = tmp_path / "eval.yaml"
     config.write_text(yaml.safe_dump({"model": "modernlm", "model_args": {"pretrained": str(missing)}}))
@@ -382,8 +382,8 @@ def test_harness_cli_names_an_unknown_task_before_the_model_loads(tiny_ckpt, sha
     import lm_eval.tasks
 
     import modernlm.api
-    from modernlm.harness.__main__ import main
-    from modernlm.harness.run import offline_task_dir
+    from modernlm.eval.tasks.__main__ import main
+    from modernlm.eval.tasks.run import offline_task_dir
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the task names were checked")
@@ -399,25 +399,25 @@ def test_harness_cli_names_an_unknown_task_before_the_model_loads(tiny_ckpt, sha
     args = ["run", "--model", "modernlm", "--model_args", f"pretrained={tiny_ckpt}", "--include_path", str(tasks)]
     assert main([*args, "--tasks", "sst2_locl,sst2_local"]) == 2
     line = _one_line_error(capsys)
-    assert line.startswith("modernlm.harness: error: --tasks: no such harness task: sst2_locl "), line
+    assert line.startswith("modernlm.eval.tasks: error: --tasks: no such harness task: sst2_locl "), line
 
 
 def test_harness_module_exits_2_in_one_line_on_a_missing_model(shared_data, tmp_path):
-    """As a user runs it: `python -m modernlm.harness ... pretrained=missing` with a task that exists."""
+    """As a user runs it: `python -m modernlm.eval.tasks ... pretrained=missing` with a task that exists."""
     import subprocess
     import sys
 
-    from modernlm.harness.run import offline_task_dir
+    from modernlm.eval.tasks.run import offline_task_dir
 
     missing, tasks = tmp_path / "missing", offline_task_dir(["sst2_local"], shared_data)
     out = subprocess.run(
-        [sys.executable, "-m", "modernlm.harness", *HARNESS_RUN, "--include_path", str(tasks), "--model_args",
+        [sys.executable, "-m", "modernlm.eval.tasks", *HARNESS_RUN, "--include_path", str(tasks), "--model_args",
          f"pretrained={missing}"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines() == [
-        f"modernlm.harness: error: --model_args pretrained: {missing}: no such file or directory"
+        f"modernlm.eval.tasks: error: --model_args pretrained: {missing}: no such file or directory"
     ]
 
 
@@ -455,7 +455,7 @@ def _run(model, task: str, manager, **options) -> tuple[dict, list[dict]]:
 @pytest.mark.slow
 @pytest.mark.hf
 def test_smollm2_matches_the_harness_hflm(smol_pair, shared_data):
-    from modernlm.harness.run import prepare_tasks
+    from modernlm.eval.tasks.run import prepare_tasks
 
     ours, hflm = smol_pair
     assert ours.kind == "modernlm"  # our model, not transformers', on one side
@@ -508,7 +508,7 @@ def test_smollm2_wikitext_matches_the_harness_hflm(smol_pair, shared_data):
     """Rolling windows of 512 tokens on a WikiText article: the same document log-likelihood."""
     from lm_eval.models.huggingface import HFLM
 
-    from modernlm.harness.run import prepare_tasks
+    from modernlm.eval.tasks.run import prepare_tasks
 
     ours, hflm = smol_pair
     manager = prepare_tasks(["wikitext_local"], data_dir=shared_data)
@@ -526,20 +526,20 @@ def test_smollm2_wikitext_matches_the_harness_hflm(smol_pair, shared_data):
 
 
 def test_lm_evals_own_command_line_runs_the_modernlm_model(tiny_ckpt, shared_data, tmp_path):
-    """`python -m modernlm.harness` is lm-eval's command line with the model "modernlm" registered
+    """`python -m modernlm.eval.tasks` is lm-eval's command line with the model "modernlm" registered
     (lm-eval 0.4.13 finds no installed models by entry point); its default device cuda:0 falls back
     to the CPU as HFLM's does."""
     import subprocess
     import sys
 
-    from modernlm.harness.run import offline_task_dir
+    from modernlm.eval.tasks.run import offline_task_dir
 
     tasks = offline_task_dir(["sst2_local"], shared_data)
     out = subprocess.run(
         [
             sys.executable,
             "-m",
-            "modernlm.harness",
+            "modernlm.eval.tasks",
             "run",
             "--model",
             "modernlm",

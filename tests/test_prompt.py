@@ -15,8 +15,9 @@ from modernlm.cli import run_command
 from modernlm.config import load_config
 from modernlm.data.tasks import TaskDatasetConfig, load_task_examples
 from modernlm.eval.metrics import accuracy
-from modernlm.eval.tasks import score_choices, wrap_modernlm
+from modernlm.eval.prompting import score_choices
 from modernlm.model import ModernDecoderLM
+from modernlm.textmodel import wrap_modernlm
 from modernlm.tokenizer import load_tokenizer
 from tests.conftest import tiny_config
 

@@ -9,19 +9,13 @@ import pytest
 import torch
 import transformers
 
-from modernlm.data.tasks import TaskDatasetConfig, TaskTokenizer, load_task_examples
+from modernlm.data.tasks import TaskDatasetConfig, load_task_examples
 from modernlm.eval.metrics import accuracy, gsm8k_exact_match, macro_f1, rouge
-from modernlm.eval.tasks import (
-    STOPS,
-    TaskModel,
-    demonstrations,
-    evaluate_task,
-    score_choices,
-    wrap_hf,
-    wrap_modernlm,
-)
+from modernlm.eval.prompting import STOPS, demonstrations, evaluate_task, score_choices
 from modernlm.generation import generate
+from modernlm.hf.text import wrap_hf
 from modernlm.model import ModernDecoderLM
+from modernlm.textmodel import TaskModel, TaskTokenizer, wrap_modernlm
 from modernlm.tokenizer import load_tokenizer
 from tests.conftest import tiny_config
 
@@ -123,11 +117,11 @@ def test_score_choices_matches_direct_computation(causal, choices):
 
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_logits_of_a_padded_batch_equal_each_row_alone(causal, side):
-    from modernlm.eval.tasks import _pad
+    from modernlm.textmodel import pad_rows
 
     tm, logits_fn = causal
     rows = tm.prompt_ids_batch(PROMPTS)
-    ids, mask = _pad(rows, tm.tokenizer.pad_id, side)
+    ids, mask = pad_rows(rows, tm.tokenizer.pad_id, side)
     batch = tm.logits(ids, mask)
     for b, r in enumerate(rows):
         with torch.no_grad():

@@ -20,7 +20,6 @@ from modernlm.data.tasks import (
     HHPairError,
     TaskBatches,
     TaskDatasetConfig,
-    TaskTokenizer,
     collate,
     eval_batches,
     gsm8k_final_answer,
@@ -37,6 +36,7 @@ from modernlm.data.tasks import (
     tokenize_examples,
 )
 from modernlm.errors import UserError
+from modernlm.textmodel import TaskTokenizer
 from tests.conftest import SHARED_DATA
 
 HH_FILES = ["harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled"]

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from modernlm.chat import CHATML_TEMPLATE
 from modernlm.cli import run_command
 from modernlm.data.corpus import SourceConfig, read_source
 from modernlm.errors import UserError
 from modernlm.tokenizer import (
-    CHATML_TEMPLATE,
     DEFAULT_SPECIAL_TOKENS,
     ByteTokenizer,
     Tokenizer,

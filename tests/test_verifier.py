@@ -224,8 +224,9 @@ def test_bad_init_from_is_one_line_naming_the_path(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
-    from modernlm.align.sft import ChatEncoder, chat_ready
+    from modernlm.align.sft import chat_ready
     from modernlm.api import load
+    from modernlm.chat import ChatEncoder
 
     model, tok, _ = chat_ready(load(chat_checkpoint(tmp_path_factory.mktemp("ckpt") / "sft"), backend="modernlm"))
     return model.eval(), ChatEncoder(tok)
@@ -271,7 +272,7 @@ def test_draw_samples_resumes_exactly_and_is_reused(chat_model, tmp_path):
 
 
 def test_save_load_reproduces_scores_exactly(chat_model, tmp_path):
-    from modernlm.align.sft import ChatEncoder
+    from modernlm.chat import ChatEncoder
     from modernlm.checkpoint import save_model
     from modernlm.tokenizer import load_tokenizer
 

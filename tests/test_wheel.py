@@ -123,7 +123,7 @@ def test_the_installed_wheel_runs_every_recipe_by_name(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"modernlm/recipes/{i}.yaml" for i in IDS} <= names
     # the chat page `modernlm serve` answers at /, and the harness's offline tasks with their helper
-    tasks = {f"modernlm/harness/tasks/{n}" for n in ("sst2_local.yaml", "gsm8k_local.yaml", "wikitext_local.yaml",
+    tasks = {f"modernlm/eval/tasks/offline/{n}" for n in ("sst2_local.yaml", "gsm8k_local.yaml", "wikitext_local.yaml",
                                                       "utils.py")}
     assert {"modernlm/serve/chat.html", *tasks} <= names
 

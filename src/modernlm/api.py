@@ -17,12 +17,13 @@ architecture) or converted to a ModernDecoderLM (`backend="modernlm"`: Llama arc
 logits), with its HF tokenizer as ours. Prompts follow the tokenizer's own rule for special tokens
 (`Tokenizer.add_bos`) and chats its chat template (ChatML for ours), so `load(hf_or_gguf).generate`
 gives transformers' text. Our models generate with `generation.TextGeneration`, transformers' with
-their `generate` and the same text side (`eval.tasks.HFTaskModel`). `LM` has the fields
-`eval.perplexity.evaluate_text` reads, so the commands score it directly.
+their `generate` and the same text side (`hf.text.HFTaskModel`). `LM` has the fields
+`perplexity.evaluate_text` reads, so the commands score it directly.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from modernlm.chat import CHATML_TEMPLATE, IM_END, IM_START, check_messages, render_chat
+from modernlm.checkpoint import checkpoint_label, load_model, resolve_source
 from modernlm.errors import UserError
 from modernlm.generation import Sampling, TextGeneration, prompt_ids
-from modernlm.runtime import eval_mode
+from modernlm.hf.convert import from_hf, hf_tokenizer_to_ours, load_hf_tokenizer, load_transformers
+from modernlm.hf.text import render_chat_template, wrap_hf
+from modernlm.perplexity import evaluate_text
+from modernlm.runtime import DTYPES, eval_mode, resolve_device
+from modernlm.tokenizer import has_tokenizer, load_tokenizer
 
 BACKENDS = ("auto", "modernlm", "transformers")
 
@@ -88,8 +95,6 @@ class LM:
         """The text continuing each row of token ids (one left-padded batch), as `generate` gives it."""
         if self.kind == "modernlm":
             return [s.text for s in TextGeneration(self.model, self.tokenizer, rows, sampling).run()]
-        from modernlm.eval.tasks import wrap_hf
-
         task_model = wrap_hf(self.model, self.tokenizer, add_bos=self.tokenizer.add_bos, name=self.name)
         return task_model.complete(rows, sampling)
 
@@ -119,8 +124,6 @@ class LM:
     @property
     def has_chat_template(self) -> bool:
         """Ours: the tokenizer has <|im_start|> and <|im_end|> (SFT adds them); HF: a `chat_template`."""
-        from modernlm.align.sft import IM_END, IM_START
-
         tok = self.tokenizer
         if tok is None:
             return False
@@ -132,15 +135,10 @@ class LM:
         """The conversation in the model's chat template, the assistant's turn opened: ChatML for
         ours (and whenever the tokenizer has no template), else the tokenizer's Jinja template as
         transformers renders it."""
-        from modernlm.align.sft import check_messages, render_chat
-        from modernlm.tokenizer import CHATML_TEMPLATE
-
         tok = self._tok()
         messages = check_messages(messages, "chat")
         if tok.chat_template in (None, CHATML_TEMPLATE):
             return render_chat(messages, add_generation_prompt=True)
-        from modernlm.hf.convert import render_chat_template
-
         special = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token}
         return render_chat_template(tok.chat_template, messages, add_generation_prompt=True, **special)
 
@@ -172,9 +170,7 @@ class LM:
 
     def perplexity(self, text: str, **options: Any) -> float:
         """Token perplexity of `text` by `modernlm eval perplexity`'s method and defaults (`options`:
-        context, stride, batch_size, max_tokens, bos; see `eval.perplexity.evaluate_text`)."""
-        from modernlm.eval.perplexity import evaluate_text
-
+        context, stride, batch_size, max_tokens, bos; see `perplexity.evaluate_text`)."""
         return evaluate_text(self, text, **options)["perplexity"]
 
 
@@ -193,8 +189,6 @@ def load(
     HF). backend: "auto", "modernlm" (HF Llamas converted) or "transformers" (HF sources only).
     tokenizer: another tokenizer source. progress=False: no loading bars. `what` names the option
     in errors ("init_from: ...")."""
-    from modernlm.checkpoint import load_model, resolve_source
-    from modernlm.runtime import DTYPES, resolve_device
 
     at = f"{what}: " if what else ""
     if backend not in BACKENDS:
@@ -204,9 +198,6 @@ def load(
     src = resolve_source(source, what)
     dev = resolve_device(str(device))
     if src.kind == "modernlm":
-        from modernlm.eval.perplexity import checkpoint_label
-        from modernlm.tokenizer import has_tokenizer, load_tokenizer
-
         if backend == "transformers":
             raise UserError(f"{at}{source} is a modernlm checkpoint; backend=transformers takes HF models")
         model = load_model(src.path, device=dev)
@@ -219,8 +210,6 @@ def load(
             )
         return LM(model.eval(), tok, "modernlm", str(source), checkpoint_label(src.path), src.path, dev)
 
-    from modernlm.hf.convert import from_hf, hf_tokenizer_to_ours, load_hf_tokenizer, load_transformers
-
     dtype = dtype or "float32"
     convert = backend == "modernlm"
     model = load_transformers(src, dtype=dtype, device=dev, llama_only=convert, progress=progress, field=what)
@@ -229,8 +218,6 @@ def load(
     except (OSError, ValueError, UserError) as e:  # without a tokenizer the weights still score token ids
         if not _no_tokenizer(e):
             raise
-        import sys
-
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if tokenizer:
             raise UserError(f"{at}no usable tokenizer in {tokenizer} ({first})") from None
@@ -272,8 +259,6 @@ def load_fastest(source: str | Path, *, backend: str = "auto", **options: Any) -
     """`load` choosing the engine that decodes fastest when backend is "auto": ours for modernlm
     checkpoints and HF Llama architectures (converted as they load), transformers' for any other
     architecture. Another backend is passed on as it is."""
-    from modernlm.checkpoint import resolve_source
-
     if backend == "auto" and resolve_source(source, options.get("what", "")).kind != "modernlm":
         try:
             return load(source, backend="modernlm", **options)

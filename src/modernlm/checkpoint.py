@@ -290,6 +290,13 @@ def resolve_checkpoint(path: str | Path) -> Path | None:
     return None
 
 
+def checkpoint_label(path: Path) -> str:
+    """runs/tiny/checkpoints/step_0000600 -> "tiny/step_0000600"; other directories: their name."""
+    if path.parent.name == "checkpoints":
+        return f"{path.parent.parent.name}/{path.name}"
+    return path.name
+
+
 class Source(NamedTuple):
     """What a model source string names (`resolve_source`)."""
 

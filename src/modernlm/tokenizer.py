@@ -22,22 +22,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from modernlm.chat import CHATML_TEMPLATE
 from modernlm.errors import UserError
 from modernlm.files import atomic_write
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-# The label of a token that contributes no loss (prompt tokens, padding): PyTorch's cross_entropy
-# default, and HF's. Data builds labels with it, losses skip it.
-IGNORE_INDEX = -100
 
-# ChatML, as SmolLM2 and Qwen use it; `train_bpe(chat_template="chatml")` stores it.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>")
 BYTE_TOKENIZER = "byte"  # the name load_tokenizer takes for the byte tokenizer
 

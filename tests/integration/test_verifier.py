@@ -15,8 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_verifier_command_end_to_end(tmp_path, capsys):
-    from modernlm.align.sft import ChatEncoder
     from modernlm.align.verifier import examples_from_rows, load_verifier, score_examples
+    from modernlm.chat import ChatEncoder
     from modernlm.tokenizer import load_tokenizer
 
     sft = chat_checkpoint(tmp_path / "sft")

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from modernlm.align.sft import ChatEncoder, Message, check_messages
+from modernlm.chat import IGNORE_INDEX, ChatEncoder, Message, check_messages
 from modernlm.data.tasks import TaskBatches
 from modernlm.errors import UserError
 from modernlm.runtime import eval_mode
-from modernlm.train.losses import IGNORE_INDEX, dpo_loss, sequence_logps
+from modernlm.train.losses import dpo_loss, sequence_logps
 
 PREFERENCE_FORMATS = ("pairs", "hh_rlhf")
 

@@ -1,19 +1,9 @@
-"""Chat format for instruction tuning: ChatML rendering, loss masks, chat tokens, SFT data and packing.
+"""Supervised finetuning on chats: chat tokens in tokenizer and model, SFT records, packing, loss.
 
-The template is ChatML, as SmolLM2-Instruct and Qwen use it:
-
-    <|im_start|>user\\n{content}<|im_end|>\\n<|im_start|>assistant\\n{content}<|im_end|>\\n
-
-`<|im_end|>` closes every turn and is the chat model's EOS: `prepare_chat_model` makes it the
-tokenizer's eos_token, so generation (which stops at eos) ends where a reply ends, and the model
-learns to emit it because it is part of every assistant target. The loss covers the assistant
-contents and their `<|im_end|>`, nothing else (roles, user and system turns, the newline after a
-turn are masked with -100).
-
-Messages are encoded segment by segment (each turn's header, content and closing token apart) and
-concatenated. The special tokens split the text for the tokenizer anyway, and byte-level BPE
-pre-tokenizes a newline apart from the word after it, so the concatenation decodes to exactly
-`render_chat(messages)` (tested) while every loss-mask boundary falls on a token boundary.
+The chat format itself (ChatML, message checks, `ChatEncoder`'s ids and reply-only labels) is
+`modernlm.chat`. `prepare_chat_model` adds <|im_start|> / <|im_end|> to a pretrained tokenizer and
+model and makes <|im_end|> the eos, so generation ends where a reply ends; the loss covers the
+assistant contents and their <|im_end|>, nothing else.
 
 SFT records come from `read_sft_records`: Alpaca (instruction / input / output), chats
 ({"messages": [{"role", "content"}, ...]}, TRL's conversational format), GSM8K (question ->
@@ -32,90 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from modernlm.chat import CHATML_TEMPLATE, IGNORE_INDEX, IM_END, IM_START, ChatEncoder, Message, check_messages
 from modernlm.data.tasks import TaskBatches
 from modernlm.errors import UserError
-from modernlm.tokenizer import CHATML_TEMPLATE
-from modernlm.train.losses import IGNORE_INDEX
-
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-ROLES = ("system", "user", "assistant")
-Message = dict[str, str]
-
-
-# ---------------------------------------------------------------------------------------------
-# Rendering and encoding
-
-
-def check_messages(messages: Any, where: str) -> list[Message]:
-    """Validate a conversation: a non-empty list of {"role", "content"} with known roles."""
-    if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise UserError(f"{where}: message {i + 1} must have 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise UserError(f"{where}: message {i + 1} has role {m['role']!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(m["content"], str):
-            raise UserError(f"{where}: message {i + 1} content must be a string")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
-def render_chat(messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
-    """The ChatML text of a conversation (what `CHATML_TEMPLATE` renders)."""
-    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
-    return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
-
-
-class ChatEncoder:
-    """Token ids of ChatML conversations with their loss mask, for one tokenizer.
-
-    The tokenizer is ours (`modernlm.tokenizer.Tokenizer`) and must know both chat tokens
-    (`prepare_chat_model` adds them).
-    """
-
-    def __init__(self, tokenizer: Any, add_bos: bool = False):
-        self.tokenizer = tokenizer
-        self.start_id, self.end_id = tokenizer.token_to_id(IM_START), tokenizer.token_to_id(IM_END)
-        if self.start_id is None or self.end_id is None:
-            raise UserError(f"tokenizer: has no {IM_START} / {IM_END} tokens; prepare_chat_model adds them")
-        self.newline = tokenizer.encode("\n")
-        self.bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
-        self._headers: dict[str, list[int]] = {}
-
-    def header(self, role: str) -> list[int]:
-        if role not in self._headers:
-            self._headers[role] = [self.start_id, *self.tokenizer.encode(f"{role}\n")]
-        return self._headers[role]
-
-    def encode(self, messages: Sequence[Message], train_on_all_assistant: bool = True) -> tuple[list[int], list[int]]:
-        """(input_ids, labels): labels equal the ids on assistant contents + their <|im_end|>, else -100.
-
-        train_on_all_assistant=False trains only the last assistant turn (earlier ones are context).
-        """
-        ids, labels = list(self.bos), [IGNORE_INDEX] * len(self.bos)
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
-        for i, m in enumerate(messages):
-            head = self.header(m["role"])
-            body = [*self.tokenizer.encode(m["content"]), self.end_id]
-            trained = m["role"] == "assistant" and (train_on_all_assistant or i == last)
-            ids += head + body + self.newline
-            labels += [IGNORE_INDEX] * len(head) + (body if trained else [IGNORE_INDEX] * len(body))
-            labels += [IGNORE_INDEX] * len(self.newline)
-        return ids, labels
-
-    def prompt(self, messages: Sequence[Message]) -> list[int]:
-        """Ids of the conversation so far plus the assistant header: where generation starts."""
-        ids = list(self.bos)
-        for m in messages:
-            ids += self.header(m["role"]) + self.tokenizer.encode(m["content"]) + [self.end_id] + self.newline
-        return ids + self.header("assistant")
-
-    def reply(self, text: str) -> list[int]:
-        """Ids of one assistant reply as the model must produce it: content + <|im_end|>."""
-        return [*self.tokenizer.encode(text), self.end_id]
-
 
 # ---------------------------------------------------------------------------------------------
 # Chat tokens in tokenizer and model
@@ -405,14 +314,10 @@ def generate_replies(
 
 
 __all__ = [
-    "IM_END",
-    "IM_START",
-    "ChatEncoder",
     "SFTBatches",
     "SFTDataConfig",
     "alpaca_messages",
     "chat_ready",
-    "check_messages",
     "collate_sft",
     "eval_sft_batches",
     "generate_replies",
@@ -420,7 +325,6 @@ __all__ = [
     "pack_examples",
     "prepare_chat_model",
     "read_sft_records",
-    "render_chat",
     "resize_vocab",
     "sft_batch_counts",
     "sft_loss",

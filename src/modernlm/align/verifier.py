@@ -29,11 +29,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from modernlm.chat import IGNORE_INDEX
 from modernlm.data.readers import json_object, numbered_lines
 from modernlm.data.tasks import TaskBatches
 from modernlm.errors import UserError
 from modernlm.runtime import eval_mode
-from modernlm.train.losses import IGNORE_INDEX
 
 HEAD_FILE = "value_head.safetensors"
 SAMPLE_FIELDS = ("problem", "sample", "solution", "answer", "correct")

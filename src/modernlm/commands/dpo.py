@@ -81,8 +81,9 @@ def main(cfg: Config) -> None:
     import torch
 
     from modernlm.align.dpo import PreferenceBatches, dpo_loss_fn, pair_batch_counts, pair_batches, reference_logps
-    from modernlm.align.sft import ChatEncoder, chat_ready
+    from modernlm.align.sft import chat_ready
     from modernlm.api import load
+    from modernlm.chat import ChatEncoder
     from modernlm.errors import UserError
     from modernlm.train.run import Training, fmt_loss, run_training
     from modernlm.train.trainer import Trainer

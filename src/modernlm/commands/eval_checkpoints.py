@@ -124,7 +124,7 @@ def main(cfg: Config) -> None:
     from modernlm.api import load
     from modernlm.data.shards import TokenStream
     from modernlm.errors import UserError
-    from modernlm.eval.perplexity import sliding_window_nll
+    from modernlm.perplexity import sliding_window_nll
     from modernlm.train.tracking import read_metrics
 
     if not cfg.run_dir:

@@ -50,8 +50,9 @@ def main(cfg: Config) -> None:
     from pathlib import Path
 
     from modernlm.api import load
+    from modernlm.data.readers import load_text
     from modernlm.errors import UserError
-    from modernlm.eval.perplexity import evaluate_text, load_text, summary_line
+    from modernlm.perplexity import evaluate_text, summary_line
 
     if not cfg.model:
         raise UserError("model: give a model (modernlm eval perplexity MODEL DATA)")

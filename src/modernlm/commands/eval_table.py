@@ -98,8 +98,9 @@ def main(cfg: Config) -> None:
 
     from modernlm.api import load
     from modernlm.checkpoint import resolve_checkpoint
+    from modernlm.data.readers import load_text
     from modernlm.errors import UserError
-    from modernlm.eval.perplexity import evaluate_text, load_text, summary_line
+    from modernlm.perplexity import evaluate_text, summary_line
 
     # Check every local path before the first (possibly long) scoring run.
     checkpoints = []

@@ -5,7 +5,7 @@ MoE and sink models included, HF directories, hub ids, .gguf).
     modernlm eval tasks SmolLM2-135M-Instruct.Q4_1.gguf tasks=wikitext_local --out wikitext.json
     modernlm eval tasks MODEL tasks=hellaswag,arc_easy num_fewshot=0     # any harness task (downloads)
 
-Offline tasks shipped with modernlm (src/modernlm/harness/tasks, the harness's prompts and metrics
+Offline tasks shipped with modernlm (src/modernlm/eval/tasks/tasks, the harness's prompts and metrics
 on local files under data_dir): sst2_local (GLUE SST-2 validation, accuracy), gsm8k_local (GSM8K
 test, 5-shot, strict and flexible exact match), wikitext_local (WikiText-2 test by article: word
 and byte perplexity, bits per byte). Every other name is the harness's own task (it downloads its
@@ -54,7 +54,7 @@ def main(cfg: Config) -> None:
     if cfg.limit is not None and cfg.limit < 1:
         raise UserError(f"limit must be >= 1, got {cfg.limit}")
     try:
-        from modernlm.harness import run
+        from modernlm.eval.tasks import run
     except ImportError as e:
         raise UserError(f"eval tasks needs lm-evaluation-harness: pip install 'modernlm[harness]' ({e})") from None
     from modernlm.api import load_fastest

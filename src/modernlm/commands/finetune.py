@@ -15,7 +15,7 @@ picks the model class and the loss:
   T5 diverges in float16: use float32 or bfloat16.
 - causal (GPT-2, SmolLM2, TinyLlama, our checkpoints): loss on the answer tokens only (the prompt
   is masked); SST-2 is evaluated by scoring the label words after "Review: ... Sentiment:", GSM8K
-  by exact match of the generated answer's final number (modernlm.eval.tasks, as the baselines).
+  by exact match of the generated answer's final number (modernlm.eval.prompting, as the baselines).
 
 Writes run.out_dir/run.name/: config.yaml, metrics.jsonl (train loss, val_loss on eval.path),
 summary.json, checkpoints/step_NNNNNNN/ (each an adapter directory; rerunning resumes),
@@ -102,9 +102,10 @@ def evaluate(
     out_dir: Path,
 ) -> dict[str, Any]:
     """Task metrics of `model` on the eval examples; writes predictions / errors / metrics to out_dir."""
-    from modernlm.data.tasks import TaskTokenizer, eval_batches, tokenize_examples
+    from modernlm.data.tasks import eval_batches, tokenize_examples
     from modernlm.eval.metrics import evaluate_predictions, write_predictions
     from modernlm.hf.lora import base_of, predict_classes
+    from modernlm.textmodel import TaskTokenizer
 
     if data.task_type == "classification":
         tok = TaskTokenizer(tokenizer)
@@ -127,7 +128,9 @@ def evaluate(
         atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         return metrics
 
-    from modernlm.eval.tasks import TASKS, evaluate_task, wrap_hf, wrap_modernlm
+    from modernlm.eval.prompting import TASKS, evaluate_task
+    from modernlm.hf.text import wrap_hf
+    from modernlm.textmodel import wrap_modernlm
 
     if data.name not in TASKS:
         print(f"note: no task metric for data.name={data.name} (only {', '.join(TASKS)}); val_loss only")
@@ -167,8 +170,9 @@ def main(cfg: Config) -> None:
 
     import torch
 
-    from modernlm.data.tasks import TaskBatches, TaskTokenizer, eval_batches, tokenize_examples
+    from modernlm.data.tasks import TaskBatches, eval_batches, tokenize_examples
     from modernlm.hf import lora
+    from modernlm.textmodel import TaskTokenizer
     from modernlm.train.run import Training, run_training
     from modernlm.train.trainer import Trainer
 

@@ -120,8 +120,9 @@ def main(cfg: Config) -> None:
         problem_batches,
         rollout_batch_counts,
     )
-    from modernlm.align.sft import ChatEncoder, chat_ready
+    from modernlm.align.sft import chat_ready
     from modernlm.api import load
+    from modernlm.chat import ChatEncoder
     from modernlm.errors import UserError
     from modernlm.train.run import Training, run_training
     from modernlm.train.tracking import read_metrics

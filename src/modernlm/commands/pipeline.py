@@ -250,8 +250,9 @@ def verifier_rows(run_dir: Path, kinds: list[str | None] | None = None) -> list[
 
 def write_samples(out_dir: Path, dirs: dict[str, str], c: SamplesStage, e: PipelineEvalSettings) -> None:
     """samples.md: the same prompts to every model, side by side."""
-    from modernlm.align.sft import ChatEncoder, chat_ready, generate_replies
+    from modernlm.align.sft import chat_ready, generate_replies
     from modernlm.api import load
+    from modernlm.chat import ChatEncoder
     from modernlm.eval.compare import markdown_table
     from modernlm.generation import generate_text
     from modernlm.pipeline import runner
@@ -296,7 +297,7 @@ def main(cfg: Config) -> None:
 
     if cfg.eval.harness_tasks:  # a wrong task name or a missing file fails now, not after pretraining
         try:
-            from modernlm.harness.run import prepare_tasks
+            from modernlm.eval.tasks.run import prepare_tasks
         except ImportError as e:
             raise UserError(f"eval.harness_tasks needs lm-evaluation-harness: pip install 'modernlm[harness]' "
                             f"({e})") from None

@@ -60,7 +60,8 @@ def load_task_model(src: str, device: str = "auto", dtype: str = "float32", add_
     """A TaskModel for `src` (`modernlm.load`): a modernlm checkpoint / run directory, else an HF
     model (dir, hub id, .gguf) on transformers' own causal LM."""
     from modernlm.api import load
-    from modernlm.eval.tasks import wrap_hf, wrap_modernlm
+    from modernlm.hf.text import wrap_hf
+    from modernlm.textmodel import wrap_modernlm
 
     lm = load(src, device=device, dtype=dtype, progress=progress, what="model")
     if lm.tokenizer is None:
@@ -107,7 +108,7 @@ def main(cfg: Config) -> None:
 
     from modernlm.config import save_config
     from modernlm.data.tasks import load_task_examples, resolve_task_config
-    from modernlm.eval.tasks import evaluate_task
+    from modernlm.eval.prompting import evaluate_task
     from modernlm.files import check_output_dir
 
     _check(cfg)

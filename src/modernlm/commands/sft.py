@@ -73,15 +73,9 @@ def derived_outputs(cfg: Config) -> list[tuple[str, Path, str]]:
 def main(cfg: Config) -> None:
     import torch
 
-    from modernlm.align.sft import (
-        ChatEncoder,
-        SFTBatches,
-        chat_ready,
-        eval_sft_batches,
-        sft_batch_counts,
-        sft_loss,
-    )
+    from modernlm.align.sft import SFTBatches, chat_ready, eval_sft_batches, sft_batch_counts, sft_loss
     from modernlm.api import load
+    from modernlm.chat import ChatEncoder
     from modernlm.train.run import Training, fmt_loss, prompt_sampler, run_training
     from modernlm.train.trainer import Trainer
 

@@ -133,8 +133,9 @@ def main(cfg: Config) -> None:
     import torch
 
     from modernlm.align import verifier
-    from modernlm.align.sft import ChatEncoder, chat_ready, sft_batch_counts
+    from modernlm.align.sft import chat_ready, sft_batch_counts
     from modernlm.api import load
+    from modernlm.chat import ChatEncoder
     from modernlm.errors import UserError
     from modernlm.train.run import Training, run_training
     from modernlm.train.trainer import Trainer

@@ -195,6 +195,26 @@ def load_hub(
     return ds
 
 
+def load_text(
+    path: str = "", hf_dataset: str = "", hf_config: str = "", split: str = "test", text_field: str = "text"
+) -> tuple[str, str]:
+    """(text, its description): a UTF-8 text file, or a hub dataset's `text_field` column joined
+    with "\\n\\n" as the HF perplexity guide joins WikiText."""
+    if path:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise UserError(f"data: no such file: {path}")
+        try:
+            return file.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as e:
+            raise UserError(f"data: {path} is not UTF-8 text ({e})") from None
+    if not hf_dataset:
+        raise UserError("data: give a text file (data=PATH) or a hub dataset (hf_dataset=NAME)")
+    ds = load_hub(hf_dataset, hf_config, split, column=text_field)
+    what = "/".join(x for x in (hf_dataset, hf_config) if x) + f" [{split}]"
+    return "\n\n".join(ds[text_field]), f"hub:{what}"
+
+
 def hub_rows(
     dataset: str, config: str = "", split: str = "train", *, data_dir: str = "", streaming: bool = False
 ) -> Rows:

@@ -44,9 +44,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from modernlm.chat import IGNORE_INDEX  # label value that contributes no loss (as in HF)
 from modernlm.data.readers import Rows, file_rows, hub_rows
 from modernlm.errors import UserError
-from modernlm.tokenizer import IGNORE_INDEX  # label value that contributes no loss (as in HF)
+from modernlm.textmodel import TaskTokenizer
 
 TASK_NAMES = ("sst2", "samsum", "gsm8k", "alpaca", "hh_rlhf", "custom")
 TASK_TYPES = ("classification", "seq2seq", "causal")
@@ -508,46 +509,6 @@ def load_task_examples(cfg: TaskDatasetConfig) -> list[dict[str, Any]]:
 # Tokenization
 
 
-class TaskTokenizer:
-    """One interface over our `Tokenizer` (encode/eos_id/pad_id) and transformers tokenizers.
-
-    encode(text) never adds special tokens; bos/eos are added explicitly where a task needs them.
-    pad_id falls back to eos_id (GPT-2 has no pad token).
-    """
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
-        if hasattr(tokenizer, "eos_token_id") and callable(tokenizer):  # transformers
-            self.eos_id = tokenizer.eos_token_id
-            self.bos_id = tokenizer.bos_token_id
-            pad = tokenizer.pad_token_id
-            self._hf = True
-        elif hasattr(tokenizer, "eos_id") and hasattr(tokenizer, "encode"):  # modernlm.tokenizer.Tokenizer
-            self.eos_id, self.bos_id, pad = tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id
-            self._hf = False
-        else:
-            raise TypeError(f"not a tokenizer: {type(tokenizer).__name__} (needs encode and eos_id / eos_token_id)")
-        self.pad_id = pad if pad is not None else self.eos_id
-
-    def encode(self, text: str) -> list[int]:
-        if self._hf:
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return list(self.tokenizer.encode(text))
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """encode() of many texts at once (the Rust tokenizers batch them: ~2-3x faster than a loop)."""
-        if not texts:
-            return []
-        if self._hf:
-            return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        if hasattr(self.tokenizer, "encode_batch"):
-            return [list(ids) for ids in self.tokenizer.encode_batch(texts)]
-        return [self.encode(t) for t in texts]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(list(ids))
-
-
 def _need(token_id: int | None, what: str) -> int:
     if token_id is None:
         raise UserError(f"tokenizer: has no {what} token, which this task needs")
@@ -808,7 +769,6 @@ __all__ = [
     "HHPairError",
     "TaskBatches",
     "TaskDatasetConfig",
-    "TaskTokenizer",
     "collate",
     "eval_batches",
     "gsm8k_final_answer",

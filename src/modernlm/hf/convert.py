@@ -407,13 +407,3 @@ def load_transformers(
         if bars:
             hf_logging.enable_progress_bar()
     return model.to(device).eval()
-
-
-def render_chat_template(template: str, messages: list[dict[str, str]], **variables: Any) -> str:
-    """A conversation rendered with a Jinja chat template exactly as transformers'
-    `apply_chat_template(tokenize=False)` renders it (`variables`: add_generation_prompt and the
-    special tokens, e.g. bos_token)."""
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    rendered, _ = render_jinja_template(conversations=[messages], chat_template=template, **variables)
-    return rendered[0]

@@ -47,9 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modernlm.chat import IGNORE_INDEX
 from modernlm.errors import UserError
 from modernlm.runtime import eval_mode
-from modernlm.train.losses import IGNORE_INDEX, next_token_loss
+from modernlm.train.losses import next_token_loss
 
 if TYPE_CHECKING:
     from peft import PeftModel

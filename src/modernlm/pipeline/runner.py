@@ -339,11 +339,13 @@ def evaluate_model(name: str, source: str | Path, chat: bool, cfg: PipelineEvalS
     with `plain_prompt`, and its pairs scored as prompt + " " + reply + eos.
     """
     from modernlm.align.dpo import collate_pairs, evaluate_pairs, load_pairs
-    from modernlm.align.sft import ChatEncoder, chat_ready, generate_replies
+    from modernlm.align.sft import chat_ready, generate_replies
     from modernlm.align.verifier import label_solution
     from modernlm.api import load
+    from modernlm.chat import ChatEncoder
     from modernlm.checkpoint import resolve_checkpoint
-    from modernlm.eval.perplexity import evaluate_text, load_text
+    from modernlm.data.readers import load_text
+    from modernlm.perplexity import evaluate_text
 
     ckpt = resolve_checkpoint(source)
     if ckpt is None:
@@ -393,7 +395,7 @@ def evaluate_model(name: str, source: str | Path, chat: bool, cfg: PipelineEvalS
         row["pair_accuracy"] = pairs["pair_accuracy"]
         row["pair_logp_margin"] = pairs["logps/chosen"] - pairs["logps/rejected"]
     if cfg.harness_tasks:
-        from modernlm.harness.run import headline_metrics
+        from modernlm.eval.tasks.run import headline_metrics
 
         row.update(headline_metrics(lm, cfg.harness_tasks, cfg.harness_data_dir, limit=cfg.harness_limit,
                                     num_fewshot=cfg.harness_num_fewshot, batch_size=cfg.batch_size))
@@ -402,7 +404,7 @@ def evaluate_model(name: str, source: str | Path, chat: bool, cfg: PipelineEvalS
 
 def _plain_pairs(cfg: PipelineEvalSettings, tok: Any, max_length: int) -> list[dict[str, Any]]:
     from modernlm.align.dpo import read_pairs
-    from modernlm.train.losses import IGNORE_INDEX
+    from modernlm.chat import IGNORE_INDEX
 
     items = []
     for _, pair in read_pairs(cfg.pairs):

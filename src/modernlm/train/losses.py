@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modernlm.tokenizer import IGNORE_INDEX  # targets with this value contribute no loss
+from modernlm.chat import IGNORE_INDEX  # targets with this value contribute no loss
 
 
 def next_token_loss(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:

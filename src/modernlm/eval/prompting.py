@@ -1,10 +1,7 @@
-"""Task evaluation for any model: label scoring, generation, metrics and logged predictions.
+"""Prompting baselines: label scoring, generation, metrics and logged predictions for any model.
 
-One small interface, `TaskModel`, is all evaluation needs from a model: a tokenizer, `logits`
-for a padded batch, and `generate` (prompts in, continuations out). Two wrappers provide it:
-`wrap_modernlm` (our ModernDecoderLM + our Tokenizer, generating through `modernlm.generation`)
-and `wrap_hf` (a transformers causal LM, encoder-decoder such as T5, or a PEFT-wrapped one, with
-an HF tokenizer or ours; transformers is never imported here, the objects are duck-typed).
+Models come in as `textmodel.TaskModel` (ours through `textmodel.wrap_modernlm`, transformers'
+through `hf.text.wrap_hf`); nothing here imports transformers.
 
 `score_choices` ranks fixed answers by log-probability, the zero-shot classification method of
 GPT-3 and lm-evaluation-harness: the summed log-probability of each choice's tokens given the
@@ -42,15 +39,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from modernlm.data.tasks import TaskTokenizer
 from modernlm.errors import UserError
 from modernlm.eval.metrics import evaluate_predictions, macro_f1, write_predictions
 from modernlm.files import atomic_write
-from modernlm.generation import Sampling, StopOnText, TextGeneration, TextStream
-from modernlm.runtime import eval_mode
 
 TASKS = ("sst2", "samsum", "gsm8k")
 MODES = ("auto", "score", "generate")
+from modernlm.textmodel import TaskModel, pad_rows
+
 # A task's kind of metric in metrics.evaluate_predictions.
 METRIC_KIND = {"sst2": "classification", "samsum": "summarization", "gsm8k": "gsm8k"}
 # Generation budget when the caller gives none: a label word, a summary, a worked solution.
@@ -67,198 +63,7 @@ DEMO_SEPARATOR = "\n\n"
 
 
 # ---------------------------------------------------------------------------------------------
-# Models
-
-
-class TaskModel:
-    """What evaluation needs from a model, ours or HF; see `wrap_modernlm` / `wrap_hf`.
-
-    Attributes: `tokenizer` (a TaskTokenizer), `is_encoder_decoder`, `add_bos` (prepend the bos
-    token to every prompt), `max_length` (the model's context in tokens, None = unbounded; longer
-    prompts are cut from the left), `device`, `name`.
-    """
-
-    tokenizer: TaskTokenizer
-    is_encoder_decoder: bool = False
-    add_bos: bool = False
-    max_length: int | None = None
-    device: torch.device
-    name: str = "model"
-    decoder_start_id: int | None = None
-
-    def logits(self, input_ids: Tensor, attention_mask: Tensor, decoder_input_ids: Tensor | None = None) -> Tensor:
-        """[B, T, V] float logits. Decoder-only: of input_ids; encoder-decoder: of decoder_input_ids
-        given the encoder's input_ids."""
-        raise NotImplementedError
-
-    def generate(self, prompts: list[str], sampling: Sampling | int | None = None, **settings: Any) -> list[str]:
-        """The continuation of each prompt (not the prompt), ending before eos or the first stop
-        string. `sampling` / `settings` as in `generation.Sampling.make` (max_new_tokens, stop,
-        temperature, seed, ...)."""
-        if not prompts:
-            return []
-        return self.complete(self.prompt_ids_batch(prompts), Sampling.make(sampling, **settings))
-
-    def complete(self, rows: list[list[int]], sampling: Sampling) -> list[str]:
-        """`generate` from prompt token ids."""
-        raise NotImplementedError
-
-    # Shared helpers ----------------------------------------------------------------------
-
-    def prompt_ids(self, text: str) -> list[int]:
-        ids = self.tokenizer.encode(text)
-        if self.add_bos:
-            if self.tokenizer.bos_id is None:
-                raise UserError("add_bos: the tokenizer has no bos token")
-            ids = [self.tokenizer.bos_id, *ids]
-        return ids
-
-    def prompt_ids_batch(self, texts: list[str]) -> list[list[int]]:
-        rows = self.tokenizer.encode_batch(texts)
-        if self.add_bos:
-            if self.tokenizer.bos_id is None:
-                raise UserError("add_bos: the tokenizer has no bos token")
-            rows = [[self.tokenizer.bos_id, *r] for r in rows]
-        return rows
-
-    def _fit(self, prompt: list[int], room_after: int) -> list[int]:
-        """Cut a prompt from the left (keeping a leading bos) so it plus room_after tokens fit the context."""
-        if self.max_length is None or len(prompt) + room_after <= self.max_length:
-            return prompt
-        keep = max(self.max_length - room_after, 1)
-        if self.add_bos and keep > 1:
-            return prompt[:1] + prompt[len(prompt) - keep + 1 :]
-        return prompt[len(prompt) - keep :]
-
-    def _streams(self, rows: list[list[int]], sampling: Sampling) -> list[TextStream]:
-        """One `generation.TextStream` per row: the text side, shared with our generation."""
-        eos = sampling.eos_ids or ([self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else [])
-        return [TextStream(self.tokenizer.tokenizer, sampling.stop, context=r, eos=eos) for r in rows]
-
-
-class ModernLMTaskModel(TaskModel):
-    """Our ModernDecoderLM + our Tokenizer (see `wrap_modernlm`)."""
-
-    def __init__(self, model: Any, tokenizer: Any, add_bos: bool = False, name: str = "modernlm"):
-        self.model, self.tokenizer = model, TaskTokenizer(tokenizer)
-        self.add_bos, self.name = add_bos, name
-        self.is_encoder_decoder = False
-        # RoPE extends past max_seq_len but quality falls off there: cut prompts to the trained context.
-        self.max_length = int(model.config.max_seq_len)
-        self.device = next(model.parameters()).device
-        self.vocab_size = getattr(tokenizer, "vocab_size", None)
-
-    def logits(self, input_ids: Tensor, attention_mask: Tensor, decoder_input_ids: Tensor | None = None) -> Tensor:
-        if decoder_input_ids is not None:
-            raise ValueError("a decoder-only model takes no decoder_input_ids")
-        mask = attention_mask.to(self.device, torch.bool)
-        # Right padding needs no mask (causal attention never looks ahead); only left padding
-        # (real tokens at the end of every row) is passed on, which is what the model supports.
-        pad_mask = mask if not mask.all() and bool(mask[:, -1].all()) else None
-        with eval_mode(self.model), torch.inference_mode():
-            return self.model(input_ids.to(self.device), pad_mask=pad_mask).logits.float()
-
-    def complete(self, rows: list[list[int]], sampling: Sampling) -> list[str]:
-        if not rows:
-            return []
-        rows = [self._fit(r, sampling.max_new_tokens) for r in rows]
-        if any(not r for r in rows):
-            raise UserError("a prompt encodes to no tokens; set add_bos")
-        return [s.text for s in TextGeneration(self.model, self.tokenizer.tokenizer, rows, sampling).run()]
-
-
-class HFTaskModel(TaskModel):
-    """A transformers model (causal LM, encoder-decoder, or PEFT-wrapped) + tokenizer (see `wrap_hf`)."""
-
-    def __init__(self, model: Any, tokenizer: Any, add_bos: bool = False, name: str = "hf"):
-        self.model, self.tokenizer = model, TaskTokenizer(tokenizer)
-        self.add_bos, self.name = add_bos, name
-        config = model.config  # a PeftModel forwards attribute access to its base model
-        self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        # T5's relative positions have no hard limit; decoder-only models with absolute or RoPE
-        # positions are cut to what they were built for.
-        self.max_length = None if self.is_encoder_decoder or not limit else int(limit)
-        start = getattr(config, "decoder_start_token_id", None)
-        self.decoder_start_id = start if start is not None else self.tokenizer.pad_id
-        self.device = next(model.parameters()).device
-
-    def logits(self, input_ids: Tensor, attention_mask: Tensor, decoder_input_ids: Tensor | None = None) -> Tensor:
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        if self.is_encoder_decoder:
-            if decoder_input_ids is None:
-                raise ValueError("an encoder-decoder model needs decoder_input_ids")
-            kwargs["decoder_input_ids"] = decoder_input_ids.to(self.device)
-        elif not bool(attention_mask[:, 0].all()):
-            # Left padding: positions count real tokens only, as HF generate computes them.
-            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        with eval_mode(self.model), torch.inference_mode():
-            return self.model(**kwargs).logits.float()
-
-    def complete(self, rows: list[list[int]], sampling: Sampling) -> list[str]:
-        if not rows:
-            return []
-        tok = self.tokenizer
-        if self.is_encoder_decoder:
-            if tok.eos_id is not None:
-                rows = [r + [tok.eos_id] for r in rows]  # T5's encoder inputs end with eos
-            input_ids, attention_mask = _pad(rows, tok.pad_id, "right")
-            start = 1  # outputs begin with the decoder start token
-        else:
-            rows = [self._fit(r, sampling.max_new_tokens) for r in rows]
-            if any(not r for r in rows):
-                raise UserError("a prompt encodes to no tokens; set add_bos")
-            input_ids, attention_mask = _pad(rows, tok.pad_id, "left")
-            start = input_ids.size(1)
-        if sampling.max_new_tokens == 0:
-            return [""] * len(rows)
-        kwargs: dict[str, Any] = dict(
-            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), pad_token_id=tok.pad_id
-        )
-        if tok.eos_id is not None:
-            kwargs["eos_token_id"] = tok.eos_id
-        kwargs |= sampling.transformers_kwargs()  # the same settings as our generation
-        contexts = [[] if self.is_encoder_decoder else r for r in rows]
-        if sampling.stop:
-            kwargs["stopping_criteria"] = [StopOnText(self._streams(contexts, sampling), start)]
-        rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
-        with rng, eval_mode(self.model), torch.inference_mode():
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)  # inside fork_rng: the caller's global RNG is left as it was
-            out = self.model.generate(**kwargs)
-        streams = self._streams(contexts, sampling)
-        return [s.feed(row).text for s, row in zip(streams, out[:, start:].tolist(), strict=True)]
-
-
-def wrap_modernlm(model: Any, tokenizer: Any, *, add_bos: bool = False, name: str = "modernlm") -> TaskModel:
-    """A TaskModel over our ModernDecoderLM and our Tokenizer (add_bos: prepend bos to prompts)."""
-    return ModernLMTaskModel(model, tokenizer, add_bos=add_bos, name=name)
-
-
-def wrap_hf(model: Any, tokenizer: Any, *, add_bos: bool = False, name: str = "hf") -> TaskModel:
-    """A TaskModel over a transformers causal LM, encoder-decoder (T5) or PEFT model and its tokenizer
-    (an HF tokenizer or ours). Decoder-only models generate from left-padded batches; an
-    encoder-decoder generates from the prompt (+ eos) as encoder input."""
-    return HFTaskModel(model, tokenizer, add_bos=add_bos, name=name)
-
-
-# ---------------------------------------------------------------------------------------------
 # Scoring
-
-
-def _pad(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[Tensor, Tensor]:
-    """Token lists -> (ids [B, T], attention_mask [B, T] long), padded on `side`."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if not r:
-            continue
-        sl = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
-        ids[i, sl] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, sl] = 1
-    return ids, mask
 
 
 def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
@@ -274,7 +79,7 @@ def _score_pairs_causal(
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))  # less padding
     for chunk in _batches(order, batch_size):
         bar.update(len(chunk))
-        ids, mask = _pad([pairs[i][0] + pairs[i][1] for i in chunk], tm.tokenizer.pad_id, "right")
+        ids, mask = pad_rows([pairs[i][0] + pairs[i][1] for i in chunk], tm.tokenizer.pad_id, "right")
         logits = tm.logits(ids, mask)
         for b, i in enumerate(chunk):
             p, c = pairs[i]
@@ -293,7 +98,7 @@ def _score_single_tokens(
     index = torch.tensor(choice_ids)
     for chunk in _batches(order, batch_size):
         bar.update(len(chunk))
-        ids, mask = _pad([prompts[i] for i in chunk], tm.tokenizer.pad_id, "right")
+        ids, mask = pad_rows([prompts[i] for i in chunk], tm.tokenizer.pad_id, "right")
         logits = tm.logits(ids, mask)
         for b, i in enumerate(chunk):
             lp = logits[b, len(prompts[i]) - 1].log_softmax(-1)
@@ -313,8 +118,8 @@ def _score_pairs_seq2seq(
     for chunk in _batches(order, batch_size):
         bar.update(len(chunk))
         enc = [pairs[i][0] + ([eos] if eos is not None else []) for i in chunk]
-        ids, mask = _pad(enc, tm.tokenizer.pad_id, "right")
-        dec, _ = _pad([[tm.decoder_start_id] + pairs[i][1][:-1] for i in chunk], tm.tokenizer.pad_id, "right")
+        ids, mask = pad_rows(enc, tm.tokenizer.pad_id, "right")
+        dec, _ = pad_rows([[tm.decoder_start_id] + pairs[i][1][:-1] for i in chunk], tm.tokenizer.pad_id, "right")
         logits = tm.logits(ids, mask, decoder_input_ids=dec)
         for b, i in enumerate(chunk):
             c = pairs[i][1]
@@ -551,13 +356,8 @@ __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
     "STOPS",
     "TASKS",
-    "HFTaskModel",
-    "ModernLMTaskModel",
-    "TaskModel",
     "demonstrations",
     "evaluate_task",
     "label_choices",
     "score_choices",
-    "wrap_hf",
-    "wrap_modernlm",
 ]

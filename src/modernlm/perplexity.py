@@ -19,6 +19,7 @@ Numbers that compare across tokenizers (`text_metrics`):
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from modernlm.data.readers import load_hub
+from modernlm.errors import UserError
 
 # (input_ids [B, T]) -> logits [B, T, V]. Our model: `lambda x: model(x).logits`; HF the same.
 LogitsFn = Callable[[Tensor], Tensor]
@@ -161,35 +162,6 @@ class ScoringModel(Protocol):
     def logits_fn(self, ids: Tensor) -> Tensor: ...
 
 
-def checkpoint_label(path: Path) -> str:
-    """runs/tiny/checkpoints/step_0000600 -> "tiny/step_0000600"; other directories: their name."""
-    if path.parent.name == "checkpoints":
-        return f"{path.parent.parent.name}/{path.name}"
-    return path.name
-
-
-def load_text(
-    path: str = "", hf_dataset: str = "", hf_config: str = "", split: str = "test", text_field: str = "text"
-) -> tuple[str, str]:
-    """(text, its description): a UTF-8 text file, or a hub dataset's `text_field` column joined
-    with "\\n\\n" as the HF perplexity guide joins WikiText."""
-    from modernlm.errors import UserError
-
-    if path:
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise UserError(f"data: no such file: {path}")
-        try:
-            return file.read_text(encoding="utf-8"), str(path)
-        except UnicodeDecodeError as e:
-            raise UserError(f"data: {path} is not UTF-8 text ({e})") from None
-    if not hf_dataset:
-        raise UserError("data: give a text file (data=PATH) or a hub dataset (hf_dataset=NAME)")
-    ds = load_hub(hf_dataset, hf_config, split, column=text_field)
-    what = "/".join(x for x in (hf_dataset, hf_config) if x) + f" [{split}]"
-    return "\n\n".join(ds[text_field]), f"hub:{what}"
-
-
 def evaluate_text(
     model: ScoringModel,
     text: str,
@@ -206,10 +178,6 @@ def evaluate_text(
     context 0 = the model's max context; stride 0 = context; max_tokens > 0 scores only the first
     max_tokens tokens (bytes and words then count the text those tokens decode to).
     """
-    import time
-
-    from modernlm.errors import UserError
-
     if model.tokenizer is None:
         raise UserError(f"{model.source}: no tokenizer, so the text cannot be tokenized")
     context = context or model.max_context

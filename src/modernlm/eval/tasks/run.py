@@ -21,13 +21,13 @@ SHIPPED = "../shared/data"  # the data prefix of the shipped task YAMLs (relativ
 
 def shipped_tasks() -> dict[str, Path]:
     """The offline tasks this package ships: name -> YAML file."""
-    folder = Path(str(resources.files("modernlm.harness").joinpath("tasks")))
+    folder = Path(str(resources.files("modernlm.eval.tasks").joinpath("offline")))
     return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
 
 
 def offline_task_dir(names: list[str], data_dir: str | Path) -> Path:
     """A copy of the shipped task folder whose data files sit under `data_dir` (checked to exist)."""
-    src = Path(str(resources.files("modernlm.harness").joinpath("tasks")))
+    src = Path(str(resources.files("modernlm.eval.tasks").joinpath("offline")))
     out = Path(tempfile.mkdtemp(prefix="modernlm-tasks-"))
     atexit.register(shutil.rmtree, out, ignore_errors=True)  # lm-eval reads it until the run ends
     data_dir = Path(data_dir).resolve()
@@ -85,7 +85,7 @@ def evaluate(lm: Any, names: list[str], manager: Any, *, limit: int | None = Non
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from lm_eval import simple_evaluate
 
-    from modernlm.harness.lm import ModernLMEval
+    from modernlm.eval.tasks.lm import ModernLMEval
 
     results = simple_evaluate(
         model=ModernLMEval(lm, batch_size=batch_size, max_gen_toks=max_gen_toks, max_length=max_length),

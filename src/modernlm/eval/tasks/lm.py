@@ -19,7 +19,7 @@ the numbers are comparable and equal on the same weights (tests/test_harness.py)
 
     lm_eval's Python API:   simple_evaluate(model=ModernLMEval(load("runs/sft")), tasks=["sst2"])
     from the shell:         modernlm eval tasks MODEL tasks=sst2,gsm8k
-                            python -m modernlm.harness --model modernlm --model_args pretrained=MODEL ...
+                            python -m modernlm.eval.tasks --model modernlm --model_args pretrained=MODEL ...
 Only this package imports lm_eval (the `harness` extra).
 """
 
@@ -113,7 +113,7 @@ class ModernLMEval(TemplateLM):
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         if chat_template is False or chat_template is None or not self.lm.has_chat_template:
             return None
-        from modernlm.tokenizer import CHATML_TEMPLATE
+        from modernlm.chat import CHATML_TEMPLATE
 
         return self.tokenizer.chat_template or CHATML_TEMPLATE
 

@@ -1,7 +1,7 @@
-"""`python -m modernlm.harness ARGS`: lm-eval's own command line with the model "modernlm" registered,
+"""`python -m modernlm.eval.tasks ARGS`: lm-eval's own command line with the model "modernlm" registered,
 for lm-eval releases that do not yet discover installed models by entry point:
 
-    python -m modernlm.harness run --model modernlm --model_args pretrained=runs/sft --tasks sst2
+    python -m modernlm.eval.tasks run --model modernlm --model_args pretrained=runs/sft --tasks sst2
 
 User mistakes are one line on stderr and exit code 2, no traceback, before any long work: for
 `--model modernlm`, `--model_args` (pretrained= given and a model source, known keys, valid values)
@@ -18,7 +18,7 @@ from typing import Any
 
 from modernlm.errors import UserError
 
-PROG = "modernlm.harness"
+PROG = "modernlm.eval.tasks"
 MODEL_ARGS = ("pretrained", "max_length", "max_gen_toks", "dtype", "backend")  # ModernLMEval's own
 LM_EVAL_OPTIONS = ("batch_size", "device")  # lm-eval passes these itself: in model_args they clash
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         check_command_line(argv)
         from lm_eval.__main__ import cli_evaluate
 
-        import modernlm.harness.lm  # noqa: F401  (registers "modernlm")
+        import modernlm.eval.tasks.lm  # noqa: F401  (registers "modernlm")
 
         sys.argv = [saved[0] if saved else PROG, *argv]  # lm-eval reads sys.argv
         try:
