@@ -14,7 +14,8 @@ from modernlm.align.sft import collate_sft, pack_examples, sft_batch_counts, sft
 from modernlm.errors import UserError
 from modernlm.model import ModernDecoderLM
 from modernlm.runtime import Runtime
-from modernlm.train.components import Checkpointer, StopSignals, TimeBudget, TrainLog, Validator
+from modernlm.train.checkpointer import Checkpointer
+from modernlm.train.components import StopSignals, TimeBudget, TrainLog, Validator
 from modernlm.train.losses import lm_batch_counts, lm_loss
 from modernlm.train.optim import OptimConfig
 from modernlm.train.tracking import format_line, read_metrics

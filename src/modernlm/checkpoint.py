@@ -166,6 +166,17 @@ TRAIN_STATE_FILE = "train_state.pt"
 LATEST_FILE = "latest"
 BEST_DIR = "best"
 BEST_INFO_FILE = "best.json"
+STEP_PREFIX = "step_"
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    """run_dir/checkpoints/step_0000500: the one place the step checkpoint's name is made."""
+    return Path(run_dir) / CHECKPOINTS_DIR / f"{STEP_PREFIX}{step:07d}"
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step of a step checkpoint directory (step_0000500 -> 500)."""
+    return int(Path(path).name.removeprefix(STEP_PREFIX))
 
 
 def _write_checkpoint_dir(
@@ -216,12 +227,12 @@ def save_training_checkpoint(
     """
     import shutil
 
-    root = Path(run_dir) / CHECKPOINTS_DIR
+    final = step_dir(run_dir, step)
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:07d}"
     _write_checkpoint_dir(final, model, tokenizer, state, save_fn)
     atomic_write(root / LATEST_FILE, final.name + "\n")
-    steps = sorted(p for p in root.glob("step_*") if _is_step_dir(p))
+    steps = sorted(p for p in root.glob(f"{STEP_PREFIX}*") if _is_step_dir(p))
     for old in steps[: max(len(steps) - max(keep_last, 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     clean_leftovers(root)  # from a run killed mid-save
@@ -248,7 +259,7 @@ def save_best_checkpoint(
 def _is_step_dir(p: Path) -> bool:
     """A finished step checkpoint's name (never a temporary or set-aside directory)."""
     name = p.name
-    return name.startswith("step_") and TMP_MARK not in name and OLD_MARK not in name and p.is_dir()
+    return name.startswith(STEP_PREFIX) and TMP_MARK not in name and OLD_MARK not in name and p.is_dir()
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -257,7 +268,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     Complete = renamed into place with its train_state.pt. The `latest` pointer is for people and
     other tools; the directory scan is the truth (a kill between rename and pointer update)."""
     root = Path(run_dir) / CHECKPOINTS_DIR
-    done = [p for p in root.glob("step_*") if _is_step_dir(p) and (p / TRAIN_STATE_FILE).is_file()]
+    done = [p for p in root.glob(f"{STEP_PREFIX}*") if _is_step_dir(p) and (p / TRAIN_STATE_FILE).is_file()]
     return max(done, key=lambda p: p.name) if done else None
 
 

@@ -89,10 +89,10 @@ def tokens_seen(run_dir: Path, step: int, path: Path, records: list[dict[str, An
     for r in records:
         if r.get("step") == step and isinstance(r.get("tokens"), int):
             return r["tokens"]
-    for candidate in (path, run_dir / "checkpoints" / f"step_{step:07d}"):
-        if (candidate / "train_state.pt").is_file():
-            from modernlm.checkpoint import load_training_state
+    from modernlm.checkpoint import load_training_state, step_dir
 
+    for candidate in (path, step_dir(run_dir, step)):
+        if (candidate / "train_state.pt").is_file():
             return int(load_training_state(candidate).get("counters", {}).get("tokens_seen", 0)) or None
     return None
 

@@ -176,7 +176,7 @@ def prepare_data(cfg: Config, out: Path) -> Path:
 
 def train_models(cfg: Config, data_path: Path, out: Path) -> dict[str, Path]:
     """Pretrain the sink and the no-sink model with the pretrain recipe; return their run dirs."""
-    from modernlm.checkpoint import latest_checkpoint
+    from modernlm.checkpoint import checkpoint_step, latest_checkpoint
     from modernlm.commands import pretrain
     from modernlm.data.shards import TokenDataConfig
     from modernlm.runtime import RunConfig
@@ -197,7 +197,7 @@ def train_models(cfg: Config, data_path: Path, out: Path) -> dict[str, Path]:
         last = latest_checkpoint(run_dir)
         if last is not None:
             _check_same_run(run_dir, pcfg)
-            if int(last.name.removeprefix("step_")) >= cfg.train.num_steps:
+            if checkpoint_step(last) >= cfg.train.num_steps:
                 print(f"train {name}: finished ({last}), skipping")
                 continue
         print(f"train {name}: model.attn_sink={sink}")

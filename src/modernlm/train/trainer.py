@@ -50,8 +50,8 @@ from torch import Tensor, nn
 
 from modernlm.errors import UserError
 from modernlm.runtime import Runtime, compile_model, eval_mode, rng_state, set_rng_state, warn_once
+from modernlm.train.checkpointer import Checkpointer, load_model_weights
 from modernlm.train.components import (
-    Checkpointer,
     LoadModelFn,
     SaveModelFn,
     StopSignals,
@@ -59,7 +59,6 @@ from modernlm.train.components import (
     TrainLog,
     Validator,
     every,
-    load_model_weights,
     to_device,
 )
 from modernlm.train.memory import AC_MODES, ACMode, apply_activation_checkpointing
