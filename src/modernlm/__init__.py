@@ -6,7 +6,9 @@ Nothing heavy is imported here, so `modernlm --help` answers without loading tor
 come from their modules on first use (a module-level `__getattr__`, PEP 562).
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+__version__ = version("modernlm")  # pyproject.toml's, the one place it is written
 __all__ = ["LM", "ModelConfig", "ModernDecoderLM", "Sampling", "__version__", "load"]
 
 

@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> None:
         print(_usage())
         return
     if argv[0] in ("-V", "--version"):
-        from modernlm import __version__
+        from importlib.metadata import version
 
-        print(__version__)
+        print(version("modernlm"))
         return
     found = _find_command(argv)
     if found is None:

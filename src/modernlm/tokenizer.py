@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,25 @@ def _byte_symbols() -> list[str]:
             symbols[b] = chr(256 + extra)
             extra += 1
     return [symbols[b] for b in range(256)]
+
+
+@lru_cache(maxsize=8)
+def _byte_decoder(tokenizer: Any) -> dict[str, int] | None:
+    """GPT-2 byte-level symbols -> byte values, when `tokenizer` is byte-level (else None)."""
+    decoder = json.loads(tokenizer.backend.to_str()).get("decoder") or {}
+    kinds = [d.get("type") for d in decoder.get("decoders", [decoder])]
+    return {s: b for b, s in enumerate(_byte_symbols())} if "ByteLevel" in kinds else None
+
+
+def token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    """The exact bytes a token stands for (a byte-level token may be part of a character)."""
+    piece = tokenizer.backend.id_to_token(token_id) or ""
+    table = _byte_decoder(tokenizer)
+    if table is not None and piece and all(c in table for c in piece):
+        return bytes(table[c] for c in piece)
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
+        return bytes([int(piece[3:5], 16)])
+    return tokenizer.decode([token_id]).encode("utf-8")
 
 
 def byte_tokenizer(

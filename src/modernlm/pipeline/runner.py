@@ -77,10 +77,9 @@ def environment() -> dict[str, Any]:
     """What the report states about where the pipeline ran."""
     import os
     import subprocess
+    from importlib.metadata import version
 
     import torch
-
-    from modernlm import __version__
 
     env: dict[str, Any] = {
         "python": platform.python_version(),
@@ -89,7 +88,7 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()})",
         "threads": torch.get_num_threads(),
-        "modernlm": __version__,
+        "modernlm": version("modernlm"),
     }
     try:
         root = Path(__file__).resolve().parents[2]

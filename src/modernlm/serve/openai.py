@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 from modernlm.errors import UserError
 from modernlm.generation import Sampling, prompt_ids
 from modernlm.serve.engine import Done, Piece, TokenInfo
+from modernlm.tokenizer import token_bytes
 
 MAX_STOP = 4  # stop strings per request, as OpenAI
 MAX_TOP_LOGPROBS = 20
@@ -237,27 +237,6 @@ def parse(kind: str, body: Any, ctx: Context) -> Job:
 
 
 # ---- shaping responses ---------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=8)
-def _byte_decoder(tokenizer: Any) -> dict[str, int] | None:
-    """GPT-2 byte-level symbols -> byte values, when `tokenizer` is byte-level (else None)."""
-    from modernlm.tokenizer import _byte_symbols
-
-    decoder = json.loads(tokenizer.backend.to_str()).get("decoder") or {}
-    kinds = [d.get("type") for d in decoder.get("decoders", [decoder])]
-    return {s: b for b, s in enumerate(_byte_symbols())} if "ByteLevel" in kinds else None
-
-
-def token_bytes(tokenizer: Any, token_id: int) -> bytes:
-    """The exact bytes a token stands for (a byte-level token may be part of a character)."""
-    piece = tokenizer.backend.id_to_token(token_id) or ""
-    table = _byte_decoder(tokenizer)
-    if table is not None and piece and all(c in table for c in piece):
-        return bytes(table[c] for c in piece)
-    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
-        return bytes([int(piece[3:5], 16)])
-    return tokenizer.decode([token_id]).encode("utf-8")
 
 
 @dataclass
