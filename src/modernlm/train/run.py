@@ -1,41 +1,90 @@
-"""One skeleton for the training commands (pretrain, sft, dpo, verifier, finetune).
+"""One skeleton for the training commands (pretrain, sft, dpo, grpo, verifier, finetune).
 
     def main(cfg):
         ...checks, data, models: whatever needs no process group...
+        with training_run(cfg, "sft") as run:   # the runtime (device, process group under torchrun), run_dir
+            trainer = Trainer(..., run.runtime, run.run_dir, ...)   # this rank's batches
+            run.start(trainer, "1.2M params, ...")   # resume, config.yaml, the banner line
+            summary = trainer.train()
+            ...reports (rank 0)...
+            run.done(summary, text)               # "done: <text> -> run_dir" (done_text(summary) by default)
 
-        def build(runtime, run_dir) -> Training:
-            ...this rank's batches, the Trainer...
-            return Training(trainer, banner="1.2M params, ...", after=report)
-
-        run_training(cfg, "sft", build)
-
-`run_training` owns what every training command does alike, in this order: the runtime (device,
-process group under torchrun) and its cleanup; the stage's `build`; resume BEFORE config.yaml is
-written (a refused resume must not overwrite the run's config); config.yaml and the banner line
-(rank 0); the stage's `before` (e.g. a baseline evaluation, knowing trainer.step); training; the
-stage's `after` (reports, given the summary); and the closing `done: ... -> run_dir` line.
+`training_run` owns what every training command does alike: run.name defaults to the command, the
+runtime is set up and always cleaned up on exit. `start` resumes BEFORE config.yaml is written (a
+refused resume must not overwrite the run's config), then writes config.yaml and prints the banner
+"<command>: <banner> -> <run dir>" on rank 0.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modernlm.runtime import Runtime
+from modernlm.config import save_config
+from modernlm.generation import generate_text
+from modernlm.runtime import Runtime, cleanup, setup_runtime
 from modernlm.train.trainer import SampleFn, Trainer
 
 
 @dataclass
+class TrainingRun:
+    """A training command's run, inside `training_run`: its runtime and run directory."""
+
+    cfg: Any
+    command: str
+    runtime: Runtime
+    run_dir: Path
+
+    def start(self, trainer: Trainer, banner: str) -> None:
+        """Resume (a refused resume raises before config.yaml is touched), then config.yaml and
+        the banner line on rank 0."""
+        trainer.maybe_resume()
+        if self.runtime.is_main:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            self.runtime.print0(f"{self.command}: {banner} -> {self.run_dir}")
+
+    def done(self, summary: dict[str, Any], text: str | None = None) -> None:
+        """The closing line, "done: <text> -> <run dir>" (text None = `done_text(summary)`)."""
+        self.runtime.print0(f"done: {text or done_text(summary)} -> {self.run_dir}")
+
+
+@contextmanager
+def training_run(cfg: Any, command: str) -> Iterator[TrainingRun]:
+    """cfg has `run` (RunConfig); run.name defaults to `command`; the run directory is
+    run.out_dir/run.name. The runtime is cleaned up however the block exits."""
+    cfg.run.name = cfg.run.name or command
+    runtime = setup_runtime(cfg.run)
+    try:
+        yield TrainingRun(cfg, command, runtime, Path(cfg.run.out_dir) / cfg.run.name)
+    finally:
+        cleanup(runtime)
+
+
+@dataclass
 class Training:
-    """What a command builds inside the runtime, for `run_training` to run."""
+    """What a command builds inside the runtime, for `run_training` to run (the callback form,
+    kept until every command uses `training_run`)."""
 
     trainer: Trainer
     banner: str  # the run in a line, printed (rank 0) as "<command>: <banner> -> <run dir>"
     before: Callable[[], None] | None = None  # after resume and config.yaml, before training
     after: Callable[[dict[str, Any]], str | None] | None = None  # given the summary: reports;
     # returns the done line's text ("done: <text> -> run_dir"; None = `done_text(summary)`)
+
+
+def run_training(cfg: Any, command: str, build: Callable[[Runtime, Path], Training]) -> dict[str, Any]:
+    """`training_run` with a `build(runtime, run_dir) -> Training` callback. Returns the summary."""
+    with training_run(cfg, command) as run:
+        stage = build(run.runtime, run.run_dir)
+        run.start(stage.trainer, stage.banner)
+        if stage.before is not None:
+            stage.before()
+        summary = stage.trainer.train()
+        run.done(summary, stage.after(summary) if stage.after is not None else None)
+        return summary
 
 
 def fmt_loss(v: float | None) -> str:
@@ -51,31 +100,6 @@ def done_text(summary: dict[str, Any]) -> str:
     )
 
 
-def run_training(cfg: Any, command: str, build: Callable[[Runtime, Path], Training]) -> dict[str, Any]:
-    """Run a training command: cfg has `run` (RunConfig); run.name defaults to `command`; the run
-    directory is run.out_dir/run.name. Returns the trainer's summary."""
-    from modernlm.config import save_config
-    from modernlm.runtime import cleanup, setup_runtime
-
-    cfg.run.name = cfg.run.name or command
-    runtime = setup_runtime(cfg.run)
-    try:
-        run_dir = Path(cfg.run.out_dir) / cfg.run.name
-        stage = build(runtime, run_dir)
-        stage.trainer.maybe_resume()  # before writing config.yaml: a refused resume must not overwrite it
-        if runtime.is_main:
-            save_config(cfg, run_dir / "config.yaml")
-            runtime.print0(f"{command}: {stage.banner} -> {run_dir}")
-        if stage.before is not None:
-            stage.before()
-        summary = stage.trainer.train()
-        text = stage.after(summary) if stage.after is not None else None
-        runtime.print0(f"done: {text or done_text(summary)} -> {run_dir}")
-        return summary
-    finally:
-        cleanup(runtime)
-
-
 def prompt_sampler(tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) -> SampleFn | None:
     """The trainer's sample_fn for modernlm models: a continuation of each prompt (temperature 0.8,
     top-k 50, seeded by the step with generation's own generator, so sampling never disturbs the
@@ -85,12 +109,10 @@ def prompt_sampler(tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) 
     prompts = list(prompts)
 
     def sample(model: Any, step: int) -> str:
-        from modernlm.generation import generate_text
-
         texts = generate_text(model, tokenizer, prompts, max_new_tokens, temperature=0.8, top_k=50, seed=step)
         return "\n".join(f"**{p}**{t}\n" for p, t in zip(prompts, texts, strict=True))
 
     return sample
 
 
-__all__ = ["Training", "done_text", "fmt_loss", "prompt_sampler", "run_training"]
+__all__ = ["Training", "TrainingRun", "done_text", "fmt_loss", "prompt_sampler", "run_training", "training_run"]
