@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 from modernlm.cli import run_command  # noqa: E402
 from modernlm.data.tasks import TaskDatasetConfig, eval_batches, load_task_examples, tokenize_examples  # noqa: E402, E501
 from modernlm.hf import lora  # noqa: E402
-from modernlm.textmodel import TaskTokenizer
+from modernlm.textmodel import TaskTokenizer  # noqa: E402
 from modernlm.train.tracking import read_metrics  # noqa: E402
 from tests.conftest import SHARED_DATA, tiny_config  # noqa: E402
 

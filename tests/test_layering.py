@@ -1,25 +1,14 @@
-"""Layering rules, checked on the source: who may import what, and no import circle anywhere.
+"""The import graph, checked on the source: who may import whom, who owns each optional dependency.
 
-The packages, bottom to top (a layer imports only from layers below it and from itself):
-
-    core       errors files config runtime model tokenizer checkpoint generation (top-level modules)
-    hf.convert Llama <-> modernlm (the only place, with hf.lora, that imports transformers / peft)
-    data       corpus sources, token shards, task datasets, the synthetic world
-    train      the trainer, optimizers, losses, tracking
-    eval       perplexity, task evaluation, metrics, the sinks measurements, comparisons
-    hf.lora    LoRA finetuning (PEFT) on the trainer, with task evaluation
-    align      SFT, DPO, the verifier
-    api        `modernlm.load`: the facade every command and server shares
-    serve      the OpenAI-compatible server: its continuous-batching engine, the API's shapes, the app
-    harness    lm-evaluation-harness: the harness model "modernlm", task runs, offline task YAMLs
-    pipeline   the stage runner, the report, plots
-    commands   one thin module per CLI command (cli.py finds them by name, never by import)
-    package    modernlm/__init__.py: `from modernlm import load, ModernDecoderLM, ModelConfig`; it names
-               the facade, so it sits on top (lazily, through a module __getattr__, so that importing
-               any submodule, or `modernlm --help`, never loads the facade or torch)
-
-Function-level (lazy) imports count as much as module-level ones: a lazy import hides a dependency,
-it does not remove it.
+`ALLOWED` is the graph, written down once (README's Architecture paragraph draws it). A node is a
+core module (the top-level modules, each with its own edges) or a package; a module may import
+modules of its own node and of the nodes its node names. Also checked: no import circle anywhere;
+each optional dependency imported only by its owners (`OWNERS`); no private name (`_x`) imported
+from another module; no `from modernlm import ...` inside the library (import the module that
+defines the name); and in a module that imports torch at the top, no function-level import except
+of an optional dependency (a lazy import there keeps nothing fast, it only hides the graph).
+Function-level imports count as edges as much as module-level ones. The last tests feed each rule
+a temporary module that breaks it (a test of the test).
 """
 
 from __future__ import annotations
@@ -27,17 +16,61 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "modernlm"
 
-CORE = {"errors", "files", "config", "runtime", "model", "tokenizer", "checkpoint", "generation", "cli",
-        "__main__"}  # fmt: skip
-LAYERS = ["core", "hf.convert", "data", "train", "eval", "hf.lora", "align", "api", "serve", "harness", "pipeline",
-          "commands", "package"]
+# Core modules, bottom to top; each names the core modules it may import.
+CORE_EDGES = {
+    "errors": set(),
+    "files": {"errors"},
+    "config": {"errors", "files"},
+    "runtime": {"errors"},
+    "chat": {"errors"},
+    "model": {"errors", "config"},
+    "tokenizer": {"errors", "files", "chat"},
+    "checkpoint": {"errors", "files", "config", "model", "tokenizer"},
+    "generation": {"errors", "runtime", "model", "tokenizer"},
+    "perplexity": {"errors"},
+    "textmodel": {"errors", "runtime", "generation"},
+    "cli": {"errors", "files", "config"},
+    "__main__": {"cli"},
+}
+CORE = set(CORE_EDGES)
+CORE_LIBRARY = CORE - {"cli", "__main__"}
+
+# Packages (and the facade, `api`); each names the nodes it may import.
+ALLOWED = dict(CORE_EDGES) | {
+    "hf": CORE_LIBRARY,  # hf/convert.py, hf/text.py: transformers <-> ours
+    "api": CORE_LIBRARY | {"hf"},  # modernlm.load
+    "data": CORE_LIBRARY,
+    "train": CORE_LIBRARY,
+    "eval": CORE_LIBRARY | {"data", "api", "hf"},
+    "hf.lora": CORE_LIBRARY | {"hf", "train", "data", "eval"},  # LoRA finetuning on the trainer
+    "align": CORE_LIBRARY | {"data", "train", "eval"},
+    "serve": CORE_LIBRARY,
+    "pipeline": CORE_LIBRARY | {"data", "train", "eval", "align", "api", "hf"},
+    "commands": CORE | {"hf", "api", "data", "train", "eval", "hf.lora", "align", "serve", "pipeline", "commands"},
+    "package": {"api", "model", "generation"},  # modernlm/__init__.py: `from modernlm import load, ...`
+}
+
+# Optional dependencies and the modules (or packages) that alone may import them.
+OWNERS = {
+    "transformers": {"hf"},
+    "peft": {"hf"},
+    "datasets": {"data.readers", "eval.tasks"},
+    "fastapi": {"serve", "commands.serve"},
+    "starlette": {"serve", "commands.serve"},
+    "uvicorn": {"serve", "commands.serve"},
+    "lm_eval": {"eval.tasks"},
+    "matplotlib": {"pipeline.plotting"},
+    "tensorboard": {"train.tracking"},
+}
 
 
-def module_name(path: Path) -> str:
+def module_name(path: Path, root: Path = PACKAGE) -> str:
     """src/modernlm/data/corpus.py -> 'data.corpus'; data/__init__.py -> 'data'."""
-    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__" and len(parts) > 1:
         parts = parts[:-1]
     return ".".join(parts)
@@ -46,74 +79,114 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 
-def layer(module: str) -> str:
+def node(module: str) -> str:
     if module == "__init__":
         return "package"
     top = module.split(".")[0]
     if top in CORE:
-        return "core"
+        return top
     if top == "hf":
-        return "hf.lora" if module == "hf.lora" else "hf.convert"
+        return "hf.lora" if module == "hf.lora" else "hf"
     return top
+
+
+def owned_by(module: str, owners: set[str]) -> bool:
+    return any(module == o or module.startswith(o + ".") for o in owners)
+
+
+def import_nodes(path: Path) -> list[tuple[ast.AST, bool]]:
+    """Every import statement of a file, with whether it sits inside a function ("lazy"). An import
+    inside `try:` (a dependency that may be missing, e.g. `resource` on Windows) counts as lazy
+    only for the graph: it is where it has to be."""
+    return [(n, lazy) for n, lazy, _ in import_statements(path)]
+
+
+def import_statements(path: Path) -> list[tuple[ast.AST, bool, bool]]:
+    """(import, inside a function, inside a try block) for every import statement of a file."""
+    out = []
+
+    def walk(n: ast.AST, in_function: bool, in_try: bool) -> None:
+        for child in ast.iter_child_nodes(n):
+            if isinstance(child, ast.Import | ast.ImportFrom):
+                out.append((child, in_function, in_try))
+            walk(child, in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef),
+                 in_try or isinstance(child, ast.Try))  # fmt: skip
+
+    walk(ast.parse(path.read_text()), False, False)
+    return out
 
 
 def imports(path: Path) -> set[str]:
     """Every module `path` imports, at any depth of the file (absolute names)."""
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-            names |= {f"{node.module}.{a.name}" for a in node.names}  # `from modernlm.data import tasks`
+    for n, _ in import_nodes(path):
+        if isinstance(n, ast.Import):
+            names |= {a.name for a in n.names}
+        elif n.module:
+            names.add(n.module)
+            names |= {f"{n.module}.{a.name}" for a in n.names}  # `from modernlm.data import tasks`
     return names
 
 
-def internal_imports(path: Path) -> set[str]:
+def internal_imports(path: Path, modules: dict[str, Path]) -> set[str]:
     """The modernlm modules `path` imports ('data.tasks', 'model', ...)."""
     out = set()
     for name in imports(path):
         if name.startswith("modernlm."):
             name = name.removeprefix("modernlm.")
-            while name and name not in MODULES:  # `modernlm.model.ModelConfig` -> 'model'
+            while name and name not in modules:  # `modernlm.model.ModelConfig` -> 'model'
                 name = name.rpartition(".")[0]
             if name:
                 out.add(name)
     return out
 
 
-def test_every_module_has_a_layer():
-    unknown = {m for m in MODULES if layer(m) not in LAYERS}
-    assert not unknown, f"modules outside the layering (add their package to LAYERS): {unknown}"
+def top_level_torch(path: Path) -> bool:
+    return any(
+        not lazy and (isinstance(n, ast.Import) and any(a.name.split(".")[0] == "torch" for a in n.names)
+                      or isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "torch")
+        for n, lazy in import_nodes(path)
+    )  # fmt: skip
 
 
-def test_imports_run_down_the_layers():
+def optional_dependency(name: str) -> str | None:
+    parts = name.split(".")
+    if parts[0] in OWNERS:
+        return parts[0]
+    return "tensorboard" if "tensorboard" in parts else None  # torch.utils.tensorboard
+
+
+# ---- the rules: each returns its violations as lines -------------------------------------------------
+
+
+def unplaced(modules: dict[str, Path]) -> list[str]:
+    return [f"{m}: no node in the graph (add it to ALLOWED)" for m in modules if node(m) not in ALLOWED]
+
+
+def edges_against_the_graph(modules: dict[str, Path]) -> list[str]:
     bad = []
-    for module, path in MODULES.items():
-        mine = LAYERS.index(layer(module))
-        for dep in internal_imports(path):
-            if LAYERS.index(layer(dep)) > mine:
-                bad.append(f"{module} ({layer(module)}) imports {dep} ({layer(dep)})")
-    assert not bad, "imports against the layering:\n" + "\n".join(sorted(bad))
+    for module, path in modules.items():
+        mine = node(module)
+        for dep in internal_imports(path, modules):
+            if node(dep) != mine and node(dep) not in ALLOWED.get(mine, set()):
+                bad.append(f"{module} ({mine}) imports {dep} ({node(dep)})")
+    return bad
 
 
-def test_model_knows_nothing_of_checkpoints_generation_or_training():
-    assert internal_imports(MODULES["model"]) <= {"errors", "config"}
-
-
-def test_no_import_circle():
-    graph = {m: {d for d in internal_imports(p) if d != m} for m, p in MODULES.items()}
-    graph = {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in graph.items()}  # a package's own __init__
+def circles(modules: dict[str, Path]) -> list[str]:
+    graph = {m: {d for d in internal_imports(p, modules) if d != m} for m, p in modules.items()}
+    graph = {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in graph.items()}  # a package's __init__
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
     stack: list[str] = []
+    found: list[str] = []
 
     def visit(m: str) -> None:
         state[m] = 1
         stack.append(m)
         for d in sorted(graph.get(m, ())):
             if state.get(d) == 1:
-                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(d):] + [d]))
-            if d not in state:
+                found.append("import circle: " + " -> ".join(stack[stack.index(d) :] + [d]))
+            elif d not in state:
                 visit(d)
         stack.pop()
         state[m] = 2
@@ -121,27 +194,128 @@ def test_no_import_circle():
     for m in sorted(graph):
         if m not in state:
             visit(m)
+    return found
 
 
-def test_only_hf_modules_import_transformers_and_peft():
-    for module, path in MODULES.items():
-        if module.startswith("hf."):
+def optional_dependencies_outside_their_owners(modules: dict[str, Path]) -> list[str]:
+    bad = []
+    for module, path in modules.items():
+        for name in imports(path):
+            dep = optional_dependency(name)
+            if dep is not None and not owned_by(module, OWNERS[dep]):
+                bad.append(f"{module} imports {name}; only {sorted(OWNERS[dep])} may")
+    return bad
+
+
+def private_names_across_modules(modules: dict[str, Path]) -> list[str]:
+    bad = []
+    for module, path in modules.items():
+        for n, _ in import_nodes(path):
+            if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("modernlm"):
+                bad += [f"{module} imports {n.module}.{a.name}" for a in n.names if a.name.startswith("_")
+                        and not a.name.startswith("__")]  # fmt: skip
+    return bad
+
+
+def package_imports_inside_the_library(modules: dict[str, Path]) -> list[str]:
+    """`from modernlm import load` hides an edge to the facade; name the module instead."""
+    bad = []
+    for module, path in modules.items():
+        if module == "__init__":
             continue
-        bad = {n for n in imports(path) if n.split(".")[0] in ("transformers", "peft")}
-        assert not bad, f"{module} imports {bad}; go through modernlm.hf"
+        for n, _ in import_nodes(path):
+            if isinstance(n, ast.ImportFrom) and n.module == "modernlm":
+                bad.append(f"{module}: from modernlm import {', '.join(a.name for a in n.names)}")
+            if isinstance(n, ast.Import) and any(a.name == "modernlm" for a in n.names):
+                bad.append(f"{module}: import modernlm")
+    return bad
 
 
-def test_library_never_imports_commands():
-    for module, path in MODULES.items():
-        if layer(module) == "commands" or module in ("cli", "__main__"):
+def needless_lazy_imports(modules: dict[str, Path]) -> list[str]:
+    """In a module that imports torch at the top, a function-level import only of an optional
+    dependency (one of OWNERS)."""
+    bad = []
+    for module, path in modules.items():
+        if not top_level_torch(path):
             continue
-        bad = {n for n in imports(path) if n.startswith("modernlm.commands")}
-        assert not bad, f"{module} imports {bad}"
+        for n, lazy, guarded in import_statements(path):
+            if not lazy or guarded:
+                continue
+            names = [a.name for a in n.names] if isinstance(n, ast.Import) else [n.module or ""]
+            lifted = [x for x in names if optional_dependency(x) is None]
+            bad += [f"{module}:{n.lineno} imports {x} inside a function" for x in lifted]
+    return bad
+
+
+RULES = [
+    unplaced,
+    edges_against_the_graph,
+    circles,
+    optional_dependencies_outside_their_owners,
+    private_names_across_modules,
+    package_imports_inside_the_library,
+    needless_lazy_imports,
+]
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.__name__)
+def test_the_library_keeps_the_rule(rule):
+    bad = rule(MODULES)
+    assert not bad, f"{rule.__name__}:\n" + "\n".join(sorted(bad))
+
+
+def test_model_knows_nothing_of_checkpoints_generation_or_training():
+    assert internal_imports(MODULES["model"], MODULES) <= {"errors", "config"}
 
 
 def test_top_level_modules_import_no_torch_at_module_level():
     for name in ("__init__.py", "cli.py", "config.py", "errors.py", "files.py"):
-        tree = ast.parse((PACKAGE / name).read_text())
-        top = {a.name for node in tree.body if isinstance(node, ast.Import) for a in node.names}
-        top |= {node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
-        assert not any(n.split(".")[0] == "torch" for n in top), name
+        assert not top_level_torch(PACKAGE / name), name
+
+
+# ---- the test of the test: a temporary module breaking each rule makes it fail --------------------------
+
+BREAKERS = {
+    "edges_against_the_graph": ("data/bad.py", "from modernlm.align.sft import SFTBatches\n"),
+    "unplaced": ("newpackage/bad.py", "import json\n"),
+    "circles": ("data/bad.py", "from modernlm.data import bad2\n"),  # bad2 imports bad back (below)
+    "optional_dependencies_outside_their_owners": ("serve/bad.py", "def f():\n    import transformers\n"),
+    "private_names_across_modules": ("serve/bad.py", "from modernlm.tokenizer import _byte_symbols\n"),
+    "package_imports_inside_the_library": ("eval/bad.py", "from modernlm import load\n"),
+    "needless_lazy_imports": ("eval/bad.py", "import torch\n\n\ndef f():\n    from modernlm import model\n"),
+}
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.__name__)
+def test_a_module_breaking_the_rule_fails_it(rule, tmp_path):
+    where, source = BREAKERS[rule.__name__]
+    file = tmp_path / where
+    file.parent.mkdir(parents=True)
+    file.write_text(source)
+    modules = dict(MODULES) | {module_name(file, tmp_path): file}
+    if rule is circles:
+        other = file.with_name("bad2.py")
+        other.write_text("from modernlm.data import bad\n")
+        modules[module_name(other, tmp_path)] = other
+    assert rule(dict(MODULES)) == [], "the library itself must keep the rule for this test to mean anything"
+    bad = rule(modules)
+    assert bad and all(module_name(file, tmp_path) in line for line in bad), bad
+
+
+def test_the_graph_has_no_circle_itself():
+    """ALLOWED is a DAG apart from a node's own modules: the layering says something."""
+    state: dict[str, int] = {}
+
+    def visit(n: str) -> None:
+        state[n] = 1
+        for d in ALLOWED.get(n, ()):
+            if d == n:
+                continue
+            assert state.get(d) != 1, f"ALLOWED has a circle through {n} -> {d}"
+            if d not in state:
+                visit(d)
+        state[n] = 2
+
+    for n in ALLOWED:
+        if n not in state:
+            visit(n)

@@ -111,4 +111,7 @@ class ChatEncoder:
         return [*self.tokenizer.encode(text), self.end_id]
 
 
-__all__ = ["CHATML_TEMPLATE", "IGNORE_INDEX", "IM_END", "IM_START", "ROLES", "ChatEncoder", "Message", "check_messages", "render_chat"]
+__all__ = [
+    "CHATML_TEMPLATE", "IGNORE_INDEX", "IM_END", "IM_START", "ROLES", "ChatEncoder", "Message", "check_messages",
+    "render_chat",
+]  # fmt: skip

@@ -8,14 +8,20 @@ fsync, rename), so a kill mid-save leaves the previous file intact.
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
+from modernlm.config import from_dict, to_dict
 from modernlm.errors import UserError
 from modernlm.files import OLD_MARK, TMP_MARK, atomic_write, clean_leftovers, replace_dir, tmp_path
+from modernlm.model import ModelConfig, ModernDecoderLM
 
 if TYPE_CHECKING:
     from modernlm.model import ModelConfig, ModernDecoderLM
@@ -29,10 +35,6 @@ MODEL_TYPE = "modernlm"
 def save_model(
     model: ModernDecoderLM, path: str | Path, tokenizer: Tokenizer | None = None
 ) -> None:
-    from safetensors.torch import save
-
-    from modernlm.config import to_dict
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -47,9 +49,6 @@ def save_model(
 
 
 def load_model_config(path: str | Path) -> ModelConfig:
-    from modernlm.config import from_dict
-    from modernlm.model import ModelConfig
-
     path = Path(path)
     file = path / CONFIG_FILE
     if not path.is_dir():
@@ -80,9 +79,6 @@ def load_model_config(path: str | Path) -> ModelConfig:
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     file = Path(path) / WEIGHTS_FILE
     if not file.is_file():
         raise UserError(f"checkpoint {Path(path)}: missing {WEIGHTS_FILE}")
@@ -106,8 +102,6 @@ def build_model(
 
     Shared by `load_model` and the HF converter (hf.py); `source` names the file in errors.
     """
-    from modernlm.model import ModernDecoderLM
-
     # Built on meta so no time goes into a random init that load_state_dict would overwrite.
     with torch.device("meta"):
         model = ModernDecoderLM(cfg)
@@ -189,9 +183,6 @@ def _write_checkpoint_dir(
 ) -> None:
     """Write the whole directory under its temporary name (model files, train_state.pt, the
     `extra` text files), then put it in place of `final` (atomically replacing an older one)."""
-    import io
-    import shutil
-
     tmp = tmp_path(final)
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -225,8 +216,6 @@ def save_training_checkpoint(
     `state` (optimizer, step, RNG, data position, ...) must hold only tensors and plain Python
     types, so `load_training_state` can read it with torch.load(weights_only=True).
     """
-    import shutil
-
     final = step_dir(run_dir, step)
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
@@ -376,8 +365,6 @@ def load_weights_into(model: ModernDecoderLM, path: str | Path) -> None:
 
 def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
     """'field: a -> b' for every model config field that differs."""
-    from modernlm.config import to_dict
-
     da, db = to_dict(a), to_dict(b)
     return [
         f"{k}: {da.get(k)!r} -> {db.get(k)!r}"

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from modernlm.errors import UserError
-from modernlm.runtime import eval_mode
+from modernlm.runtime import compile_model, eval_mode
 
 if TYPE_CHECKING:
     from modernlm.model import KVCache, ModernDecoderLM
@@ -258,8 +258,6 @@ def compiled_decoder(model: ModernDecoderLM) -> torch.nn.Module:
     a submodule and show up in its state_dict.
     """
     if model not in _COMPILED:
-        from modernlm.runtime import compile_model
-
         _COMPILED[model] = compile_model(model, dynamic=True)
     return _COMPILED[model]
 

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from modernlm.errors import UserError
 
@@ -96,7 +97,6 @@ def sliding_window_nll(
     groups: dict[int, list[tuple[int, int, int]]] = {}
     for w in plan:
         groups.setdefault(w[1] - w[0], []).append(w)
-    from tqdm import tqdm
 
     bar = tqdm(total=len(plan), desc="perplexity", disable=not progress, unit="win")
     for length, windows in groups.items():

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch._dynamo
 
 from modernlm.errors import UserError
 
@@ -273,8 +274,6 @@ def compile_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
     MoE routing has data-dependent shapes (which tokens chose expert e); letting dynamo capture
     such ops keeps it in the graph instead of breaking at every expert of every layer.
     """
-    import torch._dynamo
-
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     return torch.compile(model, **kwargs)
 

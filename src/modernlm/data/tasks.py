@@ -30,6 +30,7 @@ transformers tokenizer, without importing transformers here.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import random
 import re
@@ -132,8 +133,6 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def _did_you_mean(value: str, choices: Iterable[str]) -> str:
-    import difflib
-
     close = difflib.get_close_matches(value, list(choices), n=1)
     return f"; did you mean '{close[0]}'?" if close else ""
 

@@ -42,10 +42,10 @@ from torch import Tensor
 from modernlm.errors import UserError
 from modernlm.eval.metrics import evaluate_predictions, macro_f1, write_predictions
 from modernlm.files import atomic_write
+from modernlm.textmodel import TaskModel, pad_rows
 
 TASKS = ("sst2", "samsum", "gsm8k")
 MODES = ("auto", "score", "generate")
-from modernlm.textmodel import TaskModel, pad_rows
 
 # A task's kind of metric in metrics.evaluate_predictions.
 METRIC_KIND = {"sst2": "classification", "samsum": "summarization", "gsm8k": "gsm8k"}

@@ -26,14 +26,19 @@ one of AutoTokenizer, and `hf_tokenizer_to_ours` keeps the tokenizer's bos rule 
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from modernlm.checkpoint import build_model
 from modernlm.errors import UserError
+from modernlm.files import atomic_files
+from modernlm.model import ModelConfig
 from modernlm.runtime import DTYPES
+from modernlm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
@@ -86,8 +91,6 @@ def _rope_theta(hf_config: Any) -> float:
 
 def llama_config_to_model_config(hf_config: Any) -> ModelConfig:
     """An HF LlamaConfig -> the ModelConfig that computes the same function."""
-    from modernlm.model import ModelConfig
-
     model_type = getattr(hf_config, "model_type", None)
     if model_type != "llama":
         archs = ", ".join(getattr(hf_config, "architectures", None) or []) or "?"
@@ -123,8 +126,6 @@ def llama_config_to_model_config(hf_config: Any) -> ModelConfig:
 def model_config_to_llama_config(cfg: ModelConfig, **extra: Any) -> LlamaConfig:
     """Our ModelConfig -> an equivalent `transformers.LlamaConfig` (extra kwargs pass through,
     e.g. bos_token_id). Residual `dropout` has no Llama field and is dropped (inference-neutral)."""
-    import inspect
-
     from transformers import LlamaConfig
 
     if cfg.n_expert:
@@ -243,8 +244,6 @@ def from_hf(hf_model: PreTrainedModel, dtype: torch.dtype | None = None) -> Mode
 
     `dtype` casts the weights (default: keep the HF model's dtype).
     """
-    from modernlm.checkpoint import build_model
-
     cfg = llama_config_to_model_config(hf_model.config)
     state = state_dict_from_hf(hf_model.state_dict(), cfg.tie_embeddings)
     # clone so our model owns its memory (the HF model may be freed or keep training)
@@ -292,7 +291,6 @@ def save_hf(
     hf.config.architectures = ["LlamaForCausalLM"]
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    from modernlm.files import atomic_files
 
     with atomic_files(dst) as staging:
         hf.save_pretrained(staging)  # safetensors
@@ -316,8 +314,6 @@ def hf_tokenizer_to_ours(hf_tok: Any) -> Tokenizer:
     """An HF fast tokenizer -> our Tokenizer (same backend, special tokens, chat template and bos
     rule: `add_bos` is whether transformers puts the bos token before a text, as Llama's do and
     SmolLM2's and GPT-2's do not)."""
-    from modernlm.tokenizer import Tokenizer
-
     backend = getattr(hf_tok, "backend_tokenizer", None)
     if backend is None:
         raise UserError(f"tokenizer {type(hf_tok).__name__} is not a fast (tokenizers-backed) tokenizer")

@@ -17,16 +17,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from modernlm.checkpoint import (
+    CHECKPOINTS_DIR,
+    config_differences,
+    latest_checkpoint,
+    load_model_config,
+    load_training_state,
+    load_weights_into,
+    save_best_checkpoint,
+    save_training_checkpoint,
+)
 from modernlm.errors import UserError
+from modernlm.files import clean_leftovers, tmp_path
+from modernlm.model import ModelConfig
 from modernlm.runtime import Runtime
 from modernlm.train.components import LoadModelFn, SaveModelFn, every
+from modernlm.train.fsdp import DISTRIBUTED_DIR, full_weights, load_sharded, save_sharded
 
 
 def load_model_weights(model: nn.Module, path: Path) -> None:
     """The default load_model_fn, for modernlm models: the checkpoint's weights, refused when its
     model config differs from the model's."""
-    from modernlm.checkpoint import load_weights_into
-
     check_model_config(model, path)
     load_weights_into(model, path)
 
@@ -34,9 +45,6 @@ def load_model_weights(model: nn.Module, path: Path) -> None:
 def check_model_config(model: nn.Module, path: Path) -> None:
     """Refuse a checkpoint whose config.json differs from a modernlm model's config (before its
     weights or distributed shards load); other models: no check."""
-    from modernlm.checkpoint import config_differences, load_model_config
-    from modernlm.model import ModelConfig
-
     config = getattr(model, "config", None)
     if not isinstance(config, ModelConfig):
         return
@@ -92,8 +100,6 @@ class Checkpointer:
         return every(step, self.save_every) or last
 
     def step_dir(self, step: int) -> Path:
-        from modernlm.checkpoint import CHECKPOINTS_DIR
-
         return self.run_dir / CHECKPOINTS_DIR / f"step_{step:07d}"
 
     def save(
@@ -101,8 +107,6 @@ class Checkpointer:
     ) -> Path | None:
         """Write step's checkpoint (rank 0; every rank waits for it). Returns its directory on rank 0.
         Under FSDP, `optimizer` is saved with the model's shards (`_save_sharded`)."""
-        from modernlm.checkpoint import save_training_checkpoint
-
         if self.fsdp:
             assert optimizer is not None
             return self._save_sharded(step, model, state, optimizer)
@@ -124,10 +128,6 @@ class Checkpointer:
         them as the usual model files with train_state.pt, moves the shards in as `distributed/` and
         puts the whole directory in place atomically, like every other checkpoint. A kill at any
         point leaves temporaries that `clean_leftovers` removes (they carry rank 0's pid)."""
-        from modernlm.checkpoint import save_training_checkpoint
-        from modernlm.files import tmp_path
-        from modernlm.train.fsdp import DISTRIBUTED_DIR, full_weights, save_sharded
-
         rt = self.runtime
         final = self.step_dir(step)
         shards = [tmp_path(final.with_name(f"{final.name}.shards"))]  # rank 0's pid on every rank
@@ -158,22 +158,15 @@ class Checkpointer:
             return False
         self.best_val_loss = val_loss
         if self.save_best and self.fsdp:
-            from modernlm.train.fsdp import full_weights
-
             model = full_weights(model)  # collective: every rank gathers, rank 0 writes
         if self.save_best and self.runtime.is_main:
-            from modernlm.checkpoint import save_best_checkpoint
-
             info = {"step": step, "val_loss": val_loss}
             save_best_checkpoint(self.run_dir, model, info, self.tokenizer, save_fn=self.save_model_fn)
         return True
 
     def resume_path(self) -> Path | None:
         """The checkpoint to resume from, if any; first removes what a killed save left behind."""
-        from modernlm.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
-
         if self.runtime.is_main:  # a killed save's temporaries; best/ set aside
-            from modernlm.files import clean_leftovers
 
             clean_leftovers(self.run_dir / CHECKPOINTS_DIR)
             clean_leftovers(self.run_dir)
@@ -193,13 +186,8 @@ class Checkpointer:
         """Load the checkpoint's model files into `model`; returns its training state. A checkpoint
         with distributed shards (saved under FSDP) loads model + `optimizer` from them, resharded to
         this run's ranks; its state's "optimizer" is then None."""
-        from modernlm.checkpoint import load_training_state
-        from modernlm.train.fsdp import DISTRIBUTED_DIR
-
         shards = path / DISTRIBUTED_DIR
         if shards.is_dir() and optimizer is not None:
-            from modernlm.train.fsdp import load_sharded
-
             check_model_config(model, path)
             load_sharded(model, optimizer, shards)
         elif self.fsdp:

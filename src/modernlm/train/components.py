@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from modernlm.runtime import Runtime, eval_mode
 from modernlm.train.memory import peak_memory_bytes, reset_peak_memory
@@ -76,8 +79,6 @@ class TrainLog:
         truncate_after: int | None = None,
         flops_per_token: float = 0.0,
     ):
-        from tqdm import tqdm
-
         self.runtime, self.num_steps, self.log_every = runtime, num_steps, log_every
         self.flops_per_token = flops_per_token
         self.writer = MetricsWriter(
@@ -293,9 +294,6 @@ class StopSignals:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
-        import signal
-        import threading
-
         self.received = self.agreed = 0
         self._previous = {}
         if threading.current_thread() is not threading.main_thread():
@@ -309,15 +307,11 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        import signal
-
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        import signal
-
         if signal.getsignal(signal.SIGINT) == self._on_signal:  # (a bound method: ==, not is)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
         if self.received:
@@ -330,15 +324,11 @@ class StopSignals:
 
     def flags(self, device: torch.device, dtype: torch.dtype) -> Tensor:
         """This rank's request as [SIGINT?, SIGTERM?], to sum over ranks."""
-        import signal
-
         got = self.received
         return torch.tensor([got == signal.SIGINT, got == signal.SIGTERM], dtype=dtype, device=device)
 
     def agree_flags(self, flags: Tensor | None) -> None:
         """Take the flags summed over ranks (None = one process: this rank's own request)."""
-        import signal
-
         if flags is None:
             self.agreed = self.received
             return

@@ -31,7 +31,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch._dynamo
+import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
 from modernlm.errors import UserError
 from modernlm.runtime import Runtime, warn_once
@@ -82,8 +92,6 @@ def shard_model(model: nn.Module, runtime: Runtime, *, cpu_offload: bool = False
     Activation checkpointing, if any, must already be applied. No process group: compile only."""
     fsdp = fsdp_api()
     if runtime.compile:
-        import torch._dynamo
-
         # as runtime.compile_model: MoE routing's data-dependent shapes stay in the graph
         torch._dynamo.config.capture_dynamic_output_shape_ops = True
         for block in blocks(model):
@@ -114,15 +122,11 @@ def set_grad_sync(model: nn.Module, sync: bool) -> None:
 
 def local(t: Tensor) -> Tensor:
     """This rank's shard of a DTensor (in-place ops on it change the DTensor); a tensor as is."""
-    from torch.distributed.tensor import DTensor
-
     return t.to_local() if isinstance(t, DTensor) else t
 
 
 def full(t: Tensor) -> Tensor:
     """A DTensor's whole value on every rank (e.g. the gradient norm); a tensor as is."""
-    from torch.distributed.tensor import DTensor
-
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
@@ -140,9 +144,6 @@ def _quiet():
 def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
     """Write model + optimizer state to `path` with torch.distributed.checkpoint: collective, each
     rank writes its own shards, rank 0 the metadata last (a directory without .metadata is unread)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     model_sd, optim_sd = get_state_dict(model, optimizer)
     path.mkdir(parents=True, exist_ok=True)
     with _quiet():
@@ -153,10 +154,6 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path)
     """Load model + optimizer state from a `save_sharded` directory, resharded to this run's ranks
     (sharded or plain model, any number of ranks). A directory that does not fit this run (other
     shapes or keys, a missing file) is a UserError on every rank; any other error propagates."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import CheckpointException
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     # Decided together: a rank that raised alone (say, on a node without the file) would leave the
     # others waiting in dcp.load's collectives.
     missing = _ranks_where(not (path / ".metadata").is_file())
@@ -222,7 +219,6 @@ def full_weights(model: nn.Module) -> Any:
     on the CPU) when sharded, the model itself in one process."""
     if not sharding():
         return model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return FullWeights(model, state)

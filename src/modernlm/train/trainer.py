@@ -39,6 +39,7 @@ batches' `state_dict` / `load_state_dict` (their position in a checkpoint: exact
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -46,9 +47,13 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from modernlm.errors import UserError
+from modernlm.checkpoint import save_model
+from modernlm.errors import Interrupted, UserError
+from modernlm.files import atomic_write
 from modernlm.runtime import Runtime, compile_model, eval_mode, rng_state, set_rng_state, warn_once
 from modernlm.train.checkpointer import Checkpointer, load_model_weights
 from modernlm.train.components import (
@@ -61,6 +66,7 @@ from modernlm.train.components import (
     every,
     to_device,
 )
+from modernlm.train.fsdp import check_fsdp, full, local, set_grad_sync, shard_model
 from modernlm.train.memory import AC_MODES, ACMode, apply_activation_checkpointing
 from modernlm.train.optim import OptimConfig, build_optimizer, lr_at, set_lr
 from modernlm.train.tracking import read_metrics
@@ -184,8 +190,6 @@ class Trainer:
         sample_fn: SampleFn | None = None,
         batch_counts: BatchCounts | None = None,
     ):
-        from modernlm.checkpoint import save_model
-
         self.cfg, self.optim_cfg, self.runtime = cfg, optim_cfg, runtime
         self.run_dir = Path(run_dir)
         self.model = model.to(runtime.device)
@@ -203,8 +207,6 @@ class Trainer:
         )  # fmt: skip
         self.fsdp = cfg.parallel == "fsdp"
         if self.fsdp:
-            from modernlm.train.fsdp import check_fsdp
-
             check_fsdp(runtime, optim_cfg.name)
             if save_model_fn is not None and runtime.distributed:
                 # a stage's own saver (verifier head, LoRA adapter) would see sharded weights
@@ -234,8 +236,6 @@ class Trainer:
         if self.fsdp:
             self._shard()
         elif runtime.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
             self.train_model = DDP(
                 self.eval_model,
@@ -262,8 +262,6 @@ class Trainer:
     def _shard(self) -> None:
         """train.parallel=fsdp: compile (run.compile) and shard each block, then the root; after
         activation checkpointing, which must wrap the blocks first."""
-        from modernlm.train.fsdp import shard_model
-
         shard_model(self.model, self.runtime, cpu_offload=self.cfg.fsdp_cpu_offload)
         # Sharding replaced the parameters by sharded ones: the optimizer (built after sharding,
         # so its state is sharded too) and the clipping list must hold those.
@@ -364,10 +362,6 @@ class Trainer:
 
     def _interrupt(self) -> None:
         """Save the step just done (unless it is saved already) and raise `Interrupted`."""
-        import signal
-
-        from modernlm.errors import Interrupted
-
         signum = self.signals.received or self.signals.agreed
         step, path = self.checkpointer.saved
         if step != self.step:  # the same decision on every rank
@@ -385,7 +379,6 @@ class Trainer:
         """Rank 0's clock-derived value on every rank: they must stop, and set the LR, together."""
         if not self.runtime.distributed:
             return value
-        import torch.distributed as dist
 
         t = torch.tensor([value], dtype=torch.float64, device=self.runtime.device)
         dist.broadcast(t, src=0)
@@ -410,8 +403,6 @@ class Trainer:
                     counts[1] += n_examples
                     count_examples = True
             if self.fsdp:
-                from modernlm.train.fsdp import set_grad_sync
-
                 set_grad_sync(self.model, i == n_micro - 1)  # reduce-scatter on the last micro-batch only
             elif rt.distributed:
                 # Sync gradients only on the last micro-batch. nanoGPT toggles this flag rather
@@ -443,8 +434,6 @@ class Trainer:
         correction = ref * rt.world_size / tokens_float.clamp_min(1)
         grads = [p.grad for p in self.params if p.grad is not None]
         if grads and self.fsdp:
-            from modernlm.train.fsdp import local
-
             # FSDP's gradients are DTensors: scale each rank's shard (and on the shards' device,
             # the CPU with fsdp_cpu_offload)
             grads = [local(g) for g in grads]
@@ -456,8 +445,6 @@ class Trainer:
             self.params, max_norm, foreach=True if grads and grads[0].is_cuda else None
         )
         if self.fsdp:
-            from modernlm.train.fsdp import full
-
             grad_norm = full(grad_norm).to(tokens_float.device)  # the whole norm, on every rank
         loss = loss_total / tokens_float.clamp_min(1)
         # The one host sync per step: needed to decide whether to step at all.
@@ -563,7 +550,6 @@ class Trainer:
             return
         if not text:
             return
-        from modernlm.files import atomic_write
 
         path = self.run_dir / "samples.md"
         old = path.read_text(encoding="utf-8") if path.is_file() else ""

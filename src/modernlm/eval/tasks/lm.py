@@ -35,6 +35,8 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from modernlm.api import LM, load
+from modernlm.chat import CHATML_TEMPLATE
 from modernlm.errors import UserError
 from modernlm.generation import Sampling
 from modernlm.runtime import eval_mode
@@ -61,7 +63,6 @@ class ModernLMEval(TemplateLM):
         **kwargs: Any,
     ):
         super().__init__()
-        from modernlm.api import LM, load
 
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # lm-eval's command line asks for cuda:0 by default; HFLM falls back the same way
@@ -113,7 +114,6 @@ class ModernLMEval(TemplateLM):
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         if chat_template is False or chat_template is None or not self.lm.has_chat_template:
             return None
-        from modernlm.chat import CHATML_TEMPLATE
 
         return self.tokenizer.chat_template or CHATML_TEMPLATE
 
