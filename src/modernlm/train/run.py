@@ -6,7 +6,7 @@
             trainer = Trainer(..., run.runtime, run.run_dir, ...)   # this rank's batches
             run.start(trainer, "1.2M params, ...")   # resume, config.yaml, the banner line
             summary = trainer.train()
-            ...reports (rank 0)...
+            run.write_eval(report)                # eval.json (rank 0)
             run.done(summary, text)               # "done: <text> -> run_dir" (done_text(summary) by default)
 
 `training_run` owns what every training command does alike: run.name defaults to the command, the
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from modernlm.config import save_config
+from modernlm.files import atomic_write_json
 from modernlm.generation import generate_text
 from modernlm.runtime import Runtime, cleanup, setup_runtime
 from modernlm.train.trainer import SampleFn, Trainer
@@ -45,6 +46,11 @@ class TrainingRun:
         if self.runtime.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
             self.runtime.print0(f"{self.command}: {banner} -> {self.run_dir}")
+
+    def write_eval(self, report: dict[str, Any]) -> None:
+        """The run's evaluation report, eval.json (rank 0)."""
+        if self.runtime.is_main:
+            atomic_write_json(self.run_dir / "eval.json", report)
 
     def done(self, summary: dict[str, Any], text: str | None = None) -> None:
         """The closing line, "done: <text> -> <run dir>" (text None = `done_text(summary)`)."""
