@@ -100,7 +100,7 @@ def build_model(
 ) -> ModernDecoderLM:
     """A ModernDecoderLM holding exactly the tensors of `state` (no init, no copy).
 
-    Shared by `load_model` and the HF converter (hf.py); `source` names the file in errors.
+    Shared by `load_model` and the HF converter (hf/convert.py); `source` names the file in errors.
     """
     # Built on meta so no time goes into a random init that load_state_dict would overwrite.
     with torch.device("meta"):

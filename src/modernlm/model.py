@@ -5,7 +5,7 @@ RoPE and GQA -> residual; RMSNorm -> SwiGLU (or top-k routed SwiGLU experts) -> 
 final RMSNorm -> LM head (tied to the embedding or not). Attention goes through
 `F.scaled_dot_product_attention`, so the flash / memory-efficient kernels are used where they
 exist. With `tie_embeddings`, no MoE and no sinks, the weights map one to one onto HF's
-LlamaForCausalLM (see hf.py), and the logits agree to float32 rounding.
+LlamaForCausalLM (see hf/convert.py), and the logits agree to float32 rounding.
 
 Options, each one visible `if` in the forward that uses it:
 - GQA: `n_kv_head` divides `n_head`; each K/V head serves n_head // n_kv_head query heads.

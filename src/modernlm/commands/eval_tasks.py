@@ -69,7 +69,7 @@ def main(cfg: Config) -> None:
         max_gen_toks=cfg.max_gen_toks, max_length=cfg.max_length,
         apply_chat_template=cfg.apply_chat_template, seed=cfg.seed,
     )  # fmt: skip
-    table = run.markdown_table(results)
+    table = run.results_table(results)
     print(table)
     if cfg.out:
         out = Path(cfg.out)

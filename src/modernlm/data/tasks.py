@@ -14,7 +14,7 @@ Four layers, each usable on its own:
    only (labels are aligned with input_ids, as in HF; the one-token shift happens in the loss).
    classification: the prompt's ids and an int label. seq2seq: prompt + eos in, target + eos out.
 4. `collate`, `TaskBatches` (endless, seeded, rank-sharded, exactly resumable: the trainer's
-   contract, as `batches.TrainWindows`) and `eval_batches` (one finite pass).
+   contract, as `data.shards.TrainWindows`) and `eval_batches` (one finite pass).
 
 HH-RLHF pairs are two full transcripts ("\\n\\nHuman: ...\\n\\nAssistant: ..."). The prompt is the
 longest common list of turns that ends with a human turn; chosen and rejected must then each be
@@ -654,7 +654,7 @@ class TaskBatches:
     Every epoch visits all examples once in a fresh order (seeded by (seed, epoch); in order when
     shuffle=False). Each step takes the next batch_size * world_size examples of that order and
     rank r keeps the r-th slice, so ranks never share an example within an epoch. The position is
-    (epoch, cursor), so `state_dict()` / `load_state_dict()` resume exactly, as batches.TrainWindows.
+    (epoch, cursor), so `state_dict()` / `load_state_dict()` resume exactly, as data.shards.TrainWindows.
     """
 
     def __init__(

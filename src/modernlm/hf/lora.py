@@ -6,7 +6,7 @@ start, so the adapted model begins exactly as the base model. Only A and B train
 classification, the new head: PEFT's `modules_to_save` keeps a trainable copy of it and saves it
 with the adapter), so the optimizer holds well under 1% of the parameters.
 
-This module is, with hf.py, the only one that imports `transformers` and `peft` (inside the
+This module is, with hf/convert.py and hf/text.py, the only one that imports `transformers` and `peft` (inside the
 functions that need them). It holds the pieces `modernlm finetune` is built from, each usable alone:
 
 - `LoraSettings` and `apply_lora(model, settings, task_type)`. `target_modules: []` picks the

@@ -3,7 +3,7 @@
     from modernlm.pipeline.report import write_report
     write_report("runs/demo")            # -> runs/demo/report.md, report_assets/*.png, report.html
 
-The report only reads run directories (DESIGN.md section 4); no stage imports it. Three layers:
+The report only reads run directories; no training stage imports it. Three layers:
 - `collect(root)`: what is on disk, as a `ReportData` (a pipeline dir, one run dir, or a dir of runs);
 - `render(data)`: the document as a list of blocks (`Heading`, `Text`, `Table`, `Image`, `Code`),
   every number already formatted, every string still raw;
@@ -31,8 +31,8 @@ from typing import Any
 from modernlm.errors import UserError
 from modernlm.eval.metrics import wilson_interval
 from modernlm.files import atomic_write
+from modernlm.pipeline.runner import PIPELINE_FILE
 
-PIPELINE_FILE = "pipeline.json"
 RESULTS_FILE = "results.json"
 MD_FILE, HTML_FILE, ASSETS_DIR = "report.md", "report.html", "report_assets"
 # Any of these makes a directory a run (training stages write the first three).

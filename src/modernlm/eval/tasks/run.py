@@ -111,7 +111,7 @@ def headline_metrics(lm: Any, names: list[str], data_dir: str | Path, **options:
     return row
 
 
-def markdown_table(results: dict[str, Any]) -> str:
+def results_table(results: dict[str, Any]) -> str:
     """One row per task, filter and metric of a results dict: value and standard error, the
     harness's task version and shots, an arrow for which way is better."""
     lines = ["| task | version | filter | n-shot | metric | | value | stderr |",
