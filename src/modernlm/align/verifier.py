@@ -1,39 +1,50 @@
 """The GSM8K verifier of Cobbe et al. 2021 ("Training Verifiers to Solve Math Word Problems").
 
-Four pieces, each usable alone (`modernlm verifier` chains them):
-- Problems and labels: `read_problems` (GSM8K records with their gold number; a bad record names
-  file and line), `label_solution` (flexible extraction of the last number vs the gold one).
-- Sampling: `draw_samples` writes N solutions per problem from a chat model to a JSONL file, batch
-  by batch, and picks up where it stopped on a rerun (each batch has its own seed, so a resumed
-  draw holds exactly the rows an uninterrupted one would).
+`modernlm verifier` runs its three stages from here, each usable alone:
+- Problems and samples: `read_problem_sets` (GSM8K records with their gold number; a bad record
+  names file and line); `draw_sample_sets` draws N solutions per problem from a chat model into
+  run_dir/samples/ (`draw_samples`, one file: batch b draws with seed + b, so a rerun finishes an
+  interrupted draw with exactly the rows an uninterrupted one holds), each labelled by
+  `label_solution` (the last number vs the gold one).
 - The verifier: `VerifierModel` = a ModernDecoderLM backbone + a scalar value head on its
-  final-norm hidden states. Following Cobbe, every solution token is trained to predict whether
-  the whole solution is correct (token-level BCE, `losses.verifier_loss`), optionally with the LM
-  loss on the same tokens (`lm_coef`); a solution is scored by sigmoid(value) at its last token
-  (the closing <|im_end|>). `save_verifier` writes the backbone as a normal modernlm checkpoint
-  plus `value_head.safetensors`; `load_verifier` / `load_verifier_weights` read them back.
-- Reranking: `majority_vote`, `best_of_n`, `weighted_vote` and `rerank_metrics` (greedy, majority,
-  best-of-N, verifier-weighted vote and pass@N accuracy over problems). Ties go to the earliest
-  sample, so results never depend on dict order or float noise beyond the scores themselves.
+  final-norm hidden states. Every solution token learns whether the whole solution is correct
+  (token-level BCE), optionally plus the LM loss (`lm_coef`); a solution scores sigmoid(value) at
+  its last token. `save_verifier` writes a modernlm checkpoint + value_head.safetensors.
+- Reranking: greedy, majority vote, best-of-N, verifier-weighted vote and pass@N accuracy
+  (`rerank`, `write_rerank_report`). Ties go to the earliest sample.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
+from tqdm import tqdm
 
-from modernlm.chat import IGNORE_INDEX
+from modernlm.align.sft import collate_sft, generate_replies
+from modernlm.chat import IGNORE_INDEX, ChatEncoder
+from modernlm.checkpoint import config_differences, load_model, load_model_config, load_weights_into, save_model
+from modernlm.data import tasks
 from modernlm.data.readers import json_object, numbered_lines
 from modernlm.data.tasks import TaskBatches
 from modernlm.errors import UserError
-from modernlm.runtime import eval_mode
+from modernlm.eval.metrics import extract_flexible, gsm8k_target, write_predictions
+from modernlm.files import atomic_write, atomic_write_json
+from modernlm.generation import Sampling
+from modernlm.runtime import Runtime, eval_mode
+from modernlm.train.losses import next_token_loss, verifier_loss
 
 HEAD_FILE = "value_head.safetensors"
 SAMPLE_FIELDS = ("problem", "sample", "solution", "answer", "correct")
@@ -41,6 +52,45 @@ SAMPLE_FIELDS = ("problem", "sample", "solution", "answer", "correct")
 
 # ---------------------------------------------------------------------------------------------
 # Problems and labels
+
+
+@dataclass
+class DataSettings:
+    """Where the problems come from (`data.` of the verifier's config)."""
+
+    train_path: str = ""  # GSM8K JSONL (question, answer "... #### N") to sample on
+    eval_path: str = ""  # held-out problems to rerank ("" = none, unless hf_dataset)
+    hf_dataset: str = ""  # instead of the files: a hub dataset with GSM8K's fields, e.g. openai/gsm8k
+    hf_config: str = ""  # its config ("" = main for openai/gsm8k)
+    train_split: str = "train"  # hub split to sample on
+    eval_split: str = "test"  # hub split to rerank
+    max_train_problems: int = 0  # the first N training problems (0 = all)
+    max_eval_problems: int = 0  # the first N held-out problems (0 = all)
+    val_fraction: float = 0.05  # training problems (with all their samples) held out for val_loss
+    max_length: int = 0  # tokens of prompt + solution (0 = the model's max_seq_len); longer keep their end
+
+    def solution_length(self, max_seq_len: int, model: Any) -> int:
+        """max_length, or the model's max_seq_len when 0; longer than that context is refused."""
+        length = self.max_length or max_seq_len
+        if length > max_seq_len:
+            raise UserError(f"data.max_length ({length}) is longer than the model's context ({model})")
+        return length
+
+    def eval_source(self) -> str:
+        """The held-out problems' source, as the report names it."""
+        return self.eval_path or f"{self.hf_dataset}[{self.eval_split}]"
+
+
+def read_problem_sets(d: DataSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training problems, held-out problems) from the files, or the hub dataset standing in for
+    the files when no train_path is given."""
+    hub = {"hf_dataset": d.hf_dataset, "hf_config": d.hf_config} if d.hf_dataset and not d.train_path else {}
+    train_problems = read_problems(d.train_path, d.max_train_problems, **hub, split=d.train_split)
+    eval_problems = []
+    if d.eval_path or hub:
+        eval_hub = {} if d.eval_path else hub
+        eval_problems = read_problems(d.eval_path, d.max_eval_problems, **eval_hub, split=d.eval_split)
+    return train_problems, eval_problems
 
 
 def read_problems(
@@ -52,9 +102,6 @@ def read_problems(
     A missing field, an answer without '#### N', or one whose N is not a number is a UserError
     naming the file and line.
     """
-    from modernlm.data import tasks
-    from modernlm.eval.metrics import gsm8k_target
-
     out = []
     for where, rec in tasks._iter_gsm8k(tasks.source_rows(path, hf_dataset, hf_config, split)):
         try:
@@ -72,8 +119,6 @@ def read_problems(
 def label_solution(solution: str, target: str) -> tuple[str | None, bool]:
     """(the solution's final number, whether it equals the gold one): the last number anywhere in
     the text, as Cobbe's and lm-eval's flexible match read it, so a solution need not end in '####'."""
-    from modernlm.eval.metrics import extract_flexible
-
     answer = extract_flexible(solution)
     return answer, answer is not None and answer == target
 
@@ -85,6 +130,63 @@ def chat_prompt(encoder: Any, question: str) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------
 # Sampling
+
+
+@dataclass
+class SampleSettings:
+    """How the solutions are drawn (`sample.` of the verifier's config)."""
+
+    n_train: int = 16  # solutions per training problem (Cobbe et al.: 100)
+    n_eval: int = 16  # solutions per held-out problem to rerank: the N of best-of-N (Cobbe et al.: 100)
+    temperature: float = 0.7  # Cobbe et al.'s sampling temperature
+    top_k: int = 0  # sample among the k most likely tokens (0 = off)
+    max_new_tokens: int = 256  # solution budget (a solution still open then is kept as it is)
+    batch_size: int = 32  # rows per generate call and per scoring forward
+    seed: int = 0  # batch b of a samples file draws with seed + b
+
+
+@dataclass
+class SampleSets:
+    """A verifier run's samples (its samples/ directory), problem-major rows of `draw_samples`."""
+
+    generator: str  # the checkpoint they were drawn from
+    train_rows: list[dict[str, Any]]  # sample.n_train per training problem: the verifier's data
+    train_stats: dict[str, Any]
+    greedy_rows: list[dict[str, Any]] = field(default_factory=list)  # one greedy solution per held-out problem
+    eval_rows: list[dict[str, Any]] = field(default_factory=list)  # sample.n_eval per held-out problem: to rerank
+    eval_stats: dict[str, Any] = field(default_factory=dict)
+
+
+def draw_sample_sets(
+    samples_dir: Path, sample: SampleSettings, model: nn.Module, encoder: ChatEncoder, generator: str,
+    train_problems: list[dict[str, Any]], eval_problems: list[dict[str, Any]], runtime: Runtime,
+    progress: bool = False,
+) -> SampleSets:  # fmt: skip
+    """The samples of samples_dir (reused, or finished, when there): train.jsonl, and for the
+    held-out problems eval_greedy.jsonl and eval.jsonl. Prints a line on the training samples."""
+    model.to(runtime.device).eval()
+    s = sample
+    common = dict(
+        max_new_tokens=s.max_new_tokens, top_k=s.top_k, seed=s.seed, batch_size=s.batch_size,
+        generator=generator, progress=progress, autocast=runtime.autocast,
+    )  # fmt: skip
+    train_rows, train_stats = draw_samples(
+        samples_dir / "train.jsonl", model, encoder, train_problems, s.n_train, temperature=s.temperature, **common
+    )
+    runtime.print0(
+        f"samples: {len(train_rows):,} for {len(train_problems):,} training problems from {generator}, "
+        f"{train_stats['share_correct']:.1%} correct, {train_stats['problems_with_a_correct']:.1%} of problems "
+        f"with a correct one -> {samples_dir / 'train.jsonl'}"
+    )
+    out = SampleSets(generator, train_rows, train_stats)
+    if eval_problems:
+        out.greedy_rows, _ = draw_samples(
+            samples_dir / "eval_greedy.jsonl", model, encoder, eval_problems, 1, temperature=0.0, **common
+        )
+        out.eval_rows, out.eval_stats = draw_samples(
+            samples_dir / "eval.jsonl", model, encoder, eval_problems, s.n_eval, temperature=s.temperature, **common
+        )
+    return out
 
 
 def _fingerprint(problems: Sequence[dict[str, Any]]) -> str:
@@ -117,8 +219,6 @@ def _read_rows(path: Path, total: int) -> list[dict[str, Any]]:
 
 
 def _write_text(path: Path, text: str) -> None:
-    from modernlm.files import atomic_write
-
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, text)
 
@@ -146,14 +246,6 @@ def draw_samples(
     A rerun with the same settings reuses the file, drawing only the batches it lacks; other
     settings are refused (delete the file, or use another run directory). Returns (rows, stats).
     """
-    import contextlib
-    import time
-
-    from tqdm import tqdm
-
-    from modernlm.align.sft import generate_replies
-    from modernlm.generation import Sampling
-
     sampling = Sampling(max_new_tokens, temperature=temperature, top_k=top_k or None)
     path = Path(path)
     meta_path = path.with_suffix(".json")
@@ -260,11 +352,6 @@ class VerifierModel(nn.Module):
 
 def save_verifier(model: VerifierModel, path: str | Path, tokenizer: Any = None) -> None:
     """The backbone as a modernlm checkpoint (config.json, model.safetensors, tokenizer) + the head."""
-    from safetensors.torch import save
-
-    from modernlm.checkpoint import save_model
-    from modernlm.files import atomic_write
-
     path = Path(path)
     save_model(model.backbone, path, tokenizer)
     head = {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}
@@ -272,9 +359,6 @@ def save_verifier(model: VerifierModel, path: str | Path, tokenizer: Any = None)
 
 
 def _load_head(model: VerifierModel, path: Path) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     file = path / HEAD_FILE
     if not file.is_file():
         raise UserError(f"verifier {path}: missing {HEAD_FILE} (a plain checkpoint, not a verifier)")
@@ -291,8 +375,6 @@ def _load_head(model: VerifierModel, path: Path) -> None:
 
 def load_verifier_weights(model: VerifierModel, path: str | Path) -> None:
     """Load a saved verifier into `model` (the Trainer's load_model_fn: resume)."""
-    from modernlm.checkpoint import config_differences, load_model_config, load_weights_into
-
     path = Path(path)
     diffs = config_differences(load_model_config(path), model.config)
     if diffs:
@@ -303,8 +385,6 @@ def load_verifier_weights(model: VerifierModel, path: str | Path) -> None:
 
 def load_verifier(path: str | Path, device: str | torch.device = "cpu") -> VerifierModel:
     """A verifier saved by `save_verifier` (e.g. RUN/verifier), in eval mode."""
-    from modernlm.checkpoint import load_model
-
     path = Path(path)
     model = VerifierModel(load_model(path, device=device))
     _load_head(model, path)
@@ -330,8 +410,6 @@ def verifier_example(prompt: Sequence[int], reply: Sequence[int], correct: bool,
 
 def collate_verifier(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
     """Right-padded input_ids, labels (-100 off the solution) and correct (B,) float."""
-    from modernlm.align.sft import collate_sft
-
     batch = collate_sft([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows], pad_id)
     batch["correct"] = torch.tensor([float(r["correct"]) for r in rows])
     return batch
@@ -347,7 +425,6 @@ class VerifierBatches(TaskBatches):
 def verifier_loss_fn(lm_coef: float = 0.0) -> Callable[[nn.Module, Any], tuple[Tensor, Tensor, dict[str, Any]]]:
     """The Trainer's loss_fn: summed token-level value BCE (+ lm_coef * the summed LM loss on the
     same solution tokens), over the solution tokens; metrics: the mean value and LM losses."""
-    from modernlm.train.losses import next_token_loss, verifier_loss
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Any]]:
         out = model(batch["input_ids"])
@@ -370,8 +447,6 @@ def verifier_loss_fn(lm_coef: float = 0.0) -> Callable[[nn.Module, Any], tuple[T
 @torch.no_grad()
 def value_eval_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Validation loss_fn: the value BCE alone, so val_loss reads the same for any lm_coef."""
-    from modernlm.train.losses import verifier_loss
-
     loss_sum, n = verifier_loss(model(batch["input_ids"]).values, batch["correct"], batch["labels"] != IGNORE_INDEX)
     return loss_sum, n, {}
 
@@ -385,8 +460,6 @@ def score_examples(
     autocast: Callable[[], Any] | None = None,
 ) -> list[float]:
     """sigmoid(value) at each example's last token: the verifier's probability it is correct."""
-    import contextlib
-
     device = next(model.parameters()).device
     scores: list[float] = []
     with eval_mode(model):
@@ -409,6 +482,37 @@ def examples_from_rows(rows: Sequence[dict[str, Any]], encoder: Any, max_length:
             prompts[r["question"]] = chat_prompt(encoder, r["question"])
         out.append(verifier_example(prompts[r["question"]], encoder.reply(r["solution"]), r["correct"], max_length))
     return out
+
+
+def split_examples(
+    rows: Sequence[dict[str, Any]], n_problems: int, encoder: Any, max_length: int, *, val_fraction: float,
+    seed: int, max_val: int = 0,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
+    """(training, validation) verifier examples of the training samples: val_fraction of the
+    problems (drawn with `seed`), with all their samples, give the first max_val (0 = all)
+    validation ones; at least one problem stays for training."""
+    order = np.random.default_rng(seed).permutation(n_problems)
+    n_val = min(round(n_problems * val_fraction), n_problems - 1)
+    held = {int(i) for i in order[:n_val]}
+    examples = examples_from_rows([r for r in rows if r["problem"] not in held], encoder, max_length)
+    val_examples = examples_from_rows([r for r in rows if r["problem"] in held], encoder, max_length)
+    return examples, val_examples[:max_val] if max_val else val_examples
+
+
+def single_label_note(examples: Sequence[dict[str, Any]]) -> str | None:
+    """A note for the log when every training example is correct, or every one wrong."""
+    labels = {bool(e["correct"]) for e in examples}
+    if len(labels) == 2:
+        return None
+    return (
+        f"note: every training sample is {'correct' if True in labels else 'wrong'}; the verifier can only "
+        "learn that (more samples, a higher temperature or a stronger generator give both kinds)"
+    )
+
+
+def collate_batches(examples: Sequence[dict[str, Any]], batch_size: int, pad_id: int) -> list[dict[str, Tensor]]:
+    """The examples as consecutive batches (validation: each example once, in order)."""
+    return [collate_verifier(examples[i : i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,14 +583,74 @@ def group_by_problem(rows: Sequence[dict[str, Any]], n_problems: int) -> Iterato
     yield from groups
 
 
+def rerank(
+    problems: list[dict[str, Any]], greedy: list[dict[str, Any]], rows: list[dict[str, Any]], scores: list[float]
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """(accuracies of each method, one prediction row per problem) for the held-out samples `rows`
+    (problem-major, scored by the verifier) and the greedy solution of each problem."""
+    picks, predictions = [], []
+    for p, idxs in enumerate(group_by_problem(rows, len(problems))):
+        answers, sc = [rows[i]["answer"] for i in idxs], [scores[i] for i in idxs]
+        pick = rerank_problem(problems[p]["target"], answers, sc)
+        picks.append(pick)
+        predictions.append({
+            "input": problems[p]["question"], "prediction": rows[idxs[pick["best_index"]]]["solution"],
+            "reference": problems[p]["answer"], "index": p, "target": problems[p]["target"],
+            "greedy": greedy[p]["solution"], "greedy_answer": greedy[p]["answer"],
+            "greedy_correct": greedy[p]["correct"],
+            **pick, "answers": answers, "scores": sc, "correct": [rows[i]["correct"] for i in idxs],
+            "source": problems[p]["source"],
+        })  # fmt: skip
+    return rerank_metrics(picks, [g["correct"] for g in greedy]), predictions
+
+
+def write_rerank_report(
+    run_dir: Path, problems: list[dict[str, Any]], samples: SampleSets, scores: list[float], *,
+    sample: SampleSettings,
+    eval_source: str, lm_coef: float, step: int, val_loss: float | None,
+) -> str:  # fmt: skip
+    """The reranking of the held-out samples by their verifier `scores`: eval.json (each method's
+    accuracy, the settings), eval/predictions.jsonl and eval/errors.jsonl (the problems best-of-N
+    got wrong). Returns the summary line's text."""
+    metrics, predictions = rerank(problems, samples.greedy_rows, samples.eval_rows, scores)
+    write_predictions(run_dir / "eval" / "predictions.jsonl", predictions)
+    write_predictions(run_dir / "eval" / "errors.jsonl", [p for p in predictions if not p["best_correct"]])
+    report = {
+        **metrics,
+        "sample_accuracy": samples.eval_stats["share_correct"],  # one sample at the temperature: pass@1
+        "n": sample.n_eval,
+        "n_problems": len(problems),
+        "step": step,
+        "val_loss": val_loss,
+        "train_samples": samples.train_stats,
+        "settings": {
+            "eval_path": eval_source, "generator": samples.generator, "verifier": str(run_dir / "verifier"),
+            "temperature": sample.temperature, "top_k": sample.top_k, "max_new_tokens": sample.max_new_tokens,
+            "seed": sample.seed, "lm_coef": lm_coef,
+        },
+    }  # fmt: skip
+    atomic_write_json(run_dir / "eval.json", report)
+    n = sample.n_eval
+    return (
+        f"greedy {metrics['greedy_accuracy']:.3f}, majority@{n} {metrics['majority_accuracy']:.3f}, "
+        f"best-of-{n} {metrics['best_of_n_accuracy']:.3f} (weighted vote {metrics['weighted_vote_accuracy']:.3f}), "
+        f"pass@{n} {metrics['pass_at_n']:.3f} on {len(problems)} problems"
+    )
+
+
 __all__ = [
     "HEAD_FILE",
+    "DataSettings",
+    "SampleSets",
+    "SampleSettings",
     "VerifierBatches",
     "VerifierModel",
     "VerifierOutput",
     "best_of_n",
     "chat_prompt",
+    "collate_batches",
     "collate_verifier",
+    "draw_sample_sets",
     "draw_samples",
     "examples_from_rows",
     "group_by_problem",
@@ -494,14 +658,19 @@ __all__ = [
     "load_verifier",
     "load_verifier_weights",
     "majority_vote",
+    "read_problem_sets",
     "read_problems",
+    "rerank",
     "rerank_metrics",
     "rerank_problem",
     "sample_stats",
     "save_verifier",
     "score_examples",
+    "single_label_note",
+    "split_examples",
     "value_eval_loss",
     "verifier_example",
     "verifier_loss_fn",
     "weighted_vote",
+    "write_rerank_report",
 ]
