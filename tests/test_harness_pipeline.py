@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("lm_eval")
 
 from modernlm.cli import run_command  # noqa: E402
-from modernlm.pipeline.runner import PipelineEvalSettings, evaluate_model  # noqa: E402
+from modernlm.pipeline.table import PipelineEvalSettings, evaluate_model  # noqa: E402
 from tests.serve_util import chat_checkpoint  # noqa: E402
 
 

@@ -34,8 +34,6 @@ def derived_outputs(cfg: Config) -> list[tuple[str, str, str]]:
 
 
 def main(cfg: Config) -> None:
-    from pathlib import Path
-
     from modernlm.errors import UserError
     from modernlm.pipeline.plotting import plot_runs
 
