@@ -1,1 +1,1 @@
-"""The pipeline: stage runner, report, plots."""
+"""The pipeline: the stage runner, how the stages connect, the results table, samples, the report, plots."""
