@@ -4,21 +4,14 @@
     lm = load("runs/tiny")                            # a run directory: checkpoints/best, else the latest
     lm = load("SmolLM2-135M-Instruct.Q4_1.gguf")      # or an HF directory or hub id
     lm.generate("Once upon a time", max_new_tokens=40, temperature=0.8, seed=0)
-    for piece in lm.stream("Once upon a time"):
-        print(piece, end="")
-    lm.chat([{"role": "user", "content": "What is 2 + 3?"}])  # lm.stream_chat(...): in pieces
+    lm.chat([{"role": "user", "content": "What is 2 + 3?"}])  # lm.stream / lm.stream_chat: in pieces
     lm.loglikelihood("The capital of France is", " Paris")  # summed log-probability, in nats
     lm.perplexity(text)                                      # as `modernlm eval perplexity` computes it
 
-A source means what `checkpoint.resolve_source` says (the one rule). A modernlm checkpoint loads as
-a ModernDecoderLM with the tokenizer beside it (`tokenizer.has_tokenizer`, the one rule); an HF
-source as transformers' own model (`backend="transformers"`, its default: the reference, for any
-architecture) or converted to a ModernDecoderLM (`backend="modernlm"`: Llama architectures, same
-logits), with its HF tokenizer as ours. Prompts follow the tokenizer's own rule for special tokens
-(`Tokenizer.add_bos`) and chats its chat template (ChatML for ours), so `load(hf_or_gguf).generate`
-gives transformers' text. Our models generate with `generation.TextGeneration`, transformers' with
-their `generate` and the same text side (`hf.text.HFTaskModel`). `LM` has the fields
-`perplexity.evaluate_text` reads, so the commands score it directly.
+A source means what `checkpoint.resolve_source` says; an HF source loads as transformers' own model
+(`backend="transformers"`, the default: the reference) or as a ModernDecoderLM (`backend="modernlm"`).
+
+Design notes: docs/design.md#apipy
 """
 
 from __future__ import annotations

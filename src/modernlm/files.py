@@ -1,21 +1,14 @@
 """Writing results so that nothing is lost: every file atomically, every output path checked first.
 
-- `atomic_write(path, data)` / `atomic_write_json` / `atomic_open(path)`: the one way a result file
-  is written. The data goes to a temporary file in the same directory, is fsynced, and is renamed
-  over `path` (then the directory is fsynced): a reader, or a run killed at any moment, sees the old
-  file or the new one, never half of one.
-- `atomic_files(dir)`: the same for a library that saves several files itself (`save_pretrained`).
-- `replace_dir(new, final)`: put a finished directory in place of another (a checkpoint re-saved,
-  `best/`). On Linux (renameat2) and macOS (renamex_np) the two are exchanged atomically, so
-  `final` is at every moment a complete directory; elsewhere the old one is renamed aside first
-  and `clean_leftovers` puts it back if the process died in between.
-- `clean_leftovers(dir)`: removes what a killed write left behind (its temporary files and
-  directories), run at the start of anything that writes into a run directory.
-- `check_output_file` / `check_output_dir`: a path that cannot be written is a one-line `UserError`
-  naming the field and the path, raised before any long work starts.
+`atomic_write` / `atomic_write_json` / `atomic_open` are the one way a result file is written: the
+data goes to a temporary file in the same directory, is fsynced and renamed over the path, so a
+reader, or a run killed at any moment, sees the old file or the new one, never half of one.
+`atomic_files` does the same for a library that saves several files itself, `replace_dir` puts a
+finished directory in place of another, `clean_leftovers` removes what a killed write left behind,
+and `check_output_file` / `check_output_dir` make a path that cannot be written a one-line
+`UserError` before any long work starts.
 
-Temporaries are named `.<name>.tmp-<pid>` (and `.<name>.old-<pid>` for a directory set aside), so
-one glob finds them and a live writer's own files are never taken for leftovers.
+Design notes: docs/design.md#filespy
 """
 
 from __future__ import annotations

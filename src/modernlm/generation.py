@@ -1,33 +1,16 @@
 """Generation for ModernDecoderLM: KV-cache decoding, sampling, batching, streaming text.
 
-One engine from tokens to text, lowest layer first:
-- `Sampling`: every setting of one generation (max_new_tokens, temperature, top_k, top_p,
-  repetition_penalty, stop, eos_token_id, seed, window, ...), one dataclass every caller passes.
-- `iter_tokens(model, idx, sampling)` prefills a KV cache with the prompt and yields one
-  `Step(tokens (B,), logits (B, V))` per new token: the one decoding loop.
-- `generate(model, idx, sampling)` collects those steps into a (B, T + n) tensor.
-- `TextStream`: token ids in, text out (never half a character, cut before a stop string or eos);
-  `TextGeneration(model, tokenizer, rows, sampling)` runs `iter_tokens` with one stream per row;
-  `generate_text` / `stream_text` are strings in, strings out. transformers' `generate` (task
-  evaluation of HF models) turns its tokens into text with the same `TextStream`, and stops at
-  stop strings through `StopOnText`.
+One engine from tokens to text, lowest layer first: `Sampling` (every setting of one generation, the
+one dataclass every caller passes) -> `iter_tokens` (the one decoding loop: prefill a KV cache, yield
+a `Step` per new token) -> `generate` (a (B, T + n) tensor) -> `TextStream`, `TextGeneration`,
+`generate_text`, `stream_text` (text: never half a character, cut before a stop string or eos).
 
-`sampling` is a `Sampling`, or just max_new_tokens (an int), and keyword settings replace its
-fields: `generate(model, idx, 20, temperature=1.0, seed=7)`.
+Logits go through the same steps, in the same order, as in HF transformers: repetition penalty ->
+temperature (0 means greedy) -> top-k -> top-p -> sample. A seeded call samples with a private
+`torch.Generator`, so it neither reads nor moves the global RNG. Left-padded batches give each row
+the tokens it would get alone.
 
-Greedy or sampling is one knob, `temperature`: 0 means greedy (argmax; top_k/top_p are ignored),
-> 0 samples from softmax(logits / temperature). Logits go through the same steps, in the same
-order, as in HF transformers: repetition penalty -> temperature -> top-k -> top-p -> sample.
-`seed` drives a private `torch.Generator`, so a seeded call neither reads nor moves the global RNG;
-with `seed=None` sampling uses the global RNG (so `torch.manual_seed` works as usual).
-
-Batches of prompts of different lengths are left-padded, with `pad_mask` (B, T) False at padding;
-the model never attends to padding, so each row gets the tokens it would get alone.
-
-Past the trained context: without a window the cache is sized to prompt + max_new_tokens and RoPE
-positions keep growing (quality falls off past `max_seq_len`). With `window > 0` the cache is a
-rolling StreamingLLM cache (the first `sink_size` slots plus the last `window`, see
-`model.KVCache`): memory and positions stay constant however long generation runs.
+Design notes: docs/design.md#generationpy
 """
 
 from __future__ import annotations

@@ -1,21 +1,15 @@
 """ModernDecoderLM: a Llama-style decoder-only transformer, read top to bottom.
 
-Architecture: token embedding -> n_layer pre-norm blocks [RMSNorm -> causal self-attention with
-RoPE and GQA -> residual; RMSNorm -> SwiGLU (or top-k routed SwiGLU experts) -> residual] ->
-final RMSNorm -> LM head (tied to the embedding or not). Attention goes through
-`F.scaled_dot_product_attention`, so the flash / memory-efficient kernels are used where they
-exist. With `tie_embeddings`, no MoE and no sinks, the weights map one to one onto HF's
-LlamaForCausalLM (see hf/convert.py), and the logits agree to float32 rounding.
-
-Options, each one visible `if` in the forward that uses it:
-- GQA: `n_kv_head` divides `n_head`; each K/V head serves n_head // n_kv_head query heads.
-- MoE: `n_expert > 0` replaces the FFN of `moe_layers` by top-k routed SwiGLU experts with the
-  Switch-Transformer load-balancing loss (see MoE).
-- Attention sink: `attn_sink` prepends one learned sink token to every sequence, as in the
-  StreamingLLM paper's pre-training with a sink token (see `ModernDecoderLM.forward`).
+Token embedding -> n_layer pre-norm blocks [RMSNorm -> causal self-attention with RoPE and GQA ->
+residual; RMSNorm -> SwiGLU (or top-k routed SwiGLU experts) -> residual] -> final RMSNorm -> LM
+head. Each option (GQA, MoE, the attention sink) is one visible `if` in the forward that uses it.
+With `tie_embeddings`, no MoE and no sinks, the weights map one to one onto HF's LlamaForCausalLM
+(see hf/convert.py), and the logits agree to float32 rounding.
 
 Shape glossary: B batch, T new tokens, S key/value length (cache + new), C d_model, H query heads,
 K kv heads, D head dim, F ffn hidden, V vocab, E experts, N tokens (B*T).
+
+Design notes: docs/design.md#modelpy
 """
 
 from __future__ import annotations

@@ -1,19 +1,12 @@
 """Perplexity with a stated method: sliding windows over one token stream.
 
-The method is the HF perplexity guide's ("Perplexity of fixed-length models"): the text is one
-token sequence; windows of at most `context` tokens start every `stride` tokens; each window
-scores only the tokens the previous window did not, each with at least `context - stride` tokens
-of left context. A window's first token has no context inside it, so with stride < context every
-token (but token 0) is scored exactly once; stride == context (non-overlapping windows, as the
-guide's fast setting) leaves each window's first token unscored (1 / context of them), and
-context = L + 1 with stride = L is the exact non-overlapping form for a model trained on L tokens
-(each window predicts L tokens, every one scored once, as the trainer's validation does). Token 0
-is not scored (as in the guide) unless a bos token is prepended (`bos_id`).
+The method is the HF perplexity guide's ("Perplexity of fixed-length models"): windows of at most
+`context` tokens start every `stride` tokens, and each window scores only the tokens the previous
+one did not, so with stride < context every token but token 0 is scored exactly once.
+`text_metrics` adds the numbers that compare across tokenizers: bits per byte and word-level
+perplexity (lm-eval-harness's word_perplexity).
 
-Numbers that compare across tokenizers (`text_metrics`):
-- bits per byte = total NLL in nats / ln 2 / UTF-8 bytes of the text;
-- word-level perplexity = exp(total NLL / whitespace-separated words) (lm-eval-harness's
-  word_perplexity).
+Design notes: docs/design.md#perplexitypy
 """
 
 from __future__ import annotations

@@ -1,28 +1,16 @@
 """Corpora and token shards: read documents, mix sources by weight, tokenize once to disk.
 
-Sources (`SourceConfig`): a local file, directory or glob, or a Hugging Face hub dataset.
-- `.txt` (and WikiText's `.tokens` / `.raw`): how a file becomes documents is `documents`:
-  `auto` (default) splits WikiText files at top-level ` = Title = ` headings (one article per
-  document) and any other text file at blank lines (one paragraph per document); `paragraph`,
-  `line` (one per non-blank line), `file` (whole file) and `wikitext` force a rule, and a non-empty
-  `separator` (e.g. `<|endoftext|>`) splits on that string instead. Text documents are stripped of
-  surrounding whitespace.
-- `.jsonl` (the `text_field` of each line), `.parquet` (the `text_field` column; needs pyarrow) and
-  hub datasets (`hf_dataset`, needs `datasets`) give one document per row, verbatim; with another
-  `documents` rule the rows are read as the lines of a text file (a hub WikiText has one row per
-  line: `documents: wikitext` regroups them into articles).
-- Any of these may be gzipped (`.txt.gz`, `.jsonl.gz`, ...). A directory means its files with a
-  known extension, sorted; a glob its matches, sorted.
+Sources (`SourceConfig`): local .txt (and WikiText's .tokens / .raw), .jsonl and .parquet files,
+directories and globs, any of them gzipped, or Hugging Face hub datasets; `documents` says how text
+becomes documents (WikiText articles, paragraphs, lines, whole files, or a `separator`).
+Mixing (`CorpusConfig`): weights are shares of the mix, in UTF-8 bytes or documents; the next
+document always comes from the source furthest below its share, and the mix stops when the first
+source runs out, so no document repeats.
+Token shards (`prepare_tokens`, modernlm-tokens-v1) are what the trainer memory-maps:
+`DIR/meta.json`, `DIR/{train,val}_NNNNN.bin` (uint16 when the vocabulary fits, else uint32;
+documents concatenated, each followed by eos) and the tokenizer files.
 
-Mixing (`CorpusConfig`): when every source has weight 0 (the default) all documents are read, source
-after source. Otherwise the weights are shares of the mix, counted in UTF-8 bytes (a proxy for
-tokens known before tokenizing; `prepare` records the real token count per source) or documents
-(`mix_by`): the next document always comes from the source furthest below its share, so shares hold
-to within one document, and the mix stops when the first source runs out, so no document repeats.
-
-Token shards (`prepare_tokens`), the format the trainer memory-maps (modernlm-tokens-v1):
-`DIR/meta.json`, `DIR/{train,val}_NNNNN.bin` (little-endian uint16 when the vocabulary fits, else
-uint32; documents concatenated, each followed by eos) and the tokenizer files. See `prepare_tokens`.
+Design notes: docs/design.md#datacorpuspy
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """A self-generated dataset for the offline demo pipeline: stories, word problems, preference pairs.
 
 The demo must run with no network and no third-party text, and a tiny model must visibly learn at
-every stage. So this module writes its own small world (children, things, places, animals: the
-word lists below, written for this project) and renders it into every file the pipeline needs:
+every stage, so this module writes its own small world (the word lists below, written for this
+project) into every file the pipeline needs:
 
     corpus/train.txt, corpus/val.txt   pretraining text, one story per blank-line paragraph
     gsm/{train,val,test}.jsonl         word problems in GSM8K's format: {"question", "answer": "... #### N"},
@@ -11,80 +11,12 @@ word lists below, written for this project) and renders it into every file the p
     prefs/{train,val,test}.jsonl       {"prompt", "chosen", "rejected"}: right and wrong solutions (+ answers, kind)
     meta.json                          counts, each split's kinds and distinct computations, seed, the config
 
-Roles: train files teach; the val files (sft/val.json, prefs/val.jsonl, gsm/val.jsonl) choose
-checkpoints (SFT's validation loss, DPO's best pair accuracy); the test files (gsm/test.jsonl,
-prefs/test.jsonl) are what gets reported, never used to choose anything.
+Train files teach, val files choose checkpoints, test files are what gets reported. Every text of a
+problem renders one `Problem` record, so its answer is right by construction. Held out means
+unseen: no training text states a held-out problem's computation (`split_of`). One seed gives
+byte-identical files.
 
-Everything comes from one seed (`random.Random` over string seeds, which Python hashes the same
-way everywhere), so the same config writes byte-identical files.
-
-**Problems.** A problem is a small structured record (`Problem`): a template ("chain:given+eats",
-"together", "more_than", ...), the free numbers it draws, and the steps it computes (`CalcStep`: op,
-left, right, result), every count in 1..max_number, so nothing is ever negative. The question,
-the step-by-step solution ("Tom gives her 3 more, so she has 4 + 3 = 7 apples.") and the story
-form are renderings of the same record, so the answer is right by construction and tests check
-it twice: against the record and by re-doing every "a + b = c" line of the text with Python.
-
-**Splits.** Held out means unseen: no training text (story, problem, demonstration, chosen or
-rejected solution) states a held-out problem's computation. The unit is the fact, (op, left, right)
-with a + b and b + a one fact: "Max finds 1 more cherry" from 6, "6 and 1 together" and "1 more than
-6" are all the fact 6 + 1. A hash of (seed, fact) puts every fact in one split (test for a share
-test_key_fraction, val for val_key_fraction, train the rest), and a one-step problem is in its
-fact's split. A multi-step problem is split by its facts in order (its key), and only when every one
-of them is a train fact (and every shorter run of them a train computation); otherwise it is in no
-split. So a held-out one-step problem asks
-a fact no training text states, even as a step of a longer problem, and a held-out multi-step problem
-composes train facts in an order no training text has (`split_of`). Rejected solutions, whose
-slips make new true equations, are drawn only where those stay in what the split may state
-(`states_only`: train's only train's; val's, which chooses DPO's checkpoint, nothing of test's). Not
-held out: the inverse facts (7 - 3 = 4 beside a held-out 3 + 4 = 7) and every number's words.
-Held-out splits have train's mix of kinds (`KINDS`): each kind's quota is its share of train,
-rounded by largest remainder, and is drawn from the generator restricted to that kind and the
-split's keys, so within a kind the numbers follow train's distribution too. The held-out files
-are ordered so that every prefix (eval's first max_problems, prefs' first pref_val / pref_test)
-keeps that mix to within about one problem per kind. A kind has few computations in a held-out
-split, so they repeat there with other names, things and verbs (meta.json counts the distinct
-ones). Question texts are distinct across all files. prefs/test.jsonl's prompts are the first
-gsm/test problems.
-
-**Why no question/answer text in pretraining.** The demo's point is that SFT raises answer accuracy
-over the pretrained model. The corpus therefore holds only stories: plain ones, and ones that
-narrate the same events in prose ("Mia had 4 apples. Then Tom gave her 3 more. Now Mia had 7
-apples."), some with the sum written out ("She counted: 4 + 3 = 7."). Pretraining teaches the
-world, the words of the problems and counting; it never shows a question ("How many ...?"), a
-solution in the answer's format or "####". The pretrained model knows the arithmetic but not the
-task format, as a real base model, and SFT has something to teach. Stories are told in the past
-tense and, for `present_fraction` of them, in the present tense of the questions, so the
-question's verbs ("gives", "has") are not new words at SFT.
-
-**Difficulty.** Numbers are single BPE tokens, so a tiny model learns sums as facts, and how
-many it learns depends on how often each one is seen. Each problem draws its own range 1..R with
-R in min_range..max_number, so small numbers are the commonest (as in real text) and are learned
-first. A fact is learned only from text that states it: the demo's 1.1M-parameter model answered
-0.01 of held-out one-step problems (facts it never saw) and 0.95 of held-out two-step ones
-(compositions of facts it saw) after SFT (`min_steps: 1`, README), so the demo's problems are
-two-step (`min_steps: 2`). Its table is in README.md (the demo) and benchmarks/demo/.
-
-**The demonstrations' flaw, and why.** Real SFT data is written by people and has systematic
-mistakes. Here, in `sft_flaw` (half) of the "N more / fewer than" comparisons of sft/ (kind
-"compare": 28% of train's problems with the defaults, 22% in the demo config), the annotator took
-a shortcut: no computation, the count the question gives restated as the answer ("Luke has 11
-plums. #### 11"). The answer key (gsm/) and the preference
-pairs' chosen side are right. This gives the later stages a mistake a tiny model can learn to fix
-in minutes. Measured on this data at this size, neither DPO nor a verifier learns to spot a plain
-arithmetic slip ("19 - 3 = 15") from a few thousand examples (a verifier trained on 16k clean
-right/wrong solutions stayed at chance for 600 steps), and greedy decoding already picks the
-model's own best arithmetic; nor did they learn a swap of "more" and "fewer" (the label is then an
-XOR of a word in the question and an operator in the solution). A solution with no computation is
-a pattern a small model sees at once: the SFT model imitates the shortcut on about half of the
-comparison problems, its samples hold both kinds, DPO's pairs reject the shortcut, and the
-verifier's labels show it is wrong.
-
-**Preference pairs.** For a comparison problem the rejected solution is the demonstrations'
-shortcut; for every other problem it has the chosen one's wording with one
-arithmetic slip: a step's result off by one or two, or a step done with the wrong operation
-("4 - 3 = 1" where the story gives 3 more). The later steps compute correctly from the wrong
-value, so the final answer is wrong (+ and - are one-to-one in each argument).
+Design notes (Problems, Splits, Difficulty, the demonstrations' flaw, Preference pairs): docs/design.md#datasyntheticpy
 """
 
 from __future__ import annotations

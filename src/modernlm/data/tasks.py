@@ -1,31 +1,17 @@
 """Supervised task datasets: raw records -> uniform examples -> token ids with a loss mask -> batches.
 
-Four layers, each usable on its own:
+Four layers, each usable on its own: one reader per dataset (`read_sst2`, `read_samsum`,
+`read_gsm8k`, `read_alpaca`, `read_hh_rlhf`) -> `load_task_examples` (uniform examples {"input",
+"prompt", "target", "label", "record", "source"}) -> `load_supervised_text_dataset` (token ids;
+causal examples have labels -100 over the prompt, so the loss is on the answer only) -> `collate`,
+`TaskBatches` (endless, seeded, rank-sharded, exactly resumable, as `data.shards.TrainWindows`) and
+`eval_batches` (one finite pass).
 
-1. Raw records, one reader per dataset (`read_sst2`, `read_samsum`, `read_gsm8k`, `read_alpaca`,
-   `read_hh_rlhf`), yielding plain dicts from a local file (.tsv, .json, .jsonl, .jsonl.gz) or from
-   the Hugging Face hub (`datasets.load_dataset`, imported only then). A malformed record raises a
-   `UserError` naming the file and the 1-based line (for a .json list: the 1-based record number).
-2. `load_task_examples(cfg)`: uniform examples {"input", "prompt", "target", "label", "record",
-   "source"} for prompting baselines, evaluation and finetuning. Prompts and targets are
-   `str.format` templates over the record's fields (plus "input"), with per-dataset defaults.
-3. `load_supervised_text_dataset(cfg, tokenizer)`: input_ids / attention_mask / labels per example.
-   causal: prompt + target + eos with labels -100 over the prompt, so the loss is on the answer
-   only (labels are aligned with input_ids, as in HF; the one-token shift happens in the loss).
-   classification: the prompt's ids and an int label. seq2seq: prompt + eos in, target + eos out.
-4. `collate`, `TaskBatches` (endless, seeded, rank-sharded, exactly resumable: the trainer's
-   contract, as `data.shards.TrainWindows`) and `eval_batches` (one finite pass).
+HH-RLHF pairs that do not split cleanly into one shared prompt and one assistant reply each (about
+1% of the real test pairs) are skipped and counted. The tokenizer is duck-typed
+(`textmodel.TaskTokenizer`): ours or any transformers tokenizer.
 
-HH-RLHF pairs are two full transcripts ("\\n\\nHuman: ...\\n\\nAssistant: ..."). The prompt is the
-longest common list of turns that ends with a human turn; chosen and rejected must then each be
-exactly one non-empty assistant turn, and differ. About 1% of the real test pairs do not split
-cleanly (a stray "Human:" inside a reply, an extra human turn after the reply, identical replies):
-they are SKIPPED and counted (`read_hh_rlhf(skipped=Counter())`; `load_task_examples` warns with
-the counts), because they carry no usable preference. Turns are split only on "\\n\\nHuman:" and
-"\\n\\nAssistant:" (the documented separators); a "Human:" without the blank line stays text.
-
-The tokenizer is duck-typed (`TaskTokenizer`): our `modernlm.tokenizer.Tokenizer` or any
-transformers tokenizer, without importing transformers here.
+Design notes (the layers, HH-RLHF splitting): docs/design.md#datataskspy
 """
 
 from __future__ import annotations

@@ -1,43 +1,14 @@
 """Task metrics (classification, summarization, GSM8K) and the error logs every evaluation writes.
 
-Pure Python; `rouge_score` is imported only by the ROUGE functions. Every metric takes parallel
-lists `predictions`, `references` (lengths must match, else ValueError) and returns plain floats.
-Scores are fractions in [0, 1], never percentages, so they average and compare without scaling.
+Pure Python (`rouge_score` is imported only by the ROUGE functions). Every metric takes parallel
+lists `predictions`, `references` and returns plain floats, fractions in [0, 1], never percentages.
+Each agrees with a reference: `macro_f1` with sklearn's `f1_score(average="macro", zero_division=0)`,
+`rouge` with HF `evaluate`'s rouge (Porter stemmer; a plain mean, not the bootstrap "mid"),
+`gsm8k_exact_match` with lm-evaluation-harness's strict ("#### N") and flexible (last number)
+extractors, compared exactly (no floats). `write_predictions` writes the prediction logs atomically.
 
-Classification
-- `accuracy`: share of exact matches (labels compared with ==, no stripping or case folding).
-- `macro_f1`: the unweighted mean over classes of F1 = 2TP / (2TP + FP + FN). With labels=None the
-  classes are those seen in predictions or references. A class given in `labels` that occurs in
-  neither gets F1 = 0 and still counts in the mean; a prediction outside `labels` is a miss (FN) of
-  its true class and no class's FP. Both are sklearn's `f1_score(average="macro", labels=...,
-  zero_division=0)`; 2TP / (2TP + FP + FN) equals 2PR / (P + R) whenever P and R are defined and is
-  0 (sklearn's zero_division=0) when TP = 0.
-
-Summarization (`rouge`): ROUGE-1/2/L/Lsum F-measures from `rouge_score` with the Porter stemmer
-(as HF `evaluate`'s rouge), averaged over examples (a plain mean; `evaluate` reports the bootstrap
-"mid", which is close to it but random). ROUGE-Lsum scores the union-LCS over sentences and
-`rouge_score` finds sentences only at newlines; HF's summarization scripts therefore put each
-sentence on its own line with `nltk.sent_tokenize`. nltk's sentence model (punkt) is a download
-we cannot count on, so `split_sentences` splits after ".", "!" or "?" (optionally followed by a
-closing quote or bracket) and whitespace: a small regex that agrees with punkt on ordinary prose but,
-unlike punkt, also splits after abbreviations ("Mr. Smith"). ROUGE-1/2/L ignore newlines, so only
-Lsum depends on this.
-
-GSM8K (`gsm8k_exact_match`), two answer extractors as in lm-evaluation-harness:
-- strict: the number of the last "#### N" in the text (the format GSM8K's answers and few-shot
-  examples use). A "####" with no number after it is skipped: "#### 5 ... ####" gives 5.
-- flexible: the last number anywhere in the text.
-A number here is an optional sign, an optional "$", digits with optional thousands commas
-("1,234"), an optional decimal part, an optional "/denominator" and an optional "%". A number must
-not start inside a word or an id: "Q3", "x2", "abc123" hold no number, while "3rd" gives 3 and
-"16-3" gives 16 and 3 (a minus right after a letter, digit or ")" is an operator, not a sign).
-Both extractors return the number normalized by `normalize_number`, so "$1,234.50" and "1234.5"
-compare equal. Fractions stay fractions ("1/2" is not "0.5"); "%" is dropped ("50%" equals 50),
-since GSM8K answers are bare numbers. No float conversion anywhere: the comparison is exact.
-
-Prediction logs: `write_predictions` writes one JSON object per line, {"input", "prediction", "reference",
-...extra}, atomically (temp file in the same folder, then rename), so a reader never sees half a
-file. `evaluate_predictions` logs the wrong examples of a task (see its docstring).
+Design notes (absent classes, sentences for ROUGE-Lsum, what counts as a number):
+docs/design.md#evalmetricspy
 """
 
 from __future__ import annotations

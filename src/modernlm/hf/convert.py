@@ -1,27 +1,15 @@
 """Hugging Face interop: exact conversion between ModernDecoderLM and transformers' Llama.
 
-The only module that imports `transformers`, always inside the function that needs it, so the rest
-of modernlm works without it (`pip install modernlm[hf]` adds it).
+A dense ModernDecoderLM *is* a Llama (same pre-norm block, RMSNorm, SwiGLU, GQA, and RoPE in HF's
+"rotate half" layout), so the weights map with no permutation: our fused projections are HF's
+stacked by rows (wqkv = [q; k; v], w_gate_up = [gate; up]). GGUF files come in through transformers'
+GGUF loader, in the same layout. What has no Llama equivalent (MoE, the sink token; rope scaling,
+biases, other activations on the HF side) is a `UserError`.
 
-A dense ModernDecoderLM *is* a Llama: same pre-norm block, RMSNorm, SwiGLU, GQA, and RoPE in the
-"rotate half" layout HF uses, so the weights map with no permutation. Our fused projections are
-HF's stacked by rows (wqkv = [q; k; v], w_gate_up = [gate; up]):
+`load_transformers` is the one call of `from_pretrained`, `load_hf_tokenizer` the one of
+AutoTokenizer. `transformers` is imported only inside the functions that need it (`modernlm[hf]`).
 
-| modernlm                        | transformers LlamaForCausalLM                      |
-|---------------------------------|----------------------------------------------------|
-| tok_emb                         | model.embed_tokens                                 |
-| layers.i.attn.{wqkv,wo}         | model.layers.i.self_attn.{[q,k,v],o}_proj          |
-| layers.i.ffn.{w_gate_up,w_down} | model.layers.i.mlp.{[gate,up],down}_proj           |
-| layers.i.attn_norm / ffn_norm   | model.layers.i.input_layernorm / post_attention_layernorm |
-| norm / lm_head                  | model.norm / lm_head                               |
-
-GGUF files go through transformers' GGUF loader, which de-quantizes to float and undoes the
-llama.cpp q/k row permutation, so they land in the same HF layout. What has no Llama equivalent
-(MoE, the sink token; rope scaling, biases, other activations on the HF side) is a `UserError`.
-
-Loading: `load_transformers(source, task)` is the one call of `from_pretrained` (causal LMs for
-`modernlm.load`, seq2seq and classification models for LoRA finetuning), `load_hf_tokenizer` the
-one of AutoTokenizer, and `hf_tokenizer_to_ours` keeps the tokenizer's bos rule and chat template.
+Design notes (the weight-name table): docs/design.md#hfconvertpy
 """
 
 from __future__ import annotations

@@ -6,16 +6,12 @@
     GET  /health                200 while the engine runs (no key needed)
     GET  /                      the chat page (chat.html, shipped in the package)
 
-Requests are checked by `serve.openai.parse` and queued in the engine; its events come back to the
-event loop (`call_soon_threadsafe`), so generation never runs on the loop. Streaming answers are
-Server-Sent Events in OpenAI's chunk format ending with `data: [DONE]`; their joined text equals
-the non-streamed answer for the same seed (the same engine events, shaped two ways).
+Generation never runs on the event loop (the engine's events come back through
+`call_soon_threadsafe`); a streamed answer's joined text equals the non-streamed one for the same
+seed. Safe by default: it binds 127.0.0.1, and has an optional bearer `api_key` and limits on body
+size, queue length and request time.
 
-Safe by default: ServeConfig binds 127.0.0.1; with `api_key` every /v1 route needs
-`Authorization: Bearer <key>` (what OpenAI's SDKs send; 401 otherwise); bodies over
-`max_body_bytes` get 413; a full queue gets 503 with Retry-After; a request past `request_timeout`
-seconds is cancelled (504, or an error event when streaming); a client that disconnects frees its
-rows at the engine's next step.
+Design notes: docs/design.md#serveapppy
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations (the Request

@@ -1,22 +1,13 @@
 """The serving engine: continuous batching of many requests on one ModernDecoderLM.
 
-One thread owns the model and loops:
-    admit  - while a row of the batch is free and a sequence waits, prefill its prompt alone (a
-             plain KVCache of one row, exactly as `generate` does it), pick its first token and
-             copy its keys and values into the free row of the batch's `SlotCache`;
-    step   - one decode forward for every row in use, each at its own position, then each row
-             picks its next token with its own settings and its own seeded generator
-             (`generation.pick_tokens`, the engine every decoder shares) and pushes it through its
-             `TextStream` (no half characters, no part of a stop string);
-    retire - a row that ended (eos, a stop string, max_tokens, or its request was cancelled) leaves
-             at once: the last row in use moves into its place, so rows 0..n-1 stay packed.
-So new requests join between decode steps (no request waits for another's whole generation) and a
-sequence's tokens do not depend on what else is in the batch: the same greedy tokens as alone.
+One thread owns the model and loops: admit (prefill a waiting prompt alone and copy its keys and
+values into a free row of the batch's `SlotCache`) -> step (one decode forward for every row in use,
+each row picking its next token with its own settings and seeded generator, `generation.pick_tokens`)
+-> retire (a row that ended or was cancelled leaves at once; rows stay packed). New requests join
+between decode steps, and a sequence's tokens do not depend on what else is in the batch: the same
+greedy tokens as alone. A request reports through `Request.emit(event)` on the engine thread.
 
-A request of `n` choices is n sequences; each reports through `Request.emit(event)`, called on the
-engine thread: `Piece(choice, text, tokens)` as text becomes safe to show, then `Done(choice,
-finish_reason, completion_tokens)`; `Failed(message)` if the engine fails. `Request.cancel()` (a
-client gone, a timeout) frees its rows at the next step. `max_batch=1` serves one sequence at a time.
+Design notes (the loop, the events): docs/design.md#serveenginepy
 """
 
 from __future__ import annotations

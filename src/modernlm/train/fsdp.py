@@ -1,26 +1,13 @@
 """FSDP2 (`train.parallel=fsdp`): parameters, gradients and optimizer state sharded over the ranks.
 
-`shard_model` applies `torch.distributed.fsdp.fully_shard` to each transformer block and then to
-the root (embedding, sink, final norm, LM head), as torchtitan does: a block's weights are
-gathered just for its forward / backward and freed after, so peak memory holds one block whole.
-On GPU a `MixedPrecisionPolicy` computes in bf16 and reduce-scatters gradients in fp32 (the
-sharded master weights and optimizer state stay fp32); `train.fsdp_cpu_offload` keeps the shards,
-their gradients and the optimizer step on the CPU. With run.compile each block is compiled on its
-own before sharding (a whole-model graph would have to trace through FSDP's hooks).
+`shard_model` applies `fully_shard` to each transformer block and then to the root, as torchtitan
+does, so peak memory holds one block whole. Checkpoints go through `torch.distributed.checkpoint`
+(each rank writes its own shards; the full weights are gathered once, on rank 0, for the usual
+model.safetensors), and DCP reshards on load, so a run resumes on another number of ranks. One
+process without a process group runs the model unsharded but writes the same checkpoint format.
+Needs torch >= 2.6 (where `fully_shard` became public), checked only when train.parallel=fsdp.
 
-One process without a process group (the Trainer joins one only for several ranks) runs the model
-unsharded: there is nothing to shard over, and the run still writes the distributed checkpoint
-format, so its checkpoints resume on any number of ranks. Under a process group the model is
-sharded whatever its size, one rank included (benchmarks/bench_gpu.py: FSDP on one GPU vs DDP).
-
-Checkpoints (see `Checkpointer`): model + optimizer go through `torch.distributed.checkpoint`
-(each rank writes its own shards into `distributed/`, nothing is gathered to one rank); the full
-weights are also gathered once, on rank 0, for the usual model.safetensors + config.json that
-eval / generate / convert / serve read. DCP reshards on load, so a run resumes on another number
-of ranks (2 -> 1, 1 -> 2). Shards that do not fit the run (other shapes or keys, a missing file)
-are a one-line UserError on every rank; any other load error (I/O, a bug) keeps its traceback.
-
-Needs torch >= 2.6 (where `fully_shard` became public); imported only when train.parallel=fsdp.
+Design notes: docs/design.md#trainfsdppy
 """
 
 from __future__ import annotations

@@ -1,25 +1,13 @@
 """Training memory: activation checkpointing of the transformer blocks, and the peak memory a run logs.
 
-Activation checkpointing (`train.activation_checkpointing`) trades compute for memory. A
-checkpointed block keeps only its input from the forward and recomputes its activations during
-the backward, so a step holds every block's input plus one block's activations at a time, instead
-of every block's activations:
-- `full`: every block (about one extra forward of compute per step);
-- `selective`: every other block (blocks 1, 3, 5, ...: torchtitan's layer-level selective AC
-  with ac_freq=2), about half the saving for half the extra compute;
-- `none`: keep every activation (the default).
-Measured on the CPU (tests/test_memory.py: 6 layers, d_model 64, 2 x 256 tokens), the peak tensor
-memory of forward + backward is 19.1 MiB with none, 13.7 with selective, 5.9 with full.
+Activation checkpointing (`train.activation_checkpointing`: `none`, `selective` = every other block,
+`full` = every block) keeps only a checkpointed block's input and recomputes its activations in the
+backward. The Trainer applies it before torch.compile and DDP / FSDP (torchtitan's order); only the
+blocks' `forward` changes, so checkpoints are the same with and without it.
+`peak_memory_bytes` / `reset_peak_memory` give metrics.jsonl's `peak_mem_mib`: on CUDA the caching
+allocator's peak, elsewhere the process's peak resident set size.
 
-The Trainer applies it to the bare model before torch.compile and DDP / FSDP wrap it (torchtitan's
-order: AC, compile, data parallel). The blocks stay where they are: only their `forward` changes,
-so parameter names, state_dict keys and checkpoints are the same with and without it.
-
-`peak_memory_bytes` / `reset_peak_memory` give the `peak_mem_mib` column of metrics.jsonl (see
-`TrainLog`): on CUDA the most tensor memory this process had allocated on its GPU since the last
-reset (read from the caching allocator's counters: no device sync); elsewhere (CPU, mps) the
-process's peak resident set size, which counts everything in the process and never goes down (on
-mps it is the closest there is: torch keeps no peak of Metal allocations).
+Design notes (what each mode saves, measured): docs/design.md#trainmemorypy
 """
 
 from __future__ import annotations

@@ -1,19 +1,13 @@
 """AdamW with sensible parameter groups, and the learning-rate schedule as a pure function.
 
-- `build_optimizer(model, cfg)`: AdamW where weight decay applies only to matrices that are not
-  embeddings. Norm gains, biases, the sink vector (all 1-D) and embedding tables are not decayed:
-  decaying a gain pulls it towards 0 (not towards its init of 1), and decaying an embedding
-  shrinks the rows of rare tokens, which get few gradient updates to push back (nanoGPT, OLMo).
-  With tied embeddings the LM head *is* the embedding table, so it is not decayed either.
-- `name: muon`: Muon (momentum, then the update orthogonalised by Newton-Schulz iterations;
-  Keller Jordan's modded-nanogpt, Moonshot's "Muon is Scalable") for the hidden matrices, AdamW for
-  embeddings, the LM head and 1-D parameters, as modded-nanogpt and nanochat do. Muon's step is
-  rescaled to AdamW's update RMS (Moonshot's 0.2 * sqrt(max(rows, cols))), so one `lr` and one
-  schedule drive both. Our `Muon` is torch.optim.Muon's update (tested equal) with one change: the
-  iterations run in bfloat16 only on CUDA. On a CPU without bf16 matmul units (most laptops)
-  torch's always-bf16 iterations cost 2.5x a whole training step of a 1M-parameter model.
-- `lr_at(step, cfg, num_steps)`: linear warmup, then cosine / WSD / constant down to a floor.
-  Pure, so it can be unit-tested and plotted (nanoGPT's `get_lr`).
+- `build_optimizer(model, cfg)`: AdamW that decays only matrices that are not embeddings (nanoGPT,
+  OLMo). With `name: muon`, Muon (modded-nanogpt, Moonshot's "Muon is Scalable") takes the hidden
+  matrices and AdamW the rest; Muon's step is rescaled to AdamW's update RMS, so one `lr` and one
+  schedule drive both.
+- `lr_at(step, cfg, num_steps)`: linear warmup, then cosine / WSD / constant down to a floor. Pure,
+  so it can be unit-tested and plotted (nanoGPT's `get_lr`).
+
+Design notes: docs/design.md#trainoptimpy
 """
 
 from __future__ import annotations

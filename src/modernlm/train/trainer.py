@@ -1,39 +1,16 @@
 """The one training loop, reused by every stage (pretrain, SFT, DPO, verifier, LoRA finetuning).
 
-A stage supplies a model, batches and a `loss_fn`; the `Trainer` does the rest: gradient
-accumulation, AMP, the LR schedule, clipping, the non-finite guard, activation checkpointing, DDP
-or FSDP, validation, samples, metrics, checkpoints and exact resume. Split like torchtitan's Trainer:
-`train` (the loop: it asks its components whether to log, evaluate, save, stop) -> `train_step`
-(one optimizer step over an accumulation window) -> `forward_backward_step` (one micro-batch).
-The components (train/components.py) decide when they run: `TrainLog.should_log`,
-`Validator.should_eval`, `Checkpointer.should_save`, `TimeBudget`, `StopSignals`.
+A stage supplies a model, batches and a `loss_fn(model, batch) -> (loss_sum, n_tokens, metrics)`:
+the SUM of the micro-batch's per-token losses (a scalar tensor with grad), how many target tokens it
+covers (padding excluded), and extra scalars to log. The `Trainer` does the rest: accumulation, AMP,
+the LR schedule, clipping, the non-finite guard, activation checkpointing, DDP or FSDP, validation,
+samples, metrics, checkpoints and exact resume. Split like torchtitan's Trainer: `train` (the loop)
+-> `train_step` (one optimizer step) -> `forward_backward_step` (one micro-batch). The gradient is
+exactly that of (sum of all token losses) / N over the accumulation window and all ranks, however
+padding spreads the tokens.
 
-The loss_fn contract: `loss_fn(model, batch) -> (loss_sum, n_tokens, metrics)`.
-- `loss_sum`: the SUM of per-token losses of the micro-batch (a scalar tensor with grad).
-- `n_tokens`: how many target tokens it covers (int or integer tensor; padding excluded).
-- `metrics`: extra scalars to log (tensors are fine; they are read only at log steps), averaged
-  over the micro-batches of a step; validation logs them as token-weighted means val_<name>.
-What a step processed, for the throughput, comes from the stage's `batch_counts(batch) ->
-(input_tokens, examples)`, called on each CPU micro-batch (host integers: no device sync):
-`input_tokens` = every token fed to the model, padding excluded; `examples` = the examples in it
-where a step is a batch of examples (SFT conversations, DPO pairs, verifier solutions, finetuning
-examples), None where it is not (pretraining windows). Without batch_counts, input tokens are the
-target tokens. The trainer sums them over the micro-batches and all ranks; metrics.jsonl has
-`tok_per_s` (input tokens per second) and `examples_per_s` over the steps since the previous
-line, `mfu` on input tokens, and the running totals `tokens` (target tokens), `input_tokens` and
-`examples`.
-How the loss is normalised over the whole accumulation window: each micro-batch backpropagates
-loss_sum / ref, with ref a fixed per-step reference (tokens of the first micro-batch times the
-accumulation steps, agreed across ranks). After the window, when the true token count N of the
-window over all ranks is known, the gradients are multiplied by ref / N. Gradients are linear in
-the loss, so the result is exactly the gradient of (sum of all token losses) / N, however padding
-spreads the tokens over micro-batches and ranks; with equal counts the factor is exactly 1.
-(Backpropagating raw sums would also be exact but can overflow fp16 activations.)
-
-Other hooks a stage passes in, none of them probed for: `save_model_fn` / `load_model_fn` (the
-model files of a checkpoint; default: modernlm models), `sample_fn(model, step) -> str | None`
-(a Markdown section for samples.md every train.sample_every steps; default: none), the training
-batches' `state_dict` / `load_state_dict` (their position in a checkpoint: exact resume).
+Design notes (throughput counts from `batch_counts`, the loss normalisation, the other hooks):
+docs/design.md#traintrainerpy
 """
 
 from __future__ import annotations
