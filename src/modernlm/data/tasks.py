@@ -312,7 +312,7 @@ def hh_prompt_text(turns: list[dict[str, str]]) -> str:
 def split_hh_pair(chosen: str, rejected: str) -> dict[str, Any]:
     """{"prompt": shared turns ending with a human turn, "chosen": reply, "rejected": reply, "prompt_text"}.
 
-    Raises HHPairError when the pair does not split cleanly (see the module docstring).
+    Raises HHPairError when the pair does not split cleanly (docs/design.md#datataskspy).
     """
     c, r = parse_hh_transcript(chosen), parse_hh_transcript(rejected)
     n = 0

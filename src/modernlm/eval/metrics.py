@@ -109,7 +109,7 @@ def per_class_f1(
 def macro_f1(
     predictions: Sequence[Hashable], references: Sequence[Hashable], labels: Sequence[Hashable] | None = None
 ) -> float:
-    """Unweighted mean of the per-class F1 (see the module docstring for absent classes)."""
+    """Unweighted mean of the per-class F1 (absent classes: docs/design.md#evalmetricspy)."""
     f1 = per_class_f1(predictions, references, labels)
     if not f1:
         raise ValueError("macro_f1 needs at least one label")
@@ -123,7 +123,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"')\]])\s+")
 
 
 def split_sentences(text: str) -> str:
-    """`text` with one sentence per line: what ROUGE-Lsum needs (see the module docstring)."""
+    """`text` with one sentence per line: what ROUGE-Lsum needs (docs/design.md#evalmetricspy)."""
     sentences = []
     for line in text.splitlines():
         sentences.extend(s.strip() for s in _SENTENCE_END.split(line))
@@ -158,7 +158,7 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
 
 # ----------------------------------------------------------------------------- GSM8K
 
-# See the module docstring for what counts as a number. The lookbehinds keep a number from starting
+# What counts as a number: docs/design.md#evalmetricspy. The lookbehinds keep a number from starting
 # inside a word/id ("Q3") or another number ("1.2.3"), and a sign from following a letter, digit or
 # ")" (there it is an operator: "16-3"). The lookahead stops "1,2345" from reading as "1,234" + "5"
 # (it reads as "1" and, after the comma, "2345").

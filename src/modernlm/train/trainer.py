@@ -134,7 +134,7 @@ class Trainer:
         tokenizer: saved with every checkpoint (through save_model_fn).
         flops_per_token: training FLOPs per input token, for MFU (0 = no MFU).
         batch_counts: `(batch) -> (input_tokens, examples | None)` of a CPU micro-batch, for the
-            throughput (see the module docstring); default: input tokens = target tokens.
+            throughput (docs/design.md#traintrainerpy); default: input tokens = target tokens.
         save_model_fn: `(model, dir, tokenizer)` writes a checkpoint's model files (default:
             checkpoint.save_model, for modernlm models); e.g. an adapter saver for HF LoRA.
         load_model_fn: `(model, dir)` loads them back on resume (default: a modernlm model's
