@@ -17,19 +17,24 @@ then no second model is kept during training.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from modernlm.align.sft import check_val_fraction, frozen_copy
 from modernlm.chat import IGNORE_INDEX, ChatEncoder, Message, check_messages
+from modernlm.data import tasks
 from modernlm.data.tasks import TaskBatches
 from modernlm.errors import UserError
-from modernlm.runtime import eval_mode
+from modernlm.files import atomic_write_json
+from modernlm.runtime import Runtime, eval_mode
 from modernlm.train.losses import dpo_loss, sequence_logps
 
 PREFERENCE_FORMATS = ("pairs", "hh_rlhf")
@@ -55,6 +60,29 @@ class PreferenceDataConfig:
             raise ValueError(f"max_length must be positive, got {self.max_length}")
 
 
+@dataclass
+class DPOSettings:
+    beta: float = 0.1  # strength of the KL pull to the reference (DPO's beta)
+    label_smoothing: float = 0.0  # assumed share of flipped labels (cDPO); 0 = plain DPO
+    precompute_ref: bool = True  # score all pairs with the reference once, then drop it
+    sft_weight: float = 0.0  # + this times the chosen replies' NLL (TRL's loss_type [sigmoid, sft]; RPO)
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"beta must be positive, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.sft_weight < 0:
+            raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
+
+
+@dataclass
+class DPOEvalSettings:
+    val_path: str = ""  # held-out pairs in data.format ("" = hold out val_fraction of the training pairs)
+    val_fraction: float = 0.05  # share of pairs held out when there is no val_path
+    max_examples: int = 500  # held-out pairs scored (0 = all)
+
+
 def _reply(row: dict[str, Any], name: str, where: str) -> str:
     value = row.get(name)
     if isinstance(value, list):  # conversational: the reply as a one-message list
@@ -69,8 +97,6 @@ def _reply(row: dict[str, Any], name: str, where: str) -> str:
 
 def read_pairs(cfg: PreferenceDataConfig, skipped: Counter | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, {"prompt": messages, "chosen": str, "rejected": str}) per usable pair."""
-    from modernlm.data import tasks
-
     rows = tasks.source_rows(cfg.path, cfg.hf_dataset, cfg.hf_config, cfg.split, cfg.hf_data_dir)
     system = [{"role": "system", "content": cfg.system}] if cfg.system else []
     if cfg.format == "hh_rlhf":
@@ -136,6 +162,21 @@ def load_pairs(
     return items, skipped
 
 
+def load_pair_splits(
+    data: PreferenceDataConfig, ev: DPOEvalSettings, encoder: ChatEncoder, seed: int = 0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Counter]:
+    """(training pairs, held-out pairs, {reason: pairs skipped}). Held out are ev.val_path's pairs
+    (unshuffled), else the first ev.val_fraction of the shuffled training pairs; at most ev.max_examples."""
+    items, skipped = load_pairs(data, encoder, seed=seed)
+    if ev.val_path:
+        val_cfg = replace(data, path=ev.val_path, hf_dataset="", shuffle=False)
+        val_items, _ = load_pairs(val_cfg, encoder, max_examples=ev.max_examples)
+        return items, val_items, skipped
+    check_val_fraction(ev.val_fraction)
+    n_val = round(len(items) * ev.val_fraction)
+    return items[n_val:], items[:n_val][: ev.max_examples or None], skipped
+
+
 def collate_pairs(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
     """input_ids / labels (2B, T): the B chosen rows, then the B rejected rows, right-padded, and
     lengths (2B,): each row's tokens before the padding. With precomputed reference log-probs, also
@@ -192,6 +233,19 @@ def reference_logps(
             chosen, rejected = logps.chunk(2)
             for it, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
                 it["ref_chosen"], it["ref_rejected"] = c, r
+
+
+def set_up_reference(
+    model: nn.Module, items: list[dict[str, Any]], precompute: bool, batch_size: int, pad_id: int,
+    device: torch.device, autocast,
+) -> nn.Module | None:  # fmt: skip
+    """The frozen reference is the model as it is now, before any update. With `precompute` every
+    pair is scored by it once, now (`reference_logps`), and no second model is kept (None); else
+    a frozen copy of the model, to run on every batch."""
+    if precompute:
+        reference_logps(model, items, batch_size, pad_id, device, autocast)
+        return None
+    return frozen_copy(model)
 
 
 def dpo_loss_fn(
@@ -268,16 +322,68 @@ def evaluate_pairs(
     return out
 
 
+class HeldOutPairs:
+    """The held-out pairs' metrics before training (saved to `before_file`, kept across resumes) and
+    after (with the reference's rewards); rank 0 scores, the other ranks report nothing."""
+
+    def __init__(
+        self, model: nn.Module, ref_model: nn.Module | None, items: list[dict[str, Any]], batch_size: int,
+        pad_id: int, beta: float, runtime: Runtime, before_file: Path,
+    ):  # fmt: skip
+        self.model, self.ref_model, self.items, self.batch_size = model, ref_model, items, batch_size
+        self.pad_id, self.beta, self.runtime, self.before_file = pad_id, beta, runtime, before_file
+        self.report: dict[str, Any] = {}
+
+    def _score(self) -> dict[str, float]:
+        batches = pair_batches(self.items, self.batch_size, self.pad_id)
+        return evaluate_pairs(self.model, batches, self.beta, self.runtime.device, self.runtime.autocast)
+
+    def before(self, step: int) -> None:
+        """Score the pairs at step 0 (and print the accuracy); on a resumed run, read those scores."""
+        if not self.runtime.is_main:
+            return
+        if self.items and step == 0:
+            self.report["before"] = self._score()
+            atomic_write_json(self.before_file, self.report["before"])
+            self.runtime.print0(f"before: held-out pair accuracy {self.report['before']['pair_accuracy']:.3f}")
+        elif self.before_file.is_file():
+            self.report["before"] = json.loads(self.before_file.read_text())
+
+    def after(self) -> dict[str, Any]:
+        """The report: {"before", "after"} on rank 0 (with held-out pairs), {} elsewhere."""
+        if self.runtime.is_main and self.items:
+            if self.ref_model is not None:  # live reference: score the held-out pairs with it for rewards
+                rt = self.runtime
+                reference_logps(self.ref_model, self.items, 2 * self.batch_size, self.pad_id, rt.device, rt.autocast)
+            self.report["after"] = self._score()
+        return self.report
+
+    def text(self) -> str:
+        """The done line's part: held-out accuracies before -> after, reward accuracy and margin."""
+        if "after" not in self.report:
+            return ""
+        a, b = self.report["after"], self.report.get("before", {}).get("pair_accuracy")
+        return (
+            f"; held-out pair accuracy {'' if b is None else f'{b:.3f} -> '}{a['pair_accuracy']:.3f}, "
+            f"reward accuracy {a['rewards/accuracies']:.3f}, margin {a['rewards/margins']:.3f}"
+        )
+
+
 __all__ = [
+    "DPOEvalSettings",
+    "DPOSettings",
+    "HeldOutPairs",
     "PreferenceBatches",
     "PreferenceDataConfig",
     "collate_pairs",
     "dpo_loss_fn",
     "encode_pair",
     "evaluate_pairs",
+    "load_pair_splits",
     "load_pairs",
     "pair_batch_counts",
     "pair_batches",
     "read_pairs",
     "reference_logps",
+    "set_up_reference",
 ]

@@ -1,36 +1,40 @@
 """GRPO: reinforcement learning with verifiable rewards on GSM8K-format word problems.
 
-One rollout: `prompts_per_rollout` problems (this rank's share, in a seeded order that a checkpoint
-keeps), `group_size` completions of each sampled by the KV-cache decoder (`TextGeneration`: one
-seeded generator per completion, so a completion is the same token for token whatever batch it is
+One rollout: `prompts_per_rollout` problems (this rank's share, in a seeded order), `group_size`
+completions of each (one seeded generator per completion: the same tokens whatever batch it is
 sampled in), each rewarded by the answer checker: 1 when the reply's strict final "#### N" equals
-the gold number, plus `format_reward` when a finished reply has that form at all. Advantages are
-the rewards normalised within their group (`losses.group_advantages`: mean, and the std unless
-scale_rewards=none as in Dr. GRPO). The rollout is cut into micro-batches that the one trainer
-(`train.trainer.Trainer`) steps through `num_iterations` times; the loss is the clipped token-level
-surrogate with an optional k3 KL penalty to the start model (`losses.grpo_loss`, TRL's loss_type
-normalisations). When a rollout spans more than one optimizer step, the sampling policy's
-log-probabilities are kept with it (`old_logps`), so later steps use the importance ratio against
-the policy that sampled, as TRL's `num_iterations` / `steps_per_generation` do.
-
-`Rollouts` is the trainer's batch iterator: its state (prompt order position, rollouts drawn, the
-current rollout's micro-batches and how many were used) goes into every checkpoint, so a run killed
-mid-rollout resumes with the same samples and the same losses.
+the gold number, plus `format_reward` for a finished reply of that form. Advantages are the rewards
+normalised within their group (`losses.group_advantages`). The trainer steps through the rollout's
+micro-batches `num_iterations` times on the clipped token-level surrogate with an optional k3 KL to
+the start model (`losses.grpo_loss`, TRL's loss types); when a rollout outlives one optimizer step,
+the sampling policy's log-probs (`old_logps`) give the importance ratio, as in TRL. `Rollouts`'
+state (prompt order, rollouts drawn, the current rollout's micro-batches and how many were used)
+goes into every checkpoint: a run killed mid-rollout resumes with the same samples and losses.
 
 Shapes: B sequences of a micro-batch, T their padded length (prompt + completion), V vocabulary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from modernlm.align.verifier import chat_prompt, label_solution, read_problems
+from modernlm.chat import ChatEncoder
+from modernlm.data.tasks import TaskBatches
 from modernlm.errors import UserError
+from modernlm.eval.metrics import extract_strict
+from modernlm.generation import Sampling, TextGeneration
+from modernlm.runtime import eval_mode
+from modernlm.train.losses import group_advantages, grpo_loss, token_logps_and_entropy
+from modernlm.train.tracking import read_metrics
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 
@@ -69,14 +73,53 @@ class GRPOSettings:
 
 
 # ---------------------------------------------------------------------------------------------
+# Problems
+
+
+@dataclass
+class ProblemSource:
+    path: str = ""  # GSM8K JSONL: {"question", "answer": "... #### N"}
+    hf_dataset: str = ""  # or a hub dataset with GSM8K's fields, e.g. openai/gsm8k
+    hf_config: str = ""  # its config ("" = main for openai/gsm8k)
+    split: str = "train"
+    skip: int = 0  # leave out the first N problems (e.g. held out from the same split for eval)
+    max_problems: int = 0  # then the first N problems (0 = all)
+
+    def given(self) -> bool:
+        return bool(self.path or self.hf_dataset)
+
+
+def prompt_room(model: nn.Module, max_new_tokens: int) -> int:
+    """The tokens a prompt may take in the model's context beside a max_new_tokens completion."""
+    room = model.config.max_seq_len - max_new_tokens
+    if room < 8:
+        raise UserError(f"grpo.max_new_tokens ({max_new_tokens}) leaves no room for a prompt in the "
+                        f"model's context ({model.config.max_seq_len})")  # fmt: skip
+    return room
+
+
+def load_problems(src: ProblemSource, encoder: ChatEncoder, max_prompt: int) -> list[dict[str, Any]]:
+    """[{"prompt": chat prompt ids, "target", "question"}] of a source; prompts longer than
+    max_prompt tokens are a UserError naming the problem (a rollout needs room to answer)."""
+    out = []
+    limit = src.skip + src.max_problems if src.max_problems else 0
+    for p in read_problems(src.path, limit, hf_dataset=src.hf_dataset, hf_config=src.hf_config,
+                           split=src.split)[src.skip :]:  # fmt: skip
+        prompt = chat_prompt(encoder, p["question"])
+        if len(prompt) > max_prompt:
+            raise UserError(f"{p['source']}: the question takes {len(prompt)} tokens, over the {max_prompt} the "
+                            "model's context leaves beside grpo.max_new_tokens; lower grpo.max_new_tokens")  # fmt: skip
+        out.append({"prompt": prompt, "target": p["target"], "question": p["question"]})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Rewards
 
 
 def answer_reward(reply: str, target: str, finished: bool, format_reward: float = 0.0) -> tuple[float, bool]:
     """(reward, correct): correct when the reply's last "#### N" is the gold number (strict: a
     number elsewhere in the text does not count); format_reward more for a finished reply with one."""
-    from modernlm.eval.metrics import extract_strict
-
     answer = extract_strict(reply)
     correct = answer is not None and answer == target
     return float(correct) + (format_reward if answer is not None and finished else 0.0), correct
@@ -93,8 +136,6 @@ def sample_completions(
     eos_id: int,
 ) -> list[tuple[list[int], str, bool]]:  # fmt: skip
     """One completion per prompt, each with its own seed: [(ids incl. the eos if it ended, text, finished)]."""
-    from modernlm.generation import Sampling, TextGeneration
-
     sampling = Sampling(s.max_new_tokens, temperature=s.temperature, top_k=s.top_k or None, eos_token_id=eos_id,
                         seed=list(seeds))  # fmt: skip
     out = []
@@ -153,8 +194,6 @@ class Rollouts:
         ref_model: nn.Module | None = None,
         autocast: Callable[[], Any] | None = None,
     ):
-        from modernlm.data.tasks import TaskBatches
-
         n = s.prompts_per_rollout * s.group_size
         if n % batch_size:
             raise UserError(
@@ -186,11 +225,6 @@ class Rollouts:
     @torch.no_grad()
     def draw(self) -> list[dict[str, Any]]:
         """Sample, reward and score the next rollout; returns its micro-batches."""
-        import contextlib
-
-        from modernlm.runtime import eval_mode
-        from modernlm.train.losses import group_advantages
-
         s, G = self.s, self.s.group_size
         picked = self.order.next_indices()
         prompts = [self.problems[i]["prompt"] for i in picked for _ in range(G)]
@@ -249,8 +283,6 @@ class Rollouts:
 def completion_logps(model: nn.Module, input_ids: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """Per-token log-probs (B, T-1) of input t+1 given inputs <= t, and the entropy, from logits /
     temperature (the distribution the rollouts sampled, as TRL scores them)."""
-    from modernlm.train.losses import token_logps_and_entropy
-
     logits = model(input_ids[:, :-1]).logits  # (B, T-1, V)
     if temperature != 1.0:
         logits = logits / temperature
@@ -259,8 +291,6 @@ def completion_logps(model: nn.Module, input_ids: Tensor, temperature: float = 1
 
 def grpo_loss_fn(s: GRPOSettings) -> Callable[[nn.Module, dict[str, Any]], tuple[Tensor, Any, dict[str, Any]]]:
     """The trainer's loss_fn over a rollout micro-batch (see `Rollouts`)."""
-    from modernlm.train.losses import grpo_loss
-
     eps_high = s.epsilon if s.epsilon_high is None else s.epsilon_high
 
     def loss_fn(model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Any, dict[str, Any]]:
@@ -289,8 +319,6 @@ def greedy_accuracy_fn(
     """The trainer's eval loss_fn on held-out problems {"prompts", "targets"}: greedy answers, right
     when the last number is the gold one (as the pipeline's answer_accuracy); val_loss = the error
     rate, so checkpoints/best is the most accurate model on these problems."""
-    from modernlm.align.verifier import label_solution
-    from modernlm.generation import Sampling, TextGeneration
 
     def eval_fn(_: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, int, dict[str, Any]]:
         sampling = Sampling(max_new_tokens, eos_token_id=eos_id)
@@ -311,15 +339,29 @@ def problem_batches(problems: Sequence[dict[str, Any]], batch_size: int) -> list
             for i in range(0, len(problems), batch_size)]  # fmt: skip
 
 
+def held_out_accuracy(run_dir: Path) -> dict[str, float]:
+    """The greedy held-out accuracy of a run's evaluations (metrics.jsonl's val_accuracy): the first
+    ("before", at step 0 unless resumed past it), the last ("after") and the best; {} without any."""
+    records = [r for r in read_metrics(run_dir) if "val_accuracy" in r]
+    if not records:
+        return {}
+    return {"before": records[0]["val_accuracy"], "after": records[-1]["val_accuracy"],
+            "best": max(r["val_accuracy"] for r in records)}  # fmt: skip
+
+
 __all__ = [
     "GRPOSettings",
+    "ProblemSource",
     "Rollouts",
     "answer_reward",
     "collate_rollout",
     "completion_logps",
     "greedy_accuracy_fn",
     "grpo_loss_fn",
+    "held_out_accuracy",
+    "load_problems",
     "problem_batches",
+    "prompt_room",
     "rollout_batch_counts",
     "rollout_seed",
     "sample_completions",

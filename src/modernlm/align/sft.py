@@ -14,8 +14,10 @@ example (`segment_ids`, see ModernDecoderLM.forward).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,8 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from modernlm.chat import CHATML_TEMPLATE, IGNORE_INDEX, IM_END, IM_START, ChatEncoder, Message, check_messages
+from modernlm.data import tasks
 from modernlm.data.tasks import TaskBatches
 from modernlm.errors import UserError
+from modernlm.files import atomic_write
+from modernlm.generation import Sampling, TextGeneration
+from modernlm.train.losses import next_token_loss
 
 # ---------------------------------------------------------------------------------------------
 # Chat tokens in tokenizer and model
@@ -118,8 +124,6 @@ def alpaca_messages(record: dict[str, str]) -> list[Message]:
 
 def read_sft_records(cfg: SFTDataConfig) -> Iterator[tuple[str, list[Message]]]:
     """(where, messages) for every record of the configured source; bad records name file and line."""
-    from modernlm.data import tasks
-
     rows = tasks.source_rows(cfg.path, cfg.hf_dataset, cfg.hf_config, cfg.split, cfg.hf_data_dir)
     system = [{"role": "system", "content": cfg.system}] if cfg.system else []
     if cfg.format == "alpaca":
@@ -157,6 +161,49 @@ def load_sft_examples(cfg: SFTDataConfig, encoder: ChatEncoder, seed: int = 0) -
     if not out:
         raise UserError(f"data: no SFT examples with an assistant reply within max_length={cfg.max_length}")
     return out
+
+
+@dataclass
+class SFTEvalSettings:
+    val_path: str = ""  # held-out file in data.format ("" = hold out val_fraction of the training records)
+    val_fraction: float = 0.05  # share of records held out when there is no val_path
+    max_examples: int = 200  # validation examples scored for val_loss (0 = all)
+    generate: int = 16  # held-out prompts answered greedily at the end (eos_rate, samples.md); 0 = none
+    max_new_tokens: int = 128  # reply budget for those answers
+
+
+def check_val_fraction(fraction: float) -> None:
+    """eval.val_fraction (SFT's and DPO's): the share held out must leave records to train on."""
+    if not 0.0 <= fraction < 1.0:
+        raise UserError(f"eval.val_fraction: must be in [0, 1), got {fraction}")
+
+
+def load_sft_splits(
+    data: SFTDataConfig, ev: SFTEvalSettings, encoder: ChatEncoder, seed: int = 0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[list[Message]]]:
+    """(training examples, validation examples, the held-out conversations to answer at the end).
+
+    Validation is ev.val_path (in data's format, unshuffled), else the first ev.val_fraction of the
+    shuffled training examples; at most ev.max_examples of it, and ev.generate conversations."""
+    val_data = replace(data, path=ev.val_path, hf_dataset="", max_examples=0) if ev.val_path else None
+    if val_data is None:
+        check_val_fraction(ev.val_fraction)  # before reading any data
+    examples = load_sft_examples(data, encoder, seed=seed)
+    if val_data is not None:
+        val_examples = load_sft_examples(replace(val_data, shuffle=False), encoder)
+    else:
+        n_val = round(len(examples) * ev.val_fraction)
+        val_examples, examples = examples[:n_val], examples[n_val:]
+    if ev.max_examples:
+        val_examples = val_examples[: ev.max_examples]
+    held_out = {ex["source"] for ex in val_examples}
+    conversations = [m for where, m in read_sft_records(val_data or data) if where in held_out]
+    return examples, val_examples, conversations[: ev.generate]
+
+
+def reply_tokens(examples: Sequence[dict[str, Any]]) -> int:
+    """How many tokens the loss covers (the replies and their <|im_end|>)."""
+    return sum(sum(t != IGNORE_INDEX for t in ex["labels"]) for ex in examples)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,8 +291,6 @@ def eval_sft_batches(examples: Sequence[dict[str, Any]], batch_size: int, pad_id
 
 def sft_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """loss_fn for the trainer: next-token loss on the labelled (assistant) tokens only."""
-    from modernlm.train.losses import next_token_loss
-
     out = model(batch["input_ids"], segment_ids=batch.get("segment_ids"))
     loss_sum, n = next_token_loss(out.logits[:, :-1], batch["labels"][:, 1:])
     if out.aux_loss is not None:
@@ -264,7 +309,7 @@ def sft_batch_counts(batch: dict[str, Tensor]) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading a chat model and generating replies
+# Loading a chat model, its frozen reference, and generating replies
 
 
 def chat_ready(lm: Any, what: str = "init_from") -> tuple[nn.Module, Any, Any]:
@@ -274,6 +319,26 @@ def chat_ready(lm: Any, what: str = "init_from") -> tuple[nn.Module, Any, Any]:
         raise UserError(f"{what}: {lm.checkpoint or lm.source} has no tokenizer; name one with tokenizer=DIR")
     prepare_chat_model(lm.model, lm.tokenizer)
     return lm.model.train(), lm.tokenizer, lm.checkpoint or lm.source
+
+
+def chat_pad_id(encoder: ChatEncoder) -> int:
+    """The pad id of chat batches: the tokenizer's, else <|im_end|> (padding follows a reply's end)."""
+    pad = encoder.tokenizer.pad_id
+    return pad if pad is not None else encoder.end_id
+
+
+def check_max_length(max_length: int, model: nn.Module, checkpoint: Any) -> None:
+    """data.max_length must fit the model's context."""
+    if max_length > model.config.max_seq_len:
+        raise UserError(
+            f"data.max_length ({max_length}) is longer than the model's context "
+            f"({model.config.max_seq_len}, {checkpoint})"
+        )
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """The model as it is now, in eval mode and without gradients: a reference (DPO, GRPO's KL)."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 def generate_replies(
@@ -293,10 +358,6 @@ def generate_replies(
     <|im_end|> (the chat EOS) within max_new_tokens. Batches are left-padded; the text keeps any
     special token the model wrote.
     """
-    from dataclasses import replace
-
-    from modernlm.generation import Sampling, TextGeneration
-
     tok = encoder.tokenizer
     stops = [encoder.end_id] + ([tok.eos_id] if tok.eos_id not in (None, encoder.end_id) else [])
     if not isinstance(sampling, Sampling):
@@ -313,18 +374,53 @@ def generate_replies(
     return out
 
 
+def reply_report(
+    model: nn.Module, encoder: ChatEncoder, conversations: list[list[Message]], max_new_tokens: int, samples: Path,
+    step: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Greedy replies to the held-out conversations (each cut before its last assistant turn):
+    eos_rate and n_generated for eval.json; the replies are appended to `samples` (samples.md).
+    {} without conversations."""
+    if not conversations:
+        return {}
+    prompts = [c[: max(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in conversations]
+    replies = generate_replies(model, encoder, prompts, max_new_tokens)
+    append_reply_samples(samples, step, prompts, replies)
+    return {"eos_rate": sum(r["stopped"] for r in replies) / len(replies), "n_generated": len(replies)}
+
+
+def append_reply_samples(path: Path, step: int, prompts: list[list[Message]], replies: list[dict[str, Any]]) -> None:
+    """Append the prompts' last user turns and the model's replies to samples.md (rewritten atomically)."""
+    lines = [f"## step {step}: replies to held-out prompts (greedy)\n"]
+    for conv, reply in zip(prompts, replies, strict=True):
+        user = next((m["content"] for m in reversed(conv) if m["role"] == "user"), "")
+        end = "" if reply["stopped"] else " *(no <|im_end|> within the budget)*"
+        lines.append(f"**user:** {user}\n\n**assistant:** {reply['text']}{end}\n")
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    atomic_write(path, old + "\n".join(lines) + "\n")
+
+
 __all__ = [
     "SFTBatches",
     "SFTDataConfig",
+    "SFTEvalSettings",
     "alpaca_messages",
+    "append_reply_samples",
+    "chat_pad_id",
     "chat_ready",
+    "check_max_length",
+    "check_val_fraction",
     "collate_sft",
     "eval_sft_batches",
+    "frozen_copy",
     "generate_replies",
     "load_sft_examples",
+    "load_sft_splits",
     "pack_examples",
     "prepare_chat_model",
     "read_sft_records",
+    "reply_report",
+    "reply_tokens",
     "resize_vocab",
     "sft_batch_counts",
     "sft_loss",
