@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from modernlm.cli import main
-from modernlm.commands.experiment_sinks import Config, arms, check
+from modernlm.commands.experiment_sinks import Config, check
 from modernlm.config import load_config
 from modernlm.errors import UserError
+from modernlm.eval.sinks import arms
 from modernlm.model import ModernDecoderLM
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs" / "experiment"

@@ -12,9 +12,9 @@ from modernlm.errors import UserError
 from modernlm.eval.compare import (
     checkpoint_dirs,
     checkpoint_name,
-    checkpoint_step,
     markdown_table,
     md_escape,
+    saved_step,
 )
 from modernlm.generation import generate_text
 from modernlm.model import ModernDecoderLM
@@ -54,12 +54,12 @@ def test_run_dir_expands_to_its_checkpoints_in_step_order(tmp_path, tokenizer):
     (run / "checkpoints" / "step_0000050").mkdir()  # no config.json: not a checkpoint
     dirs = checkpoint_dirs(run)
     assert [d.name for d in dirs] == ["step_0000002", "step_0000010", "step_0000100", "best"]
-    assert [checkpoint_step(d) for d in dirs] == [2, 10, 100, 10]
+    assert [saved_step(d) for d in dirs] == [2, 10, 100, 10]
     assert checkpoint_name(dirs[0]) == "run/step_0000002"
     # a checkpoint directory (or anything else) stands for itself
     assert checkpoint_dirs(dirs[1]) == [dirs[1]]
     assert checkpoint_dirs(tmp_path / "missing") == [tmp_path / "missing"]
-    assert checkpoint_step(tmp_path) is None and checkpoint_name(tmp_path) == str(tmp_path)
+    assert saved_step(tmp_path) is None and checkpoint_name(tmp_path) == str(tmp_path)
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(UserError, match="no checkpoints"):
         checkpoint_dirs(tmp_path / "empty")

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from modernlm.errors import UserError
@@ -66,7 +67,99 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def _stream(pieces: Iterator[str]) -> str | None:
+    """Print a reply as it comes; its text, or None when Ctrl-C stopped it."""
+    reply = []
+    try:
+        for piece in pieces:
+            print(piece, end="", flush=True)
+            reply.append(piece)
+    except KeyboardInterrupt:
+        print(flush=True)
+        _say("(interrupted)")
+        return None
+    print(flush=True)
+    return "".join(reply)
+
+
+@dataclass
+class Conversation:
+    """What the chat has so far, and what the slash commands change."""
+
+    lm: Any  # an api.LM with a tokenizer
+    system: str  # the system prompt ("" = none)
+    sampling: Any  # generation.Sampling
+    history: list[dict[str, str]] = field(default_factory=list)  # user and assistant turns, oldest first
+    told_overflow: bool = False  # said once that the oldest turns are being dropped
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False for /quit."""
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if name == "/quit":
+            return False
+        if name == "/reset":
+            self.history.clear()
+            _say("(conversation reset)")
+        elif name == "/system":
+            self.system, self.history = arg, []
+            _say(f"(system prompt {'set' if arg else 'cleared'}; conversation reset)")
+        elif name == "/temperature":
+            self.set_temperature(arg)
+        else:
+            _say(f"unknown command {name}; {HELP}")
+        return True
+
+    def set_temperature(self, arg: str) -> None:
+        from modernlm.generation import Sampling
+
+        try:
+            value = float(arg)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError
+            self.sampling = Sampling.make(self.sampling, temperature=value)
+        except (ValueError, UserError):
+            _say(f"/temperature takes a number >= 0, got {arg!r}")
+            return
+        _say(f"(temperature {value:g})")
+
+    def reply(self, line: str) -> None:
+        """Stream the reply to `line`. With a chat template the message and its reply join the
+        history (neither when Ctrl-C stops the reply); without one, `line` is continued as text."""
+        if not self.lm.has_chat_template:
+            _stream(self.lm.stream(line, self.sampling))
+            return
+        self.history.append({"role": "user", "content": line})
+        if not self.fit():
+            return
+        reply = _stream(self.lm.stream_chat(self.messages(), self.sampling))
+        if reply is None:
+            self.history.pop()  # the message without its reply
+        else:
+            self.history.append({"role": "assistant", "content": reply})
+
+    def messages(self) -> list[dict[str, str]]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+
+    def fit(self) -> bool:
+        """Drop the oldest turns (the system prompt stays) until the prompt and a reply fit the
+        model's context; False when the last message alone is too long (then it is dropped too)."""
+        lm, max_new_tokens = self.lm, self.sampling.max_new_tokens
+        room = lm.max_context - max_new_tokens if lm.max_context > max_new_tokens else lm.max_context - 1
+        dropped = False
+        while self.history and len(lm.chat_prompt_ids(self.messages())) > room:
+            del self.history[: 2 if len(self.history) > 1 else 1]  # a user message and its reply
+            dropped = True
+        if dropped and not self.told_overflow:
+            _say("(the conversation is longer than the model's context: dropping the oldest turns)")
+            self.told_overflow = True
+        if not self.history:
+            _say("(that message alone is longer than the model's context; try a shorter one)")
+        return bool(self.history)
+
+
 def main(cfg: Config) -> None:
+    from modernlm.api import load_fastest
     from modernlm.generation import Sampling
 
     if not cfg.model:
@@ -75,87 +168,18 @@ def main(cfg: Config) -> None:
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
         top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed,
     )  # fmt: skip
-    from modernlm.api import load_fastest
-
     lm = load_fastest(cfg.model, device=cfg.device, backend=cfg.backend, what="model")
     if lm.tokenizer is None:
         raise UserError(f"model: {cfg.model} has no tokenizer, so there is no text to chat with")
-    chat = lm.has_chat_template
     tty = sys.stdin.isatty()
     if tty:
         _say(f"chat with {lm.name} ({lm.kind}); {HELP}")
-    if not chat:
+    if not lm.has_chat_template:
         _say("no chat template: plain continuation of what you type")
-
-    system = cfg.system
-    history: list[dict[str, str]] = []  # user and assistant turns, oldest first
-    told_overflow = False
+    conversation = Conversation(lm, cfg.system, sampling)
     while (line := _read(tty)) is not None:
         if line.startswith("/"):
-            name, _, arg = line.partition(" ")
-            arg = arg.strip()
-            if name == "/quit":
+            if not conversation.command(line):
                 break
-            if name == "/reset":
-                history.clear()
-                _say("(conversation reset)")
-            elif name == "/system":
-                system, history = arg, []
-                _say(f"(system prompt {'set' if arg else 'cleared'}; conversation reset)")
-            elif name == "/temperature":
-                try:
-                    value = float(arg)
-                    if not math.isfinite(value) or value < 0:
-                        raise ValueError
-                    sampling = Sampling.make(sampling, temperature=value)
-                except (ValueError, UserError):
-                    _say(f"/temperature takes a number >= 0, got {arg!r}")
-                    continue
-                _say(f"(temperature {value:g})")
-            else:
-                _say(f"unknown command {name}; {HELP}")
-            continue
-        if not line.strip():
-            continue
-
-        if chat:
-            history.append({"role": "user", "content": line})
-            dropped = _fit(lm, system, history, sampling.max_new_tokens)
-            if dropped and not told_overflow:
-                _say("(the conversation is longer than the model's context: dropping the oldest turns)")
-                told_overflow = True
-            if not history:
-                _say("(that message alone is longer than the model's context; try a shorter one)")
-                continue
-            pieces = lm.stream_chat(_messages(system, history), sampling)
-        else:
-            pieces = lm.stream(line, sampling)
-        reply = []
-        try:
-            for piece in pieces:
-                print(piece, end="", flush=True)
-                reply.append(piece)
-        except KeyboardInterrupt:
-            print(flush=True)
-            _say("(interrupted)")
-            if chat:
-                history.pop()  # the message without its reply
-            continue
-        print(flush=True)
-        if chat:
-            history.append({"role": "assistant", "content": "".join(reply)})
-
-
-def _messages(system: str, history: list[dict[str, str]]) -> list[dict[str, str]]:
-    return ([{"role": "system", "content": system}] if system else []) + history
-
-
-def _fit(lm: Any, system: str, history: list[dict[str, str]], max_new_tokens: int) -> bool:
-    """Drop the oldest turns (the system prompt stays) until the prompt and a reply fit the
-    model's context; True when any was dropped. An empty history: the last message alone is too long."""
-    room = lm.max_context - max_new_tokens if lm.max_context > max_new_tokens else lm.max_context - 1
-    dropped = False
-    while history and len(lm.chat_prompt_ids(_messages(system, history))) > room:
-        del history[: 2 if len(history) > 1 else 1]  # a user message and its reply
-        dropped = True
-    return dropped
+        elif line.strip():
+            conversation.reply(line)

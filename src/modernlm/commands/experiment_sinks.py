@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from modernlm.data.corpus import CorpusConfig
 from modernlm.errors import UserError
-from modernlm.files import atomic_open, atomic_write
+from modernlm.eval.sinks import SinksEvalConfig
+from modernlm.files import atomic_write
 from modernlm.model import ModelConfig
 from modernlm.train.optim import OptimConfig
 from modernlm.train.trainer import TrainingConfig
@@ -55,63 +55,17 @@ class DataConfig:
 
 
 @dataclass
-class EvalConfig:
-    multiples: int = 4  # measure at 1x .. this many times the trained context C
-    window: int = 0  # W: recent tokens the rolling cache keeps; 0 = C - streamingllm_sinks - chunk
-    streamingllm_sinks: int = 4  # initial tokens the streamingllm arm keeps (StreamingLLM's 4)
-    chunk: int = 1  # tokens per forward while streaming (1 = token by token, the exact setting)
-    num_sequences: int = 32  # validation sequences of multiples * C tokens scored for perplexity
-    batch_size: int = 16  # sequences per forward
-    num_samples: int = 8  # generations per arm, each continuing the start of a validation sequence
-    prompt_tokens: int = 16  # tokens of that sequence given as the prompt
-    temperature: float = 1.0  # sampling of the generations (0 = greedy)
-    top_k: int = 50  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
-    seed: int = 0  # sampling seed, the same for every arm
-    ngram: int = 4  # n of the repetition rate
-    plot_points: int = 8  # perplexity points per context length in sinks.png
-
-
-@dataclass
 class Config:
     out: str = "runs/experiment-sinks"  # experiment directory: data/, sink/, nosink/, results
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)  # both models; attn_sink is set per model
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainingConfig = field(default_factory=TrainingConfig)  # both models; windows of max_seq_len
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: SinksEvalConfig = field(default_factory=SinksEvalConfig)
     seed: int = 1337  # training seed (initial weights, data order), the same for both models
     device: Literal["auto", "cpu", "cuda"] = "auto"  # training and measuring
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # training autocast; eval is fp32
     compile: bool = False  # torch.compile the training steps
-
-
-@dataclass(frozen=True)
-class Arm:
-    name: str
-    model: str  # "sink" or "nosink": which trained model
-    window: int  # 0 = dense attention, no rolling cache
-    sink_size: int  # first cache slots kept (a learned sink token is slot 0)
-    about: str
-
-
-def arms(window: int, streamingllm_sinks: int) -> list[Arm]:
-    return [
-        Arm("sink", "sink", window, 1, f"learned sink token + last {window} tokens"),
-        Arm("window", "nosink", window, 0, f"last {window} tokens only (pure sliding window)"),
-        Arm(
-            "streamingllm",
-            "nosink",
-            window,
-            streamingllm_sinks,
-            f"first {streamingllm_sinks} tokens + last {window} (StreamingLLM)",
-        ),
-        Arm("dense", "nosink", 0, 0, "all tokens, positions past the trained context"),
-    ]
-
-
-# ------------------------------------------------------------------------------------------------
-# Steps of the recipe
 
 
 def check(cfg: Config) -> int:
@@ -148,19 +102,12 @@ def prepare_data(cfg: Config, out: Path) -> Path:
             "data: set data.path (shards from `modernlm prepare`) or data.corpus.sources "
             "(see configs/experiment/sinks-cpu.yaml)"
         )
-    from modernlm.data.corpus import default_workers, iter_documents, prepare_tokens
+    from modernlm.commands.tokenizer_train import CorpusPrefix
+    from modernlm.data.corpus import default_workers, prepare_tokens
     from modernlm.tokenizer import train_bpe
 
-    def texts():  # the corpus, or its first data.tokenizer_bytes
-        seen = 0
-        for _, doc in iter_documents(cfg.data.corpus):
-            yield doc
-            seen += len(doc.encode("utf-8"))
-            if cfg.data.tokenizer_bytes and seen >= cfg.data.tokenizer_bytes:
-                return
-
     start = time.perf_counter()
-    tokenizer = train_bpe(texts(), cfg.data.vocab_size)
+    tokenizer = train_bpe(CorpusPrefix(cfg.data.corpus, cfg.data.tokenizer_bytes), cfg.data.vocab_size)
     prepare_tokens(
         cfg.data.corpus,
         tokenizer,
@@ -229,45 +176,13 @@ def _check_same_run(run_dir: Path, pcfg: Any) -> None:
         )
 
 
-def eval_sequences(data_path: Path, length: int, count: int):
-    """`count` (or as many as fit) consecutive, non-overlapping val sequences of `length` tokens."""
-    import torch
-
-    from modernlm.data.shards import TokenStream
-
-    stream = TokenStream(data_path, "val")
-    fit = len(stream) // length
-    if fit == 0:
-        raise UserError(
-            f"data: the val split has {len(stream)} tokens, fewer than one evaluation sequence of "
-            f"{length} (eval.multiples x model.max_seq_len); raise data.val_fraction"
-        )
-    if fit < count:
-        print(f"eval: the val split holds {fit} sequences of {length} tokens (asked for {count})")
-    n = min(fit, count)
-    return torch.from_numpy(stream.read(0, n * length)).view(n, length)
-
-
-def measure(cfg: Config, runs: dict[str, Path], data_path: Path, window: int) -> dict[str, Any]:
-    """Every arm's perplexity by position and generation statistics; the numbers of results.json."""
-    import torch
-
+def load_models(runs: dict[str, Path], device: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Each run's latest checkpoint on `device`, and what results.json says about it."""
     from modernlm.api import load
     from modernlm.checkpoint import latest_checkpoint
-    from modernlm.eval.sinks import mean_stats, position_buckets, segment_stats, streaming_nll
-    from modernlm.generation import generate
-    from modernlm.tokenizer import load_tokenizer
     from modernlm.train.tracking import SUMMARY_FILE, read_metrics
 
-    e, C = cfg.eval, cfg.model.max_seq_len
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
-    N = e.multiples * C
-    ids = eval_sequences(data_path, N, max(e.num_sequences, e.num_samples))
-    ppl_ids, prompts = ids[: e.num_sequences], ids[: e.num_samples, : e.prompt_tokens].to(device)
-    tokenizer = load_tokenizer(data_path) if (data_path / "tokenizer.json").is_file() else None
-
-    models, model_info = {}, {}
+    models, info = {}, {}
     for name, run_dir in runs.items():
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
@@ -275,157 +190,44 @@ def measure(cfg: Config, runs: dict[str, Path], data_path: Path, window: int) ->
         models[name] = load(ckpt, device=device).model
         evals = [r for r in read_metrics(run_dir) if "val_loss" in r]
         summary = run_dir / SUMMARY_FILE
-        model_info[name] = {
+        info[name] = {
             "run_dir": str(run_dir),
             "checkpoint": str(ckpt),
             "params": models[name].num_params(),
             "val_loss": evals[-1]["val_loss"] if evals else None,
             "train_seconds": json.loads(summary.read_text()).get("wall_time_s") if summary.is_file() else None,
         }
+    return models, info
 
-    results: dict[str, Any] = {}
+
+def measure(cfg: Config, runs: dict[str, Path], data_path: Path, window: int) -> dict[str, Any]:
+    """Every arm's perplexity by position and generation statistics; the numbers of results.json."""
+    import torch
+
+    from modernlm.eval.sinks import arms, eval_sequences, measure_arm, text_stats
+    from modernlm.tokenizer import load_tokenizer
+
+    e, C = cfg.eval, cfg.model.max_seq_len
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    ids = eval_sequences(data_path, e.multiples * C, max(e.num_sequences, e.num_samples))
+    tokenizer = load_tokenizer(data_path) if (data_path / "tokenizer.json").is_file() else None
+    models, info = load_models(runs, torch.device("cuda" if use_cuda else "cpu"))
+    results = {}
     for arm in arms(window, e.streamingllm_sinks):
-        start = time.perf_counter()
-        model = models[arm.model]
-        nll = streaming_nll(
-            model, ppl_ids, window=arm.window, sink_size=arm.sink_size, chunk=e.chunk, batch_size=e.batch_size
-        )
-        buckets = position_buckets(nll, C)[: e.multiples]
-        tokens = generate(
-            model, prompts, N - e.prompt_tokens, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
-            seed=e.seed, window=arm.window, sink_size=arm.sink_size, chunk=e.chunk,
-            vocab_size=tokenizer.vocab_size if tokenizer else None,
-        ).cpu()  # fmt: skip
-        stats = mean_stats(
-            [
-                segment_stats(row.tolist(), C, prompt_len=e.prompt_tokens, n_segments=e.multiples, ngram=e.ngram)
-                for row in tokens
-            ]
-        )
-        sample = tokenizer.decode(tokens[0, e.prompt_tokens :].tolist()) if tokenizer else None
-        results[arm.name] = {
-            **asdict(arm),
-            "nll": buckets,
-            "ppl": [math.exp(min(v, 700.0)) for v in buckets],
-            **stats,
-            "nll_by_position": [float(v) for v in nll.double().mean(0)],
-            "sample": sample,
-            "seconds": round(time.perf_counter() - start, 2),
-        }
+        results[arm.name] = measure_arm(models[arm.model], arm, ids, e, C, tokenizer)
         print(f"eval {arm.name}: ppl by x of context " + " ".join(f"{p:.2f}" for p in results[arm.name]["ppl"]))
-
-    reference = mean_stats(
-        [
-            segment_stats(row.tolist(), C, prompt_len=e.prompt_tokens, n_segments=e.multiples, ngram=e.ngram)
-            for row in ids[: e.num_samples]
-        ]
-    )
-    prompt_text = tokenizer.decode(ids[0, : e.prompt_tokens].tolist()) if tokenizer else None
     return {
         "context": C,
         "window": window,
         "multiples": e.multiples,
-        "sequence_tokens": N,
-        "num_sequences": int(ppl_ids.size(0)),
-        "num_samples": int(prompts.size(0)),
-        "models": model_info,
+        "sequence_tokens": e.multiples * C,
+        "num_sequences": len(ids[: e.num_sequences]),
+        "num_samples": len(ids[: e.num_samples]),
+        "models": info,
         "arms": results,
-        "reference_text": reference,
-        "sample_prompt": prompt_text,
+        "reference_text": text_stats(ids[: e.num_samples], e, C),
+        "sample_prompt": tokenizer.decode(ids[0, : e.prompt_tokens].tolist()) if tokenizer else None,
     }
-
-
-# ------------------------------------------------------------------------------------------------
-# Reports
-
-
-def _finite(value: Any) -> Any:
-    """nan/inf -> None, recursively: results.json stays valid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
-def summary_markdown(results: dict[str, Any], cfg: Config) -> str:
-    from modernlm.eval.compare import markdown_table
-
-    C, M, W = results["context"], results["multiples"], results["window"]
-    cols = [f"{k + 1}x" for k in range(M)]
-    fmt = lambda v, spec: "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)  # noqa: E731
-    arms_ = results["arms"]
-    t = cfg.train
-    parts = [
-        "# Attention sinks past the trained context\n",
-        f"Two models identical but for `model.attn_sink`: context C = {C} tokens, {t.num_steps} steps of "
-        f"{t.batch_size} x {C} tokens, seed {cfg.seed}. Measured on {results['num_sequences']} validation "
-        f"sequences of {results['sequence_tokens']} tokens ({M} x C), rolling-cache window W = {W}. "
-        f"Wall time {results.get('wall_time_s', 0):.0f} s.\n",
-        markdown_table(
-            ["model", "params", "val loss (end of training)", "checkpoint"],
-            [(n, f"{m['params']:,}", fmt(m["val_loss"], ".4f"), m["checkpoint"]) for n, m in results["models"].items()],
-        ),
-        markdown_table(["arm", "model", "KV cache"], [(a["name"], a["model"], a["about"]) for a in arms_.values()]),
-        f"## Perplexity by position\n\nColumn kx: targets at positions [(k-1)C, kC), each read through the arm's "
-        f"cache token by token (chunk {cfg.eval.chunk}).\n",
-        markdown_table(["arm", *cols], [(a["name"], *(fmt(v, ".2f") for v in a["ppl"])) for a in arms_.values()]),
-        f"## Generations\n\n{results['num_samples']} samples per arm of {results['sequence_tokens']} tokens (prompt: "
-        f"the first {cfg.eval.prompt_tokens} tokens of a validation sequence; temperature {cfg.eval.temperature}, "
-        f"top_k {cfg.eval.top_k}, top_p {cfg.eval.top_p}, seed {cfg.eval.seed}). Column kx: the generated tokens at "
-        f"positions [(k-1)C, kC). Repetition rate: share of {cfg.eval.ngram}-grams (token ids) starting there that "
-        "already started earlier in the same text. distinct-n: distinct n-grams / n-grams within the span. "
-        "Real text: the same measures on the validation sequences themselves.\n",
-    ]
-    measures = [("repetition", f"Repetition rate ({cfg.eval.ngram}-grams)")]
-    measures += [(f"distinct_{n}", f"distinct-{n}") for n in (1, 2, 3)]
-    for key, title in measures:
-        rows = [(a["name"], *(fmt(v, ".3f") for v in a[key])) for a in arms_.values()]
-        rows.append(("real text", *(fmt(v, ".3f") for v in results["reference_text"][key])))
-        parts.append(f"### {title}\n")
-        parts.append(markdown_table(["arm", *cols], rows))
-    parts.append("## Samples\n")
-    if results.get("sample_prompt") is not None:
-        parts.append(f"Prompt: `{results['sample_prompt']!r}`; the first sample of each arm.\n")
-        for a in arms_.values():
-            parts.append(f"<details><summary>{a['name']}</summary>\n\n```\n{a['sample']}\n```\n</details>\n")
-    parts.append("![perplexity by position](sinks.png)\n")
-    return "\n".join(parts)
-
-
-def plot(results: dict[str, Any], path: Path, points: int) -> None:
-    """Perplexity by position, one line per arm, in spans of C / points tokens (log scale)."""
-    import numpy as np
-    from matplotlib.figure import Figure  # no pyplot: no global backend state
-    from matplotlib.ticker import ScalarFormatter
-
-    C, M = results["context"], results["multiples"]
-    size = max(C // points, 1)
-    fig = Figure(figsize=(7, 4.8), dpi=120)
-    ax = fig.add_subplot()
-    for arm in results["arms"].values():
-        nll = np.asarray(arm["nll_by_position"], dtype=float)  # column j: the target at position j + 1
-        positions = np.arange(1, len(nll) + 1)
-        spans = positions // size
-        x = [(k + 0.5) * size / C for k in range(spans.max() + 1)]
-        y = [float(np.exp(nll[spans == k].mean())) for k in range(spans.max() + 1)]
-        ax.plot(x, y, marker=".", label=f"{arm['name']}: {arm['about']}")
-    for k in range(1, M):
-        ax.axvline(k, color="grey", lw=0.8, ls="--")
-    ax.set_yscale("log")  # a collapsing arm can be orders of magnitude off
-    low, high = ax.get_ylim()
-    if high / low < 10:  # within one decade: plain numbers, on the minor ticks too (else 10^k labels)
-        ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(ScalarFormatter())
-    ax.set_xlabel("position / trained context C")
-    ax.set_ylabel("perplexity")
-    ax.set_title(f"Perplexity past the trained context (C = {C}, window {results['window']})")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
-    fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format=Path(path).suffix[1:] or "png")
 
 
 def derived_outputs(cfg: Config) -> list[tuple[str, Path, str]]:
@@ -438,6 +240,8 @@ def derived_outputs(cfg: Config) -> list[tuple[str, Path, str]]:
 
 def main(cfg: Config) -> None:
     from modernlm.config import to_dict
+    from modernlm.eval.sinks import nan_to_none, summary_markdown
+    from modernlm.pipeline.plotting import plot_sinks
 
     start = time.perf_counter()
     window = check(cfg)
@@ -450,8 +254,11 @@ def main(cfg: Config) -> None:
     results["eval_seconds"] = round(time.perf_counter() - trained, 1)
     results["wall_time_s"] = round(time.perf_counter() - start, 1)
     results["config"] = to_dict(cfg)
-    results = _finite(results)
+    results = nan_to_none(results)
     atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
-    atomic_write(out / "summary.md", summary_markdown(results, cfg))
-    plot(results, out / "sinks.png", cfg.eval.plot_points)
+    summary = summary_markdown(
+        results, cfg.eval, steps=cfg.train.num_steps, batch_size=cfg.train.batch_size, seed=cfg.seed
+    )
+    atomic_write(out / "summary.md", summary)
+    plot_sinks(results, out / "sinks.png", cfg.eval.plot_points)
     print(f"experiment sinks: {results['wall_time_s']:.0f}s -> {out}/summary.md, results.json, sinks.png")

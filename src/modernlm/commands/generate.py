@@ -63,8 +63,8 @@ def main(cfg: Config) -> None:
         CheckpointSamples,
         checkpoint_dirs,
         checkpoint_name,
-        checkpoint_step,
         generations_markdown,
+        saved_step,
     )
     from modernlm.generation import Sampling
 
@@ -100,7 +100,7 @@ def main(cfg: Config) -> None:
         # One prompt at a time: a batch would share one sampling generator between rows, so a
         # cell would depend on which other prompts are in the table.
         texts = [lm.generate(p, sampling) for p in prompts]
-        results.append(CheckpointSamples(checkpoint_name(d), checkpoint_step(d), texts))
+        results.append(CheckpointSamples(checkpoint_name(d), saved_step(d), texts))
     document = generations_markdown(options, prompts, results)
     if cfg.out:
         out = Path(cfg.out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from modernlm.data.corpus import CorpusConfig, corpus_with_input, iter_documents
@@ -38,22 +39,29 @@ class Config:
     max_bytes: int = 0  # train on the first this many bytes of the corpus (0 = all)
 
 
+class CorpusPrefix:
+    """A corpus' documents, the last one the first to reach `max_bytes` (0 = all of them);
+    `documents` and `bytes` count what has been read."""
+
+    def __init__(self, corpus: CorpusConfig, max_bytes: int = 0) -> None:
+        self.corpus, self.max_bytes = corpus, max_bytes
+        self.documents = self.bytes = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for _, doc in iter_documents(self.corpus):
+            self.bytes += len(doc.encode("utf-8"))
+            self.documents += 1
+            yield doc
+            if self.max_bytes and self.bytes >= self.max_bytes:
+                return
+
+
 def main(cfg: Config) -> None:
     if not cfg.out:
         raise UserError("out: give an output directory, e.g. out=runs/tokenizer")
-    corpus = corpus_with_input(cfg.input, cfg.corpus)
-    seen = {"bytes": 0, "documents": 0}
-
-    def texts():
-        for _, doc in iter_documents(corpus):
-            seen["bytes"] += len(doc.encode("utf-8"))
-            seen["documents"] += 1
-            yield doc
-            if cfg.max_bytes and seen["bytes"] >= cfg.max_bytes:
-                return
-
+    texts = CorpusPrefix(corpus_with_input(cfg.input, cfg.corpus), cfg.max_bytes)
     start = time.perf_counter()
-    docs = texts()
+    docs = iter(texts)
     first = list(itertools.islice(docs, 1))  # fail on an empty corpus before training starts
     if not first:
         raise UserError("the corpus has no documents")
@@ -71,8 +79,8 @@ def main(cfg: Config) -> None:
     tok.save(cfg.out)
     seconds = time.perf_counter() - start
     print(
-        f"trained byte-level BPE: vocab {tok.vocab_size} on {seen['documents']:,} documents, "
-        f"{seen['bytes'] / 1e6:.1f} MB in {seconds:.1f}s -> {cfg.out}"
+        f"trained byte-level BPE: vocab {tok.vocab_size} on {texts.documents:,} documents, "
+        f"{texts.bytes / 1e6:.1f} MB in {seconds:.1f}s -> {cfg.out}"
     )
     if tok.vocab_size < cfg.vocab_size:
         print(f"warning: the corpus gave only {tok.vocab_size} tokens (asked for {cfg.vocab_size})")

@@ -4,13 +4,11 @@
 settings and the same seed, so that what differs between two cells comes from the weights alone.
 This module holds the pieces that are not specific to that command:
 
-- `checkpoint_dirs(path)`: a checkpoint directory is itself; a run directory (one holding
-  `checkpoints/`, as `modernlm pretrain` writes) is its `checkpoints/step_*` in step order, then
-  `checkpoints/best` when present.
-- `checkpoint_step(path)` / `checkpoint_name(path)`: the training step and a short label of one.
+- `run_checkpoints(run_dir)`: a run's complete checkpoints, `checkpoints/step_*` in step order, then
+  `checkpoints/best`; `checkpoint_dirs(path)`: those of a run directory, else `path` itself.
+- `saved_step(path)` / `checkpoint_name(path)`: the training step and a short label of one.
 - `markdown_table(header, rows)`: a GitHub-flavoured Markdown table; `md_escape` makes any text
-  safe for one cell (`|` escaped, newlines as `<br>`, HTML
-  characters as entities).
+  safe for one cell (`|` escaped, newlines as `<br>`, HTML characters as entities).
 - `generations_markdown(...)`: the whole document, a header block with every sampling setting,
   then one table per prompt whose rows are checkpoints.
 """
@@ -23,10 +21,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from modernlm.checkpoint import BEST_DIR, CHECKPOINTS_DIR, CONFIG_FILE
+from modernlm.checkpoint import (
+    BEST_DIR,
+    BEST_INFO_FILE,
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    STEP_PREFIX,
+    WEIGHTS_FILE,
+    checkpoint_step,
+)
 from modernlm.errors import UserError
-
-_STEP_DIR = re.compile(r"step_(\d+)$")
 
 
 class CheckpointSamples(NamedTuple):
@@ -35,38 +39,46 @@ class CheckpointSamples(NamedTuple):
     texts: list[str]  # one generation per prompt, in prompt order
 
 
-def checkpoint_dirs(path: str | Path) -> list[Path]:
-    """The checkpoint directories `path` stands for, in order.
+def _is_step_name(name: str) -> bool:
+    # a half-written checkpoint is a hidden .step_*.tmp-<pid> directory, never step_<digits>
+    return name.startswith(STEP_PREFIX) and name.removeprefix(STEP_PREFIX).isdigit()
 
-    A run directory (it holds `checkpoints/`) gives its complete `step_*` checkpoints in step
-    order, then `best/` if present. Anything else is returned as is: loading it will say what is
-    wrong with it (e.g. no config.json).
-    """
-    path = Path(path)
-    root = path / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return [path]
-    steps = []
-    for p in root.iterdir():
-        match = _STEP_DIR.match(p.name)
-        # a half-written checkpoint is a hidden .step_*.tmp-<pid> dir, never step_*; still require the config
-        if match and (p / CONFIG_FILE).is_file():
-            steps.append((int(match.group(1)), p))
-    dirs = [p for _, p in sorted(steps)]
-    if (root / BEST_DIR / CONFIG_FILE).is_file():
+
+def _is_complete(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+def run_checkpoints(run_dir: str | Path, best: bool = True) -> list[Path]:
+    """A run directory's complete checkpoints (config.json and weights): its `step_*` in step order,
+    then `best/` (with its best.json) when `best` and present."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    steps = [p for p in root.glob(f"{STEP_PREFIX}*") if _is_step_name(p.name) and _is_complete(p)]
+    dirs = sorted(steps, key=checkpoint_step)
+    if best and _is_complete(root / BEST_DIR) and (root / BEST_DIR / BEST_INFO_FILE).is_file():
         dirs.append(root / BEST_DIR)
-    if not dirs:
-        raise UserError(f"run directory {path}: no checkpoints in {root}")
     return dirs
 
 
-def checkpoint_step(path: str | Path) -> int | None:
-    """The training step of a checkpoint: from a `step_N` name, or from best/best.json."""
+def checkpoint_dirs(path: str | Path) -> list[Path]:
+    """The checkpoint directories `path` stands for, in order: a run directory (it holds
+    `checkpoints/`) its `run_checkpoints`; anything else itself (loading it will say what is wrong
+    with it, e.g. no config.json)."""
     path = Path(path)
-    match = _STEP_DIR.match(path.name)
-    if match:
-        return int(match.group(1))
-    info = path / "best.json"  # written by the trainer next to the best model
+    if not (path / CHECKPOINTS_DIR).is_dir():
+        return [path]
+    dirs = run_checkpoints(path)
+    if not dirs:
+        raise UserError(f"run directory {path}: no checkpoints in {path / CHECKPOINTS_DIR}")
+    return dirs
+
+
+def saved_step(path: str | Path) -> int | None:
+    """The training step of a checkpoint: from a `step_N` name, or from best/best.json; None when
+    neither tells."""
+    path = Path(path)
+    if _is_step_name(path.name):
+        return checkpoint_step(path)
+    info = path / BEST_INFO_FILE  # written by the trainer next to the best model
     if info.is_file():
         try:
             step = json.loads(info.read_text()).get("step")
@@ -129,8 +141,9 @@ __all__ = [
     "CheckpointSamples",
     "checkpoint_dirs",
     "checkpoint_name",
-    "checkpoint_step",
     "generations_markdown",
     "markdown_table",
     "md_escape",
+    "run_checkpoints",
+    "saved_step",
 ]

@@ -268,3 +268,40 @@ def metric_figure(records: list[dict[str, Any]], metrics: dict[str, str], label:
         if "accuracy" in key:
             ax.set_ylim(0, 1)
     return fig
+
+
+# ---- `modernlm experiment sinks`: perplexity by position past the trained context -----------------
+
+
+def plot_sinks(results: dict[str, Any], path: str | Path, points: int) -> None:
+    """sinks.png from the experiment's results.json: perplexity by position, one line per arm, in
+    spans of C / points tokens (log scale), a dashed line at every multiple of the context C."""
+    import numpy as np
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
+
+    C, M = results["context"], results["multiples"]
+    size = max(C // points, 1)
+    fig = Figure(figsize=(7, 4.8), dpi=120)
+    ax = fig.add_subplot()
+    for arm in results["arms"].values():
+        nll = np.asarray(arm["nll_by_position"], dtype=float)  # column j: the target at position j + 1
+        positions = np.arange(1, len(nll) + 1)
+        spans = positions // size
+        x = [(k + 0.5) * size / C for k in range(spans.max() + 1)]
+        y = [float(np.exp(nll[spans == k].mean())) for k in range(spans.max() + 1)]
+        ax.plot(x, y, marker=".", label=f"{arm['name']}: {arm['about']}")
+    for k in range(1, M):
+        ax.axvline(k, color="grey", lw=0.8, ls="--")
+    ax.set_yscale("log")  # a collapsing arm can be orders of magnitude off
+    low, high = ax.get_ylim()
+    if high / low < 10:  # within one decade: plain numbers, on the minor ticks too (else 10^k labels)
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.set_xlabel("position / trained context C")
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"Perplexity past the trained context (C = {C}, window {results['window']})")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format=Path(path).suffix[1:] or "png")
