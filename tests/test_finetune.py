@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from modernlm.cli import run_command  # noqa: E402
 from modernlm.data.tasks import TaskDatasetConfig, eval_batches, load_task_examples, tokenize_examples  # noqa: E402, E501
+from modernlm.eval.finetuned import predict_classes  # noqa: E402
 from modernlm.hf import lora  # noqa: E402
 from modernlm.textmodel import TaskTokenizer  # noqa: E402
 from modernlm.train.tracking import read_metrics  # noqa: E402
@@ -102,7 +103,7 @@ def test_gpt2_sst2_classification_run_reloads_to_the_same_accuracy(models, tmp_p
     cfg = TaskDatasetConfig(name="sst2", path=str(SST2_DEV), max_examples=16)
     items = tokenize_examples(load_task_examples(cfg), tokenizer, cfg)
     # the run's eval batching (eval.batch_size=16): the same padding, so the same floats
-    picked, logits = lora.predict_classes(model, eval_batches(items, 16, TaskTokenizer(tokenizer).pad_id))
+    picked, logits = predict_classes(model, eval_batches(items, 16, TaskTokenizer(tokenizer).pad_id))
     rows = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert [r["logits"] for r in rows] == logits.tolist()
     accuracy = sum(k == r["label"] for k, r in zip(picked, rows, strict=True)) / len(rows)

@@ -3,38 +3,21 @@
 LoRA (Hu et al. 2021) freezes a pretrained weight W and learns a low-rank update: a targeted
 linear layer computes W x + (alpha / r) B A x, with A (r x in) random and B (out x r) zero at the
 start, so the adapted model begins exactly as the base model. Only A and B train (plus, for
-classification, the new head: PEFT's `modules_to_save` keeps a trainable copy of it and saves it
-with the adapter), so the optimizer holds well under 1% of the parameters.
-
-This module is, with hf/convert.py and hf/text.py, the only one that imports `transformers` and `peft` (inside the
-functions that need them). It holds the pieces `modernlm finetune` is built from, each usable alone:
-
-- `LoraSettings` and `apply_lora(model, settings, task_type)`. `target_modules: []` picks the
-  layers per architecture (`default_targets`): GPT-2 `attn.c_attn` / `attn.c_proj` (GPT-2's
-  `Conv1D` stores W transposed, hence `fan_in_fan_out=True`, set automatically whenever a target is
-  a Conv1D), Llama-style `q_proj, k_proj, v_proj, o_proj`, T5 `q, v`, ours `wqkv, wo`; `mlp: true`
-  adds the MLP projections (`mlp.c_fc, mlp.c_proj` / `gate_proj, up_proj, down_proj` /
-  `wi*, wo` / `w_gate_up, w_down`). PEFT adapts any `nn.Linear` by name, so ModernDecoderLM needs
-  no special support: it becomes a plain `PeftModel` whose forward is ours.
-- `load_base_model(source, task_type, ...)`: an HF directory, hub id or `.gguf` file through
-  AutoModelForSequenceClassification / AutoModelForSeq2SeqLM / AutoModelForCausalLM, or a modernlm
-  checkpoint (or run) directory. A tokenizer without a pad token pads with eos, and the model's
-  `pad_token_id` is set to match, since sequence classification pools the last non-pad token.
-- `save_adapter` / `load_adapter` / `load_adapter_weights` / `load_finetuned` / `merge`. An adapter
-  directory holds PEFT's own files (adapter_config.json, adapter_model.safetensors: the LoRA
-  matrices and the head), the tokenizer and finetune.json (the base model and task, so
-  `load_finetuned(dir)` rebuilds the whole model). `merge` folds B A into W (merged logits equal
-  the adapter's up to float rounding).
-- Loss functions for the trainer's contract (`task_loss_fn`), and `predict_classes`.
-
-T5 is refused in float16: it was pretrained in bfloat16 on TPUs, and its feed-forward activations
-grow past fp16's range (65504), giving inf / NaN losses (a long-known transformers issue); bf16 and
-fp32 are fine.
+classification, the new head, kept by PEFT's `modules_to_save`), well under 1% of the parameters.
+The pieces `modernlm finetune` is built from: `apply_lora` (default targets per architecture,
+`default_targets`; GPT-2's Conv1D gets fan_in_fan_out), `load_base_model` (HF directory, hub id,
+.gguf or modernlm checkpoint, by task type; a tokenizer without pad pads with eos), the trainer's
+`task_loss_fn`, and adapter directories: `save_adapter` / `load_adapter` / `load_finetuned`
+(PEFT's files + the tokenizer + finetune.json, `adapter_info`) and `save_merged` (B A folded into W).
+transformers and peft are imported inside the functions that need them. T5 is refused in float16:
+its feed-forward activations overflow fp16's range (inf / NaN losses); bf16 and fp32 are fine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import difflib
 import json
 import sys
 import warnings
@@ -45,11 +28,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from modernlm.chat import IGNORE_INDEX
+from modernlm.checkpoint import load_model, resolve_source, save_model
 from modernlm.errors import UserError
-from modernlm.runtime import eval_mode
+from modernlm.files import atomic_files, atomic_write, atomic_write_json
+from modernlm.hf.convert import load_hf_tokenizer, load_transformers
+from modernlm.model import ModernDecoderLM
+from modernlm.runtime import DTYPES
+from modernlm.tokenizer import has_tokenizer, load_tokenizer
 from modernlm.train.losses import next_token_loss
 
 if TYPE_CHECKING:
@@ -86,8 +75,6 @@ class LoraSettings:
 
 
 def _is_modernlm(model: nn.Module) -> bool:
-    from modernlm.model import ModernDecoderLM
-
     return isinstance(model, ModernDecoderLM)
 
 
@@ -176,8 +163,6 @@ def apply_lora(model: nn.Module, settings: LoraSettings, task_type: str) -> Peft
     targets = list(settings.target_modules) or default_targets(model, settings.mlp)
     missing = [t for t in targets if not _present(model, [t])]
     if missing or not targets:
-        import difflib
-
         # layers LoRA can adapt: leaf modules with a weight matrix (nn.Linear, GPT-2's Conv1D, ...)
         leaves = sorted(
             {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if not list(m.children()) and _has_matrix(m)}
@@ -242,8 +227,6 @@ def inspect_source(source: str) -> tuple[str, str]:
     """(kind, model_type) of a model source (`checkpoint.resolve_source`, the rule `modernlm.load`
     follows) without loading weights: ("modernlm", "modernlm") for our checkpoint or run
     directories, ("hf", config.model_type) otherwise."""
-    from modernlm.checkpoint import resolve_source
-
     src = resolve_source(source, "model.source")
     if src.kind == "modernlm":
         return "modernlm", "modernlm"
@@ -286,9 +269,6 @@ def load_base_model(
     modernlm checkpoint and run directories load with our tokenizer (causal only). Weights are cast
     to `dtype`.
     """
-    from modernlm.checkpoint import resolve_source
-    from modernlm.runtime import DTYPES
-
     if dtype not in DTYPES:
         raise UserError(f"model.dtype: expected one of {list(DTYPES)}, got {dtype!r}")
     if task_type not in TASK_TYPES:
@@ -302,10 +282,6 @@ def load_base_model(
 
 
 def _load_modernlm(ckpt: Path, task_type: str, dtype: str, tokenizer: str) -> tuple[nn.Module, Any]:
-    from modernlm.checkpoint import load_model
-    from modernlm.runtime import DTYPES
-    from modernlm.tokenizer import has_tokenizer, load_tokenizer
-
     if task_type != "causal":
         raise UserError(
             f"task_type: modernlm checkpoints finetune as causal LMs, not {task_type}; use data.task_type=causal"
@@ -316,8 +292,6 @@ def _load_modernlm(ckpt: Path, task_type: str, dtype: str, tokenizer: str) -> tu
 
 
 def _load_hf(src: Any, task_type: str, dtype: str, num_labels: int, tokenizer: str) -> tuple[nn.Module, Any]:
-    from modernlm.hf.convert import load_hf_tokenizer, load_transformers
-
     if task_type == "classification" and num_labels < 2:
         raise UserError(f"model.num_labels: a classifier needs at least 2 labels, got {num_labels}")
     model = load_transformers(src, task_type, dtype=dtype, num_labels=num_labels, field="model.source")
@@ -347,8 +321,6 @@ def _save_tokenizer(tokenizer: Any, path: Path) -> None:
     if tokenizer is None:
         return
     if hasattr(tokenizer, "save_pretrained"):  # transformers
-        from modernlm.files import atomic_files
-
         with atomic_files(path) as staging:
             tokenizer.save_pretrained(str(staging))
     else:  # modernlm.tokenizer.Tokenizer
@@ -359,9 +331,6 @@ def save_adapter(model: PeftModel, path: str | Path, tokenizer: Any = None, info
     """Write the adapter (LoRA matrices + modules_to_save such as the head), its config, the
     tokenizer and `info` (finetune.json) into directory `path`. The trainer's save_model_fn."""
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save
-
-    from modernlm.files import atomic_files, atomic_write
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -377,7 +346,7 @@ def save_adapter(model: PeftModel, path: str | Path, tokenizer: Any = None, info
         config.save_pretrained(str(staging))
     _save_tokenizer(tokenizer, path)
     if info is not None:
-        atomic_write(path / INFO_FILE, json.dumps(info, indent=2) + "\n")
+        atomic_write_json(path / INFO_FILE, info)
     return path
 
 
@@ -404,7 +373,6 @@ def load_adapter_weights(model: PeftModel, path: str | Path) -> None:
     """Copy the adapter weights of directory `path` into `model`, which already has the same
     adapter (resuming a run: the trainer's load_model_fn). Every adapter tensor must be there."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     path = Path(path)
     _check_adapter_dir(path)
@@ -420,6 +388,27 @@ def load_adapter_weights(model: PeftModel, path: str | Path) -> None:
         set_peft_model_state_dict(model, state)
     except RuntimeError as e:  # shape mismatch: another rank or base model
         raise UserError(f"adapter {path / ADAPTER_WEIGHTS}: {_first_line(e)}") from None
+
+
+def adapter_info(
+    source: str, kind: str, model_type: str, task: Any, num_labels: int, dtype: str, pad_id: int | None
+) -> dict[str, Any]:
+    """finetune.json of an adapter directory: what `load_finetuned` rebuilds the model from.
+    task: the training split's `data.tasks.TaskDatasetConfig` (its type, name, labels, prompt)."""
+    path = Path(source).expanduser()
+    return {
+        "base": str(path.resolve()) if path.exists() else source,  # absolute: load_finetuned works from any directory
+        "kind": kind,
+        "model_type": model_type,
+        "task_type": task.task_type,
+        "task": task.name,
+        "num_labels": num_labels,
+        "label_words": list(task.label_words),
+        "dtype": dtype,
+        "pad_token_id": pad_id,
+        "prompt_template": task.prompt_template,
+        "add_bos": task.add_bos,
+    }
 
 
 def read_info(path: str | Path) -> dict[str, Any]:
@@ -462,6 +451,18 @@ def merge_adapter(model: PeftModel) -> nn.Module:
     return model.merge_and_unload()
 
 
+def save_merged(model: PeftModel, tokenizer: Any, kind: str, path: str | Path) -> None:
+    """The adapter folded into a copy of the weights (`model` keeps its adapter), saved as a plain
+    model of the base's kind: a modernlm checkpoint, or an HF model directory."""
+    merged = merge_adapter(copy.deepcopy(model))
+    if kind == "modernlm":
+        save_model(merged, path, tokenizer)
+    else:
+        with atomic_files(path) as staging:
+            merged.save_pretrained(str(staging))
+            tokenizer.save_pretrained(str(staging))
+
+
 def base_of(model: nn.Module) -> nn.Module:
     """The underlying model of a PeftModel, its LoRA layers still in place (adapters active): a
     real ModernDecoderLM / transformers model for code that expects one (evaluation, generation)."""
@@ -469,7 +470,7 @@ def base_of(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
-# Losses (the trainer's contract: (model, batch) -> (loss_sum, n_targets, metrics)) and predictions
+# Losses (the trainer's contract: (model, batch) -> (loss_sum, n_targets, metrics))
 
 
 def causal_logits(model: nn.Module, batch: dict[str, Tensor], ours: bool) -> Tensor:
@@ -532,29 +533,13 @@ def task_batch_counts(task_type: str) -> Callable[[dict[str, Tensor]], tuple[int
     return counts
 
 
-@torch.no_grad()
-def predict_classes(
-    model: nn.Module, batches: Any, device: torch.device | str = "cpu", autocast: Any = None
-) -> tuple[list[int], Tensor]:
-    """(argmax labels, logits [N, C] float32) of a sequence classifier over collated batches."""
-    out = []
-    with eval_mode(model):
-        for batch in batches:
-            with autocast() if autocast is not None else contextlib.nullcontext():
-                logits = model(
-                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-                ).logits
-            out.append(logits.float().cpu())
-    logits = torch.cat(out) if out else torch.empty(0, 0)
-    return logits.argmax(-1).tolist(), logits
-
-
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
     "INFO_FILE",
     "TASK_TYPES",
     "LoraSettings",
+    "adapter_info",
     "apply_lora",
     "base_of",
     "causal_logits",
@@ -567,9 +552,9 @@ __all__ = [
     "load_base_model",
     "load_finetuned",
     "merge_adapter",
-    "predict_classes",
     "read_info",
     "save_adapter",
+    "save_merged",
     "task_batch_counts",
     "task_loss_fn",
     "trainable_parameters",
