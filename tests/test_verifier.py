@@ -18,6 +18,8 @@ import torch
 
 from modernlm.align.verifier import (
     HEAD_FILE,
+    SampleSets,
+    SampleSettings,
     VerifierBatches,
     VerifierModel,
     best_of_n,
@@ -29,13 +31,16 @@ from modernlm.align.verifier import (
     load_verifier_weights,
     majority_vote,
     read_problems,
+    rerank,
     rerank_metrics,
     rerank_problem,
     save_verifier,
     score_examples,
+    split_examples,
     verifier_example,
     verifier_loss_fn,
     weighted_vote,
+    write_rerank_report,
 )
 from modernlm.errors import UserError
 from modernlm.model import ModernDecoderLM
@@ -178,6 +183,38 @@ def test_rerank_metrics_over_problems():
         "greedy_accuracy": 1 / 3, "majority_accuracy": 1 / 3, "best_of_n_accuracy": 1 / 3,
         "weighted_vote_accuracy": 2 / 3, "pass_at_n": 2 / 3,
     })  # fmt: skip
+
+
+def test_rerank_report_picks_per_problem_and_writes_the_errors(tmp_path):
+    problems = [{"question": f"q{p}", "answer": f"#### {t}", "target": t, "source": f"f line {p + 1}"}
+                for p, t in enumerate(["1", "2"])]  # fmt: skip
+    row = lambda p, k, a, t: {"problem": p, "sample": k, "solution": f"so {a}", "answer": a, "correct": a == t}  # noqa: E731
+    rows = [row(0, 0, "1", "1"), row(0, 1, "3", "1"), row(1, 0, "2", "2"), row(1, 1, "4", "2")]
+    greedy = [row(0, 0, "1", "1"), row(1, 0, "5", "2")]
+    scores = [0.9, 0.1, 0.2, 0.8]  # problem 1: the verifier prefers the wrong sample
+    metrics, predictions = rerank(problems, greedy, rows, scores)
+    assert metrics["greedy_accuracy"] == 0.5 and metrics["best_of_n_accuracy"] == 0.5 and metrics["pass_at_n"] == 1
+    assert [p["prediction"] for p in predictions] == ["so 1", "so 4"] and predictions[1]["scores"] == [0.2, 0.8]
+    samples = SampleSets("gen", rows, {"share_correct": 0.5}, greedy, rows, {"share_correct": 0.5})
+    text = write_rerank_report(
+        tmp_path, problems, samples, scores, sample=SampleSettings(n_eval=2), eval_source="test.jsonl", lm_coef=0.5,
+        step=7, val_loss=None,
+    )  # fmt: skip
+    assert text.startswith("greedy 0.500, majority@2 ") and text.endswith("on 2 problems")
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["n"] == 2 and report["step"] == 7 and report["settings"]["eval_path"] == "test.jsonl"
+    errors = (tmp_path / "eval" / "errors.jsonl").read_text().splitlines()
+    assert [json.loads(e)["index"] for e in errors] == [1]
+
+
+def test_split_examples_holds_out_whole_problems(chat_model):
+    _, enc = chat_model
+    rows = [{"problem": p, "question": f"{p}?", "solution": "#### 1", "correct": k == 0} for p in range(10)
+            for k in range(3)]  # fmt: skip
+    train, val = split_examples(rows, 10, enc, 64, val_fraction=0.2, seed=0)
+    assert len(train) == 24 and len(val) == 6  # 2 of 10 problems, with their 3 samples each
+    assert split_examples(rows, 10, enc, 64, val_fraction=0.2, seed=0, max_val=4)[1] == val[:4]
+    assert len(split_examples(rows[:3], 1, enc, 64, val_fraction=0.5, seed=0)[0]) == 3  # one problem stays
 
 
 def test_label_solution_reads_the_last_number():
