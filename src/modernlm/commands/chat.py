@@ -1,22 +1,19 @@
-"""Chat with a model in the terminal: any source `modernlm.load` takes (our SFT/DPO checkpoints, HF
-directories, hub ids, .gguf), in the model's own chat template (ChatML for ours), the reply
-streamed as it comes, the conversation kept from turn to turn.
+"""Chat in the terminal with any source `modernlm.load` takes (our SFT/DPO checkpoints, HF dirs, hub
+ids, .gguf) in the model's own chat template (ChatML for ours), replies streamed, history kept.
 
     modernlm chat runs/sft/checkpoints/best
     modernlm chat SmolLM2-135M-Instruct.Q4_1.gguf system="Be brief." temperature=0
 
-Type a message and press enter; commands:
     /reset              forget the conversation (the system prompt stays)
     /system TEXT        set the system prompt (and forget the conversation)
     /temperature X      sampling temperature from now on (0 = greedy)
     /quit               leave (so do end of input and Ctrl-C at the prompt)
-Ctrl-C during a reply stops it (the reply and its message are dropped). When the conversation no
-longer fits the model's context, the oldest turns are dropped (the system prompt stays).
 
-A model without a chat template (our checkpoints never SFT'd: no <|im_start|>/<|im_end|>; an HF
-tokenizer without `chat_template`) continues each line you type as plain text, with no history.
-HF Llama sources are converted as they load (backend=modernlm: replies stream token by token);
-other architectures run in transformers (backend=transformers: the reply comes at once).
+Ctrl-C during a reply drops it and its message; when the conversation outgrows the model's context,
+its oldest turns go (the system prompt stays). Without a chat template (our checkpoints before SFT,
+an HF tokenizer without `chat_template`) each line is continued as plain text, with no history. HF
+Llamas are converted as they load (replies stream token by token); other architectures run in
+transformers (the reply comes at once).
 """
 
 from __future__ import annotations

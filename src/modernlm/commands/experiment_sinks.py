@@ -2,25 +2,15 @@
 
     modernlm experiment sinks -c configs/experiment/sinks-cpu.yaml      # ~10 min on a 2-core CPU
     modernlm experiment sinks -c configs/experiment/sinks-gpu.yaml      # one GPU, context 512
-    modernlm experiment sinks -c configs/experiment/sinks-cpu.yaml train.num_steps=50 --out runs/sinks-quick
 
-Trains two models identical but for `model.attn_sink` (same data, seed, steps: the pretrain recipe)
-into OUT/sink and OUT/nosink, then reads and writes 1x .. Mx their trained context C with the
-rolling KV cache (window W; see modernlm.eval.sinks). The arms:
-
-    arm           model      KV cache
-    sink          sink       learned sink token + the last W tokens (sink_size=1)
-    window        no sink    the last W tokens only (sink_size=0): a pure sliding window
-    streamingllm  no sink    the first 4 tokens + the last W (sink_size=4): StreamingLLM
-    dense         no sink    no window: full attention, positions run past C
-
-Measured per span of C positions (1x = [0, C), 2x = [C, 2C), ...): perplexity of long validation
-sequences read through the cache, and, of generations sampled past C, the repetition rate and
-distinct-1/2/3 (real validation text, cut the same way, is the reference row).
-
-Data: data.path (shards from `modernlm prepare`), or data.corpus, from which OUT/data is built once
-(a BPE, then the shards). Writes OUT/results.json, OUT/summary.md and OUT/sinks.png. Rerunning
-skips finished training (an unfinished run resumes) and only measures again.
+Trains two models identical but for `model.attn_sink` (the pretrain recipe; same data, seed, steps)
+into OUT/sink and OUT/nosink, then reads and writes 1x .. Mx their trained context C through four
+arms (see modernlm.eval.sinks): sink (the sink model: its sink token + the last W tokens), window
+(no sink: the last W only), streamingllm (no sink: the first 4 + the last W) and dense (no sink, no
+window: positions run past C). Per span of C positions: perplexity of long validation sequences,
+and the repetition rate and distinct-1/2/3 of generations (real validation text is the reference).
+Data: data.path (shards from `modernlm prepare`), or OUT/data built once from data.corpus. Writes
+OUT/results.json, summary.md and sinks.png; a rerun resumes or skips training and measures again.
 """
 
 from __future__ import annotations

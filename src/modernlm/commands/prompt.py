@@ -1,22 +1,17 @@
 """Zero- and few-shot prompting baselines: SST-2 by label scoring, SAMSum summaries, GSM8K chain of thought.
 
     modernlm prompt SmolLM2-135M-Instruct.Q4_1.gguf task=sst2 data.path=../shared/data/sst2/dev.tsv
-    modernlm prompt runs/tiny task=sst2 data.path=../shared/data/sst2/dev.tsv mode=generate
-    modernlm prompt MODEL task=samsum data.path=../shared/data/samsum/test.jsonl max_examples=100
     modernlm prompt MODEL task=gsm8k data.path=../shared/data/gsm8k/test.jsonl \\
         shots=8 shots_from=../shared/data/gsm8k/train.jsonl --out runs/prompt/gsm8k-8shot
 
-MODEL is a modernlm checkpoint or run directory, an HF model directory, a hub id or a .gguf file
-(HF models run on transformers' own causal LM). Prompts are the task's causal templates in
-`modernlm.data.tasks` (SST-2: "Review: {text}\\nSentiment:"; override with data.prompt_template).
-SST-2 predicts the label word (" negative" / " positive") with the higher log-probability
-(mode=score) or reads the first generated word (mode=generate); SAMSum and GSM8K generate greedily.
-shots > 0 prepends that many demonstrations (prompt + reference, blank-line separated) drawn, seeded,
-from `shots_from`; for GSM8K they are full worked solutions ending in "#### N".
-
-Writes OUT/: config.yaml, metrics.json, predictions.jsonl (every example), errors.jsonl (the wrong
-ones; for SAMSum every example, worst ROUGE-L first), summary.json, and demonstrations.txt when
-few-shot. Prints one summary line.
+MODEL: a modernlm checkpoint or run directory, an HF model directory, hub id or .gguf (HF models run
+on transformers' own causal LM). Prompts are the task's causal templates in `modernlm.data.tasks`
+(SST-2: "Review: {text}\\nSentiment:"; data.prompt_template overrides). SST-2 predicts the label word
+with the higher log-probability (mode=score) or the first generated word (mode=generate); SAMSum and
+GSM8K generate greedily. shots > 0 prepends that many demonstrations (prompt + reference) drawn, seeded,
+from `shots_from` (for GSM8K, worked solutions ending in "#### N"). Writes OUT/: config.yaml,
+metrics.json, predictions.jsonl, errors.jsonl (the wrong ones; for SAMSum all, worst ROUGE-L first),
+summary.json, and demonstrations.txt when few-shot; prints one summary line.
 """
 
 from __future__ import annotations

@@ -4,13 +4,7 @@
     modernlm serve SmolLM2-135M-Instruct.Q4_1.gguf port=8080 api_key=sk-local
     modernlm serve CKPT max_batch=1          # one request at a time (no batching)
 
-Then any OpenAI client talks to it:
-
-    from openai import OpenAI
-    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="sk-local")
-    client.chat.completions.create(model=client.models.list().data[0].id,
-                                   messages=[{"role": "user", "content": "Hi!"}], stream=True)
-
+Any OpenAI client talks to it: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="sk-local")`.
 Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, and the chat
 page at GET / (open http://127.0.0.1:8000 in a browser). Extensions to OpenAI's fields: top_k,
 repetition_penalty, ignore_eos. Sources: our checkpoints and run directories, and HF Llama
@@ -27,10 +21,10 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from modernlm.errors import UserError
-from modernlm.serve.app import ServeConfig
+from modernlm.serve.app import ServeConfig, make_app
 
 POSITIONALS = ["model"]
 FLAGS: dict[str, str] = {}
@@ -70,16 +64,16 @@ def main(cfg: Config) -> None:
     api_key = cfg.api_key or os.environ.get("MODERNLM_API_KEY", "")
     backend = "auto" if resolve_source(cfg.model, "model").kind == "modernlm" else "modernlm"
     lm = load(cfg.model, device=cfg.device, dtype=cfg.dtype, backend=backend, what="model")
-    from dataclasses import fields
-
-    from modernlm.serve.app import make_app
-
     server = ServeConfig(**{f.name: getattr(cfg, f.name) for f in fields(ServeConfig)} | {"api_key": api_key})
     app = make_app(lm, server, engine_thread=False)
     where = f"http://{cfg.host if ':' not in cfg.host else f'[{cfg.host}]'}:{cfg.port}"
-    print(f"modernlm serve: {app.state.model_name} ({lm.num_params / 1e6:.1f}M parameters, {lm.device}) on {where}"
-          f" - OpenAI API at {where}/v1, chat page at {where}/"
-          f"{' - API key required' if api_key else ''}", file=sys.stderr, flush=True)
+    print(
+        f"modernlm serve: {app.state.model_name} ({lm.num_params / 1e6:.1f}M parameters, {lm.device}) on {where}"
+        f" - OpenAI API at {where}/v1, chat page at {where}/"
+        f"{' - API key required' if api_key else ''}",
+        file=sys.stderr,
+        flush=True,
+    )
     # The HTTP server in a thread, the engine on this one: the thread that loaded the model runs it
     # fastest on a CPU (see Engine.run). Ctrl-C or SIGTERM stops both.
     web = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"))
