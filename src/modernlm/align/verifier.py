@@ -69,13 +69,6 @@ class DataSettings:
     val_fraction: float = 0.05  # training problems (with all their samples) held out for val_loss
     max_length: int = 0  # tokens of prompt + solution (0 = the model's max_seq_len); longer keep their end
 
-    def solution_length(self, max_seq_len: int, model: Any) -> int:
-        """max_length, or the model's max_seq_len when 0; longer than that context is refused."""
-        length = self.max_length or max_seq_len
-        if length > max_seq_len:
-            raise UserError(f"data.max_length ({length}) is longer than the model's context ({model})")
-        return length
-
     def eval_source(self) -> str:
         """The held-out problems' source, as the report names it."""
         return self.eval_path or f"{self.hf_dataset}[{self.eval_split}]"

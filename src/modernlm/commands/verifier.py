@@ -73,7 +73,7 @@ def main(cfg: Config) -> None:
     import torch
 
     from modernlm.align import verifier
-    from modernlm.align.sft import chat_ready, sft_batch_counts
+    from modernlm.align.sft import chat_pad_id, chat_ready, check_max_length, sft_batch_counts
     from modernlm.api import load
     from modernlm.chat import ChatEncoder
     from modernlm.train.run import training_run
@@ -83,8 +83,9 @@ def main(cfg: Config) -> None:
     train_problems, eval_problems = verifier.read_problem_sets(cfg.data)
     backbone, tokenizer, init_ckpt = chat_ready(load(cfg.init_from, backend="modernlm", what="init_from"))
     encoder = ChatEncoder(tokenizer)
-    max_length = cfg.data.solution_length(backbone.config.max_seq_len, init_ckpt)
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else encoder.end_id
+    max_length = cfg.data.max_length or backbone.config.max_seq_len
+    check_max_length(max_length, backbone, init_ckpt)
+    pad = chat_pad_id(encoder)
     with training_run(cfg, "verifier") as run:
         # ---- 1. samples (the generator only generates: its weights stay as loaded) ----
         gen, gen_tok, gen_ckpt = backbone, tokenizer, init_ckpt
