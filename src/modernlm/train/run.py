@@ -17,7 +17,7 @@ refused resume must not overwrite the run's config), then writes config.yaml and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,30 +69,6 @@ def training_run(cfg: Any, command: str) -> Iterator[TrainingRun]:
         cleanup(runtime)
 
 
-@dataclass
-class Training:
-    """What a command builds inside the runtime, for `run_training` to run (the callback form,
-    kept until every command uses `training_run`)."""
-
-    trainer: Trainer
-    banner: str  # the run in a line, printed (rank 0) as "<command>: <banner> -> <run dir>"
-    before: Callable[[], None] | None = None  # after resume and config.yaml, before training
-    after: Callable[[dict[str, Any]], str | None] | None = None  # given the summary: reports;
-    # returns the done line's text ("done: <text> -> run_dir"; None = `done_text(summary)`)
-
-
-def run_training(cfg: Any, command: str, build: Callable[[Runtime, Path], Training]) -> dict[str, Any]:
-    """`training_run` with a `build(runtime, run_dir) -> Training` callback. Returns the summary."""
-    with training_run(cfg, command) as run:
-        stage = build(run.runtime, run.run_dir)
-        run.start(stage.trainer, stage.banner)
-        if stage.before is not None:
-            stage.before()
-        summary = stage.trainer.train()
-        run.done(summary, stage.after(summary) if stage.after is not None else None)
-        return summary
-
-
 def fmt_loss(v: float | None) -> str:
     """A loss for a summary line: 4 decimals, or n/a."""
     return "n/a" if v is None else f"{v:.4f}"
@@ -121,4 +97,4 @@ def prompt_sampler(tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) 
     return sample
 
 
-__all__ = ["Training", "TrainingRun", "done_text", "fmt_loss", "prompt_sampler", "run_training", "training_run"]
+__all__ = ["TrainingRun", "done_text", "fmt_loss", "prompt_sampler", "training_run"]
