@@ -207,13 +207,24 @@ def optional_dependencies_outside_their_owners(modules: dict[str, Path]) -> list
     return bad
 
 
+def private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
 def private_names_across_modules(modules: dict[str, Path]) -> list[str]:
+    """`from modernlm.x import _y`, or `_y` read off an imported module (`tasks._iter(...)`)."""
     bad = []
     for module, path in modules.items():
+        bound = set()  # local names of imported modernlm modules
         for n, _ in import_nodes(path):
             if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("modernlm"):
-                bad += [f"{module} imports {n.module}.{a.name}" for a in n.names if a.name.startswith("_")
-                        and not a.name.startswith("__")]  # fmt: skip
+                bad += [f"{module} imports {n.module}.{a.name}" for a in n.names if private(a.name)]
+                bound |= {a.asname or a.name for a in n.names if f"{n.module}.{a.name}".removeprefix("modernlm.") in modules}
+            elif isinstance(n, ast.Import):
+                bound |= {a.asname for a in n.names if a.asname and a.name.startswith("modernlm.")}
+        for n in ast.walk(ast.parse(path.read_text())):
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in bound and private(n.attr):
+                bad.append(f"{module}:{n.lineno} reads {n.value.id}.{n.attr}")
     return bad
 
 
@@ -280,7 +291,8 @@ BREAKERS = {
     "unplaced": ("newpackage/bad.py", "import json\n"),
     "circles": ("data/bad.py", "from modernlm.data import bad2\n"),  # bad2 imports bad back (below)
     "optional_dependencies_outside_their_owners": ("serve/bad.py", "def f():\n    import transformers\n"),
-    "private_names_across_modules": ("serve/bad.py", "from modernlm.tokenizer import _byte_symbols\n"),
+    "private_names_across_modules": ("serve/bad.py", "from modernlm import data\nfrom modernlm.data import tasks\n"
+                                     "from modernlm.tokenizer import _byte_symbols\n\nx = tasks._ITERS\n"),
     "package_imports_inside_the_library": ("eval/bad.py", "from modernlm import load\n"),
     "needless_lazy_imports": ("eval/bad.py", "import torch\n\n\ndef f():\n    from modernlm import model\n"),
 }

@@ -114,7 +114,7 @@ class TaskModel:
             rows = [[self.tokenizer.bos_id, *r] for r in rows]
         return rows
 
-    def _fit(self, prompt: list[int], room_after: int) -> list[int]:
+    def fit_prompt(self, prompt: list[int], room_after: int) -> list[int]:
         """Cut a prompt from the left (keeping a leading bos) so it plus room_after tokens fit the context."""
         if self.max_length is None or len(prompt) + room_after <= self.max_length:
             return prompt
@@ -154,7 +154,7 @@ class ModernLMTaskModel(TaskModel):
     def complete(self, rows: list[list[int]], sampling: Sampling) -> list[str]:
         if not rows:
             return []
-        rows = [self._fit(r, sampling.max_new_tokens) for r in rows]
+        rows = [self.fit_prompt(r, sampling.max_new_tokens) for r in rows]
         if any(not r for r in rows):
             raise UserError("a prompt encodes to no tokens; set add_bos")
         return [s.text for s in TextGeneration(self.model, self.tokenizer.tokenizer, rows, sampling).run()]

@@ -100,7 +100,7 @@ def read_pairs(cfg: PreferenceDataConfig, skipped: Counter | None = None) -> Ite
     rows = tasks.source_rows(cfg.path, cfg.hf_dataset, cfg.hf_config, cfg.split, cfg.hf_data_dir)
     system = [{"role": "system", "content": cfg.system}] if cfg.system else []
     if cfg.format == "hh_rlhf":
-        for where, rec in tasks._iter_hh_rlhf(rows, skipped):
+        for where, rec in tasks.iter_hh_rlhf(rows, skipped):
             yield where, {"prompt": system + rec["prompt"], "chosen": rec["chosen"], "rejected": rec["rejected"]}
         return
     for where, row in rows:

@@ -127,14 +127,14 @@ def read_sft_records(cfg: SFTDataConfig) -> Iterator[tuple[str, list[Message]]]:
     rows = tasks.source_rows(cfg.path, cfg.hf_dataset, cfg.hf_config, cfg.split, cfg.hf_data_dir)
     system = [{"role": "system", "content": cfg.system}] if cfg.system else []
     if cfg.format == "alpaca":
-        for where, rec in tasks._iter_alpaca(rows):
+        for where, rec in tasks.iter_alpaca(rows):
             yield where, system + alpaca_messages(rec)
     elif cfg.format == "gsm8k":
-        for where, rec in tasks._iter_gsm8k(rows):
+        for where, rec in tasks.iter_gsm8k(rows):
             msgs = [{"role": "user", "content": rec["question"]}, {"role": "assistant", "content": rec["answer"]}]
             yield where, system + msgs
     elif cfg.format == "hh_rlhf":
-        for where, rec in tasks._iter_hh_rlhf(rows):
+        for where, rec in tasks.iter_hh_rlhf(rows):
             yield where, system + rec["prompt"] + [{"role": "assistant", "content": rec["chosen"]}]
     else:
         for where, row in rows:

@@ -96,7 +96,7 @@ def read_problems(
     naming the file and line.
     """
     out = []
-    for where, rec in tasks._iter_gsm8k(tasks.source_rows(path, hf_dataset, hf_config, split)):
+    for where, rec in tasks.iter_gsm8k(tasks.source_rows(path, hf_dataset, hf_config, split)):
         try:
             target = gsm8k_target(rec["answer"])
         except ValueError:

@@ -261,7 +261,7 @@ def gsm8k_final_answer(answer: str) -> str | None:
     return answer.rsplit("####", 1)[1].strip().replace(",", "")
 
 
-def _iter_gsm8k(rows: Iterable[tuple[str, dict[str, Any]]]) -> Iterator[tuple[str, dict[str, Any]]]:
+def iter_gsm8k(rows: Iterable[tuple[str, dict[str, Any]]]) -> Iterator[tuple[str, dict[str, Any]]]:
     for where, row in rows:
         question, answer = _field(row, "question", where), _field(row, "answer", where)
         final = gsm8k_final_answer(answer)
@@ -270,7 +270,7 @@ def _iter_gsm8k(rows: Iterable[tuple[str, dict[str, Any]]]) -> Iterator[tuple[st
         yield where, {"question": question, "answer": answer, "final": final}
 
 
-def _iter_alpaca(rows: Iterable[tuple[str, dict[str, Any]]]) -> Iterator[tuple[str, dict[str, Any]]]:
+def iter_alpaca(rows: Iterable[tuple[str, dict[str, Any]]]) -> Iterator[tuple[str, dict[str, Any]]]:
     for where, row in rows:
         yield (
             where,
@@ -336,7 +336,7 @@ def split_hh_pair(chosen: str, rejected: str) -> dict[str, Any]:
     return {"prompt": prompt, "chosen": replies[0], "rejected": replies[1], "prompt_text": hh_prompt_text(prompt)}
 
 
-def _iter_hh_rlhf(
+def iter_hh_rlhf(
     rows: Iterable[tuple[str, dict[str, Any]]], skipped: Counter | None = None
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     for where, row in rows:
@@ -378,7 +378,7 @@ def read_gsm8k(
     path: str | Path | None = None, *, hf_dataset: str = "", hf_config: str = "", split: str = "train"
 ) -> Iterator[dict[str, Any]]:
     """GSM8K records {"question", "answer" (full solution), "final" (after ####, no commas)}; hub: "openai/gsm8k"."""
-    for _, rec in _iter_gsm8k(source_rows(path, hf_dataset, hf_config, split)):
+    for _, rec in iter_gsm8k(source_rows(path, hf_dataset, hf_config, split)):
         yield rec
 
 
@@ -386,7 +386,7 @@ def read_alpaca(
     path: str | Path | None = None, *, hf_dataset: str = "", hf_config: str = "", split: str = "train"
 ) -> Iterator[dict[str, Any]]:
     """Alpaca records {"instruction", "input" ("" when absent), "output"}; hub: "tatsu-lab/alpaca"."""
-    for _, rec in _iter_alpaca(source_rows(path, hf_dataset, hf_config, split)):
+    for _, rec in iter_alpaca(source_rows(path, hf_dataset, hf_config, split)):
         yield rec
 
 
@@ -405,16 +405,16 @@ def read_hh_rlhf(
     hf_data_dir e.g. "helpful-base". Pairs that do not split cleanly are skipped; pass a Counter
     as `skipped` to get the count per reason.
     """
-    for _, rec in _iter_hh_rlhf(source_rows(path, hf_dataset, hf_config, split, hf_data_dir), skipped):
+    for _, rec in iter_hh_rlhf(source_rows(path, hf_dataset, hf_config, split, hf_data_dir), skipped):
         yield rec
 
 
 _ITERS = {
     "sst2": _iter_sst2,
     "samsum": _iter_samsum,
-    "gsm8k": _iter_gsm8k,
-    "alpaca": _iter_alpaca,
-    "hh_rlhf": _iter_hh_rlhf,
+    "gsm8k": iter_gsm8k,
+    "alpaca": iter_alpaca,
+    "hh_rlhf": iter_hh_rlhf,
     "custom": _iter_custom,
 }
 
@@ -474,7 +474,7 @@ def load_task_examples(cfg: TaskDatasetConfig) -> list[dict[str, Any]]:
     cfg = resolve_task_config(cfg)
     skipped: Counter = Counter()
     rows = source_rows(cfg.path, cfg.hf_dataset, cfg.hf_config, cfg.split, cfg.hf_data_dir)
-    records = _iter_hh_rlhf(rows, skipped) if cfg.name == "hh_rlhf" else _ITERS[cfg.name](rows)
+    records = iter_hh_rlhf(rows, skipped) if cfg.name == "hh_rlhf" else _ITERS[cfg.name](rows)
     if cfg.max_examples and not cfg.shuffle:
         records = itertools.islice(records, cfg.max_examples)  # stop reading early
     examples = [_example(cfg, where, rec) for where, rec in records]

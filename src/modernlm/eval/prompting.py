@@ -154,7 +154,7 @@ def score_choices(
     if not prompts:
         return torch.empty(0, len(choices))
     longest = max(len(c) for c in choice_rows)
-    prompt_rows = [tm._fit(r, longest) for r in tm.prompt_ids_batch(list(prompts))]
+    prompt_rows = [tm.fit_prompt(r, longest) for r in tm.prompt_ids_batch(list(prompts))]
     if not tm.is_encoder_decoder:
         for text, row in zip(prompts, prompt_rows, strict=True):
             if not row:
