@@ -6,16 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modernlm.checkpoint import save_best_checkpoint, save_model, save_training_checkpoint
-from modernlm.cli import main
-from modernlm.errors import UserError
-from modernlm.eval.compare import (
+from modernlm.checkpoint import (
     checkpoint_dirs,
-    checkpoint_name,
-    markdown_table,
-    md_escape,
+    checkpoint_label,
+    save_best_checkpoint,
+    save_model,
+    save_training_checkpoint,
     saved_step,
 )
+from modernlm.cli import main
+from modernlm.errors import UserError
+from modernlm.eval.compare import markdown_table, md_escape
 from modernlm.generation import generate_text
 from modernlm.model import ModernDecoderLM
 from modernlm.tokenizer import train_bpe
@@ -55,11 +56,11 @@ def test_run_dir_expands_to_its_checkpoints_in_step_order(tmp_path, tokenizer):
     dirs = checkpoint_dirs(run)
     assert [d.name for d in dirs] == ["step_0000002", "step_0000010", "step_0000100", "best"]
     assert [saved_step(d) for d in dirs] == [2, 10, 100, 10]
-    assert checkpoint_name(dirs[0]) == "run/step_0000002"
+    assert checkpoint_label(dirs[0], outside_a_run="path") == "run/step_0000002"
     # a checkpoint directory (or anything else) stands for itself
     assert checkpoint_dirs(dirs[1]) == [dirs[1]]
     assert checkpoint_dirs(tmp_path / "missing") == [tmp_path / "missing"]
-    assert saved_step(tmp_path) is None and checkpoint_name(tmp_path) == str(tmp_path)
+    assert saved_step(tmp_path) is None and checkpoint_label(tmp_path, outside_a_run="path") == str(tmp_path)
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(UserError, match="no checkpoints"):
         checkpoint_dirs(tmp_path / "empty")

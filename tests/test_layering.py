@@ -219,11 +219,14 @@ def private_names_across_modules(modules: dict[str, Path]) -> list[str]:
         for n, _ in import_nodes(path):
             if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("modernlm"):
                 bad += [f"{module} imports {n.module}.{a.name}" for a in n.names if private(a.name)]
-                bound |= {a.asname or a.name for a in n.names if f"{n.module}.{a.name}".removeprefix("modernlm.") in modules}
+                names = {a.asname or a.name: f"{n.module}.{a.name}".removeprefix("modernlm.") for a in n.names}
+                bound |= {local for local, full in names.items() if full in modules}
             elif isinstance(n, ast.Import):
                 bound |= {a.asname for a in n.names if a.asname and a.name.startswith("modernlm.")}
         for n in ast.walk(ast.parse(path.read_text())):
-            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in bound and private(n.attr):
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in bound and private(
+                n.attr
+            ):
                 bad.append(f"{module}:{n.lineno} reads {n.value.id}.{n.attr}")
     return bad
 

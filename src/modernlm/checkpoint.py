@@ -247,8 +247,7 @@ def save_best_checkpoint(
 
 def _is_step_dir(p: Path) -> bool:
     """A finished step checkpoint's name (never a temporary or set-aside directory)."""
-    name = p.name
-    return name.startswith(STEP_PREFIX) and TMP_MARK not in name and OLD_MARK not in name and p.is_dir()
+    return _is_step_name(p.name) and TMP_MARK not in p.name and OLD_MARK not in p.name and p.is_dir()
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -259,6 +258,57 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     root = Path(run_dir) / CHECKPOINTS_DIR
     done = [p for p in root.glob(f"{STEP_PREFIX}*") if _is_step_dir(p) and (p / TRAIN_STATE_FILE).is_file()]
     return max(done, key=lambda p: p.name) if done else None
+
+
+def _is_step_name(name: str) -> bool:
+    # a half-written checkpoint is a hidden .step_*.tmp-<pid> directory, never step_<digits>
+    return name.startswith(STEP_PREFIX) and name.removeprefix(STEP_PREFIX).isdigit()
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+def run_checkpoints(run_dir: str | Path, best: bool = True) -> list[Path]:
+    """A run directory's complete checkpoints (config.json and weights): its `step_*` in step order,
+    then `best/` (with its best.json) when `best` and present."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    steps = [p for p in root.glob(f"{STEP_PREFIX}*") if _is_step_name(p.name) and _is_complete(p)]
+    dirs = sorted(steps, key=checkpoint_step)
+    if best and _is_complete(root / BEST_DIR) and (root / BEST_DIR / BEST_INFO_FILE).is_file():
+        dirs.append(root / BEST_DIR)
+    return dirs
+
+
+def checkpoint_dirs(path: str | Path) -> list[Path]:
+    """The checkpoint directories `path` stands for, in order: a run directory (it holds
+    `checkpoints/`) its `run_checkpoints`; anything else itself (loading it will say what is wrong
+    with it, e.g. no config.json)."""
+    path = Path(path)
+    if not (path / CHECKPOINTS_DIR).is_dir():
+        return [path]
+    dirs = run_checkpoints(path)
+    if not dirs:
+        raise UserError(f"run directory {path}: no checkpoints in {path / CHECKPOINTS_DIR}")
+    return dirs
+
+
+def saved_step(path: str | Path) -> int | None:
+    """The training step of a checkpoint: from a `step_N` name, or from best/best.json; None when
+    neither tells."""
+    path = Path(path)
+    if _is_step_name(path.name):
+        return checkpoint_step(path)
+    info = path / BEST_INFO_FILE  # written by the trainer next to the best model
+    if info.is_file():
+        try:
+            step = json.loads(info.read_text()).get("step")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return None
+        return step if isinstance(step, int) else None
+    return None
+
+
 
 
 def is_modernlm_checkpoint(path: str | Path) -> bool:
@@ -290,11 +340,13 @@ def resolve_checkpoint(path: str | Path) -> Path | None:
     return None
 
 
-def checkpoint_label(path: Path) -> str:
-    """runs/tiny/checkpoints/step_0000600 -> "tiny/step_0000600"; other directories: their name."""
-    if path.parent.name == "checkpoints":
+def checkpoint_label(path: str | Path, outside_a_run: str = "name") -> str:
+    """runs/tiny/checkpoints/step_0000600 -> "tiny/step_0000600"; a directory outside a run: its
+    name (outside_a_run="name") or the path as given ("path", for tables of many sources)."""
+    path = Path(path)
+    if path.parent.name == CHECKPOINTS_DIR and path.parent.parent.name:
         return f"{path.parent.parent.name}/{path.name}"
-    return path.name
+    return str(path) if outside_a_run == "path" else path.name
 
 
 class Source(NamedTuple):

@@ -60,6 +60,7 @@ def windows(cfg: Config, seq_len: int) -> tuple[int, int]:
 
 
 def main(cfg: Config) -> None:
+    from modernlm.checkpoint import run_checkpoints, saved_step
     from modernlm.eval.checkpoint_scores import (
         KEY,
         append_row,
@@ -69,7 +70,6 @@ def main(cfg: Config) -> None:
         split_ids,
         tokens_seen,
     )  # fmt: skip
-    from modernlm.eval.compare import run_checkpoints, saved_step
     from modernlm.train.tracking import read_metrics
 
     if not cfg.run_dir:

@@ -59,13 +59,8 @@ def _load(path: Path, device: str):
 
 
 def main(cfg: Config) -> None:
-    from modernlm.eval.compare import (
-        CheckpointSamples,
-        checkpoint_dirs,
-        checkpoint_name,
-        generations_markdown,
-        saved_step,
-    )
+    from modernlm.checkpoint import checkpoint_dirs, checkpoint_label, saved_step
+    from modernlm.eval.compare import CheckpointSamples, generations_markdown
     from modernlm.generation import Sampling
 
     if not cfg.checkpoints:
@@ -100,7 +95,7 @@ def main(cfg: Config) -> None:
         # One prompt at a time: a batch would share one sampling generator between rows, so a
         # cell would depend on which other prompts are in the table.
         texts = [lm.generate(p, sampling) for p in prompts]
-        results.append(CheckpointSamples(checkpoint_name(d), saved_step(d), texts))
+        results.append(CheckpointSamples(checkpoint_label(d, outside_a_run="path"), saved_step(d), texts))
     document = generations_markdown(options, prompts, results)
     if cfg.out:
         out = Path(cfg.out)

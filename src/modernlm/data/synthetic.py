@@ -119,11 +119,11 @@ class SyntheticConfig:
     pref_train: int = 2000  # prefs/train.jsonl pairs (prompts: train problems)
     pref_val: int = 200  # prefs/val.jsonl pairs (prompts: the first val problems; choose DPO's checkpoint)
     pref_test: int | None = None  # prefs/test.jsonl pairs (prompts: first test problems); None: min(200, test_problems)
-    test_key_fraction: float = 0.2  # share of arithmetic keys (computations) held out for test (docs/design.md#datasyntheticpy: Splits)
+    test_key_fraction: float = 0.2  # share of arithmetic keys (computations) held out for test (design.md: Splits)
     val_key_fraction: float = 0.1  # share of arithmetic keys held out for val, disjoint from test's
     sft_story_fraction: float = 0.1  # story-writing instructions added to sft, as a share of its word problems
     compare_fraction: float = 0.4  # share of problems that compare two people (the rest: a chain of events)
-    sft_flaw: float = 0.5  # share of "more/fewer than" demonstrations in sft/ that skip the computation (docs/design.md#datasyntheticpy)
+    sft_flaw: float = 0.5  # share of "more/fewer than" demonstrations in sft/ that skip the computation (design.md)
     max_number: int = 40  # every count in a problem (start, amounts, each step's result) is in 1..max_number
     min_range: int = 10  # each problem's counts lie in 1..R, R drawn in min_range..max_number
     min_steps: int = 1  # fewest arithmetic steps in a problem

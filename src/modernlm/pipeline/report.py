@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from modernlm.errors import UserError
+from modernlm.eval.compare import markdown_table, md_escape
 from modernlm.eval.metrics import wilson_interval
 from modernlm.files import atomic_write
 from modernlm.pipeline.runner import PIPELINE_FILE
@@ -581,8 +582,6 @@ def _fence(text: str) -> str:
 
 def to_markdown(blocks: list[Block], assets: str = ASSETS_DIR) -> str:
     """Markdown; images are linked as assets/NAME (the caller writes the files)."""
-    from modernlm.eval.compare import markdown_table, md_escape  # (imports torch: only when writing Markdown)
-
     out = []
     for b in blocks:
         if isinstance(b, Heading):

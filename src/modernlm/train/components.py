@@ -5,7 +5,7 @@ last_step=...)`, `Trainer.train` asks its components, and each answers from its 
 
 - `TrainLog.should_log(step, last)`: metrics.jsonl, the log line, the progress bar, throughput;
 - `Validator.should_eval(step, last)`: the validation loss, token-weighted over all ranks;
-- `Checkpointer.should_save(step, last)` (train/checkpointer.py): step checkpoints, keep_last, best/, where to resume from;
+- `Checkpointer.should_save(step, last)` (checkpointer.py): step checkpoints, keep_last, best/, where to resume from;
 - `TimeBudget`: train.max_seconds, agreed across ranks;
 - `StopSignals`: SIGINT / SIGTERM -> stop after the current step, with a checkpoint.
 
