@@ -92,8 +92,7 @@ def prepare_data(cfg: Config, out: Path) -> Path:
             "data: set data.path (shards from `modernlm prepare`) or data.corpus.sources "
             "(see configs/experiment/sinks-cpu.yaml)"
         )
-    from modernlm.commands.tokenizer_train import CorpusPrefix
-    from modernlm.data.corpus import default_workers, prepare_tokens
+    from modernlm.data.corpus import CorpusPrefix, default_workers, prepare_tokens
     from modernlm.tokenizer import train_bpe
 
     start = time.perf_counter()

@@ -12,10 +12,9 @@ from __future__ import annotations
 import itertools
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from modernlm.data.corpus import CorpusConfig, corpus_with_input, iter_documents
+from modernlm.data.corpus import CorpusConfig, CorpusPrefix, corpus_with_input
 from modernlm.errors import UserError
 from modernlm.tokenizer import DEFAULT_SPECIAL_TOKENS, train_bpe
 
@@ -37,23 +36,6 @@ class Config:
     pad_token: str = "<|pad|>"  # "" = none (then pad falls back to eos)
     chat_template: str = "chatml"  # "chatml", "" (none) or a Jinja template string
     max_bytes: int = 0  # train on the first this many bytes of the corpus (0 = all)
-
-
-class CorpusPrefix:
-    """A corpus' documents, the last one the first to reach `max_bytes` (0 = all of them);
-    `documents` and `bytes` count what has been read."""
-
-    def __init__(self, corpus: CorpusConfig, max_bytes: int = 0) -> None:
-        self.corpus, self.max_bytes = corpus, max_bytes
-        self.documents = self.bytes = 0
-
-    def __iter__(self) -> Iterator[str]:
-        for _, doc in iter_documents(self.corpus):
-            self.bytes += len(doc.encode("utf-8"))
-            self.documents += 1
-            yield doc
-            if self.max_bytes and self.bytes >= self.max_bytes:
-                return
 
 
 def main(cfg: Config) -> None:

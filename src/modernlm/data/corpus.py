@@ -669,7 +669,25 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 
+class CorpusPrefix:
+    """A corpus' documents, the last one the first to reach `max_bytes` (0 = all of them);
+    `documents` and `bytes` count what has been read."""
+
+    def __init__(self, corpus: CorpusConfig, max_bytes: int = 0) -> None:
+        self.corpus, self.max_bytes = corpus, max_bytes
+        self.documents = self.bytes = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for _, doc in iter_documents(self.corpus):
+            self.bytes += len(doc.encode("utf-8"))
+            self.documents += 1
+            yield doc
+            if self.max_bytes and self.bytes >= self.max_bytes:
+                return
+
+
 __all__ = [
+    "CorpusPrefix",
     "CorpusConfig",
     "SourceConfig",
     "corpus_with_input",
