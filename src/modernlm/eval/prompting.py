@@ -1,30 +1,15 @@
 """Prompting baselines: label scoring, generation, metrics and logged predictions for any model.
 
-Models come in as `textmodel.TaskModel` (ours through `textmodel.wrap_modernlm`, transformers'
-through `hf.text.wrap_hf`); nothing here imports transformers.
+Models come in as `textmodel.TaskModel` (ours: `textmodel.wrap_modernlm`; transformers':
+`hf.text.wrap_hf`). `score_choices` ranks fixed answers by the summed log-probability of each
+choice's tokens given the prompt (GPT-3's and lm-evaluation-harness's zero-shot method); prompt and
+choice are tokenized apart, as `data/tasks.py` builds training examples, and batches are
+right-padded, so a row scores the same alone or in any batch. `evaluate_task` runs a whole task
+(sst2: scored labels or the first generated word; samsum: a greedy summary, ROUGE; gsm8k: a greedy
+chain of thought, strict and flexible exact match), few-shot demonstrations first, and with
+`out_dir` writes predictions.jsonl, errors.jsonl, metrics.json (and demonstrations.txt).
 
-`score_choices` ranks fixed answers by log-probability, the zero-shot classification method of
-GPT-3 and lm-evaluation-harness: the summed log-probability of each choice's tokens given the
-prompt. Prompt and choice are tokenized separately and concatenated (as `tasks.py` builds training
-examples), so the scored tokens are exactly the choice's, with the same boundary the model is
-finetuned on. Batches are right-padded: under a causal mask padding after a sequence never changes
-its logits, so a row scores the same alone or in any batch. When every choice is one token (SST-2's
-" negative" / " positive" with GPT-2-style BPE) one forward of the prompt scores them all.
-
-`evaluate_task` runs a whole task and computes its metrics (`metrics.evaluate_predictions`):
-- sst2: mode "score" (default) predicts the label whose word scores highest; mode "generate" reads
-  the first word of a short greedy continuation (a word that is no label counts as wrong).
-  Accuracy and macro F1 over the label words.
-- samsum: a greedy summary up to the first blank line; ROUGE-1/2/L/Lsum.
-- gsm8k: a greedy chain of thought up to the next "Question:" or blank line; exact match of the
-  final number, strict ("#### N") and flexible (the last number).
-Few-shot demonstrations are prepended as "prompt + target" blocks separated by a blank line (for
-GSM8K the targets are the full worked solutions ending in "#### N", which teaches the format the
-strict extractor reads).
-
-With `out_dir`, it writes predictions.jsonl (every example: index, input, prompt, prediction,
-reference, ...), errors.jsonl (the wrong ones, via `metrics.evaluate_predictions`), metrics.json,
-and demonstrations.txt when few-shot.
+Design notes: docs/design.md#evalpromptingpy
 """
 
 from __future__ import annotations
