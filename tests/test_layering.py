@@ -46,10 +46,10 @@ ALLOWED = dict(CORE_EDGES) | {
     "data": CORE_LIBRARY,
     "train": CORE_LIBRARY,
     "eval": CORE_LIBRARY | {"data", "api", "hf"},
-    "hf.lora": CORE_LIBRARY | {"hf", "train", "data", "eval"},  # LoRA finetuning on the trainer
+    "hf.lora": CORE_LIBRARY | {"hf", "train"},  # LoRA finetuning on the trainer
     "align": CORE_LIBRARY | {"data", "train", "eval"},
     "serve": CORE_LIBRARY,
-    "pipeline": CORE_LIBRARY | {"data", "train", "eval", "align", "api", "hf"},
+    "pipeline": CORE_LIBRARY | {"data", "train", "eval", "align", "api"},
     "commands": CORE | {"hf", "api", "data", "train", "eval", "hf.lora", "align", "serve", "pipeline", "commands"},
     "package": {"api", "model", "generation"},  # modernlm/__init__.py: `from modernlm import load, ...`
 }
