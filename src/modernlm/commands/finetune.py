@@ -121,7 +121,7 @@ def main(cfg: Config) -> None:
     import torch
 
     from modernlm.data.tasks import TaskBatches, eval_batches, tokenize_examples
-    from modernlm.eval.finetuned import FinetuneEvaluation, headline
+    from modernlm.eval.finetuned import FinetuneEvaluation, metrics_line
     from modernlm.hf import lora
     from modernlm.textmodel import TaskTokenizer
     from modernlm.train.run import fmt_loss, training_run
@@ -171,6 +171,7 @@ def main(cfg: Config) -> None:
                 lora.save_merged(model, tokenizer, kind, run_dir / "merged")
             text = (
                 f"{summary['steps']} steps in {summary['wall_time_s']:.0f}s, loss {fmt_loss(summary['final_loss'])}, "
-                f"val_loss {fmt_loss(summary['final_val_loss'])}; {headline(metrics) if metrics else 'no eval data'}"
+                f"val_loss {fmt_loss(summary['final_val_loss'])}; "
+                f"{metrics_line(metrics) if metrics else 'no eval data'}"
             )
         run.done(summary, text)

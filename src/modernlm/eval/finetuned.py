@@ -4,7 +4,7 @@
   (`evaluate_classifier`); predictions.jsonl keeps every example's logits.
 - causal and seq2seq LMs: as the prompting baselines (`prompting.evaluate_task`): SST-2 by scoring
   the label words, SAMSum by ROUGE, GSM8K by exact match of the final number.
-`evaluate_model` picks the one for the task type; `FinetuneEvaluation` runs it before training
+`task_metrics` picks the one for the task type; `FinetuneEvaluation` runs it before training
 (eval_before/, kept across resumes) and after it (eval/), and writes eval.json. Models come in as
 they compute: a PEFT model's base with its adapters active (`hf.lora.base_of`); nothing here
 imports peft or transformers.
@@ -90,7 +90,7 @@ def evaluate_classifier(
     return metrics
 
 
-def evaluate_model(
+def task_metrics(
     model: nn.Module, tokenizer: Any, kind: str, data: TaskDatasetConfig, examples: list[dict[str, Any]],
     settings: FinetuneEvalSettings, runtime: Runtime, out_dir: Path, *, label_words: Sequence[str] | None = None,
     progress: bool = False,
@@ -116,13 +116,13 @@ def evaluate_model(
     )  # fmt: skip
 
 
-def headline(metrics: dict[str, Any]) -> str:
+def metrics_line(metrics: dict[str, Any]) -> str:
     """The task metrics for a summary line."""
     return ", ".join(f"{k} {metrics[k]:.4f}" for k in HEADLINE_METRICS if k in metrics) or "no task metric"
 
 
 class FinetuneEvaluation:
-    """A finetuning run's task metrics on rank 0 (`evaluate_model`): before training (eval_before/,
+    """A finetuning run's task metrics on rank 0 (`task_metrics`): before training (eval_before/,
     with settings.before; a resumed run reads them back) and after it (eval/ and eval.json)."""
 
     def __init__(
@@ -136,7 +136,7 @@ class FinetuneEvaluation:
         self.report: dict[str, Any] = {}
 
     def _evaluate(self, name: str) -> dict[str, Any]:
-        return evaluate_model(
+        return task_metrics(
             self.model, self.tokenizer, self.kind, self.data, self.examples, self.settings, self.runtime,
             self.run_dir / name, label_words=self.label_words, progress=self.progress,
         )  # fmt: skip
@@ -145,7 +145,7 @@ class FinetuneEvaluation:
         saved = self.run_dir / "eval_before" / "metrics.json"
         if self.runtime.is_main and self.examples and self.settings.before and step == 0:
             self.report["before"] = self._evaluate("eval_before")
-            self.runtime.print0(f"before training: {headline(self.report['before'])}")
+            self.runtime.print0(f"before training: {metrics_line(self.report['before'])}")
         elif saved.is_file():
             self.report["before"] = json.loads(saved.read_text())
 
@@ -166,7 +166,7 @@ __all__ = [
     "FinetuneEvalSettings",
     "FinetuneEvaluation",
     "evaluate_classifier",
-    "evaluate_model",
-    "headline",
+    "task_metrics",
+    "metrics_line",
     "predict_classes",
 ]

@@ -16,7 +16,7 @@ from modernlm.chat import ChatEncoder
 from modernlm.eval.compare import markdown_table
 from modernlm.files import atomic_write
 from modernlm.generation import generate_text
-from modernlm.pipeline.table import PipelineEvalSettings, eval_device, plain_answers, read_problems
+from modernlm.pipeline.table import PipelineEvalSettings, eval_device, held_out_problems, plain_answers
 
 
 @dataclass
@@ -34,7 +34,7 @@ def write_side_by_side_samples(out_dir: Path, dirs: dict[str, str], c: SamplesSt
     """out_dir/samples.md: every model's continuations and replies (models from `dirs`, each stage's
     directory by stage name; the questions and the plain prompt from the results table's settings `e`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    questions = [p["question"] for p in read_problems(e.problems, c.questions)] if e.problems.given() else []
+    questions = [p["question"] for p in held_out_problems(e.problems, c.questions)] if e.problems.given() else []
     models = {}
     device, _ = eval_device(e.device)
     base = load(dirs["pretrain"], device=device, what="pretrain")

@@ -69,7 +69,7 @@ class PipelineEvalSettings:
     harness_data_dir: str = "../shared/data"
 
 
-def read_problems(src: HeldOutData, limit: int = 0) -> list[dict[str, Any]]:
+def held_out_problems(src: HeldOutData, limit: int = 0) -> list[dict[str, Any]]:
     """The first `limit` (0 = all) problems of `src`, with their gold number ("target")."""
     return verifier.read_problems(src.path, limit, hf_dataset=src.hf_dataset, hf_config=src.hf_config, split=src.split)
 
@@ -151,7 +151,7 @@ def evaluate_model(name: str, source: str | Path, chat: bool, cfg: PipelineEvalS
         row["val_ppl"] = ppl["perplexity"]
         row["bits_per_byte"] = ppl["bits_per_byte"]
     if cfg.problems.given():
-        problems = read_problems(cfg.problems, cfg.max_problems)
+        problems = held_out_problems(cfg.problems, cfg.max_problems)
         if enc is not None:
             chats = [[{"role": "user", "content": p["question"]}] for p in problems]
             with autocast():
