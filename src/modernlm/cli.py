@@ -139,15 +139,22 @@ def run_command(name: str, argv: list[str]) -> int:
         _check_outputs(module, cfg, flags, flag_values, overrides)
         module.main(cfg)
     except UserError as e:
-        print(f"modernlm {name}: error: {e}", file=sys.stderr)
+        _say(f"modernlm {name}: error: {e}")
         return 2
     except Interrupted as e:  # training stopped by SIGINT / SIGTERM after saving a checkpoint
-        print(f"modernlm {name}: {e}", file=sys.stderr)
+        _say(f"modernlm {name}: {e}")
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"modernlm {name}: interrupted", file=sys.stderr)
+        _say(f"modernlm {name}: interrupted")
         return 130
     return 0
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write: under torchrun every rank may say it at the same moment, and
+    print's two writes (text, then newline) on an unbuffered stderr would interleave the ranks' lines."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _check_outputs(module, cfg, flags: dict[str, str], flag_values: dict, overrides: list[str]) -> None:

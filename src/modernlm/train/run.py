@@ -38,10 +38,12 @@ class TrainingRun:
     command: str
     runtime: Runtime
     run_dir: Path
+    trainer: Trainer | None = None  # given by `start`; closed before the runtime's cleanup
 
     def start(self, trainer: Trainer, banner: str) -> None:
         """Resume (a refused resume raises before config.yaml is touched), then config.yaml and
         the banner line on rank 0."""
+        self.trainer = trainer
         trainer.maybe_resume()
         if self.runtime.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
@@ -63,9 +65,12 @@ def training_run(cfg: Any, command: str) -> Iterator[TrainingRun]:
     run.out_dir/run.name. The runtime is cleaned up however the block exits."""
     cfg.run.name = cfg.run.name or command
     runtime = setup_runtime(cfg.run)
+    run = TrainingRun(cfg, command, runtime, Path(cfg.run.out_dir) / cfg.run.name)
     try:
-        yield TrainingRun(cfg, command, runtime, Path(cfg.run.out_dir) / cfg.run.name)
+        yield run
     finally:
+        if run.trainer is not None:
+            run.trainer.close()  # the DDP wrapper goes before the process group (see Trainer.close)
         cleanup(runtime)
 
 

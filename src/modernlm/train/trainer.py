@@ -251,6 +251,13 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Drop the DDP wrapper while the process group still exists (`train.run.training_run` calls
+        this before `runtime.cleanup`). Its reducer holds the group: freed after the group is
+        destroyed, it would free the group too, from the main thread with the interpreter lock held,
+        while a gloo thread may be waiting for that lock (a hang at exit, seen on 2 CPU ranks)."""
+        self.train_model = self.eval_model
+
     def train(self) -> dict[str, Any]:
         """Run until cfg.num_steps (or the time budget); returns the summary also written to summary.json.
 
