@@ -222,7 +222,12 @@ def run_block(b: Block, ws: Path, scripts: Path) -> float:
     return took
 
 
-def run_pages(paths: list[Path], ws: Path, scripts: Path) -> None:
+def run_pages(paths: list[Path], tmp_path: Path) -> None:
+    """Run every block of `paths` that runs, in order, in one user-like working directory."""
+    assert SHARED.is_dir(), f"the shared data is not at {SHARED}"
+    ws, scripts = workspace(tmp_path, "modernlm"), tmp_path / "blocks"
+    scripts.mkdir()
+    print()
     total = 0.0
     for path in paths:
         for b in blocks(path):
@@ -233,18 +238,10 @@ def run_pages(paths: list[Path], ws: Path, scripts: Path) -> None:
 
 @pytest.mark.slow
 def test_readme_blocks_run(tmp_path):
-    assert SHARED.is_dir(), f"the shared data is not at {SHARED}"
-    scripts = tmp_path / "blocks"
-    scripts.mkdir()
-    print()
-    run_pages([README], workspace(tmp_path, "modernlm"), scripts)
+    run_pages([README], tmp_path)
 
 
 @pytest.mark.slow
 @pytest.mark.hf
 def test_docs_blocks_run(tmp_path):
-    assert SHARED.is_dir(), f"the shared data is not at {SHARED}"
-    scripts = tmp_path / "blocks"
-    scripts.mkdir()
-    print()
-    run_pages(pages()[1:], workspace(tmp_path, "modernlm"), scripts)
+    run_pages(pages()[1:], tmp_path)
