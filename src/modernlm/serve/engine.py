@@ -63,6 +63,7 @@ class Request:
     emit: Callable[[Piece | Done | Failed], None]
     n: int = 1
     logprobs: int | None = None  # None: no logprobs; k >= 0: each token's logprob and its top k
+    id: str = ""  # the request id (x-request-id), in the server's log and in failure messages
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -94,7 +95,8 @@ class Engine:
     for a row. `start()` runs the engine thread, `submit(request)` queues a request (EngineFull
     when the queue is full), `close()` stops the thread."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 64):
+    def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 64,
+                 kv_cache_bytes: int = 0, block_size: int = 16, prefill_chunk: int = 256, prefix_cache: bool = True):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.tokenizer = model, tokenizer
@@ -124,6 +126,21 @@ class Engine:
             self.lock.notify_all()
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join()
+
+    def stats(self) -> dict[str, int]:
+        """The engine's state for /health and /metrics (a snapshot; counters only grow)."""
+        running, waiting = self.load
+        return {
+            "running": running, "waiting": waiting,
+            "kv_cache_bytes": 0, "kv_block_size": 16, "kv_blocks_total": 0, "kv_blocks_used": 0,
+            "kv_blocks_free": 0, "kv_blocks_cached": 0,
+            "prefix_hit_tokens": 0, "prompt_tokens": 0,
+        }
+
+    @property
+    def kv_tokens(self) -> int:
+        """The most tokens one sequence can hold: the whole KV budget."""
+        return 1 << 30
 
     @property
     def load(self) -> tuple[int, int]:
