@@ -350,6 +350,78 @@ def test_text_stream_stop_strings(tokenizer):
     assert stream.push(tokenizer.encode("x")[0]) == ""  # nothing after a stop
 
 
+def _quadratic_stop_reference(increments: list[str], stop: list[str]) -> tuple[list[str], str, str]:
+    """TextStream's stop-string rule as it was first written (the pieces, the text, the finish of
+    pushing each increment of text, then flushing): the earliest stop string found in the unsent
+    text cuts it; otherwise the longest unsent tail that a stop string begins with is held back,
+    found by trying every prefix (O(len(stop)^2) per token)."""
+    stop = [s for s in stop if s]
+    text, sent, pieces, finish = "", 0, [], "length"
+    for inc in [*increments, None]:
+        text += inc or ""
+        hits = [i for s in stop if (i := text.find(s, sent)) >= 0]
+        if hits:
+            text, finish = text[: min(hits)], "stop"
+            end = len(text)
+        elif inc is None:
+            end = len(text)
+        else:
+            tail = text[sent:]
+            end = len(text) - max((k for s in stop for k in range(1, len(s)) if tail.endswith(s[:k])), default=0)
+        pieces.append(text[sent:end])
+        sent = end
+        if finish == "stop":
+            break
+    return pieces, text, finish
+
+
+def test_text_stream_stop_strings_match_the_quadratic_reference():
+    # Random token sequences and stop strings over a 3-letter alphabet (so partial matches,
+    # overlapping and nested stop strings are common); tokens of 1 to 3 characters.
+    import random
+
+    from modernlm.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    words = ["a", "b", "c", "ab", "bca", "aa"]
+    tok.backend.add_tokens(words[3:])
+    ids = {w: tok.token_to_id(w) if len(w) > 1 else tok.encode(w)[0] for w in words}
+    stopped = 0
+    for trial in range(2000):
+        rng = random.Random(trial)
+        seq = [rng.choice(words) for _ in range(rng.randrange(0, 30))]
+        stop = ["".join(rng.choice("abc") for _ in range(rng.randrange(0, 7))) for _ in range(rng.randrange(0, 4))]
+        stream = TextStream(tok, stop=stop)
+        pieces = []
+        for w in seq:
+            pieces.append(stream.push(ids[w]))
+            if stream.done:
+                break
+        if not stream.done:
+            pieces.append(stream.flush())
+        assert (pieces, stream.text, stream.finish) == _quadratic_stop_reference(seq, stop), (trial, seq, stop)
+        stopped += stream.stopped
+    assert 300 < stopped < 1700  # both outcomes well covered
+
+
+def test_text_stream_long_stop_strings_cost_linear_time():
+    # Four 5,000-character stop strings that the text keeps partly matching (held back all along):
+    # 2,000 tokens took 17 ms here (2 shared cores); `_quadratic_stop_reference` on the same text
+    # took 7.0 s. 1 s leaves a wide margin for a loaded machine and still fails the quadratic rule.
+    import time
+
+    from modernlm.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    stop = ["a" * 4999 + "b", "ab" * 2499 + "ac", "a" * 2500 + "c" * 2500, "ba" * 2500]
+    start = time.perf_counter()
+    stream = TextStream(tok, stop=stop)
+    pieces = [stream.push(i) for i in tok.encode("a" * 2000)]
+    assert pieces == [""] * 2000  # all of it could begin the first stop string
+    assert stream.flush() == "a" * 2000 and not stream.stopped
+    assert time.perf_counter() - start < 1.0
+
+
 def _decode_until_eos(tokenizer, ids: list[int]) -> str:
     if tokenizer.eos_id in ids:
         ids = ids[: ids.index(tokenizer.eos_id)]

@@ -396,6 +396,35 @@ def left_pad(
 # --------------------------------------------------------------------------------------------
 
 
+class _StopMatcher:
+    """Knuth-Morris-Pratt matching of one stop string against text fed a character at a time:
+    `state` is the length of the longest prefix of the string that the text so far ends with.
+    Amortized O(1) work per character (the state rises by at most one per character and each
+    fallback lowers it), so a stream costs time linear in its text however long the stop string;
+    comparing the tail with every prefix instead costs O(len(stop)^2) per token."""
+
+    def __init__(self, stop: str):
+        self.stop = stop
+        # fallback[k]: the longest proper prefix of stop[:k] that stop[:k] ends with (k >= 1)
+        self.fallback = [0, 0]
+        for k in range(1, len(stop)):
+            j = self.fallback[k]
+            while j and stop[k] != stop[j]:
+                j = self.fallback[j]
+            self.fallback.append(j + 1 if stop[k] == stop[j] else 0)
+        self.state = 0
+
+    def feed(self, char: str) -> bool:
+        """Take one character; True when the text now ends with the whole stop string."""
+        stop, k = self.stop, self.state
+        while k and stop[k] != char:
+            k = self.fallback[k]
+        if stop[k] == char:
+            k += 1
+        self.state = k
+        return k == len(stop)
+
+
 class TextStream:
     """Token ids in, text pieces out: never half a character, never part of a stop string.
 
@@ -426,6 +455,8 @@ class TextStream:
     ):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
+        self._matchers = [_StopMatcher(s) for s in self.stop]
+        self._scanned = 0  # characters of `text` the matchers have taken
         self.eos = set(eos)
         self.skip_special_tokens = skip_special_tokens
         # The last prompt tokens give the first generated ones their decoding context.
@@ -462,19 +493,24 @@ class TextStream:
             self._done = len(self._decode(self._window[self._prefix :]))
 
     def _release(self, final: bool) -> str:
-        hits = [i for s in self.stop if (i := self.text.find(s, self._sent)) >= 0]
+        # Feed the new characters to each stop string's matcher. Text before `_sent` holds no part
+        # of a stop string (what might begin one is held back), so the first completion of each
+        # is its first occurrence after `_sent`; the text is cut before the earliest-starting one.
+        new, start = self.text[self._scanned :], self._scanned
+        self._scanned = len(self.text)
+        hits = []
+        for m in self._matchers:
+            for i, char in enumerate(new):
+                if m.feed(char):
+                    hits.append(start + i + 1 - len(m.stop))
+                    break
         if hits:
             self.text, self.finish = self.text[: min(hits)], "stop"
             end = len(self.text)
         elif final:
             end = len(self.text)
-        else:
-            # hold back the longest tail that a stop string begins with
-            tail = self.text[self._sent :]
-            hold = max(
-                (k for s in self.stop for k in range(1, len(s)) if tail.endswith(s[:k])), default=0
-            )
-            end = len(self.text) - hold
+        else:  # hold back the longest tail that a stop string begins with
+            end = len(self.text) - max((m.state for m in self._matchers), default=0)
         piece, self._sent = self.text[self._sent : end], end
         return piece
 
