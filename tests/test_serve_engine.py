@@ -1,4 +1,4 @@
-"""The continuous-batching engine: a SlotCache decode step gives each row the logits it gets alone
+"""The continuous-batching engine: a PagedCache step gives each row the logits it gets alone
 (every model variant, rows at different positions), and the engine's sequences get the text
 `TextGeneration` gives each alone, whatever joins or leaves the batch meanwhile: greedy, seeded
 sampling, repetition penalty, stop strings; a request arriving mid-generation decodes in the same
@@ -12,40 +12,55 @@ import pytest
 import torch
 
 from modernlm.generation import Sampling, TextGeneration
-from modernlm.model import ModernDecoderLM, SlotCache
+from modernlm.model import ModernDecoderLM, PagedCache
 from modernlm.serve.engine import Done, Engine, EngineFull, Failed, Piece, Request
 from modernlm.tokenizer import train_bpe
 from tests.serve_util import CORPUS
 
 
-def test_slot_cache_rows_at_their_own_positions_equal_alone(variant_config):
+def test_paged_cache_rows_at_their_own_positions_equal_alone(variant_config):
+    """Rows in scattered blocks, at different positions, prefilled in chunks, joining at different
+    steps: each gets the logits it gets alone in a plain KVCache."""
     torch.manual_seed(0)
     model = ModernDecoderLM(variant_config).eval()
     prompts = [torch.randint(0, variant_config.vocab_size, (1, n)) for n in (3, 9, 5)]
-    steps = 4
-    # alone: a plain KVCache per prompt, decode `steps` fixed tokens
+    steps, bs = 4, 4
     feed = torch.randint(0, variant_config.vocab_size, (3, steps))
     alone = []
     with torch.no_grad():
         for i, p in enumerate(prompts):
             cache = model.new_cache(1, p.size(1) + steps)
-            model(p, cache=cache)
-            alone.append(torch.cat([model(feed[i : i + 1, t : t + 1], cache=cache).logits for t in range(steps)], 1))
-        # together: each prompt prefilled alone and put in its row; rows join at different steps
-        slots = SlotCache(variant_config, 4, 8, device="cpu", dtype=torch.float32)
-        got = [[] for _ in prompts]
+            first = model(p, cache=cache).logits[:, -1:]
+            alone.append(torch.cat([first] + [model(feed[i : i + 1, t : t + 1], cache=cache).logits
+                                              for t in range(steps - 1)], 1))
+        sink = int(variant_config.attn_sink)
+        paged = PagedCache(variant_config, 32, bs, device="cpu", dtype=torch.float32)
+        free = torch.randperm(32).tolist()  # blocks in no order: a row's table is scattered
+        tables, filled, got = [[] for _ in prompts], [0] * 3, [[] for _ in prompts]
+
+        def forward(rows, idx):
+            for r in rows:  # room for what this forward adds
+                while len(tables[r]) * bs < filled[r] + idx.size(1) + (sink if filled[r] == 0 else 0):
+                    tables[r].append(free.pop())
+                    paged.clear(tables[r][-1:])  # unwritten memory may hold NaNs
+            paged.select([tables[r] for r in rows], [filled[r] for r in rows])
+            out = model(idx, cache=paged).logits
+            for r in rows:
+                filled[r] += idx.size(1) + (sink if filled[r] == 0 else 0)
+            return out
+
         for t in range(steps + 2):
-            if t < len(prompts):  # one new row per step
-                cache = model.new_cache(1, prompts[t].size(1))
-                model(prompts[t], cache=cache)
-                slots.grow(32)
-                slots.put(t, cache)
-                slots.rows = t + 1
-            idx = torch.stack([feed[i, min(len(got[i]), steps - 1)] for i in range(slots.rows)])  # done rows: any
-            logits = model(idx[:, None], cache=slots).logits
-            for i in range(slots.rows):
-                if len(got[i]) < steps:
-                    got[i].append(logits[i : i + 1])
+            if t < len(prompts):  # one new row per step, its prompt in chunks of 2 tokens
+                p = prompts[t]
+                for c in range(0, p.size(1), 2):
+                    logits = forward([t], p[:, c : c + 2])
+                got[t].append(logits[:, -1:])
+            rows = [r for r in range(min(t + 1, 3)) if 0 < len(got[r]) < steps]
+            if rows:
+                idx = torch.stack([feed[r, len(got[r]) - 1] for r in rows])[:, None]
+                logits = forward(rows, idx)
+                for j, r in enumerate(rows):
+                    got[r].append(logits[j : j + 1])
     for i in range(3):
         torch.testing.assert_close(torch.cat(got[i], 1), alone[i], atol=1e-5, rtol=1e-5)
 
@@ -167,7 +182,7 @@ def test_cancel_frees_the_row_and_a_full_queue_refuses(setup):
 
 def test_a_request_joins_the_running_batch_and_finishes_first(setup):
     """Batching, observed at the model: a forward pre-hook records the rows of every decode forward
-    (those given the engine's SlotCache), and at the 4th submits a 3-token request while a 250-token
+    (one token per row: the prefills here feed more), and at the 4th submits a 3-token request while a 250-token
     one runs. The newcomer is prefilled alone between steps, decodes in the same forwards as the
     long one (2 rows in steps 5 and 6) and is done at step 6 of the long one's 249; a
     one-request-at-a-time engine would decode 1 row per step and finish it after the long one."""
@@ -190,7 +205,7 @@ def test_a_request_joins_the_running_batch_and_finishes_first(setup):
     rows: list[int] = []
 
     def decode_rows(module, args, kwargs) -> None:
-        if isinstance(kwargs.get("cache"), SlotCache):  # a decode step (a prefill has a cache of its own)
+        if args[0].size(1) == 1:  # a decode step (the prompts here are 2+ tokens, prefilled in one chunk)
             rows.append(args[0].size(0))
             if len(rows) == 4:
                 engine.submit(short)  # arrives while the long request is mid-generation

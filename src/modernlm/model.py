@@ -240,74 +240,85 @@ class KVCache:
         return sum(b.numel() * b.element_size() for b in (*self.k, *self.v))
 
 
-class SlotCache:
-    """A KV cache for continuous batching (`modernlm serve`): each row is a slot that holds one
-    sequence at its own position, so sequences can join and leave between decode steps.
+class PagedCache:
+    """A KV cache in fixed-size blocks that many sequences share: continuous batching (`modernlm serve`).
 
-    Row b's token at position p sits at slot p, its key stored after RoPE, as in a plain KVCache;
-    `lengths` (B,) counts each row's tokens. A prompt is prefilled alone in a plain KVCache and
-    copied into a free row with `put` (so it gets exactly the keys it gets alone); every forward
-    then adds T tokens to each of the first `rows` rows (the rows in use: `move` packs them at the
-    front when a sequence leaves). Attention runs over the longest row's keys, each row masked to
-    its own (see `ModernDecoderLM._attention_mask`).
+    The pool holds `num_blocks` blocks of `block_size` slots, per layer k[l] and v[l] each
+    (num_blocks, K, block_size, D), keys after RoPE. A sequence owns a list of blocks, its block
+    table: its token at position p sits in slot p % block_size of block table[p // block_size]. So
+    memory follows what sequences hold, and a block can hold the same prefix for several sequences.
+    Who owns which block, and when one is shared or freed, is the caller's (serve/blocks.py); this
+    class only reads and writes.
+
+    `select(tables, lengths)` sets the rows of the next forward: row r continues at position
+    lengths[r], and its table already has room for what the forward adds. Attention gathers each
+    row's blocks into one contiguous (rows, K, S, D) tensor, S the widest table's slots, each row
+    masked to its own positions (`ModernDecoderLM.forward`): one `index_select` per layer, a copy of
+    the keys and values the step reads anyway.
     """
 
     rolling = False
     valid = None
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, capacity: int, *, device, dtype: torch.dtype):
-        shape = (batch_size, cfg.n_kv_head, capacity, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.capacity = capacity
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.rows = 0  # rows in use: 0 .. rows-1
-        self.seen = 1  # never 0: prompts (and the sink token) go in through `put`
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, *, device, dtype: torch.dtype):
+        shape = (num_blocks, cfg.n_kv_head, block_size, cfg.head_dim)
+        # empty, not zeros: a block's memory is touched (resident) only once a sequence writes it
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.rows, self.seen = 0, 1
+
+    @staticmethod
+    def block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes of one block over every layer, keys and values."""
+        return 2 * cfg.n_layer * cfg.n_kv_head * block_size * cfg.head_dim * dtype.itemsize
+
+    def clear(self, blocks: list[int]) -> None:
+        """Zero freshly allocated blocks: the slots past a row's length still enter attention's
+        matmul (with weight 0), and 0 * a NaN left in unwritten memory is NaN."""
+        index = torch.tensor(blocks, device=self.k[0].device)
+        for buf in (*self.k, *self.v):
+            buf.index_fill_(0, index, 0)
+
+    def select(self, tables: list[list[int]], lengths: list[int]) -> None:
+        """The rows of the next forward: their block tables and how many slots each has filled."""
+        width = max(len(t) for t in tables)
+        device = self.k[0].device
+        # short tables padded with their first block: slots past a row's length are masked anyway
+        table = torch.tensor([t + t[:1] * (width - len(t)) for t in tables], device=device)  # (rows, width)
+        self.table, self.rows = table, len(tables)
+        self.lengths = torch.tensor(lengths, device=device)
+        self.seen = int(min(lengths) > 0)  # 0: fresh rows (the model then adds its sink token)
+        K = self.k[0].size(1)
+        # row r, kv head h, block j of the gathered keys is pool row table[r, j] * K + h of the
+        # pool viewed as (num_blocks * K, block_size * D): one index_select, a contiguous result
+        self.gather = (table[:, None, :] * K + torch.arange(K, device=device)[None, :, None]).flatten()
 
     def check_room(self, t: int) -> None:
-        if self.rows and int(self.lengths[: self.rows].max()) + t > self.capacity:
-            raise ValueError(f"SlotCache: cannot add {t} tokens (capacity {self.capacity}); grow it first")
-
-    def grow(self, capacity: int) -> None:
-        """Make room for `capacity` tokens per row, keeping what is cached."""
-        if capacity <= self.capacity:
-            return
-        pad = capacity - self.capacity
-        self.k = [F.pad(buf, (0, 0, 0, pad)) for buf in self.k]
-        self.v = [F.pad(buf, (0, 0, 0, pad)) for buf in self.v]
-        self.capacity = capacity
-
-    def put(self, row: int, cache: KVCache) -> None:
-        """Copy a one-row plain cache (a prefilled prompt) into `row`."""
-        n = cache.length
-        for dst, src in zip((*self.k, *self.v), (*cache.k, *cache.v), strict=True):
-            dst[row, :, :n] = src[0, :, :n]
-        self.lengths[row] = n
-
-    def move(self, src: int, dst: int) -> None:
-        """Copy row `src` into row `dst` (packing the rows in use when one leaves)."""
-        n = int(self.lengths[src])
-        for buf in (*self.k, *self.v):
-            buf[dst, :, :n] = buf[src, :, :n]
-        self.lengths[dst] = n
+        if int(self.lengths.max()) + t > self.table.size(1) * self.block_size:
+            raise ValueError(f"PagedCache: a row has no block for {t} more tokens; allocate first")
 
     def positions(self, t: int) -> Tensor:
-        """(rows, t) positions of the next t tokens of each row in use."""
-        return self.lengths[: self.rows, None] + torch.arange(t, device=self.lengths.device)
+        """(rows, t) positions of the next t tokens of each row."""
+        return self.lengths[:, None] + torch.arange(t, device=self.lengths.device)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (rows, K, T, D) at each row's next slots; return keys/values (rows, K, S, D),
-        S the longest row's length after the write."""
+        """Write k, v (rows, K, T, D) at each row's next slots; return every row's keys/values
+        (rows, K, S, D), S = the widest table's slots."""
         pos = self.positions(k.size(2))  # (rows, T)
-        rows = torch.arange(self.rows, device=pos.device)[:, None]  # (rows, 1)
+        block, slot = self.table.gather(1, pos // self.block_size), pos % self.block_size
         # advanced indices on dims 0 and 2: the indexed view is (rows, T, K, D)
-        self.k[layer][rows, :, pos] = k.transpose(1, 2)
-        self.v[layer][rows, :, pos] = v.transpose(1, 2)
-        s = int(pos[:, -1].max()) + 1
-        return self.k[layer][: self.rows, :, :s], self.v[layer][: self.rows, :, :s]
+        self.k[layer][block, :, slot] = k.transpose(1, 2)
+        self.v[layer][block, :, slot] = v.transpose(1, 2)
+        rows, K, _, D = k.shape
+        S = self.table.size(1) * self.block_size
+        flat = (self.num_blocks * K, self.block_size * D)
+        keys = self.k[layer].view(flat).index_select(0, self.gather).view(rows, K, S, D)
+        values = self.v[layer].view(flat).index_select(0, self.gather).view(rows, K, S, D)
+        return keys, values
 
     def advance(self, t: int) -> None:
-        self.lengths[: self.rows] += t
+        self.lengths += t
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +341,7 @@ class Attention(nn.Module):
         self,
         x: Tensor,
         rope: tuple[Tensor, Tensor],
-        cache: KVCache | SlotCache | None = None,
+        cache: KVCache | PagedCache | None = None,
         mask: Tensor | None = None,
         key_rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
@@ -497,7 +508,7 @@ class ModernDecoderLM(nn.Module):
         self,
         idx: Tensor,
         *,
-        cache: KVCache | SlotCache | None = None,
+        cache: KVCache | PagedCache | None = None,
         pad_mask: Tensor | None = None,
         segment_ids: Tensor | None = None,
         last_only: bool = False,
@@ -507,7 +518,7 @@ class ModernDecoderLM(nn.Module):
         """idx (B, T) token ids -> LMOutput(logits (B, T, V), aux_loss, hidden).
 
         cache: continue from (and append to) a KVCache; positions continue from the cache. A
-            SlotCache (continuous batching) continues each row from its own position.
+            PagedCache (continuous batching) continues each row from its own position.
         pad_mask: (B, T) bool, False at padding (left-padded batched prompts); padding is never
             attended to. Without padding, attention runs SDPA's causal fast path.
         segment_ids: (B, T) ints for packed rows: a token attends only to earlier tokens of its own
@@ -544,15 +555,15 @@ class ModernDecoderLM(nn.Module):
 
         start = 0
         key_rope = None
-        if isinstance(cache, SlotCache):
+        if isinstance(cache, PagedCache):
             # Continuous batching: each row continues at its own position, attending to its own keys.
             if B != cache.rows:
-                raise ValueError(f"SlotCache has {cache.rows} rows in use, idx has {B}")
+                raise ValueError(f"PagedCache has {cache.rows} rows selected, idx has {B}")
             cache.check_room(T)
             pos = cache.positions(T)  # (B, T)
             rope = self.rope.at(pos)
-            k_pos = torch.arange(int(pos[:, -1].max()) + 1, device=x.device)  # (S,)
-            mask = (k_pos <= pos[..., None])[:, None]  # (B, 1, T, S)
+            k_pos = torch.arange(cache.table.size(1) * cache.block_size, device=x.device)  # (S,)
+            mask = (k_pos <= pos[..., None])[:, None]  # (B, 1, T, S): its own past, not other rows' slots
         else:
             if cache is not None:
                 cache.check_room(T)
