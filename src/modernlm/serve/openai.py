@@ -23,6 +23,7 @@ from modernlm.serve.engine import Done, Piece, TokenInfo
 from modernlm.tokenizer import token_bytes
 
 MAX_STOP = 4  # stop strings per request, as OpenAI
+MAX_STOP_CHARS = 1000  # characters per stop string (the text held back while one may be forming)
 MAX_TOP_LOGPROBS = 20
 
 
@@ -47,6 +48,7 @@ class Context:
     model_name: str
     max_tokens: int  # the largest max_tokens a request may ask for
     max_n: int
+    kv_tokens: int | None = None  # the most tokens the engine's KV cache holds for one sequence
 
 
 @dataclass
@@ -124,6 +126,9 @@ def _stop(body: dict) -> tuple[str, ...]:
         raise APIError(400, "stop must be a string or a list of strings", "stop")
     if len(stop) > MAX_STOP:
         raise APIError(400, f"stop takes at most {MAX_STOP} strings, got {len(stop)}", "stop")
+    longest = max((len(s) for s in stop), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise APIError(400, f"a stop string may have at most {MAX_STOP_CHARS} characters, got {longest}", "stop")
     return tuple(s for s in stop if s)
 
 
@@ -212,6 +217,9 @@ def parse(kind: str, body: Any, ctx: Context) -> Job:
         raise APIError(400, f"This model's maximum context length is {context} tokens; you asked for {asked}. "
                        f"Reduce the length of the {field_name} or {max_name}.", field_name,
                        code="context_length_exceeded")
+    if ctx.kv_tokens is not None and longest + 1 > ctx.kv_tokens:
+        raise APIError(400, f"The {field_name} has {longest} tokens and this server's KV cache holds {ctx.kv_tokens} "
+                       "(kv_cache_bytes)", field_name, code="context_length_exceeded")
     if max_tokens is None:  # OpenAI: chats run to the context's end, completions 16 tokens
         max_tokens = min(ctx.max_tokens, context - longest, 16 if kind == "completion" else context)
     stream = _boolean(body, "stream")
