@@ -276,7 +276,7 @@ class PagedCache:
     def clear(self, blocks: list[int]) -> None:
         """Zero freshly allocated blocks: the slots past a row's length still enter attention's
         matmul (with weight 0), and 0 * a NaN left in unwritten memory is NaN."""
-        index = torch.tensor(blocks, device=self.k[0].device)
+        index = torch.tensor(blocks, dtype=torch.long, device=self.k[0].device)
         for buf in (*self.k, *self.v):
             buf.index_fill_(0, index, 0)
 

@@ -270,8 +270,12 @@ class Engine:
                 if not self.waiting:
                     return
                 seq = self.waiting[0]
-            if not seq.request.cancelled.is_set() and not self._reserve(seq):
-                return  # not enough memory yet: it waits at the head of the queue
+            try:
+                if not seq.request.cancelled.is_set() and not self._reserve(seq):
+                    return  # not enough memory yet: it waits at the head of the queue
+            except Exception:
+                log.exception("admission of request %s failed", seq.request.id)
+                self._fail(seq)
             with self.lock:
                 self.waiting.popleft()
             if not seq.request.cancelled.is_set():
