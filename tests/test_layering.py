@@ -62,6 +62,7 @@ OWNERS = {
     "fastapi": {"serve", "commands.serve"},
     "starlette": {"serve", "commands.serve"},
     "uvicorn": {"serve", "commands.serve"},
+    "prometheus_client": {"serve", "commands.serve"},
     "lm_eval": {"eval.tasks"},
     "matplotlib": {"pipeline.plotting"},
     "tensorboard": {"train.tracking"},

@@ -10,11 +10,18 @@ page at GET / (open http://127.0.0.1:8000 in a browser). Extensions to OpenAI's 
 repetition_penalty, ignore_eos. Sources: our checkpoints and run directories, and HF Llama
 directories, hub ids and .gguf files (converted as they load); other architectures are refused.
 Binds 127.0.0.1 unless host says otherwise. api_key (or the MODERNLM_API_KEY environment variable)
-makes /v1 routes need `Authorization: Bearer <key>`.
+makes every route but /, /health and /metrics need `Authorization: Bearer <key>`. Only loopback
+Host names are answered unless allowed_hosts names more, so a public address needs both:
+
+    modernlm serve CKPT host=0.0.0.0 api_key=sk-... allowed_hosts=myhost.lan,192.168.1.20
+
+Logs (access lines, errors with their tracebacks) go to stderr, as text or log_format=json lines;
+GET /metrics is Prometheus text.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -22,9 +29,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, fields
+from typing import Literal
 
 from modernlm.errors import UserError
 from modernlm.serve.app import ServeConfig, make_app
+from modernlm.serve.http import JSONFormatter, loopback
 
 POSITIONALS = ["model"]
 FLAGS: dict[str, str] = {}
@@ -36,6 +45,7 @@ class Config(ServeConfig):
     model: str = ""  # a checkpoint or run directory, HF Llama directory or hub id, or .gguf
     device: str = "cpu"  # cpu, cuda, cuda:1, mps, auto
     dtype: str | None = None  # float32, bfloat16, float16 (null: the checkpoint's own; float32 for HF)
+    log_format: Literal["text", "json"] = "text"  # stderr's log lines: text, or one JSON object a line
 
 
 def _check_port(host: str, port: int) -> None:
@@ -49,6 +59,31 @@ def _check_port(host: str, port: int) -> None:
         raise UserError(f"host/port: cannot listen on {host}:{port} ({e.strerror or e})") from None
 
 
+def exposure_warnings(host: str, api_key: str, allowed_hosts: list[str]) -> list[str]:
+    """What to say at start-up when `host` is not a loopback address (the server is reachable)."""
+    if loopback(host.strip("[]")):
+        return []
+    out = []
+    if not api_key:
+        out.append(f"modernlm serve: warning: host={host} is reachable from the network and there is no api_key:"
+                   " anyone who reaches it can use it (set api_key= or MODERNLM_API_KEY)")
+    if not allowed_hosts:
+        out.append("modernlm serve: note: only loopback Host names are answered; set allowed_hosts= to the names"
+                   " (or addresses) clients use to reach this server")
+    return out
+
+
+def configure_logging(log_format: str) -> None:
+    """Log lines to stderr: ours at INFO (access lines, errors with tracebacks), others' warnings."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter() if log_format == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("modernlm").setLevel(logging.INFO)
+
+
 def main(cfg: Config) -> None:
     from modernlm.api import load
     from modernlm.checkpoint import resolve_source
@@ -57,11 +92,15 @@ def main(cfg: Config) -> None:
         raise UserError("model: give a model source (modernlm serve MODEL)")
     try:
         import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
         import uvicorn
     except ImportError:
-        raise UserError("serve needs FastAPI and uvicorn: pip install 'modernlm[serve]'") from None
+        raise UserError("serve needs FastAPI, uvicorn and prometheus_client: pip install 'modernlm[serve]'") from None
     _check_port(cfg.host, cfg.port)
     api_key = cfg.api_key or os.environ.get("MODERNLM_API_KEY", "")
+    for line in exposure_warnings(cfg.host, api_key, cfg.allowed_hosts):
+        print(line, file=sys.stderr, flush=True)
+    configure_logging(cfg.log_format)
     backend = "auto" if resolve_source(cfg.model, "model").kind == "modernlm" else "modernlm"
     lm = load(cfg.model, device=cfg.device, dtype=cfg.dtype, backend=backend, what="model")
     server = ServeConfig(**{f.name: getattr(cfg, f.name) for f in fields(ServeConfig)} | {"api_key": api_key})
@@ -76,7 +115,10 @@ def main(cfg: Config) -> None:
     )
     # The HTTP server in a thread, the engine on this one: the thread that loaded the model runs it
     # fastest on a CPU (see Engine.run). Ctrl-C or SIGTERM stops both.
-    web = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"))
+    # log_config=None: uvicorn's own lines go through the handler above too (json lines stay json);
+    # our Edge writes the access lines, with request ids.
+    web = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", log_config=None,
+                                        access_log=False))
     thread = threading.Thread(target=web.run, name="modernlm-http", daemon=True)
     thread.start()
     while not web.started:  # uvicorn is up, or it failed (and said why)

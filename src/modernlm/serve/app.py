@@ -3,13 +3,16 @@
     GET  /v1/models             the one model served
     POST /v1/chat/completions   chats, in the model's chat template
     POST /v1/completions        plain continuations (a string, strings, or token ids)
-    GET  /health                200 while the engine runs (no key needed)
+    GET  /health                200 while the engine runs, with its numbers (no key needed)
+    GET  /metrics               Prometheus metrics (no key needed)
     GET  /                      the chat page (chat.html, shipped in the package)
 
 Generation never runs on the event loop (the engine's events come back through
 `call_soon_threadsafe`); a streamed answer's joined text equals the non-streamed one for the same
-seed. Safe by default: it binds 127.0.0.1, and has an optional bearer `api_key` and limits on body
-size, queue length and request time.
+seed. Safe by default: it binds 127.0.0.1, answers only loopback Host names (and `allowed_hosts`),
+only JSON POSTs, no other origin's pages (CORS off unless `cors_origins`); an optional bearer
+`api_key`, and limits on body size, queue length and request time (serve/http.py: the edge every
+request passes). Every response has an x-request-id, every request an access-log line.
 
 Design notes: docs/design.md#serveapppy
 """
@@ -18,18 +21,32 @@ Design notes: docs/design.md#serveapppy
 # type, imported inside make_app so that importing this module does not need FastAPI).
 import asyncio
 import contextlib
-import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 from modernlm.errors import UserError
 from modernlm.serve.engine import Done, Engine, EngineFull, Failed, Piece, Request
-from modernlm.serve.openai import APIError, Choice, Context, Job, chunk, chunk_choice, logprobs_json, parse, response
+from modernlm.serve.http import ORIGIN, Edge, Gate, Metrics, allowed_host, internal_error
+from modernlm.serve.openai import (
+    APIError,
+    Choice,
+    Context,
+    Job,
+    chunk,
+    chunk_choice,
+    logprobs_json,
+    parse,
+    response,
+    usage,
+)
+
+log = logging.getLogger("modernlm.serve")
 
 
 @dataclass
@@ -44,13 +61,30 @@ class ServeConfig:
     max_n: int = 8  # the most choices (n) per request
     max_body_bytes: int = 1 << 20  # request bodies larger than this get 413
     request_timeout: float = 600.0  # seconds before a request is cancelled
+    # Host names answered besides loopback ones (localhost, 127.x, [::1]); "*" = any. Binding a
+    # public address needs the names clients use here (DNS rebinding sends another site's name).
+    allowed_hosts: list[str] = field(default_factory=list)
+    cors_origins: list[str] = field(default_factory=list)  # web origins whose pages may call the API ("*" = any)
+    access_log: bool = True  # one line per request on the logger modernlm.serve.access
+    kv_cache_bytes: int = 0  # the KV cache's budget in bytes (0 = auto)
+    kv_block_size: int = 16  # tokens per KV cache block
+    prefill_chunk: int = 256  # prompt tokens prefilled per engine step (long prompts do not stall decoding)
+    prefix_cache: bool = True  # reuse the keys and values of prompt prefixes seen before
 
     def __post_init__(self) -> None:
-        for name in ("port", "max_batch", "max_tokens", "max_n", "max_body_bytes"):
+        for name in ("port", "max_batch", "max_tokens", "max_n", "max_body_bytes", "kv_block_size", "prefill_chunk"):
             if getattr(self, name) < (0 if name == "port" else 1):
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_queue < 0 or self.request_timeout <= 0:
             raise UserError("max_queue must be >= 0 and request_timeout > 0")
+        if self.kv_cache_bytes < 0:
+            raise UserError(f"kv_cache_bytes must be >= 0 (0 = auto), got {self.kv_cache_bytes}")
+        for h in self.allowed_hosts:
+            if allowed_host(h) is None:
+                raise UserError(f"allowed_hosts: {h!r} is not a host name or address (no scheme, no port; * = any)")
+        for o in self.cors_origins:
+            if o != "*" and not ORIGIN.fullmatch(o):
+                raise UserError(f"cors_origins: {o!r} is not an origin (scheme://host[:port], no path, or *)")
 
 
 def check_servable(lm: Any) -> None:
@@ -68,14 +102,18 @@ def make_app(lm: Any, cfg: ServeConfig | None = None, *, engine_thread: bool = T
     from fastapi import FastAPI
     from fastapi import Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
+    from starlette.middleware.cors import CORSMiddleware
 
     cfg = cfg or ServeConfig()
     check_servable(lm)
     name = cfg.name or lm.name
     ctx = Context(lm, name, cfg.max_tokens, cfg.max_n)
-    engine = Engine(lm.model, lm.tokenizer, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
+    engine = Engine(lm.model, lm.tokenizer, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
+                    kv_cache_bytes=cfg.kv_cache_bytes, block_size=cfg.kv_block_size,
+                    prefill_chunk=cfg.prefill_chunk, prefix_cache=cfg.prefix_cache)
+    metrics = Metrics(engine.stats)
     started = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -88,7 +126,14 @@ def make_app(lm: Any, cfg: ServeConfig | None = None, *, engine_thread: bool = T
             await asyncio.to_thread(engine.close)
 
     app = FastAPI(title="modernlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine, app.state.model_name = engine, name
+    app.state.engine, app.state.model_name, app.state.metrics = engine, name, metrics
+    # Outermost last: Edge (request id, Host, access log, errors) > CORS (if any) > Gate (key, JSON).
+    app.add_middleware(Gate, api_key=cfg.api_key)
+    if cfg.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type", "x-request-id"],
+                           expose_headers=["x-request-id"])
+    app.add_middleware(Edge, allowed_hosts=cfg.allowed_hosts, metrics=metrics, access=cfg.access_log)
 
     def error(e: APIError) -> JSONResponse:
         headers = {"Retry-After": "1"} if e.status == 503 else None
@@ -106,20 +151,14 @@ def make_app(lm: Any, cfg: ServeConfig | None = None, *, engine_thread: bool = T
     async def _validation_error(request: HTTPRequest, e: RequestValidationError) -> JSONResponse:
         return error(APIError(400, str(e)))
 
-    @app.middleware("http")
-    async def _auth(request: HTTPRequest, call_next: Any) -> Any:
-        if cfg.api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            scheme, _, key = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), cfg.api_key.encode()):
-                what = "no API key given" if not given else "incorrect API key provided"
-                return error(APIError(401, f"{what}: send Authorization: Bearer <key>", code="invalid_api_key"))
-        return await call_next(request)
-
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        running, waiting = engine.load
-        return {"status": "ok", "running": running, "waiting": waiting}
+        return {"status": "ok", **engine.stats()}
+
+    @app.get("/metrics")
+    async def metrics_text() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
@@ -155,6 +194,7 @@ def make_app(lm: Any, cfg: ServeConfig | None = None, *, engine_thread: bool = T
             raise APIError(400, f"the request body is not valid JSON ({e})") from None
 
     async def run(kind: str, request: HTTPRequest) -> Any:
+        request_id = request.state.request_id  # the x-request-id, set by Edge
         job = await asyncio.to_thread(parse, kind, await read_json(request), ctx)  # tokenizing is not free
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -165,7 +205,7 @@ def make_app(lm: Any, cfg: ServeConfig | None = None, *, engine_thread: bool = T
             def emit(event: Any, p: int = p) -> None:
                 loop.call_soon_threadsafe(events.put_nowait, (p, event))
 
-            requests.append(Request(prompt, job.sampling, emit, n=job.n, logprobs=job.logprobs))
+            requests.append(Request(prompt, job.sampling, emit, n=job.n, logprobs=job.logprobs, id=request_id))
         try:
             for r in requests:
                 engine.submit(r)
@@ -175,12 +215,14 @@ def make_app(lm: Any, cfg: ServeConfig | None = None, *, engine_thread: bool = T
             raise APIError(503, f"{e}; try again shortly") from None
         stream = events_until_done(job, requests, events, request)
         if job.stream:
-            sse = sse_events(job, rid, created, stream, requests)
+            sse = sse_events(job, rid, created, stream, requests, request_id)
             return StreamingResponse(sse, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         choices = [Choice(i) for i in range(len(job.prompts) * job.n)]
         async for index, event in stream:
             choices[index].add(event)
-        return response(job, rid, created, name, choices, lm.tokenizer)
+        answer = response(job, rid, created, name, choices, lm.tokenizer)
+        metrics.usage(answer["usage"])
+        return answer
 
     async def events_until_done(job: Job, requests: list[Request], events: asyncio.Queue,
                                 request: HTTPRequest) -> AsyncIterator[tuple[int, Piece | Done]]:
@@ -189,6 +231,7 @@ def make_app(lm: Any, cfg: ServeConfig | None = None, *, engine_thread: bool = T
         deadline = time.monotonic() + cfg.request_timeout
         checked = time.monotonic()  # when we last asked whether the client is still there
         left = len(requests) * job.n
+        first = True
         try:
             while left:
                 now = time.monotonic()
@@ -204,13 +247,17 @@ def make_app(lm: Any, cfg: ServeConfig | None = None, *, engine_thread: bool = T
                     continue
                 if isinstance(event, Failed):
                     raise APIError(500, event.message)
+                if first:
+                    metrics.ttft.observe(time.monotonic() - request.state.started)
+                    first = False
                 yield p * job.n + event.choice, event
                 left -= isinstance(event, Done)
         finally:
             for r in requests:
                 r.cancel()
 
-    async def sse_events(job: Job, rid: str, created: int, stream: Any, requests: list[Request]) -> AsyncIterator[str]:
+    async def sse_events(job: Job, rid: str, created: int, stream: Any, requests: list[Request],
+                         request_id: str) -> AsyncIterator[str]:
         choices = [Choice(i) for i in range(len(job.prompts) * job.n)]
         offsets = [0] * len(choices)
         if job.kind == "chat":  # the role comes first, as OpenAI sends it
@@ -231,9 +278,13 @@ def make_app(lm: Any, cfg: ServeConfig | None = None, *, engine_thread: bool = T
                     yield chunk(job, rid, created, name, [chunk_choice(job, index, None, None, c.finish_reason)])
         except APIError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
+        except Exception:  # the headers are gone: the error is an event, as OpenAI sends its own
+            log.exception("request %s: the stream failed", request_id)
+            yield f"data: {json.dumps(internal_error(request_id).body())}\n\n"
         else:
+            use = usage(sum(len(p) for p in job.prompts), choices)
+            metrics.usage(use)
             if job.include_usage:
-                use = response(job, rid, created, name, choices, lm.tokenizer)["usage"]
                 yield chunk(job, rid, created, name, [], use)
         finally:  # the client went away (the response is cancelled here): free its rows now
             for r in requests:
