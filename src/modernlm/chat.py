@@ -11,11 +11,16 @@ tokens split the text for the tokenizer anyway and byte-level BPE splits a newli
 after it, so the ids decode to exactly `render_chat(messages)` while every loss-mask boundary
 falls on a token boundary. `<|im_end|>` closes every turn and is a chat model's eos. Every caller
 that builds a prompt from messages (the facade, serve, chat, the harness, SFT/DPO/GRPO) comes here.
+
+Text is text: a message's content is encoded as ordinary text even when it holds the string of a
+special token, so typing `<|im_start|>system` in a message cannot open a system turn; only the
+template's own special tokens are control tokens (`render_with_specials`, `ChatEncoder`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from modernlm.errors import UserError
@@ -62,11 +67,66 @@ def render_chat(messages: Sequence[Message], add_generation_prompt: bool = False
     return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
 
+Spans = list[tuple[int, int]]  # (start, end) character spans of special tokens in a text
+
+
+def render_with_specials(
+    tokenizer: Any, render: Callable[[list[Message]], str], messages: list[Message]
+) -> tuple[str, Spans | None]:
+    """`render(messages)` (a chat template) and where in it the template's own special tokens are:
+    `encode_with_specials` reads only those as special tokens, every content as text.
+
+    None instead of spans when no content holds a special-token string: the whole text then
+    encodes as it always has (as transformers' `apply_chat_template` encodes it). Otherwise the
+    messages are rendered again with each content replaced by a marker, the text is cut at the
+    markers, and the special tokens are looked for in the template's pieces only. A template that
+    changes a content (trims it, say) cannot be cut so; then the message is refused.
+    """
+    text = render(messages)
+    suspect = [i for i, m in enumerate(messages) if tokenizer.has_special_text(m["content"])]
+    if not suspect:
+        return text, None
+    mark = "\ue000"  # a private-use character; repeated until the text does not hold it
+    while mark in text:
+        mark += "\ue000"
+    marked = render([{**m, "content": f"{mark}{i}{mark}"} for i, m in enumerate(messages)])
+    pieces = re.split(f"{mark}([0-9]+){mark}", marked)  # template, message index, template, ...
+    template, contents = pieces[0::2], [*(messages[int(i)]["content"] for i in pieces[1::2]), ""]
+    if "".join(t + c for t, c in zip(template, contents, strict=True)) != text:
+        content = messages[suspect[0]]["content"]
+        token = next(t for t in tokenizer.special_tokens if t in content)
+        raise UserError(
+            f"messages: message {suspect[0] + 1} holds the special token {token!r} as text, and the chat "
+            "template changes message contents, so the text cannot be kept apart from the template's tokens"
+        )
+    # leftmost-longest, as the tokenizer finds special tokens in a text
+    found = re.compile("|".join(re.escape(t) for t in sorted(tokenizer.special_tokens, key=len, reverse=True)))
+    spans, at = [], 0
+    for piece, content in zip(template, contents, strict=True):
+        spans += [(at + m.start(), at + m.end()) for m in found.finditer(piece)]
+        at += len(piece) + len(content)
+    return text, spans
+
+
+def encode_with_specials(tokenizer: Any, text: str, spans: Spans | None) -> list[int]:
+    """Token ids of `text` with special tokens at `spans` only, the rest as text (spans None: the
+    whole text as usual). `text` may run on past the rendered chat (a continuation to score)."""
+    if spans is None:
+        return tokenizer.encode(text)
+    ids, at = [], 0
+    for start, end in spans:
+        ids += tokenizer.encode(text[at:start], split_special_tokens=True)
+        ids.append(tokenizer.special_tokens[text[start:end]])
+        at = end
+    return ids + tokenizer.encode(text[at:], split_special_tokens=True)
+
+
 class ChatEncoder:
     """Token ids of ChatML conversations with their loss mask, for one tokenizer.
 
     The tokenizer is ours (`modernlm.tokenizer.Tokenizer`) and must know both chat tokens
-    (`prepare_chat_model` adds them).
+    (`prepare_chat_model` adds them). Contents are text: a special token's string in one is
+    encoded as ordinary text (`text`).
     """
 
     def __init__(self, tokenizer: Any, add_bos: bool = False):
@@ -77,6 +137,10 @@ class ChatEncoder:
         self.newline = tokenizer.encode("\n")
         self.bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
         self._headers: dict[str, list[int]] = {}
+
+    def text(self, content: str) -> list[int]:
+        """A content's ids, special-token strings in it as ordinary text."""
+        return self.tokenizer.encode(content, split_special_tokens=True)
 
     def header(self, role: str) -> list[int]:
         if role not in self._headers:
@@ -92,7 +156,7 @@ class ChatEncoder:
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
         for i, m in enumerate(messages):
             head = self.header(m["role"])
-            body = [*self.tokenizer.encode(m["content"]), self.end_id]
+            body = [*self.text(m["content"]), self.end_id]
             trained = m["role"] == "assistant" and (train_on_all_assistant or i == last)
             ids += head + body + self.newline
             labels += [IGNORE_INDEX] * len(head) + (body if trained else [IGNORE_INDEX] * len(body))
@@ -103,15 +167,15 @@ class ChatEncoder:
         """Ids of the conversation so far plus the assistant header: where generation starts."""
         ids = list(self.bos)
         for m in messages:
-            ids += self.header(m["role"]) + self.tokenizer.encode(m["content"]) + [self.end_id] + self.newline
+            ids += self.header(m["role"]) + self.text(m["content"]) + [self.end_id] + self.newline
         return ids + self.header("assistant")
 
     def reply(self, text: str) -> list[int]:
         """Ids of one assistant reply as the model must produce it: content + <|im_end|>."""
-        return [*self.tokenizer.encode(text), self.end_id]
+        return [*self.text(text), self.end_id]
 
 
 __all__ = [
-    "CHATML_TEMPLATE", "IGNORE_INDEX", "IM_END", "IM_START", "ROLES", "ChatEncoder", "Message", "check_messages",
-    "render_chat",
+    "CHATML_TEMPLATE", "IGNORE_INDEX", "IM_END", "IM_START", "ROLES", "ChatEncoder", "Message", "Spans",
+    "check_messages", "encode_with_specials", "render_chat", "render_with_specials",
 ]  # fmt: skip

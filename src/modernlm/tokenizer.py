@@ -13,6 +13,8 @@ Special tokens follow each tokenizer's own rule: `add_bos` says whether a prompt
 bos token. Ours do (modernlm's convention, the default); a tokenizer taken from Hugging Face keeps
 what transformers does with it (`hf.convert.hf_tokenizer_to_ours`), and `save` records a False as
 `add_bos_token: false`, so a converted SmolLM2 still prompts without `<|im_start|>`.
+`encode(text, split_special_tokens=True)` (transformers' name) reads special-token strings in
+`text` as ordinary text: what a chat message's content is (`chat.render_with_specials`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ class Tokenizer:
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.chat_template = chat_template
         self.add_bos = add_bos and bos_token is not None  # prompts start with bos (see the module docstring)
+        # (vocabulary size, value) caches of `special_tokens` and of the backend copy that reads
+        # them as text; the size tells when tokens were added since (`prepare_chat_model` adds some)
+        self._specials: tuple[int, dict[str, int]] | None = None
+        self._as_text: tuple[int, Any] | None = None
         for name in ("bos_token", "eos_token", "pad_token"):
             tok = getattr(self, name)
             if tok is not None and backend.token_to_id(tok) is None:
@@ -76,8 +82,36 @@ class Tokenizer:
             return self.backend.token_to_id(self.pad_token)
         return self.eos_id
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """The special tokens (the strings `encode` reads as one control token) and their ids."""
+        size = self.vocab_size
+        if self._specials is None or self._specials[0] != size:
+            added = self.backend.get_added_tokens_decoder()
+            self._specials = (size, {t.content: i for i, t in added.items() if t.special})
+        return self._specials[1]
+
+    def has_special_text(self, text: str) -> bool:
+        """Whether `text` holds the string of a special token."""
+        return any(t in text for t in self.special_tokens)
+
+    def _text_backend(self) -> Any:
+        """A copy of the backend that encodes special-token strings as text. A copy, not the
+        `encode_special_tokens` switch flipped per call: the server encodes from several threads."""
+        size = self.vocab_size
+        if self._as_text is None or self._as_text[0] != size:
+            from tokenizers import Tokenizer as Backend
+
+            copy = Backend.from_str(self.backend.to_str())
+            copy.encode_special_tokens = True
+            self._as_text = (size, copy)
+        return self._as_text[1]
+
+    def encode(self, text: str, add_bos: bool = False, *, split_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text` (bos first with `add_bos`). Special-token strings in it become their
+        special tokens, or with split_special_tokens=True ordinary text (as transformers' option)."""
+        text_only = split_special_tokens and self.has_special_text(text)  # else the ids are the same
+        ids = (self._text_backend() if text_only else self.backend).encode(text, add_special_tokens=False).ids
         if add_bos and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids
