@@ -25,7 +25,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from modernlm.chat import CHATML_TEMPLATE, IM_END, IM_START, check_messages, render_chat
+from modernlm.chat import (
+    CHATML_TEMPLATE,
+    IM_END,
+    IM_START,
+    Message,
+    Spans,
+    check_messages,
+    encode_with_specials,
+    render_chat,
+    render_with_specials,
+)
 from modernlm.checkpoint import checkpoint_label, load_model, resolve_source
 from modernlm.errors import UserError
 from modernlm.generation import Sampling, TextGeneration, prompt_ids
@@ -128,8 +138,15 @@ class LM:
         """The conversation in the model's chat template, the assistant's turn opened: ChatML for
         ours (and whenever the tokenizer has no template), else the tokenizer's Jinja template as
         transformers renders it."""
+        return self._render_chat(check_messages(messages, "chat"))
+
+    def chat_prompt_specials(self, messages: list[dict[str, str]]) -> tuple[str, Spans | None]:
+        """`chat_prompt` and where its template's special tokens are (`chat.render_with_specials`:
+        None when no content holds a special token's string)."""
+        return render_with_specials(self._tok(), self._render_chat, check_messages(messages, "chat"))
+
+    def _render_chat(self, messages: list[Message]) -> str:
         tok = self._tok()
-        messages = check_messages(messages, "chat")
         if tok.chat_template in (None, CHATML_TEMPLATE):
             return render_chat(messages, add_generation_prompt=True)
         special = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token}
@@ -137,7 +154,8 @@ class LM:
 
     def chat(self, messages: list[dict[str, str]], sampling: Sampling | int | None = None, **settings: Any) -> str:
         """The assistant's reply to `messages` ([{"role", "content"}, ...]): `chat_prompt` tokenized
-        as transformers' apply_chat_template does (the template holds every special token)."""
+        as transformers' apply_chat_template does (the template holds every special token), every
+        content as text (`chat_prompt_ids`)."""
         return "".join(self.stream_chat(messages, sampling, **settings))
 
     def stream_chat(
@@ -147,8 +165,10 @@ class LM:
         return self._stream(self.chat_prompt_ids(messages), Sampling.make(sampling, **settings))
 
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """`chat_prompt` as the token ids `chat` gives the model (no bos: the template has them all)."""
-        return self._tok().encode(self.chat_prompt(messages))
+        """`chat_prompt` as the token ids `chat` gives the model (no bos: the template has them all).
+        A content is text: a special token's string in it is encoded as ordinary text, so a message
+        cannot close its turn or open another; only the template's own special tokens are read."""
+        return encode_with_specials(self._tok(), *self.chat_prompt_specials(messages))
 
     def loglikelihood(self, context: str, continuation: str) -> float:
         """log p(continuation | context), summed over the continuation's tokens, in nats. Both are

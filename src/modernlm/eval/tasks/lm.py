@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from modernlm.api import LM as LoadedLM  # modernlm.load's model (not lm_eval's LM, the harness model's base)
 from modernlm.api import load
-from modernlm.chat import CHATML_TEMPLATE
+from modernlm.chat import CHATML_TEMPLATE, Spans, encode_with_specials
 from modernlm.errors import UserError
 from modernlm.generation import Sampling
 from modernlm.runtime import eval_mode
@@ -70,6 +70,9 @@ class ModernLMEval(TemplateLM):
         self.batch_size_per_gpu = int(batch_size) if str(batch_size) != "auto" else 8
         self._max_length = int(max_length) if max_length else self.lm.max_context
         self._max_gen_toks = int(max_gen_toks)
+        # apply_chat_template's prompts whose contents hold a special token's string (trailing
+        # whitespace cut, as the harness cuts a context) -> where the template's special tokens are
+        self._chats: dict[str, Spans] = {}
 
     # ---- what the harness asks of every model ------------------------------------------------------
 
@@ -92,12 +95,28 @@ class ModernLMEval(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         """As HFLM: the tokenizer's own rule for bos (`Tokenizer.add_bos`) unless told, and no second
-        bos before a string that starts with one (a chat-templated prompt)."""
+        bos before a string that starts with one (a chat-templated prompt). A chat prompt keeps
+        its contents as text (`api.LM.chat_prompt_ids`), also with a continuation after it."""
         add_bos = self.tokenizer.add_bos if add_special_tokens is None else add_special_tokens
         bos = self.tokenizer.bos_token
         if add_special_tokens is None and bos and string.startswith(bos):
             add_bos = False
-        return self.tokenizer.encode(string, add_bos=bool(add_bos))
+        spans = self._chat_spans(string)
+        if spans is None:
+            return self.tokenizer.encode(string, add_bos=bool(add_bos))
+        head = [self.tokenizer.bos_id] if add_bos and self.tokenizer.bos_id is not None else []
+        return head + encode_with_specials(self.tokenizer, string, spans)
+
+    def _chat_spans(self, string: str) -> Spans | None:
+        """The template's special tokens of the longest remembered chat prompt `string` starts
+        with (the harness encodes a context alone and with its continuation), else None. Only
+        prompts with special-token text in their contents are remembered: usually none."""
+        if not self._chats:
+            return None
+        if (spans := self._chats.get(string.rstrip())) is not None:
+            return spans
+        keys = [k for k in self._chats if string.startswith(k)]
+        return self._chats[max(keys, key=len)] if keys else None
 
     def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
@@ -111,7 +130,10 @@ class ModernLMEval(TemplateLM):
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if not add_generation_prompt:
             raise NotImplementedError("modernlm's chat prompts always open the assistant's turn")
-        return self.lm.chat_prompt(chat_history)
+        text, spans = self.lm.chat_prompt_specials(chat_history)
+        if spans is not None:  # tok_encode will get this text back: keep its contents as text then
+            self._chats[text.rstrip()] = spans
+        return text
 
     # ---- scoring ------------------------------------------------------------------------------------
 
