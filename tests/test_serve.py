@@ -591,6 +591,9 @@ def test_request_ids_and_the_access_log(url, lm, caplog, monkeypatch):
     assert as_json == fields | {"time": as_json["time"], "level": "INFO", "logger": "modernlm.serve.access",
                                 "message": record.getMessage()}  # fmt: skip
     assert [r.access["status"] for r in lines("r-403")] == [403]
+    httpx.get(f"{url}/x%0A127.0.0.1:1%20%22GET%20/%22%20200", headers={"x-request-id": "forge"})  # a decoded newline
+    (forge,) = _eventually(lambda: lines("forge"))
+    assert "\n" not in forge.getMessage() and forge.access["path"].startswith("/x%0A") and forge.access["status"] == 404
     assert all(len(lines(rid)) == 1 for rid in generated)  # one line a request
 
 

@@ -154,23 +154,28 @@ class Edge:
             else:
                 await self.app(scope, receive, send_with_id)
         except Exception:
-            log.exception("request %s: %s %s failed", rid, scope["method"], scope["path"])
+            log.exception("request %s: %s %s failed", rid, scope["method"], raw_path(scope))
             if status:  # the answer has begun: all that is left is to cut it off (the server does)
                 raise
             await send_error(send_with_id, internal_error(rid))
         finally:
             seconds = time.monotonic() - started
+            status = status or 499  # no answer began: the request was cancelled (nginx's "client closed")
             route = getattr(scope.get("route"), "path", None) or "other"  # the template: few distinct values
-            self.metrics.request(route, scope["method"], status or 500, seconds)
+            self.metrics.request(route, scope["method"], status, seconds)
             if self.access:
-                line(scope, status or 500, seconds, rid)
+                line(scope, status, seconds, rid)
+
+
+def raw_path(scope: dict) -> str:
+    """The path as the request line has it (no space, no newline: a decoded %0A could forge a log line)."""
+    return (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")[:200]
 
 
 def line(scope: dict, status: int, seconds: float, rid: str) -> None:
     """The access-log line of a request: plain text, its fields also on the record (`access`)."""
     client = scope.get("client")
-    # raw_path, not path: the request line cannot hold a space or a newline, a decoded %0A can
-    path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")[:200]
+    path = raw_path(scope)
     fields = {"method": scope["method"], "path": path, "status": status, "duration_s": round(seconds, 6),
               "request_id": rid, "client": f"{client[0]}:{client[1]}" if client else "-"}
     access_log.info('%s "%s %s" %d %.3fs id=%s', fields["client"], fields["method"], path, status, seconds, rid,
