@@ -113,6 +113,14 @@ def main(cfg: Config) -> None:
         file=sys.stderr,
         flush=True,
     )
+    stats = app.state.engine.stats()
+    print(
+        f"modernlm serve: KV cache {stats['kv_cache_bytes'] / 2**30:.2f} GiB (kv_cache_bytes): "
+        f"{app.state.engine.kv_tokens:,} tokens in blocks of {stats['kv_block_size']}, allocated as sequences grow;"
+        f" prefix cache {'on' if cfg.prefix_cache else 'off'}, prefill in chunks of {cfg.prefill_chunk} tokens",
+        file=sys.stderr,
+        flush=True,
+    )
     # The HTTP server in a thread, the engine on this one: the thread that loaded the model runs it
     # fastest on a CPU (see Engine.run). Ctrl-C or SIGTERM stops both.
     # log_config=None: uvicorn's own lines go through the handler above too (json lines stay json);

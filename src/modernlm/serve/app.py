@@ -53,7 +53,7 @@ log = logging.getLogger("modernlm.serve")
 class ServeConfig:
     host: str = "127.0.0.1"  # the address to bind; 0.0.0.0 exposes the server to the network
     port: int = 8000
-    api_key: str = ""  # when set, /v1 routes need `Authorization: Bearer <api_key>`
+    api_key: str = ""  # when set, every route but /, /health and /metrics needs `Authorization: Bearer <api_key>`
     name: str = ""  # the model id clients send and /v1/models lists ("" = the model's name)
     max_batch: int = 16  # sequences decoded together; 1 = one request at a time (no batching)
     max_queue: int = 64  # sequences waiting for a place in the batch; more get 503
@@ -66,7 +66,9 @@ class ServeConfig:
     allowed_hosts: list[str] = field(default_factory=list)
     cors_origins: list[str] = field(default_factory=list)  # web origins whose pages may call the API ("*" = any)
     access_log: bool = True  # one line per request on the logger modernlm.serve.access
-    kv_cache_bytes: int = 0  # the KV cache's budget in bytes (0 = auto)
+    # The KV cache's budget in bytes; 0 = a quarter of the machine's memory (a GPU: half its free
+    # memory), at most what max_batch sequences of the full context need. Used as sequences grow.
+    kv_cache_bytes: int = 0
     kv_block_size: int = 16  # tokens per KV cache block
     prefill_chunk: int = 256  # prompt tokens prefilled per engine step (long prompts do not stall decoding)
     prefix_cache: bool = True  # reuse the keys and values of prompt prefixes seen before
@@ -109,10 +111,13 @@ def make_app(lm: Any, cfg: ServeConfig | None = None, *, engine_thread: bool = T
     cfg = cfg or ServeConfig()
     check_servable(lm)
     name = cfg.name or lm.name
-    ctx = Context(lm, name, cfg.max_tokens, cfg.max_n)
-    engine = Engine(lm.model, lm.tokenizer, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
-                    kv_cache_bytes=cfg.kv_cache_bytes, block_size=cfg.kv_block_size,
-                    prefill_chunk=cfg.prefill_chunk, prefix_cache=cfg.prefix_cache)
+    try:
+        engine = Engine(lm.model, lm.tokenizer, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
+                        kv_cache_bytes=cfg.kv_cache_bytes, block_size=cfg.kv_block_size,
+                        prefill_chunk=cfg.prefill_chunk, prefix_cache=cfg.prefix_cache)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    ctx = Context(lm, name, cfg.max_tokens, cfg.max_n, engine.kv_tokens)
     metrics = Metrics(engine.stats)
     started = int(time.time())
 
