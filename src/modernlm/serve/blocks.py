@@ -12,6 +12,8 @@ lives under the same budget as everything else.
 
 The names are SHA-256 digests: Python's `hash` of a tuple is cheap to collide on purpose, and a
 collision would hand one user's keys and values to another's prompt.
+
+Design notes: docs/design.md#serveblockspy
 """
 
 from __future__ import annotations
