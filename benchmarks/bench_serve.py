@@ -438,8 +438,11 @@ def bench_memory(args, warmup: str) -> dict:
                         await asyncio.sleep(0.02)
 
                 watcher = asyncio.create_task(watch())
-                bodies = [chat(model_id, [{"role": "user", "content": f"Tell me about {t}."}], temperature=0.7, seed=i)
-                          for i, t in enumerate(TOPICS)]  # fmt: skip
+                # Short replies, as a chat page's are (the case: 16 short replies grew RSS by
+                # 5.8 GiB); "Tell me about X." runs SmolLM2 to hundreds of tokens, which is memory
+                # by need too but not this figure. No max_tokens: each may run to the context's end.
+                bodies = [chat(model_id, [{"role": "user", "content": f"In one short sentence, what is {t}?"}],
+                               temperature=0) for t in TOPICS]  # fmt: skip
                 times: list[list[float]] = [[] for _ in bodies]  # chunks so far: a cut chat's tokens, about
                 tasks = [asyncio.create_task(one_request(client, url, b, times[i])) for i, b in enumerate(bodies)]
                 finished, cut = await asyncio.wait(tasks, timeout=args.chat_timeout)
@@ -454,10 +457,12 @@ def bench_memory(args, warmup: str) -> dict:
                 if after["VmHWM"] > before["VmHWM"]:  # the true peak fell between two samples
                     peak = max(peak, after["VmHWM"])
                 block_bytes = stats["kv_cache_bytes"] // max(1, stats.get("kv_blocks_total", 1))
-                reqs = [t.result() for t in finished]
+                reqs = [t.result() for t in finished if t.exception() is None]
+                failed = [repr(t.exception()) for t in finished if t.exception() is not None]
                 return {
                     "chats": len(bodies),
                     "cut": len(cut),
+                    "failed": failed,
                     "rss_before": before["VmRSS"],
                     "hwm_before": before["VmHWM"],
                     "rss_peak": peak,
@@ -477,6 +482,8 @@ def bench_memory(args, warmup: str) -> dict:
           file=sys.stderr)  # fmt: skip
     if res["cut"]:
         print(f"warning: memory: {res['cut']} chats still running after {args.chat_timeout:g} s were cut")
+    for failure in res["failed"]:
+        print(f"warning: memory: a chat failed: {failure}")
     return res
 
 
@@ -487,7 +494,8 @@ def report_memory(res: dict) -> list[tuple]:
     return [
         ("memory", f"{res['chats']} chats: completion tokens min..max (total)",
          (f"{min(toks)}..{max(toks)} ({sum(toks)})" if toks else "none finished")
-         + (f"; {len(cut)} cut after {max(cut)} chunks at most" if cut else ""), "", ""),
+         + (f"; {len(cut)} cut after {max(cut)} chunks at most" if cut else "")
+         + (f"; {len(res['failed'])} failed" if res["failed"] else ""), "", ""),
         ("memory", "RSS idle / peak / after (MiB)",
          f"{res['rss_before'] / mib:.0f} / {res['rss_peak'] / mib:.0f} / {res['rss_after'] / mib:.0f}", "", ""),
         ("memory", "KV blocks in use at the peak (MiB of a budget of MiB)",

@@ -117,26 +117,36 @@ SETTINGS = [
 ]
 
 
+def run_all(engine: Engine, jobs: list[tuple[list[int], Sampling]]) -> list[Collector]:
+    """Submit every job at once to a started engine and wait for them all."""
+    collectors = []
+    for prompt, s in jobs:
+        c = Collector(1)
+        engine.submit(Request(prompt, s, c))
+        collectors.append(c)
+    for c in collectors:
+        c.wait()
+    return collectors
+
+
+def assert_alone(model, tok, jobs, collectors) -> None:
+    for (prompt, s), c in zip(jobs, collectors, strict=True):
+        ref = TextGeneration(model, tok, [prompt], s).run()[0]
+        assert c.texts.get(0, "") == ref.text
+        assert c.done[0].completion_tokens == len(ref.ids) + (ref.finish == "eos")
+        assert c.done[0].finish_reason == ("length" if ref.finish == "length" else "stop")
+
+
 def test_engine_sequences_equal_alone_as_they_join_and_leave(setup):
     model, tok = setup
     texts = ["Once upon", "The quick brown fox jumps", "In 1999 the", "a", "the river should be", "cat"]
     jobs = [(tok.encode(t, add_bos=True), SETTINGS[i % len(SETTINGS)]) for i, t in enumerate(texts * 2)]
     engine = Engine(model, tok, max_batch=3, max_queue=32).start()  # fewer rows than requests
     try:
-        collectors = []
-        for prompt, s in jobs:
-            c = Collector(1)
-            engine.submit(Request(prompt, s, c))
-            collectors.append(c)
-        for c in collectors:
-            c.wait()
+        collectors = run_all(engine, jobs)
     finally:
         engine.close()
-    for (prompt, s), c in zip(jobs, collectors, strict=True):
-        ref = TextGeneration(model, tok, [prompt], s).run()[0]
-        assert c.texts.get(0, "") == ref.text
-        assert c.done[0].completion_tokens == len(ref.ids) + (ref.finish == "eos")
-        assert c.done[0].finish_reason == ("length" if ref.finish == "length" else "stop")
+    assert_alone(model, tok, jobs, collectors)
     assert engine.load == (0, 0)
 
 
@@ -230,26 +240,7 @@ def test_a_request_joins_the_running_batch_and_finishes_first(setup):
 # ---- memory by need, the prefix cache, chunked prefill, failures ------------------------------------
 
 
-def run_all(engine: Engine, jobs: list[tuple[list[int], Sampling]]) -> list[Collector]:
-    """Submit every job at once to a started engine and wait for them all."""
-    collectors = []
-    for prompt, s in jobs:
-        c = Collector(1)
-        engine.submit(Request(prompt, s, c))
-        collectors.append(c)
-    for c in collectors:
-        c.wait()
-    return collectors
-
-
-def assert_alone(model, tok, jobs, collectors) -> None:
-    for (prompt, s), c in zip(jobs, collectors, strict=True):
-        ref = TextGeneration(model, tok, [prompt], s).run()[0]
-        assert c.texts.get(0, "") == ref.text
-        assert c.done[0].completion_tokens == len(ref.ids) + (ref.finish == "eos")
-
-
-def story_jobs(tok, n: int, new: int = 24) -> list[tuple[list[int], Sampling]]:
+def story_jobs(tok, n: int) -> list[tuple[list[int], Sampling]]:
     texts = ["Once upon a time there was", "The quick brown fox", "In 1999 the committee", "a big house"]
     return [(tok.encode(texts[i % 4] + " again" * (i // 4), add_bos=True), SETTINGS[i % len(SETTINGS)])
             for i in range(n)]  # fmt: skip

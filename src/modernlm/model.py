@@ -267,6 +267,7 @@ class PagedCache:
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.num_blocks, self.block_size = num_blocks, block_size
         self.rows, self.seen = 0, 1
+        self._scratch: Tensor | None = None  # (2, rows * K * blocks, block_size * D): the gathered keys, values
 
     @staticmethod
     def block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -274,8 +275,8 @@ class PagedCache:
         return 2 * cfg.n_layer * cfg.n_kv_head * block_size * cfg.head_dim * dtype.itemsize
 
     def clear(self, blocks: list[int]) -> None:
-        """Zero freshly allocated blocks: the slots past a row's length still enter attention's
-        matmul (with weight 0), and 0 * a NaN left in unwritten memory is NaN."""
+        """Zero blocks that a forward will leave partly written: the slots past a row's length
+        still enter attention's matmul (with weight 0), and 0 * a NaN left in memory is NaN."""
         index = torch.tensor(blocks, dtype=torch.long, device=self.k[0].device)
         for buf in (*self.k, *self.v):
             buf.index_fill_(0, index, 0)
@@ -313,9 +314,14 @@ class PagedCache:
         rows, K, _, D = k.shape
         S = self.table.size(1) * self.block_size
         flat = (self.num_blocks * K, self.block_size * D)
-        keys = self.k[layer].view(flat).index_select(0, self.gather).view(rows, K, S, D)
-        values = self.v[layer].view(flat).index_select(0, self.gather).view(rows, K, S, D)
-        return keys, values
+        n = self.gather.numel()
+        if self._scratch is None or self._scratch.size(1) < n:
+            # one buffer pair for every layer and step: fresh memory each time costs page faults
+            # that made the gather several times slower than the copy itself
+            self._scratch = torch.empty(2, n, flat[1], device=k.device, dtype=k.dtype)
+        keys = torch.index_select(self.k[layer].view(flat), 0, self.gather, out=self._scratch[0, :n])
+        values = torch.index_select(self.v[layer].view(flat), 0, self.gather, out=self._scratch[1, :n])
+        return keys.view(rows, K, S, D), values.view(rows, K, S, D)
 
     def advance(self, t: int) -> None:
         self.lengths += t

@@ -298,7 +298,6 @@ class Engine:
         if fresh is None:
             self.pool.release(cached)
             return False
-        self.cache.clear(fresh)
         seq.blocks, seq.names, seq.filled = cached + fresh, names[: len(cached)], len(cached) * bs
         if not seq.counted:
             seq.counted = True
@@ -340,8 +339,21 @@ class Engine:
                     self._take(seq, logits)
 
     def _forward(self, seqs: list[_Seq], rows: list[list[int]]) -> Tensor:
-        """The next tokens `rows` of each of `seqs` through the model; the last position's logits (B, V)."""
-        self.cache.select([s.blocks for s in seqs], [s.filled for s in seqs])
+        """The next tokens `rows` of each of `seqs` through the model; the last position's logits (B, V).
+
+        Each row is given the blocks up to its new end only (what attention reads), and a block
+        this forward enters but leaves partly written is zeroed first: the unwritten slots are
+        masked, yet still multiplied by 0 in attention, and 0 * a NaN left in memory is NaN. (A
+        block is never cleared whole at allocation: zeroing a long prompt's blocks at once stalled
+        every stream, and untouched memory is not resident.)"""
+        bs, tables = self.block_size, []
+        for s, row in zip(seqs, rows, strict=True):
+            end = s.filled + len(row) + int(self.sink and s.filled == 0)  # the sink takes a slot
+            last = (end - 1) // bs
+            if end % bs and last * bs >= s.filled:
+                self.cache.clear(s.blocks[last : last + 1])
+            tables.append(s.blocks[: last + 1])
+        self.cache.select(tables, [s.filled for s in seqs])
         idx = torch.tensor(rows, device=self.device)
         return self.model(idx, cache=self.cache, last_only=True).logits[:, -1]
 
@@ -372,7 +384,6 @@ class Engine:
                 if victim is seq:
                     break
             else:
-                self.cache.clear(block)
                 seq.blocks += block
 
     def _preempt(self, seq: _Seq) -> None:
