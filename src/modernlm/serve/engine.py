@@ -116,6 +116,7 @@ class _Seq:
     seen: Tensor | None = None  # (1, V) tokens seen, for the repetition penalty
     blocks: list[int] = field(default_factory=list)  # its block table
     names: list[bytes] = field(default_factory=list)  # the names of its full blocks (prefix cache)
+    hashed: list[bytes] = field(default_factory=list)  # the names of its slots' full blocks, for admission
     filled: int = 0  # slots computed into the cache
     started: bool = False  # its first token is picked (a preempted sequence resumes, no new pick)
     counted: bool = False  # its prompt is in the engine's token counts
@@ -291,7 +292,9 @@ class Engine:
                                     f"{self.kv_tokens} (kv_cache_bytes)"))
             seq.request.cancel()
             return True
-        names = block_names(seq.slots, bs)
+        if len(seq.hashed) != n // bs:  # once per prompt, not at every step it waits for memory
+            seq.hashed = block_names(seq.slots, bs)
+        names = seq.hashed
         # A new sequence computes at least its last prompt token: its logits pick the first token.
         cached = self.pool.match(names if seq.started else names[: (n - 1) // bs])
         fresh = self.pool.allocate(math.ceil(n / bs) - len(cached))
