@@ -41,7 +41,10 @@ from modernlm.errors import UserError
 from modernlm.generation import Sampling, TextGeneration, prompt_ids
 from modernlm.hf.convert import from_hf, hf_tokenizer_to_ours, load_hf_tokenizer, load_transformers
 from modernlm.hf.text import render_chat_template, wrap_hf
+from modernlm.gguf_weights import load_gguf
+from modernlm.model import ModernDecoderLM
 from modernlm.perplexity import evaluate_text
+from modernlm.quant import check_quantize, prepare
 from modernlm.runtime import DTYPES, eval_mode, resolve_device
 from modernlm.tokenizer import has_tokenizer, load_tokenizer
 
@@ -196,20 +199,26 @@ def load(
     tokenizer: str = "",
     progress: bool = True,
     what: str = "",
+    quantize: str = "none",
 ) -> LM:
     """Load a model source (see the module docstring) in eval mode on `device` ("auto": cuda when
     there is one). dtype: "float32", "bfloat16" or "float16" (None: a checkpoint's own, float32 for
     HF). backend: "auto", "modernlm" (HF Llamas converted) or "transformers" (HF sources only).
     tokenizer: another tokenizer source. progress=False: no loading bars. `what` names the option
-    in errors ("init_from: ...")."""
+    in errors ("init_from: ..."). quantize (ModernDecoderLM only, `quant.prepare`): "none" (float
+    weights, the fast float32 decode path), "int8", "int4", or "auto": a .gguf's own Q8_0 / Q4
+    weights as they are in the file (`gguf_weights`), else "none"."""
 
     at = f"{what}: " if what else ""
     if backend not in BACKENDS:
         raise UserError(f"{at}backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"{at}dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    quantize = check_quantize(quantize, f"{at}quantize", auto=True)
     src = resolve_source(source, what)
     dev = resolve_device(str(device))
+    if quantize != "none" and backend == "transformers":
+        raise UserError(f"{at}quantize={quantize} needs backend=modernlm (transformers' models decode as they are)")
     if src.kind == "modernlm":
         if backend == "transformers":
             raise UserError(f"{at}{source} is a modernlm checkpoint; backend=transformers takes HF models")
@@ -221,11 +230,17 @@ def load(
             raise UserError(
                 f"{at}{src.path}: tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}"
             )
+        model = prepare(model, "none" if quantize == "auto" else quantize)
         return LM(model.eval(), tok, "modernlm", str(source), checkpoint_label(src.path), src.path, dev)
 
     dtype = dtype or "float32"
     convert = backend == "modernlm"
-    model = load_transformers(src, dtype=dtype, device=dev, llama_only=convert, progress=progress, field=what)
+    model = None
+    if convert and quantize != "none" and "gguf_file" in src.kwargs and dtype == "float32":
+        # the file's quantized blocks as they are: never expanded to float32 (None: not a file we read)
+        model = load_gguf(src.path, quantize, device=dev)
+    if model is None:
+        model = load_transformers(src, dtype=dtype, device=dev, llama_only=convert, progress=progress, field=what)
     try:
         tok = hf_tokenizer_to_ours(load_hf_tokenizer(tokenizer or src))
     except (OSError, ValueError, UserError) as e:  # without a tokenizer the weights still score token ids
@@ -236,8 +251,10 @@ def load(
             raise UserError(f"{at}no usable tokenizer in {tokenizer} ({first})") from None
         print(f"warning: no usable tokenizer in {source} ({first}); weights only", file=sys.stderr)
         tok = None
-    if convert:
+    if convert and not isinstance(model, ModernDecoderLM):
         model = from_hf(model, DTYPES[dtype]).to(dev).eval()
+    if convert:
+        model = prepare(model, "none" if quantize == "auto" else quantize)
     path = src.path
     name = path.stem if path is not None and path.is_file() else path.name if path is not None else src.where
     return LM(model, tok, "modernlm" if convert else "transformers", str(source), name, None, dev)

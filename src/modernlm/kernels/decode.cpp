@@ -1,0 +1,268 @@
+// Decoding kernels for the CPU: few rows (a decode step) against weights read once from memory.
+//
+// A decode step of a small model is memory-bound: every weight is read once per step and used by
+// only a few rows, so the time is bytes / bandwidth. These kernels stream each weight row once and
+// reuse it for up to 4 activation rows held in registers; the weights may be float32, or 8-bit or
+// 4-bit in blocks of 32 with a float scale per block (the layouts of GGUF's Q8_0 and Q4_1, so a .gguf
+// file's weights are used as they are). The attention kernel reads a paged KV cache in place.
+//
+// Written with GCC/Clang vector extensions (vectors of 16 floats): the compiler maps them to
+// AVX-512, AVX2 or NEON with -march=native. Threads: ATen's pool (at::parallel_for), the one
+// PyTorch's own ops use, so the two never compete. Built on first use by modernlm/kernels/__init__.py.
+//
+// Shapes: M activation rows, K input features, N output features, QB = K / 32 blocks per row.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+typedef float f16v __attribute__((vector_size(64)));    // 16 floats
+typedef int8_t i16v __attribute__((vector_size(16)));   // 16 int8
+typedef uint8_t u16v __attribute__((vector_size(16)));  // 16 uint8
+typedef int32_t s16v __attribute__((vector_size(64)));  // 16 int32
+
+static inline f16v load16(const float* p) {
+  f16v v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+static inline float hsum(f16v v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; i++) s += v[i];
+  return s;
+}
+#if defined(__AVX512F__)
+#include <immintrin.h>
+// GCC scalarises the generic int8 -> float conversion below; one instruction pair does it here
+static inline f16v i8_to_f(const int8_t* p) {
+  return (f16v)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+static inline f16v u8_to_f(u16v b) { return (f16v)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32((__m128i)b)); }
+#else
+static inline f16v i8_to_f(const int8_t* p) {
+  i16v b;
+  std::memcpy(&b, p, sizeof(b));
+  return __builtin_convertvector(__builtin_convertvector(b, s16v), f16v);
+}
+static inline f16v u8_to_f(u16v b) { return __builtin_convertvector(__builtin_convertvector(b, s16v), f16v); }
+#endif
+
+constexpr int QK = 32;   // weights per quantization block
+constexpr int MR = 4;    // activation rows kept in registers per pass over a weight row
+
+// Rows of y = x @ w.T, one weight row at a time, in passes of R <= MR activation rows. `Dot<R>`
+// accumulates one weight row against rows m0 .. m0+R-1 of x. R is a template argument so that the
+// accumulators live in registers: with a runtime count they went through memory, and each block's
+// add then waited for the last one's store (3x slower).
+template <template <int> class Dot, typename Args>
+static void for_rows(int64_t M, int64_t N, float* y, const Args& a) {
+  // grain: enough rows per task that scheduling is cheap, enough tasks that both cores work
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+      for (int64_t m0 = 0; m0 < M; m0 += MR) {
+        float acc[MR];
+        int mr = (int)std::min<int64_t>(MR, M - m0);
+        switch (mr) {
+          case 1: Dot<1>::run(a, n, m0, acc); break;
+          case 2: Dot<2>::run(a, n, m0, acc); break;
+          case 3: Dot<3>::run(a, n, m0, acc); break;
+          default: Dot<4>::run(a, n, m0, acc); break;
+        }
+        for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = acc[i];
+      }
+    }
+  });
+}
+
+static void check_x(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be (M, ", K, "), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32");
+}
+
+struct F32Args { const float* X; const float* W; int64_t K; };
+template <int R> struct DotF32 {
+  static void run(const F32Args& a, int64_t n, int64_t m0, float* out) {
+    const float* wr = a.W + n * a.K;
+    const float* xr = a.X + m0 * a.K;
+    f16v acc0[R] = {}, acc1[R] = {};  // two chains: the adds of one do not wait for the other
+    int64_t k = 0;
+    for (; k + 32 <= a.K; k += 32) {
+      f16v w0 = load16(wr + k), w1 = load16(wr + k + 16);
+      for (int i = 0; i < R; i++) {
+        acc0[i] += load16(xr + i * a.K + k) * w0;
+        acc1[i] += load16(xr + i * a.K + k + 16) * w1;
+      }
+    }
+    for (; k < a.K; k += 16) {
+      f16v w0 = load16(wr + k);
+      for (int i = 0; i < R; i++) acc0[i] += load16(xr + i * a.K + k) * w0;
+    }
+    for (int i = 0; i < R; i++) out[i] = hsum(acc0[i] + acc1[i]);
+  }
+};
+
+// float32 weights w (N, K), K a multiple of 16.
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w) {
+  const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
+  check_x(x, K);
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && K % 16 == 0, "w must be contiguous float32, K % 16 == 0");
+  at::Tensor y = at::empty({M, N}, x.options());
+  for_rows<DotF32>(M, N, y.data_ptr<float>(), F32Args{x.data_ptr<float>(), w.data_ptr<float>(), K});
+  return y;
+}
+
+struct Q8Args { const float* X; const int8_t* Q; const float* S; int64_t K; };
+template <int R> struct DotQ8 {
+  static void run(const Q8Args& a, int64_t n, int64_t m0, float* out) {
+    const int64_t QB = a.K / QK;
+    const int8_t* qr = a.Q + n * a.K;
+    const float* sr = a.S + n * QB;
+    const float* xr = a.X + m0 * a.K;
+    f16v acc0[R] = {}, acc1[R] = {};
+    for (int64_t b = 0; b < QB; b++) {
+      f16v s = sr[b] - (f16v){};  // broadcast
+      // scale the weights once, shared by the R rows: then each row is two independent FMAs
+      f16v w0 = s * i8_to_f(qr + b * QK), w1 = s * i8_to_f(qr + b * QK + 16);
+      for (int i = 0; i < R; i++) {
+        acc0[i] += load16(xr + i * a.K + b * QK) * w0;
+        acc1[i] += load16(xr + i * a.K + b * QK + 16) * w1;
+      }
+    }
+    for (int i = 0; i < R; i++) out[i] = hsum(acc0[i] + acc1[i]);
+  }
+};
+
+// 8-bit weights: q (N, K) int8, scales (N, QB) float32; w[n, k] = scales[n, k / 32] * q[n, k].
+at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
+  const int64_t N = q.size(0), K = q.size(1), M = x.size(0), QB = K / QK;
+  check_x(x, K);
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && K % QK == 0, "q must be contiguous int8, K % 32 == 0");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N * QB, "bad scales");
+  at::Tensor y = at::empty({M, N}, x.options());
+  for_rows<DotQ8>(M, N, y.data_ptr<float>(), Q8Args{x.data_ptr<float>(), q.data_ptr<int8_t>(), scales.data_ptr<float>(), K});
+  return y;
+}
+
+struct Q4Args { const float* X; const uint8_t* Q; const float* S; const float* Mn; const float* XS; int64_t K; };
+template <int R> struct DotQ4 {
+  static void run(const Q4Args& a, int64_t n, int64_t m0, float* out) {
+    const int64_t QB = a.K / QK;
+    const uint8_t* qr = a.Q + n * (a.K / 2);
+    const float* sr = a.S + n * QB;
+    const float* mr = a.Mn + n * QB;
+    const float* xr = a.X + m0 * a.K;
+    f16v acc0[R] = {}, acc1[R] = {};
+    float macc[R] = {};
+    for (int64_t b = 0; b < QB; b++) {
+      u16v bytes;
+      std::memcpy(&bytes, qr + b * 16, 16);
+      f16v s = sr[b] - (f16v){};
+      f16v w0 = s * u8_to_f(bytes & 15), w1 = s * u8_to_f(bytes >> 4);
+      for (int i = 0; i < R; i++) {
+        acc0[i] += load16(xr + i * a.K + b * QK) * w0;
+        acc1[i] += load16(xr + i * a.K + b * QK + 16) * w1;
+        macc[i] += mr[b] * a.XS[(m0 + i) * QB + b];
+      }
+    }
+    for (int i = 0; i < R; i++) out[i] = hsum(acc0[i] + acc1[i]) + macc[i];
+  }
+};
+
+// 4-bit weights in GGUF's Q4_1 order: q (N, K / 2) uint8, block b of row n in bytes 16b..16b+15;
+// byte j of a block holds weight j (low nibble) and weight j + 16 (high nibble).
+// w[n, k] = scales[n, b] * nibble + mins[n, b]. Q4_0 is the case mins = -8 * scales.
+at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& mins) {
+  const int64_t N = q.size(0), K = 2 * q.size(1), M = x.size(0), QB = K / QK;
+  check_x(x, K);
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && K % QK == 0, "q must be contiguous uint8, K % 32 == 0");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N * QB, "bad scales");
+  TORCH_CHECK(mins.scalar_type() == at::kFloat && mins.is_contiguous() && mins.numel() == N * QB, "bad mins");
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* X = x.data_ptr<float>();
+  // the sum of each block of each x row, for the mins: sum_k (s q_k + m) x_k = s (q . x) + m sum(x)
+  std::vector<float> xsum(M * QB);
+  for (int64_t i = 0; i < M; i++)
+    for (int64_t b = 0; b < QB; b++) {
+      const float* xr = X + i * K + b * QK;
+      xsum[i * QB + b] = hsum(load16(xr) + load16(xr + 16));
+    }
+  for_rows<DotQ4>(M, N, y.data_ptr<float>(),
+                  Q4Args{X, q.data_ptr<uint8_t>(), scales.data_ptr<float>(), mins.data_ptr<float>(), xsum.data(), K});
+  return y;
+}
+
+// One decode step's attention over a paged KV cache, read in place.
+// q (B, H, D) float32; k_pool, v_pool (num_blocks, KH, BS, D); table (B, W) int64 block ids;
+// lengths (B,) int64: keys each row attends to (its positions 0 .. lengths[b] - 1, the new token's
+// included). Query head h reads kv head h / (H / KH) (GQA). Returns (B, H, D).
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                           const at::Tensor& table, const at::Tensor& lengths, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q must be contiguous float32 (B, H, D)");
+  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && k_pool.scalar_type() == at::kFloat, "bad pools");
+  TORCH_CHECK(table.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong, "table and lengths must be int64");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t KH = k_pool.size(1), BS = k_pool.size(2), W = table.size(1), G = H / KH;
+  TORCH_CHECK(k_pool.size(3) == D && D % 16 == 0 && H % KH == 0, "head dims do not match");
+  at::Tensor tab = table.contiguous(), len = lengths.contiguous();
+  at::Tensor y = at::empty({B, H, D}, q.options());
+  const float *Qp = q.data_ptr<float>(), *Kp = k_pool.data_ptr<float>(), *Vp = v_pool.data_ptr<float>();
+  const int64_t *T = tab.data_ptr<int64_t>(), *L = len.data_ptr<int64_t>();
+  float* Y = y.data_ptr<float>();
+  const int64_t DV = D / 16;
+  // one task per (row, kv head): its G query heads share every key and value read
+  at::parallel_for(0, B * KH, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores;
+    for (int64_t t = t0; t < t1; t++) {
+      const int64_t b = t / KH, h = t % KH, S = L[b];
+      TORCH_CHECK(S >= 1 && S <= W * BS, "lengths out of the table's range");
+      scores.assign(G * S, 0.f);
+      for (int64_t p = 0; p < S; p++) {
+        const float* kr = Kp + ((T[b * W + p / BS] * KH + h) * BS + p % BS) * D;
+        for (int64_t g = 0; g < G; g++) {
+          const float* qr = Qp + (b * H + h * G + g) * D;
+          f16v acc = {};
+          for (int64_t d = 0; d < DV; d++) acc += load16(qr + 16 * d) * load16(kr + 16 * d);
+          scores[g * S + p] = hsum(acc) * (float)scale;
+        }
+      }
+      for (int64_t g = 0; g < G; g++) {  // softmax over the row's keys
+        float* sc = scores.data() + g * S;
+        float mx = sc[0], sum = 0.f;
+        for (int64_t p = 1; p < S; p++) mx = std::max(mx, sc[p]);
+        for (int64_t p = 0; p < S; p++) sum += (sc[p] = std::exp(sc[p] - mx));
+        for (int64_t p = 0; p < S; p++) sc[p] /= sum;
+      }
+      f16v out[8][8] = {};  // [g][d-vector]: G <= 8, D <= 128
+      TORCH_CHECK(G <= 8 && DV <= 8, "paged_attention supports up to 8 query heads per kv head and head_dim 128");
+      for (int64_t p = 0; p < S; p++) {
+        const float* vr = Vp + ((T[b * W + p / BS] * KH + h) * BS + p % BS) * D;
+        for (int64_t d = 0; d < DV; d++) {
+          f16v v = load16(vr + 16 * d);
+          for (int64_t g = 0; g < G; g++) out[g][d] += scores[g * S + p] * v;
+        }
+      }
+      for (int64_t g = 0; g < G; g++)
+        std::memcpy(Y + (b * H + h * G + g) * D, out[g], D * sizeof(float));
+    }
+  });
+  return y;
+}
+
+TORCH_LIBRARY(modernlm, m) {
+  m.def("linear_f32(Tensor x, Tensor w) -> Tensor");
+  m.def("linear_q8(Tensor x, Tensor q, Tensor scales) -> Tensor");
+  m.def("linear_q4(Tensor x, Tensor q, Tensor scales, Tensor mins) -> Tensor");
+  m.def("paged_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor table, Tensor lengths, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(modernlm, CPU, m) {
+  m.impl("linear_f32", linear_f32);
+  m.impl("linear_q8", linear_q8);
+  m.impl("linear_q4", linear_q4);
+  m.impl("paged_attention", paged_attention);
+}

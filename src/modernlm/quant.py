@@ -1,0 +1,189 @@
+"""Weight-only int8 and int4 for decoding, and the fast float32 path: `prepare(model, quantize)`.
+
+    model = prepare(model, "int8")   # every projection and the LM head in 8 bits; activations float32
+
+Decoding a small model reads every weight once per token, so its speed is the bytes it reads:
+8-bit weights are about a quarter of float32's bytes, 4-bit about a sixth. The formats are GGUF's, so a
+.gguf file's Q8_0 / Q4_0 / Q4_1 weights load as they are (`modernlm.gguf`), never expanded:
+
+| quantize | projections                  | LM head / embedding | bytes per weight |
+|----------|------------------------------|---------------------|------------------|
+| none     | float32 (FastLinear)         | float32             | 4                |
+| int8     | Q8_0: int8 x one scale per 32  | Q8_0              | 1.125            |
+| int4     | Q4_1: 4 bits, scale and min per 32 | Q8_0 (kept at 8 bits, as llama.cpp does for its 4-bit files) | 0.625 (+1.125 head) |
+
+Q8_0: w = d * q, q in -127..127, d = max|w| / 127 per block of 32 input features.
+Q4_1: w = d * q + m, q in 0..15, m = min(w), d = (max(w) - min(w)) / 15 per block of 32.
+
+The matmuls run in modernlm/kernels (CPU, float32 activations); elsewhere (a GPU, autograd) a layer
+dequantizes its weight and calls F.linear: right, not fast. Quality is measured, not assumed:
+docs/model.md#quantized-decoding has WikiText-2 perplexity at each setting.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modernlm import kernels
+from modernlm.errors import UserError
+
+QUANTIZE = ("none", "int8", "int4")
+QK = 32  # weights per block
+
+
+def check_quantize(value: str, field: str = "quantize", auto: bool = False) -> str:
+    """`value` if it names a setting ("auto" too where `auto`: a .gguf's own form), else a UserError."""
+    allowed = (*QUANTIZE, "auto") if auto else QUANTIZE
+    if value not in allowed:
+        raise UserError(f"{field} must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+# ---- formats --------------------------------------------------------------------------------
+
+
+def quantize_q8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w (N, K) float -> q (N, K) int8, scales (N, K/32) float32 (GGUF's Q8_0 rounding)."""
+    blocks = w.float().reshape(w.size(0), -1, QK)
+    d = blocks.abs().amax(-1) / 127  # (N, QB)
+    q = torch.where(d[..., None] > 0, blocks / d[..., None], 0).round().to(torch.int8)
+    return q.reshape(w.shape), d.contiguous()
+
+
+def dequantize_q8(q: Tensor, scales: Tensor) -> Tensor:
+    return (q.reshape(q.size(0), -1, QK).float() * scales[..., None]).reshape(q.shape)
+
+
+def quantize_q4(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """w (N, K) float -> q (N, K/2) uint8 packed, scales and mins (N, K/32) float32 (GGUF's Q4_1:
+    byte j of a block holds weight j in its low nibble and weight j + 16 in its high one)."""
+    blocks = w.float().reshape(w.size(0), -1, QK)
+    lo, hi = blocks.amin(-1), blocks.amax(-1)
+    d = (hi - lo) / 15
+    q = torch.where(d[..., None] > 0, (blocks - lo[..., None]) / d[..., None], 0).round().clamp(0, 15).to(torch.uint8)
+    packed = q[..., :16] | (q[..., 16:] << 4)  # (N, QB, 16)
+    return packed.reshape(w.size(0), -1), d.contiguous(), lo.contiguous()
+
+
+def dequantize_q4(q: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
+    b = q.reshape(q.size(0), -1, 16)
+    nib = torch.cat([b & 15, b >> 4], dim=-1).float()  # (N, QB, 32)
+    return (nib * scales[..., None] + mins[..., None]).reshape(q.size(0), -1)
+
+
+# ---- layers ---------------------------------------------------------------------------------
+
+
+class FastLinear(nn.Linear):
+    """nn.Linear (same parameters, same state_dict) whose few-row products at inference run in the
+    float32 kernel: a decode step's matmul streams its weight once instead of calling a GEMM."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.numel() <= 16 * x.size(-1) and self.bias is None and kernels.usable(x) and self.in_features % 16 == 0:
+            return kernels.linear_f32(x.reshape(-1, x.size(-1)).contiguous(), self.weight).view(*x.shape[:-1], -1)
+        return super().forward(x)
+
+
+class QLinear(nn.Module):
+    """A bias-free linear layer with Q8_0 ("q8") or Q4_1 ("q4") weights; buffers, not parameters
+    (nothing here trains). `dequantize()` gives the float32 weight."""
+
+    def __init__(self, kind: str, q: Tensor, scales: Tensor, mins: Tensor | None = None):
+        super().__init__()
+        self.kind = kind
+        self.out_features = q.size(0)
+        self.in_features = q.size(1) * (2 if kind == "q4" else 1)
+        self.register_buffer("q", q.contiguous())
+        self.register_buffer("scales", scales.float().contiguous())
+        self.register_buffer("mins", mins.float().contiguous() if mins is not None else None)
+
+    @classmethod
+    def from_float(cls, w: Tensor, kind: str) -> QLinear:
+        return cls(kind, *quantize_q8(w)) if kind == "q8" else cls(kind, *quantize_q4(w))
+
+    def dequantize(self) -> Tensor:
+        if self.kind == "q8":
+            return dequantize_q8(self.q, self.scales)
+        return dequantize_q4(self.q, self.scales, self.mins)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.numel() <= 64 * x.size(-1) and kernels.usable(x):
+            flat = x.reshape(-1, x.size(-1)).contiguous()
+            if self.kind == "q8":
+                y = kernels.linear_q8(flat, self.q, self.scales)
+            else:
+                y = kernels.linear_q4(flat, self.q, self.scales, self.mins)
+            return y.view(*x.shape[:-1], -1)
+        # many rows (a long prefill): one dequantized copy, then a GEMM at the machine's matmul rate
+        return F.linear(x, self.dequantize().to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, kind={self.kind}"
+
+
+class QEmbedding(nn.Module):
+    """Token embedding read from a QLinear's weight (tied embeddings: the LM head's matrix)."""
+
+    def __init__(self, table: QLinear):
+        super().__init__()
+        self.table = [table]  # a list: not a submodule, so its buffers are not saved twice
+
+    @property
+    def weight(self) -> Tensor:  # the rows as floats, for code that reads the matrix
+        return self.table[0].dequantize()
+
+    def forward(self, idx: Tensor) -> Tensor:
+        t = self.table[0]
+        flat = idx.reshape(-1)
+        if t.kind == "q8":
+            rows = dequantize_q8(t.q[flat], t.scales[flat])
+        else:
+            rows = dequantize_q4(t.q[flat], t.scales[flat], t.mins[flat])
+        return rows.view(*idx.shape, -1)
+
+
+# ---- the model --------------------------------------------------------------------------------
+
+
+def _projections(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, layer) of every nn.Linear in the blocks (attention, FFN, experts)."""
+    out = []
+    for parent in model.layers.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                out.append((parent, name, child))
+    return out
+
+
+def quantize_of(model: nn.Module) -> str:
+    """The setting a model was prepared with: "int8", "int4" or "none"."""
+    kinds = {m.kind for m in model.layers.modules() if isinstance(m, QLinear)}
+    return "int4" if "q4" in kinds else "int8" if kinds else "none"
+
+
+@torch.no_grad()
+def prepare(model: nn.Module, quantize: str = "none") -> nn.Module:
+    """Make a ModernDecoderLM ready to decode fast, in place: with quantize="none" its linear layers
+    become FastLinear (same weights); "int8" / "int4" replace them with QLinear (see the table
+    above). For inference only: a quantized model has no trainable projections. Returns the model."""
+    check_quantize(quantize)
+    kind = {"int8": "q8", "int4": "q4"}.get(quantize)
+    for parent, name, layer in _projections(model):
+        if kind is None:
+            if type(layer) is nn.Linear:
+                layer.__class__ = FastLinear  # same module, same parameters: only forward differs
+        elif layer.weight.size(1) % QK == 0:
+            setattr(parent, name, QLinear.from_float(layer.weight, kind))
+    head = model.lm_head
+    if kind is None:
+        if type(head) is nn.Linear:
+            head.__class__ = FastLinear
+    elif isinstance(head, nn.Linear) and head.weight.size(1) % QK == 0:
+        # the head in 8 bits for both settings: 4-bit logits cost more quality than they save time
+        q = QLinear.from_float(head.weight, "q8")
+        model.lm_head = q
+        if model.config.tie_embeddings:
+            model.tok_emb = QEmbedding(q)
+    return model
