@@ -39,12 +39,12 @@ from modernlm.chat import (
 from modernlm.checkpoint import checkpoint_label, load_model, resolve_source
 from modernlm.errors import UserError
 from modernlm.generation import Sampling, TextGeneration, prompt_ids
+from modernlm.gguf_weights import load_gguf
 from modernlm.hf.convert import from_hf, hf_tokenizer_to_ours, load_hf_tokenizer, load_transformers
 from modernlm.hf.text import render_chat_template, wrap_hf
-from modernlm.gguf_weights import load_gguf
 from modernlm.model import ModernDecoderLM
 from modernlm.perplexity import evaluate_text
-from modernlm.quant import check_quantize, prepare
+from modernlm.quant import check_quantize, prepare, quantize_of, quantized_weights
 from modernlm.runtime import DTYPES, eval_mode, resolve_device
 from modernlm.tokenizer import has_tokenizer, load_tokenizer
 
@@ -68,8 +68,16 @@ class LM:
         return str(next(self.model.parameters()).dtype).removeprefix("torch.")
 
     @property
-    def num_params(self) -> int:  # tied embeddings counted once
-        return self.model.num_params() if self.kind == "modernlm" else sum(p.numel() for p in self.model.parameters())
+    def num_params(self) -> int:  # tied embeddings counted once; quantized weights too (buffers, not parameters)
+        if self.kind != "modernlm":
+            return sum(p.numel() for p in self.model.parameters())
+        return self.model.num_params() + quantized_weights(self.model)
+
+    @property
+    def weights(self) -> str:
+        """What the weights are: "int8", "int4" (quant.prepare) or the dtype."""
+        q = quantize_of(self.model) if self.kind == "modernlm" else "none"
+        return self.dtype if q == "none" else q
 
     @property
     def max_context(self) -> int:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modernlm import kernels
+
 
 @dataclass
 class ModelConfig:
@@ -138,9 +140,11 @@ class RotaryEmbedding(nn.Module):
             self._build(max(start + length, 2 * self.cos.size(0)))
         return self.cos[start : start + length], self.sin[start : start + length]
 
-    def at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin for each row's own positions (B, T): each (B, 1, T, D), broadcast over heads."""
-        need = int(positions.max()) + 1
+    def at(self, positions: Tensor, need: int | None = None) -> tuple[Tensor, Tensor]:
+        """cos, sin for each row's own positions (B, T): each (B, 1, T, D), broadcast over heads.
+        `need`: positions.max() + 1 when the caller knows it (reading it from the tensor would stop
+        a compiled step to sync)."""
+        need = int(positions.max()) + 1 if need is None else need
         if need > self.cos.size(0):
             self._build(max(need, 2 * self.cos.size(0)))
         return self.cos[positions][:, None], self.sin[positions][:, None]
@@ -283,12 +287,17 @@ class PagedCache:
 
     def select(self, tables: list[list[int]], lengths: list[int]) -> None:
         """The rows of the next forward: their block tables and how many slots each has filled."""
-        width = max(len(t) for t in tables)
+        # at least 2 wide: torch.compile specialises a size of 1, and a compiled decode step would
+        # then be built twice, for tables of one block and of more
+        width = max(2, *(len(t) for t in tables))
         device = self.k[0].device
         # short tables padded with their first block: slots past a row's length are masked anyway
         table = torch.tensor([t + t[:1] * (width - len(t)) for t in tables], device=device)  # (rows, width)
         self.table, self.rows = table, len(tables)
         self.lengths = torch.tensor(lengths, device=device)
+        # as Python ints, so a (compiled) forward checks room and sizes RoPE without reading tensors
+        self.room = min(len(t) * self.block_size - n for t, n in zip(tables, lengths, strict=True))
+        self.end = max(lengths)
         self.seen = int(min(lengths) > 0)  # 0: fresh rows (the model then adds its sink token)
         K = self.k[0].size(1)
         # row r, kv head h, block j of the gathered keys is pool row table[r, j] * K + h of the
@@ -296,21 +305,25 @@ class PagedCache:
         self.gather = (table[:, None, :] * K + torch.arange(K, device=device)[None, :, None]).flatten()
 
     def check_room(self, t: int) -> None:
-        if int(self.lengths.max()) + t > self.table.size(1) * self.block_size:
+        if t > self.room:
             raise ValueError(f"PagedCache: a row has no block for {t} more tokens; allocate first")
 
     def positions(self, t: int) -> Tensor:
         """(rows, t) positions of the next t tokens of each row."""
         return self.lengths[:, None] + torch.arange(t, device=self.lengths.device)
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (rows, K, T, D) at each row's next slots; return every row's keys/values
-        (rows, K, S, D), S = the widest table's slots."""
+    def write(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Write k, v (rows, K, T, D) at each row's next slots."""
         pos = self.positions(k.size(2))  # (rows, T)
         block, slot = self.table.gather(1, pos // self.block_size), pos % self.block_size
         # advanced indices on dims 0 and 2: the indexed view is (rows, T, K, D)
         self.k[layer][block, :, slot] = k.transpose(1, 2)
         self.v[layer][block, :, slot] = v.transpose(1, 2)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (rows, K, T, D) at each row's next slots; return every row's keys/values
+        (rows, K, S, D), S = the widest table's slots."""
+        self.write(layer, k, v)
         rows, K, _, D = k.shape
         S = self.table.size(1) * self.block_size
         flat = (self.num_blocks * K, self.block_size * D)
@@ -323,8 +336,24 @@ class PagedCache:
         values = torch.index_select(self.v[layer].view(flat), 0, self.gather, out=self._scratch[1, :n])
         return keys.view(rows, K, S, D), values.view(rows, K, S, D)
 
+    def attends_in_place(self, q: Tensor) -> bool:
+        """Whether a decode step's queries q (rows, H, 1, D) can read the blocks where they are
+        (modernlm/kernels: CPU float32, up to 8 query heads per kv head, head_dim <= 128): no
+        gather copy, no mask."""
+        K, D = self.k[0].size(1), q.size(-1)
+        return q.size(2) == 1 and q.size(1) // K <= 8 and D % 16 == 0 and D <= 128 and kernels.usable(q)
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """A decode step's attention read in place: write k, v (rows, K, 1, D), then each row's
+        queries q (rows, H, 1, D) attend to its positions 0 .. length. Returns (rows, H, D)."""
+        self.write(layer, k, v)
+        scale = 1.0 / math.sqrt(q.size(-1))
+        return kernels.paged_attention(q[:, :, 0].contiguous(), self.k[layer], self.v[layer], self.table,
+                                       self.lengths + 1, scale)  # fmt: skip
+
     def advance(self, t: int) -> None:
         self.lengths += t
+        self.room, self.end = self.room - t, self.end + t
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,6 +392,10 @@ class Attention(nn.Module):
         else:
             q, k = apply_rope(qkv[:, : H + K], *rope).split([H, K], dim=1)  # one rotation for both
             v = qkv[:, H + K :]  # (B, K, T, D)
+            if isinstance(cache, PagedCache) and cache.attends_in_place(q):
+                # a decode step over the paged cache: the kernel reads each row's blocks in place
+                y = cache.attend(self.layer_idx, q, k, v)  # (B, H, D)
+                return self.resid_dropout(self.wo(y.reshape(B, 1, H * D)))
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
 
@@ -567,7 +600,7 @@ class ModernDecoderLM(nn.Module):
                 raise ValueError(f"PagedCache has {cache.rows} rows selected, idx has {B}")
             cache.check_room(T)
             pos = cache.positions(T)  # (B, T)
-            rope = self.rope.at(pos)
+            rope = self.rope.at(pos, need=cache.end + T)
             k_pos = torch.arange(cache.table.size(1) * cache.block_size, device=x.device)  # (S,)
             mask = (k_pos <= pos[..., None])[:, None]  # (B, 1, T, S): its own past, not other rows' slots
         else:

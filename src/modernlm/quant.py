@@ -6,11 +6,14 @@ Decoding a small model reads every weight once per token, so its speed is the by
 8-bit weights are about a quarter of float32's bytes, 4-bit about a sixth. The formats are GGUF's, so a
 .gguf file's Q8_0 / Q4_0 / Q4_1 weights load as they are (`modernlm.gguf`), never expanded:
 
-| quantize | projections                  | LM head / embedding | bytes per weight |
-|----------|------------------------------|---------------------|------------------|
-| none     | float32 (FastLinear)         | float32             | 4                |
-| int8     | Q8_0: int8 x one scale per 32  | Q8_0              | 1.125            |
-| int4     | Q4_1: 4 bits, scale and min per 32 | Q8_0 (kept at 8 bits, as llama.cpp does for its 4-bit files) | 0.625 (+1.125 head) |
+| quantize | projections                        | LM head / embedding | bytes per weight   |
+|----------|------------------------------------|---------------------|--------------------|
+| none     | float32 (FastLinear)               | float32             | 4                  |
+| int8     | Q8_0: int8, one scale per 32       | Q8_0                | 1.0625 + scales    |
+| int4     | Q4_1: 4 bits, scale and min per 32 | Q8_0 (*)            | 0.5 + scales, mins |
+
+(*) The head stays at 8 bits in int4, as llama.cpp's 4-bit files keep theirs: 4-bit logits cost
+more quality than they save time. Scales and mins are float32 here (4 bytes per 32 weights each).
 
 Q8_0: w = d * q, q in -127..127, d = max|w| / 127 per block of 32 input features.
 Q4_1: w = d * q + m, q in 0..15, m = min(w), d = (max(w) - min(w)) / 15 per block of 32.
@@ -155,6 +158,11 @@ def _projections(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
             if isinstance(child, nn.Linear):
                 out.append((parent, name, child))
     return out
+
+
+def quantized_weights(model: nn.Module) -> int:
+    """How many weights the model's QLinear layers hold (they are buffers, not parameters)."""
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QLinear))
 
 
 def quantize_of(model: nn.Module) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,9 @@ class Config:
     seed: int | None = None  # sampling seed (every reply starts from it); null = not reproducible
     device: str = "cpu"  # cpu, cuda, cuda:1, mps, auto
     backend: str = "auto"  # auto (HF Llamas converted, others in transformers), modernlm, transformers
+    # weights: none (float), int8, int4, auto (a .gguf's own Q8_0 / Q4 blocks, else none); docs/model.md
+    quantize: str = "auto"
+    compile: bool = True  # torch.compile the decode steps (once, before the first prompt; ours only)
 
 
 def _read(tty: bool) -> str | None:
@@ -158,14 +162,16 @@ class Conversation:
 def main(cfg: Config) -> None:
     from modernlm.api import load_fastest
     from modernlm.generation import Sampling
+    from modernlm.quant import check_quantize
 
     if not cfg.model:
         raise UserError("model: give a model source (modernlm chat MODEL)")
     sampling = Sampling(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-        top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed,
+        top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed, compile=cfg.compile,
     )  # fmt: skip
-    lm = load_fastest(cfg.model, device=cfg.device, backend=cfg.backend, what="model")
+    check_quantize(cfg.quantize, "quantize", auto=True)
+    lm = load_fastest(cfg.model, device=cfg.device, backend=cfg.backend, what="model", quantize=cfg.quantize)
     if lm.tokenizer is None:
         raise UserError(f"model: {cfg.model} has no tokenizer, so there is no text to chat with")
     tty = sys.stdin.isatty()
@@ -173,6 +179,10 @@ def main(cfg: Config) -> None:
         _say(f"chat with {lm.name} ({lm.kind}); {HELP}")
     if not lm.has_chat_template:
         _say("no chat template: plain continuation of what you type")
+    if cfg.compile and lm.kind == "modernlm":
+        start = time.perf_counter()
+        lm.generate("Hi", max_new_tokens=3, compile=True)  # builds the compiled decode step now
+        _say(f"decode steps compiled in {time.perf_counter() - start:.0f} s (compile=false to skip)")
     conversation = Conversation(lm, cfg.system, sampling)
     while (line := _read(tty)) is not None:
         if line.startswith("/"):

@@ -41,6 +41,7 @@ class Config:
     bos: bool = False  # prepend the bos token so the first text token is scored too
     device: str = "auto"  # auto = cuda when available, else cpu
     dtype: str = "float32"  # float32, bfloat16 or float16 weights
+    quantize: str = "none"  # none, int8, int4, auto (a .gguf's own blocks): the weights of docs/model.md's table
     progress: bool = True  # progress bar on stderr
     out: str = ""  # write the JSON report here ("" = print it to stdout)
 
@@ -53,11 +54,15 @@ def main(cfg: Config) -> None:
     from modernlm.data.readers import load_text
     from modernlm.errors import UserError
     from modernlm.perplexity import evaluate_text, summary_line
+    from modernlm.quant import check_quantize
 
     if not cfg.model:
         raise UserError("model: give a model (modernlm eval perplexity MODEL DATA)")
+    check_quantize(cfg.quantize, "quantize", auto=True)
     text, data = load_text(cfg.data, cfg.hf_dataset, cfg.hf_config, cfg.split, cfg.text_field)
-    model = load(cfg.model, device=cfg.device, dtype=cfg.dtype, progress=cfg.progress)
+    backend = "auto" if cfg.quantize == "none" else "modernlm"  # quantized weights are ours to run
+    model = load(cfg.model, device=cfg.device, dtype=cfg.dtype, progress=cfg.progress, backend=backend,
+                 quantize=cfg.quantize)
     report = evaluate_text(
         model, text, context=cfg.context, stride=cfg.stride, batch_size=cfg.batch_size,
         max_tokens=cfg.max_tokens, bos=cfg.bos, progress=cfg.progress,

@@ -43,6 +43,7 @@ class Config:
     device: str = "cpu"  # cpu, cuda, cuda:1, mps, auto
     dtype: str | None = None  # float32, bfloat16, float16 (null: the checkpoint's own; float32 for HF)
     backend: str = "auto"  # auto, modernlm (HF Llamas converted), transformers
+    quantize: str = "none"  # none, int8, int4, auto (a .gguf's own blocks); ours only (docs/model.md)
 
 
 def main(cfg: Config) -> None:
@@ -58,10 +59,12 @@ def main(cfg: Config) -> None:
     except ImportError as e:
         raise UserError(f"eval tasks needs lm-evaluation-harness: pip install 'modernlm[harness]' ({e})") from None
     from modernlm.api import load_fastest
+    from modernlm.quant import check_quantize
 
     # Names and data files first, then the model (minutes may go into loading it).
     manager = run.prepare_tasks(names, cfg.data_dir, cfg.include_path or None)
-    lm = load_fastest(cfg.model, device=cfg.device, dtype=cfg.dtype, backend=cfg.backend, what="model")
+    lm = load_fastest(cfg.model, device=cfg.device, dtype=cfg.dtype, backend=cfg.backend, what="model",
+                      quantize=check_quantize(cfg.quantize, "quantize", auto=True))
     if lm.tokenizer is None:
         raise UserError(f"model: {cfg.model} has no tokenizer, so the harness has no text to work with")
     results = run.evaluate(

@@ -44,15 +44,16 @@ class Config:
     seed: int | None = None  # sampling seed; null = not reproducible (a table uses 0)
     window: int = 0  # > 0: rolling KV cache of sink_size + window tokens (constant memory)
     sink_size: int = 4  # first tokens the rolling cache always keeps (StreamingLLM attention sinks)
-    compile: bool = False  # torch.compile the decode steps (~20 s once; faster per token)
+    compile: bool = False  # torch.compile the decode steps (~20-60 s once; faster per token)
+    quantize: str = "none"  # none, int8, int4: weight-only quantized decoding (docs/model.md)
     stream: bool = True  # print tokens as they come (one checkpoint, one prompt)
     device: str = "cpu"  # cpu, cuda, cuda:1, mps
 
 
-def _load(path: Path, device: str):
+def _load(path: Path, device: str, quantize: str = "none"):
     from modernlm.api import load
 
-    lm = load(path, device=device, backend="modernlm", what="checkpoints")
+    lm = load(path, device=device, backend="modernlm", what="checkpoints", quantize=quantize)
     if lm.tokenizer is None:
         raise UserError(f"checkpoints: {path} has no tokenizer (tokenizer.json)")
     return lm
@@ -62,11 +63,13 @@ def main(cfg: Config) -> None:
     from modernlm.checkpoint import checkpoint_dirs, checkpoint_label, saved_step
     from modernlm.eval.compare import CheckpointSamples, generations_markdown
     from modernlm.generation import Sampling
+    from modernlm.quant import check_quantize
 
     if not cfg.checkpoints:
         raise UserError("checkpoints: give a checkpoint or run directory (modernlm generate CHECKPOINT prompt=...)")
     if cfg.prompt and cfg.prompts:
         raise UserError("give prompt (one) or prompts (a list), not both")
+    check_quantize(cfg.quantize)
     dirs = [d for c in cfg.checkpoints for d in checkpoint_dirs(c)]
     table = len(dirs) > 1 or bool(cfg.prompts) or bool(cfg.out)
     options = dict(
@@ -78,7 +81,7 @@ def main(cfg: Config) -> None:
     sampling = Sampling(**options, compile=cfg.compile)
 
     if not table:
-        lm = _load(dirs[0], cfg.device)
+        lm = _load(dirs[0], cfg.device, cfg.quantize)
         if cfg.stream:
             for piece in lm.stream(cfg.prompt, sampling):
                 print(piece, end="", flush=True)
@@ -91,7 +94,7 @@ def main(cfg: Config) -> None:
     results = []
     for d in dirs:
         print(f"generate: {d}", file=sys.stderr)
-        lm = _load(d, cfg.device)
+        lm = _load(d, cfg.device, cfg.quantize)
         # One prompt at a time: a batch would share one sampling generator between rows, so a
         # cell would depend on which other prompts are in the table.
         texts = [lm.generate(p, sampling) for p in prompts]

@@ -45,6 +45,9 @@ class Config(ServeConfig):
     model: str = ""  # a checkpoint or run directory, HF Llama directory or hub id, or .gguf
     device: str = "cpu"  # cpu, cuda, cuda:1, mps, auto
     dtype: str | None = None  # float32, bfloat16, float16 (null: the checkpoint's own; float32 for HF)
+    # weights: none (float), int8, int4, auto (a .gguf's own Q8_0 / Q4 blocks, else none); docs/model.md
+    quantize: str = "auto"
+    compile: bool = True  # torch.compile the decode steps (once, at start-up, before the port opens)
     log_format: Literal["text", "json"] = "text"  # stderr's log lines: text, or one JSON object a line
 
 
@@ -87,6 +90,7 @@ def configure_logging(log_format: str) -> None:
 def main(cfg: Config) -> None:
     from modernlm.api import load
     from modernlm.checkpoint import resolve_source
+    from modernlm.quant import check_quantize
 
     if not cfg.model:
         raise UserError("model: give a model source (modernlm serve MODEL)")
@@ -102,12 +106,18 @@ def main(cfg: Config) -> None:
         print(line, file=sys.stderr, flush=True)
     configure_logging(cfg.log_format)
     backend = "auto" if resolve_source(cfg.model, "model").kind == "modernlm" else "modernlm"
-    lm = load(cfg.model, device=cfg.device, dtype=cfg.dtype, backend=backend, what="model")
+    check_quantize(cfg.quantize, "quantize", auto=True)
+    lm = load(cfg.model, device=cfg.device, dtype=cfg.dtype, backend=backend, what="model", quantize=cfg.quantize)
     server = ServeConfig(**{f.name: getattr(cfg, f.name) for f in fields(ServeConfig)} | {"api_key": api_key})
     app = make_app(lm, server, engine_thread=False)
+    if cfg.compile:
+        seconds = app.state.engine.warm_up()
+        print(f"modernlm serve: decode steps compiled in {seconds:.0f} s (compile=false to skip)", file=sys.stderr,
+              flush=True)
     where = f"http://{cfg.host if ':' not in cfg.host else f'[{cfg.host}]'}:{cfg.port}"
     print(
-        f"modernlm serve: {app.state.model_name} ({lm.num_params / 1e6:.1f}M parameters, {lm.device}) on {where}"
+        f"modernlm serve: {app.state.model_name} ({lm.num_params / 1e6:.1f}M parameters, {lm.device}, "
+        f"weights {lm.weights}) on {where}"
         f" - OpenAI API at {where}/v1, chat page at {where}/"
         f"{' - API key required' if api_key else ''}",
         file=sys.stderr,

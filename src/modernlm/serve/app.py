@@ -72,6 +72,7 @@ class ServeConfig:
     kv_block_size: int = 16  # tokens per KV cache block
     prefill_chunk: int = 256  # prompt tokens prefilled per engine step (long prompts do not stall decoding)
     prefix_cache: bool = True  # reuse the keys and values of prompt prefixes seen before
+    compile: bool = False  # torch.compile the decode steps (paid once at start-up; `modernlm serve` does)
 
     def __post_init__(self) -> None:
         for name in ("port", "max_batch", "max_tokens", "max_n", "max_body_bytes", "kv_block_size", "prefill_chunk"):
@@ -114,7 +115,7 @@ def make_app(lm: Any, cfg: ServeConfig | None = None, *, engine_thread: bool = T
     try:
         engine = Engine(lm.model, lm.tokenizer, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                         kv_cache_bytes=cfg.kv_cache_bytes, block_size=cfg.kv_block_size,
-                        prefill_chunk=cfg.prefill_chunk, prefix_cache=cfg.prefix_cache)
+                        prefill_chunk=cfg.prefill_chunk, prefix_cache=cfg.prefix_cache, compile=cfg.compile)
     except ValueError as e:
         raise UserError(str(e)) from None
     ctx = Context(lm, name, cfg.max_tokens, cfg.max_n, engine.kv_tokens)

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from modernlm.generation import Sampling, TextStream, pick_tokens, prompt_seen
+from modernlm.generation import Sampling, TextStream, compiled_decoder, pick_tokens, prompt_seen
 from modernlm.model import PagedCache
 from modernlm.serve.blocks import SINK, BlockPool, block_names
 
@@ -133,12 +134,16 @@ class Engine:
     thread, `submit(request)` queues a request (EngineFull when the queue is full), `close()` stops."""
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 64,
-                 kv_cache_bytes: int = 0, block_size: int = 16, prefill_chunk: int = 256, prefix_cache: bool = True):
+                 kv_cache_bytes: int = 0, block_size: int = 16, prefill_chunk: int = 256, prefix_cache: bool = True,
+                 compile: bool = False):
         if max_batch < 1 or max_queue < 0 or block_size < 1 or prefill_chunk < 2 or kv_cache_bytes < 0:
             raise ValueError("max_batch, block_size and kv_cache_bytes must be positive, max_queue >= 0, "
                              f"prefill_chunk >= 2; got {max_batch}, {block_size}, {kv_cache_bytes}, "
                              f"{max_queue}, {prefill_chunk}")
         self.model, self.tokenizer = model, tokenizer
+        # decode steps through torch.compile (one graph for one row, one for any other count; the
+        # first steps pay the compile, `warm_up` pays it before requests come)
+        self.decode = compiled_decoder(model) if compile else model
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         p = next(model.parameters())
         self.device, self.vocab = p.device, model.config.vocab_size
@@ -254,6 +259,28 @@ class Engine:
         for seq in [*self.running, *self.prefilling, *self.waiting]:
             seq.request.emit(Failed("the server is shutting down"))
 
+    def warm_up(self) -> float:
+        """Run a decode step of one row and one of two rows on a scratch block before any request,
+        so that a compiled step is built now, not in the first user's time. Returns the seconds."""
+        start = time.perf_counter()
+        need = math.ceil((2 + int(self.sink)) / self.block_size)  # a prompt token (+ the sink), a step
+        blocks = self.pool.allocate(2 * need)
+        if blocks is None:
+            return 0.0
+        try:
+            with torch.inference_mode():
+                for rows in (1, 2):
+                    tables = [blocks[i * need : (i + 1) * need] for i in range(rows)]
+                    token = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+                    self.cache.clear(blocks)
+                    self.cache.select(tables, [0] * rows)
+                    self.model(token, cache=self.cache, last_only=True)
+                    self.cache.select(tables, [1 + int(self.sink)] * rows)
+                    self.decode(token, cache=self.cache, last_only=True)
+        finally:
+            self.pool.release(blocks)
+        return time.perf_counter() - start
+
     def _admitted(self) -> list[_Seq]:
         return [*self.running, *self.prefilling]
 
@@ -358,7 +385,8 @@ class Engine:
             tables.append(s.blocks[: last + 1])
         self.cache.select(tables, [s.filled for s in seqs])
         idx = torch.tensor(rows, device=self.device)
-        return self.model(idx, cache=self.cache, last_only=True).logits[:, -1]
+        model = self.decode if idx.size(1) == 1 else self.model
+        return model(idx, cache=self.cache, last_only=True).logits[:, -1]
 
     def _filled(self, seq: _Seq, n: int) -> None:
         """`seq`'s next n slots are computed: name the blocks they filled, for later prompts."""
