@@ -13,9 +13,10 @@ benchmarks/llama_cpp.py, found or built there.
 
 Rows (`--rows`, comma-separated; the default is marked *):
   modernlm-f32*   modernlm serve CKPT (float32)
-  modernlm-q8_0*  modernlm serve the q8_0 .gguf (the same 8-bit weights as llama-q8_0; what modernlm
-                  makes of them: today float32, expanded as the file loads)
-  modernlm-int8   modernlm serve CKPT quantize=int8 (default once serve has that setting)
+  modernlm-q8_0*  modernlm serve the q8_0 .gguf: its Q8_0 blocks as they are (quantize=auto), the same
+                  8-bit weights as llama-q8_0
+  modernlm-q4_1*  modernlm serve the shipped .gguf: its Q4_1 layers and Q8_0 head as they are
+  modernlm-int8   modernlm serve CKPT quantize=int8 (our own Q8_0 rounding of the float32 weights)
   modernlm-int4   modernlm serve CKPT quantize=int4
   llama-f32*, llama-q8_0*, llama-q4_1*: llama-server on the f32, q8_0 and shipped q4_1 files
 Servers run one at a time, each stopped before the next starts: `python -m modernlm serve MODEL
@@ -34,9 +35,9 @@ maximum of fewer than 100). Peak RSS: the server process's VmHWM (/proc/PID/stat
 level; it counts the mapped .gguf pages llama-server touched.
 
 Greedy agreement, where the weights are equal (modernlm-f32 with llama-f32, modernlm-q8_0 with
-llama-q8_0): the one-client prompts once more on each server, untimed, without ignore_eos (the two
-ways of ignoring eos part once greedy picks it), at most `--new-tokens` tokens: how many texts
-agree exactly, and for the others the common prefix. Sums in another order can flip a near-tie and
+llama-q8_0, modernlm-q4_1 with llama-q4_1): the one-client prompts once more on each server,
+untimed, without ignore_eos (the two ways of ignoring eos part once greedy picks it), at most
+`--new-tokens` tokens: how many texts agree exactly, and for the others the common prefix. Sums in another order can flip a near-tie and
 a long greedy run then diverges: reported, not hidden. (llama.cpp's q8_0 matmuls also round the
 activations to 8 bits, so that pair agrees only as far as that rounding allows.)
 
@@ -67,7 +68,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -112,31 +113,24 @@ ROWS = {
     "modernlm-q8_0": Row("modernlm", "q8_0 (llama.cpp's file)", "q8_0"),
     "modernlm-int8": Row("modernlm", "int8 (quantize=int8)", "checkpoint", ("quantize=int8",)),
     "modernlm-int4": Row("modernlm", "int4 (quantize=int4)", "checkpoint", ("quantize=int4",)),
+    "modernlm-q4_1": Row("modernlm", "q4_1 (the shipped .gguf)", "source"),
     "llama-f32": Row("llama", "f32", "f32"),
     "llama-q8_0": Row("llama", "q8_0", "q8_0"),
     "llama-q4_1": Row("llama", "q4_1 (the shipped .gguf)", "source"),
 }
-PAIRS = (("modernlm-f32", "llama-f32"), ("modernlm-q8_0", "llama-q8_0"))  # equal weights: greedy texts compared
-
-
-def serve_settings() -> set[str]:
-    from modernlm.commands.serve import Config
-
-    return {f.name for f in fields(Config)}
+# equal weights: greedy texts compared
+PAIRS = (("modernlm-f32", "llama-f32"), ("modernlm-q8_0", "llama-q8_0"), ("modernlm-q4_1", "llama-q4_1"))
 
 
 def default_rows() -> list[str]:
-    rows = ["modernlm-f32", "modernlm-q8_0"]
-    if "quantize" in serve_settings():  # picked up once serve has it
-        rows.append("modernlm-int8")
-    return rows + ["llama-f32", "llama-q8_0", "llama-q4_1"]
+    return ["modernlm-f32", "modernlm-q8_0", "modernlm-q4_1", "llama-f32", "llama-q8_0", "llama-q4_1"]
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="", help="the source .gguf (or HF Llama); default: the SmolLM2 .gguf")
-    p.add_argument("--rows", default="", help=f"rows, comma-separated, of {', '.join(ROWS)}; default: modernlm-f32,"
-                   " modernlm-q8_0, (modernlm-int8 once serve has quantize=), every llama row")  # fmt: skip
+    p.add_argument("--rows", default="", help=f"rows, comma-separated, of {', '.join(ROWS)}; default: the rows"
+                   " marked * in the docstring")  # fmt: skip
     p.add_argument("--clients", default="1,4,16", help="concurrent clients per level, comma-separated")
     p.add_argument("--single", type=int, default=4, help="prompts of the one-client level, one after another")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens per request")
