@@ -37,9 +37,10 @@ level; it counts the mapped .gguf pages llama-server touched.
 Greedy agreement, where the weights are equal (modernlm-f32 with llama-f32, modernlm-q8_0 with
 llama-q8_0, modernlm-q4_1 with llama-q4_1): the one-client prompts once more on each server,
 untimed, without ignore_eos (the two ways of ignoring eos part once greedy picks it), at most
-`--new-tokens` tokens: how many texts agree exactly, and for the others the common prefix. Sums in another order can flip a near-tie and
-a long greedy run then diverges: reported, not hidden. (llama.cpp's q8_0 matmuls also round the
-activations to 8 bits, so that pair agrees only as far as that rounding allows.)
+`--new-tokens` tokens: how many texts agree exactly, and for the others the common prefix. Sums in
+another order can flip a near-tie and a long greedy run then diverges: reported, not hidden.
+(llama.cpp's q8_0 and q4_1 matmuls also round the activations to 8 bits, so those pairs agree only
+as far as that rounding allows.)
 
 generate: batch 1, one prompt of the middle length, exactly `--new-tokens` greedy tokens with eos
 off on both sides, in this process (torch's default threads): `modernlm.load(HF,
