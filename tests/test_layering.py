@@ -22,14 +22,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "modernlm"
 
 # Core modules, bottom to top; each names the core modules it may import.
 CORE_EDGES = {
+    "kernels": set(),  # kernels/: the C++ decoding ops; torch only
     "errors": set(),
     "files": {"errors"},
     "config": {"errors", "files"},
     "runtime": {"errors"},
     "chat": {"errors"},
-    "model": {"errors", "config"},
+    "model": {"errors", "config", "kernels"},
+    "quant": {"errors", "kernels"},  # the Q8_0 / Q4_1 layers, prepare(model, quantize)
     "tokenizer": {"errors", "files", "chat"},
     "checkpoint": {"errors", "files", "config", "model", "tokenizer"},
+    "gguf_weights": {"model", "quant"},  # a .gguf's quantized blocks into QLinear
     "generation": {"errors", "runtime", "model", "tokenizer"},
     "perplexity": {"errors"},
     "textmodel": {"errors", "runtime", "generation"},
@@ -66,6 +69,7 @@ OWNERS = {
     "lm_eval": {"eval.tasks"},
     "matplotlib": {"pipeline.plotting"},
     "tensorboard": {"train.tracking"},
+    "gguf": {"gguf_weights"},  # the reader of .gguf files
 }
 
 
@@ -233,14 +237,16 @@ def private_names_across_modules(modules: dict[str, Path]) -> list[str]:
 
 
 def package_imports_inside_the_library(modules: dict[str, Path]) -> list[str]:
-    """`from modernlm import load` hides an edge to the facade; name the module instead."""
+    """`from modernlm import load` hides an edge to the facade; name the module instead.
+    (`from modernlm import kernels` names a module: the edge is in plain sight.)"""
     bad = []
     for module, path in modules.items():
         if module == "__init__":
             continue
         for n, _ in import_nodes(path):
-            if isinstance(n, ast.ImportFrom) and n.module == "modernlm":
-                bad.append(f"{module}: from modernlm import {', '.join(a.name for a in n.names)}")
+            facade = [a.name for a in n.names if a.name not in modules] if isinstance(n, ast.ImportFrom) else []
+            if isinstance(n, ast.ImportFrom) and n.module == "modernlm" and facade:
+                bad.append(f"{module}: from modernlm import {', '.join(facade)}")
             if isinstance(n, ast.Import) and any(a.name == "modernlm" for a in n.names):
                 bad.append(f"{module}: import modernlm")
     return bad
@@ -280,7 +286,12 @@ def test_the_library_keeps_the_rule(rule):
 
 
 def test_model_knows_nothing_of_checkpoints_generation_or_training():
-    assert internal_imports(MODULES["model"], MODULES) <= {"errors", "config"}
+    assert internal_imports(MODULES["model"], MODULES) <= {"errors", "config", "kernels"}
+
+
+def test_the_kernels_import_nothing_of_ours():
+    """The decoding ops sit below the model: torch and the C++ source only."""
+    assert internal_imports(MODULES["kernels"], MODULES) == set()
 
 
 def test_top_level_modules_import_no_torch_at_module_level():
@@ -335,3 +346,14 @@ def test_the_graph_has_no_circle_itself():
     for n in ALLOWED:
         if n not in state:
             visit(n)
+
+
+def test_gguf_is_read_by_gguf_weights_alone(tmp_path):
+    """gguf (the `hf` extra) is imported inside gguf_weights' functions; anywhere else is an edge."""
+    file = tmp_path / "hf" / "bad.py"
+    file.parent.mkdir()
+    file.write_text("def f():\n    from gguf import GGUFReader\n")
+    modules = dict(MODULES) | {module_name(file, tmp_path): file}
+    assert any("gguf" in line for line in imports(MODULES["gguf_weights"]))
+    bad = optional_dependencies_outside_their_owners(modules)
+    assert bad and all(line.startswith("hf.bad imports gguf") for line in bad), bad

