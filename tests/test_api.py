@@ -17,6 +17,7 @@ from modernlm.checkpoint import load_model, save_best_checkpoint, save_model, sa
 from modernlm.cli import run_command
 from modernlm.errors import UserError
 from modernlm.generation import generate
+from modernlm.quant import prepare
 from modernlm.tokenizer import train_bpe
 from tests.conftest import tiny_config
 
@@ -57,7 +58,10 @@ def test_public_names():
 def test_checkpoint_dir_gives_the_direct_logits_and_tokens(ckpt, tok):
     lm = load(ckpt)
     assert isinstance(lm, LM) and lm.kind == "modernlm" and lm.checkpoint == ckpt and not lm.model.training
-    direct = load_model(ckpt).eval()
+    # load = load_model + quant.prepare (FastLinear: the same weights, the decode kernels' sums)
+    direct = prepare(load_model(ckpt).eval(), "none")
+    sd, direct_sd = lm.model.state_dict(), direct.state_dict()
+    assert sd.keys() == direct_sd.keys() and all(torch.equal(sd[k], direct_sd[k]) for k in sd)
     ids = torch.tensor([tok.encode(PROMPTS[0], add_bos=True)])
     with torch.no_grad():
         assert torch.equal(lm.logits_fn(ids), direct(ids).logits)

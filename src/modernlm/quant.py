@@ -47,11 +47,17 @@ def check_quantize(value: str, field: str = "quantize", auto: bool = False) -> s
 # ---- formats --------------------------------------------------------------------------------
 
 
+def _round_away(x: Tensor) -> Tensor:
+    """C's roundf: halves away from zero (torch.round takes them to even), as GGUF's reference does."""
+    return x.sign() * (x.abs() + 0.5).floor()
+
+
 def quantize_q8(w: Tensor) -> tuple[Tensor, Tensor]:
     """w (N, K) float -> q (N, K) int8, scales (N, K/32) float32 (GGUF's Q8_0 rounding)."""
     blocks = w.float().reshape(w.size(0), -1, QK)
     d = blocks.abs().amax(-1) / 127  # (N, QB)
-    q = torch.where(d[..., None] > 0, blocks / d[..., None], 0).round().to(torch.int8)
+    inv = torch.where(d > 0, 1 / d, 0)  # the reference multiplies by 1/d
+    q = _round_away(blocks * inv[..., None]).to(torch.int8)
     return q.reshape(w.shape), d.contiguous()
 
 
@@ -65,7 +71,8 @@ def quantize_q4(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     blocks = w.float().reshape(w.size(0), -1, QK)
     lo, hi = blocks.amin(-1), blocks.amax(-1)
     d = (hi - lo) / 15
-    q = torch.where(d[..., None] > 0, (blocks - lo[..., None]) / d[..., None], 0).round().clamp(0, 15).to(torch.uint8)
+    inv = torch.where(d > 0, 1 / d, 0)
+    q = ((blocks - lo[..., None]) * inv[..., None] + 0.5).floor().clamp(0, 15).to(torch.uint8)  # as the reference
     packed = q[..., :16] | (q[..., 16:] << 4)  # (N, QB, 16)
     return packed.reshape(w.size(0), -1), d.contiguous(), lo.contiguous()
 

@@ -206,13 +206,17 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const 
   TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && k_pool.scalar_type() == at::kFloat, "bad pools");
   TORCH_CHECK(table.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong, "table and lengths must be int64");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t KH = k_pool.size(1), BS = k_pool.size(2), W = table.size(1), G = H / KH;
+  TORCH_CHECK(k_pool.dim() == 4 && v_pool.sizes() == k_pool.sizes() && v_pool.scalar_type() == at::kFloat,
+              "k_pool and v_pool must be float32 (num_blocks, KH, BS, D) of one shape");
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == B && lengths.numel() == B, "table and lengths need one row per q row");
+  const int64_t NB = k_pool.size(0), KH = k_pool.size(1), BS = k_pool.size(2), W = table.size(1), G = H / KH;
   TORCH_CHECK(k_pool.size(3) == D && D % 16 == 0 && H % KH == 0, "head dims do not match");
   at::Tensor tab = table.contiguous(), len = lengths.contiguous();
   at::Tensor y = at::empty({B, H, D}, q.options());
   const float *Qp = q.data_ptr<float>(), *Kp = k_pool.data_ptr<float>(), *Vp = v_pool.data_ptr<float>();
   const int64_t *T = tab.data_ptr<int64_t>(), *L = len.data_ptr<int64_t>();
   float* Y = y.data_ptr<float>();
+  for (int64_t i = 0; i < B * W; i++) TORCH_CHECK(T[i] >= 0 && T[i] < NB, "table: block id out of range");
   const int64_t DV = D / 16;
   // one task per (row, kv head): its G query heads share every key and value read
   at::parallel_for(0, B * KH, 1, [&](int64_t t0, int64_t t1) {

@@ -156,6 +156,11 @@ class Engine:
         num_blocks = budget // per_block
         self.cache = PagedCache(model.config, num_blocks, block_size, device=self.device, dtype=p.dtype)
         self.pool = BlockPool(num_blocks, block_size, prefix_cache)
+        if compile:
+            # the pool's sizes are fixed: were they symbolic, a size equal to a table's width at
+            # warm-up (2 kv heads, 2 blocks) would be taken for the same size, and recompiled later
+            for buf in (*self.cache.k, *self.cache.v):
+                torch._dynamo.mark_static(buf)
         self.block_size, self.kv_bytes = block_size, num_blocks * per_block
         self.running: list[_Seq] = []  # decoding, oldest first
         self.prefilling: list[_Seq] = []  # admitted, prompt not all in the cache yet
