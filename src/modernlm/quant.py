@@ -92,7 +92,8 @@ class FastLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() <= 16 * x.size(-1) and self.bias is None and kernels.usable(x) and self.in_features % 16 == 0:
-            return kernels.linear_f32(x.reshape(-1, x.size(-1)).contiguous(), self.weight).view(*x.shape[:-1], -1)
+            y = kernels.linear_f32(x.reshape(-1, x.size(-1)).contiguous(), self.weight)
+            return y.view(*x.shape[:-1], self.out_features)
         return super().forward(x)
 
 
@@ -125,7 +126,7 @@ class QLinear(nn.Module):
                 y = kernels.linear_q8(flat, self.q, self.scales)
             else:
                 y = kernels.linear_q4(flat, self.q, self.scales, self.mins)
-            return y.view(*x.shape[:-1], -1)
+            return y.view(*x.shape[:-1], self.out_features)
         # many rows (a long prefill): one dequantized copy, then a GEMM at the machine's matmul rate
         return F.linear(x, self.dequantize().to(x.dtype))
 
@@ -151,7 +152,7 @@ class QEmbedding(nn.Module):
             rows = dequantize_q8(t.q[flat], t.scales[flat])
         else:
             rows = dequantize_q4(t.q[flat], t.scales[flat], t.mins[flat])
-        return rows.view(*idx.shape, -1)
+        return rows.view(*idx.shape, t.in_features)
 
 
 # ---- the model --------------------------------------------------------------------------------

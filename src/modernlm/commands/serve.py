@@ -110,10 +110,6 @@ def main(cfg: Config) -> None:
     lm = load(cfg.model, device=cfg.device, dtype=cfg.dtype, backend=backend, what="model", quantize=cfg.quantize)
     server = ServeConfig(**{f.name: getattr(cfg, f.name) for f in fields(ServeConfig)} | {"api_key": api_key})
     app = make_app(lm, server, engine_thread=False)
-    if cfg.compile:
-        seconds = app.state.engine.warm_up()
-        print(f"modernlm serve: decode steps compiled in {seconds:.0f} s (compile=false to skip)", file=sys.stderr,
-              flush=True)
     where = f"http://{cfg.host if ':' not in cfg.host else f'[{cfg.host}]'}:{cfg.port}"
     print(
         f"modernlm serve: {app.state.model_name} ({lm.num_params / 1e6:.1f}M parameters, {lm.device}, "
@@ -131,6 +127,10 @@ def main(cfg: Config) -> None:
         file=sys.stderr,
         flush=True,
     )
+    if cfg.compile:  # before the port opens: the first request gets the compiled step
+        seconds = app.state.engine.warm_up()
+        print(f"modernlm serve: decode steps compiled in {seconds:.0f} s (compile=false to skip)", file=sys.stderr,
+              flush=True)
     # The HTTP server in a thread, the engine on this one: the thread that loaded the model runs it
     # fastest on a CPU (see Engine.run). Ctrl-C or SIGTERM stops both.
     # log_config=None: uvicorn's own lines go through the handler above too (json lines stay json);

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -45,6 +46,7 @@ def _build() -> bool:
         return False
     if hasattr(torch.ops.modernlm, "linear_q8"):  # loaded already (another copy of this module)
         return True
+    path = list(sys.path)
     try:
         from torch.utils import cpp_extension
 
@@ -58,6 +60,10 @@ def _build() -> bool:
         _state["why"] = why[-1] if why else type(e).__name__
         log.warning("modernlm: decoding kernels unavailable (%s); using PyTorch's ops", _state["why"])
         return False
+    finally:
+        # cpp_extension imports setuptools, which puts its vendored packages on sys.path: they would
+        # then pass for installed distributions (importlib.metadata) in this process
+        sys.path[:] = path
     _register_fakes()
     return True
 
