@@ -25,6 +25,8 @@ docs/model.md#quantized-decoding has WikiText-2 perplexity at each setting.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -114,10 +116,23 @@ class QLinear(nn.Module):
     def from_float(cls, w: Tensor, kind: str) -> QLinear:
         return cls(kind, *quantize_q8(w)) if kind == "q8" else cls(kind, *quantize_q4(w))
 
-    def dequantize(self) -> Tensor:
-        if self.kind == "q8":
+    def dequantize(self, out: Tensor | None = None) -> Tensor:
+        """The float32 weight (N, K), written into `out` (a flat buffer of at least N * K) if given."""
+        if out is None and self.kind == "q8":
             return dequantize_q8(self.q, self.scales)
-        return dequantize_q4(self.q, self.scales, self.mins)
+        if out is None:
+            return dequantize_q4(self.q, self.scales, self.mins)
+        N, QB = self.scales.shape
+        w = out[: N * QB * QK].view(N, QB, QK)
+        s = self.scales[..., None]
+        if self.kind == "q8":
+            torch.mul(self.q.view(N, QB, QK), s, out=w)
+        else:
+            b = self.q.view(N, QB, 16)
+            torch.mul(b & 15, s, out=w[..., :16])
+            torch.mul(b >> 4, s, out=w[..., 16:])
+            w.add_(self.mins[..., None])
+        return w.view(N, QB * QK)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() <= 64 * x.size(-1) and kernels.usable(x):
@@ -127,11 +142,25 @@ class QLinear(nn.Module):
             else:
                 y = kernels.linear_q4(flat, self.q, self.scales, self.mins)
             return y.view(*x.shape[:-1], self.out_features)
-        # many rows (a long prefill): one dequantized copy, then a GEMM at the machine's matmul rate
-        return F.linear(x, self.dequantize().to(x.dtype))
+        # many rows (a prefill): the weight dequantized into a buffer every layer reuses (fresh
+        # memory for each would cost a page fault per 4 KiB), then a GEMM at the machine's matmul rate
+        if x.dtype != torch.float32 or torch.is_grad_enabled():  # autograd keeps the weight: no shared buffer
+            return F.linear(x, self.dequantize().to(x.dtype))
+        return F.linear(x, self.dequantize(out=_scratch(self.out_features * self.in_features, x.device)))
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, kind={self.kind}"
+
+
+_local = threading.local()  # per thread: a model may decode on one thread while another scores
+
+
+def _scratch(n: int, device: torch.device) -> Tensor:
+    """A float32 buffer of at least n elements, this thread's, kept for the next layer."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < n or buf.device != device:
+        buf = _local.buf = torch.empty(n, device=device)
+    return buf
 
 
 class QEmbedding(nn.Module):

@@ -31,13 +31,17 @@ static inline f16v load16(const float* p) {
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline float hsum(f16v v) { return _mm512_reduce_add_ps((__m512)v); }  // a shuffle tree, not 15 adds
+#else
 static inline float hsum(f16v v) {
   float s = 0.f;
   for (int i = 0; i < 16; i++) s += v[i];
   return s;
 }
+#endif
 #if defined(__AVX512F__)
-#include <immintrin.h>
 // GCC scalarises the generic int8 -> float conversion below; one instruction pair does it here
 static inline f16v i8_to_f(const int8_t* p) {
   return (f16v)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
@@ -53,27 +57,37 @@ static inline f16v u8_to_f(u16v b) { return __builtin_convertvector(__builtin_co
 #endif
 
 constexpr int QK = 32;   // weights per quantization block
-constexpr int MR = 4;    // activation rows kept in registers per pass over a weight row
+constexpr int MR = 8;    // activation rows kept in registers per pass over a weight row
+constexpr int NC = 16;   // weight rows per tile: read from memory in the first pass, from cache in the others
 
 // Rows of y = x @ w.T, one weight row at a time, in passes of R <= MR activation rows. `Dot<R>`
 // accumulates one weight row against rows m0 .. m0+R-1 of x. R is a template argument so that the
 // accumulators live in registers: with a runtime count they went through memory, and each block's
 // add then waited for the last one's store (3x slower).
+// Tiles of NC weight rows: every pass of MR activation rows runs over the tile while its weights
+// are in cache, so the weights come from memory once whatever M is.
 template <template <int> class Dot, typename Args>
 static void for_rows(int64_t M, int64_t N, float* y, const Args& a) {
   // grain: enough rows per task that scheduling is cheap, enough tasks that both cores work
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; n++) {
+  at::parallel_for(0, N, NC, [&](int64_t n0, int64_t n1) {
+    for (int64_t c0 = n0; c0 < n1; c0 += NC) {
+      const int64_t c1 = std::min(n1, c0 + NC);
       for (int64_t m0 = 0; m0 < M; m0 += MR) {
-        float acc[MR];
-        int mr = (int)std::min<int64_t>(MR, M - m0);
-        switch (mr) {
-          case 1: Dot<1>::run(a, n, m0, acc); break;
-          case 2: Dot<2>::run(a, n, m0, acc); break;
-          case 3: Dot<3>::run(a, n, m0, acc); break;
-          default: Dot<4>::run(a, n, m0, acc); break;
+        const int mr = (int)std::min<int64_t>(MR, M - m0);
+        for (int64_t n = c0; n < c1; n++) {
+          float acc[MR];
+          switch (mr) {
+            case 1: Dot<1>::run(a, n, m0, acc); break;
+            case 2: Dot<2>::run(a, n, m0, acc); break;
+            case 3: Dot<3>::run(a, n, m0, acc); break;
+            case 4: Dot<4>::run(a, n, m0, acc); break;
+            case 5: Dot<5>::run(a, n, m0, acc); break;
+            case 6: Dot<6>::run(a, n, m0, acc); break;
+            case 7: Dot<7>::run(a, n, m0, acc); break;
+            default: Dot<8>::run(a, n, m0, acc); break;
+          }
+          for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = acc[i];
         }
-        for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = acc[i];
       }
     }
   });
