@@ -224,12 +224,12 @@ def decode_rows(s: dict, new_tokens: int) -> list[dict]:
         torch.manual_seed(batch)
         idx = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
         timings = {}
-        for side in ("modernlm", "transformers"):
-            for _ in range(2):  # the first call warms up (kernels, allocator); the second counts
+        for side in ("modernlm", "modernlm compiled", "transformers"):
+            for _ in range(2):  # the first call warms up (kernels, allocator, the compile); the second counts
                 sync(device)
                 t0 = time.perf_counter()
-                if side == "modernlm":
-                    out = generate(model, idx, new_tokens)
+                if side.startswith("modernlm"):
+                    out = generate(model, idx, new_tokens, compile=side.endswith("compiled"))
                 else:
                     with torch.inference_mode():
                         n, mask = new_tokens, torch.ones_like(idx)
@@ -241,7 +241,8 @@ def decode_rows(s: dict, new_tokens: int) -> list[dict]:
         for side, seconds in timings.items():
             rows.append({"row": f"decode {side}, batch {batch}", "tok_per_s": batch * new_tokens / seconds,
                          "model": label})  # fmt: skip
-        rows[-2]["vs_peer"] = timings["transformers"] / timings["modernlm"]
+        for row in rows[-3:-1]:  # the modernlm rows against transformers'
+            row["vs_peer"] = timings["transformers"] / timings[row["row"].removeprefix("decode ").split(",")[0]]
     return rows
 
 

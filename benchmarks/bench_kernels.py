@@ -1,0 +1,92 @@
+"""The decode matmuls against the machine's memory bound: what a decode step of SmolLM2 can cost.
+
+A decode step reads every weight once, so its floor is the weights' bytes over the memory's read
+rate. This prints, in one run on this machine: the bound (a copy, read + write bytes, and a sum,
+read bytes), then one pass over SmolLM2-135M's 30 layers of projection weights (576x960, 576x576,
+576x3072, 1536x576: 106M weights, random values; the LM head apart) at M = 1, 4, 8, 16 rows:
+PyTorch's `F.linear` on float32 weights, and modernlm's kernels on float32, Q8_0 and Q4_1 ones.
+GB/s = weight bytes read / time (Q8_0: 34 bytes per 32 weights as stored in a .gguf, Q4_1: 20;
+ours keep float32 scales, a little more); GMAC/s = multiply-adds / time. Each figure is the best of
+`--rounds` passes after a warm-up pass.
+
+    python benchmarks/bench_kernels.py [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from modernlm import kernels
+from modernlm.quant import quantize_q4, quantize_q8
+
+LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in) of wqkv, wo, w_gate_up, w_down
+
+
+def best(fn, rounds: int) -> float:
+    fn()
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def memory_bound(rounds: int) -> tuple[float, float]:
+    """GB/s of a copy (read + write bytes) and of a sum (read bytes) over 512 MiB, past every cache."""
+    big = torch.ones(512 * 2**20 // 4)
+    out = torch.empty_like(big)
+    copy = best(lambda: out.copy_(big), rounds)
+    read = best(lambda: big.sum(), rounds)
+    return 2 * big.numel() * 4 / copy / 1e9, big.numel() * 4 / read / 1e9
+
+
+def passes(xs: dict, weights: list, q8: list, q4: list) -> dict:
+    """name -> (one pass over every layer's weight, bytes per weight as a .gguf stores them)."""
+    return {
+        "F.linear float32": (lambda: [F.linear(xs[w.size(1)], w) for w in weights], 4.0),
+        "modernlm float32": (lambda: [kernels.linear_f32(xs[w.size(1)], w) for w in weights], 4.0),
+        "modernlm Q8_0": (lambda: [kernels.linear_q8(xs[q.size(1)], q, s) for q, s in q8], 34 / 32),
+        "modernlm Q4_1": (lambda: [kernels.linear_q4(xs[2 * q.size(1)], q, s, mn) for q, s, mn in q4], 20 / 32),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--layers", type=int, default=30)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not kernels.available():
+        raise SystemExit(f"bench_kernels: the kernels are not available here ({kernels.why_not()})")
+    torch.manual_seed(0)
+    weights = [torch.randn(n, k) * 0.05 for _ in range(args.layers) for n, k in LAYER_SHAPES]
+    q8 = [quantize_q8(w) for w in weights]
+    q4 = [quantize_q4(w) for w in weights]
+    n_weights = sum(w.numel() for w in weights)
+
+    copy, read = memory_bound(args.rounds)
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.processor() or platform.machine()}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n_weights / 1e6:.0f}M weights")  # fmt: skip
+    print(f"memory: copy {copy:.1f} GB/s (read + write), sum {read:.1f} GB/s (read)\n")
+
+    print("| rows | matmul | ms per pass | GB/s of weights | GMAC/s |")
+    print("|---:|---|---:|---:|---:|")
+    for m in (1, 4, 8, 16):
+        xs = {k: torch.randn(m, k) for _, k in LAYER_SHAPES}
+        with torch.inference_mode():
+            for name, (fn, bytes_per_weight) in passes(xs, weights, q8, q4).items():
+                t = best(fn, args.rounds)
+                print(f"| {m} | {name} | {t * 1e3:.1f} | {n_weights * bytes_per_weight / t / 1e9:.1f} | "
+                      f"{m * n_weights / t / 1e9:.0f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
