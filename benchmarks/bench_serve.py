@@ -189,11 +189,12 @@ def serving(model: str, max_batch: int, extra: list[str]) -> Iterator[tuple[int,
     """A live server: (its pid, base URL, model id); on an error its log's tail goes to stderr."""
     with tempfile.TemporaryFile() as log:
         proc, url = start_server(model, max_batch, extra, log)
-        log.seek(0)  # its start-up lines (weights, KV budget, how long the decode steps took to compile)
-        for line in log.read().decode(errors="replace").splitlines():
+        # its start-up lines (weights, KV budget, how long the decode steps took to compile); pread
+        # leaves the offset the server writes at (they share it) where it is
+        start = os.pread(log.fileno(), 1 << 16, 0).decode(errors="replace")
+        for line in start.splitlines():
             if line.startswith("modernlm serve:"):
                 print("  " + line, file=sys.stderr)
-        log.seek(0, 2)
         try:
             model_id = httpx.get(url + "/v1/models", headers=HEADERS, timeout=30).json()["data"][0]["id"]
             yield proc.pid, url, model_id
