@@ -463,3 +463,19 @@ def test_usable_only_for_cpu_float32_inference():
     with torch.no_grad():
         assert kernels.usable(x) and not kernels.usable(x.double()) and not kernels.usable(x.bfloat16())
     assert not kernels.usable(x)  # autograd on: PyTorch's ops, which have a backward
+
+
+def test_bench_kernels_prints_the_bound_and_every_kernel_row():
+    """benchmarks/bench_kernels.py (RESULTS.md's bound) runs: one layer, one round, every row."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
+    done = subprocess.run([sys.executable, str(script), "--layers", "1", "--rounds", "1"], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "memory: copy" in done.stdout
+    for rows in (1, 16):
+        for name in ("F.linear float32", "modernlm float32", "modernlm Q8_0", "modernlm Q4_1"):
+            assert f"| {rows} | {name} |" in done.stdout
