@@ -7,7 +7,7 @@
 The ops are registered as `torch.ops.modernlm.*` with shape functions, so `torch.compile` treats each
 as one opaque call. They run on the CPU, in float32, for inference; callers check `usable(x)` and
 fall back to PyTorch's own ops elsewhere (CUDA, bfloat16, autograd). The build needs a C++ compiler
-and ninja (the `ninja` package); where it fails, decoding still works, slower, and one line says why.
+(one call, ~20 s, cached); where it fails, decoding still works, slower, and one line says why.
 MODERNLM_KERNELS=0 switches them off (to compare, or to rule them out).
 
 Design notes: docs/design.md#kernels
@@ -15,9 +15,10 @@ Design notes: docs/design.md#kernels
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-import sys
+import subprocess
 import threading
 from pathlib import Path
 
@@ -46,26 +47,43 @@ def _build() -> bool:
         return False
     if hasattr(torch.ops.modernlm, "linear_q8"):  # loaded already (another copy of this module)
         return True
-    path = list(sys.path)
     try:
-        from torch.utils import cpp_extension
-
-        flags = ["-O3", "-march=native", "-fopenmp"]
-        cpp_extension.load(
-            name="modernlm_decode", sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-            is_python_module=False, verbose=False,
-        )  # fmt: skip
-    except Exception as e:  # no compiler, no ninja, a compiler error: decode with PyTorch's ops
+        torch.ops.load_library(str(_library()))
+    except Exception as e:  # no compiler, a compiler error: decode with PyTorch's ops
         why = str(e).strip().splitlines()
-        _state["why"] = why[-1] if why else type(e).__name__
+        _state["why"] = why[-1][:300] if why else type(e).__name__
         log.warning("modernlm: decoding kernels unavailable (%s); using PyTorch's ops", _state["why"])
         return False
-    finally:
-        # cpp_extension imports setuptools, which puts its vendored packages on sys.path: they would
-        # then pass for installed distributions (importlib.metadata) in this process
-        sys.path[:] = path
     _register_fakes()
     return True
+
+
+def _library() -> Path:
+    """decode.cpp built into a shared library, once per source, torch and compiler: cached in
+    $MODERNLM_KERNELS_DIR, else ~/.cache/modernlm/kernels. One compiler call (`c++`, or $CXX), no
+    build system: only a C++17 compiler is needed, and PyTorch's own headers."""
+    torch_dir = Path(torch.__file__).parent
+    cxx = os.environ.get("CXX", "c++")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    include = torch_dir / "include"
+    flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+             "-isystem", str(include), "-isystem", str(include / "torch" / "csrc" / "api" / "include")]  # fmt: skip
+    libs = ["-L", str(torch_dir / "lib"), "-lc10", "-ltorch_cpu"]
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, torch.__version__.encode(), cxx.encode(), " ".join(flags).encode()]))
+    where = Path(os.environ.get("MODERNLM_KERNELS_DIR") or Path.home() / ".cache" / "modernlm" / "kernels")
+    library = where / f"modernlm_decode-{key.hexdigest()[:16]}.so"
+    if library.exists():
+        return library
+    where.mkdir(parents=True, exist_ok=True)
+    partial = library.with_suffix(f".{os.getpid()}.tmp")  # another process may be building it too
+    done = subprocess.run([cxx, *flags, str(_SOURCE), "-o", str(partial), *libs], capture_output=True, text=True)
+    if done.returncode != 0:
+        partial.unlink(missing_ok=True)
+        errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()
+        raise RuntimeError(f"{cxx} failed: {errors[0] if errors else done.returncode}")
+    os.replace(partial, library)  # whole or absent: a killed build leaves no half library
+    return library
 
 
 def why_not() -> str:
