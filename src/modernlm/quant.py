@@ -4,7 +4,7 @@
 
 Decoding a small model reads every weight once per token, so its speed is the bytes it reads:
 8-bit weights are about a quarter of float32's bytes, 4-bit about a sixth. The formats are GGUF's, so a
-.gguf file's Q8_0 / Q4_0 / Q4_1 weights load as they are (`modernlm.gguf`), never expanded:
+.gguf file's Q8_0 / Q4_0 / Q4_1 weights load as they are (`gguf_weights.py`), never expanded:
 
 | quantize | projections                        | LM head / embedding | bytes per weight   |
 |----------|------------------------------------|---------------------|--------------------|
@@ -63,8 +63,11 @@ def quantize_q8(w: Tensor) -> tuple[Tensor, Tensor]:
     return q.reshape(w.shape), d.contiguous()
 
 
-def dequantize_q8(q: Tensor, scales: Tensor) -> Tensor:
-    return (q.reshape(q.size(0), -1, QK).float() * scales[..., None]).reshape(q.shape)
+def dequantize_q8(q: Tensor, scales: Tensor, out: Tensor | None = None) -> Tensor:
+    """The float32 weight (N, K); written into `out` (a flat buffer of at least N * K) if given."""
+    N, QB = scales.shape
+    w = out[: N * QB * QK].view(N, QB, QK) if out is not None else None
+    return torch.mul(q.view(N, QB, QK), scales[..., None], out=w).view(N, QB * QK)
 
 
 def quantize_q4(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -79,10 +82,14 @@ def quantize_q4(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return packed.reshape(w.size(0), -1), d.contiguous(), lo.contiguous()
 
 
-def dequantize_q4(q: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
-    b = q.reshape(q.size(0), -1, 16)
-    nib = torch.cat([b & 15, b >> 4], dim=-1).float()  # (N, QB, 32)
-    return (nib * scales[..., None] + mins[..., None]).reshape(q.size(0), -1)
+def dequantize_q4(q: Tensor, scales: Tensor, mins: Tensor, out: Tensor | None = None) -> Tensor:
+    """The float32 weight (N, K); written into `out` (a flat buffer of at least N * K) if given."""
+    N, QB = scales.shape
+    w = out[: N * QB * QK].view(N, QB, QK) if out is not None else q.new_empty(N, QB, QK, dtype=torch.float32)
+    b = q.view(N, QB, 16)
+    torch.mul(b & 15, scales[..., None], out=w[..., :16])  # low nibbles: weights 0..15 of each block
+    torch.mul(b >> 4, scales[..., None], out=w[..., 16:])  # high nibbles: weights 16..31
+    return w.add_(mins[..., None]).view(N, QB * QK)
 
 
 # ---- layers ---------------------------------------------------------------------------------
@@ -118,21 +125,9 @@ class QLinear(nn.Module):
 
     def dequantize(self, out: Tensor | None = None) -> Tensor:
         """The float32 weight (N, K), written into `out` (a flat buffer of at least N * K) if given."""
-        if out is None and self.kind == "q8":
-            return dequantize_q8(self.q, self.scales)
-        if out is None:
-            return dequantize_q4(self.q, self.scales, self.mins)
-        N, QB = self.scales.shape
-        w = out[: N * QB * QK].view(N, QB, QK)
-        s = self.scales[..., None]
         if self.kind == "q8":
-            torch.mul(self.q.view(N, QB, QK), s, out=w)
-        else:
-            b = self.q.view(N, QB, 16)
-            torch.mul(b & 15, s, out=w[..., :16])
-            torch.mul(b >> 4, s, out=w[..., 16:])
-            w.add_(self.mins[..., None])
-        return w.view(N, QB * QK)
+            return dequantize_q8(self.q, self.scales, out)
+        return dequantize_q4(self.q, self.scales, self.mins, out)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() <= 64 * x.size(-1) and kernels.usable(x):
