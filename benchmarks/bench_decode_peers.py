@@ -64,11 +64,8 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -82,14 +79,12 @@ from bench_serve import (  # noqa: E402
     TEXT,
     client_for,
     completion,
-    free_port,
     level_prompts,
     memory_of,
     one_request,
     passage_cutter,
     pct,
     serving,
-    stop_server,
 )
 
 from modernlm.commands.eval_table import default_baseline  # noqa: E402
@@ -216,33 +211,10 @@ def prepare_weights(source: str) -> dict[str, Path]:
 # ---- the servers ---------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def llama_serving(model: Path, args) -> Iterator[tuple[int, str, str]]:
-    """A live llama-server: (its pid, base URL, model id), as bench_serve's `serving`."""
-    port = free_port()
-    cmd = [str(llama_cpp.tool("llama-server")), "-m", str(model), "-t", str(args.threads), "-np",
-           str(args.max_batch), "-c", str(args.llama_ctx), "--host", "127.0.0.1", "--port", str(port),
-           *args.llama_args.split()]  # fmt: skip
-    print("$ " + " ".join(cmd), file=sys.stderr)
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 300
-        try:
-            while True:  # /health: 503 while the model loads, 200 when ready
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"llama-server did not become healthy (exit code {proc.returncode})")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                time.sleep(0.5)
-            model_id = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
-            yield proc.pid, url, model_id
-        except BaseException:
-            log.seek(0)
-            print(log.read().decode(errors="replace")[-4000:], file=sys.stderr)
-            raise
-        finally:
-            stop_server(proc)
+def llama_serving(model: Path, args) -> contextlib.AbstractContextManager[tuple[int, str, str]]:
+    """A live llama-server with this benchmark's settings: (its pid, base URL, model id)."""
+    return llama_cpp.serving(model, ["-t", str(args.threads), "-np", str(args.max_batch), "-c", str(args.llama_ctx),
+                                     *args.llama_args.split()])  # fmt: skip
 
 
 def server_for(name: str, files: dict[str, Path], args):

@@ -9,10 +9,14 @@ convert_hf_to_gguf.py turns an HF directory into a .gguf.
 
     python benchmarks/llama_cpp.py          # builds what is missing, prints the tools' paths
     python benchmarks/llama_cpp.py convert HF_DIR --outtype q8_0 --outfile F.gguf
+
+`serving(model, args)` runs a llama-server on 127.0.0.1 for a `with` block (bench_decode_peers.py,
+check_gguf.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib.util
 import os
@@ -21,9 +25,21 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from modernlm.errors import UserError
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_serve: a sibling of this file
+
+from bench_serve import free_port, stop_server  # noqa: E402
+
+from modernlm.errors import UserError  # noqa: E402
+
+try:
+    import httpx
+except ImportError:  # the venv ships httpx's successor under its own name
+    import httpx2 as httpx
 
 VERSION = "0.3.36"  # llama-cpp-python's; its vendor/llama.cpp is the llama.cpp measured
 TOOLS = ("llama-server", "llama-perplexity", "llama-quantize")
@@ -109,6 +125,34 @@ def build(src: Path) -> None:
         jobs = str(os.cpu_count() or 1)
         run(["cmake", "--build", "build", "--config", "Release", "-j", jobs, "--target", *TOOLS],
             f"building {', '.join(TOOLS)} (minutes)", cwd=src)  # fmt: skip
+
+
+@contextlib.contextmanager
+def serving(model: Path, args: list[str]) -> Iterator[tuple[int, str, str]]:
+    """A live `llama-server -m model --host 127.0.0.1 --port P *args`: (its pid, base URL, model
+    id); on an error its log's tail goes to stderr."""
+    port = free_port()
+    cmd = [str(tool("llama-server")), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), *args]
+    print("$ " + " ".join(cmd), file=sys.stderr)
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 300
+        try:
+            while True:  # /health: 503 while the model loads, 200 when ready
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"llama-server did not become healthy (exit code {proc.returncode})")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                time.sleep(0.5)
+            model_id = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+            yield proc.pid, url, model_id
+        except BaseException:
+            log.seek(0)
+            print(log.read().decode(errors="replace")[-4000:], file=sys.stderr)
+            raise
+        finally:
+            stop_server(proc)
 
 
 def run(cmd: list[str], what: str, cwd: Path | None = None) -> None:

@@ -225,7 +225,7 @@ def _read(t: Any) -> Weight:
     return Weight("float", (torch.from_numpy(w.reshape(shape)),))
 
 
-def _unpermute(n_rows: int, n_head: int) -> Tensor:
+def unpermute_rows(n_rows: int, n_head: int) -> Tensor:
     """Row order that undoes llama.cpp's q/k permutation for `n_head` heads (transformers' GGUF
     loader's reverse: row (head, i, half) of the file is row (head, half, i) of the model)."""
     return torch.arange(n_rows).reshape(n_head, n_rows // n_head // 2, 2).transpose(1, 2).reshape(-1)
@@ -255,8 +255,8 @@ def _put_weights(model: ModernDecoderLM, cfg: ModelConfig, tensors: dict[str, An
     def norm(name: str) -> nn.Parameter:
         return nn.Parameter(_read(tensors[name]).parts[0])
 
-    q_rows = _unpermute(cfg.n_head * cfg.head_dim, cfg.n_head)
-    k_rows = _unpermute(cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head)
+    q_rows = unpermute_rows(cfg.n_head * cfg.head_dim, cfg.n_head)
+    k_rows = unpermute_rows(cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head)
     for i, block in enumerate(model.layers):
         t = {name: tensors[f"blk.{i}.{name}.weight"] for name in LAYER_TENSORS}
         block.attn_norm.weight = norm(f"blk.{i}.attn_norm.weight")

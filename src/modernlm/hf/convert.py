@@ -111,15 +111,22 @@ def llama_config_to_model_config(hf_config: Any) -> ModelConfig:
         raise UserError(f"HF config cannot be mapped: {e}") from None
 
 
+def check_llama(cfg: ModelConfig, to: str) -> None:
+    """UserError when `cfg` has what a Llama has not (`to` names the target: "HF", "GGUF")."""
+    if cfg.n_expert:
+        raise UserError(f"MoE models (n_expert > 0) have no Llama equivalent: cannot convert to {to}")
+    if cfg.attn_sink:
+        raise UserError(
+            f"models with a learned sink token (attn_sink) have no Llama equivalent: cannot convert to {to}"
+        )
+
+
 def model_config_to_llama_config(cfg: ModelConfig, **extra: Any) -> LlamaConfig:
     """Our ModelConfig -> an equivalent `transformers.LlamaConfig` (extra kwargs pass through,
     e.g. bos_token_id). Residual `dropout` has no Llama field and is dropped (inference-neutral)."""
     from transformers import LlamaConfig
 
-    if cfg.n_expert:
-        raise UserError("MoE models (n_expert > 0) have no Llama equivalent: cannot convert to HF")
-    if cfg.attn_sink:
-        raise UserError("models with a learned sink token (attn_sink) have no Llama equivalent: cannot convert to HF")
+    check_llama(cfg, "HF")
     kwargs: dict[str, Any] = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model,
