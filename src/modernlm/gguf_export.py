@@ -72,6 +72,7 @@ def write_gguf(
     cfg = model.config
     check_exportable(cfg, tokenizer, name or str(path))
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
     writer = gguf.GGUFWriter(tmp, "llama")
     try:
