@@ -46,17 +46,19 @@ def tokenizer():
 
 def tiny(vocab: int, **overrides) -> ModernDecoderLM:
     """GQA, head_dim 32 != d_model / n_head (so the file says key_length), a vocab padded past the
-    tokenizer's; init_std 0.2 makes the logits far apart (no near-ties in greedy checks)."""
+    tokenizer's (the file keeps the tokenizer's rows); init_std 0.2 makes the logits far apart (no
+    near-ties in greedy checks)."""
     torch.manual_seed(0)
     cfg = dict(vocab_size=vocab, d_model=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=32, max_seq_len=128,
                init_std=0.2) | overrides  # fmt: skip
     return ModernDecoderLM(ModelConfig(**cfg)).eval()
 
 
-def logits(model, ids: list[int]) -> torch.Tensor:
+def logits(model, ids: list[int], n_vocab: int | None = None) -> torch.Tensor:
+    """(T, V) logits; with n_vocab, of the tokenizer's ids only (what the file keeps of the head)."""
     with torch.no_grad():
         out = model(torch.tensor([ids]))
-    return (out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out)[0]
+    return (out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out)[0, :, :n_vocab]
 
 
 def reader(path: Path):
@@ -82,8 +84,8 @@ def test_transformers_reads_our_logits(tmp_path, tokenizer, tied):
     write_gguf(model, tokenizer, path, "f32")
     ids = tokenizer.encode(TEXT, add_bos=True)
     theirs = hf_from(path)(torch.tensor([ids])).logits[0].detach()
-    assert theirs.shape == (len(ids), 1088)
-    torch.testing.assert_close(theirs, logits(model, ids), rtol=0, atol=2e-5)  # measured: 0 to 4e-6
+    assert theirs.shape == (len(ids), tokenizer.vocab_size)
+    torch.testing.assert_close(theirs, logits(model, ids, tokenizer.vocab_size), rtol=0, atol=2e-5)  # measured: 0
 
 
 @pytest.mark.hf
@@ -100,8 +102,8 @@ def test_f16_file_is_our_weights_rounded(tmp_path, tokenizer):
             if p.dim() == 2:
                 p.copy_(p.half().float())
     ids = tokenizer.encode(TEXT, add_bos=True)
-    torch.testing.assert_close(hf_from(path)(torch.tensor([ids])).logits[0].detach(), logits(rounded, ids),
-                               rtol=0, atol=2e-5)  # fmt: skip
+    theirs = hf_from(path)(torch.tensor([ids])).logits[0].detach()
+    torch.testing.assert_close(theirs, logits(rounded, ids, tokenizer.vocab_size), rtol=0, atol=2e-5)
 
 
 def test_q_and_k_rows_are_in_llama_cpps_order(tmp_path, tokenizer):
@@ -129,8 +131,8 @@ def test_rows_in_our_order_would_fail(tmp_path, tokenizer, monkeypatch):
     path = tmp_path / "m.gguf"
     write_gguf(model, tokenizer, path, "f32")
     ids = tokenizer.encode(TEXT, add_bos=True)
-    diff = (hf_from(path)(torch.tensor([ids])).logits[0].detach() - logits(model, ids)).abs().max()
-    assert diff > 0.1
+    theirs = hf_from(path)(torch.tensor([ids])).logits[0].detach()
+    assert (theirs - logits(model, ids, tokenizer.vocab_size)).abs().max() > 0.1
 
 
 def test_tokenizer_fields(tmp_path, tokenizer):
@@ -141,9 +143,8 @@ def test_tokenizer_fields(tmp_path, tokenizer):
     T = gguf.TokenType
     n = tokenizer.vocab_size
     tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
-    assert len(tokens) == len(types) == 1088 == fields["llama.vocab_size"]
-    assert tokens[:n] == [tokenizer.backend.id_to_token(i) for i in range(n)]
-    assert tokens[n:] == [f"[PAD{i}]" for i in range(n, 1088)] and set(types[n:]) == {T.UNUSED}
+    assert len(tokens) == len(types) == n == fields["llama.vocab_size"]  # not the model's padded 1088
+    assert tokens == [tokenizer.backend.id_to_token(i) for i in range(n)]
     specials = tokenizer.special_tokens
     assert {tokens[i] for i, t in enumerate(types) if t == T.CONTROL} == set(specials)
     assert all(types[i] == T.NORMAL for i in range(n) if tokens[i] not in specials)
@@ -199,9 +200,9 @@ def test_q8_0_file(tmp_path, tokenizer):
             elif p.dim() == 2:
                 p.copy_(p.half().float())
     ids = tokenizer.encode(TEXT, add_bos=True)
-    back = logits(gguf_weights.load_gguf(path, "auto"), ids)
-    torch.testing.assert_close(back, logits(rounded, ids), rtol=0, atol=1e-4)  # measured: ~1e-5 (kernel sums)
-    assert (back - logits(model, ids)).abs().max() > 1e-3  # and they are rounded
+    back, n = logits(gguf_weights.load_gguf(path, "auto"), ids), tokenizer.vocab_size
+    torch.testing.assert_close(back, logits(rounded, ids, n), rtol=0, atol=1e-4)  # measured: ~1e-5 (kernel sums)
+    assert (back - logits(model, ids, n)).abs().max() > 1e-3  # and they are rounded
 
 
 def test_a_chat_model_file_adds_no_bos(tmp_path, tokenizer):
@@ -252,7 +253,8 @@ def test_convert_to_gguf_command(tmp_path, tokenizer):
     assert (tmp_path / "export" / "tiny.Modelfile").read_text().splitlines()[1] == "FROM ./tiny.gguf"
     ids = tokenizer.encode(TEXT, add_bos=True)
     back = load(out)  # transformers' GGUF path, converted to ours
-    torch.testing.assert_close(back.logits_fn(torch.tensor([ids]))[0], logits(model, ids), rtol=0, atol=2e-5)
+    ours = logits(model, ids, tokenizer.vocab_size)
+    torch.testing.assert_close(back.logits_fn(torch.tensor([ids]))[0], ours, rtol=0, atol=2e-5)
     assert back.tokenizer.encode(TEXT) == tokenizer.encode(TEXT)
     again = convert(str(tmp_path / "ckpt"), str(out), "--to", "gguf")
     assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr

@@ -14,8 +14,9 @@ The file is what llama.cpp's own converter writes for a Llama (gguf_weights.py r
 - `add_bos_token` follows the tokenizer, except for a chat model (SFT made `<|im_end|>` its eos):
   llama.cpp adds the bos to chat prompts too, and ours carry none (`LM.chat_prompt_ids`), so a chat
   model's file says false and its chats in llama.cpp get the tokens `modernlm chat` gives the model;
-- a vocabulary the tokenizer does not fill (the model's is padded to a multiple of 64) is padded
-  with unused `[PADi]` tokens, as llama.cpp's converter does.
+- the vocabulary is the tokenizer's: the rows of the embedding and head past it (the model's
+  vocabulary is padded to a multiple of 64) are left out, so llama.cpp never picks an id that has no
+  text, as modernlm's generation never does (it masks them).
 
 llama.cpp does not run the tokenizer's JSON: it knows a fixed list of pre-tokenizers by name
 (`tokenizer.ggml.pre`). `modernlm tokenizer train` makes GPT-2's byte-level BPE (GPT-2's split
@@ -76,9 +77,9 @@ def write_gguf(
     tmp = tmp_path(path)
     writer = gguf.GGUFWriter(tmp, "llama")
     try:
-        _metadata(writer, cfg, name or path.stem, type)
-        _tokenizer(writer, tokenizer, cfg.vocab_size)
-        for tensor_name, array, raw_type in _tensors(model, type):
+        _metadata(writer, cfg, tokenizer.vocab_size, name or path.stem, type)
+        _tokenizer(writer, tokenizer)
+        for tensor_name, array, raw_type in _tensors(model, tokenizer.vocab_size, type):
             writer.add_tensor(tensor_name, array, raw_dtype=raw_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -95,14 +96,14 @@ def write_gguf(
 # ---- metadata --------------------------------------------------------------------------------
 
 
-def _metadata(writer: Any, cfg: ModelConfig, name: str, type: str) -> None:
+def _metadata(writer: Any, cfg: ModelConfig, n_vocab: int, name: str, type: str) -> None:
     import gguf
 
     writer.add_name(name)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[type])  # fmt: skip
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_vocab_size(n_vocab)
     writer.add_context_length(cfg.max_seq_len)
     writer.add_embedding_length(cfg.d_model)
     writer.add_block_count(cfg.n_layer)
@@ -134,23 +135,20 @@ def _pre_tokenizer(tokenizer: Tokenizer, what: str) -> str:
     )
 
 
-def _tokenizer(writer: Any, tokenizer: Tokenizer, n_vocab: int) -> None:
+def _tokenizer(writer: Any, tokenizer: Tokenizer) -> None:
     import gguf
 
     backend = tokenizer.backend
     data = json.loads(backend.to_str())
     added = backend.get_added_tokens_decoder()  # id -> AddedToken
     tokens, types = [], []
-    for i in range(n_vocab):
+    for i in range(tokenizer.vocab_size):
         if i in added:
             tokens.append(added[i].content)
             types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        elif (piece := backend.id_to_token(i)) is not None:
-            tokens.append(piece)  # the byte-level string, as llama.cpp's BPE vocabulary stores it
+        else:  # the byte-level string, as llama.cpp's BPE vocabulary stores it
+            tokens.append(backend.id_to_token(i))
             types.append(gguf.TokenType.NORMAL)
-        else:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges") or []]
 
     writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
@@ -181,8 +179,9 @@ def add_bos_of(tokenizer: Tokenizer) -> bool:
 # ---- tensors ---------------------------------------------------------------------------------
 
 
-def _tensors(model: ModernDecoderLM, type: str) -> Any:
-    """(GGUF name, array, raw type or None) for each tensor, in the model's order."""
+def _tensors(model: ModernDecoderLM, n_vocab: int, type: str) -> Any:
+    """(GGUF name, array, raw type or None) for each tensor, in the model's order; the embedding and
+    head cut to the tokenizer's `n_vocab` rows."""
     import gguf
 
     from modernlm.gguf_weights import unpermute_rows
@@ -204,6 +203,8 @@ def _tensors(model: ModernDecoderLM, type: str) -> Any:
             w = w[q_rows]
         elif name.endswith("attn_k.weight"):
             w = w[k_rows]
+        elif name in ("token_embd.weight", "output.weight"):
+            w = w[:n_vocab]
         array = np.ascontiguousarray(w.numpy())
         if array.ndim == 1 or type == "f32":
             yield name, array, None
