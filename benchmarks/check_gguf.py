@@ -192,26 +192,32 @@ def chats(url: str, model_id: str, lm, messages: list[str], n: int) -> dict:
 @torch.no_grad()
 def our_perplexity(lm, ids: list[int], ctx: int, bos: int | None) -> float:
     """llama-perplexity's number from our model: chunks of `ctx` tokens, the first made bos (when
-    the file adds one), the second half of each chunk scored."""
+    the file adds one), the second half of each chunk scored, over the tokenizer's ids (the file's
+    vocabulary; the padded rows of our head hold a little probability: 0.1% of the demo's)."""
     first, nll, count = ctx // 2, 0.0, 0
     for i in range(len(ids) // ctx):
         chunk = torch.tensor(ids[i * ctx : (i + 1) * ctx])
         if bos is not None:
             chunk[0] = bos
-        logits = lm.logits_fn(chunk[None])[0, first : ctx - 1].float()
+        logits = lm.logits_fn(chunk[None])[0, first : ctx - 1, : lm.tokenizer.vocab_size].float()
         nll -= torch.log_softmax(logits, -1).gather(1, chunk[first + 1 :, None]).sum().item()
         count += ctx - 1 - first
     return math.exp(nll / count)
 
 
-def llama_perplexity(model: Path, text_file: Path, ctx: int) -> float:
+def llama_perplexity(model: Path, text_file: Path, ctx: int, chunks: int) -> float:
+    """llama-perplexity's estimate (f32 KV cache, as the server's); it must score `chunks` chunks,
+    as ours does (else the two tokenized the file differently)."""
     cmd = [str(llama_cpp.tool("llama-perplexity")), "-m", str(model), "-f", str(text_file), "-c", str(ctx),
-           "-b", str(ctx), "-t", str(os.cpu_count() or 1)]  # fmt: skip
+           "-b", str(ctx), "-t", str(os.cpu_count() or 1), *F32_KV]  # fmt: skip
     print("$ " + " ".join(cmd), file=sys.stderr)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    m = re.search(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr)
-    if m is None:
-        raise RuntimeError(f"llama-perplexity printed no estimate:\n{(out.stdout + out.stderr)[-2000:]}")
+    log = out.stdout + out.stderr
+    m, n = re.search(r"Final estimate: PPL = ([0-9.]+)", log), re.search(r"over (\d+) chunks", log)
+    if m is None or n is None:
+        raise RuntimeError(f"llama-perplexity printed no estimate:\n{log[-2000:]}")
+    if int(n[1]) != chunks:
+        raise RuntimeError(f"llama-perplexity scored {n[1]} chunks of {text_file}, ours {chunks}")
     return float(m[1])
 
 
@@ -278,8 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
         res["perplexity"] = {
             "text": Path(args.ppl_file).name, "tokens": len(ids), "ctx": ctx,
             "ours f32": our_perplexity(lm, ids, ctx, bos), "ours q8_0": our_perplexity(q8, ids, ctx, bos),
-            "llama.cpp f32": llama_perplexity(files["f32"], text_file, ctx),
-            "llama.cpp q8_0": llama_perplexity(files["q8_0"], text_file, ctx),
+            "llama.cpp f32": llama_perplexity(files["f32"], text_file, ctx, len(ids) // ctx),
+            "llama.cpp q8_0": llama_perplexity(files["q8_0"], text_file, ctx, len(ids) // ctx),
         }  # fmt: skip
     report(res)
     if args.json:
