@@ -205,6 +205,23 @@ def test_q8_0_file(tmp_path, tokenizer):
     assert (back - logits(model, ids, n)).abs().max() > 1e-3  # and they are rounded
 
 
+@pytest.mark.hf
+def test_byte_tokenizer(tmp_path):
+    """The byte tokenizer has no merges: the file holds an empty list (llama.cpp requires the key),
+    and transformers reads the file's tokenizer to our ids."""
+    from transformers import AutoTokenizer
+
+    from modernlm.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    write_gguf(tiny(320), tok, tmp_path / "b.gguf", "f32")
+    fields, _ = reader(tmp_path / "b.gguf")
+    assert fields["tokenizer.ggml.merges"] == [] and len(fields["tokenizer.ggml.tokens"]) == tok.vocab_size
+    text = "héllo wörld ✓ 日本\n\n  x<|endoftext|>"
+    assert AutoTokenizer.from_pretrained(tmp_path, gguf_file="b.gguf").encode(text, add_special_tokens=False) == (
+        tok.encode(text))
+
+
 def test_a_chat_model_file_adds_no_bos(tmp_path, tokenizer):
     """llama.cpp adds bos to chat prompts too; a chat model's (eos <|im_end|>) file says false, so its
     chats get the ids `LM.chat_prompt_ids` gives (no bos)."""

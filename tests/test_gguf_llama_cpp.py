@@ -79,6 +79,19 @@ def test_llama_cpp_tokenizes_and_decodes_as_we_do(tmp_path, trained):
     assert all(r["ours"] > 0 for r in g["rows"])
 
 
+def test_byte_tokenizer_in_llama_cpp(tmp_path):
+    """The byte tokenizer (no merges; TinyShakespeare's in the README) in llama.cpp."""
+    from modernlm.tokenizer import byte_tokenizer
+
+    lm, path = export(tmp_path, tiny(320), byte_tokenizer())
+    lines = check_gguf.text_lines(ROOT.parent / "shared/data/tinyshakespeare/input.txt", 500) + ["héllo ✓ 日本"]
+    with llama_cpp.serving(path, ["-t", "2", "-np", "1", "-c", "128", *check_gguf.F32_KV]) as (_, url, _model_id):
+        r = check_gguf.tokenization(url, lm.tokenizer, lines)
+        g = check_gguf.greedy(url, lm, ["ROMEO:", "First Citizen:", "KING"], 32)
+    assert r["equal"] == r["total"], r["first"]
+    assert g["equal"] == g["total"], g["rows"]
+
+
 def test_llama_cpp_chats_as_modernlm_chat(tmp_path, trained):
     """A chat model's file: llama-server's Jinja rendering of our template, no bos added, the reply
     ending at <|im_end|>: the same replies as LM.chat."""

@@ -66,7 +66,6 @@ def write_gguf(
     model: ModernDecoderLM, tokenizer: Tokenizer, path: str | Path, type: str = "f32", name: str = ""
 ) -> None:
     """Write `model` + `tokenizer` to `path` (atomically) as a llama.cpp Llama .gguf of `type`."""
-    import gguf
 
     if type not in TYPES:
         raise UserError(f"type: {type!r} is not one of {', '.join(TYPES)}")
@@ -75,7 +74,7 @@ def write_gguf(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
-    writer = gguf.GGUFWriter(tmp, "llama")
+    writer = _Writer(tmp, "llama")
     try:
         _metadata(writer, cfg, tokenizer.vocab_size, name or path.stem, type)
         _tokenizer(writer, tokenizer)
@@ -91,6 +90,26 @@ def write_gguf(
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def _writer_class() -> type:
+    import gguf
+
+    class Writer(gguf.GGUFWriter):
+        """gguf's writer, but writing an empty array (the format has them; the writer refuses them),
+        for the byte tokenizer's merges: it has none, and llama.cpp requires the key."""
+
+        def _pack_val(self, val: Any, vtype: Any, add_vtype: bool, sub_type: Any = None) -> bytes:
+            if vtype == gguf.GGUFValueType.ARRAY and len(val) == 0 and sub_type is not None:
+                head = self._pack("I", vtype) if add_vtype else b""
+                return head + self._pack("I", sub_type) + self._pack("Q", 0)
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+    return Writer
+
+
+def _Writer(path: Path, arch: str) -> Any:  # noqa: N802 (a class, made when gguf is imported)
+    return _writer_class()(path, arch)
 
 
 # ---- metadata --------------------------------------------------------------------------------
@@ -156,7 +175,7 @@ def _tokenizer(writer: Any, tokenizer: Tokenizer) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types([int(t) for t in types])
     # llama.cpp requires the key even when empty (the byte tokenizer has no merges); gguf drops an
-    # empty list given through add_token_merges, so its type is said here
+    # empty list given through add_token_merges, so its type is said here (and _Writer writes it)
     array, string = gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING
     writer.add_key_value(gguf.Keys.Tokenizer.MERGES, merges, array, sub_type=string)
     for token_id, add in ((tokenizer.bos_id, writer.add_bos_token_id), (tokenizer.eos_id, writer.add_eos_token_id),

@@ -119,6 +119,6 @@ def to_gguf(cfg: Config, dst: Path) -> None:
     c = lm.model.config
     print(
         f"converted {cfg.src} -> {dst} (GGUF {cfg.type}, llama architecture, {c.n_layer} layers, "
-        f"vocab {c.vocab_size}; {dst.stat().st_size / 2**20:.1f} MiB) and {side.name} for Ollama\n"
+        f"vocab {lm.tokenizer.vocab_size}; {dst.stat().st_size / 2**20:.1f} MiB) and {side.name} for Ollama\n"
         f"  llama-server -m {dst} --jinja    |    ollama create NAME -f {side}"
     )
