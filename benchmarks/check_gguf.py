@@ -50,7 +50,7 @@ from modernlm.chat import IM_END  # noqa: E402
 from modernlm.checkpoint import is_modernlm_checkpoint  # noqa: E402
 from modernlm.files import atomic_write, atomic_write_json  # noqa: E402
 from modernlm.generation import generate, prompt_ids  # noqa: E402
-from modernlm.gguf_export import add_bos_of  # noqa: E402
+from modernlm.hf.gguf_export import add_bos_of  # noqa: E402
 
 try:
     import httpx

@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from modernlm import gguf_export, gguf_weights
+from modernlm import gguf_weights
 from modernlm.chat import CHATML_TEMPLATE, IM_END
 from modernlm.checkpoint import save_model
-from modernlm.gguf_export import modelfile, write_gguf
+from modernlm.hf import gguf_export
+from modernlm.hf.gguf_export import modelfile, write_gguf
 from modernlm.model import ModelConfig, ModernDecoderLM
 from modernlm.tokenizer import train_bpe
 from tests.test_gguf_weights import llama_cpp_permute
@@ -127,7 +128,7 @@ def test_rows_in_our_order_would_fail(tmp_path, tokenizer, monkeypatch):
     """The mutation the logits test catches: q/k written without llama.cpp's permutation."""
     model = tiny(1088)
     identity = lambda n_rows, n_head: torch.arange(n_rows)  # noqa: E731
-    monkeypatch.setattr(gguf_weights, "unpermute_rows", identity)
+    monkeypatch.setattr(gguf_export, "unpermute_rows", identity)
     path = tmp_path / "m.gguf"
     write_gguf(model, tokenizer, path, "f32")
     ids = tokenizer.encode(TEXT, add_bos=True)

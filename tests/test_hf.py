@@ -301,7 +301,8 @@ def test_convert_cli_errors(tmp_path, capsys):
     assert "mistral" in error([str(tmp_path / "mistral"), str(tmp_path / "out")])
     (tmp_path / "noconfig").mkdir()
     assert "config.json" in error([str(tmp_path / "noconfig"), str(tmp_path / "out")])
-    assert "to" in error([str(tmp_path / "moe"), str(tmp_path / "out"), "--to", "gguf"])
+    assert "MoE" in error([str(tmp_path / "moe"), str(tmp_path / "out.gguf"), "--to", "gguf"])  # test_gguf_export.py
+    assert not (tmp_path / "out.gguf").exists()
 
 
 def _write_gguf(model: transformers.LlamaForCausalLM, path: Path) -> None:

@@ -99,7 +99,7 @@ def to_gguf(cfg: Config, dst: Path) -> None:
     from modernlm.api import load
     from modernlm.checkpoint import load_model_config, resolve_source
     from modernlm.files import atomic_write
-    from modernlm.gguf_export import check_exportable, modelfile, write_gguf
+    from modernlm.hf.gguf_export import check_exportable, modelfile, write_gguf
 
     if dst.suffix != ".gguf":
         raise UserError(f"dst: {dst} should end in .gguf (llama.cpp and Ollama look for the suffix)")

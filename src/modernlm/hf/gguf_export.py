@@ -38,6 +38,8 @@ import torch
 from modernlm.chat import CHATML_TEMPLATE, IM_END
 from modernlm.errors import UserError
 from modernlm.files import fsync_dir, tmp_path
+from modernlm.gguf_weights import unpermute_rows
+from modernlm.hf.convert import check_llama, state_dict_to_hf
 from modernlm.model import ModelConfig, ModernDecoderLM
 from modernlm.tokenizer import Tokenizer
 
@@ -52,8 +54,6 @@ PRE_TOKENIZERS = {"gpt-2": _GPT2_SPLIT}
 
 def check_exportable(cfg: ModelConfig, tokenizer: Tokenizer | None, what: str) -> None:
     """UserError naming what llama.cpp's Llama cannot run: cheap, before any weight is written."""
-    from modernlm.hf.convert import check_llama
-
     check_llama(cfg, "GGUF")
     if tokenizer is None:
         raise UserError(f"{what}: has no tokenizer; a .gguf carries one (train or pass one with the model)")
@@ -202,9 +202,6 @@ def _tensors(model: ModernDecoderLM, n_vocab: int, type: str) -> Any:
     """(GGUF name, array, raw type or None) for each tensor, in the model's order; the embedding and
     head cut to the tokenizer's `n_vocab` rows."""
     import gguf
-
-    from modernlm.gguf_weights import unpermute_rows
-    from modernlm.hf.convert import state_dict_to_hf
 
     cfg = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layer)
