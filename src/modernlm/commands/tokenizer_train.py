@@ -5,6 +5,8 @@
 
 OUT gets tokenizer.json + tokenizer_config.json (modernlm and transformers.AutoTokenizer load it).
 Special tokens take the first ids; `<|endoftext|>` is bos and eos, and ChatML tokens are included.
+The text is split as GPT-2 splits it, which llama.cpp implements as its "gpt-2" pre-tokenizer, so a
+model with this tokenizer runs in llama.cpp / Ollama (`modernlm convert --to gguf`) with the same ids.
 """
 
 from __future__ import annotations
