@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 TORCH_VERSION="2.13.0"  # the CPU build (scripts/install_torch.sh); GPU machines keep their own build
-EXTRAS="hf,eval,dev,serve,harness"   # what scripts/setup.sh installs
+EXTRAS="hf,eval,dev,serve,harness,structured"   # what scripts/setup.sh installs
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 python3 -m venv "$tmp/venv"

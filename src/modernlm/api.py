@@ -16,6 +16,7 @@ Design notes: docs/design.md#apipy
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -105,8 +106,14 @@ class LM:
             raise UserError(f"{self.source}: no tokenizer, so there is no text to work with")
         return self.tokenizer
 
+    def _check(self, sampling: Sampling) -> Sampling:
+        if sampling.constraint is not None and self.kind != "modernlm":
+            raise UserError(f"{self.source}: constrained decoding needs backend=modernlm (not transformers')")
+        return sampling
+
     def complete(self, rows: list[list[int]], sampling: Sampling) -> list[str]:
         """The text continuing each row of token ids (one left-padded batch), as `generate` gives it."""
+        self._check(sampling)
         if self.kind == "modernlm":
             return [s.text for s in TextGeneration(self.model, self.tokenizer, rows, sampling).run()]
         task_model = wrap_hf(self.model, self.tokenizer, add_bos=self.tokenizer.add_bos, name=self.name)
@@ -128,6 +135,7 @@ class LM:
         return self._stream(prompt_ids(self._tok(), prompt), Sampling.make(sampling, **settings))
 
     def _stream(self, ids: list[int], sampling: Sampling) -> Iterator[str]:
+        self._check(sampling)
         if self.kind == "modernlm":  # joined, the pieces are `complete`'s text (`stream_text`)
             for (piece,) in TextGeneration(self.model, self.tokenizer, [ids], sampling):
                 if piece:
@@ -163,11 +171,25 @@ class LM:
         special = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token}
         return render_chat_template(tok.chat_template, messages, add_generation_prompt=True, **special)
 
-    def chat(self, messages: list[dict[str, str]], sampling: Sampling | int | None = None, **settings: Any) -> str:
+    def chat(
+        self,
+        messages: list[dict[str, str]],
+        sampling: Sampling | int | None = None,
+        *,
+        response_format: Any = None,
+        **settings: Any,
+    ) -> str:
         """The assistant's reply to `messages` ([{"role", "content"}, ...]): `chat_prompt` tokenized
         as transformers' apply_chat_template does (the template holds every special token), every
-        content as text (`chat_prompt_ids`)."""
-        return "".join(self.stream_chat(messages, sampling, **settings))
+        content as text (`chat_prompt_ids`). `response_format`, a pydantic model class or a JSON
+        Schema: the reply is JSON that matches it (constrained decoding), returned as a `Reply`
+        whose `.parsed` is the object (the model's instance, or the dict); a reply cut by
+        max_new_tokens before the JSON is whole is a UserError. Other constraints: `settings`
+        (json_schema=, json_object=True, regex=, choice=, grammar=)."""
+        if response_format is None:
+            return "".join(self.stream_chat(messages, sampling, **settings))
+        text = "".join(self.stream_chat(messages, sampling, json_schema=response_format, **settings))
+        return Reply.of(text, response_format)
 
     def stream_chat(
         self, messages: list[dict[str, str]], sampling: Sampling | int | None = None, **settings: Any
@@ -196,6 +218,26 @@ class LM:
         """Token perplexity of `text` by `modernlm eval perplexity`'s method and defaults (`options`:
         context, stride, batch_size, max_tokens, bos; see `perplexity.evaluate_text`)."""
         return evaluate_text(self, text, **options)["perplexity"]
+
+
+class Reply(str):
+    """A reply's text that is JSON for a schema, with `.parsed`: the pydantic model's instance, or the
+    JSON value for a schema given as a dict."""
+
+    parsed: Any
+
+    @classmethod
+    def of(cls, text: str, response_format: Any) -> Reply:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            raise UserError(
+                f"the reply ended before its JSON was complete ({len(text)} characters): raise max_new_tokens"
+            ) from None
+        reply = cls(text)
+        validate = getattr(response_format, "model_validate", None)  # a pydantic model class
+        reply.parsed = validate(value) if validate else value
+        return reply
 
 
 def load(

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
+from modernlm.constrain import KINDS as CONSTRAINT_KEYS
+from modernlm.constrain import Constraint, Guide
 from modernlm.errors import UserError
 from modernlm.runtime import compile_model, eval_mode
 
@@ -53,7 +55,10 @@ class Sampling:
     compile: run the one-token decode steps through `torch.compile` (built once per model, ~20 s
         on a laptop CPU, reused by later calls); same tokens, ~1.3x faster per token on CPU
         (benchmarks/RESULTS.md). The prefill stays eager.
-    window, sink_size, chunk and compile apply to ModernDecoderLM only.
+    constraint: what the output must be (`constrain.Constraint`: a JSON Schema, any JSON object, a
+        regex, a choice, a grammar); each row's next token is picked among those it allows.
+        `make` also takes the shorthands json_schema=, json_object=True, regex=, choice=, grammar=.
+    window, sink_size, chunk, compile and constraint apply to ModernDecoderLM only.
     """
 
     max_new_tokens: int = 256
@@ -68,6 +73,7 @@ class Sampling:
     sink_size: int = 4
     chunk: int = 64
     compile: bool = False
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         # UserErrors: these values come straight from `modernlm generate key=value` overrides.
@@ -89,6 +95,9 @@ class Sampling:
     def make(cls, sampling: Sampling | int | None = None, **settings: Any) -> Sampling:
         """`sampling` (a Sampling, max_new_tokens as an int, or None for the defaults) with the
         keyword `settings` replacing its fields."""
+        shorthand = {k: settings.pop(k) for k in CONSTRAINT_KEYS if k in settings}
+        if shorthand:
+            settings["constraint"] = Constraint.of(**shorthand)
         if isinstance(sampling, Sampling):
             return dataclasses.replace(sampling, **settings) if settings else sampling
         if sampling is not None:
@@ -188,15 +197,19 @@ def pick_tokens(
     seen: Tensor | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     vocab_size: int | None = None,
+    allowed: Tensor | None = None,
 ) -> Tensor:
     """The next token of each row (B,) from its raw logits (B, V), as `s` says: ids from
-    `vocab_size` on masked, repetition penalty on `seen` (B, V), then argmax (temperature 0) or a
-    sample. Every decoding loop picks its tokens here (`iter_tokens`, the server's engine)."""
+    `vocab_size` on masked, and those `allowed` (B, V) bool (a constraint's) says False, repetition
+    penalty on `seen` (B, V), then argmax (temperature 0) or a sample. Every decoding loop picks its
+    tokens here (`iter_tokens`, the server's engine)."""
     scores = logits.float()
     if vocab_size is not None and vocab_size < scores.size(-1):
         # ids past the tokenizer's vocabulary (a padded embedding) decode to nothing
         scores = scores.clone()
         scores[:, vocab_size:] = float("-inf")
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
     if seen is not None:
         scores = apply_repetition_penalty(scores, seen, s.repetition_penalty)
     if s.temperature == 0:
@@ -255,10 +268,12 @@ def iter_tokens(
     pad_token_id: int | None = None,
     cache: KVCache | None = None,
     vocab_size: int | None = None,
+    guide: Guide | None = None,
     **settings: Any,
 ) -> Iterator[Step]:
     """Yield one `Step` per generated token: the one decoding loop. See `generate` for the
-    arguments.
+    arguments; `guide` holds the rows' constraint matchers (`TextGeneration` makes it from
+    `sampling.constraint`, which needs the tokenizer).
 
     Stops after `max_new_tokens` steps or once every row has produced an EOS. The yielded tensors
     are inference tensors (made under `torch.inference_mode`): copy them into a normal tensor, as
@@ -269,6 +284,8 @@ def iter_tokens(
         raise UserError(
             f"idx must be a (batch, tokens) tensor with at least one token, got {tuple(idx.shape)}"
         )
+    if s.constraint is not None and guide is None:
+        raise UserError("a constraint needs the tokenizer: generate text (generate_text, LM.generate), not tokens")
     max_new_tokens = s.max_new_tokens
     if max_new_tokens == 0:
         return
@@ -326,7 +343,10 @@ def iter_tokens(
     with eval_mode(model):
         logits = _prefill(model, idx, cache, pad_mask)
         for i in range(max_new_tokens):
-            tok = pick_tokens(logits, s, seen, generator, vocab_size)
+            allowed = guide.allowed() if guide is not None else None
+            tok = pick_tokens(logits, s, seen, generator, vocab_size, allowed)
+            if guide is not None:
+                guide.advance(tok if finished is None else tok.masked_fill(finished, -1))
             if finished is not None:
                 tok = tok.masked_fill(finished, pad_id)
                 finished |= torch.isin(tok, eos)
@@ -595,7 +615,9 @@ class TextGeneration:
         device = next(self.model.parameters()).device
         pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
         idx, pad_mask = left_pad(self.rows, pad_id, device)
-        steps = iter_tokens(self.model, idx, self.sampling, pad_mask=pad_mask, vocab_size=self.tokenizer.vocab_size)
+        s, vocab = self.sampling, self.model.config.vocab_size
+        guide = Guide.for_rows([s.constraint] * len(self.rows), self.tokenizer, vocab, s.eos_ids)
+        steps = iter_tokens(self.model, idx, s, pad_mask=pad_mask, vocab_size=self.tokenizer.vocab_size, guide=guide)
         for step in steps:
             yield [stream.push(tok) for stream, tok in zip(self.streams, step.tokens.tolist(), strict=True)]
             if all(stream.done for stream in self.streams):

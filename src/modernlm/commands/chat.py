@@ -49,6 +49,7 @@ class Config:
     # weights: none (float), int8, int4, auto (a .gguf's own Q8_0 / Q4 blocks, else none); docs/model.md
     quantize: str = "auto"
     compile: bool = True  # torch.compile the decode steps (once, before the first prompt; ours only)
+    schema: str = ""  # a JSON Schema file: every reply is JSON that matches it (constrained decoding; ours only)
 
 
 def _read(tty: bool) -> str | None:
@@ -161,6 +162,7 @@ class Conversation:
 
 def main(cfg: Config) -> None:
     from modernlm.api import load_fastest
+    from modernlm.constrain import Constraint
     from modernlm.generation import Sampling
     from modernlm.quant import check_quantize
 
@@ -169,6 +171,7 @@ def main(cfg: Config) -> None:
     sampling = Sampling(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
         top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed, compile=cfg.compile,
+        constraint=Constraint.schema_file(cfg.schema) if cfg.schema else None,
     )  # fmt: skip
     check_quantize(cfg.quantize, "quantize", auto=True)
     lm = load_fastest(cfg.model, device=cfg.device, backend=cfg.backend, what="model", quantize=cfg.quantize)

@@ -46,6 +46,7 @@ class Config:
     sink_size: int = 4  # first tokens the rolling cache always keeps (StreamingLLM attention sinks)
     compile: bool = False  # torch.compile the decode steps (~20-60 s once; faster per token)
     quantize: str = "none"  # none, int8, int4: weight-only quantized decoding (docs/model.md)
+    schema: str = ""  # a JSON Schema file: every output is JSON that matches it (constrained decoding)
     stream: bool = True  # print tokens as they come (one checkpoint, one prompt)
     device: str = "cpu"  # cpu, cuda, cuda:1, mps
 
@@ -61,6 +62,7 @@ def _load(path: Path, device: str, quantize: str = "none"):
 
 def main(cfg: Config) -> None:
     from modernlm.checkpoint import checkpoint_dirs, checkpoint_label, saved_step
+    from modernlm.constrain import Constraint
     from modernlm.eval.compare import CheckpointSamples, generations_markdown
     from modernlm.generation import Sampling
     from modernlm.quant import check_quantize
@@ -70,6 +72,7 @@ def main(cfg: Config) -> None:
     if cfg.prompt and cfg.prompts:
         raise UserError("give prompt (one) or prompts (a list), not both")
     check_quantize(cfg.quantize)
+    constraint = Constraint.schema_file(cfg.schema) if cfg.schema else None
     dirs = [d for c in cfg.checkpoints for d in checkpoint_dirs(c)]
     table = len(dirs) > 1 or bool(cfg.prompts) or bool(cfg.out)
     options = dict(
@@ -78,7 +81,7 @@ def main(cfg: Config) -> None:
         seed=cfg.seed if cfg.seed is not None or not table else 0,
         window=cfg.window, sink_size=cfg.sink_size,
     )  # fmt: skip
-    sampling = Sampling(**options, compile=cfg.compile)
+    sampling = Sampling(**options, compile=cfg.compile, constraint=constraint)
 
     if not table:
         lm = _load(dirs[0], cfg.device, cfg.quantize)
