@@ -33,7 +33,8 @@ CORE_EDGES = {
     "tokenizer": {"errors", "files", "chat"},
     "checkpoint": {"errors", "files", "config", "model", "tokenizer"},
     "gguf_weights": {"model", "quant"},  # a .gguf's quantized blocks into QLinear
-    "generation": {"errors", "runtime", "model", "tokenizer"},
+    "constrain": {"errors"},  # constrained decoding: llguidance's matchers, a token mask per row
+    "generation": {"errors", "runtime", "model", "tokenizer", "constrain"},
     "perplexity": {"errors"},
     "textmodel": {"errors", "runtime", "generation"},
     "cli": {"errors", "files", "config"},
@@ -70,6 +71,7 @@ OWNERS = {
     "matplotlib": {"pipeline.plotting"},
     "tensorboard": {"train.tracking"},
     "gguf": {"gguf_weights", "hf.gguf_export"},  # the reader and the writer of .gguf files
+    "llguidance": {"constrain"},  # the grammar library of constrained decoding
 }
 
 

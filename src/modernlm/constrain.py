@@ -52,9 +52,10 @@ class Constraint:
 
     @classmethod
     def json_schema(cls, schema: Any) -> Constraint:
-        """A JSON Schema (a dict, its JSON text, or a pydantic model class)."""
+        """A JSON Schema (a dict, its JSON text, or a pydantic model class: its objects then take no
+        keys beyond their fields, as OpenAI's client makes a model's schema strict)."""
         if hasattr(schema, "model_json_schema"):  # a pydantic model class
-            schema = schema.model_json_schema()
+            schema = _closed(schema.model_json_schema())
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
@@ -95,6 +96,8 @@ class Constraint:
         if not given:
             return None
         (kind, value), = given.items()
+        if isinstance(value, Constraint):  # e.g. grammar=Constraint.grammar(text, syntax="gbnf")
+            return value
         if kind == "json_object":
             return cls.json_object()
         return getattr(cls, kind)(value)
@@ -131,7 +134,7 @@ class Constraint:
 
         error = llg.LLMatcher.validate_grammar(self.to_llguidance())
         if error:
-            raise UserError(f"{self.kind}: {error.splitlines()[0]}")
+            raise UserError(f"{self.kind}: {_one_line(error)}")
 
     @classmethod
     def schema_file(cls, path: str, field: str = "schema") -> Constraint:
@@ -152,6 +155,25 @@ class Constraint:
 
     def describe(self) -> str:
         return self.kind if self.kind == "json_object" else f"{self.kind} {self.source[:60]!r}"
+
+
+def _closed(schema: Any) -> Any:
+    """`schema` with "additionalProperties": false on every object that has properties and does not
+    say (JSON Schema's default lets a small model wander into extra keys it never closes)."""
+    if isinstance(schema, list):
+        return [_closed(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def _one_line(error: str, limit: int = 300) -> str:
+    """llguidance's message (several lines, a caret under the place) as one line."""
+    text = " ".join(error.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---- compiled grammars -------------------------------------------------------------------------
@@ -184,7 +206,7 @@ def matcher(constraint: Constraint, tokenizer: Any, vocab: int, eos: Sequence[in
         if pristine is None:
             pristine = llg.LLMatcher(ll_tok, constraint.to_llguidance(), log_level=0)
             if pristine.is_error():
-                raise UserError(f"{constraint.kind}: {pristine.get_error().splitlines()[0]}")
+                raise UserError(f"{constraint.kind}: {_one_line(pristine.get_error())}")
             _MATCHERS[key] = pristine
             while len(_MATCHERS) > CACHE_SIZE:
                 _MATCHERS.popitem(last=False)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from modernlm.constrain import Guide
 from modernlm.generation import Sampling, TextStream, compiled_decoder, pick_tokens, prompt_seen
 from modernlm.model import PagedCache
 from modernlm.serve.blocks import SINK, BlockPool, block_names
@@ -124,6 +125,7 @@ class _Seq:
     last: int = -1  # the token to feed at the next step
     count: int = 0  # tokens generated
     pending: list[TokenInfo] = field(default_factory=list)
+    guide: Guide | None = None  # its constraint's matcher (sampling.constraint), None when free
 
 
 class Engine:
@@ -233,7 +235,8 @@ class Engine:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         stream = TextStream(self.tokenizer, s.stop, context=request.prompt, eos=s.eos_ids)
         slots = [SINK] * self.sink + list(request.prompt)
-        return _Seq(request, choice, s, stream, generator, slots)
+        guide = Guide.for_rows([s.constraint], self.tokenizer, self.model.config.vocab_size, s.eos_ids)
+        return _Seq(request, choice, s, stream, generator, slots, guide=guide)
 
     # ---- the engine thread ----------------------------------------------------------------------
 
@@ -460,7 +463,10 @@ class Engine:
     def _take(self, seq: _Seq, logits: Tensor) -> None:
         """Pick `seq`'s next token from its logits (1, V) and report what it adds."""
         s = seq.sampling
-        token = int(pick_tokens(logits, s, seq.seen, seq.generator, self.tokenizer.vocab_size)[0])
+        allowed = seq.guide.allowed() if seq.guide is not None else None
+        token = int(pick_tokens(logits, s, seq.seen, seq.generator, self.tokenizer.vocab_size, allowed)[0])
+        if seq.guide is not None:
+            seq.guide.advance([token])
         if seq.seen is not None:
             seq.seen[0, token] = True
         seq.last, seq.count = token, seq.count + 1

@@ -5,7 +5,8 @@
 streaming options. A bad value raises `APIError(400, ..., param=FIELD)`, which the app answers in
 OpenAI's error shape: {"error": {"message", "type", "param", "code"}}. Fields OpenAI has and this
 server does not implement are refused by name when they would change the result (a
-frequency_penalty, tools, ...); unknown fields are ignored, as OpenAI does.
+frequency_penalty, tools, ...); unknown fields are ignored, as OpenAI does. `response_format`
+(json_object, json_schema) constrains the output (`constrain.py`); an unusable schema is a 400.
 
 `Choice` gathers one choice's text, tokens and finish reason from the engine's events; `response`
 and `chunk` shape them as OpenAI does (chat.completion / text_completion, and their chunks).
@@ -17,6 +18,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from modernlm.constrain import Constraint
 from modernlm.errors import UserError
 from modernlm.generation import Sampling, prompt_ids
 from modernlm.serve.engine import Done, Piece, TokenInfo
@@ -107,13 +109,43 @@ def _unsupported(body: dict) -> None:
         "functions": lambda v: bool(v),
         "echo": lambda v: bool(v),
         "suffix": lambda v: bool(v),
-        "response_format": lambda v: v not in (None, {}) and not (isinstance(v, dict) and v.get("type") == "text"),
     }
     for name, bad in checks.items():
         if bad(body.get(name)):
             raise APIError(400, f"{name} is not supported by this server", name)
     if body.get("best_of") not in (None, 1, body.get("n", 1)):
         raise APIError(400, "best_of is not supported by this server (use n)", "best_of")
+
+
+def _response_format(body: dict) -> Constraint | None:
+    """OpenAI's response_format as a constraint: text (none), json_object, or json_schema with its
+    schema; a schema or type this cannot follow is a 400 naming it."""
+    value = body.get("response_format")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise APIError(400, "response_format must be an object with a type", "response_format")
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        constraint = Constraint.json_object()
+    elif kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise APIError(400, "response_format.json_schema.schema must be a JSON Schema object",
+                           "response_format.json_schema.schema")  # fmt: skip
+        constraint = Constraint.json_schema(spec["schema"])
+    else:
+        raise APIError(400, f"response_format.type must be text, json_object or json_schema, got {json.dumps(kind)}",
+                       "response_format.type")  # fmt: skip
+    try:
+        constraint.check()
+    except UserError as e:
+        raise APIError(400, f"response_format: {e}", "response_format") from None
+    if _boolean(body, "ignore_eos"):
+        raise APIError(400, "ignore_eos cannot be used with response_format (the JSON ends at eos)", "ignore_eos")
+    return constraint
 
 
 def _stop(body: dict) -> tuple[str, ...]:
@@ -239,6 +271,7 @@ def parse(kind: str, body: Any, ctx: Context) -> Job:
         stop=_stop(body),
         seed=_integer(body, "seed", None, -(1 << 63), (1 << 63) - 1),
         eos_token_id=() if _boolean(body, "ignore_eos") else None,
+        constraint=_response_format(body),
     )
     n = _integer(body, "n", 1, 1, ctx.max_n)
     return Job(kind, prompts, sampling, n, stream, include_usage, logprobs)

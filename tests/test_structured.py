@@ -1,0 +1,185 @@
+"""Constrained decoding (constrain.py): every kind of constraint, in generate, chat, the engine and the
+server, against what the constraint says (pydantic validation, re.fullmatch, json.loads) and the
+invariants: constrained and free requests in one batch each get what they get alone; a reply cut
+by max_tokens ends "length", never presented as complete. The model is a tiny random one (sharp
+logits: without a constraint its text is not JSON); SmolLM2 is in tests/test_structured_smollm2.py.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import enum
+import json
+import re
+import subprocess
+import sys
+from typing import Optional
+
+import pytest
+
+pytest.importorskip("llguidance")
+openai = pytest.importorskip("openai")
+from pydantic import BaseModel, Field  # noqa: E402
+
+from modernlm import load  # noqa: E402
+from modernlm.constrain import Constraint  # noqa: E402
+from modernlm.errors import UserError  # noqa: E402
+from modernlm.generation import Sampling, TextGeneration, prompt_ids  # noqa: E402
+from tests.serve_util import chat_checkpoint, serving  # noqa: E402
+
+
+class Color(enum.StrEnum):
+    red = "red"
+    green = "green"
+    blue = "blue"
+
+
+class Part(BaseModel):
+    label: str = Field(max_length=12)
+    weight: int = Field(ge=0, le=10)  # a float: this random model writes digits without end
+
+
+class Thing(BaseModel):
+    """Nested, with an enum, bounded numbers, an optional field and a bounded array."""
+
+    name: str = Field(max_length=16)
+    count: int = Field(ge=1, le=99)
+    color: Color
+    fragile: bool
+    note: Optional[str] = Field(default=None, max_length=10)  # noqa: UP045 (pydantic reads it either way)
+    parts: list[Part] = Field(max_length=2)
+
+
+USER = [{"role": "user", "content": "Describe the cat in the house."}]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    return load(chat_checkpoint(tmp_path_factory.mktemp("structured") / "ckpt"))
+
+
+def test_constraint_values_and_their_errors():
+    closed = json.loads(Constraint.json_schema(Thing).source)  # a model's objects take no other keys
+    assert closed["additionalProperties"] is False and closed["$defs"]["Part"]["additionalProperties"] is False
+    assert "additionalProperties" not in json.loads(Constraint.json_schema(Thing.model_json_schema()).source)
+    assert Constraint.json_schema(json.dumps({"type": "object"})) == Constraint.json_schema({"type": "object"})
+    assert len({Constraint.regex("a+"), Constraint.regex("a+"), Constraint.choice(["a"])}) == 2  # values
+    assert Constraint.of() is None and Constraint.of(json_object=True) == Constraint.json_object()
+    with pytest.raises(UserError, match="give one constraint"):
+        Constraint.of(regex="a", choice=["b"])
+    for bad, kind in [(Constraint.regex("(unclosed"), "regex"),
+                      (Constraint.json_schema({"type": "object", "properties": {"a": {"type": "str"}}}), "json_schema"),
+                      (Constraint.grammar("start: undefined_rule"), "grammar"),
+                      (Constraint.grammar('root ::= "a" (', syntax="gbnf"), "grammar")]:  # fmt: skip
+        with pytest.raises(UserError) as e:
+            bad.check()
+        assert str(e.value).startswith(kind) and "\n" not in str(e.value)
+    with pytest.raises(UserError, match="json_schema: not valid JSON"):
+        Constraint.json_schema("{nope")
+    with pytest.raises(UserError, match="choice"):
+        Constraint.choice([])
+
+
+def test_every_kind_in_generate_and_chat(lm):
+    free = lm.chat(USER, max_new_tokens=60)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(free)  # without a constraint this model does not write JSON
+    reply = lm.chat(USER, max_new_tokens=200, response_format=Thing)
+    assert isinstance(reply.parsed, Thing) and Thing.model_validate_json(reply) == reply.parsed
+    assert isinstance(json.loads(lm.chat(USER, max_new_tokens=200, json_object=True)), dict)
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", lm.generate("Call", 20, regex=r"[0-9]{3}-[0-9]{4}"))
+    assert lm.generate("The cat is", 10, choice=["red", "green", "blue"]) in ("red", "green", "blue")
+    assert re.fullmatch(r"(yes|no) [0-9]+", lm.generate("Is it?", 20, grammar='start: ("yes" | "no") " " /[0-9]+/'))
+    gbnf = lm.generate("Count:", 20, constraint=Constraint.grammar('root ::= "n=" [0-9] [0-9]?', syntax="gbnf"))
+    assert re.fullmatch(r"n=[0-9]{1,2}", gbnf)
+    sampled = lm.chat(USER, max_new_tokens=200, response_format=Thing, temperature=1.0, seed=3)
+    assert isinstance(sampled.parsed, Thing)  # sampling picks among the allowed tokens too
+
+
+def test_a_reply_cut_by_max_tokens_ends_length_and_is_not_complete(lm):
+    ids = lm.chat_prompt_ids(USER)
+    (stream,) = TextGeneration(lm.model, lm.tokenizer, [ids], Sampling.make(6, json_schema=Thing)).run()
+    assert stream.finish == "length"
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(stream.text)
+    with pytest.raises(UserError, match="raise max_new_tokens"):
+        lm.chat(USER, max_new_tokens=6, response_format=Thing)
+
+
+def test_a_batch_of_constrained_rows_equals_each_alone(lm):
+    prompts = ["Once upon a time", "The quick brown fox", "In 1999 the committee", "A cat"]
+    s = Sampling.make(200, json_schema=Thing)
+    rows = [prompt_ids(lm.tokenizer, p) for p in prompts]
+    batched = [x.text for x in TextGeneration(lm.model, lm.tokenizer, rows, s).run()]
+    alone = [TextGeneration(lm.model, lm.tokenizer, [r], s).run()[0].text for r in rows]
+    assert batched == alone and all(Thing.model_validate_json(t) for t in batched)
+
+
+def test_server_response_format_through_openais_client(lm):
+    """parse() with a nested pydantic model; json_object streamed; constrained and free requests
+    at once each get what they get alone; a schema it cannot follow is a 400 naming it."""
+    with serving(lm, max_batch=8) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+        out = client.chat.completions.parse(model=lm.name, messages=USER, response_format=Thing, max_tokens=200,
+                                            temperature=0)  # fmt: skip
+        assert out.choices[0].finish_reason == "stop"
+        assert out.choices[0].message.parsed == lm.chat(USER, max_new_tokens=200, response_format=Thing).parsed
+        stream = client.chat.completions.create(model=lm.name, messages=USER, max_tokens=200, temperature=0,
+                                                response_format={"type": "json_object"}, stream=True)  # fmt: skip
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text == lm.chat(USER, max_new_tokens=200, json_object=True) and isinstance(json.loads(text), dict)
+
+        messages = [[{"role": "user", "content": f"Thing number {i} in the house."}] for i in range(8)]
+        alone = [lm.chat(m, max_new_tokens=60, **({"json_schema": Thing} if i % 2 else {})) for i, m in
+                 enumerate(messages)]  # fmt: skip
+
+        def ask(i: int) -> str:
+            fmt = {"response_format": {"type": "json_schema", "json_schema": {"name": "thing",
+                   "schema": Thing.model_json_schema()}}} if i % 2 else {}  # fmt: skip
+            r = client.chat.completions.create(model=lm.name, messages=messages[i], max_tokens=60, temperature=0,
+                                               **fmt)  # fmt: skip
+            return r.choices[0].message.content
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(ask, range(8))) == alone
+
+        thing = {"type": "json_schema", "json_schema": {"name": "thing", "schema": Thing.model_json_schema()}}
+        cut = client.chat.completions.create(model=lm.name, messages=USER, max_tokens=5, temperature=0,
+                                             response_format=thing)  # fmt: skip
+        assert cut.choices[0].finish_reason == "length"
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(cut.choices[0].message.content)
+        with pytest.raises(openai.LengthFinishReasonError):  # the client's own check of a cut reply
+            client.chat.completions.parse(model=lm.name, messages=USER, response_format=Thing, max_tokens=5)
+
+        bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object",
+               "properties": {"a": {"type": "string", "pattern": "(unclosed"}}}}}  # fmt: skip
+        no_schema = {"type": "json_schema", "json_schema": {"name": "x"}}
+        for fmt, param in [(bad, "response_format"), ({"type": "xml"}, "response_format.type"),
+                           (no_schema, "response_format.json_schema.schema")]:
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model=lm.name, messages=USER, response_format=fmt)
+            assert e.value.status_code == 400 and e.value.body["param"] == param, e.value.body
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=lm.name, messages=USER, response_format={"type": "json_object"},
+                                           extra_body={"ignore_eos": True})  # fmt: skip
+        assert e.value.body["param"] == "ignore_eos"
+
+
+def test_generate_and_chat_commands_take_a_schema_file(lm, tmp_path):
+    schema = tmp_path / "thing.json"
+    schema.write_text(json.dumps(Thing.model_json_schema()))
+    cmd = [sys.executable, "-m", "modernlm", "generate", str(lm.checkpoint), "prompt=A cat", "temperature=0",
+           "max_new_tokens=200", f"schema={schema}", "stream=false"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert Thing.model_validate_json(r.stdout.strip())
+    chat = [sys.executable, "-m", "modernlm", "chat", str(lm.checkpoint), "temperature=0", "compile=false",
+            f"schema={schema}"]  # fmt: skip
+    r = subprocess.run(chat, input="Describe the cat in the house.\n", capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert Thing.model_validate_json(r.stdout.strip())
+    (tmp_path / "bad.json").write_text('{"type": "object",\n  "properties": }')
+    for bad, message in [("bad.json", "line 2"), ("missing.json", "cannot read")]:
+        r = subprocess.run([*cmd[:-2], f"schema={tmp_path / bad}"], capture_output=True, text=True)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
