@@ -29,6 +29,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -139,8 +140,6 @@ class Constraint:
     @classmethod
     def schema_file(cls, path: str, field: str = "schema") -> Constraint:
         """The JSON Schema in file `path`, checked (`modernlm generate/chat ... schema=FILE`)."""
-        from pathlib import Path
-
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
