@@ -183,3 +183,91 @@ def test_generate_and_chat_commands_take_a_schema_file(lm, tmp_path):
     for bad, message in [("bad.json", "line 2"), ("missing.json", "cannot read")]:
         r = subprocess.run([*cmd[:-2], f"schema={tmp_path / bad}"], capture_output=True, text=True)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# ---- tools ----------------------------------------------------------------------------------------
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                            "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"]}
+TIME = {"type": "object", "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}},
+        "required": ["zone"]}  # fmt: skip
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "parameters": TIME}}]  # fmt: skip
+
+
+def test_tool_calls_are_read_and_written_by_the_convention():
+    from modernlm.serve.tools import CallStream, chatml_messages, parse_tools, tool_calls
+
+    tools = parse_tools({"tools": TOOLS, "tool_choice": "required"})
+    rendered = chatml_messages([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], tools)
+    assert rendered[0]["content"].startswith("Be brief.\n\n# Tools") and '"name": "get_time"' in rendered[0]["content"]
+    calls = tool_calls('<tool_call>\n{"name": "get_time", "arguments": {"zone": 2}}\n</tool_call>')
+    assert calls[0]["function"] == {"name": "get_time", "arguments": '{"zone": 2}'}
+    assert calls[0]["id"].startswith("call_")
+    assert tool_calls("<tool_call>\n{broken\n</tool_call>") is None and tool_calls("plain text") is None
+    back = chatml_messages([{"role": "assistant", "content": None, "tool_calls": calls},
+                            {"role": "tool", "tool_call_id": calls[0]["id"], "content": "12:00"}], None)  # fmt: skip
+    assert back == [{"role": "assistant", "content": '<tool_call>\n{"name": "get_time", "arguments": {"zone": 2}}\n'
+                     "</tool_call>"}, {"role": "user", "content": "<tool_response>\n12:00\n</tool_response>"}]
+    stream = CallStream()
+    assert stream.push("<tool") == ""
+    assert stream.push('_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>') == ""
+    assert stream.done()[1][0]["function"]["name"] == "get_time"
+    text = CallStream()
+    assert text.push("<b") == "<b" and text.push("old") == "old" and text.done() == ("", None)
+
+
+@pytest.fixture(scope="module")
+def long_lm(tmp_path_factory):
+    """The tiny model with room for the tools' system text (~800 of its tokens)."""
+    return load(chat_checkpoint(tmp_path_factory.mktemp("tools") / "ckpt", max_seq_len=2048))
+
+
+def test_server_tools_and_tool_choice(long_lm):
+    """Two functions: a named tool_choice calls that one, "required" one of them, with arguments
+    that validate against its parameters; streamed too; a follow-up `role: tool` message is taken."""
+    lm = long_lm
+    from pydantic import TypeAdapter
+
+    schema_of = {"get_weather": WEATHER, "get_time": TIME}
+    with serving(lm, max_batch=4) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+
+        def ask(**settings):
+            return client.chat.completions.create(model=lm.name, messages=USER, tools=TOOLS, max_tokens=150,
+                                                  temperature=0, **settings)  # fmt: skip
+
+        for choice, names in [({"type": "function", "function": {"name": "get_time"}}, {"get_time"}),
+                              ({"type": "function", "function": {"name": "get_weather"}}, {"get_weather"}),
+                              ("required", {"get_time", "get_weather"})]:  # fmt: skip
+            r = ask(tool_choice=choice)
+            (call,) = r.choices[0].message.tool_calls
+            assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+            assert call.function.name in names
+            arguments = json.loads(call.function.arguments)
+            assert set(arguments) <= set(schema_of[call.function.name]["properties"])
+            TypeAdapter(dict).validate_python(arguments)
+        assert arguments == json.loads(ask(tool_choice="required").choices[0].message.tool_calls[0].function.arguments)
+
+        none = ask(tool_choice="none")
+        assert none.choices[0].message.tool_calls is None and none.choices[0].message.content
+
+        chunks = list(ask(tool_choice={"type": "function", "function": {"name": "get_time"}}, stream=True))
+        deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+        assert len(deltas) == 1 and deltas[0][0].function.name == "get_time"
+        assert json.loads(deltas[0][0].function.arguments)["zone"] in range(-12, 15)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+        call = ask(tool_choice="required").choices[0].message.tool_calls[0]
+        follow = [*USER, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                  {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21"}]  # fmt: skip
+        reply = client.chat.completions.create(model=lm.name, messages=follow, tools=TOOLS, tool_choice="none",
+                                               max_tokens=20, temperature=0)  # fmt: skip
+        assert reply.choices[0].message.content
+
+        for settings, param in [({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+                                ({"tool_choice": "sometimes"}, "tool_choice"),
+                                ({"response_format": {"type": "json_object"}}, "response_format")]:  # fmt: skip
+            with pytest.raises(openai.BadRequestError) as e:
+                ask(**settings)
+            assert e.value.body["param"] == param, e.value.body

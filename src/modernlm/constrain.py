@@ -56,7 +56,7 @@ class Constraint:
         """A JSON Schema (a dict, its JSON text, or a pydantic model class: its objects then take no
         keys beyond their fields, as OpenAI's client makes a model's schema strict)."""
         if hasattr(schema, "model_json_schema"):  # a pydantic model class
-            schema = _closed(schema.model_json_schema())
+            schema = closed(schema.model_json_schema())
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
@@ -156,14 +156,14 @@ class Constraint:
         return self.kind if self.kind == "json_object" else f"{self.kind} {self.source[:60]!r}"
 
 
-def _closed(schema: Any) -> Any:
+def closed(schema: Any) -> Any:
     """`schema` with "additionalProperties": false on every object that has properties and does not
     say (JSON Schema's default lets a small model wander into extra keys it never closes)."""
     if isinstance(schema, list):
-        return [_closed(x) for x in schema]
+        return [closed(x) for x in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: _closed(v) for k, v in schema.items()}
+    out = {k: closed(v) for k, v in schema.items()}
     if "properties" in out and "additionalProperties" not in out:
         out["additionalProperties"] = False
     return out

@@ -45,6 +45,7 @@ from modernlm.serve.openai import (
     response,
     usage,
 )
+from modernlm.serve.tools import CallStream
 
 log = logging.getLogger("modernlm.serve")
 
@@ -266,6 +267,7 @@ def make_app(lm: Any, cfg: ServeConfig | None = None, *, engine_thread: bool = T
                          request_id: str) -> AsyncIterator[str]:
         choices = [Choice(i) for i in range(len(job.prompts) * job.n)]
         offsets = [0] * len(choices)
+        calls = [CallStream() for _ in choices] if job.calls else None  # text out as it comes, calls whole
         if job.kind == "chat":  # the role comes first, as OpenAI sends it
             for c in choices:
                 yield chunk(job, rid, created, name, [chunk_choice(job, c.index, "", None, None, role=True)])
@@ -278,10 +280,20 @@ def make_app(lm: Any, cfg: ServeConfig | None = None, *, engine_thread: bool = T
                     if job.logprobs is not None and event.tokens:
                         lp = logprobs_json(job.kind, lm.tokenizer, event.tokens, offsets[index])
                         offsets[index] += len(event.text)
-                    if event.text or lp is not None:
-                        yield chunk(job, rid, created, name, [chunk_choice(job, index, event.text, lp, None)])
-                else:
-                    yield chunk(job, rid, created, name, [chunk_choice(job, index, None, None, c.finish_reason)])
+                    text = calls[index].push(event.text) if calls else event.text
+                    if text or lp is not None:
+                        yield chunk(job, rid, created, name, [chunk_choice(job, index, text, lp, None)])
+                    continue
+                finish = c.finish_reason
+                if calls:
+                    rest, found = calls[index].done()
+                    if rest:
+                        yield chunk(job, rid, created, name, [chunk_choice(job, index, rest, None, None)])
+                    if found:
+                        deltas = [dict(call, index=k) for k, call in enumerate(found)]
+                        yield chunk(job, rid, created, name, [chunk_choice(job, index, None, None, None, calls=deltas)])
+                        finish = "tool_calls" if finish == "stop" else finish
+                yield chunk(job, rid, created, name, [chunk_choice(job, index, None, None, finish)])
         except APIError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
         except Exception:  # the headers are gone: the error is an event, as OpenAI sends its own

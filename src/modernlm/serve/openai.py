@@ -5,8 +5,9 @@
 streaming options. A bad value raises `APIError(400, ..., param=FIELD)`, which the app answers in
 OpenAI's error shape: {"error": {"message", "type", "param", "code"}}. Fields OpenAI has and this
 server does not implement are refused by name when they would change the result (a
-frequency_penalty, tools, ...); unknown fields are ignored, as OpenAI does. `response_format`
+frequency_penalty, functions, ...); unknown fields are ignored, as OpenAI does. `response_format`
 (json_object, json_schema) constrains the output (`constrain.py`); an unusable schema is a 400.
+`tools` / `tool_choice` and tool messages: serve/tools.py.
 
 `Choice` gathers one choice's text, tokens and finish reason from the engine's events; `response`
 and `chunk` shape them as OpenAI does (chat.completion / text_completion, and their chunks).
@@ -22,6 +23,7 @@ from modernlm.constrain import Constraint
 from modernlm.errors import UserError
 from modernlm.generation import Sampling, prompt_ids
 from modernlm.serve.engine import Done, Piece, TokenInfo
+from modernlm.serve.tools import ToolError, Tools, chatml_messages, parse_tools, tool_calls
 from modernlm.tokenizer import token_bytes
 
 MAX_STOP = 4  # stop strings per request, as OpenAI
@@ -62,6 +64,12 @@ class Job:
     stream: bool
     include_usage: bool
     logprobs: int | None  # None: none; k: each token's logprob and its top k
+    tools: Tools | None = None  # chat: the request's tools (a reply may be calls)
+
+    @property
+    def calls(self) -> bool:
+        """Whether a reply may be tool calls (tools given, tool_choice not "none")."""
+        return self.tools is not None and self.tools.choice != "none"
 
 
 # ---- reading fields ------------------------------------------------------------------------------
@@ -105,7 +113,6 @@ def _unsupported(body: dict) -> None:
         "frequency_penalty": lambda v: v not in (None, 0),
         "presence_penalty": lambda v: v not in (None, 0),
         "logit_bias": lambda v: bool(v),
-        "tools": lambda v: bool(v),
         "functions": lambda v: bool(v),
         "echo": lambda v: bool(v),
         "suffix": lambda v: bool(v),
@@ -115,6 +122,18 @@ def _unsupported(body: dict) -> None:
             raise APIError(400, f"{name} is not supported by this server", name)
     if body.get("best_of") not in (None, 1, body.get("n", 1)):
         raise APIError(400, "best_of is not supported by this server (use n)", "best_of")
+
+
+def _constraint(body: dict, tools: Tools | None) -> Constraint | None:
+    """response_format's constraint, or the tools' (not both)."""
+    fmt = _response_format(body)
+    calls = tools.constraint() if tools is not None else None
+    if fmt is not None and calls is not None:
+        raise APIError(400, 'response_format cannot be used with tools (unless tool_choice is "none")',
+                       "response_format")  # fmt: skip
+    if calls is not None and _boolean(body, "ignore_eos"):
+        raise APIError(400, "ignore_eos cannot be used with tools (a call ends at eos)", "ignore_eos")
+    return fmt or calls
 
 
 def _response_format(body: dict) -> Constraint | None:
@@ -164,10 +183,17 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(s for s in stop if s)
 
 
-def _messages(body: dict) -> list[dict[str, str]]:
+def _messages(body: dict, tools: Tools | None) -> list[dict[str, str]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list of {role, content} objects", "messages")
+    if not all(isinstance(m, dict) for m in messages):
+        bad = next(i for i, m in enumerate(messages) if not isinstance(m, dict))
+        raise APIError(400, f"messages[{bad}] must be an object with role and content", f"messages[{bad}]")
+    try:  # tool calls and results as ChatML turns, the tools' system text first (serve/tools.py)
+        messages = chatml_messages(messages, tools)
+    except ToolError as e:
+        raise APIError(400, str(e), e.param) from None
     out = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
@@ -223,8 +249,13 @@ def parse(kind: str, body: Any, ctx: Context) -> Job:
                        code="model_not_found")
     _unsupported(body)
     lm = ctx.lm
+    tools = None
     if kind == "chat":
-        messages = _messages(body)
+        try:
+            tools = parse_tools(body)
+        except ToolError as e:
+            raise APIError(400, str(e), e.param) from None
+        messages = _messages(body, tools)
         if not lm.has_chat_template:
             raise APIError(400, "this model has no chat template: use /v1/completions", "messages")
         try:
@@ -271,10 +302,10 @@ def parse(kind: str, body: Any, ctx: Context) -> Job:
         stop=_stop(body),
         seed=_integer(body, "seed", None, -(1 << 63), (1 << 63) - 1),
         eos_token_id=() if _boolean(body, "ignore_eos") else None,
-        constraint=_response_format(body),
+        constraint=_constraint(body, tools),
     )
     n = _integer(body, "n", 1, 1, ctx.max_n)
-    return Job(kind, prompts, sampling, n, stream, include_usage, logprobs)
+    return Job(kind, prompts, sampling, n, stream, include_usage, logprobs, tools)
 
 
 # ---- shaping responses ---------------------------------------------------------------------------
@@ -335,8 +366,12 @@ def response(job: Job, rid: str, created: int, model: str, choices: list[Choice]
     for c in choices:
         lp = logprobs_json(job.kind, tokenizer, c.tokens) if job.logprobs is not None else None
         if job.kind == "chat":
-            message = {"role": "assistant", "content": c.text}
-            out.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": c.finish_reason})
+            message: dict[str, Any] = {"role": "assistant", "content": c.text}
+            finish = c.finish_reason
+            if job.calls and (calls := tool_calls(c.text)):
+                message = {"role": "assistant", "content": None, "tool_calls": calls}
+                finish = "tool_calls" if finish == "stop" else finish
+            out.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": finish})
         else:
             out.append({"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
     obj = "chat.completion" if job.kind == "chat" else "text_completion"
@@ -355,12 +390,14 @@ def chunk(job: Job, rid: str, created: int, model: str, choices: list[dict[str, 
 
 
 def chunk_choice(job: Job, index: int, text: str | None, logprobs: dict | None, finish: str | None,
-                 role: bool = False) -> dict[str, Any]:
-    """A choice of a chunk: chat's `delta` ({"role"} first, then {"content"}, {} at the end) or
-    completions' `text`."""
+                 role: bool = False, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A choice of a chunk: chat's `delta` ({"role"} first, then {"content"} or {"tool_calls"}, {} at
+    the end) or completions' `text`."""
     if job.kind == "chat":
         delta: dict[str, Any] = {"role": "assistant"} if role else {}
         if text is not None:
             delta["content"] = text
+        if calls:
+            delta["tool_calls"] = calls
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}

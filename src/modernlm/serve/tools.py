@@ -1,0 +1,199 @@
+"""Tool calls in OpenAI's chat API: `tools` and `tool_choice` in, `tool_calls` out, `role: tool` back in.
+
+A model's chat template that takes `tools` renders them; ChatML has no place for them, so this server
+writes them as Qwen2.5 / Hermes models are trained to read them (the convention most small open
+models know), in a system message before the conversation:
+
+    # Tools
+    You may call one or more functions to assist with the user query.
+    You are provided with function signatures within <tools></tools> XML tags:
+    <tools>
+    {"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}}
+    </tools>
+    For each function call, return a json object with function name and arguments within
+    <tool_call></tool_call> XML tags:
+    <tool_call>
+    {"name": <function-name>, "arguments": <args-json-object>}
+    </tool_call>
+
+An assistant turn that called tools is written back as its <tool_call> blocks, and a `role: tool`
+message as a user turn holding <tool_response>...</tool_response>. The reply is constrained
+(`constrain.Constraint.grammar`, Lark with llguidance's %json; a function's parameters take no keys
+beyond their properties, as in OpenAI's strict mode): `required` -> one call to any of the
+tools, a named function -> a call to it, `auto` -> a call or text that does not start with "<",
+`none` -> free text and no tools in the prompt. A reply that is a call comes back as
+`message.tool_calls` with finish_reason "tool_calls"; streamed, text goes out as it comes, a call
+when it is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from modernlm.constrain import Constraint, closed
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+MAX_TOOLS = 64
+HEADER = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+)
+FOOTER = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}'
+    "\n</tool_call>"
+)
+
+
+class ToolError(ValueError):
+    """A bad tools / tool_choice / tool message: (message, the field)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Tools:
+    functions: tuple[dict[str, Any], ...]  # {"name", "description", "parameters"}
+    choice: str  # "auto", "none", "required", or a function's name
+
+    def prompt(self) -> str:
+        """The system text that lists the tools (the convention in the module docstring)."""
+        lines = [json.dumps({"type": "function", "function": f}, ensure_ascii=False) for f in self.functions]
+        return HEADER + "\n".join(lines) + FOOTER
+
+    def constraint(self) -> Constraint | None:
+        """What the reply may be (module docstring); None for "none"."""
+        if self.choice == "none":
+            return None
+        names = [f["name"] for f in self.functions] if self.choice in ("auto", "required") else [self.choice]
+        calls = [{"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": closed(f["parameters"])},
+                  "required": ["name", "arguments"], "additionalProperties": False}
+                 for f in self.functions if f["name"] in names]  # fmt: skip
+        schema = {"anyOf": calls, "x-guidance": {"whitespace_flexible": False}} if len(calls) > 1 else \
+            dict(calls[0], **{"x-guidance": {"whitespace_flexible": False}})  # fmt: skip
+        call = f'"{OPEN}\\n" call_json "\\n{CLOSE}"\ncall_json: %json {json.dumps(schema)}'
+        if self.choice == "auto":  # a call, or text that does not start like one
+            return Constraint.grammar(f"start: call | TEXT\nTEXT: /[^<][\\s\\S]*/\ncall: {call}")
+        return Constraint.grammar(f"start: {call}")
+
+
+def parse_tools(body: dict[str, Any]) -> Tools | None:
+    """The request's tools and tool_choice (OpenAI's shapes), checked; None when there are none."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if not tools:
+        if choice not in (None, "none", "auto"):
+            raise ToolError("tool_choice needs tools", "tool_choice")
+        return None
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise ToolError(f"tools must be a list of at most {MAX_TOOLS} functions", "tools")
+    functions = []
+    for i, t in enumerate(tools):
+        f = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
+            raise ToolError(f'tools[{i}] must be {{"type": "function", "function": {{"name", ...}}}}', f"tools[{i}]")
+        params = f.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(params, dict):
+            raise ToolError(f"tools[{i}].function.parameters must be a JSON Schema object",
+                            f"tools[{i}].function.parameters")  # fmt: skip
+        functions.append({"name": f["name"], "description": f.get("description") or "", "parameters": params})
+    names = [f["name"] for f in functions]
+    if len(set(names)) != len(names):
+        raise ToolError("tools: two functions have the same name", "tools")
+    if choice is None:
+        choice = "auto"
+    elif isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        if name not in names:
+            raise ToolError(f"tool_choice names no function in tools: {json.dumps(choice)}", "tool_choice")
+        choice = name
+    elif choice not in ("auto", "none", "required"):
+        raise ToolError('tool_choice must be "auto", "none", "required" or {"type": "function", ...}',
+                        "tool_choice")  # fmt: skip
+    return Tools(tuple(functions), choice)
+
+
+def chatml_messages(messages: list[dict[str, Any]], tools: Tools | None) -> list[dict[str, str]]:
+    """OpenAI's messages (assistant tool_calls, role tool) as plain system / user / assistant ones,
+    with the tools' system text first (merged into a leading system message)."""
+    out = []
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content")
+        if role == "tool":
+            if not isinstance(content, str):
+                raise ToolError(f"messages[{i}].content of a tool message must be a string", f"messages[{i}].content")
+            out.append({"role": "user", "content": f"<tool_response>\n{content}\n</tool_response>"})
+        elif role == "assistant" and m.get("tool_calls"):
+            out.append({"role": "assistant", "content": (content or "") + _calls_text(m["tool_calls"], i)})
+        else:
+            out.append(m)
+    if tools is not None and tools.choice != "none":
+        if out and out[0].get("role") == "system" and isinstance(out[0].get("content"), str):
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + tools.prompt()}
+        else:
+            out.insert(0, {"role": "system", "content": tools.prompt()})
+    return out
+
+
+def _calls_text(calls: Any, i: int) -> str:
+    if not isinstance(calls, list):
+        raise ToolError(f"messages[{i}].tool_calls must be a list", f"messages[{i}].tool_calls")
+    blocks, where = [], f"messages[{i}].tool_calls"
+    for call in calls:
+        f = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise ToolError(f"{where}: each needs a function with a name", where)
+        try:
+            arguments = json.loads(f.get("arguments") or "{}")
+        except json.JSONDecodeError:
+            raise ToolError(f"{where}: arguments must be JSON text", where) from None
+        blocks.append(f"{OPEN}\n{json.dumps({'name': f['name'], 'arguments': arguments})}\n{CLOSE}")
+    return "\n".join(blocks)
+
+
+def tool_calls(text: str) -> list[dict[str, Any]] | None:
+    """The reply's calls in OpenAI's shape, when it is <tool_call> blocks and nothing else; else None."""
+    rest, calls = text.strip(), []
+    while rest.startswith(OPEN):
+        end = rest.find(CLOSE)
+        if end < 0:
+            return None
+        try:
+            call = json.loads(rest[len(OPEN) : end])
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return None
+        arguments = json.dumps(call.get("arguments", {}), ensure_ascii=False)
+        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": call["name"], "arguments": arguments}})  # fmt: skip
+        rest = rest[end + len(CLOSE) :].strip()
+    return calls if calls and not rest else None
+
+
+class CallStream:
+    """A streamed reply that may be a call: text passes through once it cannot be one; a reply that
+    starts like a call is held back until it ends (`done` then gives its calls)."""
+
+    def __init__(self) -> None:
+        self.held = ""
+        self.text = False  # the reply is text: everything passes
+
+    def push(self, piece: str) -> str:
+        if self.text:
+            return piece
+        self.held += piece
+        start = self.held.lstrip()
+        if start and not OPEN.startswith(start[: len(OPEN)]):
+            self.text, out, self.held = True, self.held, ""
+            return out
+        return ""
+
+    def done(self) -> tuple[str, list[dict[str, Any]] | None]:
+        """(text still held, the calls) at the end of the reply."""
+        calls = tool_calls(self.held) if not self.text else None
+        return ("", calls) if calls else (self.held, None)
