@@ -84,3 +84,27 @@ def test_parse_gives_valid_objects_where_free_text_does_not():
     assert sum(p.name == PEOPLE[i][0] for i, p in enumerate(parsed)) >= 15  # and they say what was asked
     print(f"\nvalid: constrained 20/20, free {valid_free}/20")
     assert valid_free < 20
+
+
+def test_a_named_tool_choice_calls_that_tool_with_valid_arguments():
+    """Two functions; tool_choice names one: SmolLM2 calls it, its arguments validate."""
+    weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                "unit": {"enum": ["celsius", "fahrenheit"]}},
+               "required": ["city", "unit"]}  # fmt: skip
+
+    class Weather(BaseModel):
+        city: str
+        unit: Literal["celsius", "fahrenheit"]
+
+    clock = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": weather}},
+             {"type": "function", "function": {"name": "get_time", "description": "Time", "parameters": clock}}]
+    lm = load(default_baseline(), backend="modernlm", quantize="auto", progress=False)
+    with serving(lm, max_batch=4) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=600)
+        named = {"type": "function", "function": {"name": "get_weather"}}
+        r = client.chat.completions.create(model=lm.name, messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                           tools=tools, tool_choice=named, max_tokens=80, temperature=0)  # fmt: skip
+    (call,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert Weather.model_validate_json(call.function.arguments).city == "Paris"
