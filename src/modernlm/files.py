@@ -56,6 +56,26 @@ def fsync_dir(path: str | Path) -> None:
 
 
 @contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path next to `path`, for a writer that takes a file name: on a clean exit the file
+    written there replaces `path` (synced first), on an error it goes.
+
+        with atomic_path("model.gguf") as tmp:
+            writer = GGUFWriter(tmp, "llama")
+    """
+    path = Path(path)
+    tmp = tmp_path(path)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "w", encoding: str = "utf-8") -> Iterator[IO[Any]]:
     """Open a temporary file for writing; on a clean exit it replaces `path`, on an error it goes.
 
@@ -65,20 +85,10 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str = "utf-8") -> I
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open writes whole files: mode 'w' or 'wb', not {mode!r}")
-    path = Path(path)
-    tmp = tmp_path(path)
-    f = open(tmp, mode) if mode == "wb" else open(tmp, mode, encoding=encoding, newline="\n")  # noqa: SIM115
-    try:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(tmp, path)
-    except BaseException:
-        f.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with atomic_path(path) as tmp:
+        f = open(tmp, mode) if mode == "wb" else open(tmp, mode, encoding=encoding, newline="\n")  # noqa: SIM115
+        with f:  # closed (flushed) before atomic_path syncs and renames it
+            yield f
 
 
 def atomic_write(path: str | Path, data: bytes | str, encoding: str = "utf-8") -> None:
@@ -319,6 +329,7 @@ def check_outputs(
 __all__ = [
     "atomic_files",
     "atomic_open",
+    "atomic_path",
     "atomic_write",
     "atomic_write_json",
     "check_output_dir",

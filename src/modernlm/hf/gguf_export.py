@@ -28,7 +28,6 @@ llama.cpp produces with ours).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ import torch
 
 from modernlm.chat import CHATML_TEMPLATE, IM_END
 from modernlm.errors import UserError
-from modernlm.files import fsync_dir, tmp_path
+from modernlm.files import atomic_path
 from modernlm.gguf_weights import unpermute_rows
 from modernlm.hf.convert import check_llama, state_dict_to_hf
 from modernlm.model import ModelConfig, ModernDecoderLM
@@ -73,23 +72,18 @@ def write_gguf(
     check_exportable(cfg, tokenizer, name or str(path))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    writer = _Writer(tmp, "llama")
-    try:
-        _metadata(writer, cfg, tokenizer.vocab_size, name or path.stem, type)
-        _tokenizer(writer, tokenizer)
-        for tensor_name, array, raw_type in _tensors(model, tokenizer.vocab_size, type):
-            writer.add_tensor(tensor_name, array, raw_dtype=raw_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with atomic_path(path) as tmp:
+        writer = _Writer(tmp, "llama")
+        try:
+            _metadata(writer, cfg, tokenizer.vocab_size, name or path.stem, type)
+            _tokenizer(writer, tokenizer)
+            for tensor_name, array, raw_type in _tensors(model, tokenizer.vocab_size, type):
+                writer.add_tensor(tensor_name, array, raw_dtype=raw_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
 
 
 def _writer_class() -> type:
