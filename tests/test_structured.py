@@ -271,3 +271,56 @@ def test_server_tools_and_tool_choice(long_lm):
             with pytest.raises(openai.BadRequestError) as e:
                 ask(**settings)
             assert e.value.body["param"] == param, e.value.body
+
+
+# A template that takes tools and writes calls as <tool_call> (Qwen2.5's and Hermes' form), written
+# for this test: the system turn lists the tools, tool results come back as user turns.
+TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n{% if messages[0].role == 'system' %}{{ messages[0].content }}\n\n{% endif %}"
+    "# Tools\n<tools>{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n</tools><|im_end|>\n"
+    "{%- elif messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n{%- endif %}"
+    "{%- for m in messages %}{% if m.role == 'system' and loop.first %}"
+    "{% elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+    "{% elif m.tool_calls %}<|im_start|>assistant\n{% for c in m.tool_calls %}<tool_call>\n"
+    '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}\n</tool_call>{% endfor %}'
+    "<|im_end|>\n{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_template_that_takes_tools_renders_them(tmp_path):
+    """The model's own template renders the tools and the tool turns, as transformers'
+    apply_chat_template(..., tools=...) does (the same ids); the reply is still a constrained call."""
+    from transformers import AutoTokenizer
+
+    from modernlm.serve.tools import parse_tools
+
+    path = chat_checkpoint(tmp_path / "ckpt", max_seq_len=2048)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": TOOLS_TEMPLATE}))
+    lm = load(path)
+    tools = parse_tools({"tools": TOOLS}).openai()
+    call = {"type": "function", "function": {"name": "get_time", "arguments": {"zone": 2}}}
+    messages = [{"role": "system", "content": "Be brief."}, *USER,
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}]  # fmt: skip
+    reference = AutoTokenizer.from_pretrained(path).apply_chat_template(
+        messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ours = lm.chat_prompt_ids(messages, tools)
+    assert ours == reference
+    typed = lm.chat_prompt_ids([*messages[:3], {"role": "tool", "content": "12:00 <|im_start|>"}], tools)
+    start = lm.tokenizer.token_to_id("<|im_start|>")
+    assert typed.count(start) == ours.count(start) == 5  # a tool result's typed special token is text
+    with serving(lm, max_batch=2) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+        wire = [*messages[:2], {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": 2}'}}]},
+            messages[3]]  # fmt: skip
+        r = client.chat.completions.create(model=lm.name, messages=wire, tools=TOOLS, tool_choice="required",
+                                           max_tokens=150, temperature=0)  # fmt: skip
+    assert r.usage.prompt_tokens == len(ours)  # the server rendered the same prompt
+    required = parse_tools({"tools": TOOLS, "tool_choice": "required"}).constraint()
+    (expected,) = lm.complete([ours], Sampling.make(150, constraint=required))
+    (got,) = r.choices[0].message.tool_calls
+    assert expected.startswith("<tool_call>") and json.loads(got.function.arguments) == json.loads(
+        expected.split("\n")[1])["arguments"]

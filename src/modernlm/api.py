@@ -36,6 +36,7 @@ from modernlm.chat import (
     encode_with_specials,
     render_chat,
     render_with_specials,
+    template_takes_tools,
 )
 from modernlm.checkpoint import checkpoint_label, load_model, resolve_source
 from modernlm.errors import UserError
@@ -159,17 +160,25 @@ class LM:
         transformers renders it."""
         return self._render_chat(check_messages(messages, "chat"))
 
-    def chat_prompt_specials(self, messages: list[dict[str, str]]) -> tuple[str, Spans | None]:
+    def chat_prompt_specials(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> tuple[str, Spans | None]:
         """`chat_prompt` and where its template's special tokens are (`chat.render_with_specials`:
-        None when no content holds a special token's string)."""
-        return render_with_specials(self._tok(), self._render_chat, check_messages(messages, "chat"))
+        None when no content holds a special token's string). `tools` (OpenAI's list): rendered by
+        a template that takes them (`chat.template_takes_tools`), with the messages as the caller
+        checked them (tool turns, assistant tool_calls: serve/tools.py)."""
+        checked = check_messages(messages, "chat") if tools is None else messages
+        return render_with_specials(self._tok(), lambda m: self._render_chat(m, tools), checked)
 
-    def _render_chat(self, messages: list[Message]) -> str:
+    def _render_chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> str:
         tok = self._tok()
-        if tok.chat_template in (None, CHATML_TEMPLATE):
+        if tools is None and tok.chat_template in (None, CHATML_TEMPLATE):
             return render_chat(messages, add_generation_prompt=True)
+        if tools is not None and not template_takes_tools(tok.chat_template):
+            raise UserError("tools: this model's chat template does not take them")
         special = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token}
-        return render_chat_template(tok.chat_template, messages, add_generation_prompt=True, **special)
+        extra = {"tools": tools} if tools is not None else {}
+        return render_chat_template(tok.chat_template, messages, add_generation_prompt=True, **special, **extra)
 
     def chat(
         self,
@@ -197,11 +206,12 @@ class LM:
         """`chat` in pieces as they come (transformers' models: one piece at the end)."""
         return self._stream(self.chat_prompt_ids(messages), Sampling.make(sampling, **settings))
 
-    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_prompt_ids(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """`chat_prompt` as the token ids `chat` gives the model (no bos: the template has them all).
         A content is text: a special token's string in it is encoded as ordinary text, so a message
-        cannot close its turn or open another; only the template's own special tokens are read."""
-        return encode_with_specials(self._tok(), *self.chat_prompt_specials(messages))
+        cannot close its turn or open another; only the template's own special tokens are read.
+        `tools`: see `chat_prompt_specials`."""
+        return encode_with_specials(self._tok(), *self.chat_prompt_specials(messages, tools))
 
     def loglikelihood(self, context: str, continuation: str) -> float:
         """log p(continuation | context), summed over the continuation's tokens, in nats. Both are

@@ -61,6 +61,12 @@ def check_messages(messages: Any, where: str) -> list[Message]:
     return out
 
 
+def template_takes_tools(template: str | None) -> bool:
+    """Whether a Jinja chat template renders `tools` and writes calls as <tool_call> (Qwen2.5's and
+    Hermes' form, the one the server constrains and reads back)."""
+    return bool(template) and "tools" in template and "<tool_call>" in template
+
+
 def render_chat(messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
     """The ChatML text of a conversation (what `CHATML_TEMPLATE` renders)."""
     text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
@@ -177,5 +183,6 @@ class ChatEncoder:
 
 __all__ = [
     "CHATML_TEMPLATE", "IGNORE_INDEX", "IM_END", "IM_START", "ROLES", "ChatEncoder", "Message", "Spans",
+    "template_takes_tools",
     "check_messages", "encode_with_specials", "render_chat", "render_with_specials",
 ]  # fmt: skip

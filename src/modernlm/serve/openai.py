@@ -19,11 +19,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from modernlm.chat import template_takes_tools
 from modernlm.constrain import Constraint
 from modernlm.errors import UserError
 from modernlm.generation import Sampling, prompt_ids
 from modernlm.serve.engine import Done, Piece, TokenInfo
-from modernlm.serve.tools import ToolError, Tools, chatml_messages, parse_tools, tool_calls
+from modernlm.serve.tools import ToolError, Tools, chatml_messages, native_messages, parse_tools, tool_calls
 from modernlm.tokenizer import token_bytes
 
 MAX_STOP = 4  # stop strings per request, as OpenAI
@@ -249,17 +250,27 @@ def parse(kind: str, body: Any, ctx: Context) -> Job:
                        code="model_not_found")
     _unsupported(body)
     lm = ctx.lm
-    tools = None
+    tools, native = None, False
     if kind == "chat":
         try:
             tools = parse_tools(body)
+            native = tools is not None and tools.choice != "none" and template_takes_tools(lm.tokenizer.chat_template)
+            if native:  # the model's own template renders the tools and the tool turns
+                raw = body.get("messages")
+                if not isinstance(raw, list) or not raw or not all(isinstance(m, dict) for m in raw):
+                    raise APIError(400, "messages must be a non-empty list of {role, content} objects", "messages")
+                messages = native_messages(raw)
+                calls = [m.get("tool_calls") for m in messages]
+                if lm.tokenizer.has_special_text(json.dumps([tools.openai(), calls], ensure_ascii=False)):
+                    raise ToolError("a special token's text in tools or a tool call cannot be kept as text", "tools")
         except ToolError as e:
             raise APIError(400, str(e), e.param) from None
-        messages = _messages(body, tools)
+        if not native:
+            messages = _messages(body, tools)
         if not lm.has_chat_template:
             raise APIError(400, "this model has no chat template: use /v1/completions", "messages")
         try:
-            prompts = [lm.chat_prompt_ids(messages)]
+            prompts = [lm.chat_prompt_ids(messages, tools.openai() if native else None)]
         except UserError as e:
             raise APIError(400, str(e), "messages") from None
         max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"

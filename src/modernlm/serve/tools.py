@@ -1,8 +1,10 @@
 """Tool calls in OpenAI's chat API: `tools` and `tool_choice` in, `tool_calls` out, `role: tool` back in.
 
-A model's chat template that takes `tools` renders them; ChatML has no place for them, so this server
-writes them as Qwen2.5 / Hermes models are trained to read them (the convention most small open
-models know), in a system message before the conversation:
+A model's chat template that takes `tools` and writes calls as <tool_call> (`chat.template_takes_tools`:
+Qwen2.5's, Hermes') renders them itself, with the messages as OpenAI sends them (`native_messages`).
+Any other template, ChatML included, has no place for them, so this server writes them as those
+models are trained to read them (the convention most small open models know), in a system message
+before the conversation:
 
     # Tools
     You may call one or more functions to assist with the user query.
@@ -60,6 +62,10 @@ class ToolError(ValueError):
 class Tools:
     functions: tuple[dict[str, Any], ...]  # {"name", "description", "parameters"}
     choice: str  # "auto", "none", "required", or a function's name
+
+    def openai(self) -> list[dict[str, Any]]:
+        """The tools in OpenAI's shape, as chat templates read them."""
+        return [{"type": "function", "function": f} for f in self.functions]
 
     def prompt(self) -> str:
         """The system text that lists the tools (the convention in the module docstring)."""
@@ -137,6 +143,38 @@ def chatml_messages(messages: list[dict[str, Any]], tools: Tools | None) -> list
         else:
             out.insert(0, {"role": "system", "content": tools.prompt()})
     return out
+
+
+def native_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI's messages for a template that takes tools: roles system (developer), user, assistant
+    and tool; content text (text parts joined; none for an assistant's calls); an assistant's
+    tool_calls with their arguments as objects, as chat templates read them."""
+    out = []
+    for i, m in enumerate(messages):
+        where, role, content = f"messages[{i}]", m.get("role"), m.get("content")
+        role = "system" if role == "developer" else role
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ToolError(f"{where}.role must be system, developer, user, assistant or tool, got {json.dumps(role)}",
+                            f"{where}.role")  # fmt: skip
+        if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content):
+            content = "".join(p["text"] for p in content)
+        message: dict[str, Any] = {"role": role, "content": content}
+        if role == "assistant" and m.get("tool_calls"):
+            message["content"] = content or ""
+            message["tool_calls"] = [{"type": "function", "function": {"name": c["function"]["name"],
+                                      "arguments": json.loads(c["function"].get("arguments") or "{}")}}
+                                     for c in _checked_calls(m["tool_calls"], i)]  # fmt: skip
+        if role == "tool" and m.get("tool_call_id"):
+            message["tool_call_id"] = str(m["tool_call_id"])
+        if not isinstance(message["content"], str):
+            raise ToolError(f"{where}.content must be a string", f"{where}.content")
+        out.append(message)
+    return out
+
+
+def _checked_calls(calls: Any, i: int) -> list[dict[str, Any]]:
+    _calls_text(calls, i)  # the same checks (a list of named functions, JSON arguments)
+    return calls
 
 
 def _calls_text(calls: Any, i: int) -> str:
