@@ -208,8 +208,8 @@ def pick_tokens(
         # ids past the tokenizer's vocabulary (a padded embedding) decode to nothing
         scores = scores.clone()
         scores[:, vocab_size:] = float("-inf")
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
+    if allowed is not None:  # made on the CPU (llguidance's masks)
+        scores = scores.masked_fill(~allowed.to(scores.device, non_blocking=True), float("-inf"))
     if seen is not None:
         scores = apply_repetition_penalty(scores, seen, s.repetition_penalty)
     if s.temperature == 0:
