@@ -3,8 +3,9 @@
 A decode step reads every weight once, so its floor is the weights' bytes over the memory's read
 rate. This prints, in one run on this machine: the bound (a copy, read + write bytes, and a sum,
 read bytes), then one pass over SmolLM2-135M's 30 layers of projection weights (576x960, 576x576,
-576x3072, 1536x576: 106M weights, random values; the LM head apart) at M = 1, 4, 8, 16 rows:
-PyTorch's `F.linear` on float32 weights, and modernlm's kernels on float32, Q8_0 and Q4_1 ones.
+576x3072, 1536x576: 106M weights, random values; the LM head apart) at M = 1, 4, 8, 16 rows (a
+decode step) and 64 (a prefill's chunk): PyTorch's `F.linear` on float32 weights, and modernlm's
+kernels on float32, Q8_0 (activations rounded to 8 bits, products in int32) and Q4_1 ones.
 GB/s = weight bytes read / time (Q8_0: 34 bytes per 32 weights as stored in a .gguf, Q4_1: 20;
 ours keep float32 scales, a little more); GMAC/s = multiply-adds / time. Each figure is the best of
 `--rounds` passes after a warm-up pass.
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from modernlm import kernels
-from modernlm.quant import quantize_q4, quantize_q8
+from modernlm.quant import pack_q8, quantize_q4, quantize_q8
 
 LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in) of wqkv, wo, w_gate_up, w_down
 
@@ -51,7 +52,7 @@ def passes(xs: dict, weights: list, q8: list, q4: list) -> dict:
     return {
         "F.linear float32": (lambda: [F.linear(xs[w.size(1)], w) for w in weights], 4.0),
         "modernlm float32": (lambda: [kernels.linear_f32(xs[w.size(1)], w) for w in weights], 4.0),
-        "modernlm Q8_0": (lambda: [kernels.linear_q8(xs[q.size(1)], q, s) for q, s in q8], 34 / 32),
+        "modernlm Q8_0": (lambda: [kernels.linear_q8(xs[4 * q.size(1)], q, s) for q, s in q8], 34 / 32),
         "modernlm Q4_1": (lambda: [kernels.linear_q4(xs[2 * q.size(1)], q, s, mn) for q, s, mn in q4], 20 / 32),
     }
 
@@ -68,7 +69,7 @@ def main() -> None:
         raise SystemExit(f"bench_kernels: the kernels are not available here ({kernels.why_not()})")
     torch.manual_seed(0)
     weights = [torch.randn(n, k) * 0.05 for _ in range(args.layers) for n, k in LAYER_SHAPES]
-    q8 = [quantize_q8(w) for w in weights]
+    q8 = [pack_q8(*quantize_q8(w)) for w in weights]
     q4 = [quantize_q4(w) for w in weights]
     n_weights = sum(w.numel() for w in weights)
 
@@ -79,7 +80,7 @@ def main() -> None:
 
     print("| rows | matmul | ms per pass | GB/s of weights | GMAC/s |")
     print("|---:|---|---:|---:|---:|")
-    for m in (1, 4, 8, 16):
+    for m in (1, 4, 8, 16, 64):
         xs = {k: torch.randn(m, k) for _, k in LAYER_SHAPES}
         with torch.inference_mode():
             for name, (fn, bytes_per_weight) in passes(xs, weights, q8, q4).items():

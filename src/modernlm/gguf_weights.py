@@ -62,7 +62,7 @@ class Weight:
         if form == "float":
             return Weight(form, (w,))
         layer = QLinear.from_float(w, form)
-        return Weight(form, tuple(b for b in (layer.q, layer.scales, layer.mins) if b is not None))
+        return Weight(form, tuple(b for b in layer.parts() if b is not None))
 
     def module(self) -> nn.Module:
         if self.form != "float":

@@ -1,6 +1,6 @@
 """Weight-only int8 and int4 for decoding, and the fast float32 path: `prepare(model, quantize)`.
 
-    model = prepare(model, "int8")   # every projection and the LM head in 8 bits; activations float32
+    model = prepare(model, "int8")   # every projection and the LM head in 8 bits
 
 Decoding a small model reads every weight once per token, so its speed is the bytes it reads:
 8-bit weights are about a quarter of float32's bytes, 4-bit about a sixth. The formats are GGUF's, so a
@@ -18,9 +18,12 @@ more quality than they save time. Scales and mins are float32 here (4 bytes per 
 Q8_0: w = d * q, q in -127..127, d = max|w| / 127 per block of 32 input features.
 Q4_1: w = d * q + m, q in 0..15, m = min(w), d = (max(w) - min(w)) / 15 per block of 32.
 
-The matmuls run in modernlm/kernels (CPU, float32 activations); elsewhere (a GPU, autograd) a layer
-dequantizes its weight and calls F.linear: right, not fast. Quality is measured, not assumed:
-docs/model.md#quantized-decoding has WikiText-2 perplexity at each setting.
+An 8-bit layer rounds its input to Q8_0 too (`round_q8`, per row and block of 32, as llama.cpp does)
+and multiplies bytes by bytes into int32 sums: ~4x the float32 multiply-adds per instruction, for
+every row count, a prefill's too. A 4-bit layer keeps float32 activations. The matmuls run in
+modernlm/kernels (CPU); elsewhere (a GPU, autograd) a layer dequantizes its weight and calls F.linear
+(on round_q8(x) for 8 bits: the same function of x): right, not fast. Quality is measured, not
+assumed: docs/model.md#quantized-decoding has WikiText-2 perplexity at each setting.
 """
 
 from __future__ import annotations
@@ -70,6 +73,39 @@ def dequantize_q8(q: Tensor, scales: Tensor, out: Tensor | None = None) -> Tenso
     return torch.mul(q.view(N, QB, QK), scales[..., None], out=w).view(N, QB * QK)
 
 
+def round_q8(x: Tensor) -> Tensor:
+    """x as the 8-bit layers see it: rounded to Q8_0 along its last dimension, llama.cpp's way on
+    x86 (per block of 32, d = max|x| / 127 kept at float16, q = x / d rounded half to even); d * q."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, QK)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(blocks * torch.where(d > 0, 1 / d, 0))
+    return (q * d.half().float()).reshape(x.shape).to(x.dtype)
+
+
+def pack_q8(q: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
+    """Q8_0 (q (N, K) int8, scales (N, K/32)) in the order the 8-bit kernel reads: 16 output features
+    side by side, 4 input features each, so that one 64-byte load feeds 16 outputs. Returns
+    qp (G, K/4, 64) uint8 holding q + 128, and sp (G, K/32, 16) float32, with G = ceil(N / 16) (rows
+    past N are zero). `unpack_q8` is the inverse."""
+    N, K = q.shape
+    G = -(-N // 16)
+    if G * 16 != N:
+        q = torch.cat([q, q.new_zeros(G * 16 - N, K)])
+        scales = torch.cat([scales, scales.new_zeros(G * 16 - N, scales.size(1))])
+    qp = (q.view(torch.uint8) ^ 128).view(G, 16, K // 4, 4).transpose(1, 2).reshape(G, K // 4, 64)
+    sp = scales.float().view(G, 16, K // QK).transpose(1, 2).contiguous()
+    return qp, sp
+
+
+def unpack_q8(qp: Tensor, sp: Tensor, rows: Tensor | int) -> tuple[Tensor, Tensor]:
+    """The Q8_0 (q, scales) of `rows` (an index tensor, or N for rows 0 .. N-1) from `pack_q8`'s form."""
+    G, K4, _ = qp.shape
+    rows = torch.arange(rows, device=qp.device) if isinstance(rows, int) else rows.reshape(-1)
+    g, lane = rows // 16, rows % 16
+    q = (qp.view(G, K4, 16, 4)[g, :, lane] ^ 128).view(torch.int8)  # (rows, K/4, 4): indexed dims first
+    return q.reshape(len(rows), 4 * K4), sp[g, :, lane]
+
+
 def quantize_q4(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """w (N, K) float -> q (N, K/2) uint8 packed, scales and mins (N, K/32) float32 (GGUF's Q4_1:
     byte j of a block holds weight j in its low nibble and weight j + 16 in its high one)."""
@@ -108,13 +144,16 @@ class FastLinear(nn.Linear):
 
 class QLinear(nn.Module):
     """A bias-free linear layer with Q8_0 ("q8") or Q4_1 ("q4") weights; buffers, not parameters
-    (nothing here trains). `dequantize()` gives the float32 weight."""
+    (nothing here trains). q8 weights are held in `pack_q8`'s order, the 8-bit kernel's; `parts()`
+    gives GGUF's (q, scales[, mins]) back, `dequantize()` the float32 weight."""
 
     def __init__(self, kind: str, q: Tensor, scales: Tensor, mins: Tensor | None = None):
         super().__init__()
         self.kind = kind
         self.out_features = q.size(0)
         self.in_features = q.size(1) * (2 if kind == "q4" else 1)
+        if kind == "q8":
+            q, scales = pack_q8(q, scales)
         self.register_buffer("q", q.contiguous())
         self.register_buffer("scales", scales.float().contiguous())
         self.register_buffer("mins", mins.float().contiguous() if mins is not None else None)
@@ -123,24 +162,33 @@ class QLinear(nn.Module):
     def from_float(cls, w: Tensor, kind: str) -> QLinear:
         return cls(kind, *quantize_q8(w)) if kind == "q8" else cls(kind, *quantize_q4(w))
 
-    def dequantize(self, out: Tensor | None = None) -> Tensor:
-        """The float32 weight (N, K), written into `out` (a flat buffer of at least N * K) if given."""
+    def parts(self, rows: Tensor | None = None) -> tuple[Tensor, ...]:
+        """GGUF's (q, scales) for q8, (q, scales, mins) for q4: of every row, or of `rows` (indices)."""
         if self.kind == "q8":
-            return dequantize_q8(self.q, self.scales, out)
-        return dequantize_q4(self.q, self.scales, self.mins, out)
+            return unpack_q8(self.q, self.scales, self.out_features if rows is None else rows)
+        if rows is None:
+            return self.q, self.scales, self.mins
+        return self.q[rows], self.scales[rows], self.mins[rows]
+
+    def dequantize(self, out: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
+        """The float32 weight (N, K), or its `rows`; written into `out` (a flat buffer) if given."""
+        if self.kind == "q8":
+            return dequantize_q8(*self.parts(rows), out)
+        return dequantize_q4(*self.parts(rows), out)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.numel() <= 64 * x.size(-1) and kernels.usable(x):
+        if kernels.usable(x) and (self.kind == "q8" or x.numel() <= 64 * x.size(-1)):
             flat = x.reshape(-1, x.size(-1)).contiguous()
             if self.kind == "q8":
-                y = kernels.linear_q8(flat, self.q, self.scales)
+                # any number of rows, a prefill's too: 8-bit products outrun a float32 GEMM (~2x here)
+                y = kernels.linear_q8(flat, self.q, self.scales)[:, : self.out_features]
             else:
                 y = kernels.linear_q4(flat, self.q, self.scales, self.mins)
-            return y.view(*x.shape[:-1], self.out_features)
-        # many rows (a prefill): the weight dequantized into a buffer every layer reuses (fresh
+            return y.reshape(*x.shape[:-1], self.out_features)
+        # many rows (a q4 prefill): the weight dequantized into a buffer every layer reuses (fresh
         # memory for each would cost a page fault per 4 KiB), then a GEMM at the machine's matmul rate
-        if x.dtype != torch.float32 or torch.is_grad_enabled():  # autograd keeps the weight: no shared buffer
-            return F.linear(x, self.dequantize().to(x.dtype))
+        if x.dtype != torch.float32 or torch.is_grad_enabled() or not kernels.usable(x):  # GPU, autograd
+            return F.linear(round_q8(x) if self.kind == "q8" else x, self.dequantize().to(x.dtype))
         return F.linear(x, self.dequantize(out=_scratch(self.out_features * self.in_features, x.device)))
 
     def extra_repr(self) -> str:
@@ -170,13 +218,7 @@ class QEmbedding(nn.Module):
         return self.table[0].dequantize()
 
     def forward(self, idx: Tensor) -> Tensor:
-        t = self.table[0]
-        flat = idx.reshape(-1)
-        if t.kind == "q8":
-            rows = dequantize_q8(t.q[flat], t.scales[flat])
-        else:
-            rows = dequantize_q4(t.q[flat], t.scales[flat], t.mins[flat])
-        return rows.view(*idx.shape, t.in_features)
+        return self.table[0].dequantize(rows=idx.reshape(-1)).view(*idx.shape, self.table[0].in_features)
 
 
 # ---- the model --------------------------------------------------------------------------------

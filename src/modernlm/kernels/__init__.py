@@ -2,7 +2,7 @@
 
     from modernlm import kernels
     if kernels.available():                      # builds once per machine (~1 min), then loads
-        y = kernels.linear_q8(x, q, scales)      # x (M, K) float32 -> (M, N)
+        y = kernels.linear_q8(x, qp, sp)         # x (M, K) float32 -> (M, N), weights in pack_q8's form
 
 The ops are registered as `torch.ops.modernlm.*` with shape functions, so `torch.compile` treats each
 as one opaque call. They run on the CPU, in float32, for inference; callers check `usable(x)` and
@@ -58,30 +58,35 @@ def _build() -> bool:
     return True
 
 
-def _library() -> Path:
-    """decode.cpp built into a shared library, once per source, torch and compiler: cached in
-    $MODERNLM_KERNELS_DIR, else ~/.cache/modernlm/kernels. One compiler call (`c++`, or $CXX), no
-    build system: only a C++17 compiler is needed, and PyTorch's own headers."""
+def compile_command(out: Path, march: str = "native") -> list[str]:
+    """The one compiler call that builds decode.cpp into `out` (`c++`, or $CXX): only a C++17
+    compiler is needed, and PyTorch's own headers. `march` picks the instructions (tests build the
+    AVX2 and portable paths with it)."""
     torch_dir = Path(torch.__file__).parent
-    cxx = os.environ.get("CXX", "c++")
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     include = torch_dir / "include"
-    flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    flags = ["-O3", f"-march={march}", "-fopenmp", "-fPIC", "-shared", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
              "-isystem", str(include), "-isystem", str(include / "torch" / "csrc" / "api" / "include")]  # fmt: skip
     libs = ["-L", str(torch_dir / "lib"), "-lc10", "-ltorch_cpu"]
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, torch.__version__.encode(), cxx.encode(), " ".join(flags).encode()]))
+    return [os.environ.get("CXX", "c++"), *flags, str(_SOURCE), "-o", str(out), *libs]
+
+
+def _library() -> Path:
+    """decode.cpp built into a shared library, once per source, torch and compiler: cached in
+    $MODERNLM_KERNELS_DIR, else ~/.cache/modernlm/kernels."""
+    command = compile_command(Path("OUT"))
+    key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), torch.__version__.encode(), " ".join(command).encode()]))
     where = Path(os.environ.get("MODERNLM_KERNELS_DIR") or Path.home() / ".cache" / "modernlm" / "kernels")
     library = where / f"modernlm_decode-{key.hexdigest()[:16]}.so"
     if library.exists():
         return library
     where.mkdir(parents=True, exist_ok=True)
     partial = library.with_suffix(f".{os.getpid()}.tmp")  # another process may be building it too
-    done = subprocess.run([cxx, *flags, str(_SOURCE), "-o", str(partial), *libs], capture_output=True, text=True)
+    done = subprocess.run(compile_command(partial), capture_output=True, text=True)
     if done.returncode != 0:
         partial.unlink(missing_ok=True)
         errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()
-        raise RuntimeError(f"{cxx} failed: {errors[0] if errors else done.returncode}")
+        raise RuntimeError(f"{command[0]} failed: {errors[0] if errors else done.returncode}")
     os.replace(partial, library)  # whole or absent: a killed build leaves no half library
     return library
 
@@ -103,7 +108,7 @@ def _register_fakes() -> None:
         return x.new_empty(x.size(0), n)
 
     torch.library.register_fake("modernlm::linear_f32")(lambda x, w: rows_by(x, w.size(0)))
-    torch.library.register_fake("modernlm::linear_q8")(lambda x, q, s: rows_by(x, q.size(0)))
+    torch.library.register_fake("modernlm::linear_q8")(lambda x, qp, sp: rows_by(x, 16 * qp.size(0)))
     torch.library.register_fake("modernlm::linear_q4")(lambda x, q, s, m: rows_by(x, q.size(0)))
     torch.library.register_fake("modernlm::paged_attention")(lambda q, k, v, t, n, scale: torch.empty_like(q))
 
@@ -112,8 +117,9 @@ def linear_f32(x: Tensor, w: Tensor) -> Tensor:
     return torch.ops.modernlm.linear_f32(x, w)
 
 
-def linear_q8(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
-    return torch.ops.modernlm.linear_q8(x, q, scales)
+def linear_q8(x: Tensor, qp: Tensor, sp: Tensor) -> Tensor:
+    """x (M, K) float32 times Q8_0 weights in quant.pack_q8's form -> (M, 16 G); x rounded to 8 bits."""
+    return torch.ops.modernlm.linear_q8(x, qp, sp)
 
 
 def linear_q4(x: Tensor, q: Tensor, scales: Tensor, mins: Tensor) -> Tensor:

@@ -2,9 +2,11 @@
 //
 // A decode step of a small model is memory-bound: every weight is read once per step and used by
 // only a few rows, so the time is bytes / bandwidth. These kernels stream each weight row once and
-// reuse it for up to 4 activation rows held in registers; the weights may be float32, or 8-bit or
-// 4-bit in blocks of 32 with a float scale per block (the layouts of GGUF's Q8_0 and Q4_1, so a .gguf
-// file's weights are used as they are). The attention kernel reads a paged KV cache in place.
+// reuse it for several activation rows held in registers; the weights may be float32, or 8-bit or
+// 4-bit in blocks of 32 with a float scale per block (GGUF's Q8_0 and Q4_1, so a .gguf file's blocks
+// are used as they are; Q8_0 packed 16 rows side by side). The 8-bit kernel rounds the activations to
+// 8 bits too and multiplies bytes into int32 sums (as llama.cpp does): fast enough for a prefill's
+// many rows as well. The attention kernel reads a paged KV cache in place.
 //
 // Written with GCC/Clang vector extensions (vectors of 16 floats): the compiler maps them to
 // AVX-512, AVX2 or NEON with -march=native. Threads: ATen's pool (at::parallel_for), the one
@@ -22,7 +24,6 @@
 #include <vector>
 
 typedef float f16v __attribute__((vector_size(64)));    // 16 floats
-typedef int8_t i16v __attribute__((vector_size(16)));   // 16 int8
 typedef uint8_t u16v __attribute__((vector_size(16)));  // 16 uint8
 typedef int32_t s16v __attribute__((vector_size(64)));  // 16 int32
 
@@ -42,17 +43,9 @@ static inline float hsum(f16v v) {
 }
 #endif
 #if defined(__AVX512F__)
-// GCC scalarises the generic int8 -> float conversion below; one instruction pair does it here
-static inline f16v i8_to_f(const int8_t* p) {
-  return (f16v)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
-}
+// GCC scalarises the generic uint8 -> float conversion below; one instruction pair does it here
 static inline f16v u8_to_f(u16v b) { return (f16v)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32((__m128i)b)); }
 #else
-static inline f16v i8_to_f(const int8_t* p) {
-  i16v b;
-  std::memcpy(&b, p, sizeof(b));
-  return __builtin_convertvector(__builtin_convertvector(b, s16v), f16v);
-}
 static inline f16v u8_to_f(u16v b) { return __builtin_convertvector(__builtin_convertvector(b, s16v), f16v); }
 #endif
 
@@ -130,38 +123,6 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
-struct Q8Args { const float* X; const int8_t* Q; const float* S; int64_t K; };
-template <int R> struct DotQ8 {
-  static void run(const Q8Args& a, int64_t n, int64_t m0, float* out) {
-    const int64_t QB = a.K / QK;
-    const int8_t* qr = a.Q + n * a.K;
-    const float* sr = a.S + n * QB;
-    const float* xr = a.X + m0 * a.K;
-    f16v acc0[R] = {}, acc1[R] = {};
-    for (int64_t b = 0; b < QB; b++) {
-      f16v s = sr[b] - (f16v){};  // broadcast
-      // scale the weights once, shared by the R rows: then each row is two independent FMAs
-      f16v w0 = s * i8_to_f(qr + b * QK), w1 = s * i8_to_f(qr + b * QK + 16);
-      for (int i = 0; i < R; i++) {
-        acc0[i] += load16(xr + i * a.K + b * QK) * w0;
-        acc1[i] += load16(xr + i * a.K + b * QK + 16) * w1;
-      }
-    }
-    for (int i = 0; i < R; i++) out[i] = hsum(acc0[i] + acc1[i]);
-  }
-};
-
-// 8-bit weights: q (N, K) int8, scales (N, QB) float32; w[n, k] = scales[n, k / 32] * q[n, k].
-at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
-  const int64_t N = q.size(0), K = q.size(1), M = x.size(0), QB = K / QK;
-  check_x(x, K);
-  TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && K % QK == 0, "q must be contiguous int8, K % 32 == 0");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N * QB, "bad scales");
-  at::Tensor y = at::empty({M, N}, x.options());
-  for_rows<DotQ8>(M, N, y.data_ptr<float>(), Q8Args{x.data_ptr<float>(), q.data_ptr<int8_t>(), scales.data_ptr<float>(), K});
-  return y;
-}
-
 struct Q4Args { const float* X; const uint8_t* Q; const float* S; const float* Mn; const float* XS; int64_t K; };
 template <int R> struct DotQ4 {
   static void run(const Q4Args& a, int64_t n, int64_t m0, float* out) {
@@ -207,6 +168,166 @@ at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
     }
   for_rows<DotQ4>(M, N, y.data_ptr<float>(),
                   Q4Args{X, q.data_ptr<uint8_t>(), scales.data_ptr<float>(), mins.data_ptr<float>(), xsum.data(), K});
+  return y;
+}
+
+// ---- 8-bit weights times 8-bit activations (llama.cpp's Q8_0 x Q8_0 on CPUs) ----------------------
+// Each activation row is rounded to 8 bits per block of 32 (Q8_0: d = max|x| / 127, q = round(x / d),
+// d kept at float16 as llama.cpp does), and a block's products are exact int32 sums: one AVX512-VNNI
+// instruction (vpdpbusd) does 64 multiply-adds, where the float32 path above does 16. The float work
+// (int -> float, the two scales) is paid once per block of 32, not once per weight.
+//
+// Weights are packed for it ("q8p"): 16 output features side by side, 4 input features each, so one
+// 64-byte load feeds 16 outputs: qp (G = N/16, K/4, 16, 4) uint8 = q + 128 (vpdpbusd multiplies
+// unsigned by signed bytes: the weights take the unsigned side, and the row's 128 * sum(xq) is taken
+// off again), sp (G, QB, 16) float32 the weights' scales in the same order.
+// Every output is the same sequence of operations whatever M is or which tile computes it, so a row
+// gets the same bits alone as in a batch, and in a prefill as in a decode step.
+
+struct XQ { std::vector<int8_t> q; std::vector<float> d; std::vector<int32_t> c; };
+
+// x (M, K) -> 8-bit rows: q (M, K), d (M, QB) the scale, c (M, QB) = -128 * sum of the block's q
+static void quantize_rows(const float* X, int64_t M, int64_t K, XQ& out) {
+  const int64_t QB = K / QK;
+  out.q.resize(M * K); out.d.resize(M * QB); out.c.resize(M * QB);
+  at::parallel_for(0, M * QB, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i++) {
+      const float* xb = X + i * QK;  // block i of the flat (M, K) array: row i / QB, block i % QB
+      float amax = 0.f;
+      for (int j = 0; j < QK; j++) amax = std::max(amax, std::fabs(xb[j]));
+      const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+      int32_t sum = 0;
+      for (int j = 0; j < QK; j++) {
+        const int v = (int)std::nearbyint(xb[j] * id);  // half to even, as llama.cpp's x86 path
+        out.q[i * QK + j] = (int8_t)v;
+        sum += v;
+      }
+      out.d[i] = (float)c10::Half(d);
+      out.c[i] = -128 * sum;
+    }
+  });
+}
+
+struct Q8PArgs { const int8_t* XQ; const float* XD; const int32_t* XC; const uint8_t* W; const float* S; float* Y; int64_t K, N; };
+
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+// vpdpbusd: 16 lanes, each += 4 unsigned x signed byte products. The weights are q + 128, so a lane
+// starts at -128 * sum(xq) of its block (XC) to end at sum(q * xq).
+typedef __m512i i32x16;
+static inline i32x16 start(int32_t xc) { return _mm512_set1_epi32(xc); }
+static inline i32x16 loadw(const uint8_t* p) { return _mm512_loadu_si512(p); }
+static inline i32x16 dp(i32x16 acc, i32x16 w, const int8_t* x4) {
+  int32_t v;
+  std::memcpy(&v, x4, 4);
+  return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(v));
+}
+static inline f16v to_f(i32x16 v) { return (f16v)_mm512_cvtepi32_ps(v); }
+static inline f16v fmav(f16v a, f16v b, f16v c) { return (f16v)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+#elif defined(__AVX2__)
+// llama.cpp's AVX2 way: |x| (unsigned) times q with x's sign (signed) in pairs of int16, then pairs of
+// those into int32; the same sum(q * xq) per lane, so the same bits as the VNNI path
+#include <immintrin.h>
+struct i32x16 { __m256i lo, hi; };
+static inline i32x16 start(int32_t) { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+static inline i32x16 loadw(const uint8_t* p) {
+  const __m256i flip = _mm256_set1_epi8((char)0x80);  // q + 128 back to q
+  return {_mm256_xor_si256(_mm256_loadu_si256((const __m256i*)p), flip),
+          _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(p + 32)), flip)};
+}
+static inline __m256i dp8(__m256i acc, __m256i q, __m256i x) {
+  const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(q, x));  // |products| <= 2 * 127 * 127
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+static inline i32x16 dp(i32x16 acc, i32x16 w, const int8_t* x4) {
+  int32_t v;
+  std::memcpy(&v, x4, 4);
+  const __m256i x = _mm256_set1_epi32(v);
+  return {dp8(acc.lo, w.lo, x), dp8(acc.hi, w.hi, x)};
+}
+static inline f16v to_f(i32x16 v) {
+  f16v f;
+  _mm256_storeu_ps((float*)&f, _mm256_cvtepi32_ps(v.lo));
+  _mm256_storeu_ps((float*)&f + 8, _mm256_cvtepi32_ps(v.hi));
+  return f;
+}
+static inline f16v fmav(f16v a, f16v b, f16v c) { return a * b + c; }  // contracted to FMAs
+#else  // portable: the same integer sums, lane by lane
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+static inline i32x16 start(int32_t) { return (i32x16){}; }
+static inline i32x16 loadw(const uint8_t* p) {
+  i32x16 v;
+  std::memcpy(&v, p, 64);
+  return v;
+}
+static inline i32x16 dp(i32x16 acc, i32x16 w, const int8_t* x4) {
+  uint8_t b[64];
+  std::memcpy(b, &w, 64);
+  for (int l = 0; l < 16; l++)
+    for (int j = 0; j < 4; j++) acc[l] += (b[4 * l + j] - 128) * x4[j];
+  return acc;
+}
+static inline f16v to_f(i32x16 v) { return __builtin_convertvector(v, f16v); }
+static inline f16v fmav(f16v a, f16v b, f16v c) { return a * b + c; }  // contracted to an FMA where there is one
+#endif
+
+// R activation rows (m0 ..) by C groups of 16 outputs (g ..): accumulators in registers
+template <int R, int C>
+static void tile_q8p(const Q8PArgs& a, int64_t g, int64_t m0) {
+  const int64_t QB = a.K / QK, K4 = a.K / 4;
+  f16v accf[R][C] = {};
+  for (int64_t b = 0; b < QB; b++) {
+    i32x16 acc[R][C];
+    for (int r = 0; r < R; r++)
+      for (int c = 0; c < C; c++) acc[r][c] = start(a.XC[(m0 + r) * QB + b]);
+    for (int k4 = 0; k4 < QK / 4; k4++) {
+      i32x16 w[C];
+      for (int c = 0; c < C; c++) w[c] = loadw(a.W + ((g + c) * K4 + b * (QK / 4) + k4) * 64);
+      for (int r = 0; r < R; r++) {
+        const int8_t* x4 = a.XQ + (m0 + r) * a.K + b * QK + 4 * k4;
+        for (int c = 0; c < C; c++) acc[r][c] = dp(acc[r][c], w[c], x4);
+      }
+    }
+    f16v ws[C];
+    for (int c = 0; c < C; c++) ws[c] = load16(a.S + ((g + c) * QB + b) * 16);
+    for (int r = 0; r < R; r++) {
+      const f16v xd = a.XD[(m0 + r) * QB + b] - (f16v){};
+      for (int c = 0; c < C; c++) accf[r][c] = fmav(to_f(acc[r][c]) * xd, ws[c], accf[r][c]);
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) std::memcpy(a.Y + (m0 + r) * a.N + (g + c) * 16, &accf[r][c], 64);
+}
+
+template <int C>
+static void rows_q8p(const Q8PArgs& a, int64_t M, int64_t g) {
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    switch (std::min<int64_t>(4, M - m0)) {
+      case 1: tile_q8p<1, C>(a, g, m0); break;
+      case 2: tile_q8p<2, C>(a, g, m0); break;
+      case 3: tile_q8p<3, C>(a, g, m0); break;
+      default: tile_q8p<4, C>(a, g, m0); break;
+    }
+  }
+}
+
+// x (M, K) float32, qp (G, K/4, 64) uint8, sp (G, K/32, 16) float32 -> (M, 16 G)
+at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& qp, const at::Tensor& sp) {
+  const int64_t G = qp.size(0), K = 4 * qp.size(1), M = x.size(0), N = 16 * G, QB = K / QK;
+  check_x(x, K);
+  TORCH_CHECK(qp.dim() == 3 && qp.size(2) == 64 && qp.scalar_type() == at::kByte && qp.is_contiguous() && K % QK == 0,
+              "qp must be contiguous uint8 (N/16, K/4, 64), K % 32 == 0");
+  TORCH_CHECK(sp.scalar_type() == at::kFloat && sp.is_contiguous() && sp.numel() == G * QB * 16, "bad packed scales");
+  XQ xq;
+  quantize_rows(x.data_ptr<float>(), M, K, xq);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const Q8PArgs a{xq.q.data(), xq.d.data(), xq.c.data(), qp.data_ptr<uint8_t>(), sp.data_ptr<float>(), y.data_ptr<float>(), K, N};
+  // tasks of 2 groups (32 outputs); each runs every row over its groups while their weights are in cache
+  at::parallel_for(0, (G + 1) / 2, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t++) {
+      if (2 * t + 1 < G) rows_q8p<2>(a, M, 2 * t);
+      else rows_q8p<1>(a, M, 2 * t);
+    }
+  });
   return y;
 }
 
@@ -273,7 +394,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const 
 
 TORCH_LIBRARY(modernlm, m) {
   m.def("linear_f32(Tensor x, Tensor w) -> Tensor");
-  m.def("linear_q8(Tensor x, Tensor q, Tensor scales) -> Tensor");
+  m.def("linear_q8(Tensor x, Tensor qp, Tensor sp) -> Tensor");
   m.def("linear_q4(Tensor x, Tensor q, Tensor scales, Tensor mins) -> Tensor");
   m.def("paged_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor table, Tensor lengths, float scale) -> Tensor");
 }
