@@ -259,6 +259,10 @@ class PagedCache:
     row's blocks into one contiguous (rows, K, S, D) tensor, S the widest table's slots, each row
     masked to its own positions (`ModernDecoderLM.forward`): one `index_select` per layer, a copy of
     the keys and values the step reads anyway.
+
+    `dtype` is the pool's: the model's, or float16 under a float32 model (half the memory, as
+    llama.cpp's default cache): keys and values are rounded to it as they are written and read
+    back as the model's.
     """
 
     rolling = False
@@ -317,8 +321,8 @@ class PagedCache:
         pos = self.positions(k.size(2))  # (rows, T)
         block, slot = self.table.gather(1, pos // self.block_size), pos % self.block_size
         # advanced indices on dims 0 and 2: the indexed view is (rows, T, K, D)
-        self.k[layer][block, :, slot] = k.transpose(1, 2)
-        self.v[layer][block, :, slot] = v.transpose(1, 2)
+        self.k[layer][block, :, slot] = k.transpose(1, 2).to(self.k[layer].dtype)  # a 16-bit cache rounds here
+        self.v[layer][block, :, slot] = v.transpose(1, 2).to(self.v[layer].dtype)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (rows, K, T, D) at each row's next slots; return every row's keys/values
@@ -331,17 +335,18 @@ class PagedCache:
         if self._scratch is None or self._scratch.size(1) < n:
             # one buffer pair for every layer and step: fresh memory each time costs page faults
             # that made the gather several times slower than the copy itself
-            self._scratch = torch.empty(2, n, flat[1], device=k.device, dtype=k.dtype)
+            self._scratch = torch.empty(2, n, flat[1], device=k.device, dtype=self.k[layer].dtype)
         keys = torch.index_select(self.k[layer].view(flat), 0, self.gather, out=self._scratch[0, :n])
         values = torch.index_select(self.v[layer].view(flat), 0, self.gather, out=self._scratch[1, :n])
-        return keys.view(rows, K, S, D), values.view(rows, K, S, D)
+        return keys.view(rows, K, S, D).to(k.dtype), values.view(rows, K, S, D).to(v.dtype)
 
     def attends_in_place(self, q: Tensor) -> bool:
         """Whether a decode step's queries q (rows, H, 1, D) can read the blocks where they are
-        (modernlm/kernels: CPU float32, up to 8 query heads per kv head, head_dim <= 128): no
-        gather copy, no mask."""
+        (modernlm/kernels: CPU float32 queries over a float32 or float16 pool, up to 8 query heads
+        per kv head, head_dim <= 128): no gather copy, no mask."""
         K, D = self.k[0].size(1), q.size(-1)
-        return q.size(2) == 1 and q.size(1) // K <= 8 and D % 16 == 0 and D <= 128 and kernels.usable(q)
+        fits = q.size(2) == 1 and q.size(1) // K <= 8 and D % 16 == 0 and D <= 128
+        return fits and self.k[0].dtype in (torch.float32, torch.float16) and kernels.usable(q)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """A decode step's attention read in place: write k, v (rows, K, 1, D), then each row's

@@ -121,7 +121,8 @@ def main(cfg: Config) -> None:
     )
     stats = app.state.engine.stats()
     print(
-        f"modernlm serve: KV cache {stats['kv_cache_bytes'] / 2**30:.2f} GiB (kv_cache_bytes): "
+        f"modernlm serve: KV cache {stats['kv_cache_bytes'] / 2**30:.2f} GiB (kv_cache_bytes) in "
+        f"{str(app.state.engine.kv_dtype).removeprefix('torch.')} (kv_dtype): "
         f"{app.state.engine.kv_tokens:,} tokens in blocks of {stats['kv_block_size']}, allocated as sequences grow;"
         f" prefix cache {'on' if cfg.prefix_cache else 'off'}, prefill in chunks of {cfg.prefill_chunk} tokens",
         file=sys.stderr,

@@ -332,27 +332,24 @@ at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& qp, const at::Tensor
 }
 
 // One decode step's attention over a paged KV cache, read in place.
-// q (B, H, D) float32; k_pool, v_pool (num_blocks, KH, BS, D); table (B, W) int64 block ids;
-// lengths (B,) int64: keys each row attends to (its positions 0 .. lengths[b] - 1, the new token's
-// included). Query head h reads kv head h / (H / KH) (GQA). Returns (B, H, D).
-at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
-                           const at::Tensor& table, const at::Tensor& lengths, double scale) {
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q must be contiguous float32 (B, H, D)");
-  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && k_pool.scalar_type() == at::kFloat, "bad pools");
-  TORCH_CHECK(table.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong, "table and lengths must be int64");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  TORCH_CHECK(k_pool.dim() == 4 && v_pool.sizes() == k_pool.sizes() && v_pool.scalar_type() == at::kFloat,
-              "k_pool and v_pool must be float32 (num_blocks, KH, BS, D) of one shape");
-  TORCH_CHECK(table.dim() == 2 && table.size(0) == B && lengths.numel() == B, "table and lengths need one row per q row");
-  const int64_t NB = k_pool.size(0), KH = k_pool.size(1), BS = k_pool.size(2), W = table.size(1), G = H / KH;
-  TORCH_CHECK(k_pool.size(3) == D && D % 16 == 0 && H % KH == 0, "head dims do not match");
-  at::Tensor tab = table.contiguous(), len = lengths.contiguous();
-  at::Tensor y = at::empty({B, H, D}, q.options());
-  const float *Qp = q.data_ptr<float>(), *Kp = k_pool.data_ptr<float>(), *Vp = v_pool.data_ptr<float>();
-  const int64_t *T = tab.data_ptr<int64_t>(), *L = len.data_ptr<int64_t>();
-  float* Y = y.data_ptr<float>();
-  for (int64_t i = 0; i < B * W; i++) TORCH_CHECK(T[i] >= 0 && T[i] < NB, "table: block id out of range");
-  const int64_t DV = D / 16;
+// q (B, H, D) float32; k_pool, v_pool (num_blocks, KH, BS, D) float32 or float16 (a 16-bit cache: half
+// the memory, as llama.cpp's default; converted to float32 as it is read); table (B, W) int64 block
+// ids; lengths (B,) int64: keys each row attends to (its positions 0 .. lengths[b] - 1, the new
+// token's included). Query head h reads kv head h / (H / KH) (GQA). Returns (B, H, D).
+static inline f16v load16(const at::Half* p) {
+#if defined(__AVX512F__)
+  return (f16v)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+#else
+  f16v v;
+  for (int i = 0; i < 16; i++) v[i] = (float)p[i];
+  return v;
+#endif
+}
+
+template <typename T>
+static void attend_rows(const float* Qp, const T* Kp, const T* Vp, const int64_t* Tb, const int64_t* L, float* Y,
+                        int64_t B, int64_t H, int64_t KH, int64_t BS, int64_t D, int64_t W, double scale) {
+  const int64_t G = H / KH, DV = D / 16;
   // one task per (row, kv head): its G query heads share every key and value read
   at::parallel_for(0, B * KH, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores;
@@ -361,7 +358,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const 
       TORCH_CHECK(S >= 1 && S <= W * BS, "lengths out of the table's range");
       scores.assign(G * S, 0.f);
       for (int64_t p = 0; p < S; p++) {
-        const float* kr = Kp + ((T[b * W + p / BS] * KH + h) * BS + p % BS) * D;
+        const T* kr = Kp + ((Tb[b * W + p / BS] * KH + h) * BS + p % BS) * D;
         for (int64_t g = 0; g < G; g++) {
           const float* qr = Qp + (b * H + h * G + g) * D;
           f16v acc = {};
@@ -377,9 +374,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const 
         for (int64_t p = 0; p < S; p++) sc[p] /= sum;
       }
       f16v out[8][8] = {};  // [g][d-vector]: G <= 8, D <= 128
-      TORCH_CHECK(G <= 8 && DV <= 8, "paged_attention supports up to 8 query heads per kv head and head_dim 128");
       for (int64_t p = 0; p < S; p++) {
-        const float* vr = Vp + ((T[b * W + p / BS] * KH + h) * BS + p % BS) * D;
+        const T* vr = Vp + ((Tb[b * W + p / BS] * KH + h) * BS + p % BS) * D;
         for (int64_t d = 0; d < DV; d++) {
           f16v v = load16(vr + 16 * d);
           for (int64_t g = 0; g < G; g++) out[g][d] += scores[g * S + p] * v;
@@ -389,6 +385,31 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const 
         std::memcpy(Y + (b * H + h * G + g) * D, out[g], D * sizeof(float));
     }
   });
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                           const at::Tensor& table, const at::Tensor& lengths, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q must be contiguous float32 (B, H, D)");
+  const auto kind = k_pool.scalar_type();
+  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && (kind == at::kFloat || kind == at::kHalf), "bad pools");
+  TORCH_CHECK(table.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong, "table and lengths must be int64");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  TORCH_CHECK(k_pool.dim() == 4 && v_pool.sizes() == k_pool.sizes() && v_pool.scalar_type() == kind,
+              "k_pool and v_pool must be float32 or float16 (num_blocks, KH, BS, D) of one shape and type");
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == B && lengths.numel() == B, "table and lengths need one row per q row");
+  const int64_t NB = k_pool.size(0), KH = k_pool.size(1), BS = k_pool.size(2), W = table.size(1);
+  TORCH_CHECK(k_pool.size(3) == D && D % 16 == 0 && H % KH == 0, "head dims do not match");
+  TORCH_CHECK(H / KH <= 8 && D <= 128, "paged_attention supports up to 8 query heads per kv head and head_dim 128");
+  at::Tensor tab = table.contiguous(), len = lengths.contiguous();
+  at::Tensor y = at::empty({B, H, D}, q.options());
+  const int64_t *T = tab.data_ptr<int64_t>(), *L = len.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * W; i++) TORCH_CHECK(T[i] >= 0 && T[i] < NB, "table: block id out of range");
+  if (kind == at::kFloat)
+    attend_rows(q.data_ptr<float>(), k_pool.data_ptr<float>(), v_pool.data_ptr<float>(), T, L, y.data_ptr<float>(),
+                B, H, KH, BS, D, W, scale);
+  else
+    attend_rows(q.data_ptr<float>(), k_pool.data_ptr<at::Half>(), v_pool.data_ptr<at::Half>(), T, L,
+                y.data_ptr<float>(), B, H, KH, BS, D, W, scale);
   return y;
 }
 

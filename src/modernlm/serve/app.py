@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+import torch
+
 from modernlm.errors import UserError
 from modernlm.serve.engine import Done, Engine, EngineFull, Failed, Piece, Request
 from modernlm.serve.http import ORIGIN, Edge, Gate, Metrics, allowed_host, internal_error
@@ -48,6 +50,9 @@ from modernlm.serve.openai import (
 from modernlm.serve.tools import CallStream
 
 log = logging.getLogger("modernlm.serve")
+
+
+KV_DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -70,6 +75,9 @@ class ServeConfig:
     # The KV cache's budget in bytes; 0 = a quarter of the machine's memory (a GPU: half its free
     # memory), at most what max_batch sequences of the full context need. Used as sequences grow.
     kv_cache_bytes: int = 0
+    # The KV cache's numbers: "auto" = the model's dtype; "float16" / "bfloat16" halve a float32
+    # model's cache (llama.cpp's default is f16; keys and values rounded to 16 bits as they are stored)
+    kv_dtype: str = "auto"
     kv_block_size: int = 16  # tokens per KV cache block
     prefill_chunk: int = 256  # prompt tokens prefilled per engine step (long prompts do not stall decoding)
     prefix_cache: bool = True  # reuse the keys and values of prompt prefixes seen before
@@ -83,6 +91,8 @@ class ServeConfig:
             raise UserError("max_queue must be >= 0 and request_timeout > 0")
         if self.kv_cache_bytes < 0:
             raise UserError(f"kv_cache_bytes must be >= 0 (0 = auto), got {self.kv_cache_bytes}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise UserError(f"kv_dtype must be one of {list(KV_DTYPES)}, got {self.kv_dtype!r}")
         for h in self.allowed_hosts:
             if allowed_host(h) is None:
                 raise UserError(f"allowed_hosts: {h!r} is not a host name or address (no scheme, no port; * = any)")
@@ -116,7 +126,8 @@ def make_app(lm: Any, cfg: ServeConfig | None = None, *, engine_thread: bool = T
     try:
         engine = Engine(lm.model, lm.tokenizer, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                         kv_cache_bytes=cfg.kv_cache_bytes, block_size=cfg.kv_block_size,
-                        prefill_chunk=cfg.prefill_chunk, prefix_cache=cfg.prefix_cache, compile=cfg.compile)
+                        prefill_chunk=cfg.prefill_chunk, prefix_cache=cfg.prefix_cache, compile=cfg.compile,
+                        kv_dtype=KV_DTYPES[cfg.kv_dtype])
     except ValueError as e:
         raise UserError(str(e)) from None
     ctx = Context(lm, name, cfg.max_tokens, cfg.max_n, engine.kv_tokens)

@@ -92,7 +92,7 @@ class EngineFull(Exception):
     """The queue is full: the request is refused (the server answers 503)."""
 
 
-def default_kv_bytes(model: Any, max_batch: int) -> int:
+def default_kv_bytes(model: Any, max_batch: int, kv_dtype: torch.dtype | None = None) -> int:
     """The KV budget when none is given: a quarter of the machine's memory (on a GPU, half of what
     is free after the weights), and no more than `max_batch` sequences of the full context need."""
     p = next(model.parameters())
@@ -101,7 +101,7 @@ def default_kv_bytes(model: Any, max_batch: int) -> int:
     else:
         budget = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
     cfg = model.config
-    per_token = PagedCache.block_bytes(cfg, 1, p.dtype)
+    per_token = PagedCache.block_bytes(cfg, 1, kv_dtype or p.dtype)
     return min(budget, max_batch * (cfg.max_seq_len + 1) * per_token)
 
 
@@ -131,13 +131,14 @@ class _Seq:
 class Engine:
     """Continuous batching on `model` (a ModernDecoderLM) with `tokenizer`; see the module
     docstring. `max_batch` sequences run together (1: one at a time); `max_queue` more may wait.
-    The KV cache holds `kv_cache_bytes` (0: `default_kv_bytes`) in blocks of `block_size` tokens;
+    The KV cache holds `kv_cache_bytes` (0: `default_kv_bytes`) in blocks of `block_size` tokens, in
+    `kv_dtype` (None: the model's; float16 halves it under a float32 model, as llama.cpp's default);
     `prefix_cache` keeps full blocks for later prompts that start alike. `start()` runs the engine
     thread, `submit(request)` queues a request (EngineFull when the queue is full), `close()` stops."""
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 64,
                  kv_cache_bytes: int = 0, block_size: int = 16, prefill_chunk: int = 256, prefix_cache: bool = True,
-                 compile: bool = False):
+                 compile: bool = False, kv_dtype: torch.dtype | None = None):
         if max_batch < 1 or max_queue < 0 or block_size < 1 or prefill_chunk < 2 or kv_cache_bytes < 0:
             raise ValueError("max_batch, block_size and kv_cache_bytes must be positive, max_queue >= 0, "
                              f"prefill_chunk >= 2; got {max_batch}, {block_size}, {kv_cache_bytes}, "
@@ -150,13 +151,14 @@ class Engine:
         p = next(model.parameters())
         self.device, self.vocab = p.device, model.config.vocab_size
         self.sink = model.sink is not None
-        per_block = PagedCache.block_bytes(model.config, block_size, p.dtype)
-        budget = kv_cache_bytes or default_kv_bytes(model, max_batch)
+        self.kv_dtype = kv_dtype or p.dtype
+        per_block = PagedCache.block_bytes(model.config, block_size, self.kv_dtype)
+        budget = kv_cache_bytes or default_kv_bytes(model, max_batch, self.kv_dtype)
         if budget < per_block:
             raise ValueError(f"kv_cache_bytes {budget} is less than one block of {block_size} tokens "
                              f"({per_block} bytes)")
         num_blocks = budget // per_block
-        self.cache = PagedCache(model.config, num_blocks, block_size, device=self.device, dtype=p.dtype)
+        self.cache = PagedCache(model.config, num_blocks, block_size, device=self.device, dtype=self.kv_dtype)
         self.pool = BlockPool(num_blocks, block_size, prefix_cache)
         if compile:
             # the pool's sizes are fixed: were they symbolic, a size equal to a table's width at
