@@ -1,4 +1,4 @@
-"""Weight-only int8 and int4 for decoding, and the fast float32 path: `prepare(model, quantize)`.
+"""int8 and int4 weights for decoding, and the fast float32 path: `prepare(model, quantize)`.
 
     model = prepare(model, "int8")   # every projection and the LM head in 8 bits
 
