@@ -185,10 +185,12 @@ class QLinear(nn.Module):
             else:
                 y = kernels.linear_q4(flat, self.q, self.scales, self.mins)
             return y.reshape(*x.shape[:-1], self.out_features)
+        if self.kind == "q8":  # no kernel here (a GPU, autograd, MODERNLM_KERNELS=0): the same function
+            return F.linear(round_q8(x), self.dequantize().to(x.dtype))
         # many rows (a q4 prefill): the weight dequantized into a buffer every layer reuses (fresh
         # memory for each would cost a page fault per 4 KiB), then a GEMM at the machine's matmul rate
-        if x.dtype != torch.float32 or torch.is_grad_enabled() or not kernels.usable(x):  # GPU, autograd
-            return F.linear(round_q8(x) if self.kind == "q8" else x, self.dequantize().to(x.dtype))
+        if x.dtype != torch.float32 or torch.is_grad_enabled():  # autograd keeps the weight: no shared buffer
+            return F.linear(x, self.dequantize().to(x.dtype))
         return F.linear(x, self.dequantize(out=_scratch(self.out_features * self.in_features, x.device)))
 
     def extra_repr(self) -> str:
