@@ -132,7 +132,10 @@ def test_smollm2_gguf_two_turns_are_its_chat():
     from tests.test_api import _smol_gguf
 
     gguf = _smol_gguf()
-    lm = load(gguf, progress=False)
+    # as `modernlm chat` loads it: our engine on the file's Q4_1 blocks, whose 8-bit head rounds its
+    # input as llama.cpp's does (the first reply then opens "L'Étoile, la Marseillaise", as
+    # llama-server's on this file; transformers' float model says "The capital of France is Paris.")
+    lm = load(gguf, backend="modernlm", quantize="auto", progress=False)
     first = [{"role": "user", "content": "What is the capital of France?"}]
     r1 = lm.chat(first, 16)
     second = [*first, {"role": "assistant", "content": r1}, {"role": "user", "content": "And of Italy?"}]
