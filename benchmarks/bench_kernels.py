@@ -1,9 +1,10 @@
 """The decode matmuls against the machine's memory bound: what a decode step of SmolLM2 can cost.
 
 A decode step reads every weight once, so its floor is the weights' bytes over the memory's read
-rate. This prints, in one run on this machine: the bound (a copy, read + write bytes, and a sum,
-read bytes), then one pass over SmolLM2-135M's 30 layers of projection weights (576x960, 576x576,
-576x3072, 1536x576: 106M weights, random values; the LM head apart) at M = 1, 4, 8, 16 rows (a
+rate. This prints, in one run on this machine: the bound (a copy, read + write bytes; a sum, read
+bytes; a sum over each packed Q8_0 matrix in turn, the per-call stream a decode step makes), then
+one pass over SmolLM2-135M's 30 layers of projection weights (576x960, 576x576, 576x3072,
+1536x576: 106M weights, random values; the LM head apart) at M = 1, 4, 8, 16 rows (a
 decode step) and 64 (a prefill's chunk): PyTorch's `F.linear` on float32 weights, and modernlm's
 kernels on float32, Q8_0 (activations rounded to 8 bits, products in int32) and Q4_1 ones.
 GB/s = weight bytes read / time (Q8_0: 34 bytes per 32 weights as stored in a .gguf, Q4_1: 20;
@@ -76,7 +77,12 @@ def main() -> None:
     copy, read = memory_bound(args.rounds)
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.processor() or platform.machine()}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n_weights / 1e6:.0f}M weights")  # fmt: skip
-    print(f"memory: copy {copy:.1f} GB/s (read + write), sum {read:.1f} GB/s (read)\n")
+    # the same bytes as the Q8_0 pass, read one matrix at a time: what a per-matrix stream can reach
+    chunks = [qp.view(torch.float32) for qp, _ in q8]
+    per_matrix = best(lambda: [c.sum() for c in chunks], args.rounds)
+    per_matrix_gbs = sum(c.numel() * 4 for c in chunks) / per_matrix / 1e9
+    print(f"memory: copy {copy:.1f} GB/s (read + write), sum {read:.1f} GB/s (read), "
+          f"sum of each packed Q8_0 matrix in turn {per_matrix_gbs:.1f} GB/s\n")
 
     print("| rows | matmul | ms per pass | GB/s of weights | GMAC/s |")
     print("|---:|---|---:|---:|---:|")

@@ -603,7 +603,7 @@ def test_bench_kernels_prints_the_bound_and_every_kernel_row():
     done = subprocess.run([sys.executable, str(script), "--layers", "1", "--rounds", "1"], capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "memory: copy" in done.stdout
+    assert "memory: copy" in done.stdout and "sum of each packed Q8_0 matrix in turn" in done.stdout
     for rows in (1, 16):
         for name in ("F.linear float32", "modernlm float32", "modernlm Q8_0", "modernlm Q4_1"):
             assert f"| {rows} | {name} |" in done.stdout
