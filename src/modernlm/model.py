@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modernlm import kernels
+from modernlm import kernels, quant
 
 
 @dataclass
@@ -267,6 +267,7 @@ class PagedCache:
 
     rolling = False
     valid = None
+    fused = True  # decode steps in one kernel call where it runs them (ModernDecoderLM._fused_step)
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, *, device, dtype: torch.dtype):
         shape = (num_blocks, cfg.n_kv_head, block_size, cfg.head_dim)
@@ -596,7 +597,26 @@ class ModernDecoderLM(nn.Module):
                 segment_ids = F.pad(segment_ids, (1, 0), value=-1)  # (B, 1+T)
             T += 1
         x = self.emb_dropout(x)
+        if isinstance(cache, PagedCache) and T == 1 and (fused := self._fused_step(x, cache)) is not None:
+            # a decode step on the CPU: every layer in one call of modernlm/kernels
+            x, aux_total = fused, None
+        else:
+            x, aux_total = self._layers(x, cache, pad_mask, segment_ids)
 
+        if add_sink:
+            x = x[:, 1:]  # the sink position predicts nothing
+        if last_only:
+            x = x[:, -1:]
+        h = self.norm(x)  # (B, T, C)
+        logits = self.lm_head(h) if head else None  # (B, T, V)
+        if aux_total is not None:
+            aux_total = cfg.moe_aux_loss_coef * aux_total
+        return LMOutput(logits, aux_total, h if return_hidden else None)
+
+    def _layers(self, x: Tensor, cache, pad_mask: Tensor | None, segment_ids: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """x (B, T, C) through every block (positions, masks and caches as `forward` says); the
+        blocks' summed MoE aux loss (None without MoE)."""
+        B, T, _ = x.shape
         start = 0
         key_rope = None
         if isinstance(cache, PagedCache):
@@ -632,16 +652,35 @@ class ModernDecoderLM(nn.Module):
                 aux_total = aux if aux_total is None else aux_total + aux
         if cache is not None:
             cache.advance(T)
+        return x, aux_total
 
-        if add_sink:
-            x = x[:, 1:]  # the sink position predicts nothing
-        if last_only:
-            x = x[:, -1:]
-        h = self.norm(x)  # (B, T, C)
-        logits = self.lm_head(h) if head else None  # (B, T, V)
-        if aux_total is not None:
-            aux_total = cfg.moe_aux_loss_coef * aux_total
-        return LMOutput(logits, aux_total, h if return_hidden else None)
+    def fuses_steps(self, cache: PagedCache) -> bool:
+        """Whether decode steps over `cache` run fused (`_fused_step`): a CPU float32 model of Llama
+        blocks (no MoE) whose attention the kernel takes, the kernels built, `cache.fused` on."""
+        return self._step_weights(cache) is not None and quant.step_weights(self) is not None
+
+    def _step_weights(self, cache: PagedCache) -> tuple[list[Tensor], list[int]] | None:
+        cfg, p = self.config, self.norm.weight
+        fits = (cache.fused and cfg.n_head // cfg.n_kv_head <= 8 and cfg.head_dim % 16 == 0 and cfg.head_dim <= 128
+                and p.device.type == "cpu" and p.dtype == torch.float32 and cache.k[0].dtype in (torch.float32, torch.float16))  # fmt: skip
+        return quant.step_weights(self) if fits and kernels.available() else None
+
+    def _fused_step(self, x: Tensor, cache: PagedCache) -> Tensor | None:
+        """x (B, 1, C) through every block in one call of the CPU kernels (a decode step over the
+        paged cache), or None where they do not run it (then `_layers` does, op by op). The same
+        operations in the same order: only PyTorch's cost per op is gone (~10 ops a layer)."""
+        step = self._step_weights(cache) if kernels.usable(x) else None
+        if step is None:
+            return None
+        if x.size(0) != cache.rows:
+            raise ValueError(f"PagedCache has {cache.rows} rows selected, idx has {x.size(0)}")
+        cache.check_room(1)
+        B, D = x.size(0), self.config.head_dim
+        cos, sin = self.rope.at(cache.positions(1), need=cache.end + 1)  # (B, 1, 1, D) each
+        y = kernels.decode_layers(x[:, 0].contiguous(), *step, cos.reshape(B, D).contiguous(), sin.reshape(B, D).contiguous(),
+                                  cache.k, cache.v, cache.table, cache.lengths, self.config.n_head, self.config.norm_eps)  # fmt: skip
+        cache.advance(1)
+        return y[:, None]
 
     @staticmethod
     def _attention_mask(T: int, start: int, cache: KVCache | None, pad_mask: Tensor | None, device) -> Tensor | None:

@@ -226,6 +226,40 @@ class QEmbedding(nn.Module):
 # ---- the model --------------------------------------------------------------------------------
 
 
+def step_weights(model: nn.Module) -> tuple[list[Tensor], list[int]] | None:
+    """The blocks' weights and layout in the order kernels.decode_layers reads them (a fused decode
+    step), or None where a block is not one it runs (MoE, a bias, a wrapped layer, dropout at
+    training). Built anew at every step, so it always holds the layers there are now: modules are
+    read through their dicts (`_modules`, ...), as nn.Module's attribute lookup took 0.5 ms a step."""
+    cfg = model.config
+    if model.training and (cfg.dropout > 0 or cfg.attn_dropout > 0):
+        return None
+    weights, layout = [], []
+    for block in model.layers._modules.values():
+        mods = block._modules
+        a, f = mods["attn"]._modules, mods["ffn"]._modules
+        if block.is_moe:
+            return None
+        for norm, linears in ((mods["attn_norm"], (a["wqkv"], a["wo"])), (mods["ffn_norm"], (f["w_gate_up"], f["w_down"]))):
+            weights.append(norm._parameters["weight"])
+            for layer in linears:
+                kind = type(layer)
+                if kind is QLinear:
+                    b = layer._buffers
+                    if layer.kind == "q8":
+                        weights += (b["q"], b["scales"])
+                        layout += (1, layer.out_features)
+                    else:
+                        weights += (b["q"], b["scales"], b["mins"])
+                        layout += (2, layer.out_features)
+                elif (kind is FastLinear or kind is nn.Linear) and layer._parameters["bias"] is None and layer.in_features % 16 == 0:
+                    weights.append(layer._parameters["weight"])
+                    layout += (0, layer.out_features)
+                else:
+                    return None
+    return weights, layout
+
+
 def _projections(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     """(parent, attribute, layer) of every nn.Linear in the blocks (attention, FFN, experts)."""
     out = []

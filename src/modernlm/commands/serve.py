@@ -47,7 +47,7 @@ class Config(ServeConfig):
     dtype: str | None = None  # float32, bfloat16, float16 (null: the checkpoint's own; float32 for HF)
     # weights: none (float), int8, int4, auto (a .gguf's own Q8_0 / Q4 blocks, else none); docs/model.md
     quantize: str = "auto"
-    compile: bool = True  # torch.compile the decode steps (once, at start-up, before the port opens)
+    compile: bool = True  # torch.compile the decode steps where they do not run fused (CPU: fused), at start-up
     log_format: Literal["text", "json"] = "text"  # stderr's log lines: text, or one JSON object a line
 
 
@@ -128,7 +128,10 @@ def main(cfg: Config) -> None:
         file=sys.stderr,
         flush=True,
     )
-    if cfg.compile:  # before the port opens: the first request gets the compiled step
+    if app.state.engine.fused:
+        print("modernlm serve: decode steps run fused (every layer in one call of modernlm's CPU kernels; "
+              "nothing to compile)", file=sys.stderr, flush=True)  # fmt: skip
+    elif app.state.engine.compiled:  # before the port opens: the first request gets the compiled step
         seconds = app.state.engine.warm_up()
         print(f"modernlm serve: decode steps compiled in {seconds:.0f} s (compile=false to skip)", file=sys.stderr,
               flush=True)

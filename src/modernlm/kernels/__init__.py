@@ -111,6 +111,7 @@ def _register_fakes() -> None:
     torch.library.register_fake("modernlm::linear_q8")(lambda x, qp, sp: rows_by(x, 16 * qp.size(0)))
     torch.library.register_fake("modernlm::linear_q4")(lambda x, q, s, m: rows_by(x, q.size(0)))
     torch.library.register_fake("modernlm::paged_attention")(lambda q, k, v, t, n, scale: torch.empty_like(q))
+    torch.library.register_fake("modernlm::decode_layers")(lambda x, *rest: torch.empty_like(x))
 
 
 def linear_f32(x: Tensor, w: Tensor) -> Tensor:
@@ -128,3 +129,10 @@ def linear_q4(x: Tensor, q: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
 
 def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, table: Tensor, lengths: Tensor, scale: float) -> Tensor:
     return torch.ops.modernlm.paged_attention(q, k_pool, v_pool, table, lengths, scale)
+
+
+def decode_layers(x: Tensor, weights: list[Tensor], layout: list[int], cos: Tensor, sin: Tensor, k_pools: list[Tensor],
+                  v_pools: list[Tensor], table: Tensor, lengths: Tensor, n_head: int, eps: float) -> Tensor:
+    """One decode step through every layer, x (B, C) -> (B, C), writing each row's new key and value
+    into the pools; see decode.cpp for the layout (quant.step_weights builds it)."""
+    return torch.ops.modernlm.decode_layers(x, weights, layout, cos, sin, k_pools, v_pools, table, lengths, n_head, eps)

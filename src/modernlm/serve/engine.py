@@ -144,9 +144,6 @@ class Engine:
                              f"prefill_chunk >= 2; got {max_batch}, {block_size}, {kv_cache_bytes}, "
                              f"{max_queue}, {prefill_chunk}")
         self.model, self.tokenizer = model, tokenizer
-        # decode steps through torch.compile (one graph for one row, one for any other count; the
-        # first steps pay the compile, `warm_up` pays it before requests come)
-        self.decode = compiled_decoder(model) if compile else model
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         p = next(model.parameters())
         self.device, self.vocab = p.device, model.config.vocab_size
@@ -160,7 +157,13 @@ class Engine:
         num_blocks = budget // per_block
         self.cache = PagedCache(model.config, num_blocks, block_size, device=self.device, dtype=self.kv_dtype)
         self.pool = BlockPool(num_blocks, block_size, prefix_cache)
-        if compile:
+        # Decode steps: on the CPU, fused (every layer in one call of modernlm/kernels, nothing to
+        # compile); elsewhere through torch.compile where asked (one graph for one row, one for any
+        # other count; `warm_up` pays the compile before requests come).
+        self.fused = model.fuses_steps(self.cache)
+        self.compiled = compile and not self.fused
+        self.decode = compiled_decoder(model) if self.compiled else model
+        if self.compiled:
             # the pool's sizes are fixed: were they symbolic, a size equal to a table's width at
             # warm-up (2 kv heads, 2 blocks) would be taken for the same size, and recompiled later
             for buf in (*self.cache.k, *self.cache.v):
