@@ -11,7 +11,13 @@ GB/s = weight bytes read / time (Q8_0: 34 bytes per 32 weights as stored in a .g
 ours keep float32 scales, a little more); GMAC/s = multiply-adds / time. Each figure is the best of
 `--rounds` passes after a warm-up pass.
 
-    python benchmarks/bench_kernels.py [--threads N]
+Then whole decode steps: a SmolLM2-135M-shaped model (random weights) at float32 and int8, `model(...)`
+over a paged cache of 100 tokens a row at 1, 4 and 16 rows, the head and embedding included: fused
+(every layer in one `kernels.decode_layers` call, what `modernlm serve` runs on a CPU), op by op
+(`PagedCache.fused = False`), and with `--compile` through torch.compile as the engine ran them
+before (`generation.compiled_decoder`; ~1 min more). Each is the median of `--steps` steps.
+
+    python benchmarks/bench_kernels.py [--threads N] [--compile]
 """
 
 from __future__ import annotations
@@ -24,7 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from modernlm import kernels
-from modernlm.quant import pack_q8, quantize_q4, quantize_q8
+from modernlm.generation import compiled_decoder
+from modernlm.model import ModelConfig, ModernDecoderLM, PagedCache
+from modernlm.quant import pack_q8, prepare, quantize_q4, quantize_q8
+
+SMOLLM2 = dict(vocab_size=49152, d_model=576, n_head=9, n_kv_head=3, d_ff=1536, max_seq_len=2048, tie_embeddings=True)
 
 LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in) of wqkv, wo, w_gate_up, w_down
 
@@ -63,6 +73,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--steps", type=int, default=30, help="decode steps timed per row count")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile's steps (~1 min)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,6 +105,37 @@ def main() -> None:
                 t = best(fn, args.rounds)
                 print(f"| {m} | {name} | {t * 1e3:.1f} | {n_weights * bytes_per_weight / t / 1e9:.1f} | "
                       f"{m * n_weights / t / 1e9:.0f} |")  # fmt: skip
+    decode_steps(args)
+
+
+def step_ms(model, rows: int, fused: bool, steps: int, step=None) -> float:
+    """Median ms of a decode step of `rows` rows, each with 100 tokens in the paged cache."""
+    cache = PagedCache(model.config, rows * 16, 16, device="cpu", dtype=torch.float32)
+    cache.fused = fused
+    tables = [list(range(r * 16, r * 16 + 16)) for r in range(rows)]
+    times = []
+    with torch.inference_mode():
+        for r in range(rows):
+            cache.select([tables[r]], [0])
+            model(torch.randint(0, 1000, (1, 100)), cache=cache, last_only=True)
+        for t in range(steps + 1):  # the first untimed
+            cache.select(tables, [100 + t] * rows)
+            start = time.perf_counter()
+            (step or model)(torch.randint(0, 1000, (rows, 1)), cache=cache, last_only=True)
+            times.append(time.perf_counter() - start)
+    return sorted(times[1:])[steps // 2] * 1e3
+
+
+def decode_steps(args) -> None:
+    print(f"\n| weights | rows | fused step ms | op by op ms | compiled ms |\n|---|---:|---:|---:|---:|")
+    for quantize in ("none", "int8"):
+        torch.manual_seed(0)
+        model = prepare(ModernDecoderLM(ModelConfig(**SMOLLM2, n_layer=args.layers)), quantize).eval()
+        compiled = compiled_decoder(model) if args.compile else None
+        for rows in (1, 4, 16):
+            fused, by_op = step_ms(model, rows, True, args.steps), step_ms(model, rows, False, args.steps)
+            slow = f"{step_ms(model, rows, False, args.steps, compiled):.2f}" if compiled else "-"
+            print(f"| {'float32' if quantize == 'none' else quantize} | {rows} | {fused:.2f} | {by_op:.2f} | {slow} |")
 
 
 if __name__ == "__main__":

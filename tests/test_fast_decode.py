@@ -545,6 +545,9 @@ def test_a_float16_kv_cache_holds_twice_the_tokens_and_keeps_the_greedy_tokens(e
     assert got[None][2] == torch.float32 and got[torch.float16][2] == torch.float16
     assert got[torch.float16][1] == 2 * got[None][1]
     assert got[torch.float16][0] == got[None][0]
+    # under 8-bit weights the default ("auto") is float16, as llama.cpp's cache
+    int8 = quant.prepare(copy.deepcopy(model), "int8")
+    assert Engine(int8, tok, kv_cache_bytes=1 << 20).cache.k[0].dtype == torch.float16
     from modernlm.serve.app import ServeConfig
 
     with pytest.raises(UserError, match="kv_dtype"):
@@ -617,16 +620,18 @@ def test_usable_only_for_cpu_float32_inference():
 
 
 def test_bench_kernels_prints_the_bound_and_every_kernel_row():
-    """benchmarks/bench_kernels.py (RESULTS.md's bound) runs: one layer, one round, every row."""
+    """benchmarks/bench_kernels.py (RESULTS.md's bound and decode steps) runs: one layer, one round, every row."""
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
-    done = subprocess.run([sys.executable, str(script), "--layers", "1", "--rounds", "1"], capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    done = subprocess.run([sys.executable, str(script), "--layers", "1", "--rounds", "1", "--steps", "2"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "memory: copy" in done.stdout and "sum of each packed Q8_0 matrix in turn" in done.stdout
     for rows in (1, 16):
         for name in ("F.linear float32", "modernlm float32", "modernlm Q8_0", "modernlm Q4_1"):
             assert f"| {rows} | {name} |" in done.stdout
+        for weights in ("float32", "int8"):  # a whole decode step, fused and op by op
+            assert f"| {weights} | {rows} | " in done.stdout

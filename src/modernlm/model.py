@@ -118,7 +118,10 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_seq_len: int, theta: float):
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        # Under torch.device("meta") (a model about to be loaded) the tables are computed on the CPU:
+        # on meta, pow and cos run torch's Python decompositions, whose import costs a process ~70 MB.
+        device = "cpu" if torch.get_default_device().type == "meta" else None
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._build(max_seq_len)
 
@@ -513,7 +516,9 @@ class ModernDecoderLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # Built on meta (a model about to be loaded): no init (see init_weights), not even the embedding's own
+        meta = torch.empty(cfg.vocab_size, cfg.d_model) if torch.get_default_device().type == "meta" else None
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=meta)
         self.emb_dropout = dropout_layer(cfg.dropout)
         self.sink = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.attn_sink else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
@@ -540,6 +545,10 @@ class ModernDecoderLM(nn.Module):
         with depth. NOTE: call this again after materialising a model built on the meta device;
         the RoPE tables are buffers and must be rebuilt too (`RotaryEmbedding.for_config`).
         """
+        if self.tok_emb.weight.is_meta:
+            # nothing to fill (a model about to be loaded); and on meta, normal_ runs torch's Python
+            # decompositions, whose import costs a process ~70 MB
+            return
         std = self.config.init_std
         for name, p in self.named_parameters():
             if name.endswith(("wo.weight", "w_down.weight")):

@@ -20,7 +20,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch._dynamo
 
 from modernlm.errors import UserError
 
@@ -274,6 +273,8 @@ def compile_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
     MoE routing has data-dependent shapes (which tokens chose expert e); letting dynamo capture
     such ops keeps it in the graph instead of breaking at every expert of every layer.
     """
+    import torch._dynamo  # here, not at the top: importing it costs a process ~70 MB (a server that never compiles)
+
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     return torch.compile(model, **kwargs)
 
