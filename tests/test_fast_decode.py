@@ -31,8 +31,8 @@ from torch import nn
 from modernlm import kernels, quant
 from modernlm.api import load
 from modernlm.errors import UserError
-from modernlm.generation import Sampling, generate, left_pad
-from modernlm.model import ModelConfig, ModernDecoderLM, PagedCache
+from modernlm.generation import Sampling, generate, iter_tokens, left_pad
+from modernlm.model import KVCache, ModelConfig, ModernDecoderLM, PagedCache
 from modernlm.quant import FastLinear, QEmbedding, QLinear
 from modernlm.serve.engine import Done, Engine, Failed, Piece, Request
 from modernlm.tokenizer import train_bpe
@@ -283,6 +283,29 @@ def test_a_fused_decode_step_equals_the_step_op_by_op(shape, quantize, dtype, mo
     assert calls["decode_layers"] == 6
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(fused, by_op, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_generate_on_a_plain_cache_decodes_fused_as_op_by_op(quantize, monkeypatch):
+    """generate's KVCache (no padding) is a paged cache of one block per row: its decode steps run
+    fused too, with the op-by-op steps' logits to float32 rounding (as above) and their tokens."""
+    cfg, _ = SHAPES["d32-g3"]
+    model = quant.prepare(sharp(ModernDecoderLM(cfg)), quantize)
+    idx = torch.randint(0, cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    calls = count_calls(monkeypatch, "decode_layers")
+    fused = list(iter_tokens(model, idx, 8))
+    assert calls["decode_layers"] == 7  # every step after the prefill
+    monkeypatch.setattr(KVCache, "fused", False)
+    by_op = list(iter_tokens(model, idx, 8))
+    assert calls["decode_layers"] == 7
+    assert torch.equal(torch.stack([s.tokens for s in fused]), torch.stack([s.tokens for s in by_op]))
+    torch.testing.assert_close(torch.stack([s.logits for s in fused]), torch.stack([s.logits for s in by_op]),
+                               atol=1e-5, rtol=0)  # fmt: skip
+    # left padding (a mask on the cache) decodes op by op
+    calls["decode_layers"] = 0
+    monkeypatch.setattr(KVCache, "fused", True)
+    list(iter_tokens(model, idx, 4, pad_mask=torch.tensor([[False, True, True, True, True], [True] * 5])))
+    assert calls["decode_layers"] == 0
 
 
 # ---- prepare(): the float path and the quantized layers -----------------------------------------

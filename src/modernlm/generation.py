@@ -339,7 +339,9 @@ def iter_tokens(
         torch.ones(B, 1, dtype=torch.bool, device=idx.device) if pad_mask is not None else None
     )
 
-    decode = compiled_decoder(model) if s.compile else model
+    # compile=True where the steps do not run fused (on a CPU they do: nothing to compile)
+    fused = pad_mask is None and model.fuses_steps(cache)
+    decode = compiled_decoder(model) if s.compile and not fused else model
     with eval_mode(model):
         logits = _prefill(model, idx, cache, pad_mask)
         for i in range(max_new_tokens):

@@ -186,6 +186,8 @@ class KVCache:
     `valid` (B, capacity) marks real tokens when a batch is left-padded; None when no padding.
     """
 
+    fused = True  # decode steps in one kernel call where it runs them (ModernDecoderLM._fused_step)
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -606,7 +608,7 @@ class ModernDecoderLM(nn.Module):
                 segment_ids = F.pad(segment_ids, (1, 0), value=-1)  # (B, 1+T)
             T += 1
         x = self.emb_dropout(x)
-        if isinstance(cache, PagedCache) and T == 1 and (fused := self._fused_step(x, cache)) is not None:
+        if T == 1 and cache is not None and pad_mask is None and (fused := self._fused_step(x, cache)) is not None:
             # a decode step on the CPU: every layer in one call of modernlm/kernels
             x, aux_total = fused, None
         else:
@@ -663,31 +665,39 @@ class ModernDecoderLM(nn.Module):
             cache.advance(T)
         return x, aux_total
 
-    def fuses_steps(self, cache: PagedCache) -> bool:
+    def fuses_steps(self, cache: KVCache | PagedCache) -> bool:
         """Whether decode steps over `cache` run fused (`_fused_step`): a CPU float32 model of Llama
-        blocks (no MoE) whose attention the kernel takes, the kernels built, `cache.fused` on."""
-        return self._step_weights(cache) is not None and quant.step_weights(self) is not None
+        blocks (no MoE) whose attention the kernel takes, the kernels built, `cache.fused` on, and
+        a paged cache or a plain KVCache without padding (not a rolling one)."""
+        return self._step_weights(cache) is not None
 
-    def _step_weights(self, cache: PagedCache) -> tuple[list[Tensor], list[int]] | None:
+    def _step_weights(self, cache: KVCache | PagedCache) -> tuple[list[Tensor], list[int]] | None:
         cfg, p = self.config, self.norm.weight
-        fits = (cache.fused and cfg.n_head // cfg.n_kv_head <= 8 and cfg.head_dim % 16 == 0 and cfg.head_dim <= 128
-                and p.device.type == "cpu" and p.dtype == torch.float32 and cache.k[0].dtype in (torch.float32, torch.float16))  # fmt: skip
+        fits = (cache.fused and not cache.rolling and cache.valid is None and cfg.n_head // cfg.n_kv_head <= 8
+                and cfg.head_dim % 16 == 0 and cfg.head_dim <= 128 and p.device.type == "cpu" and p.dtype == torch.float32
+                and cache.k[0].dtype in (torch.float32, torch.float16))  # fmt: skip
         return quant.step_weights(self) if fits and kernels.available() else None
 
-    def _fused_step(self, x: Tensor, cache: PagedCache) -> Tensor | None:
-        """x (B, 1, C) through every block in one call of the CPU kernels (a decode step over the
-        paged cache), or None where they do not run it (then `_layers` does, op by op). The same
-        operations in the same order: only PyTorch's cost per op is gone (~10 ops a layer)."""
+    def _fused_step(self, x: Tensor, cache: KVCache | PagedCache) -> Tensor | None:
+        """x (B, 1, C) through every block in one call of the CPU kernels (a decode step), or None
+        where they do not run it (then `_layers` does, op by op). The same operations in the same
+        order: only PyTorch's cost per op is gone (~10 ops a layer). A plain KVCache is a paged one
+        of one block per row, as long as its capacity."""
         step = self._step_weights(cache) if kernels.usable(x) else None
         if step is None:
             return None
-        if x.size(0) != cache.rows:
-            raise ValueError(f"PagedCache has {cache.rows} rows selected, idx has {x.size(0)}")
-        cache.check_room(1)
         B, D = x.size(0), self.config.head_dim
-        cos, sin = self.rope.at(cache.positions(1), need=cache.end + 1)  # (B, 1, 1, D) each
+        if isinstance(cache, PagedCache):
+            if B != cache.rows:
+                raise ValueError(f"PagedCache has {cache.rows} rows selected, idx has {B}")
+            table, lengths, end = cache.table, cache.lengths, cache.end
+        else:
+            table = torch.arange(B)[:, None]  # row b's block is b
+            lengths, end = torch.full((B,), cache.length), cache.length
+        cache.check_room(1)
+        cos, sin = self.rope.at(lengths[:, None], need=end + 1)  # (B, 1, 1, D) each
         y = kernels.decode_layers(x[:, 0].contiguous(), *step, cos.reshape(B, D).contiguous(), sin.reshape(B, D).contiguous(),
-                                  cache.k, cache.v, cache.table, cache.lengths, self.config.n_head, self.config.norm_eps)  # fmt: skip
+                                  cache.k, cache.v, table, lengths, self.config.n_head, self.config.norm_eps)  # fmt: skip
         cache.advance(1)
         return y[:, None]
 
