@@ -308,6 +308,31 @@ def test_generate_on_a_plain_cache_decodes_fused_as_op_by_op(quantize, monkeypat
     assert calls["decode_layers"] == 0
 
 
+def test_decoding_on_a_cpu_never_imports_torchs_compiler():
+    """A fresh process that builds a model on meta (as loading does), quantizes one and decodes a
+    fused step, with the server's modules imported: torch._dynamo (and sympy, which it pulls) stay
+    out, ~70 MB of a server's memory."""
+    code = """
+import sys, torch
+import modernlm.api, modernlm.commands.serve, modernlm.serve.engine
+from modernlm import kernels, quant
+from modernlm.model import ModelConfig, ModernDecoderLM, PagedCache
+cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=2, n_head=2, n_kv_head=1, head_dim=16, max_seq_len=64)
+with torch.device("meta"):
+    ModernDecoderLM(cfg)
+model = quant.prepare(ModernDecoderLM(cfg), "int8").eval()
+cache = PagedCache(cfg, 4, 16, device="cpu", dtype=torch.float32)
+cache.select([[0]], [0])
+with torch.inference_mode():
+    model(torch.tensor([[1]]), cache=cache)
+assert kernels.available() and model.fuses_steps(cache)
+print(sorted(m for m in ("torch._dynamo", "sympy") if m in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 # ---- prepare(): the float path and the quantized layers -----------------------------------------
 
 

@@ -135,6 +135,11 @@ class FastLinear(nn.Linear):
     """nn.Linear (same parameters, same state_dict) whose few-row products at inference run in the
     float32 kernel: a decode step's matmul streams its weight once instead of calling a GEMM."""
 
+    def step_parts(self) -> tuple[int, list[Tensor]] | None:
+        """(kind, tensors) as kernels.decode_layers reads this layer in a fused decode step."""
+        p = self._parameters  # not self.weight: nn.Module's lookup costs more than the rest of a step's listing
+        return (kernels.F32, [p["weight"]]) if p["bias"] is None and self.in_features % 16 == 0 else None
+
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() <= 16 * x.size(-1) and self.bias is None and kernels.usable(x) and self.in_features % 16 == 0:
             y = kernels.linear_f32(x.reshape(-1, x.size(-1)).contiguous(), self.weight)
@@ -175,6 +180,11 @@ class QLinear(nn.Module):
         if self.kind == "q8":
             return dequantize_q8(*self.parts(rows), out)
         return dequantize_q4(*self.parts(rows), out)
+
+    def step_parts(self) -> tuple[int, list[Tensor]]:
+        """(kind, tensors) as kernels.decode_layers reads this layer in a fused decode step."""
+        b = self._buffers  # not self.q: nn.Module's lookup costs more than the rest of a step's listing
+        return (kernels.Q8, [b["q"], b["scales"]]) if self.kind == "q8" else (kernels.Q4, [b["q"], b["scales"], b["mins"]])
 
     def forward(self, x: Tensor) -> Tensor:
         if kernels.usable(x) and (self.kind == "q8" or x.numel() <= 64 * x.size(-1)):
@@ -224,40 +234,6 @@ class QEmbedding(nn.Module):
 
 
 # ---- the model --------------------------------------------------------------------------------
-
-
-def step_weights(model: nn.Module) -> tuple[list[Tensor], list[int]] | None:
-    """The blocks' weights and layout in the order kernels.decode_layers reads them (a fused decode
-    step), or None where a block is not one it runs (MoE, a bias, a wrapped layer, dropout at
-    training). Built anew at every step, so it always holds the layers there are now: modules are
-    read through their dicts (`_modules`, ...), as nn.Module's attribute lookup took 0.5 ms a step."""
-    cfg = model.config
-    if model.training and (cfg.dropout > 0 or cfg.attn_dropout > 0):
-        return None
-    weights, layout = [], []
-    for block in model.layers._modules.values():
-        mods = block._modules
-        a, f = mods["attn"]._modules, mods["ffn"]._modules
-        if block.is_moe:
-            return None
-        for norm, linears in ((mods["attn_norm"], (a["wqkv"], a["wo"])), (mods["ffn_norm"], (f["w_gate_up"], f["w_down"]))):
-            weights.append(norm._parameters["weight"])
-            for layer in linears:
-                kind = type(layer)
-                if kind is QLinear:
-                    b = layer._buffers
-                    if layer.kind == "q8":
-                        weights += (b["q"], b["scales"])
-                        layout += (1, layer.out_features)
-                    else:
-                        weights += (b["q"], b["scales"], b["mins"])
-                        layout += (2, layer.out_features)
-                elif (kind is FastLinear or kind is nn.Linear) and layer._parameters["bias"] is None and layer.in_features % 16 == 0:
-                    weights.append(layer._parameters["weight"])
-                    layout += (0, layer.out_features)
-                else:
-                    return None
-    return weights, layout
 
 
 def _projections(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:

@@ -131,8 +131,11 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, table: Tensor, le
     return torch.ops.modernlm.paged_attention(q, k_pool, v_pool, table, lengths, scale)
 
 
+F32, Q8, Q4 = 0, 1, 2  # a linear layer's kind in decode_layers' layout: float32 w; Q8_0 packed (qp, sp); Q4_1 (q, scales, mins)
+
+
 def decode_layers(x: Tensor, weights: list[Tensor], layout: list[int], cos: Tensor, sin: Tensor, k_pools: list[Tensor],
                   v_pools: list[Tensor], table: Tensor, lengths: Tensor, n_head: int, eps: float) -> Tensor:
     """One decode step through every layer, x (B, C) -> (B, C), writing each row's new key and value
-    into the pools; see decode.cpp for the layout (quant.step_weights builds it)."""
+    into the pools; see decode.cpp for the layout (ModernDecoderLM._step_weights builds it)."""
     return torch.ops.modernlm.decode_layers(x, weights, layout, cos, sin, k_pools, v_pools, table, lengths, n_head, eps)
