@@ -121,7 +121,7 @@ def step_ms(model, rows: int, fused: bool, steps: int, step=None) -> float:
         for t in range(steps + 1):  # the first untimed
             cache.select(tables, [100 + t] * rows)
             start = time.perf_counter()
-            (step or model)(torch.randint(0, 1000, (rows, 1)), cache=cache, last_only=True)
+            (model if step is None else step)(torch.randint(0, 1000, (rows, 1)), cache=cache, last_only=True)
             times.append(time.perf_counter() - start)
     return sorted(times[1:])[steps // 2] * 1e3
 
@@ -134,7 +134,7 @@ def decode_steps(args) -> None:
         compiled = compiled_decoder(model) if args.compile else None
         for rows in (1, 4, 16):
             fused, by_op = step_ms(model, rows, True, args.steps), step_ms(model, rows, False, args.steps)
-            slow = f"{step_ms(model, rows, False, args.steps, compiled):.2f}" if compiled else "-"
+            slow = f"{step_ms(model, rows, False, args.steps, compiled):.2f}" if compiled is not None else "-"
             print(f"| {'float32' if quantize == 'none' else quantize} | {rows} | {fused:.2f} | {by_op:.2f} | {slow} |")
 
 
