@@ -26,7 +26,6 @@ exact on blocks (a block runs along the input dimension, inside one row).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,7 +104,7 @@ def load_gguf(path: str | Path, quantize: str, *, device: str | torch.device | N
         model = ModernDecoderLM(cfg)
     try:
         with open(path, "rb") as f:
-            _put_weights(model, cfg, tensors, quantize, f.fileno())
+            _put_weights(model, cfg, tensors, quantize, f)
     except NotImplementedError:  # a tensor type gguf cannot dequantize (nor, then, transformers)
         return None
     model.rope = RotaryEmbedding.for_config(cfg)  # buffers made on meta: computed for real
@@ -202,28 +201,25 @@ def _native(t: Any) -> str:
     return "q4" if 8 * size / block <= 5 else "q8"
 
 
-def _data(t: Any, fd: int) -> np.ndarray:
-    """t's data as gguf's reader shapes and types it, read from the file (`fd`) into memory of our
+def _data(t: Any, f: Any) -> np.ndarray:
+    """t's data as gguf's reader shapes and types it, read from the open file `f` into memory of our
     own: the reader's view maps the file, and every page read through a map counts as the process's
     memory until the map is gone (143 MB more at the peak for an 8-bit SmolLM2)."""
-    buf = np.empty(t.n_bytes, dtype=np.uint8)
-    got = 0
-    while got < t.n_bytes:
-        n = os.preadv(fd, [memoryview(buf)[got:]], t.data_offset + got)
-        if n <= 0:
-            raise OSError(f"the .gguf ends inside tensor {t.name}")
-        got += n
+    f.seek(t.data_offset)
+    buf = np.fromfile(f, dtype=np.uint8, count=t.n_bytes)
+    if buf.size != t.n_bytes:
+        raise OSError(f"the .gguf ends inside tensor {t.name}")
     return buf.view(t.data.dtype).reshape(t.data.shape)
 
 
-def _read(t: Any, fd: int) -> Weight:
+def _read(t: Any, f: Any) -> Weight:
     """A tensor of the file: Q8_0 / Q4_0 / Q4_1 as their blocks, any other type through gguf's
     dequantize, as float32."""
     from gguf.quants import dequantize
 
     shape = _shape(t)
     name = t.tensor_type.name
-    data = _data(t, fd)
+    data = _data(t, f)
     if name in ("Q8_0", "Q4_0", "Q4_1"):
         n, k = shape
         size = {"Q8_0": 2 + QK, "Q4_0": 2 + QK // 2, "Q4_1": 4 + QK // 2}[name]
@@ -256,21 +252,21 @@ def _target(native: str, quantize: str, head: bool, in_features: int) -> str:
     return "q8" if quantize == "int8" or head else "q4"
 
 
-def _fused(tensors: list[Any], quantize: str, rows: list[Tensor | None], fd: int) -> nn.Module:
+def _fused(tensors: list[Any], quantize: str, rows: list[Tensor | None], f: Any) -> nn.Module:
     """One layer from several of the file's matrices stacked by rows, each put in row order `rows`
     first, all in one form."""
     form = max((_target(_native(t), quantize, False, _shape(t)[1]) for t in tensors), key=FORMS.index)
     weights = []
     for t, order in zip(tensors, rows, strict=True):
-        w = _read(t, fd)
+        w = _read(t, f)
         weights.append((w if order is None else w.rows(order)).to(form))
     return Weight(form, tuple(torch.cat(p) for p in zip(*(w.parts for w in weights), strict=True))).module()
 
 
 @torch.no_grad()
-def _put_weights(model: ModernDecoderLM, cfg: ModelConfig, tensors: dict[str, Any], quantize: str, fd: int) -> None:
+def _put_weights(model: ModernDecoderLM, cfg: ModelConfig, tensors: dict[str, Any], quantize: str, f: Any) -> None:
     def norm(name: str) -> nn.Parameter:
-        return nn.Parameter(_read(tensors[name], fd).parts[0])
+        return nn.Parameter(_read(tensors[name], f).parts[0])
 
     q_rows = unpermute_rows(cfg.n_head * cfg.head_dim, cfg.n_head)
     k_rows = unpermute_rows(cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head)
@@ -278,14 +274,14 @@ def _put_weights(model: ModernDecoderLM, cfg: ModelConfig, tensors: dict[str, An
         t = {name: tensors[f"blk.{i}.{name}.weight"] for name in LAYER_TENSORS}
         block.attn_norm.weight = norm(f"blk.{i}.attn_norm.weight")
         block.ffn_norm.weight = norm(f"blk.{i}.ffn_norm.weight")
-        block.attn.wqkv = _fused([t["attn_q"], t["attn_k"], t["attn_v"]], quantize, [q_rows, k_rows, None], fd)
-        block.attn.wo = _fused([t["attn_output"]], quantize, [None], fd)
-        block.ffn.w_gate_up = _fused([t["ffn_gate"], t["ffn_up"]], quantize, [None, None], fd)
-        block.ffn.w_down = _fused([t["ffn_down"]], quantize, [None], fd)
+        block.attn.wqkv = _fused([t["attn_q"], t["attn_k"], t["attn_v"]], quantize, [q_rows, k_rows, None], f)
+        block.attn.wo = _fused([t["attn_output"]], quantize, [None], f)
+        block.ffn.w_gate_up = _fused([t["ffn_gate"], t["ffn_up"]], quantize, [None, None], f)
+        block.ffn.w_down = _fused([t["ffn_down"]], quantize, [None], f)
     model.norm.weight = norm("output_norm.weight")
 
     emb_t = tensors["token_embd.weight"]
-    emb = _read(emb_t, fd).to(_target(_native(emb_t), quantize, True, cfg.d_model))
+    emb = _read(emb_t, f).to(_target(_native(emb_t), quantize, True, cfg.d_model))
     if cfg.tie_embeddings:
         model.lm_head = emb.module()
         if emb.form == "float":
@@ -294,7 +290,7 @@ def _put_weights(model: ModernDecoderLM, cfg: ModelConfig, tensors: dict[str, An
             model.tok_emb = QEmbedding(model.lm_head)
         return
     head_t = tensors["output.weight"]
-    model.lm_head = _read(head_t, fd).to(_target(_native(head_t), quantize, True, cfg.d_model)).module()
+    model.lm_head = _read(head_t, f).to(_target(_native(head_t), quantize, True, cfg.d_model)).module()
     if emb.form == "float":
         model.tok_emb.weight = nn.Parameter(emb.parts[0])
     else:

@@ -249,6 +249,12 @@ class KVCache:
         return sum(b.numel() * b.element_size() for b in (*self.k, *self.v))
 
 
+def attention_kernel_fits(n_head: int, n_kv_head: int, head_dim: int, pool_dtype: torch.dtype) -> bool:
+    """Whether modernlm/kernels' attention takes these heads and this pool: up to 8 query heads per
+    kv head, head_dim a multiple of 16 up to 128, a float32 or float16 pool."""
+    return n_head // n_kv_head <= 8 and head_dim % 16 == 0 and head_dim <= 128 and pool_dtype in (torch.float32, torch.float16)
+
+
 class PagedCache:
     """A KV cache in fixed-size blocks that many sequences share: continuous batching (`modernlm serve`).
 
@@ -350,9 +356,8 @@ class PagedCache:
         """Whether a decode step's queries q (rows, H, 1, D) can read the blocks where they are
         (modernlm/kernels: CPU float32 queries over a float32 or float16 pool, up to 8 query heads
         per kv head, head_dim <= 128): no gather copy, no mask."""
-        K, D = self.k[0].size(1), q.size(-1)
-        fits = q.size(2) == 1 and q.size(1) // K <= 8 and D % 16 == 0 and D <= 128
-        return fits and self.k[0].dtype in (torch.float32, torch.float16) and kernels.usable(q)
+        fits = q.size(2) == 1 and attention_kernel_fits(q.size(1), self.k[0].size(1), q.size(-1), self.k[0].dtype)
+        return fits and kernels.usable(q)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """A decode step's attention read in place: write k, v (rows, K, 1, D), then each row's
@@ -673,15 +678,14 @@ class ModernDecoderLM(nn.Module):
 
     def _step_weights(self, cache: KVCache | PagedCache) -> tuple[list[Tensor], list[int]] | None:
         cfg, p = self.config, self.norm.weight
-        fits = (cache.fused and not cache.rolling and cache.valid is None and cfg.n_head // cfg.n_kv_head <= 8
-                and cfg.head_dim % 16 == 0 and cfg.head_dim <= 128 and p.device.type == "cpu" and p.dtype == torch.float32
-                and cache.k[0].dtype in (torch.float32, torch.float16))  # fmt: skip
+        fits = (cache.fused and not cache.rolling and cache.valid is None and p.device.type == "cpu"
+                and p.dtype == torch.float32 and attention_kernel_fits(cfg.n_head, cfg.n_kv_head, cfg.head_dim, cache.k[0].dtype))  # fmt: skip
         if not (fits and kernels.available()) or (self.training and (cfg.dropout > 0 or cfg.attn_dropout > 0)):
             return None
         # The blocks' weights in the order decode_layers reads them, built anew at every step (so
         # always the layers there are now): a layer takes part through its `step_parts()` (quant's
-        # FastLinear and QLinear); modules are read through their dicts, as nn.Module's attribute
-        # lookup took 0.5 ms a step.
+        # FastLinear and QLinear); modules are read through their dicts, not nn.Module's slower
+        # attribute lookup, as this runs every step.
         weights, layout = [], []
         for block in self.layers._modules.values():
             mods = block._modules
