@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from modernlm.errors import UserError
-from modernlm.pipeline.runner import PIPELINE_FILE, Runner, Stage, config_hash
+from modernlm.pipeline.runner import PIPELINE_FILE, Runner, Stage, config_hash, environment
 
 
 @dataclass
@@ -152,3 +153,15 @@ def test_a_copied_pipeline_directory_is_still_done(tmp_path):
     sibling = Paths(str(tmp_path / "run2" / "a"), "")
     assert config_hash(sibling, [], first) == config_hash(sibling, [], tmp_path / "elsewhere")
     assert config_hash(Paths(str(first / "a"), ""), [], first) != config_hash(Paths(str(first / "a"), ""), [], "")
+
+
+def test_the_environment_names_the_kind_of_cpu():
+    """The demo's table is compared only on the kept run's kind of CPU (tests/integration/
+    test_demo_direction.py), so the record must agree with torch's own detection of the vector unit."""
+    import torch
+
+    env = environment()
+    assert env["cpu"] and env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    needs = {"AVX512": "avx512f", "AVX2": "avx2"}.get(env["cpu_capability"])
+    if needs and Path("/proc/cpuinfo").is_file():
+        assert needs in env["cpu_simd"], env

@@ -6,10 +6,13 @@ held-out problems (gsm/test) and pairs (prefs/test) that chose no checkpoint, ea
 - DPO raises held-out pair accuracy over SFT;
 - RL (GRPO, from SFT) raises greedy answer accuracy over SFT, by fixing `compare` (chain2 unchanged);
 - the verifier's best-of-N and its weighted vote beat the SFT model's greedy answers.
-The table itself is the README's (benchmarks/demo/results.json, kept from the documented run): on
-this machine equal to the digit (two runs measured), elsewhere within a few answers of 200, which
-other CPU kernels' rounding may flip. The pipeline runs in a subprocess, as a user runs it (this
-process's torch has one thread: tests/conftest.py)."""
+The table itself is the README's (benchmarks/demo/results.json, kept from the documented run). On the
+kept run's kind of CPU (its pipeline.json: the CPU, its vector instructions, torch's kernels, the
+threads) it is equal to the last digit: measured on three runs, one of them CI's. Another kind of CPU
+rounds differently and 2,770 training steps amplify that (an AMD EPYC gave pretrain val_ppl 5.08
+where this Intel Xeon gives 5.35, and 0.80 against 0.88 SFT accuracy), so there only the directions
+are checked. The pipeline runs in a subprocess, as a user runs it (this process's torch has one
+thread: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -25,13 +28,22 @@ KEPT = ROOT / "benchmarks" / "demo" / "results.json"
 pytestmark = pytest.mark.slow
 
 
-def test_every_claimed_effect_points_the_right_way(tmp_path):
-    out = tmp_path / "demo"
+# What decides a float's rounding: equal on two machines, equal tables (modernlm.pipeline.runner.cpu_kind).
+SAME_KIND = ("cpu", "cpu_simd", "cpu_capability", "threads", "torch")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
     recipe = ROOT / "configs" / "pipeline" / "demo.yaml"
     done = subprocess.run([sys.executable, "-m", "modernlm", "pipeline", "-c", str(recipe), f"out_dir={out}"],
                           capture_output=True, text=True, timeout=3000)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((out / "eval" / "results.json").read_text())
+    return out
+
+
+def test_every_claimed_effect_points_the_right_way(demo):
+    results = json.loads((demo / "eval" / "results.json").read_text())
     rows = {r["model"]: r for r in results["rows"]}
     pretrain, sft, dpo, rl = rows["pretrain"], rows["sft"], rows["dpo"], rows["rl"]
     acc, compare = "answer_accuracy", "answer_accuracy/compare"
@@ -39,18 +51,24 @@ def test_every_claimed_effect_points_the_right_way(tmp_path):
     assert dpo["pair_accuracy"] > sft["pair_accuracy"], (dpo, sft)
     assert rl[acc] > sft[acc] and rl[compare] > sft[compare], (rl, sft)  # RL starts from SFT in the demo
     assert rl[f"{acc}/chain2"] == sft[f"{acc}/chain2"], (rl, sft)  # all of RL's gain is on compare
-    verifier = json.loads((out / "verifier" / "eval.json").read_text())
+    verifier = json.loads((demo / "verifier" / "eval.json").read_text())
     assert verifier["greedy_accuracy"] == sft[acc]  # the same model, the same problems
     assert verifier["best_of_n_accuracy"] > verifier["greedy_accuracy"], verifier
     assert verifier["weighted_vote_accuracy"] > verifier["greedy_accuracy"], verifier
     for row in (sft, dpo, rl):  # every kind is reported, with its count
         kinds = {"chain2", "compare"}  # the demo's problems are two-step
         assert {k.split("/")[1] for k in row if k.startswith("answer_count/")} >= kinds, row
-    # the README's table is this one
-    kept = {r["model"]: r for r in json.loads(KEPT.read_text())["rows"]}
-    assert kept.keys() == rows.keys()
-    for model, row in rows.items():
-        for key, value in row.items():
-            if isinstance(value, float):  # accuracies: a few answers of 200 may flip on another CPU
-                tol = dict(abs=0.03) if "accuracy" in key or "rate" in key or "pass" in key else dict(rel=0.02)
-                assert value == pytest.approx(kept[model][key], **tol), (model, key)
+
+
+def test_the_table_is_the_kept_one_on_its_kind_of_cpu(demo):
+    here = json.loads((demo / "pipeline.json").read_text())["environment"]
+    kept_env = json.loads((KEPT.parent / "pipeline.json").read_text())["environment"]
+    differs = {k: (kept_env.get(k), here.get(k)) for k in SAME_KIND if kept_env.get(k) != here.get(k)}
+    if differs:
+        pytest.skip(f"the kept table comes from another kind of CPU (kept, here): {differs}")
+    rows = json.loads((demo / "eval" / "results.json").read_text())["rows"]
+    assert rows == json.loads(KEPT.read_text())["rows"]  # the README's table, to the last digit
+    verifier = json.loads((demo / "verifier" / "eval.json").read_text())
+    kept = json.loads((KEPT.parent / "verifier-eval.json").read_text())
+    scores = [k for k in kept if k.endswith("accuracy") or k in ("pass_at_n", "val_loss")]  # not times, paths
+    assert {k: verifier[k] for k in scores} == {k: kept[k] for k in scores}

@@ -72,6 +72,28 @@ def config_hash(config: Any, dep_hashes: list[str], root: str | Path = "") -> st
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# The instructions that change a float's rounding: which vector width and fused multiply-adds the
+# kernels (torch's, MKL's, ours built with -march=native) use, so which order they add in.
+SIMD_FLAGS = ("fma", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+              "amx_tile", "asimd", "sve")  # fmt: skip
+
+
+def cpu_kind() -> dict[str, Any]:
+    """The CPU's name and its rounding-relevant instruction sets (Linux: /proc/cpuinfo). Training and
+    decoding are deterministic on one kind of CPU; another kind rounds differently, and a few
+    thousand steps amplify that (the demo's table: docs/pipeline.md)."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():  # the first core's lines win
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set((info.get("flags") or info.get("Features") or "").split())
+    name = info.get("model name") or platform.processor() or platform.machine()
+    return {"cpu": name, "cpu_simd": [f for f in SIMD_FLAGS if f in flags]}
+
+
 def environment() -> dict[str, Any]:
     """What the report states about where the pipeline ran."""
     import torch  # here: nothing else in the runner needs it
@@ -81,8 +103,10 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        **cpu_kind(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()})",
         "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the vector kernels torch dispatched to
         "modernlm": version("modernlm"),
     }
     try:
@@ -217,4 +241,3 @@ class Runner:
             self.write_summary(started, env)
             print(f"{banner}: done in {marker['wall_s']:.1f}s", flush=True)
         self.write_summary(started, env, finished=_now())
-
