@@ -183,6 +183,22 @@ def test_transformers_tokenizer_equals_ours(tmp_path, tokenizer, shared_data):
     assert [theirs.encode(x, add_special_tokens=False) for x in lines] == [tokenizer.encode(x) for x in lines]
 
 
+@pytest.mark.hf
+def test_the_files_tokenizer_loads_back_as_transformers_reads_it(tmp_path, tokenizer, shared_data):
+    """load_gguf's own reading of the tokenizer fields (ours: bos first, ChatML) is transformers'."""
+    from modernlm.hf.convert import hf_tokenizer_to_ours, load_hf_tokenizer
+    from tests.test_gguf_weights import same_tokenizer
+
+    path = tmp_path / "m.gguf"
+    write_gguf(tiny(1088), tokenizer, path, "q8_0")
+    _, back = gguf_weights.load_gguf(path, "auto")
+    with open(shared_data / "wikitext-2/wiki.test.raw", encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()][:2000]
+    assert back.add_bos and back.chat_template == CHATML_TEMPLATE
+    same_tokenizer(back, hf_tokenizer_to_ours(load_hf_tokenizer(str(path))), lines)
+    assert [back.encode(x) for x in lines] == [tokenizer.encode(x) for x in lines]
+
+
 def test_q8_0_file(tmp_path, tokenizer, monkeypatch):
     """Matrices in Q8_0 (a row length not a multiple of 32 in f16), norms in f32; read back by
     gguf_weights, the logits of our weights rounded by gguf's Q8_0 (llama.cpp's rounding)."""
@@ -202,7 +218,7 @@ def test_q8_0_file(tmp_path, tokenizer, monkeypatch):
             elif p.dim() == 2:
                 p.copy_(p.half().float())
     ids = tokenizer.encode(TEXT, add_bos=True)
-    loaded = gguf_weights.load_gguf(path, "auto")
+    loaded, _ = gguf_weights.load_gguf(path, "auto")
     rounded = round_inputs_like(rounded, loaded)  # q8 layers round their inputs to Q8_0 too
     monkeypatch.setattr(kernels, "usable", lambda x: False)  # PyTorch's ops on both sides (no rounding flips)
     back, n = logits(loaded, ids), tokenizer.vocab_size

@@ -124,7 +124,7 @@ def weight_of(layer: nn.Module) -> tuple[str, torch.Tensor]:
 @pytest.mark.parametrize("quantize", ["auto", "int8", "int4"])
 def test_synthetic_blocks_are_gguf_dequantize_exactly(tmp_path, quantize, tied, monkeypatch):
     w = write_tiny(tmp_path / "tiny.gguf", tied=tied)
-    model = load_gguf(tmp_path / "tiny.gguf", quantize)
+    model, _ = load_gguf(tmp_path / "tiny.gguf", quantize)
     assert not model.training and model.config.tie_embeddings == tied and model.config.head_dim == D
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     for i, block in enumerate(model.layers):
@@ -250,7 +250,7 @@ def procs(smol, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def auto_model(smol, procs):
-    return load_gguf(smol, "auto")
+    return load_gguf(smol, "auto")[0]
 
 
 @pytest.fixture(scope="module")
@@ -303,12 +303,38 @@ def test_smollm2_logits_and_greedy_tokens_are_the_float_models(auto_model, ref):
 
 
 def test_smollm2_int8_is_close(smol, auto_model, ref):
-    model = load_gguf(smol, "int8")
+    model, _ = load_gguf(smol, "int8")
     assert {m.kind for m in model.modules() if isinstance(m, QLinear)} == {"q8"}
     assert torch.equal(model.lm_head.q, auto_model.lm_head.q)  # the file's Q8_0 blocks as they are
     for got, want in zip(logits(model, ref["rows"]), ref["logits"], strict=True):
         torch.testing.assert_close(got, want, atol=INT8_ATOL, rtol=0)
         assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+def same_tokenizer(ours, theirs, lines: list[str]) -> None:
+    """Two of our Tokenizers are one: the backend's JSON (vocabulary, merges, added tokens, split,
+    decoder, post-processor), the named special tokens, the bos rule, the chat template, and the ids
+    of `lines` plus special tokens written in text (as control tokens and, split, as text)."""
+    assert json.loads(ours.backend.to_str()) == json.loads(theirs.backend.to_str())
+    for name in ("bos_token", "eos_token", "pad_token", "add_bos", "chat_template"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    specials = "<|im_start|>user\nhi<|im_end|>\n<|endoftext|> caf\u00e9 \u2014 \U0001f600"
+    for text in [*lines, specials]:
+        assert ours.encode(text, add_bos=True) == theirs.encode(text, add_bos=True), text
+    assert ours.encode(specials, split_special_tokens=True) == theirs.encode(specials, split_special_tokens=True)
+
+
+@pytest.mark.hf
+def test_smollm2_tokenizer_is_transformers_from_the_same_parse(smol, shared_data):
+    """load_gguf builds the file's tokenizer from the parse that read its weights (no transformers
+    import, no second parse); it is the one transformers' GGUF loader builds, on 2,000 lines of
+    WikiText-2."""
+    from modernlm.hf.convert import hf_tokenizer_to_ours, load_hf_tokenizer
+
+    with open(shared_data / "wikitext-2/wiki.test.raw", encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()][:2000]
+    _, ours = load_gguf(smol, "int4")
+    same_tokenizer(ours, hf_tokenizer_to_ours(load_hf_tokenizer(smol)), lines)
 
 
 def test_smollm2_auto_peak_memory_is_a_fraction_of_the_float_paths(procs, ref):

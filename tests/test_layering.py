@@ -32,7 +32,7 @@ CORE_EDGES = {
     "quant": {"errors", "kernels"},  # the Q8_0 / Q4_1 layers, prepare(model, quantize)
     "tokenizer": {"errors", "files", "chat"},
     "checkpoint": {"errors", "files", "config", "model", "tokenizer"},
-    "gguf_weights": {"model", "quant"},  # a .gguf's quantized blocks into QLinear
+    "gguf_weights": {"model", "quant", "tokenizer"},  # a .gguf's quantized blocks into QLinear, its tokenizer
     "constrain": {"errors"},  # constrained decoding: llguidance's matchers, a token mask per row
     "generation": {"errors", "runtime", "model", "tokenizer", "constrain"},
     "perplexity": {"errors"},
@@ -313,7 +313,7 @@ BREAKERS = {
     "circles": ("data/bad.py", "from modernlm.data import bad2\n"),  # bad2 imports bad back (below)
     "optional_dependencies_outside_their_owners": ("serve/bad.py", "def f():\n    import transformers\n"),
     "private_names_across_modules": ("serve/bad.py", "from modernlm import data\nfrom modernlm.data import tasks\n"
-                                     "from modernlm.tokenizer import _byte_symbols\n\nx = tasks._ITERS\n"),
+                                     "from modernlm.tokenizer import _byte_decoder\n\nx = tasks._ITERS\n"),
     "package_imports_inside_the_library": ("eval/bad.py", "from modernlm import load\n"),
     "needless_lazy_imports": ("eval/bad.py", "import torch\n\n\ndef f():\n    from modernlm import model\n"),
 }

@@ -295,14 +295,16 @@ def load(
 
     dtype = dtype or "float32"
     convert = backend == "modernlm"
-    model = None
+    model = tok = None
     if convert and quantize != "none" and "gguf_file" in src.kwargs and dtype == "float32":
-        # the file's quantized blocks as they are: never expanded to float32 (None: not a file we read)
-        model = load_gguf(src.path, quantize, device=dev)
+        # the file's quantized blocks as they are: never expanded to float32 (None: not a file we
+        # read), and its tokenizer from the same parse (None: a kind transformers builds, below)
+        model, tok = load_gguf(src.path, quantize, device=dev) or (None, None)
     if model is None:
         model = load_transformers(src, dtype=dtype, device=dev, llama_only=convert, progress=progress, field=what)
     try:
-        tok = hf_tokenizer_to_ours(load_hf_tokenizer(tokenizer or src))
+        if tok is None or tokenizer:
+            tok = hf_tokenizer_to_ours(load_hf_tokenizer(tokenizer or src))
     except (OSError, ValueError, UserError) as e:  # without a tokenizer the weights still score token ids
         if not _no_tokenizer(e):
             raise

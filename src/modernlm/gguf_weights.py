@@ -26,16 +26,21 @@ exact on blocks (a block runs along the input dimension, inside one row).
 
 from __future__ import annotations
 
+import ctypes
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as Backend
 from torch import Tensor, nn
 
 from modernlm.model import ModelConfig, ModernDecoderLM, RotaryEmbedding
 from modernlm.quant import QK, QEmbedding, QLinear, check_quantize
+from modernlm.tokenizer import Tokenizer, byte_symbols
 
 FORMS = ("q4", "q8", "float")  # least to most precise: a fused weight takes the most precise of its parts'
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -73,6 +78,34 @@ class Weight:
         return layer
 
 
+@dataclass(frozen=True)
+class Entry:
+    """What load_gguf keeps of one of the reader's tensors: where its bytes are and how to read them."""
+
+    name: str
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # gguf's order: the fastest-moving dimension first
+    data_offset: int
+    n_bytes: int
+    dtype: np.dtype  # the reader's view of the bytes: its element type and shape
+    data_shape: tuple[int, ...]
+
+    @staticmethod
+    def of(t: Any) -> Entry:
+        return Entry(t.name, t.tensor_type, tuple(int(x) for x in t.shape), int(t.data_offset), int(t.n_bytes),
+                     t.data.dtype, tuple(t.data.shape))  # fmt: skip
+
+
+def _give_back_freed_memory() -> None:
+    """Collect, then ask glibc to return its freed heap to the system: the reader's many small
+    arrays leave ~70 MB of free but resident heap, which would count at the peak under the weights."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the memory is reused, only later
+        pass
+
+
 class OwnTableEmbedding(QEmbedding):
     """An untied embedding's quantized table: QEmbedding holds its table outside the module tree (a
     tied one is the LM head's); this one's is its own, so it is saved and moved with the model."""
@@ -82,10 +115,13 @@ class OwnTableEmbedding(QEmbedding):
         self.own = table
 
 
-def load_gguf(path: str | Path, quantize: str, *, device: str | torch.device | None = None) -> ModernDecoderLM | None:
+def load_gguf(
+    path: str | Path, quantize: str, *, device: str | torch.device | None = None
+) -> tuple[ModernDecoderLM, Tokenizer | None] | None:
     """A llama .gguf as a ModernDecoderLM in eval mode, its weights in the forms `quantize` ("auto",
-    "int8", "int4"; see the module docstring) says; None for a file the model cannot represent
-    (another architecture, rope scaling, biases, MoE, unexpected tensors or shapes)."""
+    "int8", "int4"; see the module docstring) says, and the file's tokenizer where it is byte-level
+    BPE with GPT-2's split (None: another kind, which transformers builds); None for a file the model
+    cannot represent (another architecture, rope scaling, biases, MoE, unexpected tensors or shapes)."""
     from gguf import GGUFReader  # the `hf` extra: only a .gguf source needs it
 
     check_quantize(quantize, auto=True)
@@ -95,11 +131,13 @@ def load_gguf(path: str | Path, quantize: str, *, device: str | torch.device | N
         reader = GGUFReader(str(path))
     except (OSError, ValueError, KeyError):  # not a file we can read: transformers' path says why
         return None
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = {t.name: Entry.of(t) for t in reader.tensors}
     cfg = _config(reader, tensors)
-    del reader  # its metadata (the tokenizer's ~100k strings as numpy arrays, ~150 MB) is done with
     if cfg is None or not _shapes_match(cfg, tensors):
         return None
+    tokenizer = _tokenizer(reader)  # from this parse: transformers' would import it and parse again
+    del reader  # its metadata (~100k small arrays for the tokenizer, ~150 MB) is done with: give the
+    _give_back_freed_memory()  # memory back before the weights come on top (SmolLM2: 70 MB lower peak)
     with torch.device("meta"):
         model = ModernDecoderLM(cfg)
     try:
@@ -111,7 +149,55 @@ def load_gguf(path: str | Path, quantize: str, *, device: str | torch.device | N
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"load_gguf left tensors on the meta device: {left}")
-    return model.to(device or "cpu").eval()
+    return model.to(device or "cpu").eval(), tokenizer
+
+
+# ---- the tokenizer ---------------------------------------------------------------------------
+
+# `tokenizer.ggml.pre` names that transformers' GGUF loader splits with GPT-2's own regex (it lists
+# only the others): ours ("gpt-2", hf/gguf_export.py) and SmolLM2's. Any other goes through transformers.
+GPT2_SPLIT = ("gpt-2", "smollm", "default")
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types (gguf.TokenType)
+
+
+def _tokenizer(reader: Any) -> Tokenizer | None:
+    """The file's byte-level BPE ("gpt2") tokenizer, built as transformers' GGUF loader builds it
+    (tests/test_gguf_weights.py compares the two on WikiText-2), or None for another kind."""
+    if _field(reader, "tokenizer.ggml.model") != "gpt2" or _field(reader, "tokenizer.ggml.pre") not in GPT2_SPLIT:
+        return None
+    if _field(reader, "tokenizer.ggml.add_eos_token", False):
+        return None  # not a file we know (ours and SmolLM2's say false): transformers' rule
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    types = _field(reader, "tokenizer.ggml.token_type") or [0] * len(tokens)
+    spelling = byte_symbols()  # byte k -> its character
+    alphabet = set(spelling)
+    # a token in other characters (a control token such as <|im_start|> is in the alphabet) is
+    # stored as its text: BPE's vocabulary spells each of its UTF-8 bytes
+    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode()): i for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ")) for m in _field(reader, "tokenizer.ggml.merges", [])]
+    backend = Backend(models.BPE(vocab, merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
+                                 fuse_unk=False))  # fmt: skip
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    # control tokens stay whole and are special; one outside the alphabet is a mislabel (transformers
+    # skips it too); user-defined ones (<think>) stay whole as text
+    kinds = list(zip(tokens, types, strict=False))
+    control = [t for t, k in kinds if k == CONTROL and set(t) <= alphabet]
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+    backend.add_tokens(
+        [AddedToken(t, normalized=False, special=False) for t, k in kinds if k == USER_DEFINED and t in vocab]
+    )
+    ids = {name: _field(reader, f"tokenizer.ggml.{name}_token_id") for name in ("bos", "eos", "padding")}
+    names = {f"{k[:3]}_token": tokens[i] if i is not None and 0 <= i < len(tokens) else None for k, i in ids.items()}
+    bos = names["bos_token"] if _field(reader, "tokenizer.ggml.add_bos_token", False) else None
+    if bos is None:  # transformers' post-processor, though `Tokenizer.encode` puts bos itself
+        backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B:1")
+    else:
+        backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1",
+                                                               special_tokens=[(bos, ids["bos"])])  # fmt: skip
+    template = _field(reader, "tokenizer.chat_template")
+    return Tokenizer(backend, **names, chat_template=template if isinstance(template, str) else None,
+                     add_bos=bos is not None)  # fmt: skip
 
 
 # ---- the config ------------------------------------------------------------------------------
@@ -122,7 +208,7 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     return default if f is None else f.contents()
 
 
-def _config(reader: Any, tensors: dict[str, Any]) -> ModelConfig | None:
+def _config(reader: Any, tensors: dict[str, Entry]) -> ModelConfig | None:
     """The ModelConfig of the file's llama.* metadata (defaults: LlamaConfig's, as transformers reads
     it), or None when the model cannot compute what the file describes."""
     if _field(reader, "general.architecture") != "llama":
@@ -164,7 +250,7 @@ def _config(reader: Any, tensors: dict[str, Any]) -> ModelConfig | None:
         return None
 
 
-def _shapes_match(cfg: ModelConfig, tensors: dict[str, Any]) -> bool:
+def _shapes_match(cfg: ModelConfig, tensors: dict[str, Entry]) -> bool:
     """Every tensor the model needs is in the file, (N, K) as the model needs it; the norms in floats."""
     C, F, q, kv = cfg.d_model, cfg.d_ff, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     need = {"token_embd.weight": (cfg.vocab_size, C), "output_norm.weight": (C,)}
@@ -181,14 +267,14 @@ def _shapes_match(cfg: ModelConfig, tensors: dict[str, Any]) -> bool:
     return all(tensors[n].tensor_type.name in FLOAT_TYPES for n, shape in need.items() if len(shape) == 1)
 
 
-def _shape(t: Any) -> tuple[int, ...]:
+def _shape(t: Entry) -> tuple[int, ...]:
     return tuple(int(x) for x in reversed(t.shape))
 
 
 # ---- the weights -----------------------------------------------------------------------------
 
 
-def _native(t: Any) -> str:
+def _native(t: Entry) -> str:
     """The form a tensor of this type keeps under "auto" (see the module docstring)."""
     from gguf import GGML_QUANT_SIZES
 
@@ -201,7 +287,7 @@ def _native(t: Any) -> str:
     return "q4" if 8 * size / block <= 5 else "q8"
 
 
-def _data(t: Any, f: Any) -> np.ndarray:
+def _data(t: Entry, f: Any) -> np.ndarray:
     """t's data as gguf's reader shapes and types it, read from the open file `f` into memory of our
     own: the reader's view maps the file, and every page read through a map counts as the process's
     memory until the map is gone (143 MB more at the peak for an 8-bit SmolLM2)."""
@@ -209,10 +295,10 @@ def _data(t: Any, f: Any) -> np.ndarray:
     buf = np.fromfile(f, dtype=np.uint8, count=t.n_bytes)
     if buf.size != t.n_bytes:
         raise OSError(f"the .gguf ends inside tensor {t.name}")
-    return buf.view(t.data.dtype).reshape(t.data.shape)
+    return buf.view(t.dtype).reshape(t.data_shape)
 
 
-def _read(t: Any, f: Any) -> Weight:
+def _read(t: Entry, f: Any) -> Weight:
     """A tensor of the file: Q8_0 / Q4_0 / Q4_1 as their blocks, any other type through gguf's
     dequantize, as float32."""
     from gguf.quants import dequantize
@@ -252,7 +338,7 @@ def _target(native: str, quantize: str, head: bool, in_features: int) -> str:
     return "q8" if quantize == "int8" or head else "q4"
 
 
-def _fused(tensors: list[Any], quantize: str, rows: list[Tensor | None], f: Any) -> nn.Module:
+def _fused(tensors: list[Entry], quantize: str, rows: list[Tensor | None], f: Any) -> nn.Module:
     """One layer from several of the file's matrices stacked by rows, each put in row order `rows`
     first, all in one form."""
     form = max((_target(_native(t), quantize, False, _shape(t)[1]) for t in tensors), key=FORMS.index)
@@ -264,7 +350,7 @@ def _fused(tensors: list[Any], quantize: str, rows: list[Tensor | None], f: Any)
 
 
 @torch.no_grad()
-def _put_weights(model: ModernDecoderLM, cfg: ModelConfig, tensors: dict[str, Any], quantize: str, f: Any) -> None:
+def _put_weights(model: ModernDecoderLM, cfg: ModelConfig, tensors: dict[str, Entry], quantize: str, f: Any) -> None:
     def norm(name: str) -> nn.Parameter:
         return nn.Parameter(_read(tensors[name], f).parts[0])
 

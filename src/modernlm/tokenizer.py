@@ -165,7 +165,7 @@ class ByteTokenizer(Tokenizer):
         return bytes(out)
 
 
-def _byte_symbols() -> list[str]:
+def byte_symbols() -> list[str]:
     """GPT-2's printable stand-ins for the 256 byte values (what the ByteLevel pre-tokenizer
     emits), in byte order: symbol k stands for byte k."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -184,7 +184,7 @@ def _byte_decoder(tokenizer: Any) -> dict[str, int] | None:
     """GPT-2 byte-level symbols -> byte values, when `tokenizer` is byte-level (else None)."""
     decoder = json.loads(tokenizer.backend.to_str()).get("decoder") or {}
     kinds = [d.get("type") for d in decoder.get("decoders", [decoder])]
-    return {s: b for b, s in enumerate(_byte_symbols())} if "ByteLevel" in kinds else None
+    return {s: b for b, s in enumerate(byte_symbols())} if "ByteLevel" in kinds else None
 
 
 def token_bytes(tokenizer: Any, token_id: int) -> bytes:
@@ -209,7 +209,7 @@ def byte_tokenizer(
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers
 
-    backend = Backend(models.BPE(vocab={sym: b for b, sym in enumerate(_byte_symbols())}, merges=[]))
+    backend = Backend(models.BPE(vocab={sym: b for b, sym in enumerate(byte_symbols())}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     named = [t for t in (bos_token, eos_token, pad_token) if t]
@@ -223,7 +223,7 @@ def _is_byte_vocab(backend: Any) -> bool:
     if backend.get_vocab_size(with_added_tokens=False) != 256:
         return False
     model = json.loads(backend.to_str()).get("model", {})
-    symbols = _byte_symbols()
+    symbols = byte_symbols()
     return (
         model.get("type") == "BPE"
         and not model.get("merges")
