@@ -127,7 +127,7 @@ def step_ms(model, rows: int, fused: bool, steps: int, step=None) -> float:
 
 
 def decode_steps(args) -> None:
-    print(f"\n| weights | rows | fused step ms | op by op ms | compiled ms |\n|---|---:|---:|---:|---:|")
+    print("\n| weights | rows | fused step ms | op by op ms | compiled ms |\n|---|---:|---:|---:|---:|")
     for quantize in ("none", "int8"):
         torch.manual_seed(0)
         model = prepare(ModernDecoderLM(ModelConfig(**SMOLLM2, n_layer=args.layers)), quantize).eval()

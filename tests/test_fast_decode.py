@@ -166,6 +166,33 @@ def test_q8_and_q4_round_trip_within_half_a_step():
     assert (err <= s[..., None] / 2 * (1 + 1e-5) + 1e-6).all()
 
 
+@pytest.mark.parametrize("kind", ["q8", "q4"])
+def test_from_float_in_row_chunks_is_the_whole_matrix_at_once(kind):
+    """QLinear.from_float quantizes `rows` rows at a time (a bounded peak): each row on its own, so
+    the buffers are bit for bit those of one call on the whole matrix (100 rows, chunks of 16)."""
+    w = torch.randn(100, 96)
+    whole = QLinear(kind, *(quant.quantize_q8(w) if kind == "q8" else quant.quantize_q4(w)))
+    chunked = QLinear.from_float(w, kind, rows=16)
+    assert all(torch.equal(a, b) for a, b in zip(whole.parts(), chunked.parts(), strict=True))
+
+
+def test_a_quantized_checkpoint_keeps_nothing_of_the_files_map(tmp_path):
+    """After prepare(int8) the float tensors left (the norms) are copies: the loaded tensors share one
+    map of model.safetensors, which would keep every page the quantizer read resident."""
+    from modernlm.checkpoint import load_model, save_model
+
+    torch.manual_seed(0)
+    save_model(ModernDecoderLM(ModelConfig(vocab_size=256, d_model=64, n_layer=2, n_head=4)), tmp_path)
+    model = load_model(tmp_path)
+    loaded = {n: p.data_ptr() for n, p in model.named_parameters()}
+    norms = {n: p.clone() for n, p in model.named_parameters() if "norm" in n}
+    quant.prepare(model, "int8")
+    left = dict(model.named_parameters())
+    assert set(left) == set(norms)  # every projection quantized, head and embedding included
+    for n, p in left.items():
+        assert p.data_ptr() != loaded[n] and torch.equal(p, norms[n]), n
+
+
 def paged_reference(q, k_pool, v_pool, table, lengths) -> torch.Tensor:
     """SDPA in float64 on each row's keys gathered from its blocks, each kv head repeated G times."""
     G, BS, out = q.size(1) // k_pool.size(1), k_pool.size(2), []
@@ -215,7 +242,9 @@ def test_the_ops_shape_functions_agree_with_the_kernels():
 # ---- the model: a paged decode step read in place -------------------------------------------
 
 
-def paged_decode(model: ModernDecoderLM, block_size: int, steps: int = 5, dtype=torch.float32, fused: bool = True) -> torch.Tensor:
+def paged_decode(
+    model: ModernDecoderLM, block_size: int, steps: int = 5, dtype=torch.float32, fused: bool = True
+) -> torch.Tensor:
     """Three rows prefilled (lengths 1, 6, 11) in scattered blocks of a `dtype` pool, then `steps`
     decode steps of the three together (in one kernel call each, or op by op where not `fused`): the
     logits of every step, (steps, 3, V)."""

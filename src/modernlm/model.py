@@ -252,7 +252,8 @@ class KVCache:
 def attention_kernel_fits(n_head: int, n_kv_head: int, head_dim: int, pool_dtype: torch.dtype) -> bool:
     """Whether modernlm/kernels' attention takes these heads and this pool: up to 8 query heads per
     kv head, head_dim a multiple of 16 up to 128, a float32 or float16 pool."""
-    return n_head // n_kv_head <= 8 and head_dim % 16 == 0 and head_dim <= 128 and pool_dtype in (torch.float32, torch.float16)
+    heads_fit = n_head // n_kv_head <= 8 and head_dim % 16 == 0 and head_dim <= 128
+    return heads_fit and pool_dtype in (torch.float32, torch.float16)
 
 
 class PagedCache:
@@ -629,7 +630,9 @@ class ModernDecoderLM(nn.Module):
             aux_total = cfg.moe_aux_loss_coef * aux_total
         return LMOutput(logits, aux_total, h if return_hidden else None)
 
-    def _layers(self, x: Tensor, cache, pad_mask: Tensor | None, segment_ids: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _layers(
+        self, x: Tensor, cache, pad_mask: Tensor | None, segment_ids: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
         """x (B, T, C) through every block (positions, masks and caches as `forward` says); the
         blocks' summed MoE aux loss (None without MoE)."""
         B, T, _ = x.shape
@@ -679,7 +682,8 @@ class ModernDecoderLM(nn.Module):
     def _step_weights(self, cache: KVCache | PagedCache) -> tuple[list[Tensor], list[int]] | None:
         cfg, p = self.config, self.norm.weight
         fits = (cache.fused and not cache.rolling and cache.valid is None and p.device.type == "cpu"
-                and p.dtype == torch.float32 and attention_kernel_fits(cfg.n_head, cfg.n_kv_head, cfg.head_dim, cache.k[0].dtype))  # fmt: skip
+                and p.dtype == torch.float32
+                and attention_kernel_fits(cfg.n_head, cfg.n_kv_head, cfg.head_dim, cache.k[0].dtype))  # fmt: skip
         if not (fits and kernels.available()) or (self.training and (cfg.dropout > 0 or cfg.attn_dropout > 0)):
             return None
         # The blocks' weights in the order decode_layers reads them, built anew at every step (so
@@ -692,7 +696,8 @@ class ModernDecoderLM(nn.Module):
             a, f = mods["attn"]._modules, mods["ffn"]._modules
             if block.is_moe:
                 return None
-            for norm, linears in ((mods["attn_norm"], (a["wqkv"], a["wo"])), (mods["ffn_norm"], (f["w_gate_up"], f["w_down"]))):
+            halves = ((mods["attn_norm"], (a["wqkv"], a["wo"])), (mods["ffn_norm"], (f["w_gate_up"], f["w_down"])))
+            for norm, linears in halves:
                 weights.append(norm._parameters["weight"])
                 for layer in linears:
                     parts = layer.step_parts() if hasattr(layer, "step_parts") else None
@@ -720,8 +725,9 @@ class ModernDecoderLM(nn.Module):
             lengths, end = torch.full((B,), cache.length), cache.length
         cache.check_room(1)
         cos, sin = self.rope.at(lengths[:, None], need=end + 1)  # (B, 1, 1, D) each
-        y = kernels.decode_layers(x[:, 0].contiguous(), *step, cos.reshape(B, D).contiguous(), sin.reshape(B, D).contiguous(),
-                                  cache.k, cache.v, table, lengths, self.config.n_head, self.config.norm_eps)  # fmt: skip
+        cos, sin = cos.reshape(B, D).contiguous(), sin.reshape(B, D).contiguous()
+        y = kernels.decode_layers(x[:, 0].contiguous(), *step, cos, sin, cache.k, cache.v, table, lengths,
+                                  self.config.n_head, self.config.norm_eps)  # fmt: skip
         cache.advance(1)
         return y[:, None]
 

@@ -164,8 +164,12 @@ class QLinear(nn.Module):
         self.register_buffer("mins", mins.float().contiguous() if mins is not None else None)
 
     @classmethod
-    def from_float(cls, w: Tensor, kind: str) -> QLinear:
-        return cls(kind, *quantize_q8(w)) if kind == "q8" else cls(kind, *quantize_q4(w))
+    def from_float(cls, w: Tensor, kind: str, rows: int = 4096) -> QLinear:
+        """Rows `rows` at a time (each row is quantized on its own): a whole embedding's float
+        temporaries (SmolLM2's 49152 x 576) would be ~0.4 GB at the load's peak."""
+        quantize = quantize_q8 if kind == "q8" else quantize_q4
+        parts = [quantize(w[i : i + rows]) for i in range(0, w.size(0), rows)]
+        return cls(kind, *(torch.cat(p) for p in zip(*parts, strict=True)))
 
     def parts(self, rows: Tensor | None = None) -> tuple[Tensor, ...]:
         """GGUF's (q, scales) for q8, (q, scales, mins) for q4: of every row, or of `rows` (indices)."""
@@ -184,7 +188,9 @@ class QLinear(nn.Module):
     def step_parts(self) -> tuple[int, list[Tensor]]:
         """(kind, tensors) as kernels.decode_layers reads this layer in a fused decode step."""
         b = self._buffers  # not self.q: nn.Module's lookup costs more than the rest of a step's listing
-        return (kernels.Q8, [b["q"], b["scales"]]) if self.kind == "q8" else (kernels.Q4, [b["q"], b["scales"], b["mins"]])
+        if self.kind == "q8":
+            return kernels.Q8, [b["q"], b["scales"]]
+        return kernels.Q4, [b["q"], b["scales"], b["mins"]]
 
     def forward(self, x: Tensor) -> Tensor:
         if kernels.usable(x) and (self.kind == "q8" or x.numel() <= 64 * x.size(-1)):
@@ -280,4 +286,10 @@ def prepare(model: nn.Module, quantize: str = "none") -> nn.Module:
         model.lm_head = q
         if model.config.tie_embeddings:
             model.tok_emb = QEmbedding(q)
+    if kind is not None:
+        # the float tensors left (the norms) into memory of their own: a loaded checkpoint's tensors
+        # all share one map of its file, which, while any of them lives, keeps every page the
+        # quantizer read resident (SmolLM2: 0.5 GB)
+        for p in model.parameters():
+            p.data = p.data.clone()
     return model

@@ -131,7 +131,8 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, table: Tensor, le
     return torch.ops.modernlm.paged_attention(q, k_pool, v_pool, table, lengths, scale)
 
 
-F32, Q8, Q4 = 0, 1, 2  # a linear layer's kind in decode_layers' layout: float32 w; Q8_0 packed (qp, sp); Q4_1 (q, scales, mins)
+# a linear layer's kind in decode_layers' layout: float32 w; Q8_0 packed (qp, sp); Q4_1 (q, scales, mins)
+F32, Q8, Q4 = 0, 1, 2
 
 
 def decode_layers(x: Tensor, weights: list[Tensor], layout: list[int], cos: Tensor, sin: Tensor, k_pools: list[Tensor],

@@ -152,7 +152,8 @@ class Engine:
         self.sink = model.sink is not None
         # the model's dtype, or float16 under 8- or 4-bit weights (llama.cpp's default cache: their
         # logits are rounded already, and the cache is then the larger part of a server's memory)
-        self.kv_dtype = kv_dtype or (torch.float16 if quantize_of(model) != "none" and p.dtype == torch.float32 else p.dtype)
+        low_bit = quantize_of(model) != "none" and p.dtype == torch.float32
+        self.kv_dtype = kv_dtype or (torch.float16 if low_bit else p.dtype)
         per_block = PagedCache.block_bytes(model.config, block_size, self.kv_dtype)
         budget = kv_cache_bytes or default_kv_bytes(model, max_batch, self.kv_dtype)
         if budget < per_block:
