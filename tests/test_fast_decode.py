@@ -430,6 +430,7 @@ from modernlm import quant
 g = torch.Generator().manual_seed(0)
 x, w = torch.randn(21, 576, generator=g), torch.randn(80, 576, generator=g)
 torch.save(torch.ops.modernlm.linear_q8(x, *quant.pack_q8(*quant.quantize_q8(w))), sys.argv[2])
+torch.save(torch.ops.modernlm.linear_f32(x, w), sys.argv[2] + ".f32")
 """
 
 
@@ -438,13 +439,17 @@ torch.save(torch.ops.modernlm.linear_q8(x, *quant.pack_q8(*quant.quantize_q8(w))
 def test_linear_q8s_avx2_and_portable_paths_give_the_same_sums(tmp_path):
     """decode.cpp built for x86-64-v3 (AVX2 + FMA: llama.cpp's sign trick) gives the bits of this
     machine's build (AVX512-VNNI here); built for plain x86-64 (lane by lane, no FMA) the same int32
-    sums, the float steps unfused (measured: 1.2e-7 of the largest output)."""
+    sums, the float steps unfused (measured: 1.2e-7 of the largest output). The float32 kernel's
+    tiles (2 or 4 weight rows wide by the build) are within RTOL of float64 in every build."""
     outs = {}
     for march in ("native", "x86-64-v3", "x86-64"):
         lib, out = tmp_path / f"{march}.so", tmp_path / f"{march}.pt"
         subprocess.run(kernels.compile_command(lib, march), check=True, capture_output=True)
         subprocess.run([sys.executable, "-c", VARIANT, str(lib), str(out)], check=True)  # one library per process
         outs[march] = torch.load(out)
+        g = torch.Generator().manual_seed(0)  # VARIANT's x and w: each build's float32 tiles are right
+        x, w = torch.randn(21, 576, generator=g), torch.randn(80, 576, generator=g)
+        assert relative_error(torch.load(f"{out}.f32"), x, w) < RTOL, march
     assert torch.equal(outs["x86-64-v3"], outs["native"])
     assert not torch.equal(outs["x86-64"], outs["native"])  # no FMA: rounded twice
     assert (outs["x86-64"] - outs["native"]).abs().max() < 1e-6 * outs["native"].abs().max()
@@ -459,6 +464,16 @@ def test_linear_q8_gives_a_row_the_same_bits_alone_and_in_any_batch():
     whole = kernels.linear_q8(x, qp, sp)
     for i0, i1 in ((0, 1), (5, 6), (3, 7), (10, 26), (36, 37)):
         assert torch.equal(kernels.linear_q8(x[i0:i1].contiguous(), qp, sp), whole[i0:i1])
+
+
+def test_linear_f32_gives_a_row_the_same_bits_alone_and_in_any_batch():
+    """The float32 kernel's tiles (4 weight rows x up to 4 activation rows, a remainder of single
+    weight rows: N = 83) sum every output in the same order, so rows never mix either."""
+    w, x = torch.randn(83, 576), torch.randn(37, 576)
+    whole = kernels.linear_f32(x, w)
+    for i0, i1 in ((0, 1), (5, 6), (3, 7), (10, 26), (36, 37)):
+        assert torch.equal(kernels.linear_f32(x[i0:i1].contiguous(), w), whole[i0:i1])
+    assert torch.equal(kernels.linear_f32(x, w[:81].contiguous()), whole[:, :81])  # another remainder
 
 
 @pytest.mark.parametrize("kind", ["q8", "q4"])
