@@ -29,10 +29,10 @@ CORE_EDGES = {
     "runtime": {"errors"},
     "chat": {"errors"},
     "model": {"errors", "config", "kernels"},
-    "quant": {"errors", "kernels"},  # the Q8_0 / Q4_1 layers, prepare(model, quantize)
+    "quant": {"errors", "kernels", "runtime"},  # the Q8_0 / Q4_1 layers, prepare(model, quantize)
     "tokenizer": {"errors", "files", "chat"},
     "checkpoint": {"errors", "files", "config", "model", "tokenizer"},
-    "gguf_weights": {"model", "quant", "tokenizer"},  # a .gguf's quantized blocks into QLinear, its tokenizer
+    "gguf_weights": {"model", "quant", "runtime", "tokenizer"},  # a .gguf's blocks into QLinear, its tokenizer
     "constrain": {"errors"},  # constrained decoding: llguidance's matchers, a token mask per row
     "generation": {"errors", "runtime", "model", "tokenizer", "constrain"},
     "perplexity": {"errors"},

@@ -26,8 +26,6 @@ exact on blocks (a block runs along the input dimension, inside one row).
 
 from __future__ import annotations
 
-import ctypes
-import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,7 @@ from torch import Tensor, nn
 
 from modernlm.model import ModelConfig, ModernDecoderLM, RotaryEmbedding
 from modernlm.quant import QK, QEmbedding, QLinear, check_quantize
+from modernlm.runtime import release_freed_memory
 from modernlm.tokenizer import Tokenizer, byte_symbols
 
 FORMS = ("q4", "q8", "float")  # least to most precise: a fused weight takes the most precise of its parts'
@@ -96,16 +95,6 @@ class Entry:
                      t.data.dtype, tuple(t.data.shape))  # fmt: skip
 
 
-def _give_back_freed_memory() -> None:
-    """Collect, then ask glibc to return its freed heap to the system: the reader's many small
-    arrays leave ~70 MB of free but resident heap, which would count at the peak under the weights."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the memory is reused, only later
-        pass
-
-
 class OwnTableEmbedding(QEmbedding):
     """An untied embedding's quantized table: QEmbedding holds its table outside the module tree (a
     tied one is the LM head's); this one's is its own, so it is saved and moved with the model."""
@@ -137,7 +126,7 @@ def load_gguf(
         return None
     tokenizer = _tokenizer(reader)  # from this parse: transformers' would import it and parse again
     del reader  # its metadata (~100k small arrays for the tokenizer, ~150 MB) is done with: give the
-    _give_back_freed_memory()  # memory back before the weights come on top (SmolLM2: 70 MB lower peak)
+    release_freed_memory()  # memory back before the weights come on top (SmolLM2: 70 MB lower peak)
     with torch.device("meta"):
         model = ModernDecoderLM(cfg)
     try:

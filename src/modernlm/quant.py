@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from modernlm import kernels
 from modernlm.errors import UserError
+from modernlm.runtime import release_freed_memory
 
 QUANTIZE = ("none", "int8", "int4")
 QK = 32  # weights per block
@@ -292,4 +293,5 @@ def prepare(model: nn.Module, quantize: str = "none") -> nn.Module:
         # quantizer read resident (SmolLM2: 0.5 GB)
         for p in model.parameters():
             p.data = p.data.clone()
+        release_freed_memory()  # and the float weights' freed copies
     return model

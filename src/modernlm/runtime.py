@@ -12,6 +12,8 @@ partial: 16-bit there is an explicit choice, allowed where this torch can train 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import os
 import random
 import warnings
@@ -246,6 +248,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 _warned: set[str] = set()
+
+
+def release_freed_memory() -> None:
+    """Collect, then ask glibc to hand its free heap pages back to the system. After a load frees
+    many temporaries (a .gguf reader's ~100k small arrays; a quantizer's float copies) glibc keeps
+    the pages, which count as the process's memory from then on: 0.3-0.8 GB more, varying from run
+    to run, under a quantized SmolLM2."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the pages are reused, only later
+        pass
 
 
 def warn_once(message: str) -> None:
