@@ -16,6 +16,7 @@ from modernlm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, save_mode
 from modernlm.cli import run_command
 from modernlm.errors import UserError
 from modernlm.model import ModernDecoderLM
+from modernlm.quant import prepare
 from tests.conftest import tiny_config
 
 
@@ -48,6 +49,53 @@ def test_bfloat16_checkpoint_keeps_dtype(tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
     assert loaded.rope.cos.dtype == torch.float32  # RoPE tables stay float32 (precision)
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["file-dtype", "bfloat16"])
+def test_a_quantized_load_streams_the_file_into_what_prepare_makes(variant_config, quantize, dtype, tmp_path):
+    """load_model(quantize=...) reads the file a few rows at a time into a model built on meta; the
+    result is what quant.prepare makes of the whole float model, buffer for buffer and parameter for
+    parameter (every variant: untied heads, experts, sinks; d_ff 80 leaves w_down's K = 80 in
+    floats, not whole blocks of 32), and it computes the same logits (float32)."""
+    cfg = variant_config.__class__(**{**variant_config.__dict__, "d_ff": 80})
+    model = ModernDecoderLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    save_model(model, tmp_path)
+    whole = load_model(tmp_path)
+    whole = prepare(whole if dtype is None else whole.to(dtype), quantize).eval()
+    streamed = load_model(tmp_path, quantize=quantize, dtype=dtype)
+    a, b = whole.state_dict(), streamed.state_dict()
+    assert a.keys() == b.keys() and any(k.endswith(".q") for k in a)
+    assert any(k.endswith("w_down.weight") for k in a)  # K = 80: left in floats
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert repr(whole) == repr(streamed)
+    if dtype is None:  # (a bfloat16 float layer after a QLinear's float32 output is another matter)
+        idx = torch.randint(0, cfg.vocab_size, (2, 12))
+        with torch.no_grad():
+            assert torch.equal(whole(idx).logits, streamed(idx).logits)
+
+
+def test_stored_tensors_reads_rows_as_safetensors_does(tmp_path):
+    """StoredTensors (plain reads, no map) against safetensors' own reader: whole tensors and row
+    ranges, in float32, bfloat16 and float16, a scalar too."""
+    from safetensors.torch import load_file, save_file
+
+    from modernlm.checkpoint import StoredTensors
+
+    tensors = {"a": torch.randn(7, 5), "b": torch.randn(3, 4, 2).bfloat16(), "c": torch.randn(9).half(),
+               "s": torch.tensor(2.5)}  # fmt: skip
+    save_file(tensors, tmp_path / "t.safetensors", metadata={"format": "pt"})
+    ref = load_file(tmp_path / "t.safetensors")
+    with StoredTensors(tmp_path / "t.safetensors") as stored:
+        assert {k: v.shape for k, v in stored.shapes().items()} == {k: v.shape for k, v in ref.items()}
+        for k, v in ref.items():
+            assert torch.equal(stored.read(k), v) and stored.read(k).dtype == v.dtype, k
+        assert torch.equal(stored.read("a", 2, 6), ref["a"][2:6])
+        assert torch.equal(stored.read("b", 1, 2), ref["b"][1:2])
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,6 +183,17 @@ def test_broken_checkpoint_is_user_error_naming_the_file(broken, capsys, tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("broken", list(BREAKS), indirect=True)
+def test_broken_checkpoint_read_quantized_is_the_same_user_error(broken):
+    """The quantized path reads the file its own way (StoredTensors): the same one-line messages."""
+    path, file, words = broken
+    with pytest.raises(UserError) as info:
+        load_model(path, quantize="int8")
+    message = str(info.value)
+    assert str(path / file) in message or (file in message and str(path) in message), message
+    assert words in message and "\n" not in message, message
 
 
 @pytest.mark.parametrize("broken", ["truncated-weights", "wrong-shapes"], indirect=True)

@@ -31,7 +31,7 @@ CORE_EDGES = {
     "model": {"errors", "config", "kernels"},
     "quant": {"errors", "kernels", "runtime"},  # the Q8_0 / Q4_1 layers, prepare(model, quantize)
     "tokenizer": {"errors", "files", "chat"},
-    "checkpoint": {"errors", "files", "config", "model", "tokenizer"},
+    "checkpoint": {"errors", "files", "config", "model", "quant", "tokenizer"},
     "gguf_weights": {"model", "quant", "runtime", "tokenizer"},  # a .gguf's blocks into QLinear, its tokenizer
     "constrain": {"errors"},  # constrained decoding: llguidance's matchers, a token mask per row
     "generation": {"errors", "runtime", "model", "tokenizer", "constrain"},

@@ -282,15 +282,15 @@ def load(
     if src.kind == "modernlm":
         if backend == "transformers":
             raise UserError(f"{at}{source} is a modernlm checkpoint; backend=transformers takes HF models")
-        model = load_model(src.path, device=dev)
-        if dtype is not None:
-            model = model.to(DTYPES[dtype])
+        # int8 / int4: quantized as it is read, a few rows at a time (never whole in float32)
+        model = load_model(src.path, dev, "none" if quantize == "auto" else quantize, DTYPES.get(dtype))
         tok = load_tokenizer(tokenizer or src.path) if tokenizer or has_tokenizer(src.path) else None
         if tok is not None and tok.vocab_size > model.config.vocab_size:
             raise UserError(
                 f"{at}{src.path}: tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}"
             )
-        model = prepare(model, "none" if quantize == "auto" else quantize)
+        if quantize in ("none", "auto"):
+            model = prepare(model, "none")
         return LM(model.eval(), tok, "modernlm", str(source), checkpoint_label(src.path), src.path, dev)
 
     dtype = dtype or "float32"

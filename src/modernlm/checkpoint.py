@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -22,6 +24,7 @@ from modernlm.config import from_dict, to_dict
 from modernlm.errors import UserError
 from modernlm.files import OLD_MARK, TMP_MARK, atomic_write, clean_leftovers, replace_dir, tmp_path
 from modernlm.model import ModelConfig, ModernDecoderLM
+from modernlm.quant import check_quantize, prepare
 
 if TYPE_CHECKING:
     from modernlm.model import ModelConfig, ModernDecoderLM
@@ -88,11 +91,103 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(f"checkpoint {file}: cannot read safetensors ({e})") from None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModernDecoderLM:
-    """Build the model from config.json and fill it from model.safetensors, strictly."""
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    quantize: str = "none",
+    dtype: torch.dtype | None = None,
+) -> ModernDecoderLM:
+    """Build the model from config.json and fill it from model.safetensors, strictly; in `dtype`
+    (None: the file's), and with quantize="int8" / "int4" prepared as `quant.prepare` prepares it.
+    A quantized model is read from the file a few rows at a time, never whole in float (SmolLM2:
+    a peak of the 8-bit model plus ~10 MB, not plus the 0.5 GB of float32 weights)."""
     cfg = load_model_config(path)
-    state = load_state_dict(path)
-    return build_model(cfg, state, Path(path) / WEIGHTS_FILE).to(device)
+    if check_quantize(quantize) != "none":
+        return _load_quantized(cfg, Path(path) / WEIGHTS_FILE, quantize, dtype).to(device)
+    model = build_model(cfg, load_state_dict(path), Path(path) / WEIGHTS_FILE)
+    return (model if dtype is None else model.to(dtype)).to(device)
+
+
+class StoredTensors:
+    """The tensors of a safetensors file, read on demand with plain reads into memory of our own.
+
+    Not through a map of the file (safetensors' own reader): every page read through a map counts
+    as the process's memory while the map lives, so quantizing a float32 checkpoint read that way
+    holds all of its float weights resident until the end. The format is safetensors' documented
+    one: an 8-byte little-endian header length, a JSON header (name -> dtype, shape, data_offsets),
+    then the data."""
+
+    DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+    def __init__(self, file: Path):
+        self.file = file
+        if not file.is_file():
+            raise UserError(f"checkpoint {file.parent}: missing {file.name}")
+        try:
+            self.f = open(file, "rb")  # noqa: SIM115 (closed by __exit__)
+            size = self.f.seek(0, 2)
+            self.f.seek(0)
+            n = int.from_bytes(self.f.read(8), "little")
+            if not 2 <= n <= size - 8:
+                raise ValueError(f"header length {n} in a file of {size} bytes")
+            header = json.loads(self.f.read(n))
+            header.pop("__metadata__", None)
+            self.entries = {}
+            for name, e in header.items():
+                dtype, shape, (begin, end) = self.DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"]
+                if end - begin != math.prod(shape) * dtype.itemsize or not 0 <= begin <= end <= size - 8 - n:
+                    raise ValueError(f"tensor {name}: data_offsets {[begin, end]} do not hold {e['dtype']} {list(shape)}")
+                self.entries[name] = (dtype, shape, 8 + n + begin)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # KeyError: a dtype we do not read
+            raise UserError(f"checkpoint {file}: cannot read safetensors ({type(e).__name__}: {e})") from None
+
+    def __enter__(self) -> StoredTensors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
+
+    def shapes(self) -> dict[str, torch.Tensor]:
+        """name -> a meta tensor of the stored shape (what check_state_dict compares)."""
+        return {k: torch.empty(shape, dtype=dtype, device="meta") for k, (dtype, shape, _) in self.entries.items()}
+
+    def read(self, name: str, i: int = 0, j: int | None = None) -> torch.Tensor:
+        """Tensor `name`, or its rows i..j-1 (along the first dimension)."""
+        dtype, shape, start = self.entries[name]
+        rows = (shape[0] if j is None else j) - i if shape else 1  # a scalar: one "row" of one
+        row = math.prod(shape[1:]) * dtype.itemsize
+        buf = torch.empty(rows * row, dtype=torch.uint8)
+        self.f.seek(start + i * row)
+        if self.f.readinto(buf.numpy()) != buf.numel():
+            raise UserError(f"checkpoint {self.file}: the file ends inside tensor {name}")
+        return buf.view(dtype).view(rows, *shape[1:]) if shape else buf.view(dtype).view(())
+
+
+def _load_quantized(cfg: ModelConfig, file: Path, quantize: str, dtype: torch.dtype | None) -> ModernDecoderLM:
+    """load_model's quantized path: the model built on meta, each projection quantized from rows
+    read off the file (`quant.prepare` with a file reader), then the float tensors left (the norms)
+    read whole."""
+    with torch.device("meta"):
+        model = ModernDecoderLM(cfg)
+    names = {id(m): name for name, m in model.named_modules()}
+    with StoredTensors(file) as stored:
+        check_state_dict(model, stored.shapes(), file)
+
+        def rows_of(layer: torch.nn.Module) -> Callable[[int, int], torch.Tensor]:
+            # a tied LM head is stored once, as the embedding
+            key = "tok_emb.weight" if layer is model.lm_head and cfg.tie_embeddings else f"{names[id(layer)]}.weight"
+            return lambda i, j: stored.read(key, i, j).to(dtype or stored.entries[key][0])
+
+        prepare(model, quantize, rows_of)
+        left = [k for k, t in model.state_dict().items() if t.is_meta and k in stored.entries]
+        model.load_state_dict({k: stored.read(k).to(dtype or stored.entries[k][0]) for k in left}, strict=False, assign=True)
+    if cfg.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear):  # a head left in floats (K % 32 != 0)
+        model.lm_head.weight = model.tok_emb.weight
+    model.rope = type(model.rope).for_config(cfg)  # buffers made on meta: computed for real
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise RuntimeError(f"load_model left tensors on the meta device: {meta}")
+    return model.eval()
 
 
 def build_model(

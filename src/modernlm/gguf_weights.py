@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from modernlm.model import ModelConfig, ModernDecoderLM, RotaryEmbedding
 from modernlm.quant import QK, QEmbedding, QLinear, check_quantize
-from modernlm.runtime import release_freed_memory
+from modernlm.runtime import release_freed_memory, short_lived_buffers
 from modernlm.tokenizer import Tokenizer, byte_symbols
 
 FORMS = ("q4", "q8", "float")  # least to most precise: a fused weight takes the most precise of its parts'
@@ -130,7 +130,7 @@ def load_gguf(
     with torch.device("meta"):
         model = ModernDecoderLM(cfg)
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") as f, short_lived_buffers():  # a changed form's float copies handed back at once
             _put_weights(model, cfg, tensors, quantize, f)
     except NotImplementedError:  # a tensor type gguf cannot dequantize (nor, then, transformers)
         return None

@@ -29,6 +29,7 @@ assumed: docs/model.md#quantized-decoding has WikiText-2 perplexity at each sett
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +37,11 @@ from torch import Tensor, nn
 
 from modernlm import kernels
 from modernlm.errors import UserError
-from modernlm.runtime import release_freed_memory
+from modernlm.runtime import short_lived_buffers
 
 QUANTIZE = ("none", "int8", "int4")
 QK = 32  # weights per block
+RowReader = Callable[[int, int], Tensor]  # (i, j) -> rows i..j-1 of a weight, as floats
 
 
 def check_quantize(value: str, field: str = "quantize", auto: bool = False) -> str:
@@ -165,11 +167,17 @@ class QLinear(nn.Module):
         self.register_buffer("mins", mins.float().contiguous() if mins is not None else None)
 
     @classmethod
-    def from_float(cls, w: Tensor, kind: str, rows: int = 4096) -> QLinear:
-        """Rows `rows` at a time (each row is quantized on its own): a whole embedding's float
-        temporaries (SmolLM2's 49152 x 576) would be ~0.4 GB at the load's peak."""
+    def from_float(cls, w: Tensor, kind: str, rows: int = 1024) -> QLinear:
+        """The weight w (N, K) quantized, `rows` rows at a time (see from_rows)."""
+        return cls.from_rows(lambda i, j: w[i:j], w.size(0), kind, rows)
+
+    @classmethod
+    def from_rows(cls, read: RowReader, n_rows: int, kind: str, rows: int = 1024) -> QLinear:
+        """The weight whose rows i..j-1 are read(i, j), quantized `rows` rows at a time (each row is
+        quantized on its own): a whole embedding's float temporaries (SmolLM2's 49152 x 576) would
+        be ~0.4 GB at the load's peak, and a checkpoint streamed from disk is never all in memory."""
         quantize = quantize_q8 if kind == "q8" else quantize_q4
-        parts = [quantize(w[i : i + rows]) for i in range(0, w.size(0), rows)]
+        parts = [quantize(read(i, min(i + rows, n_rows))) for i in range(0, n_rows, rows)]
         return cls(kind, *(torch.cat(p) for p in zip(*parts, strict=True)))
 
     def parts(self, rows: Tensor | None = None) -> tuple[Tensor, ...]:
@@ -264,34 +272,44 @@ def quantize_of(model: nn.Module) -> str:
     return "int4" if "q4" in kinds else "int8" if kinds else "none"
 
 
+def _own_rows(layer: nn.Linear) -> RowReader:
+    return lambda i, j: layer.weight[i:j]
+
+
 @torch.no_grad()
-def prepare(model: nn.Module, quantize: str = "none") -> nn.Module:
+def prepare(model: nn.Module, quantize: str = "none", rows_of: Callable[[nn.Linear], RowReader] = _own_rows) -> nn.Module:
     """Make a ModernDecoderLM ready to decode fast, in place: with quantize="none" its linear layers
     become FastLinear (same weights); "int8" / "int4" replace them with QLinear (see the table
-    above). For inference only: a quantized model has no trainable projections. Returns the model."""
+    above). For inference only: a quantized model has no trainable projections. Returns the model.
+    rows_of(layer) reads a layer's weight rows; by default its own (checkpoint.load_model gives one
+    that reads the file, for a model built on meta that never holds its float weights)."""
     check_quantize(quantize)
     kind = {"int8": "q8", "int4": "q4"}.get(quantize)
-    for parent, name, layer in _projections(model):
-        if kind is None:
+    if kind is None:
+        for _, _, layer in _projections(model):
             if type(layer) is nn.Linear:
                 layer.__class__ = FastLinear  # same module, same parameters: only forward differs
-        elif layer.weight.size(1) % QK == 0:
-            setattr(parent, name, QLinear.from_float(layer.weight, kind))
+        if type(model.lm_head) is nn.Linear:
+            model.lm_head.__class__ = FastLinear
+        return model
+    with short_lived_buffers():  # the float rows' chunks: each handed back as soon as it is done
+        _quantize(model, kind, rows_of)
+    return model
+
+
+def _quantize(model: nn.Module, kind: str, rows_of: Callable[[nn.Linear], RowReader]) -> None:
+    for parent, name, layer in _projections(model):
+        if layer.in_features % QK == 0:
+            setattr(parent, name, QLinear.from_rows(rows_of(layer), layer.out_features, kind))
     head = model.lm_head
-    if kind is None:
-        if type(head) is nn.Linear:
-            head.__class__ = FastLinear
-    elif isinstance(head, nn.Linear) and head.weight.size(1) % QK == 0:
+    if isinstance(head, nn.Linear) and head.in_features % QK == 0:
         # the head in 8 bits for both settings: 4-bit logits cost more quality than they save time
-        q = QLinear.from_float(head.weight, "q8")
+        q = QLinear.from_rows(rows_of(head), head.out_features, "q8")
         model.lm_head = q
         if model.config.tie_embeddings:
             model.tok_emb = QEmbedding(q)
-    if kind is not None:
-        # the float tensors left (the norms) into memory of their own: a loaded checkpoint's tensors
-        # all share one map of its file, which, while any of them lives, keeps every page the
-        # quantizer read resident (SmolLM2: 0.5 GB)
-        for p in model.parameters():
-            p.data = p.data.clone()
-        release_freed_memory()  # and the float weights' freed copies
-    return model
+    # the float tensors left (the norms) into memory of their own: a loaded checkpoint's tensors all
+    # share one map of its file, which, while any of them lives, keeps every page the quantizer
+    # read resident (SmolLM2: 0.5 GB); short_lived_buffers hands the freed copies back on exit
+    for p in model.parameters():
+        p.data = p.data.clone()
