@@ -357,6 +357,29 @@ at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& qp, const at::Tensor
   return y;
 }
 
+// e^x for 16 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for e^r, 2^n
+// put in the exponent's bits): within 2 ulp of std::exp, and vectorised where std::exp is a call
+// per float (scalar, that exp was a tenth of a 16-row step)
+static inline f16v exp16(f16v x) {
+  typedef int32_t i16v __attribute__((vector_size(64)));
+  const f16v hi = 88.f - (f16v){}, lo = -87.3365447504019f - (f16v){};  // e^hi < FLT_MAX; e^lo a normal float
+  x = x > hi ? hi : x;
+  x = x < lo ? lo : x;
+  const f16v shifted = x * 1.44269504088896341f + 12582912.f;  // 1.5 * 2^23: rounds x / ln2 to an integer n
+  const f16v n = shifted - 12582912.f;
+  const f16v r = x - n * 0.693359375f - n * -2.12194440e-4f;  // ln2 in two parts: r exact
+  f16v p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const f16v er = p * r * r + r + 1.f;
+  const i16v two_n = (__builtin_convertvector(n, i16v) + 127) << 23;  // 2^n as a float's bits
+  f16v scale;
+  std::memcpy(&scale, &two_n, 64);
+  return er * scale;
+}
+
 // One decode step's attention over a paged KV cache, read in place.
 // q (B, H, D) float32; k_pool, v_pool (num_blocks, KH, BS, D) float32 or float16 (a 16-bit cache: half
 // the memory, as llama.cpp's default; converted to float32 as it is read); table (B, W) int64 block
@@ -372,43 +395,79 @@ static inline f16v load16(const at::Half* p) {
 #endif
 }
 
+// softmax in place over S scores padded to a multiple of 16 with -inf (their e^x, ~1e-38, is below
+// a float's resolution of the sum, which is >= 1): 16 at a time, e^x vectorised
+static void softmax_padded(float* sc, int64_t S) {
+  const int64_t S16 = (S + 15) / 16 * 16;
+  f16v mv = load16(sc);
+  for (int64_t p = 16; p < S16; p += 16) {
+    const f16v v = load16(sc + p);
+    mv = v > mv ? v : mv;
+  }
+  float mx = mv[0];
+  for (int i = 1; i < 16; i++) mx = std::max(mx, mv[i]);
+  f16v sv = {};
+  for (int64_t p = 0; p < S16; p += 16) {
+    const f16v e = exp16(load16(sc + p) - mx);
+    std::memcpy(sc + p, &e, 64);
+    sv += e;
+  }
+  const float sum = hsum(sv);
+  for (int64_t p = 0; p < S16; p += 16) {
+    const f16v e = load16(sc + p) / sum;
+    std::memcpy(sc + p, &e, 64);
+  }
+}
+
+// out (D floats) = sum over p of sc[p] * v[p]: DV = D / 16 accumulators, a template argument so that
+// they stay in registers (a runtime count put them in memory, each add waiting on the last store)
+template <int DV, typename T>
+static void weigh_values(const float* sc, int64_t S, const T* Vp, const int64_t* tb, int64_t KH, int64_t h, int64_t BS,
+                         float* out) {
+  constexpr int64_t D = 16 * DV;
+  f16v acc[DV] = {};
+  for (int64_t p = 0; p < S; p++) {
+    const T* vr = Vp + ((tb[p / BS] * KH + h) * BS + p % BS) * D;
+    for (int d = 0; d < DV; d++) acc[d] += sc[p] * load16(vr + 16 * d);
+  }
+  std::memcpy(out, acc, D * sizeof(float));
+}
+
 template <typename T>
 static void attend_rows(const float* Qp, int64_t QS, const T* Kp, const T* Vp, const int64_t* Tb, const int64_t* L,
                         float* Y, int64_t B, int64_t H, int64_t KH, int64_t BS, int64_t D, int64_t W, double scale) {
   const int64_t G = H / KH, DV = D / 16;
-  // one task per (row, kv head): its G query heads share every key and value read
+  // one task per (row, kv head): its G query heads share every key read
   at::parallel_for(0, B * KH, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores;
     for (int64_t t = t0; t < t1; t++) {
-      const int64_t b = t / KH, h = t % KH, S = L[b];
+      const int64_t b = t / KH, h = t % KH, S = L[b], S16 = (S + 15) / 16 * 16;
       TORCH_CHECK(S >= 1 && S <= W * BS, "lengths out of the table's range");
-      scores.assign(G * S, 0.f);
+      scores.assign(G * S16, -INFINITY);
       for (int64_t p = 0; p < S; p++) {
         const T* kr = Kp + ((Tb[b * W + p / BS] * KH + h) * BS + p % BS) * D;
         for (int64_t g = 0; g < G; g++) {
           const float* qr = Qp + b * QS + (h * G + g) * D;  // QS: floats from one row's queries to the next
           f16v acc = {};
           for (int64_t d = 0; d < DV; d++) acc += load16(qr + 16 * d) * load16(kr + 16 * d);
-          scores[g * S + p] = hsum(acc) * (float)scale;
+          scores[g * S16 + p] = hsum(acc) * (float)scale;
         }
       }
-      for (int64_t g = 0; g < G; g++) {  // softmax over the row's keys
-        float* sc = scores.data() + g * S;
-        float mx = sc[0], sum = 0.f;
-        for (int64_t p = 1; p < S; p++) mx = std::max(mx, sc[p]);
-        for (int64_t p = 0; p < S; p++) sum += (sc[p] = std::exp(sc[p] - mx));
-        for (int64_t p = 0; p < S; p++) sc[p] /= sum;
-      }
-      f16v out[8][8] = {};  // [g][d-vector]: G <= 8, D <= 128
-      for (int64_t p = 0; p < S; p++) {
-        const T* vr = Vp + ((Tb[b * W + p / BS] * KH + h) * BS + p % BS) * D;
-        for (int64_t d = 0; d < DV; d++) {
-          f16v v = load16(vr + 16 * d);
-          for (int64_t g = 0; g < G; g++) out[g][d] += scores[g * S + p] * v;
+      for (int64_t g = 0; g < G; g++) {
+        float* sc = scores.data() + g * S16;
+        softmax_padded(sc, S);
+        float* out = Y + (b * H + h * G + g) * D;
+        switch (DV) {  // D <= 128
+          case 1: weigh_values<1>(sc, S, Vp, Tb + b * W, KH, h, BS, out); break;
+          case 2: weigh_values<2>(sc, S, Vp, Tb + b * W, KH, h, BS, out); break;
+          case 3: weigh_values<3>(sc, S, Vp, Tb + b * W, KH, h, BS, out); break;
+          case 4: weigh_values<4>(sc, S, Vp, Tb + b * W, KH, h, BS, out); break;
+          case 5: weigh_values<5>(sc, S, Vp, Tb + b * W, KH, h, BS, out); break;
+          case 6: weigh_values<6>(sc, S, Vp, Tb + b * W, KH, h, BS, out); break;
+          case 7: weigh_values<7>(sc, S, Vp, Tb + b * W, KH, h, BS, out); break;
+          default: weigh_values<8>(sc, S, Vp, Tb + b * W, KH, h, BS, out); break;
         }
       }
-      for (int64_t g = 0; g < G; g++)
-        std::memcpy(Y + (b * H + h * G + g) * D, out[g], D * sizeof(float));
     }
   });
 }
@@ -470,29 +529,6 @@ static void rmsnorm(const float* X, const float* Wn, float* Out, int64_t B, int6
     const float r = 1.f / std::sqrt(ss / (float)C + (float)eps);
     for (int64_t c = 0; c < C; c++) Out[b * C + c] = xr[c] * r * Wn[c];
   }
-}
-
-// e^x for 16 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for e^r, 2^n
-// put in the exponent's bits): within 2 ulp of std::exp, and vectorised where std::exp is a call
-// per float (scalar, that exp was a tenth of a 16-row step)
-static inline f16v exp16(f16v x) {
-  typedef int32_t i16v __attribute__((vector_size(64)));
-  const f16v hi = 88.f - (f16v){}, lo = -87.3365447504019f - (f16v){};  // e^hi < FLT_MAX; e^lo a normal float
-  x = x > hi ? hi : x;
-  x = x < lo ? lo : x;
-  const f16v shifted = x * 1.44269504088896341f + 12582912.f;  // 1.5 * 2^23: rounds x / ln2 to an integer n
-  const f16v n = shifted - 12582912.f;
-  const f16v r = x - n * 0.693359375f - n * -2.12194440e-4f;  // ln2 in two parts: r exact
-  f16v p = 1.9875691500e-4f * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const f16v er = p * r * r + r + 1.f;
-  const i16v two_n = (__builtin_convertvector(n, i16v) + 127) << 23;  // 2^n as a float's bits
-  f16v scale;
-  std::memcpy(&scale, &two_n, 64);
-  return er * scale;
 }
 
 template <typename T>
