@@ -506,7 +506,9 @@ def test_linear_q8_gives_a_row_the_same_bits_alone_and_in_any_batch():
 
 def test_linear_f32_gives_a_row_the_same_bits_alone_and_in_any_batch():
     """The float32 kernel's tiles (4 weight rows x up to 4 activation rows, a remainder of single
-    weight rows: N = 83) sum every output in the same order, so rows never mix either."""
+    weight rows: N = 83) sum every output in the same order, so rows never mix either (with
+    AVX-512 a whole 4 x 4 tile's 16 sums are taken at once, hsum16, in hsum's order: the row alone
+    takes hsum itself)."""
     w, x = torch.randn(83, 576), torch.randn(37, 576)
     whole = kernels.linear_f32(x, w)
     for i0, i1 in ((0, 1), (5, 6), (3, 7), (10, 26), (36, 37)):
