@@ -364,6 +364,77 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(setup):
     assert_alone(model, tok, jobs, [running, late])
 
 
+@pytest.fixture(scope="module")
+def plain(setup):
+    """setup's model without the sink token, whose prompts the engine prefills several at a time."""
+    from tests.conftest import tiny_config
+
+    _, tok = setup
+    torch.manual_seed(0)
+    model = ModernDecoderLM(tiny_config(vocab_size=320, max_seq_len=256)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(8)
+    return model, tok
+
+
+def test_prompts_that_wait_together_share_prefill_forwards(plain):
+    """Prompts admitted together are prefilled in shared forwards: rows of one length (each gives
+    what the shortest of them has left), at most prefill_chunk tokens a forward, every prompt token
+    exactly once; and each sequence gets exactly what it gets alone."""
+    model, tok = plain
+    engine = Engine(model, tok, max_batch=8, prefill_chunk=48, prefix_cache=False)
+    texts = ["Once upon a time there was a", "The quick brown fox jumps over the lazy dog and then", "In 1999",
+             "a", "the river should be wide and deep and slow by the time it", "cat sat on the mat"]  # fmt: skip
+    jobs = [(tok.encode(t, add_bos=True), SETTINGS[i % len(SETTINGS)]) for i, t in enumerate(texts)]
+    groups: list[tuple[int, int]] = []  # (sequences, tokens each) of every prefill forward
+    prefill_rows = engine._prefill_rows
+    engine._prefill_rows = lambda group, n: (groups.append((len(group), n)), prefill_rows(group, n))[1]
+    collectors = [Collector(1) for _ in jobs]
+    for (prompt, s), c in zip(jobs, collectors, strict=True):  # all queued before the engine starts
+        engine.submit(Request(prompt, s, c))
+    try:
+        engine.start()
+        for c in collectors:
+            c.wait()
+    finally:
+        engine.close()
+    assert max(k for k, _ in groups) > 1, groups  # shared passes over the weights
+    assert all(k * n <= 48 for k, n in groups), groups
+    assert sum(k * n for k, n in groups) == sum(len(p) for p, _ in jobs)
+    assert_alone(model, tok, jobs, collectors)
+
+
+def test_a_failing_prompt_in_a_shared_prefill_fails_alone(plain, caplog):
+    """A prefill forward of several prompts that raises is retried one prompt at a time: the one
+    whose forwards raise fails, the others get what they get alone."""
+    model, tok = plain
+    engine = Engine(model, tok, max_batch=4, prefill_chunk=64, prefix_cache=False)
+    jobs = story_jobs(tok, 3)
+    good = [Collector(1) for _ in jobs]
+    bad_c = Collector(1)
+    bad = Request(tok.encode("In 1999 the river", add_bos=True), Sampling(max_new_tokens=30), bad_c, id="req-bad")
+    shared: list[int] = []
+    forward = engine._forward
+    engine._forward = lambda seqs, rows: (shared.append(len(seqs)), forward(seqs, rows))[1]
+    handle = poison(engine, model, bad, during="prefill")
+    for (prompt, s), c in zip(jobs, good, strict=True):
+        engine.submit(Request(prompt, s, c))
+    engine.submit(bad)
+    try:
+        engine.start()
+        assert bad_c.event.wait(30) and len(bad_c.failed) == 1
+        for c in good:
+            c.wait()
+    finally:
+        handle.remove()
+        engine.close()
+    assert shared[0] == 4 and "retrying each alone" in caplog.text and "req-bad" in caplog.text
+    assert_alone(model, tok, jobs, good)
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
 def poison(engine: Engine, model, bad: Request, *, during: str):
     """A forward pre-hook that raises when `bad`'s sequence is in a prefill ("prefill") or decode
     ("decode") forward: a fault of that request alone."""
