@@ -53,33 +53,27 @@ constexpr int QK = 32;   // weights per quantization block
 constexpr int MR = 8;    // activation rows kept in registers per pass over a weight row
 constexpr int NC = 16;   // weight rows per tile: read from memory in the first pass, from cache in the others
 
-// Rows of y = x @ w.T, one weight row at a time, in passes of R <= MR activation rows. `Dot<R>`
-// accumulates one weight row against rows m0 .. m0+R-1 of x. R is a template argument so that the
-// accumulators live in registers: with a runtime count they went through memory, and each block's
-// add then waited for the last one's store (3x slower).
-// Tiles of NC weight rows: every pass of MR activation rows runs over the tile while its weights
-// are in cache, so the weights come from memory once whatever M is.
-template <template <int> class Dot, typename Args>
-static void for_rows(int64_t M, int64_t N, float* y, const Args& a) {
-  // grain: enough rows per task that scheduling is cheap, enough tasks that both cores work
+// The loop every matmul here shares: y (M, N) = x @ w.T in tiles of NC weight rows (a task's
+// rows, so both cores work), and in each tile passes of R <= MRX activation rows: every pass runs
+// over the tile while its weights are in cache, so the weights come from memory once whatever M is.
+// `Tile<R>::run(a, c0, c1, m0)` computes weight rows c0 .. c1-1 against activation rows m0 ..
+// m0+R-1. R is a template argument so that the accumulators live in registers: with a runtime count
+// they went through memory, and each add then waited for the last one's store (3x slower).
+template <template <int> class Tile, int MRX, typename Args>
+static void for_tiles(int64_t M, int64_t N, const Args& a) {
   at::parallel_for(0, N, NC, [&](int64_t n0, int64_t n1) {
     for (int64_t c0 = n0; c0 < n1; c0 += NC) {
       const int64_t c1 = std::min(n1, c0 + NC);
-      for (int64_t m0 = 0; m0 < M; m0 += MR) {
-        const int mr = (int)std::min<int64_t>(MR, M - m0);
-        for (int64_t n = c0; n < c1; n++) {
-          float acc[MR];
-          switch (mr) {
-            case 1: Dot<1>::run(a, n, m0, acc); break;
-            case 2: Dot<2>::run(a, n, m0, acc); break;
-            case 3: Dot<3>::run(a, n, m0, acc); break;
-            case 4: Dot<4>::run(a, n, m0, acc); break;
-            case 5: Dot<5>::run(a, n, m0, acc); break;
-            case 6: Dot<6>::run(a, n, m0, acc); break;
-            case 7: Dot<7>::run(a, n, m0, acc); break;
-            default: Dot<8>::run(a, n, m0, acc); break;
-          }
-          for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = acc[i];
+      for (int64_t m0 = 0; m0 < M; m0 += MRX) {
+        switch (std::min<int64_t>(MRX, M - m0)) {  // the cases past MRX are never built
+          case 1: Tile<1>::run(a, c0, c1, m0); break;
+          case 2: if constexpr (MRX >= 2) Tile<2>::run(a, c0, c1, m0); break;
+          case 3: if constexpr (MRX >= 3) Tile<3>::run(a, c0, c1, m0); break;
+          case 4: if constexpr (MRX >= 4) Tile<4>::run(a, c0, c1, m0); break;
+          case 5: if constexpr (MRX >= 5) Tile<5>::run(a, c0, c1, m0); break;
+          case 6: if constexpr (MRX >= 6) Tile<6>::run(a, c0, c1, m0); break;
+          case 7: if constexpr (MRX >= 7) Tile<7>::run(a, c0, c1, m0); break;
+          default: Tile<MRX>::run(a, c0, c1, m0); break;
         }
       }
     }
@@ -147,39 +141,28 @@ static inline void tile_f32(const float* X, const float* W, int64_t K, int64_t N
     for (int j = 0; j < NW; j++) y[(m0 + i) * N + n + j] = hsum(acc[j][i]);
 }
 
-// weight rows c0 .. c1-1 against activation rows m0 .. m0+R-1
-template <int R>
-static void cols_f32(const float* X, const float* W, int64_t K, int64_t N, int64_t c0, int64_t c1, int64_t m0, float* y) {
-  int64_t n = c0;
-  for (; n + NW32 <= c1; n += NW32) tile_f32<R, NW32>(X, W, K, N, n, m0, y);
-  for (; n < c1; n++) tile_f32<R, 1>(X, W, K, N, n, m0, y);
-}
+struct F32Args { const float* X; const float* W; float* Y; int64_t K, N; };
+// weight rows c0 .. c1-1 against activation rows m0 .. m0+R-1: NW32 at a time, then one at a time
+template <int R> struct TileF32 {
+  static void run(const F32Args& a, int64_t c0, int64_t c1, int64_t m0) {
+    int64_t n = c0;
+    for (; n + NW32 <= c1; n += NW32) tile_f32<R, NW32>(a.X, a.W, a.K, a.N, n, m0, a.Y);
+    for (; n < c1; n++) tile_f32<R, 1>(a.X, a.W, a.K, a.N, n, m0, a.Y);
+  }
+};
 
-// float32 weights w (N, K), K a multiple of 16. Tiles of NC weight rows, as for_rows.
+// float32 weights w (N, K), K a multiple of 16
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w) {
   const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
   check_x(x, K);
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && K % 16 == 0, "w must be contiguous float32, K % 16 == 0");
   at::Tensor y = at::empty({M, N}, x.options());
-  const float *X = x.data_ptr<float>(), *W = w.data_ptr<float>();
-  float* Y = y.data_ptr<float>();
-  at::parallel_for(0, N, NC, [&](int64_t n0, int64_t n1) {
-    for (int64_t c0 = n0; c0 < n1; c0 += NC) {
-      const int64_t c1 = std::min(n1, c0 + NC);
-      for (int64_t m0 = 0; m0 < M; m0 += MR32) {
-        switch (std::min<int64_t>(MR32, M - m0)) {
-          case 1: cols_f32<1>(X, W, K, N, c0, c1, m0, Y); break;
-          case 2: cols_f32<2>(X, W, K, N, c0, c1, m0, Y); break;
-          case 3: cols_f32<3>(X, W, K, N, c0, c1, m0, Y); break;
-          default: cols_f32<4>(X, W, K, N, c0, c1, m0, Y); break;
-        }
-      }
-    }
-  });
+  for_tiles<TileF32, MR32>(M, N, F32Args{x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), K, N});
   return y;
 }
 
-struct Q4Args { const float* X; const uint8_t* Q; const float* S; const float* Mn; const float* XS; int64_t K; };
+struct Q4Args { const float* X; const uint8_t* Q; const float* S; const float* Mn; const float* XS; float* Y; int64_t K, N; };
+// one weight row n against activation rows m0 .. m0+R-1 into out[0 .. R-1]
 template <int R> struct DotQ4 {
   static void run(const Q4Args& a, int64_t n, int64_t m0, float* out) {
     const int64_t QB = a.K / QK;
@@ -203,6 +186,15 @@ template <int R> struct DotQ4 {
     for (int i = 0; i < R; i++) out[i] = hsum(acc0[i] + acc1[i]) + macc[i];
   }
 };
+template <int R> struct TileQ4 {
+  static void run(const Q4Args& a, int64_t c0, int64_t c1, int64_t m0) {
+    for (int64_t n = c0; n < c1; n++) {
+      float acc[R];
+      DotQ4<R>::run(a, n, m0, acc);
+      for (int i = 0; i < R; i++) a.Y[(m0 + i) * a.N + n] = acc[i];
+    }
+  }
+};
 
 // 4-bit weights in GGUF's Q4_1 order: q (N, K / 2) uint8, block b of row n in bytes 16b..16b+15;
 // byte j of a block holds weight j (low nibble) and weight j + 16 (high nibble).
@@ -222,8 +214,8 @@ at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
       const float* xr = X + i * K + b * QK;
       xsum[i * QB + b] = hsum(load16(xr) + load16(xr + 16));
     }
-  for_rows<DotQ4>(M, N, y.data_ptr<float>(),
-                  Q4Args{X, q.data_ptr<uint8_t>(), scales.data_ptr<float>(), mins.data_ptr<float>(), xsum.data(), K});
+  for_tiles<TileQ4, MR>(M, N, Q4Args{X, q.data_ptr<uint8_t>(), scales.data_ptr<float>(), mins.data_ptr<float>(), xsum.data(),
+                                     y.data_ptr<float>(), K, N});
   return y;
 }
 
