@@ -51,6 +51,7 @@ each then `--rounds` timed; tok/s = new tokens / the fastest call; the two texts
     python benchmarks/bench_decode_peers.py                    # every default row, 1/4/16 clients
     python benchmarks/bench_decode_peers.py --rows modernlm-f32,llama-f32 --modernlm-args "compile=true"
     python benchmarks/bench_decode_peers.py --quick            # smoke run: 2 short levels, 32 tokens
+    python benchmarks/bench_decode_peers.py --rows modernlm-f32,llama-f32 --passes 3   # medians of 3 turns
 """
 
 from __future__ import annotations
@@ -141,6 +142,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="generate: timed calls per side")
     p.add_argument("--no-agree", action="store_true", help="skip the greedy agreement check")
     p.add_argument("--text", default=str(TEXT), help="text the prompts are cut from")
+    p.add_argument("--passes", type=int, default=1, help="run every row this many times, the rows in turn each "
+                   "pass; the table gives each cell's median over the passes")  # fmt: skip
     p.add_argument("--json", default="", help="write every request's numbers here")
     p.add_argument("--quick", action="store_true", help="smoke run: clients 1,4, 2 single prompts, 32 tokens")
     args = p.parse_args()
@@ -359,26 +362,35 @@ def machine() -> str:
             f"({torch.get_num_threads()} threads); python {platform.python_version()}")  # fmt: skip
 
 
-def report(results: dict[str, dict], args) -> None:
+def numbers(res: dict, args) -> list[float]:
+    """A run's table cells as numbers: tok/s at 1 client, TTFT at 1 (median), tok/s at each other
+    level, TTFT p99 at the top level, peak RSS in MiB."""
+    lv, top = res["levels"], max(args.levels)
+    return [lv[1]["tok_per_s"], statistics.median(r["ttft_s"] for r in lv[1]["requests"]),
+            *(lv[c]["tok_per_s"] for c in args.levels[1:]), pct([r["ttft_s"] for r in lv[top]["requests"]], 99),
+            res["peak_rss"] / 2**20]  # fmt: skip
+
+
+def report(results: dict[str, list[dict]], args) -> None:
+    """The table; with several passes each cell is the median of the row's passes (runs that
+    failed left out)."""
     top = max(args.levels)
     head = ["server", "weights", "1 client tok/s", "TTFT 1 client",
             *(f"{c} clients tok/s" for c in args.levels[1:]), f"TTFT p99 at {top}", "peak RSS"]  # fmt: skip
     print("| " + " | ".join(head) + " |")
     print("|---|---|" + "---:|" * (len(head) - 2))
     for name in args.rows:
-        row, res = ROWS[name], results.get(name)
+        row, runs = ROWS[name], results.get(name, [])
         server = "modernlm serve" if row.server == "modernlm" else "llama-server"
         extra = args.modernlm_args if row.server == "modernlm" else args.llama_args
         weights = row.weights + (f", {extra}" if extra else "")
-        if res is None or "error" in res:
-            cells = ["failed: " + (res or {}).get("error", "not run")] + [""] * (len(head) - 3)
+        ok = [numbers(r, args) for r in runs if "error" not in r]
+        if not ok:
+            cells = ["failed: " + (runs[0].get("error", "") if runs else "not run")] + [""] * (len(head) - 3)
         else:
-            lv = res["levels"]
-            one = statistics.median(r["ttft_s"] for r in lv[1]["requests"])
-            cells = [f"{lv[1]['tok_per_s']:.1f}", f"{one:.2f} s",
-                     *(f"{lv[c]['tok_per_s']:.1f}" for c in args.levels[1:]),
-                     f"{pct([r['ttft_s'] for r in lv[top]['requests']], 99):.1f} s",
-                     f"{res['peak_rss'] / 2**20:,.0f} MiB"]  # fmt: skip
+            med = [statistics.median(col) for col in zip(*ok, strict=True)]
+            cells = [f"{med[0]:.1f}", f"{med[1]:.2f} s", *(f"{v:.1f}" for v in med[2:-2]), f"{med[-2]:.1f} s",
+                     f"{med[-1]:,.0f} MiB"]  # fmt: skip
         print("| " + " | ".join([server, weights, *cells]) + " |")
 
 
@@ -411,14 +423,15 @@ def main() -> None:
     passage = passage_cutter(tok, args.text)
     prompts = level_prompts(passage, [args.single, *args.levels[1:]], args.lo, args.hi)
     gen_prompt = passage((args.lo + args.hi) // 2)
-    results: dict[str, dict] = {}
-    for name in args.rows:
-        try:
-            results[name] = bench_row(name, files, prompts, args)
-        except (RuntimeError, httpx.HTTPError, SystemExit) as e:  # a row that fails: said, the rest still run
-            print(f"warning: {name} failed: {e}", file=sys.stderr)
-            said = [line.strip() for line in str(e).splitlines() if line.strip()]  # a server's log: its last line
-            results[name] = {"row": name, "error": said[-1][:120] if said else type(e).__name__}
+    results: dict[str, list[dict]] = {name: [] for name in args.rows}
+    for _ in range(args.passes):  # the rows in turn, so that a slow spell of the machine falls on all of them
+        for name in args.rows:
+            try:
+                results[name].append(bench_row(name, files, prompts, args))
+            except (RuntimeError, httpx.HTTPError, SystemExit) as e:  # a row that fails: said, the rest still run
+                print(f"warning: {name} failed: {e}", file=sys.stderr)
+                said = [line.strip() for line in str(e).splitlines() if line.strip()]  # a server's log: its last line
+                results[name].append({"row": name, "error": said[-1][:120] if said else type(e).__name__})
     gen = None if args.no_generate else bench_generate(files["hf"], gen_prompt, args)
 
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -430,8 +443,10 @@ def main() -> None:
     print(f"streamed /v1/completions, greedy, {args.new_tokens} new tokens per request (ignore_eos), prompts "
           f"{args.lo}..{args.hi} tokens; 1 client: {args.single} prompts one at a time (TTFT: median); "
           "percentiles nearest rank\n")  # fmt: skip
+    if args.passes > 1:
+        print(f"each cell: the median of {args.passes} passes over the rows\n")
     report(results, args)
-    lines = agreement(results, tok)
+    lines = agreement({name: runs[0] for name, runs in results.items() if runs}, tok)  # greedy: the first pass
     if lines:
         print("\n" + "\n".join(lines))
     if gen is not None:
