@@ -268,25 +268,27 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 @contextlib.contextmanager
 def short_lived_buffers():
     """`with short_lived_buffers():` a load that makes and frees many large temporaries (a
     quantizer's chunks of float rows) gives each one over 128 KiB pages of its own, returned as
-    soon as it is freed, and the freed heap pages are handed back on exit. glibc's default raises
-    that threshold to the size of the largest block freed so far, after which such blocks come from
-    heaps it keeps: a quantized SmolLM2's load then peaked at 0.50 GB in some runs and 0.84 GB in
-    others, at 0.47 GB every time with this. The threshold stays at 128 KiB after the load (setting
-    it ends glibc's own rule): serving 16 clients then peaked 15 MB lower than with the threshold
-    that rule would reach, at the same speed (an in-process engine run, int8 SmolLM2)."""
+    soon as it is freed. glibc's default raises that threshold to the size of the largest block
+    freed so far, after which such blocks come from heaps it keeps: a quantized SmolLM2's load
+    then peaked at 0.50 GB in some runs and 0.84 GB in others, at 0.47 GB every time with this.
+    On exit the thresholds are set where glibc's own rule leaves them after such a load (large
+    blocks reused, not mapped afresh per decode step), and the free pages are handed back."""
     libc = _glibc()
     if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, 128 << 10)
     try:
         yield
     finally:
+        if libc is not None:
+            libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's ceiling for its own rule (64-bit)
+            libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)  # twice it, as that rule sets
         release_freed_memory()
 
 
