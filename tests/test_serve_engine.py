@@ -406,6 +406,35 @@ def test_prompts_that_wait_together_share_prefill_forwards(plain):
     assert_alone(model, tok, jobs, collectors)
 
 
+def test_a_failing_prompt_in_a_shared_prefill_fails_alone(plain, caplog):
+    """A prefill forward of several prompts that raises is retried one prompt at a time: the one
+    whose forwards raise fails, the others get what they get alone."""
+    model, tok = plain
+    engine = Engine(model, tok, max_batch=4, prefill_chunk=64, prefix_cache=False)
+    jobs = story_jobs(tok, 3)
+    good = [Collector(1) for _ in jobs]
+    bad_c = Collector(1)
+    bad = Request(tok.encode("In 1999 the river", add_bos=True), Sampling(max_new_tokens=30), bad_c, id="req-bad")
+    shared: list[int] = []
+    forward = engine._forward
+    engine._forward = lambda seqs, rows: (shared.append(len(seqs)), forward(seqs, rows))[1]
+    handle = poison(engine, model, bad, during="prefill")
+    for (prompt, s), c in zip(jobs, good, strict=True):
+        engine.submit(Request(prompt, s, c))
+    engine.submit(bad)
+    try:
+        engine.start()
+        assert bad_c.event.wait(30) and len(bad_c.failed) == 1
+        for c in good:
+            c.wait()
+    finally:
+        handle.remove()
+        engine.close()
+    assert shared[0] == 4 and "retrying each alone" in caplog.text and "req-bad" in caplog.text
+    assert_alone(model, tok, jobs, good)
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
 def poison(engine: Engine, model, bad: Request, *, during: str):
     """A forward pre-hook that raises when `bad`'s sequence is in a prefill ("prefill") or decode
     ("decode") forward: a fault of that request alone."""
@@ -420,31 +449,23 @@ def poison(engine: Engine, model, bad: Request, *, during: str):
     return model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-@pytest.mark.parametrize("during", ["prefill", "decode", "shared prefill"])
-def test_a_failing_request_fails_alone_and_is_logged(request, caplog, during):
-    """Fault injection: the forwards of one request raise (in its prefill, in decode steps it
-    shares with others, or in a prefill forward it shares with others' prompts: queued together on
-    a model without a sink). That request fails at once with a generic message naming its id, the
+@pytest.mark.parametrize("during", ["prefill", "decode"])
+def test_a_failing_request_fails_alone_and_is_logged(setup, caplog, during):
+    """Fault injection: the forwards of one request raise (in its prefill, or in decode steps it
+    shares with others). That request fails at once with a generic message naming its id, the
     traceback is in the server's log, and the others get exactly what they get alone."""
-    shared = during == "shared prefill"
-    model, tok = request.getfixturevalue("plain" if shared else "setup")
-    engine = Engine(model, tok, max_batch=4, prefix_cache=not shared)
+    model, tok = setup
+    engine = Engine(model, tok, max_batch=4)
     jobs = story_jobs(tok, 3)
     good = [Collector(1) for _ in jobs]
     bad_c = Collector(1)
     bad = Request(tok.encode("In 1999 the river", add_bos=True), Sampling(max_new_tokens=30), bad_c, id="req-bad")
-    rows: list[int] = []  # sequences in each forward
-    forward = engine._forward
-    engine._forward = lambda seqs, r: (rows.append(len(seqs)), forward(seqs, r))[1]
-    handle = poison(engine, model, bad, during="prefill" if shared else during)
+    handle = poison(engine, model, bad, during=during)
     try:
-        if not shared:
-            engine.start()
+        engine.start()
         for (prompt, s), c in zip(jobs, good, strict=True):
             engine.submit(Request(prompt, s, c))
         engine.submit(bad)
-        if shared:  # all four admitted together: their prompts share the first forward
-            engine.start()
         assert bad_c.event.wait(30) and len(bad_c.failed) == 1
         for c in good:
             c.wait()
@@ -453,8 +474,6 @@ def test_a_failing_request_fails_alone_and_is_logged(request, caplog, during):
         engine.close()
     assert "req-bad" in bad_c.failed[0] and "injected" not in bad_c.failed[0]  # no internals to the client
     assert "injected fault" in caplog.text and "req-bad" in caplog.text
-    if shared:
-        assert rows[0] == 4 and "retrying each alone" in caplog.text
     assert_alone(model, tok, jobs, good)
     assert engine.stats()["kv_blocks_used"] == 0
 
