@@ -3,8 +3,7 @@
 One thread owns the model and loops: admit (a waiting sequence gets the KV blocks its prompt
 needs, reusing the cached blocks of the longest prefix it shares with earlier sequences) ->
 prefill (at most `prefill_chunk` prompt tokens per loop, so a long prompt delays the running
-streams by one chunk's time per token, never by its whole prefill; prompts that wait together share
-a forward) -> step (one decode forward for
+streams by one chunk's time per token, never by its whole prefill) -> step (one decode forward for
 every running sequence, each picking its next token with its own settings and seeded generator,
 `generation.pick_tokens`) -> retire (a sequence that ended or was cancelled gives its blocks back at
 once). The keys and values live in a `PagedCache` of `kv_cache_bytes`: memory follows what the
@@ -43,7 +42,6 @@ from modernlm.quant import quantize_of
 from modernlm.serve.blocks import SINK, BlockPool, block_names
 
 log = logging.getLogger("modernlm.serve")
-MIN_PREFILL = 64  # prompt tokens worth a forward of their own once a loop's prefill has begun
 
 
 @dataclass
@@ -356,63 +354,28 @@ class Engine:
         return True
 
     def _prefill(self) -> None:
-        """Compute up to `prefill_chunk` prompt tokens, oldest admitted sequences first: one forward
-        for several prompts where they fit (`_prefill_group`), else a slice of the oldest one."""
+        """Compute up to `prefill_chunk` prompt tokens, oldest admitted sequence first."""
         budget = self.prefill_chunk
-        while budget > 0:
-            ready = []
-            for seq in list(self.prefilling):
-                if seq.request.cancelled.is_set():
-                    continue
-                if seq.filled == len(seq.slots):  # a preempted sequence whose slots were all cached
-                    self.prefilling.remove(seq)
-                    self.running.append(seq)
-                    continue
-                ready.append(seq)
-            if not ready:
+        for seq in list(self.prefilling):
+            if budget <= 0:
                 return
-            group, n = self._prefill_group(ready, budget)
-            if budget < self.prefill_chunk and n * len(group) < min(budget, MIN_PREFILL):
-                return  # a forward of a few tokens costs a pass over the weights: next loop
-            self._prefill_rows(group, n)  # a failed sequence is cancelled: not ready again
-            budget -= n * len(group)
-
-    def _prefill_group(self, ready: list[_Seq], budget: int) -> tuple[list[_Seq], int]:
-        """The sequences of the next prefill forward and the tokens n each gives: the k oldest, with
-        n = the fewest any of them has left (rows of one forward are of one length), k chosen for
-        the most tokens within `budget`. Short prompts so share one pass over the weights (16 of
-        23..248 tokens: a prompt of 23 alone ran at 40% of a full chunk's tokens/s here). A model
-        with a sink token prefills one sequence at a time (its first forward adds the sink)."""
-        best, best_n = 1, min(budget, len(ready[0].slots) - ready[0].filled)
-        if self.sink:
-            if ready[0].filled == 0:
-                best_n = max(best_n, 2)  # the sink slot and at least one token: the model adds the sink itself
-            return ready[:1], best_n
-        left = best_n
-        for k in range(2, min(len(ready), self.max_batch) + 1):
-            left = min(left, len(ready[k - 1].slots) - ready[k - 1].filled)
-            n = min(left, budget // k)
-            if n >= 1 and k * n > best * best_n:
-                best, best_n = k, n
-        return ready[:best], best_n
-
-    def _prefill_rows(self, group: list[_Seq], n: int) -> None:
-        """The next n slots of each sequence of `group` through one forward; a sequence whose prompt
-        is then all in the cache starts running with its first token. A forward of several that
-        raises is retried one sequence at a time, so that only the failing ones fail."""
-        rows = [[t for t in seq.slots[seq.filled : seq.filled + n] if t != SINK] for seq in group]
-        try:
-            logits = self._forward(group, rows)
-        except Exception:
-            if len(group) > 1:
-                log.exception("a prefill of %d sequences failed; retrying each alone", len(group))
-                for seq in group:
-                    self._prefill_rows([seq], n)
-                return
-            log.exception("prefill of request %s failed", group[0].request.id)
-            self._fail(group[0])
-            return
-        for i, seq in enumerate(group):
+            if seq.request.cancelled.is_set():
+                continue
+            if seq.filled == len(seq.slots):  # a preempted sequence whose slots were all cached
+                self.prefilling.remove(seq)
+                self.running.append(seq)
+                continue
+            n = min(budget, len(seq.slots) - seq.filled)
+            if seq.filled == 0 and self.sink:
+                n = max(n, 2)  # the sink slot and at least one token: the model adds the sink itself
+            tokens = [t for t in seq.slots[seq.filled : seq.filled + n] if t != SINK]
+            try:
+                logits = self._forward([seq], [tokens])
+            except Exception:
+                log.exception("prefill of request %s failed", seq.request.id)
+                self._fail(seq)
+                continue
+            budget -= n
             self._filled(seq, n)
             if seq.filled == len(seq.slots):
                 self.prefilling.remove(seq)
@@ -421,7 +384,7 @@ class Engine:
                     seq.started = True
                     if seq.sampling.repetition_penalty != 1.0:
                         seq.seen = prompt_seen(torch.tensor([seq.request.prompt], device=self.device), self.vocab)
-                    self._take(seq, logits[i : i + 1])
+                    self._take(seq, logits)
 
     def _forward(self, seqs: list[_Seq], rows: list[list[int]]) -> Tensor:
         """The next tokens `rows` of each of `seqs` through the model; the last position's logits (B, V).
