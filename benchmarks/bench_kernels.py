@@ -15,16 +15,31 @@ Then whole decode steps: a SmolLM2-135M-shaped model (random weights) at float32
 over a paged cache of 100 tokens a row at 1, 4 and 16 rows, the head and embedding included: fused
 (every layer in one `kernels.decode_layers` call, what `modernlm serve` runs on a CPU), op by op
 (`PagedCache.fused = False`), and with `--compile` through torch.compile as the engine ran them
-before (`generation.compiled_decoder`; ~1 min more). Each is the median of `--steps` steps.
+before (`generation.compiled_decoder`; ~1 min more). Each is the median of `--steps` steps. Then
+`paged_attention` alone: 30 layers of SmolLM2's heads (9 query, 3 kv, 64 wide) for 1 and 16 rows
+over 300 keys each, with a float32 and a float16 cache.
+
+`--against REV` times another version of the kernels beside this one: decode.cpp as commit REV has
+it is built apart, and this script runs `--passes` times with each build in turn, each run in a
+process of its own (the VM's speed drifts between minutes, so the two alternate); it prints each
+figure's median for both builds and their ratio.
 
     python benchmarks/bench_kernels.py [--threads N] [--compile]
+    python benchmarks/bench_kernels.py --against 4b2516f --passes 3
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -75,9 +90,17 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--steps", type=int, default=30, help="decode steps timed per row count")
     p.add_argument("--compile", action="store_true", help="also time torch.compile's steps (~1 min)")
+    p.add_argument("--against", default="", help="a commit: time its decode.cpp beside this one's")
+    p.add_argument("--passes", type=int, default=3, help="--against: runs per build, in turn")
+    p.add_argument("--library", default="", help="use this build of the kernels (a .so) instead of building")
+    p.add_argument("--json", default="", help="write every figure (ms) here")
     args = p.parse_args()
+    if args.against:
+        return against(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.library:  # loaded first, so `kernels.available()` finds the ops registered
+        torch.ops.load_library(args.library)
     if not kernels.available():
         raise SystemExit(f"bench_kernels: the kernels are not available here ({kernels.why_not()})")
     torch.manual_seed(0)
@@ -96,6 +119,7 @@ def main() -> None:
     print(f"memory: copy {copy:.1f} GB/s (read + write), sum {read:.1f} GB/s (read), "
           f"sum of each packed Q8_0 matrix in turn {per_matrix_gbs:.1f} GB/s\n")
 
+    figures: dict[str, float] = {}  # what --json writes: a name -> ms
     print("| rows | matmul | ms per pass | GB/s of weights | GMAC/s |")
     print("|---:|---|---:|---:|---:|")
     for m in (1, 4, 8, 16, 64):
@@ -103,9 +127,13 @@ def main() -> None:
         with torch.inference_mode():
             for name, (fn, bytes_per_weight) in passes(xs, weights, q8, q4).items():
                 t = best(fn, args.rounds)
+                figures[f"{name}, {m} rows, every layer's linears"] = t * 1e3
                 print(f"| {m} | {name} | {t * 1e3:.1f} | {n_weights * bytes_per_weight / t / 1e9:.1f} | "
                       f"{m * n_weights / t / 1e9:.0f} |")  # fmt: skip
-    decode_steps(args)
+    decode_steps(args, figures)
+    attention(args, figures)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1))
 
 
 def step_ms(model, rows: int, fused: bool, steps: int, step=None) -> float:
@@ -126,16 +154,81 @@ def step_ms(model, rows: int, fused: bool, steps: int, step=None) -> float:
     return sorted(times[1:])[steps // 2] * 1e3
 
 
-def decode_steps(args) -> None:
+def decode_steps(args, figures: dict[str, float]) -> None:
     print("\n| weights | rows | fused step ms | op by op ms | compiled ms |\n|---|---:|---:|---:|---:|")
     for quantize in ("none", "int8"):
         torch.manual_seed(0)
         model = prepare(ModernDecoderLM(ModelConfig(**SMOLLM2, n_layer=args.layers)), quantize).eval()
         compiled = compiled_decoder(model) if args.compile else None
+        weights = "float32" if quantize == "none" else quantize
         for rows in (1, 4, 16):
             fused, by_op = step_ms(model, rows, True, args.steps), step_ms(model, rows, False, args.steps)
+            figures[f"fused decode step, {weights}, {rows} rows"] = fused
             slow = f"{step_ms(model, rows, False, args.steps, compiled):.2f}" if compiled is not None else "-"
-            print(f"| {'float32' if quantize == 'none' else quantize} | {rows} | {fused:.2f} | {by_op:.2f} | {slow} |")
+            print(f"| {weights} | {rows} | {fused:.2f} | {by_op:.2f} | {slow} |")
+
+
+def attention(args, figures: dict[str, float], keys: int = 300, block: int = 16) -> None:
+    """`paged_attention` alone over `args.layers` layers' pools: each row's keys in blocks of its own."""
+    cfg = ModelConfig(**SMOLLM2, n_layer=1)
+    heads, kv_heads, dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    width = -(-keys // block)
+    print(f"\n| cache | rows | paged_attention ms ({args.layers} layers, {keys} keys a row) |\n|---|---:|---:|")
+    for dtype in (torch.float32, torch.float16):
+        for rows in (1, 16):
+            shape = (rows * width, kv_heads, block, dim)
+            pools = [(torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)) for _ in range(args.layers)]
+            table = torch.arange(rows * width).view(rows, width)
+            lengths, q = torch.full((rows,), keys), torch.randn(rows, heads, dim)
+
+            def layers(q=q, pools=pools, table=table, lengths=lengths) -> list:
+                return [kernels.paged_attention(q, k, v, table, lengths, dim**-0.5) for k, v in pools]
+
+            t = best(layers, args.rounds)
+            name = str(dtype).removeprefix("torch.")
+            figures[f"paged_attention, {name} cache, {rows} rows x {keys} keys, {args.layers} layers"] = t * 1e3
+            print(f"| {name} | {rows} | {t * 1e3:.2f} |")
+
+
+def against(args) -> None:
+    """Time commit `args.against`'s decode.cpp beside this checkout's: each build `args.passes`
+    times, in turn, each run a process of this script; print each figure's medians and ratio."""
+    root = Path(__file__).resolve().parents[1]
+    where = Path(tempfile.mkdtemp(prefix="bench_kernels-"))
+    source = where / "decode.cpp"
+    shown = subprocess.run(["git", "-C", str(root), "show", f"{args.against}:src/modernlm/kernels/decode.cpp"],
+                           capture_output=True)  # fmt: skip
+    if shown.returncode != 0:
+        raise SystemExit(f"bench_kernels: --against {args.against}: {shown.stderr.decode().strip()}")
+    source.write_bytes(shown.stdout)
+    subprocess.run(kernels.compile_command(where / "old.so", source=source), check=True)
+    if not kernels.available():
+        raise SystemExit(f"bench_kernels: the kernels are not available here ({kernels.why_not()})")
+    try:
+        compare({args.against: where / "old.so", "this checkout": kernels._library()}, where, args)
+    finally:
+        shutil.rmtree(where)
+
+
+def compare(builds: dict[str, Path], where: Path, args) -> None:
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in builds}
+    passthrough = ["--threads", str(args.threads), "--rounds", str(args.rounds), "--layers", str(args.layers),
+                   "--steps", str(args.steps)]  # fmt: skip
+    for i in range(args.passes):
+        for name, library in builds.items():
+            out = where / f"{len(runs[name])}-{name.replace(' ', '_')}.json"
+            print(f"pass {i + 1} of {args.passes}: {name}", file=sys.stderr, flush=True)
+            command = [sys.executable, __file__, *passthrough, "--library", str(library), "--json", str(out)]
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            runs[name].append(json.loads(out.read_text()))
+    old, new = builds
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.processor() or platform.machine()}; "
+          f"medians of {args.passes} runs per build, in turn\n")  # fmt: skip
+    print(f"| figure | {old} ms | {new} ms | {new} / {old} |\n|---|---:|---:|---:|")
+    for figure in runs[new][0]:
+        a = statistics.median(r[figure] for r in runs[old])
+        b = statistics.median(r[figure] for r in runs[new])
+        print(f"| {figure} | {a:.2f} | {b:.2f} | {b / a:.2f}x |")
 
 
 if __name__ == "__main__":

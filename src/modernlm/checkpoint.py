@@ -136,7 +136,8 @@ class StoredTensors:
             for name, e in header.items():
                 dtype, shape, (begin, end) = self.DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"]
                 if end - begin != math.prod(shape) * dtype.itemsize or not 0 <= begin <= end <= size - 8 - n:
-                    raise ValueError(f"tensor {name}: data_offsets {[begin, end]} do not hold {e['dtype']} {list(shape)}")
+                    raise ValueError(f"tensor {name}: data_offsets {[begin, end]} do not hold "
+                                     f"{e['dtype']} {list(shape)}")
                 self.entries[name] = (dtype, shape, 8 + n + begin)
         except (OSError, ValueError, KeyError, TypeError) as e:  # KeyError: a dtype we do not read
             raise UserError(f"checkpoint {file}: cannot read safetensors ({type(e).__name__}: {e})") from None
@@ -180,7 +181,8 @@ def _load_quantized(cfg: ModelConfig, file: Path, quantize: str, dtype: torch.dt
 
         prepare(model, quantize, rows_of)
         left = [k for k, t in model.state_dict().items() if t.is_meta and k in stored.entries]
-        model.load_state_dict({k: stored.read(k).to(dtype or stored.entries[k][0]) for k in left}, strict=False, assign=True)
+        rest = {k: stored.read(k).to(dtype or stored.entries[k][0]) for k in left}
+        model.load_state_dict(rest, strict=False, assign=True)
     if cfg.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear):  # a head left in floats (K % 32 != 0)
         model.lm_head.weight = model.tok_emb.weight
     model.rope = type(model.rope).for_config(cfg)  # buffers made on meta: computed for real

@@ -277,7 +277,8 @@ def _own_rows(layer: nn.Linear) -> RowReader:
 
 
 @torch.no_grad()
-def prepare(model: nn.Module, quantize: str = "none", rows_of: Callable[[nn.Linear], RowReader] = _own_rows) -> nn.Module:
+def prepare(model: nn.Module, quantize: str = "none",
+            rows_of: Callable[[nn.Linear], RowReader] = _own_rows) -> nn.Module:  # fmt: skip
     """Make a ModernDecoderLM ready to decode fast, in place: with quantize="none" its linear layers
     become FastLinear (same weights); "int8" / "int4" replace them with QLinear (see the table
     above). For inference only: a quantized model has no trainable projections. Returns the model.

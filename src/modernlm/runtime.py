@@ -277,7 +277,7 @@ def short_lived_buffers():
     quantizer's chunks of float rows) gives each one over 128 KiB pages of its own, returned as
     soon as it is freed. glibc's default raises that threshold to the size of the largest block
     freed so far, after which such blocks come from heaps it keeps: a quantized SmolLM2's load
-    then peaked at 0.50 GB in some runs and 0.84 GB in others, at 0.47 GB every time with this.
+    then peaked at 0.48-0.88 GB over eight runs, at 0.47 GB in every run with this (RESULTS.md).
     On exit the thresholds are set where glibc's own rule leaves them after such a load (large
     blocks reused, not mapped afresh per forward: held at 128 KiB, a 4-bit model's prefill of 16
     prompts took 8-10 s where it takes 5-6), and the free pages are handed back."""

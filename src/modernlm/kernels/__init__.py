@@ -58,17 +58,17 @@ def _build() -> bool:
     return True
 
 
-def compile_command(out: Path, march: str = "native") -> list[str]:
-    """The one compiler call that builds decode.cpp into `out` (`c++`, or $CXX): only a C++17
-    compiler is needed, and PyTorch's own headers. `march` picks the instructions (tests build the
-    AVX2 and portable paths with it)."""
+def compile_command(out: Path, march: str = "native", source: Path = _SOURCE) -> list[str]:
+    """The one compiler call that builds decode.cpp (or `source`, another version of it) into `out`
+    (`c++`, or $CXX): only a C++17 compiler is needed, and PyTorch's own headers. `march` picks the
+    instructions (tests build the AVX2 and portable paths with it)."""
     torch_dir = Path(torch.__file__).parent
     include = torch_dir / "include"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     flags = ["-O3", f"-march={march}", "-fopenmp", "-fPIC", "-shared", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
              "-isystem", str(include), "-isystem", str(include / "torch" / "csrc" / "api" / "include")]  # fmt: skip
     libs = ["-L", str(torch_dir / "lib"), "-lc10", "-ltorch_cpu"]
-    return [os.environ.get("CXX", "c++"), *flags, str(_SOURCE), "-o", str(out), *libs]
+    return [os.environ.get("CXX", "c++"), *flags, str(source), "-o", str(out), *libs]
 
 
 def _library() -> Path:
