@@ -662,24 +662,27 @@ def test_the_engine_with_the_kernels_gives_generates_greedy_tokens(engine_model,
 
 
 def test_a_float16_kv_cache_holds_twice_the_tokens_and_keeps_the_greedy_tokens(engine_model):
-    """kv_dtype=float16 under the float32 model: the same bytes hold twice the tokens, and greedy
-    tokens stay the float32 cache's (the sharp model's logits are far apart)."""
+    """kv_dtype=float16 (the default under a float32 model, as llama.cpp's cache): the same bytes
+    hold twice the tokens of a float32 cache, and greedy tokens stay the float32 cache's (the sharp
+    model's logits are far apart)."""
     model, tok = engine_model
     prompts = [tok.encode(t, add_bos=True) for t in PROMPTS]
     s = Sampling(max_new_tokens=16, eos_token_id=tok.eos_id)
     got = {}
-    for dtype in (None, torch.float16):
+    for dtype in (torch.float32, None):
         engine = Engine(model, tok, max_batch=4, block_size=4, kv_cache_bytes=1 << 20, kv_dtype=dtype).start()
         try:
             got[dtype] = engine_tokens(engine, prompts, s), engine.pool.num_blocks, engine.cache.k[0].dtype
         finally:
             engine.close()
-    assert got[None][2] == torch.float32 and got[torch.float16][2] == torch.float16
-    assert got[torch.float16][1] == 2 * got[None][1]
-    assert got[torch.float16][0] == got[None][0]
-    # under 8-bit weights the default ("auto") is float16, as llama.cpp's cache
+    assert got[torch.float32][2] == torch.float32 and got[None][2] == torch.float16
+    assert got[None][1] == 2 * got[torch.float32][1]
+    assert got[None][0] == got[torch.float32][0]
+    # under 8-bit weights too; a bfloat16 model keeps its own dtype
     int8 = quant.prepare(copy.deepcopy(model), "int8")
     assert Engine(int8, tok, kv_cache_bytes=1 << 20).cache.k[0].dtype == torch.float16
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    assert Engine(bf16, tok, kv_cache_bytes=1 << 20).cache.k[0].dtype == torch.bfloat16
     from modernlm.serve.app import ServeConfig
 
     with pytest.raises(UserError, match="kv_dtype"):

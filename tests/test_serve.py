@@ -50,7 +50,8 @@ def slow_lm(lm):
 
 @pytest.fixture(scope="module")
 def url(lm):
-    with serving(lm, max_batch=4) as url:
+    # a float32 cache, as the references here (generate, the model's log-softmax) keep
+    with serving(lm, max_batch=4, kv_dtype="float32") as url:
         yield url
 
 

@@ -271,7 +271,8 @@ def test_memory_follows_what_sequences_hold_and_returns_to_the_pool(setup):
     stats = engine.stats()
     assert stats["kv_blocks_used"] == 0 and stats["running"] == stats["waiting"] == 0
     assert stats["kv_blocks_free"] + stats["kv_blocks_cached"] == stats["kv_blocks_total"]
-    assert stats["kv_cache_bytes"] == stats["kv_blocks_total"] * PagedCache.block_bytes(model.config, bs, torch.float32)
+    # the float32 model's default cache is float16 (llama.cpp's): 2 bytes a number
+    assert stats["kv_cache_bytes"] == stats["kv_blocks_total"] * PagedCache.block_bytes(model.config, bs, torch.float16)
     assert_alone(model, tok, jobs, collectors)
 
 
@@ -281,7 +282,7 @@ def test_a_full_cache_queues_and_preempts_and_every_sequence_still_gets_what_it_
     prefix cache where it still holds their blocks), and each sequence's text is what it gets
     alone. A prompt larger than the whole cache fails at once, alone."""
     model, tok = setup
-    per_block = PagedCache.block_bytes(model.config, 4, torch.float32)
+    per_block = PagedCache.block_bytes(model.config, 4, torch.float16)  # the default cache's (float16)
     for prefix_cache in (True, False):
         engine = Engine(model, tok, max_batch=4, block_size=4, kv_cache_bytes=12 * per_block,
                         prefix_cache=prefix_cache).start()  # fmt: skip

@@ -118,7 +118,7 @@ def test_a_batch_of_constrained_rows_equals_each_alone(lm):
 def test_server_response_format_through_openais_client(lm):
     """parse() with a nested pydantic model; json_object streamed; constrained and free requests
     at once each get what they get alone; a schema it cannot follow is a 400 naming it."""
-    with serving(lm, max_batch=8) as url:
+    with serving(lm, max_batch=8, kv_dtype="float32") as url:  # the cache of lm.chat, its reference
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
         out = client.chat.completions.parse(model=lm.name, messages=USER, response_format=Thing, max_tokens=200,
                                             temperature=0)  # fmt: skip

@@ -75,9 +75,9 @@ class ServeConfig:
     # The KV cache's budget in bytes; 0 = a quarter of the machine's memory (a GPU: half its free
     # memory), at most what max_batch sequences of the full context need. Used as sequences grow.
     kv_cache_bytes: int = 0
-    # The KV cache's numbers: "auto" = the model's dtype, float16 under int8 / int4 weights; "float16"
-    # / "bfloat16" halve a float32 model's cache (llama.cpp's default is f16; keys and values rounded
-    # to 16 bits as they are stored)
+    # The KV cache's numbers: "auto" = float16 under float32 numbers (float32 or int8 / int4 weights:
+    # llama.cpp's default, half the memory; keys and values rounded to 16 bits as they are stored),
+    # else the model's dtype; "float32" keeps a float32 model's keys and values exactly
     kv_dtype: str = "auto"
     kv_block_size: int = 16  # tokens per KV cache block
     prefill_chunk: int = 256  # prompt tokens prefilled per engine step (long prompts do not stall decoding)

@@ -38,7 +38,6 @@ from torch import Tensor
 from modernlm.constrain import Guide
 from modernlm.generation import Sampling, TextStream, compiled_decoder, pick_tokens, prompt_seen
 from modernlm.model import PagedCache
-from modernlm.quant import quantize_of
 from modernlm.serve.blocks import SINK, BlockPool, block_names
 
 log = logging.getLogger("modernlm.serve")
@@ -133,8 +132,8 @@ class Engine:
     """Continuous batching on `model` (a ModernDecoderLM) with `tokenizer`; see the module
     docstring. `max_batch` sequences run together (1: one at a time); `max_queue` more may wait.
     The KV cache holds `kv_cache_bytes` (0: `default_kv_bytes`) in blocks of `block_size` tokens, in
-    `kv_dtype` (None: the model's, float16 under int8 / int4 weights; float16 halves a float32
-    model's, as llama.cpp's default);
+    `kv_dtype` (None: float16 under a float32 model, whatever its weights, as llama.cpp's default,
+    half of a float32 cache; else the model's dtype);
     `prefix_cache` keeps full blocks for later prompts that start alike. `start()` runs the engine
     thread, `submit(request)` queues a request (EngineFull when the queue is full), `close()` stops."""
 
@@ -150,10 +149,9 @@ class Engine:
         p = next(model.parameters())
         self.device, self.vocab = p.device, model.config.vocab_size
         self.sink = model.sink is not None
-        # the model's dtype, or float16 under 8- or 4-bit weights (llama.cpp's default cache: their
-        # logits are rounded already, and the cache is then the larger part of a server's memory)
-        low_bit = quantize_of(model) != "none" and p.dtype == torch.float32
-        self.kv_dtype = kv_dtype or (torch.float16 if low_bit else p.dtype)
+        # float16 under float32 numbers (llama.cpp's default cache: half the bytes to hold and to
+        # read each step, the keys and values rounded to 16 bits), else the model's own dtype
+        self.kv_dtype = kv_dtype or (torch.float16 if p.dtype == torch.float32 else p.dtype)
         per_block = PagedCache.block_bytes(model.config, block_size, self.kv_dtype)
         budget = kv_cache_bytes or default_kv_bytes(model, max_batch, self.kv_dtype)
         if budget < per_block:
