@@ -173,6 +173,7 @@ def _load_quantized(cfg: ModelConfig, file: Path, quantize: str, dtype: torch.dt
     names = {id(m): name for name, m in model.named_modules()}
     with StoredTensors(file) as stored:
         check_state_dict(model, stored.shapes(), file)
+        model.to(dtype or stored.entries["tok_emb.weight"][0])  # on meta: only the dtype it will have
 
         def rows_of(layer: torch.nn.Module) -> Callable[[int, int], torch.Tensor]:
             # a tied LM head is stored once, as the embedding

@@ -234,18 +234,21 @@ def _scratch(n: int, device: torch.device) -> Tensor:
 
 
 class QEmbedding(nn.Module):
-    """Token embedding read from a QLinear's weight (tied embeddings: the LM head's matrix)."""
+    """Token embedding read from a QLinear's weight (tied embeddings: the LM head's matrix), its
+    rows given in `dtype`, the model's (a bfloat16 model's layers left in floats take bfloat16)."""
 
-    def __init__(self, table: QLinear):
+    def __init__(self, table: QLinear, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.table = [table]  # a list: not a submodule, so its buffers are not saved twice
+        self.dtype = dtype
 
     @property
     def weight(self) -> Tensor:  # the rows as floats, for code that reads the matrix
         return self.table[0].dequantize()
 
     def forward(self, idx: Tensor) -> Tensor:
-        return self.table[0].dequantize(rows=idx.reshape(-1)).view(*idx.shape, self.table[0].in_features)
+        rows = self.table[0].dequantize(rows=idx.reshape(-1)).to(self.dtype)
+        return rows.view(*idx.shape, self.table[0].in_features)
 
 
 # ---- the model --------------------------------------------------------------------------------
@@ -308,7 +311,7 @@ def _quantize(model: nn.Module, kind: str, rows_of: Callable[[nn.Linear], RowRea
         q = QLinear.from_rows(rows_of(head), head.out_features, "q8")
         model.lm_head = q
         if model.config.tie_embeddings:
-            model.tok_emb = QEmbedding(q)
+            model.tok_emb = QEmbedding(q, model.tok_emb.weight.dtype)
     # the float tensors left (the norms) into memory of their own: a loaded checkpoint's tensors all
     # share one map of its file, which, while any of them lives, keeps every page the quantizer
     # read resident (SmolLM2: 0.5 GB); short_lived_buffers hands the freed copies back on exit
