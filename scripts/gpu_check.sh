@@ -12,9 +12,10 @@
 # 2. runs `pytest -m gpu` (tests/test_gpu.py: flash SDPA, bf16 + compile, FSDP on one GPU,
 #    activation checkpointing's memory and gradients, the trainer's peak memory and MFU);
 # 3. prints the table of benchmarks/bench_gpu.py (tok/s, MFU, peak memory for seed-253m eager /
-#    compiled / with activation checkpointing, FSDP vs DDP on one GPU, SmolLM2 decode (eager and
-#    torch.compile'd steps; no CUDA graphs yet) vs
-#    transformers), also written to $OUT/gpu_check.json (OUT defaults to the current directory).
+#    compiled / with activation checkpointing, FSDP vs DDP on one GPU, SmolLM2 decode at batch 1
+#    and 16: `generate` eager and compiled, the serve engine eager and compiled (static shapes
+#    replayed as CUDA graphs), vs transformers), also written to $OUT/gpu_check.json (OUT defaults
+#    to the current directory).
 # Not yet timed on a GPU (none lent so far): sized for well under 8 minutes on one H100 / H200
 # (4 trainer runs of 40 steps, one compile). Exit status: the tests' (the table is printed either way).
 # GPU_CHECK_SMOKE=1 runs it on the CPU without installing anything: the GPU tests skip, the table

@@ -719,6 +719,86 @@ def test_the_compiled_engine_after_warm_up_gives_the_same_tokens_and_never_recom
     assert got == want
 
 
+def test_compiled_decode_steps_take_few_shapes_and_no_int_that_changes_per_step(engine_model, monkeypatch):
+    """What CUDA graphs need, checked on the CPU. cudagraph trees record one graph per distinct set
+    of a compiled step's inputs (each tensor's shape, each int's value), and one more per recompile:
+    over a run whose rows come and go and whose block tables grow, two graphs are compiled (one
+    row, more) and every set is one of the few static shapes (rows, width) the engine stepped at,
+    never one per step; and a step changes no input but the KV pool. Padding rows (3 sequences stepped as 4)
+    change no token: the tokens are the eager engine's."""
+    from modernlm.serve import steps
+
+    graphs: list = []  # each graph compiled
+    seen: set[tuple] = set()  # (graph, its inputs' shapes and ints) of each call
+    changed: set[int] = set()  # the inputs a call changed, by address
+
+    def recorder(gm, example_inputs):  # a torch.compile backend: the graph as traced, run op by op
+        graphs.append(gm)
+
+        def run(*args):
+            seen.add((len(graphs), *(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)))
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            before = [t.clone() for t in tensors]
+            out = gm.forward(*args)
+            changed.update(t.data_ptr() for t, b in zip(tensors, before, strict=True) if not torch.equal(t, b))
+            return out
+
+        return run
+
+    model, tok = engine_model
+    prompts = [tok.encode(t, add_bos=True) for t in PROMPTS[:3]]
+    monkeypatch.setattr(PagedCache, "fused", False)  # the steps op by op: what compiles (a GPU's path)
+    monkeypatch.setattr(steps, "compile_model", lambda m, **kw: torch.compile(m, backend=recorder, dynamic=True))
+    got = {}
+    for compile in (False, True):
+        engine = Engine(model, tok, max_batch=4, block_size=4, compile=compile)
+        engine.warm_up()
+        got[compile] = engine_tokens(engine, prompts, Sampling(max_new_tokens=40, eos_token_id=-1), here=True)
+    shapes = engine.static_steps.shapes
+    assert {rows for rows, _ in shapes} == {1, 2, 4} and len({w for _, w in shapes}) >= 3
+    assert engine.steps >= 39 > 2 * len(shapes)  # a per-step int would have made ~40 sets
+    assert len(graphs) == 2  # one row, and more (dynamic sizes): no recompile
+    # a graph replays on the same addresses: the only inputs a step may change are the pool's
+    # (marked static on a GPU), else cudagraph trees skip the graph
+    assert changed and changed <= {buf.data_ptr() for buf in (*engine.cache.k, *engine.cache.v)}
+    assert 0 < len(seen) <= len(shapes)
+    assert got[True] == got[False] and all(len(t) == 40 for t in got[True])
+
+
+def test_a_compiled_engine_keeps_a_block_for_padding_rows_and_says_what_no_longer_fits(engine_model, monkeypatch):
+    """The block that padding rows write to is no sequence's: a prompt that needs every block of
+    the pool is refused at once (it would wait forever for the kept one), a prompt that fits the
+    rest runs to its end."""
+    from modernlm.serve import steps
+
+    model, tok = engine_model
+    monkeypatch.setattr(PagedCache, "fused", False)
+    monkeypatch.setattr(steps, "compile_model", lambda m, **kw: m)  # the static shapes, uncompiled
+    per_block = PagedCache.block_bytes(model.config, 4, torch.float16)
+    engine = Engine(model, tok, max_batch=2, block_size=4, kv_cache_bytes=3 * per_block, compile=True)
+    assert engine.pool.num_blocks == 3 and engine.kv_tokens == 2 * 4 - 1  # one block kept, the sink's slot
+    events: dict[int, list] = {0: [], 1: []}
+    finished = [threading.Event(), threading.Event()]
+
+    def emit_to(i):
+        def emit(ev) -> None:
+            events[i].append(ev)
+            if isinstance(ev, Done | Failed):
+                finished[i].set()
+
+        return emit
+
+    engine.start()
+    try:
+        engine.submit(Request(list(range(7)), Sampling(max_new_tokens=3, eos_token_id=-1), emit_to(0)))  # 8 slots + 1
+        engine.submit(Request(list(range(3)), Sampling(max_new_tokens=3, eos_token_id=-1), emit_to(1)))  # 7 slots
+        assert all(f.wait(60) for f in finished), events
+    finally:
+        engine.close()
+    assert isinstance(events[0][-1], Failed) and "holds 7" in events[0][-1].message
+    assert isinstance(events[1][-1], Done) and events[1][-1].completion_tokens == 3
+
+
 # ---- load(quantize=) and the build ------------------------------------------------------------------
 
 

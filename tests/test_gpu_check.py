@@ -56,7 +56,8 @@ def test_gpu_check_smoke_runs_the_gpu_tests_and_fills_every_row_of_the_table(tmp
     assert not [r for r in rows.values() if "error" in r], rows
     trainer = [rows[f"pretrain seed-253m, eager{ac}"] for ac in ("", ", AC full", ", AC selective")]
     parallel = [rows[f"{kind} on one cpu (1-rank group, eager)"] for kind in ("ddp", "fsdp")]
-    decode = [rows[f"decode {side}, batch {b}"] for side in ("modernlm", "transformers") for b in (1, 16)]
+    sides = ("modernlm", "modernlm compiled", "serve engine", "serve engine compiled", "transformers")
+    decode = [rows[f"decode {side}, batch {b}"] for side in sides for b in (1, 16)]
     # activation checkpointing recomputes the same activations: the same losses, to the last bit
     assert trainer[0]["loss"] == trainer[1]["loss"] == trainer[2]["loss"]
     # FSDP over a 1-rank group is the DDP model's training, fp32 on both sides

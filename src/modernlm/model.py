@@ -137,19 +137,21 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
+    def reserve(self, length: int) -> None:
+        """Tables for positions 0 .. length-1 at least (grown by doubling: rarely rebuilt)."""
+        if length > self.cos.size(0):
+            self._build(max(length, 2 * self.cos.size(0)))
+
     def forward(self, start: int, length: int) -> tuple[Tensor, Tensor]:
         """cos, sin for positions start .. start+length-1, each (length, D)."""
-        if start + length > self.cos.size(0):
-            self._build(max(start + length, 2 * self.cos.size(0)))
+        self.reserve(start + length)
         return self.cos[start : start + length], self.sin[start : start + length]
 
     def at(self, positions: Tensor, need: int | None = None) -> tuple[Tensor, Tensor]:
         """cos, sin for each row's own positions (B, T): each (B, 1, T, D), broadcast over heads.
         `need`: positions.max() + 1 when the caller knows it (reading it from the tensor would stop
         a compiled step to sync)."""
-        need = int(positions.max()) + 1 if need is None else need
-        if need > self.cos.size(0):
-            self._build(max(need, 2 * self.cos.size(0)))
+        self.reserve(int(positions.max()) + 1 if need is None else need)
         return self.cos[positions][:, None], self.sin[positions][:, None]
 
 
@@ -280,6 +282,7 @@ class PagedCache:
     rolling = False
     valid = None
     fused = True  # decode steps in one kernel call where it runs them (ModernDecoderLM._fused_step)
+    keeps_scratch = True  # the gathered keys and values go to one buffer kept for every step
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, *, device, dtype: torch.dtype):
         shape = (num_blocks, cfg.n_kv_head, block_size, cfg.head_dim)
@@ -316,10 +319,13 @@ class PagedCache:
         self.room = min(len(t) * self.block_size - n for t, n in zip(tables, lengths, strict=True))
         self.end = max(lengths)
         self.seen = int(min(lengths) > 0)  # 0: fresh rows (the model then adds its sink token)
+        self.gather = self.gather_index(table)
+
+    def gather_index(self, table: Tensor) -> Tensor:
+        """Row r, kv head h, block j of the gathered keys is pool row table[r, j] * K + h of the
+        pool viewed as (num_blocks * K, block_size * D): one index_select, a contiguous result."""
         K = self.k[0].size(1)
-        # row r, kv head h, block j of the gathered keys is pool row table[r, j] * K + h of the
-        # pool viewed as (num_blocks * K, block_size * D): one index_select, a contiguous result
-        self.gather = (table[:, None, :] * K + torch.arange(K, device=device)[None, :, None]).flatten()
+        return (table[:, None, :] * K + torch.arange(K, device=table.device)[None, :, None]).flatten()
 
     def check_room(self, t: int) -> None:
         if t > self.room:
@@ -344,13 +350,15 @@ class PagedCache:
         rows, K, _, D = k.shape
         S = self.table.size(1) * self.block_size
         flat = (self.num_blocks * K, self.block_size * D)
-        n = self.gather.numel()
-        if self._scratch is None or self._scratch.size(1) < n:
-            # one buffer pair for every layer and step: fresh memory each time costs page faults
-            # that made the gather several times slower than the copy itself
-            self._scratch = torch.empty(2, n, flat[1], device=k.device, dtype=self.k[layer].dtype)
-        keys = torch.index_select(self.k[layer].view(flat), 0, self.gather, out=self._scratch[0, :n])
-        values = torch.index_select(self.v[layer].view(flat), 0, self.gather, out=self._scratch[1, :n])
+        n, out = self.gather.numel(), (None, None)
+        if self.keeps_scratch:
+            if self._scratch is None or self._scratch.size(1) < n:
+                # one buffer pair for every layer and step: fresh memory each time costs page faults
+                # that made the gather several times slower than the copy itself
+                self._scratch = torch.empty(2, n, flat[1], device=k.device, dtype=self.k[layer].dtype)
+            out = self._scratch[0, :n], self._scratch[1, :n]
+        keys = torch.index_select(self.k[layer].view(flat), 0, self.gather, out=out[0])
+        values = torch.index_select(self.v[layer].view(flat), 0, self.gather, out=out[1])
         return keys.view(rows, K, S, D).to(k.dtype), values.view(rows, K, S, D).to(v.dtype)
 
     def attends_in_place(self, q: Tensor) -> bool:

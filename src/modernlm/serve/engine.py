@@ -36,9 +36,10 @@ import torch
 from torch import Tensor
 
 from modernlm.constrain import Guide
-from modernlm.generation import Sampling, TextStream, compiled_decoder, pick_tokens, prompt_seen
+from modernlm.generation import Sampling, TextStream, pick_tokens, prompt_seen
 from modernlm.model import PagedCache
 from modernlm.serve.blocks import SINK, BlockPool, block_names
+from modernlm.serve.steps import StaticSteps
 
 log = logging.getLogger("modernlm.serve")
 
@@ -161,16 +162,15 @@ class Engine:
         self.cache = PagedCache(model.config, num_blocks, block_size, device=self.device, dtype=self.kv_dtype)
         self.pool = BlockPool(num_blocks, block_size, prefix_cache)
         # Decode steps: on the CPU, fused (every layer in one call of modernlm/kernels, nothing to
-        # compile); elsewhere through torch.compile where asked (one graph for one row, one for any
-        # other count; `warm_up` pays the compile before requests come).
+        # compile); elsewhere through torch.compile where asked, at a few static shapes, as CUDA
+        # graphs on a GPU (serve/steps.py: padding rows write to a block kept for them; `warm_up`
+        # pays the compile before requests come).
         self.fused = model.fuses_steps(self.cache)
-        self.compiled = compile and not self.fused
-        self.decode = compiled_decoder(model) if self.compiled else model
-        if self.compiled:
-            # the pool's sizes are fixed: were they symbolic, a size equal to a table's width at
-            # warm-up (2 kv heads, 2 blocks) would be taken for the same size, and recompiled later
-            for buf in (*self.cache.k, *self.cache.v):
-                torch._dynamo.mark_static(buf)
+        self.compiled = compile and not self.fused and num_blocks > 1
+        self.static_steps, self.seq_blocks = None, num_blocks  # the blocks sequences may hold
+        if self.compiled:  # padding rows write to a block of their own
+            self.static_steps = StaticSteps(model, self.cache, self.pool.allocate(1)[0], max_batch)
+            self.seq_blocks -= 1
         self.block_size, self.kv_bytes = block_size, num_blocks * per_block
         self.running: list[_Seq] = []  # decoding, oldest first
         self.prefilling: list[_Seq] = []  # admitted, prompt not all in the cache yet
@@ -213,7 +213,7 @@ class Engine:
     @property
     def kv_tokens(self) -> int:
         """The most tokens one sequence can hold: the whole KV budget."""
-        return self.pool.num_blocks * self.block_size - int(self.sink)
+        return self.seq_blocks * self.block_size - int(self.sink)
 
     @property
     def load(self) -> tuple[int, int]:
@@ -248,14 +248,18 @@ class Engine:
 
     # ---- the engine thread ----------------------------------------------------------------------
 
-    def run(self) -> None:
-        """The engine loop, on the calling thread, until `close()`. On a CPU, call it on the thread
-        that loaded the model (`modernlm serve` does): PyTorch's OpenMP threads serve the thread
-        that used them first, and from another thread the same decode step ran ~1.4x slower here."""
+    def run(self, until_idle: bool = False) -> None:
+        """The engine loop, on the calling thread, until `close()` (`until_idle`: or until no
+        request is left, as a script's batch). On a CPU, call it on the thread that loaded the model
+        (`modernlm serve` does): PyTorch's OpenMP threads serve the thread that used them first, and
+        from another thread the same decode step ran ~1.4x slower here; on a GPU, the thread that
+        ran `warm_up` replays the CUDA graphs it recorded."""
         with torch.inference_mode():
             while True:
                 with self.lock:
                     while not self.stopping and not self.running and not self.prefilling and not self.waiting:
+                        if until_idle:
+                            return
                         self.lock.wait()
                     if self.stopping:
                         break
@@ -276,25 +280,12 @@ class Engine:
             seq.request.emit(Failed("the server is shutting down"))
 
     def warm_up(self) -> float:
-        """Run a decode step of one row and one of two rows on a scratch block before any request,
-        so that a compiled step is built now, not in the first user's time. Returns the seconds."""
+        """Compile the decode steps (and on a GPU, record their graphs at each row count) before any
+        request, not in the first user's time. Returns the seconds."""
         start = time.perf_counter()
-        need = math.ceil((2 + int(self.sink)) / self.block_size)  # a prompt token (+ the sink), a step
-        blocks = self.pool.allocate(2 * need)
-        if blocks is None:
-            return 0.0
-        try:
+        if self.static_steps is not None:
             with torch.inference_mode():
-                for rows in (1, 2):
-                    tables = [blocks[i * need : (i + 1) * need] for i in range(rows)]
-                    token = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
-                    self.cache.clear(blocks)
-                    self.cache.select(tables, [0] * rows)
-                    self.model(token, cache=self.cache, last_only=True)
-                    self.cache.select(tables, [1 + int(self.sink)] * rows)
-                    self.decode(token, cache=self.cache, last_only=True)
-        finally:
-            self.pool.release(blocks)
+                self.static_steps.warm_up()
         return time.perf_counter() - start
 
     def _admitted(self) -> list[_Seq]:
@@ -329,7 +320,7 @@ class Engine:
         """Blocks for `seq`'s slots: the cached ones of its longest known prefix, fresh ones for the
         rest. False (nothing taken) when the pool cannot give them now."""
         bs, n = self.block_size, len(seq.slots)
-        if math.ceil((n + 1) / bs) > self.pool.num_blocks:
+        if math.ceil((n + 1) / bs) > self.seq_blocks:
             log.warning("request %s: %d tokens do not fit the KV cache (%d tokens)", seq.request.id, n, self.kv_tokens)
             seq.request.emit(Failed(f"the prompt needs {n + 1} tokens of KV cache and the server's cache holds "
                                     f"{self.kv_tokens} (kv_cache_bytes)"))
@@ -399,10 +390,11 @@ class Engine:
             if end % bs and last * bs >= s.filled:
                 self.cache.clear(s.blocks[last : last + 1])
             tables.append(s.blocks[: last + 1])
+        if self.static_steps is not None and len(rows[0]) == 1:
+            return self.static_steps([row[0] for row in rows], tables, [s.filled for s in seqs])
         self.cache.select(tables, [s.filled for s in seqs])
         idx = torch.tensor(rows, device=self.device)
-        model = self.decode if idx.size(1) == 1 else self.model
-        return model(idx, cache=self.cache, last_only=True).logits[:, -1]
+        return self.model(idx, cache=self.cache, last_only=True).logits[:, -1]
 
     def _filled(self, seq: _Seq, n: int) -> None:
         """`seq`'s next n slots are computed: name the blocks they filled, for later prompts."""
