@@ -22,7 +22,8 @@ over 300 keys each, with a float32 and a float16 cache.
 `--against REV` times another version of the kernels beside this one: decode.cpp as commit REV has
 it is built apart, and this script runs `--passes` times with each build in turn, each run in a
 process of its own (the VM's speed drifts between minutes, so the two alternate); it prints each
-figure's median for both builds and their ratio.
+figure's median for both builds and their ratio. REV's ops are called as this checkout calls them:
+a REV whose ops take other arguments cannot be timed this way.
 
     python benchmarks/bench_kernels.py [--threads N] [--compile]
     python benchmarks/bench_kernels.py --against 4b2516f --passes 3
@@ -190,6 +191,11 @@ def attention(args, figures: dict[str, float], keys: int = 300, block: int = 16)
             print(f"| {name} | {rows} | {t * 1e3:.2f} |")
 
 
+def refuse(why: str) -> None:
+    print(f"bench_kernels: {why}", file=sys.stderr)
+    sys.exit(2)
+
+
 def against(args) -> None:
     """Time commit `args.against`'s decode.cpp beside this checkout's: each build `args.passes`
     times, in turn, each run a process of this script; print each figure's medians and ratio."""
@@ -199,13 +205,16 @@ def against(args) -> None:
     shown = subprocess.run(["git", "-C", str(root), "show", f"{args.against}:src/modernlm/kernels/decode.cpp"],
                            capture_output=True)  # fmt: skip
     if shown.returncode != 0:
-        raise SystemExit(f"bench_kernels: --against {args.against}: {shown.stderr.decode().strip()}")
+        refuse(f"--against {args.against}: {shown.stderr.decode().strip()}")
     source.write_bytes(shown.stdout)
-    subprocess.run(kernels.compile_command(where / "old.so", source=source), check=True)
-    if not kernels.available():
-        raise SystemExit(f"bench_kernels: the kernels are not available here ({kernels.why_not()})")
     try:
-        compare({args.against: where / "old.so", "this checkout": kernels._library()}, where, args)
+        built = subprocess.run(kernels.compile_command(where / "old.so", source=source), capture_output=True, text=True)
+        if built.returncode != 0:
+            errors = [line for line in built.stderr.splitlines() if "error" in line] or built.stderr.splitlines()
+            refuse(f"--against {args.against}: its decode.cpp did not build here: {errors[0] if errors else ''}")
+        if not kernels.available():
+            refuse(f"the kernels are not available here ({kernels.why_not()})")
+        compare({args.against: where / "old.so", "this checkout": kernels.library()}, where, args)
     finally:
         shutil.rmtree(where)
 

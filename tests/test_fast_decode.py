@@ -690,22 +690,30 @@ def test_a_float16_kv_cache_holds_twice_the_tokens_and_keeps_the_greedy_tokens(e
 
 
 @pytest.mark.slow
-def test_the_compiled_engine_after_warm_up_gives_the_same_tokens_and_never_recompiles(engine_model, monkeypatch):
+@pytest.mark.parametrize("graphs", [False, True], ids=["cpu", "cuda-graph-calls"])
+def test_the_compiled_engine_after_warm_up_gives_the_same_tokens_and_never_recompiles(engine_model, monkeypatch,
+                                                                                      graphs):
     """4 concurrent requests of 40 tokens: the compiled decode steps (built in warm_up, one graph
-    for one row and one for more) give the eager engine's tokens and compile nothing new."""
+    for one row and one for more) give the eager engine's tokens and compile nothing new. With
+    `graphs`, through the GPU's calls (mode "reduce-overhead", static addresses, step marks; on a
+    CPU Inductor records no CUDA graph): they run, to the same tokens."""
     from torch._dynamo.utils import counters
+
+    from modernlm.serve.steps import StaticSteps
 
     model, tok = engine_model
     prompts = [tok.encode(t, add_bos=True) for t in PROMPTS]
     s = Sampling(max_new_tokens=40)
     monkeypatch.setattr(PagedCache, "fused", False)  # the steps op by op: what compile takes (a GPU's path)
+    if graphs:
+        monkeypatch.setattr(StaticSteps, "graph_devices", ("cuda", "cpu"))
     eager = Engine(model, tok, max_batch=4, compile=False).start()
     try:
         want = engine_tokens(eager, prompts, s)
     finally:
         eager.close()
     engine = Engine(model, tok, max_batch=4, compile=True)
-    assert engine.compiled and not engine.fused and engine.warm_up() > 0
+    assert engine.compiled and not engine.fused and engine.static_steps.graphs == graphs and engine.warm_up() > 0
     graphs = counters["stats"]["unique_graphs"]
     # a recompile fails its step, and so the test; dynamo's settings are per thread, so the engine
     # loop runs on this one (as `modernlm serve` runs it)
@@ -719,7 +727,8 @@ def test_the_compiled_engine_after_warm_up_gives_the_same_tokens_and_never_recom
     assert got == want
 
 
-def test_compiled_decode_steps_take_few_shapes_and_no_int_that_changes_per_step(engine_model, monkeypatch):
+@pytest.mark.parametrize("graphs", [False, True], ids=["cpu", "cuda-graph-calls"])
+def test_compiled_decode_steps_take_few_shapes_and_no_int_that_changes_per_step(engine_model, monkeypatch, graphs):
     """What CUDA graphs need, checked on the CPU. cudagraph trees record one graph per distinct set
     of a compiled step's inputs (each tensor's shape, each int's value), and one more per recompile:
     over a run whose rows come and go and whose block tables grow, two graphs are compiled (one
@@ -749,6 +758,8 @@ def test_compiled_decode_steps_take_few_shapes_and_no_int_that_changes_per_step(
     prompts = [tok.encode(t, add_bos=True) for t in PROMPTS[:3]]
     monkeypatch.setattr(PagedCache, "fused", False)  # the steps op by op: what compiles (a GPU's path)
     monkeypatch.setattr(steps, "compile_model", lambda m, **kw: torch.compile(m, backend=recorder, dynamic=True))
+    if graphs:  # the pool marked as a GPU's is (static addresses)
+        monkeypatch.setattr(steps.StaticSteps, "graph_devices", ("cuda", "cpu"))
     got = {}
     for compile in (False, True):
         engine = Engine(model, tok, max_batch=4, block_size=4, compile=compile)

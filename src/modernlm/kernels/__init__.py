@@ -48,7 +48,7 @@ def _build() -> bool:
     if hasattr(torch.ops.modernlm, "linear_q8"):  # loaded already (another copy of this module)
         return True
     try:
-        torch.ops.load_library(str(_library()))
+        torch.ops.load_library(str(library()))
     except Exception as e:  # no compiler, a compiler error: decode with PyTorch's ops
         why = str(e).strip().splitlines()
         _state["why"] = why[-1][:300] if why else type(e).__name__
@@ -71,7 +71,7 @@ def compile_command(out: Path, march: str = "native", source: Path = _SOURCE) ->
     return [os.environ.get("CXX", "c++"), *flags, str(source), "-o", str(out), *libs]
 
 
-def _library() -> Path:
+def library() -> Path:
     """decode.cpp built into a shared library, once per source, torch and compiler: cached in
     $MODERNLM_KERNELS_DIR, else ~/.cache/modernlm/kernels."""
     command = compile_command(Path("OUT"))

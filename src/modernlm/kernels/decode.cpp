@@ -57,9 +57,9 @@ constexpr int NC = 16;   // weight rows per tile: read from memory in the first 
 // tile's loop) while the passes after a tile's first compute from cache: memory then works while
 // they compute, where it sat idle until the next tile's first pass asked for its weights (16 rows
 // of float32 ran in the sum of the two times, not the larger). Into L2 (prefetcht1): a tile of
-// float32 rows can be larger than L1. One line a step did as well as two or four (at 16 rows the
-// three passes after a float32 tile's first, K = 576, fetch 3/4 of the next tile's 576 lines; the
-// hardware prefetcher streams the rest). No result changes.
+// float32 rows can be larger than L1. One line a step: at 16 rows the three passes after a float32
+// tile's first, K = 576, fetch 3/4 of the next tile's 576 lines, and the hardware prefetcher
+// streams the rest. No result changes.
 struct Ahead {
   const char* p = nullptr;
   const char* end = nullptr;

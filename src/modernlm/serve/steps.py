@@ -62,25 +62,25 @@ class StaticSteps:
     padding rows write there. `steps(tokens, tables, lengths)` -> the logits (rows, V) of one decode
     step: row r feeds tokens[r] at position lengths[r], its table holding a slot for it."""
 
+    graph_devices = ("cuda",)  # where steps replay as CUDA graphs (a test adds "cpu": the same calls, no graph)
+
     def __init__(self, model, cache: PagedCache, scratch: int, max_rows: int):
         self.model, self.cache, self.scratch, self.max_rows = model, cache, scratch, max_rows
         self.device = cache.k[0].device
         positions = cache.num_blocks * cache.block_size  # no row can go past the pool
         model.rope.reserve(positions)
         self.view = _StepView(cache, end=positions - 1)
-        self.graphs = self.device.type == "cuda"
+        self.graphs = self.device.type in self.graph_devices
         # (imports torch._dynamo, which the marks below need)
         self.decode = compile_model(model, dynamic=True, mode="reduce-overhead" if self.graphs else None)
-        if self.graphs:
-            # the pool is written in place: CUDA graphs take an input that a step changes only at
-            # an address that never moves (cudagraph trees would skip the graph otherwise)
-            for buf in (*cache.k, *cache.v):
-                torch._dynamo.mark_static_address(buf)
-        else:
+        for buf in (*cache.k, *cache.v):
             # the pool's sizes are fixed: were they symbolic, a size equal to a table's width at
             # warm-up (2 kv heads, 2 blocks) would be taken for the same size, and recompiled later
-            for buf in (*cache.k, *cache.v):
-                torch._dynamo.mark_static(buf)
+            torch._dynamo.mark_static(buf)
+            if self.graphs:
+                # written in place: CUDA graphs take an input that a step changes only at an
+                # address that never moves (cudagraph trees would skip the graph otherwise)
+                torch._dynamo.mark_static_address(buf)
         cache.clear([scratch])
         self.shapes: set[tuple[int, int]] = set()  # (rows, width) stepped at: one CUDA graph each
 
