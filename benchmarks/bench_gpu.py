@@ -216,27 +216,30 @@ def smollm2(s: dict):
     return ModernDecoderLM(config).to(device=device, dtype=dtype).eval(), label, None
 
 
-def decode_rows(s: dict, new_tokens: int) -> list[dict]:
+def decode_rows(s: dict, new_tokens: int, strict: bool) -> list[dict]:
     from modernlm.generation import generate
     from modernlm.hf.convert import to_hf
     from modernlm.serve.engine import Engine
 
     model, label, tokenizer = smollm2(s)
     hf = to_hf(model).to(model.lm_head.weight.device).eval()
-    engines, start_up = {}, {}
+    engines, notes, rows = {}, {}, []
     for side, compile in (("serve engine", False), ("serve engine compiled", True)):
         # compiled: static shapes replayed as CUDA graphs (serve/steps.py); on a CPU, fused instead
-        engines[side] = Engine(model, tokenizer or IdsAsText(model.config.vocab_size), max_batch=16,
-                               compile=compile)  # fmt: skip
-        if engines[side].compiled:
-            start_up[side] = f"; compile + graphs at start-up {engines[side].warm_up():.0f} s"
+        def build(compile=compile) -> Engine:
+            engine = Engine(model, tokenizer or IdsAsText(model.config.vocab_size), max_batch=16, compile=compile)
+            notes[engine] = f"; compile + graphs at start-up {engine.warm_up():.0f} s" if engine.compiled else ""
+            return engine
+
+        engine = guarded(build, lambda e, side=side: rows.append({"row": f"decode {side}", "error": e}), strict)
+        if engine is not None:
+            engines[side] = engine
     device = next(model.parameters()).device
     prompt_len = min(128, model.config.max_seq_len - new_tokens)
-    rows = []
     for batch in (1, 16):
         torch.manual_seed(batch)
         idx = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
-        timings = {}
+        timings, tokens = {}, {}
         for side in ("modernlm", "modernlm compiled", "transformers"):
             for _ in range(2):  # the first call warms up (kernels, allocator, the compile); the second counts
                 sync(device)
@@ -253,12 +256,21 @@ def decode_rows(s: dict, new_tokens: int) -> list[dict]:
                 assert out.shape == (batch, prompt_len + new_tokens), out.shape
         for side, engine in engines.items():  # the serve engine: `batch` requests at once
             for _ in range(2):  # the first pass records the CUDA graphs of its table widths
-                timings[side] = engine_seconds(engine, idx, new_tokens)
+                got = guarded(lambda engine=engine, idx=idx: engine_run(engine, idx, new_tokens), lambda e: e, strict)
+                if isinstance(got, str):
+                    rows.append({"row": f"decode {side}, batch {batch}", "error": got})
+                    break
+                timings[side], tokens[side] = got
         for side in ("modernlm", "modernlm compiled", *engines, "transformers"):
-            seconds = timings[side]
+            if side not in timings:
+                continue
+            seconds, note = timings[side], label + notes.get(engines.get(side), "")
+            if side == "serve engine compiled" and "serve engine" in tokens:  # greedy: the eager engine's tokens?
+                same = sum(a == b for a, b in zip(tokens[side], tokens["serve engine"], strict=True))
+                note += f"; {same} of {batch} rows the eager engine's greedy tokens"
             rows.append({"row": f"decode {side}, batch {batch}", "tok_per_s": batch * new_tokens / seconds,
                          "vs_peer": timings["transformers"] / seconds if side != "transformers" else None,
-                         "model": label + (start_up.get(side, ""))})  # fmt: skip
+                         "model": note})  # fmt: skip
     return rows
 
 
@@ -274,31 +286,37 @@ class IdsAsText:
         return "".join(f" {i}" for i in ids)
 
 
-def engine_seconds(engine, idx: torch.Tensor, new_tokens: int) -> float:
-    """Seconds for the serve engine to give every row of idx exactly new_tokens greedy tokens,
-    all submitted at once, the engine's loop on this thread (as `modernlm serve` runs it)."""
+def engine_run(engine, idx: torch.Tensor, new_tokens: int) -> tuple[float, list[list[int]]]:
+    """(seconds, each row's tokens) for the serve engine to give every row of idx exactly
+    new_tokens greedy tokens, all submitted at once, the engine's loop on this thread (as
+    `modernlm serve` runs it)."""
     from modernlm.generation import Sampling
-    from modernlm.serve.engine import Done, Failed, Request
+    from modernlm.serve.engine import Done, Failed, Piece, Request
 
-    failed, done = [], []
+    failed, done, tokens = [], [], [[] for _ in range(idx.size(0))]
 
-    def emit(event) -> None:
-        if isinstance(event, Failed):
-            failed.append(event.message)
-        elif isinstance(event, Done):
-            done.append(event.completion_tokens)
+    def emit_to(i: int):
+        def emit(event) -> None:
+            if isinstance(event, Piece):
+                tokens[i] += [t.id for t in event.tokens]
+            elif isinstance(event, Failed):
+                failed.append(event.message)
+            elif isinstance(event, Done):
+                done.append(event.completion_tokens)
+
+        return emit
 
     sampling = Sampling(max_new_tokens=new_tokens, eos_token_id=-1)  # no eos: every row runs to the end
     sync(idx.device)
     t0 = time.perf_counter()
-    for row in idx.tolist():
-        engine.submit(Request(row, sampling, emit))
+    for i, row in enumerate(idx.tolist()):
+        engine.submit(Request(row, sampling, emit_to(i)))
     engine.run(until_idle=True)
     sync(idx.device)
     seconds = time.perf_counter() - t0
     if failed or done != [new_tokens] * idx.size(0):
         raise RuntimeError(f"the engine gave {done}, failed: {failed[:1]}")
-    return seconds
+    return seconds, tokens
 
 
 # ---- main --------------------------------------------------------------------------------------
@@ -407,7 +425,8 @@ def main() -> None:
         parallel[1]["vs_peer"] = parallel[1]["tok_per_s"] / parallel[0]["tok_per_s"]
     rows += parallel
     print("  decode ...", file=sys.stderr, flush=True)
-    rows += guarded(lambda: decode_rows(s, args.new_tokens), lambda e: [{"row": "decode", "error": e}], args.smoke)
+    rows += guarded(lambda: decode_rows(s, args.new_tokens, args.smoke), lambda e: [{"row": "decode", "error": e}],
+                    args.smoke)  # fmt: skip
 
     print(table(info, rows))
     if args.json:
