@@ -390,7 +390,9 @@ class Engine:
             if end % bs and last * bs >= s.filled:
                 self.cache.clear(s.blocks[last : last + 1])
             tables.append(s.blocks[: last + 1])
-        if self.static_steps is not None and len(rows[0]) == 1:
+        if self.static_steps is not None and len(rows[0]) == 1 and all(s.filled for s in seqs):
+            # one token a row after tokens already cached: a decode step (a row's first token
+            # goes through the model as it is, which puts the sink before it)
             return self.static_steps([row[0] for row in rows], tables, [s.filled for s in seqs])
         self.cache.select(tables, [s.filled for s in seqs])
         idx = torch.tensor(rows, device=self.device)
