@@ -226,9 +226,9 @@ def decode_rows(s: dict, new_tokens: int, strict: bool) -> list[dict]:
     engines, notes, rows = {}, {}, []
     for side, compile in (("serve engine", False), ("serve engine compiled", True)):
         # compiled: static shapes replayed as CUDA graphs (serve/steps.py); on a CPU, fused instead
-        def build(compile=compile) -> Engine:
+        def build(compile=compile, side=side) -> Engine:
             engine = Engine(model, tokenizer or IdsAsText(model.config.vocab_size), max_batch=16, compile=compile)
-            notes[engine] = f"; compile + graphs at start-up {engine.warm_up():.0f} s" if engine.compiled else ""
+            notes[side] = f"; compile + graphs at start-up {engine.warm_up():.0f} s" if engine.compiled else ""
             return engine
 
         engine = guarded(build, lambda e, side=side: rows.append({"row": f"decode {side}", "error": e}), strict)
@@ -264,7 +264,7 @@ def decode_rows(s: dict, new_tokens: int, strict: bool) -> list[dict]:
         for side in ("modernlm", "modernlm compiled", *engines, "transformers"):
             if side not in timings:
                 continue
-            seconds, note = timings[side], label + notes.get(engines.get(side), "")
+            seconds, note = timings[side], label + notes.get(side, "")
             if side == "serve engine compiled" and "serve engine" in tokens:  # greedy: the eager engine's tokens?
                 same = sum(a == b for a, b in zip(tokens[side], tokens["serve engine"], strict=True))
                 note += f"; {same} of {batch} rows the eager engine's greedy tokens"

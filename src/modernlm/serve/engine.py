@@ -167,10 +167,9 @@ class Engine:
         # pays the compile before requests come).
         self.fused = model.fuses_steps(self.cache)
         self.compiled = compile and not self.fused and num_blocks > 1
-        self.static_steps, self.seq_blocks = None, num_blocks  # the blocks sequences may hold
+        self.static_steps = None
         if self.compiled:  # padding rows write to a block of their own
             self.static_steps = StaticSteps(model, self.cache, self.pool.allocate(1)[0], max_batch)
-            self.seq_blocks -= 1
         self.block_size, self.kv_bytes = block_size, num_blocks * per_block
         self.running: list[_Seq] = []  # decoding, oldest first
         self.prefilling: list[_Seq] = []  # admitted, prompt not all in the cache yet
@@ -209,6 +208,11 @@ class Engine:
             "kv_blocks_free": len(pool.free), "kv_blocks_cached": len(pool.lru),
             "prefix_hit_tokens": self.hit_tokens, "prompt_tokens": self.prompt_tokens, "preempted": self.preempted,
         }  # fmt: skip
+
+    @property
+    def seq_blocks(self) -> int:
+        """The blocks sequences may hold: the pool's, but the one padding rows write to."""
+        return self.pool.num_blocks - int(self.static_steps is not None)
 
     @property
     def kv_tokens(self) -> int:
