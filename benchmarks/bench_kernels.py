@@ -15,7 +15,7 @@ Then whole decode steps: a SmolLM2-135M-shaped model (random weights) at float32
 over a paged cache of 100 tokens a row at 1, 4 and 16 rows, the head and embedding included: fused
 (every layer in one `kernels.decode_layers` call, what `modernlm serve` runs on a CPU), op by op
 (`PagedCache.fused = False`), and with `--compile` through torch.compile as the engine ran them
-before (`generation.compiled_decoder`; ~1 min more). Each is the median of `--steps` steps. Then
+before (`torch.compile(model, dynamic=True)`; ~1 min more). Each is the median of `--steps` steps. Then
 `paged_attention` alone: 30 layers of SmolLM2's heads (9 query, 3 kv, 64 wide) for 1 and 16 rows
 over 300 keys each, with a float32 and a float16 cache.
 
@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 
 from modernlm import kernels
-from modernlm.generation import compiled_decoder
 from modernlm.model import ModelConfig, ModernDecoderLM, PagedCache
 from modernlm.quant import pack_q8, prepare, quantize_q4, quantize_q8
+from modernlm.runtime import compile_model
 
 SMOLLM2 = dict(vocab_size=49152, d_model=576, n_head=9, n_kv_head=3, d_ff=1536, max_seq_len=2048, tie_embeddings=True)
 
@@ -160,7 +160,7 @@ def decode_steps(args, figures: dict[str, float]) -> None:
     for quantize in ("none", "int8"):
         torch.manual_seed(0)
         model = prepare(ModernDecoderLM(ModelConfig(**SMOLLM2, n_layer=args.layers)), quantize).eval()
-        compiled = compiled_decoder(model) if args.compile else None
+        compiled = compile_model(model, dynamic=True) if args.compile else None
         weights = "float32" if quantize == "none" else quantize
         for rows in (1, 4, 16):
             fused, by_op = step_ms(model, rows, True, args.steps), step_ms(model, rows, False, args.steps)

@@ -699,14 +699,15 @@ def test_the_compiled_engine_after_warm_up_gives_the_same_tokens_and_never_recom
     CPU Inductor records no CUDA graph): they run, to the same tokens."""
     from torch._dynamo.utils import counters
 
-    from modernlm.serve.steps import StaticSteps
+    from modernlm import steps
 
     model, tok = engine_model
     prompts = [tok.encode(t, add_bos=True) for t in PROMPTS]
     s = Sampling(max_new_tokens=40)
     monkeypatch.setattr(PagedCache, "fused", False)  # the steps op by op: what compile takes (a GPU's path)
     if graphs:
-        monkeypatch.setattr(StaticSteps, "graph_devices", ("cuda", "cpu"))
+        monkeypatch.setattr(steps, "graph_devices", ("cuda", "cpu"))
+    torch._dynamo.reset()  # what earlier tests compiled counts toward the forward's recompile limit
     eager = Engine(model, tok, max_batch=4, compile=False).start()
     try:
         want = engine_tokens(eager, prompts, s)
@@ -727,21 +728,15 @@ def test_the_compiled_engine_after_warm_up_gives_the_same_tokens_and_never_recom
     assert got == want
 
 
-@pytest.mark.parametrize("graphs", [False, True], ids=["cpu", "cuda-graph-calls"])
-def test_compiled_decode_steps_take_few_shapes_and_no_int_that_changes_per_step(engine_model, monkeypatch, graphs):
-    """What CUDA graphs need, checked on the CPU. cudagraph trees record one graph per distinct set
-    of a compiled step's inputs (each tensor's shape, each int's value), and one more per recompile:
-    over a run whose rows come and go and whose block tables grow, two graphs are compiled (one
-    row, more) and every set is one of the few static shapes (rows, width) the engine stepped at,
-    never one per step; and a step changes no input but the KV pool. Padding rows (3 sequences stepped as 4)
-    change no token: the tokens are the eager engine's."""
-    from modernlm.serve import steps
+def recording_compile(graphs: list, seen: set, changed: set):
+    """A stand-in for `compile_model`: torch.compile with a backend that runs each graph as traced,
+    op by op, and records each graph compiled (`graphs`), each call's (graph, its inputs' shapes and
+    ints) (`seen`: what cudagraph trees record a CUDA graph for), and the inputs a call changed, by
+    address (`changed`). Dynamo's caches are reset first: the graphs earlier tests compiled for the
+    same model would count toward its recompile limit (8 per function), past which it runs eagerly."""
+    torch._dynamo.reset()
 
-    graphs: list = []  # each graph compiled
-    seen: set[tuple] = set()  # (graph, its inputs' shapes and ints) of each call
-    changed: set[int] = set()  # the inputs a call changed, by address
-
-    def recorder(gm, example_inputs):  # a torch.compile backend: the graph as traced, run op by op
+    def recorder(gm, example_inputs):
         graphs.append(gm)
 
         def run(*args):
@@ -754,13 +749,27 @@ def test_compiled_decode_steps_take_few_shapes_and_no_int_that_changes_per_step(
 
         return run
 
+    return lambda model, **kw: torch.compile(model, backend=recorder, dynamic=True)
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["cpu", "cuda-graph-calls"])
+def test_compiled_decode_steps_take_few_shapes_and_no_int_that_changes_per_step(engine_model, monkeypatch, graphs):
+    """What CUDA graphs need, checked on the CPU. cudagraph trees record one graph per distinct set
+    of a compiled step's inputs (each tensor's shape, each int's value), and one more per recompile:
+    over a run whose rows come and go and whose block tables grow, two graphs are compiled (one
+    row, more) and every set is one of the few static shapes (rows, width) the engine stepped at,
+    never one per step; and a step changes no input but the KV pool. Padding rows (3 sequences stepped as 4)
+    change no token: the tokens are the eager engine's."""
+    from modernlm import steps
+
+    traced, seen, changed = [], set(), set()  # (a list named `graphs` would hide the parameter)
     model, tok = engine_model
     # a prompt of one token: its prefill is one token too, and the model's sink goes before it
     prompts = [tok.encode(t, add_bos=True) for t in PROMPTS[:2]] + [tok.encode("a")[:1]]
     monkeypatch.setattr(PagedCache, "fused", False)  # the steps op by op: what compiles (a GPU's path)
-    monkeypatch.setattr(steps, "compile_model", lambda m, **kw: torch.compile(m, backend=recorder, dynamic=True))
+    monkeypatch.setattr(steps, "compile_model", recording_compile(traced, seen, changed))
     if graphs:  # the pool marked as a GPU's is (static addresses)
-        monkeypatch.setattr(steps.StaticSteps, "graph_devices", ("cuda", "cpu"))
+        monkeypatch.setattr(steps, "graph_devices", ("cuda", "cpu"))
     got = {}
     for compile in (False, True):
         engine = Engine(model, tok, max_batch=4, block_size=4, compile=compile)
@@ -769,7 +778,8 @@ def test_compiled_decode_steps_take_few_shapes_and_no_int_that_changes_per_step(
     shapes = engine.static_steps.shapes
     assert {rows for rows, _ in shapes} == {1, 2, 4} and len({w for _, w in shapes}) >= 3
     assert engine.steps >= 39 > 2 * len(shapes)  # a per-step int would have made ~40 sets
-    assert len(graphs) == 2  # one row, and more (dynamic sizes): no recompile
+    assert engine.static_steps.graphs == graphs
+    assert len(traced) == 2  # one row, and more (dynamic sizes): no recompile
     # a graph replays on the same addresses: the only inputs a step may change are the pool's
     # (marked static on a GPU), else cudagraph trees skip the graph
     assert changed and changed <= {buf.data_ptr() for buf in (*engine.cache.k, *engine.cache.v)}
@@ -777,11 +787,55 @@ def test_compiled_decode_steps_take_few_shapes_and_no_int_that_changes_per_step(
     assert got[True] == got[False] and all(len(t) == 40 for t in got[True])
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["cpu", "cuda-graph-calls"])
+def test_compiled_generate_takes_few_graphs_and_no_int_that_changes_per_step(engine_model, monkeypatch, graphs):
+    """generate(compile=True)'s steps over a plain cache, as the engine's: calls of 3, 2 and 1 rows,
+    at two capacities, and a left-padded batch compile three graphs (one row, more, more with
+    padding), each call's inputs keep one set of shapes and ints at every step, a step changes no
+    input but the cache, and the greedy tokens are the eager steps'. Through a GPU's calls, the
+    cache is kept from one call to the next while the batch and the room fit (a CUDA graph replays
+    at the addresses it recorded)."""
+    from modernlm import generation, steps
+
+    traced, seen, changed = [], set(), set()
+    model, tok = engine_model
+    monkeypatch.setattr(KVCache, "fused", False)  # the steps op by op: what compiles (a GPU's path)
+    monkeypatch.setattr(steps, "compile_model", recording_compile(traced, seen, changed))
+    if graphs:
+        monkeypatch.setattr(steps, "graph_devices", ("cuda", "cpu"))
+    made: list[KVCache] = []  # every cache made, kept alive (their addresses then stay theirs)
+    new_cache = ModernDecoderLM.new_cache
+    monkeypatch.setattr(ModernDecoderLM, "new_cache", lambda *a, **kw: made.append(new_cache(*a, **kw)) or made[-1])
+    generation._COMPILED.pop(model, None)
+    g = torch.Generator().manual_seed(0)
+    calls = [(torch.randint(4, 300, (b, t), generator=g), None, n) for b, t, n in ((3, 9, 30), (2, 5, 20), (1, 4, 20),
+                                                                                  (3, 30, 60))]  # fmt: skip
+    calls.append((*left_pad([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]], 0), 20))
+    kept = []
+    try:
+        for idx, pad_mask, n in calls:
+            s = Sampling(max_new_tokens=n, eos_token_id=-1)
+            want = generate(model, idx, s, pad_mask=pad_mask)
+            calls_before = len(seen)
+            assert torch.equal(generate(model, idx, s, pad_mask=pad_mask, compile=True), want)
+            assert len(seen) == calls_before + 1  # n - 1 steps, one set of shapes and ints
+            kept.append(generation._COMPILED[model].kept)
+    finally:
+        generation._COMPILED.pop(model, None)
+    assert len(traced) == 3  # one row, more, more with padding: no recompile for a batch or a capacity
+    assert changed and changed <= {buf.data_ptr() for c in made for buf in (*c.k, *c.v)}
+    if graphs:  # 3 rows fit the first call's cache again only in the padded call; the 30 + 60 tokens need a new one
+        assert kept[0] is not kept[1] and kept[3] is not kept[0] and kept[4] is kept[3]
+        assert kept[3].capacity == 128 + 1  # 90 tokens rounded up, and the sink's slot
+    else:
+        assert kept == [None] * 5
+
+
 def test_a_compiled_engine_keeps_a_block_for_padding_rows_and_says_what_no_longer_fits(engine_model, monkeypatch):
     """The block that padding rows write to is no sequence's: a prompt that needs every block of
     the pool is refused at once (it would wait forever for the kept one), a prompt that fits the
     rest runs to its end."""
-    from modernlm.serve import steps
+    from modernlm import steps
 
     model, tok = engine_model
     monkeypatch.setattr(PagedCache, "fused", False)

@@ -541,13 +541,39 @@ def test_vocab_size_limits_generated_ids():
 
 
 @pytest.mark.slow
-def test_compiled_decode_gives_the_same_tokens():
-    """generate(compile=True) runs decode steps through torch.compile: same greedy tokens."""
+@pytest.mark.parametrize("graphs", [False, True], ids=["cpu", "cuda-graph-calls"])
+def test_compiled_decode_gives_the_same_tokens(monkeypatch, graphs):
+    """generate(compile=True) runs decode steps through torch.compile (Inductor) at static shapes:
+    the same greedy tokens, a left-padded batch's included; once a call of one row, of more and
+    of a padded batch has compiled, calls at other batches and capacities compile nothing. With
+    `graphs`, through a GPU's calls (mode "reduce-overhead", a kept cache at static addresses, step
+    marks; Inductor records no CUDA graph on a CPU)."""
+    from torch._dynamo.utils import counters
+
+    from modernlm import generation, steps
     from modernlm.generation import generate as gen
 
+    if graphs:
+        monkeypatch.setattr(steps, "graph_devices", ("cuda", "cpu"))
+    torch._dynamo.reset()  # what earlier tests compiled counts toward the forward's recompile limit
     torch.manual_seed(0)
     model = ModernDecoderLM(tiny_config(n_kv_head=2)).eval()
-    prompt = torch.randint(0, 64, (2, 5))
-    eager = gen(model, prompt, 12)
-    assert torch.equal(gen(model, prompt, 12, compile=True), eager)
-    assert torch.equal(gen(model, prompt[:, :3], 12, compile=True), gen(model, prompt[:, :3], 12))
+    assert not model.fuses_steps(model.new_cache(1, 1))  # head_dim 8: the kernels do not take it
+    prompt = torch.randint(0, 64, (3, 5))
+    padded, pad_mask = left_pad([[1, 2, 3, 4], [5, 6], [7]], 0)
+    before = counters["stats"]["unique_graphs"]
+    try:
+        for idx, mask in ((prompt[:2], None), (prompt[:1], None), (padded, pad_mask)):
+            assert torch.equal(gen(model, idx, 12, pad_mask=mask, compile=True), gen(model, idx, 12, pad_mask=mask))
+        compiled = counters["stats"]["unique_graphs"]
+        assert compiled - before == 3  # more rows, one, padded: each step one whole graph (no break)
+        saved = torch._dynamo.config.error_on_recompile
+        torch._dynamo.config.error_on_recompile = True
+        try:
+            for idx, mask, n in ((prompt, None, 20), (prompt[:1, :2], None, 9), (padded[:2], pad_mask[:2], 25)):
+                assert torch.equal(gen(model, idx, n, pad_mask=mask, compile=True), gen(model, idx, n, pad_mask=mask))
+        finally:
+            torch._dynamo.config.error_on_recompile = saved
+        assert counters["stats"]["unique_graphs"] == compiled
+    finally:
+        generation._COMPILED.pop(model, None)

@@ -34,7 +34,8 @@ CORE_EDGES = {
     "checkpoint": {"errors", "files", "config", "model", "quant", "tokenizer"},
     "gguf_weights": {"model", "quant", "runtime", "tokenizer"},  # a .gguf's blocks into QLinear, its tokenizer
     "constrain": {"errors"},  # constrained decoding: llguidance's matchers, a token mask per row
-    "generation": {"errors", "runtime", "model", "tokenizer", "constrain"},
+    "steps": {"model", "runtime"},  # compiled decode steps at static shapes (CUDA graphs on a GPU)
+    "generation": {"errors", "runtime", "model", "tokenizer", "constrain", "steps"},
     "perplexity": {"errors"},
     "textmodel": {"errors", "runtime", "generation"},
     "cli": {"errors", "files", "config"},

@@ -27,7 +27,8 @@ from torch import Tensor
 from modernlm.constrain import KINDS as CONSTRAINT_KEYS
 from modernlm.constrain import Constraint, Guide
 from modernlm.errors import UserError
-from modernlm.runtime import compile_model, eval_mode
+from modernlm.runtime import eval_mode
+from modernlm.steps import CacheSteps, graphs_on
 
 if TYPE_CHECKING:
     from modernlm.model import KVCache, ModernDecoderLM
@@ -52,9 +53,10 @@ class Sampling:
         <= max_seq_len so every position stays in the trained range. In a padded batch the
         padding takes a shorter row's first slots, so that row keeps fewer sinks.
     chunk: tokens per prefill forward in rolling mode (the prompt goes in chunks).
-    compile: run the one-token decode steps through `torch.compile` (built once per model, ~20 s
-        on a laptop CPU, reused by later calls); same tokens, ~1.3x faster per token on CPU
-        (benchmarks/RESULTS.md). The prefill stays eager.
+    compile: run the one-token decode steps through `torch.compile` where they do not run fused
+        (a CPU float32 model's do: then nothing compiles): at static shapes (steps.py), replayed
+        as CUDA graphs on a GPU; built once per model, reused by later calls; same tokens. The
+        prefill stays eager.
     constraint: what the output must be (`constrain.Constraint`: a JSON Schema, any JSON object, a
         regex, a choice, a grammar); each row's next token is picked among those it allows.
         `make` also takes the shorthands json_schema=, json_object=True, regex=, choice=, grammar=.
@@ -241,21 +243,27 @@ def _prefill(
     return logits[:, -1]
 
 
-# model -> its compiled decoder. The value holds the model, so an entry lives as long as the
-# process; only models generated from with compile=True get one.
+# model -> what compiles its decode steps (and, with CUDA graphs, the cache they run over). The value
+# holds the model, so an entry lives as long as the process; only models generated from with
+# compile=True get one. Not stored on the model itself, where it would become a submodule and show
+# up in its state_dict.
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def compiled_decoder(model: ModernDecoderLM) -> torch.nn.Module:
-    """`torch.compile(model)` for decode steps, built once per model.
+def compiled_steps(model: ModernDecoderLM) -> CacheSteps:
+    """The model's compiled decode steps (steps.py), built once per model and device."""
+    steps = _COMPILED.get(model)
+    if steps is None or steps.graphs != graphs_on(model.lm_head.weight.device):
+        steps = _COMPILED[model] = CacheSteps(model)
+    return steps
 
-    dynamic=True because the cache length grows by one every step: one graph then serves every
-    length instead of a recompile per step. Not stored on the model itself, where it would become
-    a submodule and show up in its state_dict.
-    """
-    if model not in _COMPILED:
-        _COMPILED[model] = compile_model(model, dynamic=True)
-    return _COMPILED[model]
+
+def _new_cache(model: ModernDecoderLM, s: Sampling, batch: int, capacity: int) -> KVCache:
+    """A cache for `capacity` tokens a row (or a rolling one, per `s`). Compiled steps that replay
+    as CUDA graphs decode into the cache they keep: a graph replays at the addresses it recorded."""
+    if s.compile and not s.window and graphs_on(model.lm_head.weight.device):
+        return compiled_steps(model).cache_for(batch, capacity)
+    return model.new_cache(batch, capacity, window=s.window, sink_size=s.sink_size, chunk=s.chunk)
 
 
 @torch.inference_mode()
@@ -307,9 +315,7 @@ def iter_tokens(
         if s.window and s.chunk < 1:
             raise UserError(f"chunk must be >= 1 with a rolling cache, got {s.chunk}")
         # Plain cache: room for everything this call can add (the last token is never fed back).
-        cache = model.new_cache(
-            B, T + max_new_tokens, window=s.window, sink_size=s.sink_size, chunk=s.chunk
-        )
+        cache = _new_cache(model, s, B, T + max_new_tokens)
     else:
         if cache.seen or cache.k[0].size(0) != B:
             raise UserError(f"cache must be fresh and hold {B} rows")
@@ -339,9 +345,15 @@ def iter_tokens(
         torch.ones(B, 1, dtype=torch.bool, device=idx.device) if pad_mask is not None else None
     )
 
-    # compile=True where the steps do not run fused (on a CPU they do: nothing to compile)
-    fused = pad_mask is None and model.fuses_steps(cache)
-    decode = compiled_decoder(model) if s.compile and not fused else model
+    # compile=True where the steps do not run fused (on a CPU they do: nothing to compile): over a
+    # plain cache at static shapes (steps.py; CUDA graphs on a GPU), over a rolling one, whose slots
+    # move every step, with dynamic shapes
+    decode, step = model, None
+    if s.compile and not (pad_mask is None and model.fuses_steps(cache)):
+        if cache.rolling:
+            decode = compiled_steps(model).dynamic
+        else:
+            step = compiled_steps(model).over(cache)
     with eval_mode(model):
         logits = _prefill(model, idx, cache, pad_mask)
         for i in range(max_new_tokens):
@@ -357,8 +369,10 @@ def iter_tokens(
             yield Step(tok, logits)
             if i == max_new_tokens - 1 or (finished is not None and bool(finished.all())):
                 return
-            logits = decode(tok[:, None], cache=cache, pad_mask=step_mask, last_only=True).logits
-            logits = logits[:, -1]
+            if step is not None:
+                logits = step(tok)
+            else:
+                logits = decode(tok[:, None], cache=cache, pad_mask=step_mask, last_only=True).logits[:, -1]
 
 
 def generate(

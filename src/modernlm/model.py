@@ -655,6 +655,9 @@ class ModernDecoderLM(nn.Module):
             rope = self.rope.at(pos, need=cache.end + T)
             k_pos = torch.arange(cache.table.size(1) * cache.block_size, device=x.device)  # (S,)
             mask = (k_pos <= pos[..., None])[:, None]  # (B, 1, T, S): its own past, not other rows' slots
+            if cache.valid is not None:
+                # a left-padded batch's plain cache read as a paged one (steps.py): never its padding
+                mask = mask & cache.valid[:, None, None, :]
         else:
             if cache is not None:
                 cache.check_room(T)
@@ -720,7 +723,8 @@ class ModernDecoderLM(nn.Module):
         where they do not run it (then `_layers` does, op by op). The same operations in the same
         order: only PyTorch's cost per op is gone (~10 ops a layer). A plain KVCache is a paged one
         of one block per row, as long as its capacity."""
-        step = self._step_weights(cache) if kernels.usable(x) else None
+        # (cache.fused first: a compiled step, whose view is never fused, must not load the kernels mid-graph)
+        step = self._step_weights(cache) if cache.fused and kernels.usable(x) else None
         if step is None:
             return None
         B, D = x.size(0), self.config.head_dim

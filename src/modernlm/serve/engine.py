@@ -39,7 +39,7 @@ from modernlm.constrain import Guide
 from modernlm.generation import Sampling, TextStream, pick_tokens, prompt_seen
 from modernlm.model import PagedCache
 from modernlm.serve.blocks import SINK, BlockPool, block_names
-from modernlm.serve.steps import StaticSteps
+from modernlm.steps import StaticSteps
 
 log = logging.getLogger("modernlm.serve")
 
@@ -163,7 +163,7 @@ class Engine:
         self.pool = BlockPool(num_blocks, block_size, prefix_cache)
         # Decode steps: on the CPU, fused (every layer in one call of modernlm/kernels, nothing to
         # compile); elsewhere through torch.compile where asked, at a few static shapes, as CUDA
-        # graphs on a GPU (serve/steps.py: padding rows write to a block kept for them; `warm_up`
+        # graphs on a GPU (steps.py: padding rows write to a block kept for them; `warm_up`
         # pays the compile before requests come).
         self.fused = model.fuses_steps(self.cache)
         self.compiled = compile and not self.fused and num_blocks > 1
