@@ -254,7 +254,17 @@ def _rolling_equals_eval_perplexity(moe_lm, adapter, texts, ns, by_hand, L):
     assert rolling == close(-report["nll_sum"])
 
 
-def test_generate_until_is_lm_generate(moe_lm):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_generate_until_is_lm_generate(moe_lm, compile, monkeypatch):
+    """compiled: model_args compile=True takes the batches' decode steps through the compiled static
+    steps (steps.py; dynamo here runs each graph as traced, the eager backend), to the same text."""
+    from modernlm import steps
+
+    stepped = []
+    if compile:
+        monkeypatch.setattr(steps, "compile_model", lambda m, **kw: torch.compile(m, backend="eager", dynamic=True))
+        over = steps.CacheSteps.over
+        monkeypatch.setattr(steps.CacheSteps, "over", lambda self, cache: stepped.append(cache) or over(self, cache))
     contexts = ["Once upon a time", "The quick brown fox jumps over", "In", " ".join(CORPUS)]
     free = moe_lm.generate(contexts[0], max_new_tokens=12)
     stop = free[6:8]  # a stop string the first context's reply is sure to reach
@@ -269,8 +279,10 @@ def test_generate_until_is_lm_generate(moe_lm):
     expected = [moe_lm.generate(c, max_new_tokens=s["max_gen_toks"], stop=s["until"] + [eos]) for c, s in args]
     assert expected[0] == free[: free.index(stop)] and expected[0] != free  # the stop string took effect
     assert len(set(expected)) > 4
-    got = ModernLMEval(moe_lm, batch_size=3).generate_until(_requests("generate_until", args), disable_tqdm=True)
+    got = ModernLMEval(moe_lm, batch_size=3, compile=compile).generate_until(_requests("generate_until", args),
+                                                                             disable_tqdm=True)  # fmt: skip
     assert got == expected
+    assert len(stepped) == (4 if compile else 0)  # 4 requests of each setting, in batches of 3 and 1
 
 
 # ---- 3 and 4. the command ------------------------------------------------------------------------------

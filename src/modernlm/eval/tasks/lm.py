@@ -40,6 +40,8 @@ class ModernLMEval(TemplateLM):
     pretrained: an `api.LM` already loaded, or any source `modernlm.load` takes; device, dtype and
     backend go to `load`. batch_size: requests per forward (an int, as HFLM's). max_length: the
     context the harness may use (default: the model's). max_gen_toks: generate_until's default.
+    compile: generate_until's decode steps through torch.compile (`Sampling.compile`; CUDA graphs
+    on a GPU).
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class ModernLMEval(TemplateLM):
         device: str | None = "cpu",
         dtype: str | None = None,
         backend: str = "auto",
+        compile: bool = False,
         **kwargs: Any,
     ):
         super().__init__()
@@ -70,6 +73,7 @@ class ModernLMEval(TemplateLM):
         self.batch_size_per_gpu = int(batch_size) if str(batch_size) != "auto" else 8
         self._max_length = int(max_length) if max_length else self.lm.max_context
         self._max_gen_toks = int(max_gen_toks)
+        self._compile = compile
         # apply_chat_template's prompts whose contents hold a special token's string (trailing
         # whitespace cut, as the harness cuts a context) -> where the template's special tokens are
         self._chats: dict[str, Spans] = {}
@@ -233,6 +237,7 @@ class ModernLMEval(TemplateLM):
                 top_p=kwargs.get("top_p"),
                 top_k=kwargs.get("top_k"),
                 stop=until,
+                compile=self._compile,
             )
             rows = [self.tok_encode(c)[-room:] for c in contexts]
             for context, text in zip(contexts, self.lm.complete(rows, sampling), strict=True):

@@ -78,7 +78,7 @@ def prepare_tasks(names: list[str], data_dir: str | Path, include_path: str | No
 
 def evaluate(lm: Any, names: list[str], manager: Any, *, limit: int | None = None, num_fewshot: int | None = None,
              batch_size: int = 8, max_gen_toks: int = 256, max_length: int | None = None,
-             apply_chat_template: bool = False,
+             apply_chat_template: bool = False, compile: bool = False,
              seed: int = 0) -> dict[str, Any]:
     """`lm_eval.simple_evaluate` of `names` (known to `manager`, from `prepare_tasks`) with `lm` (a
     `modernlm.load` model); returns the harness's results dict."""
@@ -88,7 +88,8 @@ def evaluate(lm: Any, names: list[str], manager: Any, *, limit: int | None = Non
     from modernlm.eval.tasks.lm import ModernLMEval
 
     results = simple_evaluate(
-        model=ModernLMEval(lm, batch_size=batch_size, max_gen_toks=max_gen_toks, max_length=max_length),
+        model=ModernLMEval(lm, batch_size=batch_size, max_gen_toks=max_gen_toks, max_length=max_length,
+                           compile=compile),
         tasks=names,
         num_fewshot=num_fewshot, limit=limit, task_manager=manager, apply_chat_template=apply_chat_template,
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False,
