@@ -794,7 +794,7 @@ def test_compiled_generate_takes_few_graphs_and_no_int_that_changes_per_step(eng
     padding), each call's inputs keep one set of shapes and ints at every step, a step changes no
     input but the cache, and the greedy tokens are the eager steps'. Through a GPU's calls, the
     cache is kept from one call to the next while the batch and the room fit (a CUDA graph replays
-    at the addresses it recorded)."""
+    at the addresses it recorded), and two streams read in turns each get their own tokens."""
     from modernlm import generation, steps
 
     traced, seen, changed = [], set(), set()
@@ -820,6 +820,13 @@ def test_compiled_generate_takes_few_graphs_and_no_int_that_changes_per_step(eng
             assert torch.equal(generate(model, idx, s, pad_mask=pad_mask, compile=True), want)
             assert len(seen) == calls_before + 1  # n - 1 steps, one set of shapes and ints
             kept.append(generation._COMPILED[model].kept)
+        # two streams read in turns: the second does not decode into the cache the first holds
+        s = Sampling(max_new_tokens=12, eos_token_id=-1)
+        a, b = calls[0][0], calls[0][0].flip(0)
+        streams = [iter_tokens(model, a, s, compile=True), iter_tokens(model, b, s, compile=True)]
+        turns = [[step.tokens for step in pair] for pair in zip(*streams, strict=True)]
+        got = [torch.stack([t[i] for t in turns], 1) for i in (0, 1)]
+        assert all(torch.equal(g, generate(model, p, s)[:, p.size(1) :]) for g, p in zip(got, (a, b), strict=True))
     finally:
         generation._COMPILED.pop(model, None)
     assert len(traced) == 3  # one row, more, more with padding: no recompile for a batch or a capacity

@@ -29,6 +29,7 @@ generate decodes into a cache kept from one call to the next (`CacheSteps.cache_
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from functools import cached_property
 
@@ -162,6 +163,7 @@ class CacheSteps:
         self.graphs = graphs_on(model.lm_head.weight.device)
         self.decode = compiled(model, self.graphs)
         self.kept: KVCache | None = None
+        self._holder: weakref.ref | None = None  # the step over the kept cache, while a generation holds it
 
     @cached_property
     def dynamic(self):
@@ -172,16 +174,21 @@ class CacheSteps:
     def cache_for(self, batch: int, capacity: int) -> KVCache:
         """An empty cache for `batch` rows of `capacity` tokens: the kept one while it has the batch,
         the model's dtype and the room, else a new one (kept from now on) whose capacity is rounded
-        up to a power of two, so a chat's growing turns need a new one (and a new graph) rarely."""
+        up to a power of two, so a chat's growing turns need a new one (and a new graph) rarely.
+        While a generation holds the kept one (a stream not read to its end), a new one of its own."""
         c, p = self.kept, self.model.lm_head.weight
+        held = self._holder is not None and self._holder() is not None
         # (the model's new_cache adds the sink token's slot: compare with a cache it would make)
-        if c is None or c.k[0].size(0) != batch or c.k[0].dtype != p.dtype or c.k[0].device != p.device \
+        if held or c is None or c.k[0].size(0) != batch or c.k[0].dtype != p.dtype or c.k[0].device != p.device \
                 or c.capacity < capacity + int(self.model.sink is not None):  # fmt: skip
-            self.kept = None  # free the last one's memory first
-            c = self.kept = self.model.new_cache(batch, bucket(capacity))
+            if not held:
+                self.kept = None  # free the last one's memory first
+            c = self.model.new_cache(batch, bucket(capacity))
             for buf in (*c.k, *c.v):
                 # written in place by every step: an address that never moves (as the engine's pool)
                 torch._dynamo.mark_static_address(buf)
+            if not held:
+                self.kept = c
         c.length = c.seen = 0
         c.valid = None
         return c
@@ -206,4 +213,6 @@ class CacheSteps:
             cache.advance(1)
             return logits
 
+        if cache is self.kept:  # held until the generation drops its step (at its end)
+            self._holder = weakref.ref(step)
         return step

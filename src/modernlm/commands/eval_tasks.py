@@ -36,7 +36,7 @@ class Config:
     max_gen_toks: int = 256  # tokens a generation task may generate, unless the task says (the harness's default)
     max_length: int | None = None  # the context the harness uses (rolling windows, truncation); null = the model's
     apply_chat_template: bool = False  # prompts in the model's chat template (--apply_chat_template)
-    compile: bool = False  # generation tasks' decode steps through torch.compile (CUDA graphs on a GPU; a CPU runs them fused)
+    compile: bool = False  # generation tasks: decode steps through torch.compile (CUDA graphs on a GPU)
     data_dir: str = "../shared/data"  # where the offline tasks find sst2/, gsm8k/, wikitext-2/
     include_path: str = ""  # more task YAMLs (a folder), as the harness's --include_path
     out: str = ""  # the results JSON (and a .md table beside it); "" = print the table only
