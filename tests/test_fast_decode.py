@@ -590,6 +590,25 @@ def test_a_quantized_model_is_its_dequantized_float_model(shape, quantize):
     assert torch.equal(generate(q, prompt, 12), generate(ref, prompt, 12))
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_a_quantized_model_moved_to_bfloat16_is_its_dequantized_model_in_bfloat16(shape, quantize):
+    """`model.to(torch.bfloat16)` after prepare: the blocks keep their 8-bit codes and float32 scales
+    (cast, the scales no longer matched the kernels' packing), the embedding gives bfloat16 rows, and
+    the logits are the dequantized float model's in bfloat16, bit for bit (measured: equal)."""
+    torch.manual_seed(0)
+    cfg, _ = SHAPES[shape]
+    model = sharp(ModernDecoderLM(cfg))
+    ref = fake_quantized(model, quantize).to(torch.bfloat16)
+    q = quant.prepare(copy.deepcopy(model), quantize).to(torch.bfloat16)
+    layers = [m for m in q.modules() if isinstance(m, QLinear)]
+    assert layers and all(m.scales.dtype == torch.float32 for m in layers)
+    idx = torch.randint(0, cfg.vocab_size, (3, 7))
+    assert q.tok_emb(idx).dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(q(idx).logits, ref(idx).logits)
+
+
 # ---- the engine --------------------------------------------------------------------------------
 
 

@@ -218,6 +218,16 @@ class QLinear(nn.Module):
             return F.linear(x, self.dequantize().to(x.dtype))
         return F.linear(x, self.dequantize(out=_scratch(self.out_features * self.in_features, x.device)))
 
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(bfloat16), .half(): the blocks keep their dtypes (8-bit codes, float32 scales: the
+        # kernels' and GGUF's layout; forward casts the weight to the activations' dtype); a move to
+        # another device moves them
+        device = fn(torch.empty(0, device=self.q.device)).device
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                self._buffers[name] = buf.to(device)
+        return self
+
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, kind={self.kind}"
 
@@ -245,6 +255,10 @@ class QEmbedding(nn.Module):
     @property
     def weight(self) -> Tensor:  # the rows as floats, for code that reads the matrix
         return self.table[0].dequantize()
+
+    def _apply(self, fn, recurse: bool = True):
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype  # model.to(bfloat16): rows in bfloat16
+        return super()._apply(fn, recurse)
 
     def forward(self, idx: Tensor) -> Tensor:
         rows = self.table[0].dequantize(rows=idx.reshape(-1)).to(self.dtype)
