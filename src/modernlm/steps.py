@@ -155,8 +155,9 @@ class _RowsView(_StepView):
 class CacheSteps:
     """`generate`'s decode steps of `model` through torch.compile, over its plain (not rolling)
     KVCache read as `_RowsView`: a step's inputs are tensors whose sizes are the batch's and the
-    capacity's, so one graph serves one row and one more rows, at every length and capacity. With
-    CUDA graphs (on a GPU) generate takes its cache from `cache_for`, kept from one call to the next."""
+    capacity's, so one graph serves a single row and another every larger batch, at every length
+    and capacity (one more each for left-padded batches). With CUDA graphs (on a GPU) generate takes
+    its cache from `cache_for`, kept from one call to the next."""
 
     def __init__(self, model):
         self.model = model
