@@ -857,6 +857,15 @@ def test_compiled_generate_takes_few_graphs_and_no_int_that_changes_per_step(eng
         assert kept == [None] * 5
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_generate_compile_true_takes_a_quantized_model_whose_steps_run_fused(engine_model, quantize):
+    """A quantized model (its head a QLinear, no `weight`) on a CPU: compile=True changes nothing,
+    the steps run fused as without it (what `modernlm chat` does by default with a .gguf)."""
+    model = quant.prepare(copy.deepcopy(engine_model[0]), quantize)
+    prompt = torch.randint(4, 300, (2, 6))
+    assert torch.equal(generate(model, prompt, 8, compile=True), generate(model, prompt, 8))
+
+
 def test_a_compiled_engine_keeps_a_block_for_padding_rows_and_says_what_no_longer_fits(engine_model, monkeypatch):
     """The block that padding rows write to is no sequence's: a prompt that needs every block of
     the pool is refused at once (it would wait forever for the kept one), a prompt that fits the

@@ -253,7 +253,7 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def compiled_steps(model: ModernDecoderLM) -> CacheSteps:
     """The model's compiled decode steps (steps.py), built once per model and device."""
     steps = _COMPILED.get(model)
-    if steps is None or steps.graphs != graphs_on(model.lm_head.weight.device):
+    if steps is None or steps.graphs != graphs_on(model.norm.weight.device):
         steps = _COMPILED[model] = CacheSteps(model)
     return steps
 
@@ -261,7 +261,7 @@ def compiled_steps(model: ModernDecoderLM) -> CacheSteps:
 def _new_cache(model: ModernDecoderLM, s: Sampling, batch: int, capacity: int) -> KVCache:
     """A cache for `capacity` tokens a row (or a rolling one, per `s`). Compiled steps that replay
     as CUDA graphs decode into the cache they keep: a graph replays at the addresses it recorded."""
-    if s.compile and not s.window and graphs_on(model.lm_head.weight.device):
+    if s.compile and not s.window and graphs_on(model.norm.weight.device):
         return compiled_steps(model).cache_for(batch, capacity)
     return model.new_cache(batch, capacity, window=s.window, sink_size=s.sink_size, chunk=s.chunk)
 

@@ -161,7 +161,7 @@ class CacheSteps:
 
     def __init__(self, model):
         self.model = model
-        self.graphs = graphs_on(model.lm_head.weight.device)
+        self.graphs = graphs_on(model.norm.weight.device)
         self.decode = compiled(model, self.graphs)
         self.kept: KVCache | None = None
         self._holder: weakref.ref | None = None  # the step over the kept cache, while a generation holds it
@@ -177,7 +177,7 @@ class CacheSteps:
         the model's dtype and the room, else a new one (kept from now on) whose capacity is rounded
         up to a power of two, so a chat's growing turns need a new one (and a new graph) rarely.
         While a generation holds the kept one (a stream not read to its end), a new one of its own."""
-        c, p = self.kept, self.model.lm_head.weight
+        c, p = self.kept, next(self.model.parameters())  # the dtype and device new_cache takes
         held = self._holder is not None and self._holder() is not None
         # (the model's new_cache adds the sink token's slot: compare with a cache it would make)
         if held or c is None or c.k[0].size(0) != batch or c.k[0].dtype != p.dtype or c.k[0].device != p.device \
