@@ -17,12 +17,15 @@ Tolerances are measured (this machine, AVX-512), with a margin for another summa
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import os
+import pickle
 import platform
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -814,7 +817,7 @@ def test_compiled_generate_takes_few_graphs_and_no_int_that_changes_per_step(eng
     input but the cache, and the greedy tokens are the eager steps'. Through a GPU's calls, the
     cache is kept from one call to the next while the batch and the room fit (a CUDA graph replays
     at the addresses it recorded), and two streams read in turns each get their own tokens."""
-    from modernlm import generation, steps
+    from modernlm import steps
 
     traced, seen, changed = [], set(), set()
     model, tok = engine_model
@@ -825,7 +828,7 @@ def test_compiled_generate_takes_few_graphs_and_no_int_that_changes_per_step(eng
     made: list[KVCache] = []  # every cache made, kept alive (their addresses then stay theirs)
     new_cache = ModernDecoderLM.new_cache
     monkeypatch.setattr(ModernDecoderLM, "new_cache", lambda *a, **kw: made.append(new_cache(*a, **kw)) or made[-1])
-    generation._COMPILED.pop(model, None)
+    model.__dict__.pop("_compiled_steps", None)
     g = torch.Generator().manual_seed(0)
     calls = [(torch.randint(4, 300, (b, t), generator=g), None, n) for b, t, n in ((3, 9, 30), (2, 5, 20), (1, 4, 20),
                                                                                   (3, 30, 60))]  # fmt: skip
@@ -838,7 +841,7 @@ def test_compiled_generate_takes_few_graphs_and_no_int_that_changes_per_step(eng
             calls_before = len(seen)
             assert torch.equal(generate(model, idx, s, pad_mask=pad_mask, compile=True), want)
             assert len(seen) == calls_before + 1  # n - 1 steps, one set of shapes and ints
-            kept.append(generation._COMPILED[model].kept)
+            kept.append(model._compiled_steps.kept)
         # two streams read in turns: the second does not decode into the cache the first holds
         s = Sampling(max_new_tokens=12, eos_token_id=-1)
         a, b = calls[0][0], calls[0][0].flip(0)
@@ -847,7 +850,7 @@ def test_compiled_generate_takes_few_graphs_and_no_int_that_changes_per_step(eng
         got = [torch.stack([t[i] for t in turns], 1) for i in (0, 1)]
         assert all(torch.equal(g, generate(model, p, s)[:, p.size(1) :]) for g, p in zip(got, (a, b), strict=True))
     finally:
-        generation._COMPILED.pop(model, None)
+        model.__dict__.pop("_compiled_steps", None)
     assert len(traced) == 3  # one row, more, more with padding: no recompile for a batch or a capacity
     assert changed and changed <= {buf.data_ptr() for c in made for buf in (*c.k, *c.v)}
     if graphs:  # 3 rows fit the first call's cache again only in the padded call; the 30 + 60 tokens need a new one
@@ -855,6 +858,37 @@ def test_compiled_generate_takes_few_graphs_and_no_int_that_changes_per_step(eng
         assert kept[3].capacity == 128 + 1  # 90 tokens rounded up, and the sink's slot
     else:
         assert kept == [None] * 5
+
+
+def test_a_model_that_compiled_its_steps_is_freed_when_dropped_and_copies_without_them(monkeypatch):
+    """generate(compile=True) keeps the model's compiled steps (and, with CUDA graphs, the cache
+    they decode into) on the model: dropping the model frees them and it (a table keyed by the model
+    kept every model alive for the life of the process); a deep copy or a pickle of the model holds
+    none of them, has the same state_dict keys, and compiles steps of its own: the same tokens."""
+    from modernlm import steps
+
+    torch._dynamo.reset()  # graphs of earlier tests' models count toward the forward's recompile limit
+    # dynamo traces as it does for Inductor (its guards and caches are what could hold the model);
+    # running the traced graph op by op spares the code generation
+    monkeypatch.setattr(steps, "compile_model", lambda model, **kw: torch.compile(model, backend="eager", dynamic=True))
+    monkeypatch.setattr(steps, "graph_devices", ("cuda", "cpu"))  # the kept cache too
+    torch.manual_seed(0)
+    model = ModernDecoderLM(ModelConfig(vocab_size=64, d_model=32, n_layer=2, n_head=4, n_kv_head=2)).eval()
+    keys = set(model.state_dict())
+    prompt = torch.randint(0, 64, (2, 5))
+    want = generate(model, prompt, 8)
+    assert torch.equal(generate(model, prompt, 8, compile=True), want)
+    kept = weakref.ref(model._compiled_steps.kept)
+    assert set(model.state_dict()) == keys
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert twin._compiled_steps is None and set(twin.state_dict()) == keys
+        assert torch.equal(generate(twin, prompt, 8, compile=True), want)
+        assert twin._compiled_steps.kept is not kept()
+    del twin
+    dropped = weakref.ref(model)
+    del model
+    gc.collect()
+    assert dropped() is None and kept() is None
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])

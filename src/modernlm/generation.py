@@ -16,7 +16,6 @@ Design notes: docs/design.md#generationpy
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -243,18 +242,14 @@ def _prefill(
     return logits[:, -1]
 
 
-# model -> what compiles its decode steps (and, with CUDA graphs, the cache they run over). The value
-# holds the model, so an entry lives as long as the process; only models generated from with
-# compile=True get one. Not stored on the model itself, where it would become a submodule and show
-# up in its state_dict.
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def compiled_steps(model: ModernDecoderLM) -> CacheSteps:
-    """The model's compiled decode steps (steps.py), built once per model and device."""
-    steps = _COMPILED.get(model)
+    """The model's compiled decode steps (steps.py), built once per model and device. They are kept
+    on the model (a plain attribute, not a submodule: no state_dict entry), so they go when it goes:
+    the two refer to each other, a cycle the garbage collector frees (a table keyed by the model
+    would keep every model it ever compiled for the life of the process)."""
+    steps = model.__dict__.get("_compiled_steps")
     if steps is None or steps.graphs != graphs_on(model.norm.weight.device):
-        steps = _COMPILED[model] = CacheSteps(model)
+        steps = model._compiled_steps = CacheSteps(model)
     return steps
 
 

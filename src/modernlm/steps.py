@@ -97,7 +97,7 @@ class StaticSteps:
     of one decode step: row r feeds tokens[r] at position lengths[r], its table holding a slot for it."""
 
     def __init__(self, model, cache: PagedCache, scratch: int, max_rows: int):
-        self.model, self.cache, self.scratch, self.max_rows = model, cache, scratch, max_rows
+        self.scratch, self.max_rows = scratch, max_rows
         self.device = cache.k[0].device
         model.rope.reserve(cache.num_blocks * cache.block_size)  # no row can go past the pool
         self.view = _StepView(cache.k, cache.v, model.rope)
@@ -165,6 +165,11 @@ class CacheSteps:
         self.decode = compiled(model, self.graphs)
         self.kept: KVCache | None = None
         self._holder: weakref.ref | None = None  # the step over the kept cache, while a generation holds it
+
+    def __reduce__(self):
+        # kept on the model (generation.compiled_steps): a deep copy or a pickle of the model gets
+        # None in their place, and compiles its own steps when it needs them, never these graphs
+        return type(None), ()
 
     @cached_property
     def dynamic(self):
