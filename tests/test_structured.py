@@ -80,6 +80,34 @@ def test_constraint_values_and_their_errors():
         Constraint.choice([])
 
 
+def test_a_tokenizer_made_after_another_was_freed_gets_matchers_over_its_own_vocabulary():
+    """Compiled grammars are cached per tokenizer and grammar: a tokenizer made after an earlier one
+    was freed (CPython often gives the new one the freed one's address) gets masks over its own
+    vocabulary, those an uncached llguidance matcher over it gives, never the earlier one's."""
+    import gc
+
+    import llguidance as llg
+    import torch
+    from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
+
+    from modernlm.constrain import Guide
+    from modernlm.tokenizer import train_bpe
+
+    words = Constraint.regex("[a-z]+ [a-z]+")
+    for size in (300, 290, 280):
+        first = train_bpe(["the cat sat on the mat by the door", "a dog ran far away"] * 20, size + 40)
+        Guide.for_rows([words], first, first.vocab_size, [first.eos_id]).allowed()
+        del first
+        gc.collect()
+        tok = train_bpe(["zebra quartz jumps vexingly", "lorem ipsum dolor sit amet"] * 20, size)
+        got = Guide.for_rows([words], tok, tok.vocab_size, [tok.eos_id]).allowed()[0]
+        ll_tok = llg.LLTokenizer(tok.backend.to_str(), n_vocab=tok.vocab_size, eos_token=[tok.eos_id])
+        bitmask = allocate_token_bitmask(1, tok.vocab_size)
+        fill_next_token_bitmask(llg.LLMatcher(ll_tok, words.to_llguidance(), log_level=0), bitmask, 0)
+        want = ((bitmask[0, :, None] >> torch.arange(32, dtype=torch.int32)) & 1).flatten()[: tok.vocab_size].bool()
+        assert torch.equal(got, want) and 0 < int(want.sum()) < tok.vocab_size
+
+
 def test_every_kind_in_generate_and_chat(lm):
     free = lm.chat(USER, max_new_tokens=60)
     with pytest.raises(json.JSONDecodeError):

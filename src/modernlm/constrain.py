@@ -179,7 +179,10 @@ def _one_line(error: str, limit: int = 300) -> str:
 
 _lock = threading.Lock()  # the server's engine and request threads compile; one at a time
 _TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # our Tokenizer -> {(V, eos): LLTokenizer}
-_MATCHERS: OrderedDict = OrderedDict()  # (id(LLTokenizer), grammar) -> a pristine LLMatcher
+# (LLTokenizer, grammar) -> a pristine LLMatcher. The key holds the tokenizer itself (it hashes by
+# identity): keyed by its id, a tokenizer made after an earlier one was freed could take that id,
+# and with it the earlier one's matchers, over another vocabulary
+_MATCHERS: OrderedDict = OrderedDict()
 
 
 def _ll_tokenizer(tokenizer: Any, vocab: int, eos: tuple[int, ...]) -> Any:
@@ -200,7 +203,7 @@ def matcher(constraint: Constraint, tokenizer: Any, vocab: int, eos: Sequence[in
         raise UserError("a constrained generation needs an eos token to end on (the tokenizer has none)")
     with _lock:
         ll_tok = _ll_tokenizer(tokenizer, vocab, tuple(sorted(set(eos))))
-        key = (id(ll_tok), constraint)
+        key = (ll_tok, constraint)
         pristine = _MATCHERS.get(key)
         if pristine is None:
             pristine = llg.LLMatcher(ll_tok, constraint.to_llguidance(), log_level=0)
