@@ -247,7 +247,7 @@ def compiled_steps(model: ModernDecoderLM) -> CacheSteps:
     on the model (a plain attribute, not a submodule: no state_dict entry), so they go when it goes:
     the two refer to each other, a cycle the garbage collector frees (a table keyed by the model
     would keep every model it ever compiled for the life of the process)."""
-    steps = model.__dict__.get("_compiled_steps")
+    steps = getattr(model, "_compiled_steps", None)
     if steps is None or steps.graphs != graphs_on(model.norm.weight.device):
         steps = model._compiled_steps = CacheSteps(model)
     return steps
