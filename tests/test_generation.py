@@ -4,16 +4,21 @@ hand-computed values (and HF's processors), batching, the rolling cache, text st
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+from modernlm.errors import UserError
 from modernlm.generation import (
+    Sampling,
     TextStream,
     apply_repetition_penalty,
     generate,
     generate_text,
     iter_tokens,
     left_pad,
+    sample,
     stream_text,
     top_k_filter,
     top_p_filter,
@@ -101,8 +106,6 @@ def test_padded_batch_equals_each_prompt_alone(variant):
 
 
 def test_pad_mask_must_be_left_padding():
-    from modernlm.errors import UserError
-
     model = tiny_model()
     idx = torch.tensor([[1, 2, 0]])
     with pytest.raises(UserError, match="left-padded"):
@@ -152,8 +155,6 @@ def test_rolling_cache_without_eviction_equals_plain(variant):
 
 
 def test_too_small_plain_cache_is_a_clear_error():
-    from modernlm.errors import UserError
-
     model = tiny_model()
     cache = model.new_cache(1, 8)
     with pytest.raises(UserError, match="KV cache too small"):
@@ -577,3 +578,25 @@ def test_compiled_decode_gives_the_same_tokens(monkeypatch, graphs):
         assert counters["stats"]["unique_graphs"] == compiled
     finally:
         model.__dict__.pop("_compiled_steps", None)
+
+
+def test_sampling_takes_only_finite_settings_and_a_tiny_temperature_samples_its_limit():
+    """NaN passed every `x < 0` check, and a temperature of 1e-45 overflowed the logits to inf,
+    whose softmax is NaN (torch.multinomial raised). The limit of softmax(x / T) as T -> 0 is the
+    argmax; a row already +inf (a repetition penalty of 1e-300's) draws among its +inf tokens."""
+    for settings in ({"temperature": math.nan}, {"temperature": math.inf}, {"repetition_penalty": math.nan},
+                     {"repetition_penalty": math.inf}, {"top_p": math.nan}):  # fmt: skip
+        with pytest.raises(UserError, match=next(iter(settings))):
+            Sampling(**settings)
+    torch.manual_seed(0)
+    logits = torch.randn(64, 1000) * 10
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample(logits, 1e-45, generator=g), logits.argmax(-1))
+    assert torch.equal(sample(logits, 1e-30, top_k=5, top_p=0.5, generator=g), logits.argmax(-1))
+    overflowed = logits.clone()
+    overflowed[:, 7] = overflowed[:, 9] = math.inf
+    drawn = sample(overflowed, 1.0, generator=g)
+    assert set(drawn.tolist()) == {7, 9}
+    same = sample(logits, 0.7, generator=torch.Generator().manual_seed(1))  # untouched where nothing overflows
+    probs = (logits / 0.7).softmax(-1)
+    assert torch.equal(same, torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(1)).squeeze(-1))

@@ -10,6 +10,8 @@ test_serve_engine.py.)"""
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import math
 import time
 
 import httpx2 as httpx
@@ -143,3 +145,104 @@ def test_a_failing_prefill_fails_its_request_alone(lm, caplog):
     assert "injected prefill fault" in caplog.text and "poisoned-1" in caplog.text
     assert answers == [lm.generate(p, 8) for p in ("Once upon", "The quick brown", "In 1999")]
     assert again.choices[0].text == answers[0]
+
+
+def test_a_token_pick_that_fails_fails_its_request_alone_and_a_tiny_temperature_is_greedy(lm, caplog, monkeypatch):
+    """A temperature of 1e-45 (or a repetition penalty of 1e-300) overflows the logits to inf, whose
+    softmax is NaN: it used to fail every request in flight. Now it takes the limit, which is the
+    greedy text. And a pick that does fail (injected: the seed 666's) fails its own request alone,
+    while the others get what they get alone."""
+    import modernlm.serve.engine as engine
+
+    pick = engine.pick_tokens
+
+    def poisoned(logits, s, *args, **kwargs):
+        if s.seed == 666:
+            raise RuntimeError("injected pick fault")
+        return pick(logits, s, *args, **kwargs)
+
+    prompts = ("Once upon", "The quick brown", "In 1999")
+    with serving(lm, max_batch=4) as url, concurrent.futures.ThreadPoolExecutor(4) as pool:
+        client = client_for(url)
+        tiny = client.completions.create(model=lm.name, prompt=prompts[0], max_tokens=8, temperature=1e-45)
+        assert tiny.choices[0].text == lm.generate(prompts[0], 8)
+        penalized = client.completions.create(model=lm.name, prompt=prompts[1], max_tokens=8, temperature=1,
+                                              extra_body={"repetition_penalty": 1e-300})  # fmt: skip
+        assert penalized.choices[0].finish_reason in ("stop", "length")
+        monkeypatch.setattr(engine, "pick_tokens", poisoned)
+        body = {"model": lm.name, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 1, "seed": 666}
+        bad = pool.submit(httpx.post, f"{url}/v1/completions", json=body, headers={"x-request-id": "poisoned-2"},
+                          timeout=60)  # fmt: skip
+        good = [pool.submit(client.completions.create, model=lm.name, prompt=p, max_tokens=8, temperature=0)
+                for p in prompts]  # fmt: skip
+        r = bad.result()
+        answers = [g.result().choices[0].text for g in good]
+    assert r.status_code == 500 and "poisoned-2" in r.json()["error"]["message"] and "injected" not in r.text
+    assert "injected pick fault" in caplog.text and "engine error" not in caplog.text
+    assert answers == [lm.generate(p, 8) for p in prompts]
+
+
+def test_bodies_that_are_not_text_nest_too_deep_or_hold_non_finite_numbers_get_400(lm):
+    """JSON's "\\ud800" (a lone surrogate: no text), a body nested past Python's stack, and NaN,
+    Infinity or 1e999 where a number goes are the client's mistakes: a 400 each, never a 500."""
+
+    def chat(content: str = "hi", **fields) -> str:  # json.dumps writes "\\ud800", NaN and Infinity
+        return json.dumps({"model": lm.name, "messages": [{"role": "user", "content": content}], "max_tokens": 2,
+                           **fields})  # fmt: skip
+
+    with serving(lm) as url:
+
+        def post(text: str, route: str = "chat/completions") -> httpx.Response:
+            return httpx.post(f"{url}/v1/{route}", content=text.encode(), headers={"content-type": "application/json"},
+                              timeout=60)  # fmt: skip
+
+        for route, text in [("chat/completions", chat("\ud800")),
+                            ("completions", json.dumps({"model": lm.name, "prompt": "a\udfffb", "max_tokens": 2})),
+                            ("completions", json.dumps({"model": "\ud800", "prompt": "a"})),
+                            ("chat/completions", "[" * 100_000 + "]" * 100_000)]:  # fmt: skip
+            r = post(text, route)
+            assert r.status_code == 400 and "JSON" in r.json()["error"]["message"], (text[:60], r.text[:200])
+        for field, value in [("temperature", math.nan), ("top_p", math.nan), ("repetition_penalty", math.nan),
+                             ("temperature", math.inf), ("repetition_penalty", -math.inf)]:  # fmt: skip
+            r = post(chat(**{field: value}))
+            assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, value, r.text)
+        r = post(chat().replace('"max_tokens": 2', '"max_tokens": 2, "temperature": 1e999'))
+        assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+        assert post(chat("hi \U0001f600")).status_code == 200  # (json.dumps writes the pair "\\ud83d\\ude00")
+
+
+def test_more_choices_than_the_server_ever_takes_are_a_400_not_a_busy_503(lm):
+    """n x prompts above max_batch + max_queue can never be taken: a 503 "try again" sent clients
+    retrying in vain (the openai client does). A 400 naming the field, before any tokenizing."""
+    with serving(lm, max_batch=2, max_queue=2) as url:
+        client = client_for(url)
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=lm.name, messages=[{"role": "user", "content": "hi"}], n=5)
+        assert e.value.body["param"] == "n" and "at most 4" in e.value.body["message"]
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=lm.name, prompt=["a"] * 100_000, max_tokens=1)
+        assert e.value.body["param"] == "prompt"
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=lm.name, prompt=["a", "b", "c"], n=2, max_tokens=1)
+        assert e.value.body["param"] == "prompt"
+        out = client.completions.create(model=lm.name, prompt=["Once upon", "In 1999"], n=2, max_tokens=4,
+                                        temperature=0)  # fmt: skip
+        assert [c.text for c in out.choices] == [lm.generate(p, 4) for p in ("Once upon", "In 1999") for _ in "ab"]
+
+
+def test_streamed_logprobs_have_the_offsets_of_the_whole_response(lm):
+    """/v1/completions' text_offset counts each token's own text (as vLLM does), streamed or not;
+    streamed, it went by the text of each chunk, which differs where a token is part of a
+    character (the sampled texts here hold such tokens: checked)."""
+    differs = 0
+    with serving(lm) as url:
+        client = client_for(url)
+        for seed in range(12):
+            settings = dict(model=lm.name, prompt="The", max_tokens=12, temperature=1.5, seed=seed, logprobs=1)
+            whole = client.completions.create(**settings).choices[0]
+            chunks = [c.choices[0] for c in client.completions.create(**settings, stream=True) if c.choices]
+            offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+            assert "".join(c.text for c in chunks) == whole.text
+            assert offsets == whole.logprobs.text_offset, seed
+            differs += len(whole.text) != sum(len(t) for t in whole.logprobs.tokens)
+    assert differs, "no text held a piece of a character: the case is not tested"

@@ -300,6 +300,42 @@ def test_server_tools_and_tool_choice(long_lm):
             assert e.value.body["param"] == param, e.value.body
 
 
+def test_tool_turns_in_openais_other_shapes_and_what_cannot_be_a_tool_is_a_400(long_lm):
+    """Content as text parts, in a tool result and beside an assistant's calls, reads as the same
+    text (it was refused, or a 500); a parameters schema this cannot follow, arguments that are not
+    JSON text and a tool_choice function that is not an object are 400s naming the field (were 500s)."""
+    lm = long_lm
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": 2}'}}
+
+    def turns(tool_content, assistant_content, call=call):
+        return [*USER, {"role": "assistant", "content": assistant_content, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": tool_content}]  # fmt: skip
+
+    def parts(text):
+        return [{"type": "text", "text": text[:3]}, {"type": "text", "text": text[3:]}]
+
+    with serving(lm) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+
+        def ask(messages, **settings):
+            settings = {"tools": TOOLS, "tool_choice": "none", **settings}
+            return client.chat.completions.create(model=lm.name, messages=messages, max_tokens=8, temperature=0,
+                                                  **settings).choices[0].message.content  # fmt: skip
+
+        assert ask(turns(parts("12:00"), parts("Let me see."))) == ask(turns("12:00", "Let me see."))
+        bad_schema = [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"type": "string", "pattern": "("}}}}}]  # fmt: skip
+        object_arguments = dict(call, function={"name": "get_time", "arguments": {"zone": 2}})
+        for messages, settings, param in [
+            (USER, {"tools": bad_schema, "tool_choice": "required"}, "tools"),
+            (turns("12:00", None, object_arguments), {}, "messages[1].tool_calls"),
+            (USER, {"tool_choice": {"type": "function", "function": "get_time"}}, "tool_choice"),
+        ]:
+            with pytest.raises(openai.BadRequestError) as e:
+                ask(messages, **settings)
+            assert e.value.body["param"] == param, e.value.body
+
+
 # A template that takes tools and writes calls as <tool_call> (Qwen2.5's and Hermes' form), written
 # for this test: the system turn lists the tools, tool results come back as user turns.
 TOOLS_TEMPLATE = (

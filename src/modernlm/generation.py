@@ -16,6 +16,7 @@ Design notes: docs/design.md#generationpy
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -81,14 +82,14 @@ class Sampling:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(s for s in self.stop or () if s)
         if self.max_new_tokens < 0:
             raise UserError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # (NaN too)
+            raise UserError(f"temperature must be >= 0 (0 = greedy) and finite, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
             raise UserError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise UserError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise UserError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise UserError(f"repetition_penalty must be > 0 (1 = off) and finite, got {self.repetition_penalty}")
         if self.window < 0 or self.sink_size < 0:
             raise UserError(f"window and sink_size must be >= 0, got {self.window} and {self.sink_size}")
 
@@ -173,7 +174,13 @@ def sample(
 ) -> Tensor:
     """Draw one token per row (B,) from softmax(logits / temperature) after top-k / top-p; a
     list of generators draws row i with generator i."""
-    logits = logits / temperature
+    scaled = logits / temperature
+    # A row that a tiny temperature overflows to +inf (whose softmax is NaN) takes the same softmax
+    # from its logits less their max, which no temperature overflows; a row whose logits are +inf
+    # already (a tiny repetition penalty's) draws among those.
+    top = logits.amax(dim=-1, keepdim=True)
+    shifted = torch.where(logits == top, 0.0, (logits - top) / temperature)
+    logits = torch.where(scaled.amax(dim=-1, keepdim=True).isposinf(), shifted, scaled)
     if top_k:
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1.0:

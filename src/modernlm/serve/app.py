@@ -45,6 +45,7 @@ from modernlm.serve.openai import (
     logprobs_json,
     parse,
     response,
+    token_text,
     usage,
 )
 from modernlm.serve.tools import CallStream
@@ -85,8 +86,10 @@ class ServeConfig:
     compile: bool = False  # torch.compile the decode steps (paid once at start-up; `modernlm serve` does)
 
     def __post_init__(self) -> None:
-        for name in ("port", "max_batch", "max_tokens", "max_n", "max_body_bytes", "kv_block_size", "prefill_chunk"):
-            if getattr(self, name) < (0 if name == "port" else 1):
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"port must be in [0, 65535] (0 = any free one), got {self.port}")
+        for name in ("max_batch", "max_tokens", "max_n", "max_body_bytes", "kv_block_size", "prefill_chunk"):
+            if getattr(self, name) < 1:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_queue < 0 or self.request_timeout <= 0:
             raise UserError("max_queue must be >= 0 and request_timeout > 0")
@@ -131,7 +134,7 @@ def make_app(lm: Any, cfg: ServeConfig | None = None, *, engine_thread: bool = T
                         kv_dtype=KV_DTYPES[cfg.kv_dtype])
     except ValueError as e:
         raise UserError(str(e)) from None
-    ctx = Context(lm, name, cfg.max_tokens, cfg.max_n, engine.kv_tokens)
+    ctx = Context(lm, name, cfg.max_tokens, cfg.max_n, cfg.max_batch + cfg.max_queue, engine.kv_tokens)
     metrics = Metrics(engine.stats)
     started = int(time.time())
 
@@ -208,9 +211,14 @@ def make_app(lm: Any, cfg: ServeConfig | None = None, *, engine_thread: bool = T
             if len(body) > cfg.max_body_bytes:
                 raise too_big
         try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
+            value = json.loads(body)
+        except (ValueError, RecursionError) as e:  # (RecursionError: nested past Python's stack)
             raise APIError(400, f"the request body is not valid JSON ({e})") from None
+        try:
+            json.dumps(value, ensure_ascii=False).encode()  # JSON's \ud800 escape is a lone surrogate: not text
+        except (UnicodeEncodeError, RecursionError):
+            raise APIError(400, "the request body is not valid JSON (a lone surrogate: it is not text)") from None
+        return value
 
     async def run(kind: str, request: HTTPRequest) -> Any:
         request_id = request.state.request_id  # the x-request-id, set by Edge
@@ -291,7 +299,7 @@ def make_app(lm: Any, cfg: ServeConfig | None = None, *, engine_thread: bool = T
                     lp = None
                     if job.logprobs is not None and event.tokens:
                         lp = logprobs_json(job.kind, lm.tokenizer, event.tokens, offsets[index])
-                        offsets[index] += len(event.text)
+                        offsets[index] += sum(len(token_text(lm.tokenizer, t.id)) for t in event.tokens)
                     text = calls[index].push(event.text) if calls else event.text
                     if text or lp is not None:
                         yield chunk(job, rid, created, name, [chunk_choice(job, index, text, lp, None)])

@@ -467,7 +467,15 @@ class Engine:
         self._take(seq, logits)
 
     def _take(self, seq: _Seq, logits: Tensor) -> None:
-        """Pick `seq`'s next token from its logits (1, V) and report what it adds."""
+        """Pick `seq`'s next token from its logits (1, V) and report what it adds; a failure fails
+        `seq` alone (its sampler's, its grammar's), not the others in the batch."""
+        try:
+            self._pick(seq, logits)
+        except Exception:
+            log.exception("picking the next token of request %s failed", seq.request.id)
+            self._fail(seq)
+
+    def _pick(self, seq: _Seq, logits: Tensor) -> None:
         s = seq.sampling
         allowed = seq.guide.allowed() if seq.guide is not None else None
         token = int(pick_tokens(logits, s, seq.seen, seq.generator, self.tokenizer.vocab_size, allowed)[0])

@@ -16,6 +16,7 @@ and `chunk` shape them as OpenAI does (chat.completion / text_completion, and th
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,7 @@ class Context:
     model_name: str
     max_tokens: int  # the largest max_tokens a request may ask for
     max_n: int
+    max_sequences: int  # the most choices (prompts x n) one request may have: the engine's batch + queue
     kv_tokens: int | None = None  # the most tokens the engine's KV cache holds for one sequence
 
 
@@ -82,7 +84,7 @@ def _number(body: dict, name: str, default: float | None, lo: float, hi: float, 
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise APIError(400, f"{name} must be a number, got {json.dumps(value)}", name)
-    if value < lo or value > hi or (open_lo and value == lo):
+    if not math.isfinite(value) or value < lo or value > hi or (open_lo and value == lo):  # NaN fails no comparison
         span = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]"
         raise APIError(400, f"{name} must be in {span}, got {value}", name)
     return value
@@ -129,6 +131,11 @@ def _constraint(body: dict, tools: Tools | None) -> Constraint | None:
     """response_format's constraint, or the tools' (not both)."""
     fmt = _response_format(body)
     calls = tools.constraint() if tools is not None else None
+    if calls is not None:
+        try:
+            calls.check()  # the functions' parameters: a schema this cannot follow is the client's
+        except UserError as e:
+            raise APIError(400, f"tools: {e}", "tools") from None
     if fmt is not None and calls is not None:
         raise APIError(400, 'response_format cannot be used with tools (unless tool_choice is "none")',
                        "response_format")  # fmt: skip
@@ -216,7 +223,7 @@ def _messages(body: dict, tools: Tools | None) -> list[dict[str, str]]:
     return out
 
 
-def _completion_prompts(body: dict, lm: Any) -> list[list[int]]:
+def _completion_prompts(body: dict, lm: Any, n: int, ctx: Context) -> list[list[int]]:
     prompt = body.get("prompt")
     bad = APIError(400, "prompt must be a string, a list of strings, or token ids", "prompt")
     if isinstance(prompt, str):
@@ -225,6 +232,7 @@ def _completion_prompts(body: dict, lm: Any) -> list[list[int]]:
         raise bad
     if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         prompt = [prompt]  # one prompt as token ids
+    _fits(len(prompt) * n, ctx, "prompt")  # before any tokenizing
     rows = []
     for p in prompt:
         if isinstance(p, str):
@@ -238,6 +246,14 @@ def _completion_prompts(body: dict, lm: Any) -> list[list[int]]:
     return rows
 
 
+def _fits(choices: int, ctx: Context, param: str) -> None:
+    """A request of more choices than the engine ever takes at once is the client's mistake (a 400),
+    not a busy server's 503, which a client retries in vain."""
+    if choices > ctx.max_sequences:
+        raise APIError(400, f"this request asks for {choices} choices (prompts x n) and this server takes at most "
+                       f"{ctx.max_sequences} in one request (max_batch + max_queue)", param)
+
+
 def parse(kind: str, body: Any, ctx: Context) -> Job:
     """Check the body of a chat ("chat") or completions ("completion") request; see the module docstring."""
     if not isinstance(body, dict):
@@ -249,6 +265,7 @@ def parse(kind: str, body: Any, ctx: Context) -> Job:
         raise APIError(404, f"The model `{model}` does not exist (this server has `{ctx.model_name}`)", "model",
                        code="model_not_found")
     _unsupported(body)
+    n = _integer(body, "n", 1, 1, ctx.max_n)
     lm = ctx.lm
     tools, native = None, False
     if kind == "chat":
@@ -265,6 +282,7 @@ def parse(kind: str, body: Any, ctx: Context) -> Job:
                     raise ToolError("a special token's text in tools or a tool call cannot be kept as text", "tools")
         except ToolError as e:
             raise APIError(400, str(e), e.param) from None
+        _fits(n, ctx, "n")
         if not native:
             messages = _messages(body, tools)
         if not lm.has_chat_template:
@@ -279,7 +297,7 @@ def parse(kind: str, body: Any, ctx: Context) -> Job:
         if top is not None and logprobs is None:
             raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
     else:
-        prompts = _completion_prompts(body, lm)
+        prompts = _completion_prompts(body, lm, n, ctx)
         max_name = "max_tokens"
         logprobs = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
     max_tokens = _integer(body, max_name, None, 1, ctx.max_tokens)
@@ -315,7 +333,6 @@ def parse(kind: str, body: Any, ctx: Context) -> Job:
         eos_token_id=() if _boolean(body, "ignore_eos") else None,
         constraint=_constraint(body, tools),
     )
-    n = _integer(body, "n", 1, 1, ctx.max_n)
     return Job(kind, prompts, sampling, n, stream, include_usage, logprobs, tools)
 
 
@@ -340,12 +357,18 @@ class Choice:
             self.finish_reason, self.completion_tokens = event.finish_reason, event.completion_tokens
 
 
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """One token's text as logprobs show it (a piece of a character shows as U+FFFD)."""
+    return token_bytes(tokenizer, token_id).decode("utf-8", errors="replace")
+
+
 def logprobs_json(kind: str, tokenizer: Any, tokens: list[TokenInfo], offset: int = 0) -> dict[str, Any]:
     """Chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions: {tokens,
-    token_logprobs, top_logprobs, text_offset} (offsets from `offset`, into the completion's text)."""
+    token_logprobs, top_logprobs, text_offset}: a token's offset is `offset` plus the lengths of the
+    tokens before it, each's `token_text` (as vLLM counts them)."""
 
     def text(token_id: int) -> str:
-        return token_bytes(tokenizer, token_id).decode("utf-8", errors="replace")
+        return token_text(tokenizer, token_id)
 
     if kind == "chat":
         def entry(token_id: int, logprob: float) -> dict[str, Any]:

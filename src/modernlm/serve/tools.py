@@ -113,7 +113,8 @@ def parse_tools(body: dict[str, Any]) -> Tools | None:
     if choice is None:
         choice = "auto"
     elif isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        f = choice.get("function") if choice.get("type") == "function" else None
+        name = f.get("name") if isinstance(f, dict) else None
         if name not in names:
             raise ToolError(f"tool_choice names no function in tools: {json.dumps(choice)}", "tool_choice")
         choice = name
@@ -128,12 +129,14 @@ def chatml_messages(messages: list[dict[str, Any]], tools: Tools | None) -> list
     with the tools' system text first (merged into a leading system message)."""
     out = []
     for i, m in enumerate(messages):
-        role, content = m.get("role"), m.get("content")
+        role, content = m.get("role"), _text(m.get("content"))
         if role == "tool":
             if not isinstance(content, str):
-                raise ToolError(f"messages[{i}].content of a tool message must be a string", f"messages[{i}].content")
+                raise ToolError(f"messages[{i}].content of a tool message must be text", f"messages[{i}].content")
             out.append({"role": "user", "content": f"<tool_response>\n{content}\n</tool_response>"})
         elif role == "assistant" and m.get("tool_calls"):
+            if not isinstance(content, str | None):
+                raise ToolError(f"messages[{i}].content must be text", f"messages[{i}].content")
             out.append({"role": "assistant", "content": (content or "") + _calls_text(m["tool_calls"], i)})
         else:
             out.append(m)
@@ -156,8 +159,7 @@ def native_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if role not in ("system", "user", "assistant", "tool"):
             raise ToolError(f"{where}.role must be system, developer, user, assistant or tool, got {json.dumps(role)}",
                             f"{where}.role")  # fmt: skip
-        if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content):
-            content = "".join(p["text"] for p in content)
+        content = _text(content)
         message: dict[str, Any] = {"role": role, "content": content}
         if role == "assistant" and m.get("tool_calls"):
             message["content"] = content or ""
@@ -170,6 +172,13 @@ def native_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             raise ToolError(f"{where}.content must be a string", f"{where}.content")
         out.append(message)
     return out
+
+
+def _text(content: Any) -> Any:
+    """A message's content with its text parts joined (OpenAI's [{"type": "text", "text"}, ...])."""
+    if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    return content
 
 
 def _checked_calls(calls: Any, i: int) -> list[dict[str, Any]]:
@@ -186,9 +195,9 @@ def _calls_text(calls: Any, i: int) -> str:
         if not isinstance(f, dict) or not isinstance(f.get("name"), str):
             raise ToolError(f"{where}: each needs a function with a name", where)
         try:
-            arguments = json.loads(f.get("arguments") or "{}")
-        except json.JSONDecodeError:
-            raise ToolError(f"{where}: arguments must be JSON text", where) from None
+            arguments = json.loads(f.get("arguments") or "{}")  # not a string (an object): a TypeError
+        except (json.JSONDecodeError, TypeError):
+            raise ToolError(f"{where}: arguments must be JSON text (a string)", where) from None
         blocks.append(f"{OPEN}\n{json.dumps({'name': f['name'], 'arguments': arguments})}\n{CLOSE}")
     return "\n".join(blocks)
 
