@@ -110,3 +110,53 @@ def test_every_command_module_has_config_main_and_help(name):
     with pytest.raises(SystemExit) as info:
         cli.run_command(name, ["--help"])
     assert info.value.code == 0
+
+
+def test_mistakes_found_by_trying_them_are_one_line_and_exit_2(tmp_path, capsys):
+    """Each of these ended in a traceback, ran on (a negative batch_size scored 0 tokens as ppl 1.00,
+    a negative max_examples dropped records), or asked the hub for a local typo. Each is now one line
+    naming the field, file or line, exit 2, before any model loads."""
+    import gguf
+    import numpy as np
+
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"# caf\xe9\ntrain:\n  num_steps: 3\n")
+    writer = gguf.GGUFWriter(str(tmp_path / "whole.gguf"), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((16, 8), np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes((tmp_path / "whole.gguf").read_bytes()[:100])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "lo\n{"step": 3, "loss": 2.0}\n')
+    cases = [
+        ("eval perplexity", ["m", "x.txt", "batch_size=0"], "batch_size must be >= 1, got 0"),
+        ("eval checkpoints", ["r", "batch_size=-1"], "batch_size must be >= 1, got -1"),
+        ("eval table", ["batch_size=-1"], "batch_size must be >= 1"),
+        ("eval tasks", ["m", "batch_size=0"], "batch_size must be >= 1"),
+        ("eval checkpoints", ["r", "max_tokens=-3"], "max_tokens must be >= 0"),
+        ("sft", ["data.max_examples=-1"], "data: max_examples must be >= 0"),
+        ("sft", ["eval.max_examples=-1"], "eval: max_examples must be >= 0"),
+        ("dpo", ["data.max_examples=-5"], "data: max_examples must be >= 0"),
+        ("dpo", ["eval.max_examples=-5"], "eval: max_examples must be >= 0"),
+        ("serve", ["m", "port=70000"], "port must be in [0, 65535]"),
+        ("pretrain", ["-c", str(latin1)], f"config file {latin1}: not UTF-8 text"),
+        ("pretrain", ["-c", str(cut)], "expected a .yaml, .yml or .json file"),
+        ("generate", ["m", "temperature=nan"], "temperature: expected a finite number, got 'nan'"),
+        ("generate", ["m", "repetition_penalty=inf"], "repetition_penalty: expected a finite number"),
+        ("pretrain", ["optim.lr=nan"], "optim.lr: expected a finite number"),
+        ("tokenizer train", ["x.txt", "--out", str(tmp_path / "t"), "min_frequency=-1"], "min_frequency must be >= 0"),
+        ("plot", [str(run), "dpi=0"], "dpi must be >= 1"),
+        ("plot", [str(run), "--out", str(tmp_path / "p")], f"{run / 'metrics.jsonl'}:2: not a JSON record"),
+        ("generate", ["./no-such-model", "prompt=Hi"], "./no-such-model: no such file or directory"),
+        ("generate", [str(cut), "prompt=Hi"], "the file ends early (truncated?)"),
+    ]
+    for command, args, message in cases:
+        assert cli.run_command(command, args) == 2, (command, args)
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (command, args, err)
+    # a last line cut short is what a run killed while writing leaves: it is skipped
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo')
+    assert cli.run_command("plot", [str(run), "--out", str(tmp_path / "p")]) == 0
+    assert (tmp_path / "p").is_dir() and list((tmp_path / "p").glob("*.png"))

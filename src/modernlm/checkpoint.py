@@ -381,9 +381,11 @@ def run_checkpoints(run_dir: str | Path, best: bool = True) -> list[Path]:
 def checkpoint_dirs(path: str | Path) -> list[Path]:
     """The checkpoint directories `path` stands for, in order: a run directory (it holds
     `checkpoints/`) its `run_checkpoints`; anything else itself (loading it will say what is wrong
-    with it, e.g. no config.json)."""
-    path = Path(path)
+    with it, e.g. no config.json; a local path that does not exist says so now: as a Path,
+    `./typo` would read as the hub id `typo`)."""
+    given, path = path, Path(path)
     if not (path / CHECKPOINTS_DIR).is_dir():
+        resolve_source(given)
         return [path]
     dirs = run_checkpoints(path)
     if not dirs:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -87,23 +88,24 @@ def read_config_file(path: str | Path, command: str | None = None) -> dict[str, 
     recipe: `tiny` for `command` "pretrain" (see RECIPE_GROUPS), or `pretrain/tiny` for any command."""
     file = Path(path)
     if file.is_file():
-        text, suffix = file.read_text(), file.suffix
+        if file.suffix not in (".yaml", ".yml", ".json"):
+            raise UserError(f"config file {path}: expected a .yaml, .yml or .json file")
+        try:
+            text, suffix = file.read_text(encoding="utf-8"), file.suffix
+        except UnicodeDecodeError:
+            raise UserError(f"config file {path}: not UTF-8 text") from None
     else:
         recipe = find_recipe(path, command)
         if recipe is None:
             raise UserError(_not_found(path, command))
-        text, suffix = recipe.read_text(), ".yaml"
+        text, suffix = recipe.read_text(encoding="utf-8"), ".yaml"
     try:
         if suffix in (".yaml", ".yml"):
             import yaml
 
             data = yaml.safe_load(text)
-        elif suffix == ".json":
-            data = json.loads(text)
         else:
-            raise UserError(f"config file {path}: expected a .yaml, .yml or .json file")
-    except UserError:
-        raise
+            data = json.loads(text)
     except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
         raise UserError(f"config file {path}: cannot parse: {_one_line(e)}") from None
     if data is None:
@@ -277,16 +279,17 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
                 pass
         raise UserError(f"{name}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, bool):
-            raise UserError(f"{name}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+        number = None
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)
-            except ValueError:
+                number = float(value)
+            except (ValueError, OverflowError):
                 pass
-        raise UserError(f"{name}: expected a number, got {value!r}")
+        if number is None:
+            raise UserError(f"{name}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # nan passes every `x > 0` check written as `x <= 0` -> error
+            raise UserError(f"{name}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise UserError(f"{name}: expected a string, got {value!r}")

@@ -58,6 +58,8 @@ class PreferenceDataConfig:
             raise ValueError(f"format must be one of {', '.join(PREFERENCE_FORMATS)}, got {self.format!r}")
         if self.max_length <= 0:
             raise ValueError(f"max_length must be positive, got {self.max_length}")
+        if self.max_examples < 0:
+            raise ValueError(f"max_examples must be >= 0 (0 = all), got {self.max_examples}")
 
 
 @dataclass
@@ -81,6 +83,10 @@ class DPOEvalSettings:
     val_path: str = ""  # held-out pairs in data.format ("" = hold out val_fraction of the training pairs)
     val_fraction: float = 0.05  # share of pairs held out when there is no val_path
     max_examples: int = 500  # held-out pairs scored (0 = all)
+
+    def __post_init__(self) -> None:
+        if self.max_examples < 0:
+            raise ValueError(f"max_examples must be >= 0 (0 = all), got {self.max_examples}")
 
 
 def _reply(row: dict[str, Any], name: str, where: str) -> str:

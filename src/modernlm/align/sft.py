@@ -114,6 +114,8 @@ class SFTDataConfig:
             raise ValueError(f"format must be one of {', '.join(SFT_FORMATS)}, got {self.format!r}")
         if self.max_length <= 0:
             raise ValueError(f"max_length must be positive, got {self.max_length}")
+        if self.max_examples < 0:
+            raise ValueError(f"max_examples must be >= 0 (0 = all), got {self.max_examples}")
 
 
 def alpaca_messages(record: dict[str, str]) -> list[Message]:
@@ -170,6 +172,11 @@ class SFTEvalSettings:
     max_examples: int = 200  # validation examples scored for val_loss (0 = all)
     generate: int = 16  # held-out prompts answered greedily at the end (eos_rate, samples.md); 0 = none
     max_new_tokens: int = 128  # reply budget for those answers
+
+    def __post_init__(self) -> None:
+        for name in ("max_examples", "generate", "max_new_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 def check_val_fraction(fraction: float) -> None:

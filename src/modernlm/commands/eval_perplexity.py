@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from modernlm.errors import UserError
 from modernlm.files import atomic_write
 
 POSITIONALS = ["model", "data"]
@@ -45,6 +46,12 @@ class Config:
     progress: bool = True  # progress bar on stderr
     out: str = ""  # write the JSON report here ("" = print it to stdout)
 
+    def __post_init__(self) -> None:  # before any loading
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_tokens < 0:
+            raise UserError(f"max_tokens must be >= 0 (0 = all), got {self.max_tokens}")
+
 
 def main(cfg: Config) -> None:
     import json
@@ -52,7 +59,6 @@ def main(cfg: Config) -> None:
 
     from modernlm.api import load
     from modernlm.data.readers import load_text
-    from modernlm.errors import UserError
     from modernlm.perplexity import evaluate_text, summary_line
     from modernlm.quant import check_quantize
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modernlm.errors import UserError
 from modernlm.files import atomic_write
 
 POSITIONALS = ["checkpoints..."]
@@ -51,6 +52,12 @@ class Config:
     dtype: str = "float32"  # float32, bfloat16 or float16 weights
     progress: bool = True  # progress bars on stderr
     out: str = ""  # Markdown file to write (a .json with every report goes beside it); "" = print only
+
+    def __post_init__(self) -> None:  # before any loading
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_tokens < 0:
+            raise UserError(f"max_tokens must be >= 0 (0 = all), got {self.max_tokens}")
 
 
 def default_baseline() -> str:
@@ -99,7 +106,6 @@ def main(cfg: Config) -> None:
     from modernlm.api import load
     from modernlm.checkpoint import resolve_checkpoint
     from modernlm.data.readers import load_text
-    from modernlm.errors import UserError
     from modernlm.perplexity import evaluate_text, summary_line
 
     # Check every local path before the first (possibly long) scoring run.
@@ -119,8 +125,6 @@ def main(cfg: Config) -> None:
     text, source = load_text(cfg.data if use_file else "", cfg.hf_dataset, cfg.hf_config, cfg.split, cfg.text_field)
     data = source  # grows a note when max_tokens cuts the text
 
-    if cfg.max_tokens < 0:
-        raise UserError(f"max_tokens must be >= 0 (0 = all), got {cfg.max_tokens}")
     rows: list[dict[str, Any]] = []
     for role, src in [("baseline", b) for b in baselines] + [("ours", c) for c in checkpoints]:
         model = load(src, device=cfg.device, dtype=cfg.dtype, progress=cfg.progress)

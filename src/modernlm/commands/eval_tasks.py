@@ -46,6 +46,10 @@ class Config:
     backend: str = "auto"  # auto, modernlm (HF Llamas converted), transformers
     quantize: str = "none"  # none, int8, int4, auto (a .gguf's own blocks); ours only (docs/model.md)
 
+    def __post_init__(self) -> None:  # before any loading
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
+
 
 def main(cfg: Config) -> None:
     if not cfg.model:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modernlm.errors import UserError
+
 POSITIONALS = ["run_dirs..."]
 FLAGS = {"--out": "out"}
 OUTPUTS = {"out": "dir"}
@@ -22,6 +24,10 @@ class Config:
     run_dirs: list[str] = field(default_factory=list)  # run directories holding metrics.jsonl
     out: str = ""  # output directory; "" = the run directory for one run, ./plots for several
     dpi: int = 120  # resolution of the PNG files
+
+    def __post_init__(self) -> None:
+        if self.dpi < 1:
+            raise UserError(f"dpi must be >= 1, got {self.dpi}")
 
 
 def derived_outputs(cfg: Config) -> list[tuple[str, str, str]]:
@@ -34,7 +40,6 @@ def derived_outputs(cfg: Config) -> list[tuple[str, str, str]]:
 
 
 def main(cfg: Config) -> None:
-    from modernlm.errors import UserError
     from modernlm.pipeline.plotting import plot_runs
 
     if not cfg.run_dirs:

@@ -39,6 +39,10 @@ class Config:
     chat_template: str = "chatml"  # "chatml", "" (none) or a Jinja template string
     max_bytes: int = 0  # train on the first this many bytes of the corpus (0 = all)
 
+    def __post_init__(self) -> None:
+        if self.min_frequency < 0:
+            raise UserError(f"min_frequency must be >= 0, got {self.min_frequency}")
+
 
 def main(cfg: Config) -> None:
     if not cfg.out:

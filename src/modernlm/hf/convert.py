@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -389,11 +390,13 @@ def load_transformers(
         )
     except UserError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, struct.error) as e:
         # no such repo / no network, an architecture without this head (e.g. a seq2seq class for
-        # GPT-2), an unsupported gguf architecture, a head of another size, corrupt weights
+        # GPT-2), an unsupported gguf architecture, a head of another size, corrupt weights, a
+        # truncated .gguf (struct.error)
         kind = "" if task == "causal" else f" as a {task} model"
-        raise UserError(f"{at}cannot load {what}{kind}: {_first_line(e)}") from None
+        detail = "the file ends early (truncated?)" if isinstance(e, struct.error) else _first_line(e)
+        raise UserError(f"{at}cannot load {what}{kind}: {detail}") from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from modernlm.errors import UserError
 from modernlm.files import atomic_write, atomic_write_json
 
 METRICS_FILE = "metrics.jsonl"
@@ -148,11 +149,21 @@ def format_line(step: int, num_steps: int, record: dict[str, Any]) -> str:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of run_dir/metrics.jsonl, in order."""
+    """All records of run_dir/metrics.jsonl, in order. A last line cut short (a run killed while
+    writing it; resuming drops it) is skipped; a bad line before it is a UserError naming it."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
+    records = []
+    for k, (i, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if k == len(lines) - 1:
+                break
+            raise UserError(f"{path}:{i}: not a JSON record") from None
+    return records
 
 
 __all__ = ["METRICS_FILE", "SUMMARY_FILE", "MetricsWriter", "format_line", "read_metrics"]
