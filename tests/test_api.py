@@ -210,6 +210,13 @@ def test_hf_dir_generates_transformers_text(hf_dir):
         for prompt in PROMPTS:
             assert lm.generate(prompt, max_new_tokens=8) == _hf_generate(model, hf_tok, hf_tok(prompt).input_ids, 8)
         assert lm.generate(PROMPTS, 8) == [lm.generate(p, 8) for p in PROMPTS]
+        seeds = dict(temperature=1.0, seed=list(range(len(PROMPTS))))  # a seed per row: ours only
+        if backend == "auto":  # (was a TypeError in torch.manual_seed)
+            with pytest.raises(UserError, match="seed as a list .* needs backend=modernlm"):
+                lm.generate(PROMPTS, 4, **seeds)
+        else:
+            assert lm.generate(PROMPTS, 4, **seeds) == [lm.generate(p, 4, temperature=1.0, seed=[i])
+                                                         for i, p in enumerate(PROMPTS)]  # fmt: skip
 
 
 @pytest.mark.hf

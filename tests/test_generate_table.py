@@ -3,6 +3,8 @@ cells equal to `generate_text` with the same seed, identical weights -> identica
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -59,7 +61,9 @@ def test_run_dir_expands_to_its_checkpoints_in_step_order(tmp_path, tokenizer):
     assert checkpoint_label(dirs[0], outside_a_run="path") == "run/step_0000002"
     # a checkpoint directory (or anything else) stands for itself
     assert checkpoint_dirs(dirs[1]) == [dirs[1]]
-    assert checkpoint_dirs(tmp_path / "missing") == [tmp_path / "missing"]
+    assert checkpoint_dirs("org/model") == [Path("org/model")]  # a hub id
+    with pytest.raises(UserError, match="no such file or directory"):  # said now, not after tries at the hub
+        checkpoint_dirs("./missing")
     assert saved_step(tmp_path) is None and checkpoint_label(tmp_path, outside_a_run="path") == str(tmp_path)
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(UserError, match="no checkpoints"):

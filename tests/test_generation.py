@@ -600,3 +600,16 @@ def test_sampling_takes_only_finite_settings_and_a_tiny_temperature_samples_its_
     same = sample(logits, 0.7, generator=torch.Generator().manual_seed(1))  # untouched where nothing overflows
     probs = (logits / 0.7).softmax(-1)
     assert torch.equal(same, torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(1)).squeeze(-1))
+
+
+def test_sampling_settings_of_the_wrong_type_are_named():
+    """max_new_tokens=2.5 failed in torch.zeros, top_k=2.5 in torch.topk, seed=1.5 in manual_seed:
+    each is a UserError naming the field (numpy's integers are integers)."""
+    import numpy as np
+
+    for settings, name in [({"max_new_tokens": 2.5}, "max_new_tokens"), ({"max_new_tokens": "5"}, "max_new_tokens"),
+                           ({"top_k": 2.5}, "top_k"), ({"seed": 1.5}, "seed"), ({"seed": [1, "2"]}, "seed"),
+                           ({"temperature": "0.7"}, "temperature"), ({"window": True}, "window")]:  # fmt: skip
+        with pytest.raises(UserError, match=f"^{name} must be an? "):
+            Sampling(**settings)
+    assert Sampling(max_new_tokens=np.int64(3), seed=[np.int32(1), 2], temperature=np.float32(0.5)).max_new_tokens == 3

@@ -322,3 +322,18 @@ def test_convert_to_gguf_user_errors(tmp_path, tokenizer):
         assert r.returncode == 2, (src, r.stderr)
         assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / dst).exists()
+
+
+@pytest.mark.hf
+def test_progress_false_draws_no_bar_for_a_file_transformers_reads(tmp_path, tokenizer, capfd):
+    """transformers' .gguf reader draws its own tqdm bar, which disable_progress_bar() missed:
+    `load(..., progress=False)` printed "Converting and de-quantizing GGUF tensors" all the same."""
+    from modernlm import load
+
+    path = tmp_path / "m.gguf"
+    write_gguf(tiny(1088), tokenizer, path, "f32")
+    capfd.readouterr()
+    load(path, backend="transformers", progress=False)
+    assert "GGUF tensors" not in capfd.readouterr().err
+    load(path, backend="transformers", progress=True)
+    assert "GGUF tensors" in capfd.readouterr().err  # (what the check above would see)

@@ -78,6 +78,13 @@ def test_constraint_values_and_their_errors():
         Constraint.json_schema("{nope")
     with pytest.raises(UserError, match="choice"):
         Constraint.choice([])
+    # empty values are constraints too (they were dropped, and the text ran free): {} is the schema
+    # of any JSON value, "" the regex of the empty text, [] no choice at all, "ab" no list of choices
+    assert Constraint.of(json_schema={}) == Constraint.json_schema({})
+    assert Constraint.of(regex="") == Constraint.regex("")
+    for spec in ({"choice": []}, {"choice": "ab"}):
+        with pytest.raises(UserError, match="choice"):
+            Constraint.of(**spec)
 
 
 def test_a_tokenizer_made_after_another_was_freed_gets_matchers_over_its_own_vocabulary():
@@ -119,6 +126,13 @@ def test_every_kind_in_generate_and_chat(lm):
     assert re.fullmatch(r"n=[0-9]{1,2}", gbnf)
     sampled = lm.chat(USER, max_new_tokens=200, response_format=Thing, temperature=1.0, seed=3)
     assert isinstance(sampled.parsed, Thing)  # sampling picks among the allowed tokens too
+
+
+def test_an_empty_schema_still_makes_json(lm):
+    """json_schema={} (any JSON value) was taken for no constraint: the reply was free text."""
+    with pytest.raises(json.JSONDecodeError):  # the model's own text is not JSON
+        json.loads(lm.generate("The cat", 40))
+    json.loads(lm.generate("The cat", 40, json_schema={}))
 
 
 def test_a_reply_cut_by_max_tokens_ends_length_and_is_not_complete(lm):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +110,8 @@ class LM:
     def _check(self, sampling: Sampling) -> Sampling:
         if sampling.constraint is not None and self.kind != "modernlm":
             raise UserError(f"{self.source}: constrained decoding needs backend=modernlm (not transformers')")
+        if isinstance(sampling.seed, Sequence) and self.kind != "modernlm":
+            raise UserError(f"{self.source}: seed as a list (one per row) needs backend=modernlm (not transformers')")
         return sampling
 
     def complete(self, rows: list[list[int]], sampling: Sampling) -> list[str]:

@@ -76,6 +76,8 @@ class Constraint:
 
     @classmethod
     def choice(cls, options: Sequence[str]) -> Constraint:
+        if isinstance(options, str):  # its characters would be the choices
+            raise UserError(f"choice: give a list of strings, got the string {options!r}")
         options = [str(o) for o in options]
         if not options or any(not o for o in options):
             raise UserError("choice: give one or more non-empty strings")
@@ -91,7 +93,7 @@ class Constraint:
     def of(cls, **spec: Any) -> Constraint | None:
         """At most one of json_schema=, json_object=True, regex=, choice=, grammar= (the keywords of
         `LM.generate` and `Sampling.make`); None when none is given."""
-        given = {k: v for k, v in spec.items() if v not in (None, False, "", [], {})}
+        given = {k: v for k, v in spec.items() if v is not None and v is not False}  # {} is a schema: any JSON
         if len(given) > 1:
             raise UserError(f"give one constraint, got {', '.join(sorted(given))}")
         if not given:

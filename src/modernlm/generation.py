@@ -19,6 +19,7 @@ import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -80,6 +81,16 @@ class Sampling:
     def __post_init__(self) -> None:
         # UserErrors: these values come straight from `modernlm generate key=value` overrides.
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(s for s in self.stop or () if s)
+        # types first: a float or a string here would fail deep inside torch (zeros(), topk())
+        seeds = self.seed if isinstance(self.seed, Sequence) else [self.seed]
+        for name, value, kind in [("max_new_tokens", self.max_new_tokens, Integral), ("top_k", self.top_k, Integral),
+                                  ("window", self.window, Integral), ("sink_size", self.sink_size, Integral),
+                                  ("chunk", self.chunk, Integral), ("temperature", self.temperature, Real),
+                                  ("top_p", self.top_p, Real), ("repetition_penalty", self.repetition_penalty, Real),
+                                  *(("seed", s, Integral) for s in seeds)]:  # fmt: skip
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+                what = "an integer" if kind is Integral else "a number"
+                raise UserError(f"{name} must be {what}, got {value!r}")
         if self.max_new_tokens < 0:
             raise UserError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if not 0 <= self.temperature < math.inf:  # (NaN too)

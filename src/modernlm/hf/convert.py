@@ -14,9 +14,12 @@ Design notes (the weight-name table): docs/design.md#hfconvertpy
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import re
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -376,8 +379,11 @@ def load_transformers(
     at = f"{field}: " if field else ""
     what = f"{source.where} (no such local path, so tried as a Hugging Face Hub id)" if source.hub else str(source.path)
     bars = hf_logging.is_progress_bar_enabled()
+    quiet = contextlib.ExitStack()
     if not progress:
         hf_logging.disable_progress_bar()
+        if "gguf_file" in source.kwargs:
+            quiet.enter_context(_no_gguf_bar())
     try:
         config = transformers.AutoConfig.from_pretrained(source.where, **source.kwargs)
         if llama_only:
@@ -398,6 +404,24 @@ def load_transformers(
         detail = "the file ends early (truncated?)" if isinstance(e, struct.error) else _first_line(e)
         raise UserError(f"{at}cannot load {what}{kind}: {detail}") from None
     finally:
+        quiet.close()
         if bars:
             hf_logging.enable_progress_bar()
     return model.to(device).eval()
+
+
+@contextlib.contextmanager
+def _no_gguf_bar() -> Iterator[None]:
+    """transformers' .gguf reader draws its tensors' tqdm bar itself, where disable_progress_bar()
+    does not reach: that module's tqdm, switched off while the file loads."""
+    import transformers.modeling_gguf_pytorch_utils as reader
+
+    bar = getattr(reader, "tqdm", None)
+    if bar is None:  # another transformers: nothing to switch off
+        yield
+        return
+    reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
