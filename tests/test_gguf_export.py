@@ -199,6 +199,36 @@ def test_the_files_tokenizer_loads_back_as_transformers_reads_it(tmp_path, token
     assert [back.encode(x) for x in lines] == [tokenizer.encode(x) for x in lines]
 
 
+ODD_SPECIALS = ("<|end of turn|>", "\u2039|\u65e5\u672c|>")  # a space, CJK: outside GPT-2's byte alphabet
+ODD_TEXT = "a<|end of turn|>b \u2039|\u65e5\u672c|> c my token d <|im_start|>"
+
+
+def odd_tokenizer():
+    """A trained BPE with special tokens in characters outside GPT-2's byte alphabet and an added
+    (not special) token with a space: llama.cpp keeps each whole (tests/test_gguf_llama_cpp.py)."""
+    from tokenizers import AddedToken
+
+    from modernlm.tokenizer import DEFAULT_SPECIAL_TOKENS
+
+    tok = train_bpe(["The tower is 324 metres tall, my friend. " * 20, "a b c d"], 600,
+                    special_tokens=[*DEFAULT_SPECIAL_TOKENS, *ODD_SPECIALS])  # fmt: skip
+    tok.backend.add_tokens([AddedToken("my token", special=False)])
+    return tok
+
+
+def test_special_tokens_outside_the_byte_alphabet_come_back_whole(tmp_path):
+    """ours -> .gguf -> ours: "<|end of turn|>" and a CJK special were dropped on the way back (each
+    became several ids), and the added "my token" never came out."""
+    tok = odd_tokenizer()
+    path = tmp_path / "m.gguf"
+    write_gguf(tiny(608), tok, path, "f32")
+    _, back = gguf_weights.load_gguf(path, "auto")
+    assert set(ODD_SPECIALS) <= set(back.special_tokens)
+    ids = tok.encode(ODD_TEXT)
+    assert back.encode(ODD_TEXT) == ids and {tok.token_to_id(t) for t in (*ODD_SPECIALS, "my token")} <= set(ids)
+    assert back.decode(tok.encode(ODD_TEXT)) == ODD_TEXT
+
+
 def test_q8_0_file(tmp_path, tokenizer, monkeypatch):
     """Matrices in Q8_0 (a row length not a multiple of 32 in f16), norms in f32; read back by
     gguf_weights, the logits of our weights rounded by gguf's Q8_0 (llama.cpp's rounding)."""

@@ -103,6 +103,21 @@ def test_byte_tokenizer_in_llama_cpp(tmp_path):
     assert g["equal"] == g["total"], g["rows"]
 
 
+def test_special_tokens_outside_the_byte_alphabet_in_llama_cpp_and_back(tmp_path):
+    """Special tokens with a space or CJK in them, and an added token with a space: llama.cpp reads
+    each whole from our file, and so does our own reading of the file (it dropped them)."""
+    from modernlm.gguf_weights import load_gguf
+    from tests.test_gguf_export import ODD_TEXT, odd_tokenizer
+
+    lm, path = export(tmp_path, tiny(608), odd_tokenizer())
+    lines = [ODD_TEXT, "The tower<|end of turn|>", "my tokens, my token."]
+    with llama_cpp.serving(path, ["-t", "2", "-np", "1", "-c", "128", *check_gguf.F32_KV]) as (_, url, _model_id):
+        r = check_gguf.tokenization(url, lm.tokenizer, lines)
+    assert r["equal"] == r["total"], r["first"]
+    back = load_gguf(path, "auto")[1]
+    assert [back.encode(x) for x in lines] == [lm.tokenizer.encode(x) for x in lines]
+
+
 def test_llama_cpp_chats_as_modernlm_chat(tmp_path, trained):
     """A chat model's file: llama-server's Jinja rendering of our template, no bos added, the reply
     ending at <|im_end|>: the same replies as LM.chat."""

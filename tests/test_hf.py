@@ -252,6 +252,9 @@ def test_convert_cli_both_ways(tmp_path, capsys):
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert (hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token) == ("<s>", "</s>", "<pad>")
     assert hf_tok("t1 t5 t7", add_special_tokens=False).input_ids == tok.encode("t1 t5 t7")
+    # the bos rule as transformers applies it (it read no add_bos_token: the bos was lost, and back
+    # home the model was prompted without it)
+    assert tok.add_bos and hf_tok("t1 t5 t7").input_ids == tok.encode("t1 t5 t7", add_bos=True) == [92, 1, 5, 7]
 
     assert run_command("convert", [str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
     back = load_model(tmp_path / "back")
@@ -260,11 +263,12 @@ def test_convert_cli_both_ways(tmp_path, capsys):
     from modernlm.tokenizer import load_tokenizer
 
     tok2 = load_tokenizer(tmp_path / "back")
-    assert (tok2.bos_id, tok2.eos_id, tok2.pad_id, tok2.chat_template) == (
+    assert (tok2.bos_id, tok2.eos_id, tok2.pad_id, tok2.chat_template, tok2.add_bos) == (
         92,
         93,
         94,
         "{{ messages }}",
+        True,
     )
 
     # bfloat16 is kept when asked for

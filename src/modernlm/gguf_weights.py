@@ -151,7 +151,8 @@ CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types (gguf.TokenType)
 
 def _tokenizer(reader: Any) -> Tokenizer | None:
     """The file's byte-level BPE ("gpt2") tokenizer, built as transformers' GGUF loader builds it
-    (tests/test_gguf_weights.py compares the two on WikiText-2), or None for another kind."""
+    (tests/test_gguf_weights.py compares the two on WikiText-2) but for control tokens outside GPT-2's
+    alphabet, which it drops and llama.cpp keeps; or None for another kind."""
     if _field(reader, "tokenizer.ggml.model") != "gpt2" or _field(reader, "tokenizer.ggml.pre") not in GPT2_SPLIT:
         return None
     if _field(reader, "tokenizer.ggml.add_eos_token", False):
@@ -160,22 +161,22 @@ def _tokenizer(reader: Any) -> Tokenizer | None:
     types = _field(reader, "tokenizer.ggml.token_type") or [0] * len(tokens)
     spelling = byte_symbols()  # byte k -> its character
     alphabet = set(spelling)
-    # a token in other characters (a control token such as <|im_start|> is in the alphabet) is
-    # stored as its text: BPE's vocabulary spells each of its UTF-8 bytes
-    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode()): i for i, t in enumerate(tokens)}
+    kinds = list(zip(tokens, types, strict=False))
+    # a control or user-defined token (<|im_start|>, "<|end of turn|>", <think>) is its own text, as
+    # llama.cpp reads it; another token in characters outside the alphabet is stored as its text:
+    # BPE's vocabulary spells each of its UTF-8 bytes
+    whole = {CONTROL, USER_DEFINED}
+    vocab = {t if k in whole or set(t) <= alphabet else "".join(spelling[b] for b in t.encode()): i
+             for i, (t, k) in enumerate(kinds)}  # fmt: skip
     merges = [tuple(m.split(" ")) for m in _field(reader, "tokenizer.ggml.merges", [])]
     backend = Backend(models.BPE(vocab, merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
                                  fuse_unk=False))  # fmt: skip
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    # control tokens stay whole and are special; one outside the alphabet is a mislabel (transformers
-    # skips it too); user-defined ones (<think>) stay whole as text
-    kinds = list(zip(tokens, types, strict=False))
-    control = [t for t, k in kinds if k == CONTROL and set(t) <= alphabet]
-    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
-    backend.add_tokens(
-        [AddedToken(t, normalized=False, special=False) for t, k in kinds if k == USER_DEFINED and t in vocab]
-    )
+    # control tokens stay whole and are special (transformers' loader drops those outside the
+    # alphabet, a space or CJK in them: llama.cpp keeps them); user-defined ones stay whole as text
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, k in kinds if k == CONTROL])
+    backend.add_tokens([AddedToken(t, normalized=False, special=False) for t, k in kinds if k == USER_DEFINED])
     ids = {name: _field(reader, f"tokenizer.ggml.{name}_token_id") for name in ("bos", "eos", "padding")}
     names = {f"{k[:3]}_token": tokens[i] if i is not None and 0 <= i < len(tokens) else None for k, i in ids.items()}
     bos = names["bos_token"] if _field(reader, "tokenizer.ggml.add_bos_token", False) else None

@@ -125,7 +125,17 @@ class Tokenizer:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write(path / TOKENIZER_FILE, self.backend.to_str(pretty=True))
+        backend = self.backend
+        if self.add_bos:
+            # transformers' PreTrainedTokenizerFast reads no add_bos_token: only a post-processor
+            # puts bos first (ours never runs it: `encode` adds bos itself)
+            from tokenizers import Tokenizer as Backend
+            from tokenizers import processors
+
+            backend, bos = Backend.from_str(backend.to_str()), self.bos_token
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, self.bos_id)])
+        atomic_write(path / TOKENIZER_FILE, backend.to_str(pretty=True))
         config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
         for name in ("bos_token", "eos_token", "pad_token"):
             if getattr(self, name) is not None:
