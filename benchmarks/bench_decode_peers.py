@@ -21,7 +21,8 @@ Rows (`--rows`, comma-separated; the default is marked *):
   llama-f32*, llama-q8_0*, llama-q4_1*: llama-server on the f32, q8_0 and shipped q4_1 files
 Servers run one at a time, each stopped before the next starts: `python -m modernlm serve MODEL
 host=127.0.0.1 port=P max_batch=16 max_queue=64 [--modernlm-args]` (bench_serve.py's) and
-`llama-server -m FILE -t THREADS -np 16 -c 8192 --host 127.0.0.1 --port P [--llama-args]`.
+`llama-server -m FILE -t THREADS -np 16 -c 8192 --host 127.0.0.1 --port P [--llama-args]` (again with
+--no-repack where it dies of SIGILL or SIGSEGV while loading: llama_cpp.serving; the table says so).
 
 Each server: wait for GET /health, an untimed warm-up (the longest prompt, all new tokens), then
 the levels, with bench_serve.py's client: streamed `POST /v1/completions`, temperature 0, exactly
@@ -439,6 +440,8 @@ def main() -> None:
     print(
         f"model: {args.model}; llama.cpp from llama-cpp-python {llama_cpp.VERSION}'s sdist; "
         f"llama-server -t {args.threads} -np {args.max_batch} -c {args.llama_ctx} {args.llama_args}".rstrip()
+        + (f" (--no-repack for {', '.join(Path(m).name for m in sorted(llama_cpp.NO_REPACK))}: this CPU faulted "
+           "in llama.cpp's AMX repacking)" if llama_cpp.NO_REPACK else "")
     )
     print(f"streamed /v1/completions, greedy, {args.new_tokens} new tokens per request (ignore_eos), prompts "
           f"{args.lo}..{args.hi} tokens; 1 client: {args.single} prompts one at a time (TTFT: median); "

@@ -22,6 +22,7 @@ import importlib.util
 import os
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -29,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_serve: a sibling of this file
 
@@ -127,24 +129,30 @@ def build(src: Path) -> None:
             f"building {', '.join(TOOLS)} (minutes)", cwd=src)  # fmt: skip
 
 
+NO_REPACK: set[str] = set()  # the models `serving` started again with --no-repack (for a report to say)
+
+
 @contextlib.contextmanager
 def serving(model: Path, args: list[str]) -> Iterator[tuple[int, str, str]]:
     """A live `llama-server -m model --host 127.0.0.1 --port P *args`: (its pid, base URL, model
-    id); on an error its log's tail goes to stderr."""
+    id); on an error its log's tail goes to stderr. A server killed by SIGILL or SIGSEGV while it
+    loads is started once more with --no-repack: llama.cpp repacks Q8_0 weights for AMX wherever
+    the CPU lists AMX, and where the OS or the hypervisor does not enable it (a VM of this
+    project's) the repacking faults; --no-repack keeps the weights as the file has them."""
     port = free_port()
     cmd = [str(tool("llama-server")), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), *args]
-    print("$ " + " ".join(cmd), file=sys.stderr)
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 300
+        proc = None
         try:
-            while True:  # /health: 503 while the model loads, 200 when ready
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"llama-server did not become healthy (exit code {proc.returncode})")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                time.sleep(0.5)
+            proc, url = _start(cmd, log)
+            if proc.poll() in (-signal.SIGILL, -signal.SIGSEGV) and "--no-repack" not in args:
+                NO_REPACK.add(str(model))
+                print(f"llama-server: killed by signal {-proc.returncode} while loading (the AMX repacking this "
+                      "CPU does not allow): again with --no-repack", file=sys.stderr)  # fmt: skip
+                cmd.append("--no-repack")
+                proc, url = _start(cmd, log)
+            if proc.poll() is not None:
+                raise RuntimeError(f"llama-server did not become healthy (exit code {proc.returncode})")
             model_id = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
             yield proc.pid, url, model_id
         except BaseException:
@@ -152,7 +160,24 @@ def serving(model: Path, args: list[str]) -> Iterator[tuple[int, str, str]]:
             print(log.read().decode(errors="replace")[-4000:], file=sys.stderr)
             raise
         finally:
+            if proc is not None:
+                stop_server(proc)
+
+
+def _start(cmd: list[str], log: Any) -> tuple[subprocess.Popen, str]:
+    """`cmd` started, when its /health says 200 or it has exited (the caller looks at which)."""
+    print("$ " + " ".join(cmd), file=sys.stderr)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url, deadline = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}", time.monotonic() + 300
+    while proc.poll() is None:  # /health: 503 while the model loads, 200 when ready
+        if time.monotonic() > deadline:
             stop_server(proc)
+            raise RuntimeError("llama-server did not become healthy in 300 s")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        time.sleep(0.5)
+    return proc, url
 
 
 def run(cmd: list[str], what: str, cwd: Path | None = None) -> None:

@@ -4,6 +4,7 @@ bad records, and `modernlm sft` learning to answer and to stop."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,8 +12,10 @@ import torch
 from modernlm.align.sft import (
     SFTBatches,
     SFTDataConfig,
+    SFTEvalSettings,
     collate_sft,
     load_sft_examples,
+    load_sft_splits,
     pack_examples,
     prepare_chat_model,
     read_sft_records,
@@ -169,6 +172,15 @@ def test_sources_and_bad_records(tmp_path, shared_data):
     # Examples whose reply is cut off entirely are dropped; none left is an error naming the limit.
     with pytest.raises(UserError, match="max_length=8"):
         load_sft_examples(SFTDataConfig(format="alpaca", path=str(alpaca), max_length=8), ChatEncoder(byte_tokenizer()))
+    # some dropped, or none held out for validation: said, not silent
+    long = {"instruction": "x" * 80, "output": "y"}
+    alpaca.write_text(json.dumps([long, {"instruction": "Hi", "output": "Hello"}]))
+    cfg = SFTDataConfig(format="alpaca", path=str(alpaca), max_length=60)
+    with pytest.warns(UserWarning, match="1 of 2 SFT examples have no assistant reply within max_length=60"):
+        assert len(load_sft_examples(cfg, ChatEncoder(byte_tokenizer()))) == 1
+    with pytest.warns(UserWarning, match="holds out none of 2 examples"):
+        train, val, _ = load_sft_splits(replace(cfg, max_length=512), SFTEvalSettings(), ChatEncoder(byte_tokenizer()))
+    assert (len(train), len(val)) == (2, 0)
 
 
 def test_sft_command_learns_to_answer_and_stop(tmp_path):

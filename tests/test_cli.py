@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import types
@@ -119,12 +120,16 @@ def test_mistakes_found_by_trying_them_are_one_line_and_exit_2(tmp_path, capsys)
     import gguf
     import numpy as np
 
+    with capsys.disabled():  # transformers' log handler binds to sys.stderr when first used: the real one
+        pytest.importorskip("transformers").logging.get_verbosity()
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes(b"# caf\xe9\ntrain:\n  num_steps: 3\n")
     writer = gguf.GGUFWriter(str(tmp_path / "whole.gguf"), "llama")
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", np.zeros((16, 8), np.float32))
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
     cut = tmp_path / "cut.gguf"
     cut.write_bytes((tmp_path / "whole.gguf").read_bytes()[:100])
     run = tmp_path / "run"
@@ -148,6 +153,7 @@ def test_mistakes_found_by_trying_them_are_one_line_and_exit_2(tmp_path, capsys)
         ("pretrain", ["optim.lr=nan"], "optim.lr: expected a finite number"),
         ("tokenizer train", ["x.txt", "--out", str(tmp_path / "t"), "min_frequency=-1"], "min_frequency must be >= 0"),
         ("plot", [str(run), "dpi=0"], "dpi must be >= 1"),
+        ("tokenizer train", ["x.txt", "--out", str(tmp_path / "tok")], "holds a tokenizer already"),
         ("plot", [str(run), "--out", str(tmp_path / "p")], f"{run / 'metrics.jsonl'}:2: not a JSON record"),
         ("generate", ["./no-such-model", "prompt=Hi"], "./no-such-model: no such file or directory"),
         ("generate", [str(cut), "prompt=Hi"], "the file ends early (truncated?)"),
@@ -160,3 +166,25 @@ def test_mistakes_found_by_trying_them_are_one_line_and_exit_2(tmp_path, capsys)
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo')
     assert cli.run_command("plot", [str(run), "--out", str(tmp_path / "p")]) == 0
     assert (tmp_path / "p").is_dir() and list((tmp_path / "p").glob("*.png"))
+
+
+def test_a_run_directory_takes_one_training_and_runs_slash_typo_is_local(tmp_path, monkeypatch, capsys):
+    """Two trainings into one run directory mixed their metrics and checkpoints; the second is now
+    refused at once (the first holds run_dir/.lock until it ends, however it ends). And
+    `runs/typo` beside a runs/ folder is a missing local path, not a hub id tried for 25 s."""
+    from types import SimpleNamespace
+
+    from modernlm.runtime import RunConfig
+    from modernlm.train.run import training_run
+
+    cfg = SimpleNamespace(run=RunConfig(out_dir=str(tmp_path / "runs"), name="r", device="cpu", tensorboard=False))
+    with training_run(cfg, "pretrain") as run:
+        assert (run.run_dir / ".lock").read_text().strip() == str(os.getpid())
+        with pytest.raises(UserError, match=r"runs/r is in use by another training \(pid \d+\)"), \
+                training_run(cfg, "pretrain"):  # fmt: skip
+            pass
+    with training_run(cfg, "pretrain"):  # free again
+        pass
+    monkeypatch.chdir(tmp_path)
+    assert cli.run_command("generate", ["runs/typo", "prompt=Hi"]) == 2
+    assert capsys.readouterr().err.strip() == "modernlm generate: error: runs/typo: no such file or directory"

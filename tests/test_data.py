@@ -429,6 +429,14 @@ def test_prepare_is_atomic_when_killed(shared_data, tmp_path):
     )
     with pytest.raises(UserError, match="not a prepared dataset"):
         read_meta(partial[0])
+    # the next prepare beside it removes what the killed one left (it stayed there for good)
+    from modernlm.tokenizer import load_tokenizer
+
+    (tmp_path / "c.txt").write_text("one doc\n\nanother doc\n\na third\n")
+    tok = load_tokenizer(shared_data / "gpt2-tokenizer")
+    prepare_tokens(CorpusConfig([SourceConfig(path=str(tmp_path / "c.txt"))]), tok, tmp_path / "out",
+                   num_workers=1, progress=False)  # fmt: skip
+    assert (tmp_path / "out" / "meta.json").is_file() and not partial[0].exists()
 
 
 def test_prepare_overwrite_and_interrupt_cleanup(tmp_path, tiny_bpe, monkeypatch):

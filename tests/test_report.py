@@ -168,6 +168,11 @@ def test_without_results_json_one_row_per_training_stage(pipeline):
     assert header[:3] == ["model", "params", "steps"]
     assert [r[0] for r in rows] == ["pretrain", "dpo"]  # stages with a summary.json only
     assert rows[0] == ["pretrain", "1.23M", "4", "2.05k", "3.0000", "3.1000", f"{math.exp(3.1):.2f}", "12.5 s"]
+    # DPO logs no val_ppl (its loss is no token NLL): no perplexity made up from its val loss
+    metrics = pipeline / "dpo" / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()[:-1]]  # (the last: half a line)
+    metrics.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "val_ppl"}) + "\n" for r in records))
+    assert headline(collect(pipeline))[1][1][6] == "n/a"
     md, page = [p.read_text() for p in write_report(pipeline)[:2]]
     assert "Not recorded by the runs" in md and "Not recorded by the runs" in page  # current environment
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -446,3 +447,63 @@ def test_resume_is_exact_with_muon(tmp_path, data):
     resumed.train()
     for (n, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters(), strict=True):
         assert torch.equal(p, q), n
+
+
+def test_samples_of_a_killed_attempt_are_replaced_on_resume(tmp_path, data):
+    """samples.md after kill + resume == uninterrupted (it read 2 4 6 4 6 8 ...: the killed
+    attempt's sections past the checkpoint stayed, as metrics.jsonl's lines no longer do)."""
+    from modernlm.tokenizer import train_bpe
+
+    tok = train_bpe(["once upon a time there was a cat"] * 20, vocab_size=270)
+
+    def trainer(run_dir, loss_fn=lm_loss):
+        torch.manual_seed(0)
+        t = make_trainer(ModernDecoderLM(tiny_config(vocab_size=tok.vocab_size)), run_dir, reader(data),
+                         loss_fn=loss_fn, num_steps=8, save_every=4, sample_every=2, sample_tokens=4)  # fmt: skip
+        t.sample_fn = prompt_sampler(tok, ["once upon"], 4)
+        return t
+
+    trainer(tmp_path / "full").train()
+    with pytest.raises(Interrupt):
+        trainer(tmp_path / "part", interrupt_at(7)).train()  # samples at 2, 4, 6; checkpoint at 4
+    trainer(tmp_path / "part").train()
+    full, part = ((tmp_path / d / "samples.md").read_text() for d in ("full", "part"))
+    assert part == full and [int(x) for x in re.findall(r"^## step (\d+)", full, re.M)] == [2, 4, 6, 8]
+
+
+def test_add_section_drops_later_steps_and_its_own_heading():
+    """What an earlier attempt wrote past this step, or under this very heading (a rerun's end-of-run
+    replies), goes; an other heading at this step (the trainer's own sample) stays."""
+    import tempfile
+    from pathlib import Path
+
+    from modernlm.train.tracking import add_section
+
+    path = Path(tempfile.mkdtemp()) / "samples.md"
+    path.write_text("# title\n## step 10\n\na\n## step 10: replies\n\nold\n## step 20\n\nb\n")
+    add_section(path, 10, "## step 10: replies\n\nnew\n")
+    assert path.read_text() == "# title\n## step 10\n\na\n## step 10: replies\n\nnew\n"
+
+
+def test_a_resumed_run_takes_its_configs_optimizer_settings(tmp_path, data):
+    """weight_decay, betas and eps changed for a resumed run: config.yaml said the new ones, the
+    optimizer kept the first run's (load_state_dict overwrites its groups). The moments are the
+    checkpoint's, the settings the config's; unchanged settings resume exactly (tested above)."""
+    run(data, tmp_path / "r", num_steps=4).train()
+    changed = OptimConfig(lr=1e-2, warmup_steps=2, weight_decay=0.5, betas=(0.8, 0.9), eps=1e-6)
+    t = run(data, tmp_path / "r", num_steps=8, optim=changed)
+    assert t.maybe_resume() == 4
+    groups = t.optimizer.param_groups
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.5} and {g["betas"] for g in groups} == {(0.8, 0.9)}
+    assert {g["eps"] for g in groups} == {1e-6} and all(t.optimizer.state[p] for g in groups for p in g["params"])
+
+
+def test_resume_never_starts_over_without_the_earlier_runs_checkpoints(tmp_path, data):
+    """resume=never in a run directory of 12 steps, for 4: the earlier step_8/step_12 stayed
+    beside the new step_4 (pruned as older than them), and the next resume took up the earlier run."""
+    run(data, tmp_path / "r").train()
+    fresh = run(data, tmp_path / "r", num_steps=4, resume="never")
+    fresh.train()
+    root = tmp_path / "r" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["best", "latest", "step_0000004"]
+    assert run(data, tmp_path / "r", num_steps=4).maybe_resume() == 4

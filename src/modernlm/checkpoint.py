@@ -460,8 +460,10 @@ class Source(NamedTuple):
 
 
 def _looks_local(src: str) -> bool:
-    # A hub id is `name` or `org/name`; anything else (absolute, ./, ~, deeper) is a local path.
-    return src.startswith(("/", ".", "~")) or src.count("/") > 1 or "\\" in src or src.endswith(".gguf")
+    # A hub id is `name` or `org/name`; anything else (absolute, ./, ~, deeper, or under a folder
+    # that is here, as runs/NAME) is a local path.
+    return (src.startswith(("/", ".", "~")) or src.count("/") > 1 or "\\" in src or src.endswith(".gguf")
+            or ("/" in src and Path(src.split("/")[0]).is_dir()))  # fmt: skip
 
 
 def resolve_source(source: str | Path, field: str = "") -> Source:

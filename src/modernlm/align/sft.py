@@ -15,6 +15,7 @@ example (`segment_ids`, see ModernDecoderLM.forward).
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,9 +29,9 @@ from modernlm.chat import CHATML_TEMPLATE, IGNORE_INDEX, IM_END, IM_START, ChatE
 from modernlm.data import tasks
 from modernlm.data.tasks import TaskBatches
 from modernlm.errors import UserError
-from modernlm.files import atomic_write
 from modernlm.generation import Sampling, TextGeneration
 from modernlm.train.losses import next_token_loss
+from modernlm.train.tracking import add_section
 
 # ---------------------------------------------------------------------------------------------
 # Chat tokens in tokenizer and model
@@ -162,6 +163,9 @@ def load_sft_examples(cfg: SFTDataConfig, encoder: ChatEncoder, seed: int = 0) -
             out.append({"input_ids": ids, "labels": labels, "source": where})
     if not out:
         raise UserError(f"data: no SFT examples with an assistant reply within max_length={cfg.max_length}")
+    if len(out) < len(records):
+        warnings.warn(f"{len(records) - len(out)} of {len(records)} SFT examples have no assistant reply within "
+                      f"max_length={cfg.max_length}: left out", stacklevel=2)  # fmt: skip
     return out
 
 
@@ -201,6 +205,10 @@ def load_sft_splits(
     else:
         n_val = round(len(examples) * ev.val_fraction)
         val_examples, examples = examples[:n_val], examples[n_val:]
+        if n_val == 0 and ev.val_fraction > 0:
+            warnings.warn(f"eval.val_fraction={ev.val_fraction:g} holds out none of {len(examples)} examples: no "
+                          "validation (no val_loss, best/ or eos_rate); raise it or give eval.val_path",
+                          stacklevel=2)  # fmt: skip
     if ev.max_examples:
         val_examples = val_examples[: ev.max_examples]
     held_out = {ex["source"] for ex in val_examples}
@@ -397,14 +405,14 @@ def reply_report(
 
 
 def append_reply_samples(path: Path, step: int, prompts: list[list[Message]], replies: list[dict[str, Any]]) -> None:
-    """Append the prompts' last user turns and the model's replies to samples.md (rewritten atomically)."""
+    """Append the prompts' last user turns and the model's replies to samples.md (`add_section`: a
+    rerun replaces its own section)."""
     lines = [f"## step {step}: replies to held-out prompts (greedy)\n"]
     for conv, reply in zip(prompts, replies, strict=True):
         user = next((m["content"] for m in reversed(conv) if m["role"] == "user"), "")
         end = "" if reply["stopped"] else " *(no <|im_end|> within the budget)*"
         lines.append(f"**user:** {user}\n\n**assistant:** {reply['text']}{end}\n")
-    old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    atomic_write(path, old + "\n".join(lines) + "\n")
+    add_section(path, step, "\n".join(lines) + "\n")
 
 
 __all__ = [

@@ -15,10 +15,11 @@ import itertools
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from modernlm.data.corpus import CorpusConfig, CorpusPrefix, corpus_with_input
 from modernlm.errors import UserError
-from modernlm.tokenizer import DEFAULT_SPECIAL_TOKENS, train_bpe
+from modernlm.tokenizer import DEFAULT_SPECIAL_TOKENS, TOKENIZER_FILE, train_bpe
 
 POSITIONALS = ["input"]
 FLAGS = {"--out": "out"}
@@ -38,6 +39,7 @@ class Config:
     pad_token: str = "<|pad|>"  # "" = none (then pad falls back to eos)
     chat_template: str = "chatml"  # "chatml", "" (none) or a Jinja template string
     max_bytes: int = 0  # train on the first this many bytes of the corpus (0 = all)
+    overwrite: bool = False  # replace a tokenizer already in OUT
 
     def __post_init__(self) -> None:
         if self.min_frequency < 0:
@@ -47,6 +49,9 @@ class Config:
 def main(cfg: Config) -> None:
     if not cfg.out:
         raise UserError("out: give an output directory, e.g. out=runs/tokenizer")
+    if (Path(cfg.out) / TOKENIZER_FILE).exists() and not cfg.overwrite:
+        raise UserError(f"out: {cfg.out} holds a tokenizer already (shards made with it would no longer match it); "
+                        "overwrite=true replaces it")  # fmt: skip
     texts = CorpusPrefix(corpus_with_input(cfg.input, cfg.corpus), cfg.max_bytes)
     start = time.perf_counter()
     docs = iter(texts)

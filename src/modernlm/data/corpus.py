@@ -33,7 +33,7 @@ import numpy as np
 
 from modernlm.data.readers import jsonl_rows, load_hub, parquet_column, text_lines
 from modernlm.errors import UserError
-from modernlm.files import atomic_write, replace_dir, tmp_path
+from modernlm.files import atomic_write, clean_leftovers, replace_dir, tmp_path
 
 FORMAT = "modernlm-tokens-v1"
 META_FILE = "meta.json"
@@ -498,6 +498,7 @@ def prepare_tokens(
         "tokens": np.zeros(n_sources, np.int64),
     }
     tmp = tmp_path(out)  # .<out>.tmp-<pid>: files.clean_leftovers recognizes it after a kill
+    clean_leftovers(Path(out).parent)  # a killed earlier run's (its pid is gone)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -543,8 +544,9 @@ def prepare_tokens(
             _move_tail(writers["train"], writers["val"], val_fraction, eos)
         if writers["train"].documents == 0:
             raise UserError(
-                f"the corpus has {writers['val'].documents} document(s), all in val: "
-                "need at least 2 documents, or a smaller val_fraction"
+                f"the corpus has {writers['val'].documents} document(s), all in val: need at least 2 documents "
+                "(one always goes to val), or a smaller val_fraction; val_split=tail holds out the last "
+                "val_fraction of the text instead"
             )
         total_bytes = int(per_source["bytes"].sum())
         text_tokens = int(per_source["tokens"].sum())

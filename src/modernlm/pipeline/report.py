@@ -308,10 +308,9 @@ def headline(data: ReportData) -> tuple[list[str], list[list[str]]]:
         s = run.summary
         if not s and data.kind == "pipeline":
             continue  # a stage without a training loop has no row
-        val = _finite(s.get("final_val_loss"))
+        # a perplexity only where the trainer logged one (a token NLL): exp of DPO's or GRPO's val
+        # loss is no perplexity
         ppl = next((r["val_ppl"] for r in reversed(run.metrics) if _finite(r.get("val_ppl")) is not None), None)
-        if ppl is None and val is not None:
-            ppl = math.exp(min(val, 700.0))
         rows.append(
             [
                 run.name,
@@ -497,7 +496,8 @@ def render(data: ReportData, now: datetime | None = None) -> list[Block]:
     if rows:
         blocks.append(Table(header, rows))
         if data.results is None:
-            blocks.append(Text("val ppl is the last validation perplexity of each run (exp of its final val loss)."))
+            blocks.append(Text("val ppl is the last validation perplexity each run logged (exp of a token NLL; "
+                               "none for DPO, GRPO or the verifier, whose losses are no token NLL)."))
     else:
         blocks.append(Text("n/a: no results.json and no summary.json."))
     kind_header, kind_rows = kind_table(data)

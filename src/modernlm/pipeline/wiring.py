@@ -53,7 +53,7 @@ def wire(cfg: Any) -> dict[str, Any]:
     tokenizer_cfg = cfg.tokenizer
     if synthetic and not tokenizer_cfg.input and not tokenizer_cfg.corpus.sources:
         tokenizer_cfg = replace(tokenizer_cfg, input=str(data / "corpus" / "train.txt"))
-    tokenizer_cfg = replace(tokenizer_cfg, out=dirs["tokenizer"])
+    tokenizer_cfg = replace(tokenizer_cfg, out=dirs["tokenizer"], overwrite=True)
     prepare_cfg = cfg.prepare
     if synthetic and not prepare_cfg.input and not prepare_cfg.corpus.sources:
         prepare_cfg = replace(prepare_cfg, input=str(data / "corpus" / "train.txt"))

@@ -180,7 +180,16 @@ class Checkpointer:
             if not path.is_dir():
                 raise UserError(f"train.resume_from: checkpoint directory not found: {path}")
             return path
-        return latest_checkpoint(self.run_dir) if self.resume == "auto" else None
+        if self.resume == "auto":
+            return latest_checkpoint(self.run_dir)
+        old = self.run_dir / CHECKPOINTS_DIR
+        if self.runtime.is_main and old.is_dir() and any(old.iterdir()):
+            # starting over: an earlier run's checkpoints (and samples) beside this run's would be
+            # pruned as if they were newer and picked up by the next resume
+            shutil.rmtree(old)
+            (self.run_dir / "samples.md").unlink(missing_ok=True)
+            self.runtime.print0(f"train.resume=never: removed the earlier run's checkpoints ({old}) and samples.md")
+        return None
 
     def load(self, model: nn.Module, path: Path, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
         """Load the checkpoint's model files into `model`; returns its training state. A checkpoint

@@ -17,6 +17,9 @@ refused resume must not overwrite the run's config), then writes config.yaml and
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from modernlm.config import save_config
+from modernlm.errors import UserError
 from modernlm.files import atomic_write_json
 from modernlm.generation import generate_text
 from modernlm.runtime import Runtime, cleanup, setup_runtime
@@ -66,12 +70,39 @@ def training_run(cfg: Any, command: str) -> Iterator[TrainingRun]:
     cfg.run.name = cfg.run.name or command
     runtime = setup_runtime(cfg.run)
     run = TrainingRun(cfg, command, runtime, Path(cfg.run.out_dir) / cfg.run.name)
-    try:
-        yield run
-    finally:
-        if run.trainer is not None:
-            run.trainer.close()  # the DDP wrapper goes before the process group (see Trainer.close)
-        cleanup(runtime)
+    with contextlib.ExitStack() as held:
+        try:
+            if runtime.is_main:
+                held.enter_context(_only_user(run.run_dir))
+            yield run
+        finally:
+            if run.trainer is not None:
+                run.trainer.close()  # the DDP wrapper goes before the process group (see Trainer.close)
+            cleanup(runtime)
+
+
+@contextmanager
+def _only_user(run_dir: Path) -> Iterator[None]:
+    """Hold run_dir/.lock: a second training into the same run directory is refused (its metrics,
+    checkpoints and config.yaml would mix with this one's). The OS drops the lock when the process
+    ends, however it ends; a run that ends on its own removes the file (while it holds the lock: a
+    second training that opened it meanwhile finds it locked)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UserError(f"run directory {run_dir} is in use by another training (pid {f.read().strip() or '?'}): "
+                            "wait for it to end, or give another run.name") from None  # fmt: skip
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            (run_dir / ".lock").unlink(missing_ok=True)
 
 
 def fmt_loss(v: float | None) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,24 @@ def format_line(step: int, num_steps: int, record: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def add_section(path: Path, step: int, section: str) -> None:
+    """Append `section` ("## step N..." and its text) to a samples file, rewritten atomically (a
+    kill never leaves half a section), without what an earlier attempt wrote for a later step or
+    under the same heading: after a resume or a rerun the file reads as one run's."""
+    heading = section.split("\n", 1)[0]
+
+    def stale(part: str) -> bool:
+        m = re.match(r"## step (\d+)", part)
+        return m is not None and (int(m[1]) > step or (int(m[1]) == step and part.split("\n", 1)[0] == heading))
+
+    parts: list[str] = []  # the old text, cut before each "## " line
+    for line in (path.read_text(encoding="utf-8") if path.is_file() else "").splitlines(keepends=True):
+        if line.startswith("## ") or not parts:
+            parts.append("")
+        parts[-1] += line
+    atomic_write(path, "".join(p for p in parts if not stale(p)) + section)
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """All records of run_dir/metrics.jsonl, in order. A last line cut short (a run killed while
     writing it; resuming drops it) is skipped; a bad line before it is a UserError naming it."""
@@ -166,4 +185,4 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-__all__ = ["METRICS_FILE", "SUMMARY_FILE", "MetricsWriter", "format_line", "read_metrics"]
+__all__ = ["METRICS_FILE", "SUMMARY_FILE", "MetricsWriter", "add_section", "format_line", "read_metrics"]

@@ -30,7 +30,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from modernlm.checkpoint import save_model
 from modernlm.errors import Interrupted, UserError
-from modernlm.files import atomic_write
 from modernlm.runtime import Runtime, compile_model, eval_mode, rng_state, set_rng_state, warn_once
 from modernlm.train.checkpointer import Checkpointer, load_model_weights
 from modernlm.train.components import (
@@ -46,7 +45,7 @@ from modernlm.train.components import (
 from modernlm.train.fsdp import check_fsdp, full, local, set_grad_sync, shard_model
 from modernlm.train.memory import AC_MODES, ACMode, apply_activation_checkpointing
 from modernlm.train.optim import OptimConfig, build_optimizer, lr_at, set_lr
-from modernlm.train.tracking import read_metrics
+from modernlm.train.tracking import add_section, read_metrics
 
 LossFn = Callable[[nn.Module, Any], tuple[Tensor, "Tensor | int", dict[str, Any]]]
 BatchCounts = Callable[[Any], tuple[int, "int | None"]]  # CPU batch -> (input tokens, examples or None)
@@ -522,8 +521,8 @@ class Trainer:
         return self.sample_fn is not None and n > 0 and (every(step, n) or last)
 
     def sample(self) -> None:
-        """Append sample_fn's section to run_dir/samples.md (rank 0; the file is rewritten
-        atomically, old sections + the new one, so a kill never leaves half a section)."""
+        """Append sample_fn's section to run_dir/samples.md (rank 0; `add_section`: rewritten
+        atomically, without a killed attempt's sections past this step)."""
         if not (self.runtime.is_main and self.sample_fn is not None):
             return
         try:
@@ -535,9 +534,7 @@ class Trainer:
         if not text:
             return
 
-        path = self.run_dir / "samples.md"
-        old = path.read_text(encoding="utf-8") if path.is_file() else ""
-        atomic_write(path, old + f"## step {self.step}\n\n{text}\n")
+        add_section(self.run_dir / "samples.md", self.step, f"## step {self.step}\n\n{text}\n")
 
     # ---- checkpoints and resume ------------------------------------------------------------
 
@@ -587,12 +584,17 @@ class Trainer:
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, optimizer, scaler, counters, RNG and data position from `path`."""
         path = Path(path)
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         state = self.checkpointer.load(self.model, path, optimizer=self.optimizer)
         try:
             if state["optimizer"] is not None:  # None: loaded with the model's distributed shards
                 self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
             raise UserError(f"cannot resume from {path}: optimizer state does not match the model ({e})") from None
+        for group, ours in zip(self.optimizer.param_groups, settings, strict=True):
+            # the moments are the checkpoint's, the settings this run's config (weight_decay, betas,
+            # eps, as config.yaml records them; loaded groups would keep the first run's silently)
+            group.update(ours)
         if self.scaler.is_enabled() and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         rngs = state.get("rng") or []
