@@ -186,12 +186,15 @@ def sample(
     """Draw one token per row (B,) from softmax(logits / temperature) after top-k / top-p; a
     list of generators draws row i with generator i."""
     scaled = logits / temperature
-    # A row that a tiny temperature overflows to +inf (whose softmax is NaN) takes the same softmax
-    # from its logits less their max, which no temperature overflows; a row whose logits are +inf
-    # already (a tiny repetition penalty's) draws among those.
-    top = logits.amax(dim=-1, keepdim=True)
-    shifted = torch.where(logits == top, 0.0, (logits - top) / temperature)
-    logits = torch.where(scaled.amax(dim=-1, keepdim=True).isposinf(), shifted, scaled)
+    overflowed = scaled.amax(dim=-1, keepdim=True).isposinf()  # (B, 1)
+    if overflowed.any():
+        # A row that a tiny temperature overflows to +inf (whose softmax is NaN) takes the same
+        # softmax from its logits less their max, which no temperature overflows; a row whose logits
+        # are +inf already (a tiny repetition penalty's) draws among those. (Rare: checked first.)
+        top = logits.amax(dim=-1, keepdim=True)
+        shifted = torch.where(logits == top, 0.0, (logits - top) / temperature)
+        scaled = torch.where(overflowed, shifted, scaled)
+    logits = scaled
     if top_k:
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1.0:

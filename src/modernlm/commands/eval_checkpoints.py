@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modernlm.commands import check_scoring
 from modernlm.errors import UserError
 
 POSITIONALS = ["run_dir"]
@@ -42,11 +43,8 @@ class Config:
     progress: bool = False  # a progress bar per checkpoint on stderr
     out: str = ""  # CSV to append to; "" = RUN/checkpoint_eval.csv
 
-    def __post_init__(self) -> None:  # before any loading
-        if self.batch_size < 1:
-            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.max_tokens < 0:
-            raise UserError(f"max_tokens must be >= 0 (0 = all), got {self.max_tokens}")
+    def __post_init__(self) -> None:
+        check_scoring(self.batch_size, self.max_tokens)
 
 
 def derived_outputs(cfg: Config) -> list[tuple[str, Path, str]]:

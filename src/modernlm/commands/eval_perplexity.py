@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from modernlm.commands import check_scoring
 from modernlm.errors import UserError
 from modernlm.files import atomic_write
 
@@ -46,11 +47,8 @@ class Config:
     progress: bool = True  # progress bar on stderr
     out: str = ""  # write the JSON report here ("" = print it to stdout)
 
-    def __post_init__(self) -> None:  # before any loading
-        if self.batch_size < 1:
-            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.max_tokens < 0:
-            raise UserError(f"max_tokens must be >= 0 (0 = all), got {self.max_tokens}")
+    def __post_init__(self) -> None:
+        check_scoring(self.batch_size, self.max_tokens)
 
 
 def main(cfg: Config) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modernlm.commands import check_scoring
 from modernlm.errors import UserError
 from modernlm.files import atomic_write
 
@@ -53,11 +54,8 @@ class Config:
     progress: bool = True  # progress bars on stderr
     out: str = ""  # Markdown file to write (a .json with every report goes beside it); "" = print only
 
-    def __post_init__(self) -> None:  # before any loading
-        if self.batch_size < 1:
-            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.max_tokens < 0:
-            raise UserError(f"max_tokens must be >= 0 (0 = all), got {self.max_tokens}")
+    def __post_init__(self) -> None:
+        check_scoring(self.batch_size, self.max_tokens)
 
 
 def default_baseline() -> str:

@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modernlm.commands import check_scoring
 from modernlm.errors import UserError
 from modernlm.files import atomic_write
 
@@ -46,9 +47,8 @@ class Config:
     backend: str = "auto"  # auto, modernlm (HF Llamas converted), transformers
     quantize: str = "none"  # none, int8, int4, auto (a .gguf's own blocks); ours only (docs/model.md)
 
-    def __post_init__(self) -> None:  # before any loading
-        if self.batch_size < 1:
-            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
+    def __post_init__(self) -> None:
+        check_scoring(self.batch_size)
 
 
 def main(cfg: Config) -> None:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -45,12 +46,12 @@ from modernlm.serve.openai import (
     logprobs_json,
     parse,
     response,
-    token_text,
     usage,
 )
 from modernlm.serve.tools import CallStream
 
 log = logging.getLogger("modernlm.serve")
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # JSON's escape of half a UTF-16 pair
 
 
 KV_DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -214,10 +215,11 @@ def make_app(lm: Any, cfg: ServeConfig | None = None, *, engine_thread: bool = T
             value = json.loads(body)
         except (ValueError, RecursionError) as e:  # (RecursionError: nested past Python's stack)
             raise APIError(400, f"the request body is not valid JSON ({e})") from None
-        try:
-            json.dumps(value, ensure_ascii=False).encode()  # JSON's \ud800 escape is a lone surrogate: not text
-        except (UnicodeEncodeError, RecursionError):
-            raise APIError(400, "the request body is not valid JSON (a lone surrogate: it is not text)") from None
+        if SURROGATE_ESCAPE.search(body):  # (a pair, an emoji, is text: only then the full check)
+            try:
+                json.dumps(value, ensure_ascii=False).encode()  # a lone \ud800 is no text
+            except (UnicodeEncodeError, RecursionError):
+                raise APIError(400, "the request body is not valid JSON (a lone surrogate: it is not text)") from None
         return value
 
     async def run(kind: str, request: HTTPRequest) -> Any:
@@ -299,7 +301,8 @@ def make_app(lm: Any, cfg: ServeConfig | None = None, *, engine_thread: bool = T
                     lp = None
                     if job.logprobs is not None and event.tokens:
                         lp = logprobs_json(job.kind, lm.tokenizer, event.tokens, offsets[index])
-                        offsets[index] += sum(len(token_text(lm.tokenizer, t.id)) for t in event.tokens)
+                        if job.kind == "completion":  # the next piece's first offset
+                            offsets[index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
                     text = calls[index].push(event.text) if calls else event.text
                     if text or lp is not None:
                         yield chunk(job, rid, created, name, [chunk_choice(job, index, text, lp, None)])

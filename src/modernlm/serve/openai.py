@@ -15,6 +15,7 @@ and `chunk` shape them as OpenAI does (chat.completion / text_completion, and th
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -366,10 +367,7 @@ def logprobs_json(kind: str, tokenizer: Any, tokens: list[TokenInfo], offset: in
     """Chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions: {tokens,
     token_logprobs, top_logprobs, text_offset}: a token's offset is `offset` plus the lengths of the
     tokens before it, each's `token_text` (as vLLM counts them)."""
-
-    def text(token_id: int) -> str:
-        return token_text(tokenizer, token_id)
-
+    text = functools.partial(token_text, tokenizer)
     if kind == "chat":
         def entry(token_id: int, logprob: float) -> dict[str, Any]:
             return {"token": text(token_id), "logprob": logprob, "bytes": list(token_bytes(tokenizer, token_id))}

@@ -70,15 +70,13 @@ def training_run(cfg: Any, command: str) -> Iterator[TrainingRun]:
     cfg.run.name = cfg.run.name or command
     runtime = setup_runtime(cfg.run)
     run = TrainingRun(cfg, command, runtime, Path(cfg.run.out_dir) / cfg.run.name)
-    with contextlib.ExitStack() as held:
-        try:
-            if runtime.is_main:
-                held.enter_context(_only_user(run.run_dir))
+    try:
+        with _only_user(run.run_dir) if runtime.is_main else contextlib.nullcontext():
             yield run
-        finally:
-            if run.trainer is not None:
-                run.trainer.close()  # the DDP wrapper goes before the process group (see Trainer.close)
-            cleanup(runtime)
+    finally:
+        if run.trainer is not None:
+            run.trainer.close()  # the DDP wrapper goes before the process group (see Trainer.close)
+        cleanup(runtime)
 
 
 @contextmanager
