@@ -21,6 +21,7 @@ from modernlm.align.dpo import (
 )
 from modernlm.chat import IGNORE_INDEX, ChatEncoder
 from modernlm.checkpoint import save_model
+from modernlm.cli import run_command
 from modernlm.errors import UserError
 from modernlm.model import ModernDecoderLM
 from modernlm.tokenizer import byte_tokenizer
@@ -118,6 +119,19 @@ def test_hh_rlhf_pairs_from_the_real_test_split(shared_data):
     items, skipped = load_pairs(cfg, ChatEncoder(byte_tokenizer()), seed=0)
     assert 40 <= len(items) <= 50
     assert all(it["chosen_ids"] != it["rejected_ids"] for it in items)
+
+
+def test_held_out_pairs_are_the_first_val_fraction_and_none_is_said(tmp_path):
+    from modernlm.align.dpo import DPOEvalSettings, load_pair_splits
+
+    path = _write_jsonl(tmp_path / "pairs.jsonl", _pairs(20))
+    enc = ChatEncoder(byte_tokenizer())
+    everything, _ = load_pairs(PreferenceDataConfig(path=str(path)), enc, seed=0)
+    train, val, _ = load_pair_splits(PreferenceDataConfig(path=str(path)), DPOEvalSettings(val_fraction=0.2), enc)
+    assert (val, train) == (everything[:4], everything[4:])
+    with pytest.warns(UserWarning, match="val_fraction=0.01 holds out none of 20 examples: no validation"):
+        train, val, _ = load_pair_splits(PreferenceDataConfig(path=str(path)), DPOEvalSettings(val_fraction=0.01), enc)
+    assert (len(train), len(val)) == (20, 0)
 
 
 def _policy_and_items(n_pairs: int = 8):
@@ -276,4 +290,7 @@ def test_dpo_command_raises_chosen_against_rejected(tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
     logged = set().union(*metrics)
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= logged
-    assert {"val_rewards/accuracies", "val_rewards/margins"} <= logged and "val_ppl" not in logged
+    assert {"val_rewards/accuracies", "val_rewards/margins"} <= logged and not {"ppl", "val_ppl"} & logged
+    # so `plot` draws its loss and no perplexity made up from it
+    assert run_command("plot", [str(tmp_path / "dpo")]) == 0
+    assert sorted(p.name for p in (tmp_path / "dpo").glob("*.png")) == ["loss_vs_step.png", "loss_vs_tokens.png"]

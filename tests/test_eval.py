@@ -302,6 +302,7 @@ def test_checkpoints_scored_once_and_equal_the_trainers_val_loss(tiny_run, capsy
     metrics = read_metrics(run)
     trainer_val = {m["step"]: m["val_loss"] for m in metrics if "val_loss" in m}
     tokens = {m["step"]: m["tokens"] for m in metrics if "tokens" in m}
+    assert all(m["ppl"] == pytest.approx(math.exp(m["loss"]), rel=1e-12) for m in metrics if "loss" in m)
     assert min(trainer_val[2], trainer_val[4]) == trainer_val[4]  # so best is step 4
     for r in rows:
         step = int(r["step"])

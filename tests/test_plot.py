@@ -23,7 +23,8 @@ def write_run(run_dir, losses: dict[int, float], vals: dict[int, float]) -> None
     w = MetricsWriter(run_dir)
     for step in sorted(set(losses) | set(vals)):
         if step in losses:
-            w.log(step, loss=losses[step], lr=1e-3, tokens=step * TOKENS_PER_STEP, skipped_steps=0)
+            w.log(step, loss=losses[step], ppl=math.exp(losses[step]), lr=1e-3, tokens=step * TOKENS_PER_STEP,
+                  skipped_steps=0)
         if step in vals:
             w.log(step, val_loss=vals[step], val_ppl=math.exp(vals[step]))
     w.close()
@@ -92,6 +93,27 @@ def test_plot_command_writes_pngs(runs, tmp_path, capsys):
     # one run: next to its metrics by default
     assert run_command("plot", [str(a)]) == 0
     assert all((a / f"{stem}.png").is_file() for stem in FIGURES)
+
+
+def test_no_perplexity_where_the_loss_is_no_token_nll(runs, tmp_path, capsys):
+    from modernlm.train.tracking import read_metrics
+
+    dpo = tmp_path / "dpo"  # DPO, GRPO and the verifier log no ppl / val_ppl beside their loss
+    w = MetricsWriter(dpo)
+    for step, loss in [(1, 0.69), (2, 0.4)]:
+        w.log(step, loss=loss, tokens=step * TOKENS_PER_STEP)
+    w.log(2, val_loss=0.5)
+    w.close()
+    s = run_series(read_metrics(dpo), "dpo")
+    assert s.xy("train", "ppl", "step") == ([], []) and s.xy("val", "ppl", "step") == ([], [])
+    assert s.xy("train", "loss", "step") == ([1, 2], [0.69, 0.4])
+    assert run_command("plot", [str(dpo)]) == 0
+    assert sorted(capsys.readouterr().out.split()) == [str(dpo / "loss_vs_step.png"), str(dpo / "loss_vs_tokens.png")]
+    # beside a pretraining run: the perplexity figures hold the pretraining run's lines alone
+    series = [run_series(read_metrics(runs[0]), "a"), s]
+    figures = curve_figures(series)
+    assert [line.get_label() for line in figures["ppl_vs_step"].axes[0].get_lines()] == ["a train", "a val"]
+    assert len(figures["loss_vs_step"].axes[0].get_lines()) == 4
 
 
 def test_plot_bad_input(tmp_path, capsys):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from modernlm.align.sft import check_val_fraction, frozen_copy
+from modernlm.align.sft import check_val_fraction, frozen_copy, hold_out
 from modernlm.chat import IGNORE_INDEX, ChatEncoder, Message, check_messages
 from modernlm.data import tasks
 from modernlm.data.tasks import TaskBatches
@@ -179,8 +179,8 @@ def load_pair_splits(
         val_items, _ = load_pairs(val_cfg, encoder, max_examples=ev.max_examples)
         return items, val_items, skipped
     check_val_fraction(ev.val_fraction)
-    n_val = round(len(items) * ev.val_fraction)
-    return items[n_val:], items[:n_val][: ev.max_examples or None], skipped
+    val_items, items = hold_out(items, ev.val_fraction, "no val_loss, best/ or held-out pair accuracy")
+    return items, val_items[: ev.max_examples or None], skipped
 
 
 def collate_pairs(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:

@@ -189,6 +189,16 @@ def check_val_fraction(fraction: float) -> None:
         raise UserError(f"eval.val_fraction: must be in [0, 1), got {fraction}")
 
 
+def hold_out(items: list[Any], fraction: float, lost: str) -> tuple[list[Any], list[Any]]:
+    """(held out, training): the first eval.val_fraction of the (shuffled) items; a warning naming
+    what is `lost` when a fraction above 0 holds out none of them."""
+    n_val = round(len(items) * fraction)
+    if n_val == 0 and fraction > 0:
+        warnings.warn(f"eval.val_fraction={fraction:g} holds out none of {len(items)} examples: no validation "
+                      f"({lost}); raise it or give eval.val_path", stacklevel=3)  # fmt: skip
+    return items[:n_val], items[n_val:]
+
+
 def load_sft_splits(
     data: SFTDataConfig, ev: SFTEvalSettings, encoder: ChatEncoder, seed: int = 0
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[list[Message]]]:
@@ -203,12 +213,7 @@ def load_sft_splits(
     if val_data is not None:
         val_examples = load_sft_examples(replace(val_data, shuffle=False), encoder)
     else:
-        n_val = round(len(examples) * ev.val_fraction)
-        val_examples, examples = examples[:n_val], examples[n_val:]
-        if n_val == 0 and ev.val_fraction > 0:
-            warnings.warn(f"eval.val_fraction={ev.val_fraction:g} holds out none of {len(examples)} examples: no "
-                          "validation (no val_loss, best/ or eos_rate); raise it or give eval.val_path",
-                          stacklevel=2)  # fmt: skip
+        val_examples, examples = hold_out(examples, ev.val_fraction, "no val_loss, best/ or eos_rate")
     if ev.max_examples:
         val_examples = val_examples[: ev.max_examples]
     held_out = {ex["source"] for ex in val_examples}

@@ -76,7 +76,7 @@ def main(cfg: Config) -> None:
         trainer = Trainer(
             model, loss_fn, train_batches, cfg.train, cfg.optim, rt, run.run_dir,
             val_batches=dpo.pair_batches(mine, bs, pad) if mine else None, tokenizer=tokenizer,
-            eval_perplexity=False, batch_counts=dpo.pair_batch_counts,
+            perplexity=False, batch_counts=dpo.pair_batch_counts,
         )  # fmt: skip
         run.start(trainer, (
             f"{model.num_params() / 1e6:.2f}M params from {ckpt}, {len(items):,} train / "

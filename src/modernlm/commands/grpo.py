@@ -103,7 +103,7 @@ def main(cfg: Config) -> None:
             model, grpo.grpo_loss_fn(s), rollouts, cfg.train, cfg.optim, rt, run.run_dir,
             val_batches=grpo.problem_batches(mine, cfg.eval_batch_size) if mine else None,
             eval_loss_fn=grpo.greedy_accuracy_fn(model, tokenizer, encoder.end_id, s.max_new_tokens),
-            tokenizer=tokenizer, eval_perplexity=False, batch_counts=grpo.rollout_batch_counts,
+            tokenizer=tokenizer, perplexity=False, batch_counts=grpo.rollout_batch_counts,
         )  # fmt: skip
         run.start(trainer, (
             f"{model.num_params() / 1e6:.2f}M params from {ckpt}, {len(problems):,} train / {len(held_out):,} "

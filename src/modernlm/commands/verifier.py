@@ -111,7 +111,7 @@ def main(cfg: Config) -> None:
             model, verifier.verifier_loss_fn(cfg.lm_coef), batches, cfg.train, cfg.optim, run.runtime, run.run_dir,
             val_batches=verifier.collate_batches(val_examples, bs, pad) or None, eval_loss_fn=verifier.value_eval_loss,
             tokenizer=tokenizer, save_model_fn=verifier.save_verifier, load_model_fn=verifier.load_verifier_weights,
-            eval_perplexity=False, batch_counts=sft_batch_counts,
+            perplexity=False, batch_counts=sft_batch_counts,
         )  # fmt: skip
         share = sum(e["correct"] for e in examples) / len(examples)
         run.start(trainer, f"{model.num_params() / 1e6:.2f}M params from {init_ckpt}, {len(examples):,} train / "

@@ -5,6 +5,8 @@ Three layers, so the data can be tested apart from the drawing:
 - `curve_figures(series)`: matplotlib Figures, several runs overlaid, train solid, validation dashed;
 - `plot_runs(run_dirs, out_dir)`: reads the runs and writes the PNGs.
 
+Perplexity is drawn only for runs whose loss is a token NLL, which the trainer marks by logging
+`ppl` / `val_ppl` beside it: exp of a DPO, GRPO or verifier loss is no perplexity.
 Validation lines carry no token count; their tokens are interpolated from the train lines'
 (step, tokens) pairs, which is exact when every step trains on the same number of tokens (pretraining).
 matplotlib is imported inside the functions that draw, and only through the object API with the
@@ -40,11 +42,14 @@ class RunSeries:
     val_tokens: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     val_ppl: list[float] = field(default_factory=list)
+    perplexity: bool = False  # the loss is a token NLL (the run logged ppl or val_ppl)
 
     def xy(self, part: str, y: str, x: str) -> tuple[list[float], list[float]]:
         """(x, y) of one line: part "train" or "val", y "loss" or "ppl", x "step" or "tokens"."""
         xs = getattr(self, f"{part}_{x}")
-        return (list(xs), list(getattr(self, f"{part}_{y}"))) if xs else ([], [])
+        if not xs or (y == "ppl" and not self.perplexity):
+            return [], []
+        return list(xs), list(getattr(self, f"{part}_{y}"))
 
 
 def _number(v: Any) -> float | None:
@@ -62,6 +67,7 @@ def run_series(records: list[dict[str, Any]], label: str = "") -> RunSeries:
         step = r.get("step")
         if not isinstance(step, int):
             continue
+        s.perplexity = s.perplexity or "ppl" in r or "val_ppl" in r
         tokens = _number(r.get("tokens"))
         if tokens is not None:
             steps_tokens.append((step, tokens))
@@ -89,7 +95,8 @@ def run_series(records: list[dict[str, Any]], label: str = "") -> RunSeries:
 
 
 def curve_figures(series: list[RunSeries]) -> dict[str, Any]:
-    """One matplotlib Figure per entry of FIGURES, every run overlaid in its own colour."""
+    """One matplotlib Figure per entry of FIGURES, every run overlaid in its own colour; the
+    perplexity figures only when some run's loss is a token NLL."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -101,6 +108,8 @@ def curve_figures(series: list[RunSeries]) -> dict[str, Any]:
 
     figures = {}
     for stem, (y, x) in FIGURES.items():
+        if y == "ppl" and not any(s.perplexity for s in series):
+            continue
         fig = Figure(figsize=(7, 4.5), layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
@@ -133,7 +142,8 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
 
 
 def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, dpi: int = 120) -> list[Path]:
-    """Write out_dir/{loss,ppl}_vs_{step,tokens}.png for the runs; returns the paths written."""
+    """Write out_dir/{loss,ppl}_vs_{step,tokens}.png for the runs (ppl only where a run's loss is a
+    token NLL); returns the paths written."""
     from modernlm.errors import UserError
     from modernlm.train.tracking import METRICS_FILE, read_metrics
 

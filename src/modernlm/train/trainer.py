@@ -138,7 +138,8 @@ class Trainer:
             checkpoint.save_model, for modernlm models); e.g. an adapter saver for HF LoRA.
         load_model_fn: `(model, dir)` loads them back on resume (default: a modernlm model's
             weights, refused when the checkpoint's model config differs).
-        eval_perplexity: log val_ppl = exp(val_loss); off when the loss is not a token NLL (DPO).
+        perplexity: the loss is a token NLL, so log ppl = exp(loss) on train lines and
+            val_ppl = exp(val_loss); False where it is not (DPO, GRPO, the verifier).
         sample_fn: `(model, step) -> str | None`, a Markdown section appended to samples.md every
             train.sample_every steps and at the last step (rank 0, model in eval mode); a
             UserError from it skips that sample with a warning, anything else stops the run.
@@ -162,7 +163,7 @@ class Trainer:
         find_unused_parameters: bool = False,
         save_model_fn: SaveModelFn | None = None,
         load_model_fn: LoadModelFn | None = None,
-        eval_perplexity: bool = True,
+        perplexity: bool = True,
         sample_fn: SampleFn | None = None,
         batch_counts: BatchCounts | None = None,
     ):
@@ -179,7 +180,7 @@ class Trainer:
             warn_once("train.sample_every: this stage has no sampler (no tokenizer, or not a generating model)")
         self.validator = Validator(
             eval_loss_fn or loss_fn, val_batches, runtime, final_batches=final_val_batches,
-            every=cfg.eval_every, at_start=cfg.eval_at_start, perplexity=eval_perplexity,
+            every=cfg.eval_every, at_start=cfg.eval_at_start, perplexity=perplexity,
         )  # fmt: skip
         self.fsdp = cfg.parallel == "fsdp"
         if self.fsdp:
@@ -335,6 +336,8 @@ class Trainer:
 
     def _log_step(self, out: dict[str, Any], lr: float) -> None:
         values: dict[str, Any] = {"loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"]}
+        if self.validator.perplexity:  # a token NLL: its perplexity is what plots and reports draw
+            values["ppl"] = math.exp(min(out["loss"], 50.0))
         values |= {"tokens": self.tokens_seen, "input_tokens": self.input_tokens_seen}
         if out["examples"] is not None:
             values["examples"] = self.examples_seen
