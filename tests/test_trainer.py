@@ -318,6 +318,58 @@ def test_resume_from_explicit_checkpoint(tmp_path, data):
         run(data, tmp_path / "x", resume_from=str(tmp_path / "nope")).maybe_resume()
 
 
+def _same_run(a, b):
+    """Two runs' metrics lines and final weights are equal."""
+    ra, rb = read_metrics(a.run_dir), read_metrics(b.run_dir)
+    key = lambda r: (r["step"], "loss" in r)  # noqa: E731
+    assert [key(r) for r in ra] == [key(r) for r in rb]
+    for x, y in zip(ra, rb, strict=True):
+        assert all(x.get(k) == y.get(k) for k in ("loss", "val_loss", "lr", "tokens")), x["step"]
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+
+
+def test_a_run_started_from_resume_from_resumes_from_its_own_checkpoints(tmp_path, data, capsys):
+    run(data, tmp_path / "src").train()
+    start = str(tmp_path / "src" / "checkpoints" / "step_0000008")
+    whole = run(data, tmp_path / "whole", resume_from=start, num_steps=20)
+    whole.train()
+    calls = {"n": 0}
+
+    def killed_at_step_14(model, batch):  # step 12 is saved by then
+        calls["n"] += model.training
+        if calls["n"] == 6:
+            raise Interrupt
+        return lm_loss(model, batch)
+
+    with pytest.raises(Interrupt):
+        run(data, tmp_path / "dst", resume_from=start, num_steps=20, loss_fn=killed_at_step_14).train()
+    capsys.readouterr()
+    again = run(data, tmp_path / "dst", resume_from=start, num_steps=20, model_seed=7)  # the same command
+    assert again.maybe_resume() == 12  # its own newest, not back to step 8
+    assert "has checkpoints of its own: continuing from step_0000012" in capsys.readouterr().out
+    again.train()
+    _same_run(whole, again)
+
+
+def test_resume_never_with_resume_from_starts_over_from_it(tmp_path, data):
+    full = run(data, tmp_path / "r")
+    full.train()
+    root = tmp_path / "r" / "checkpoints"
+    assert latest_checkpoint(tmp_path / "r").name == "step_0000012"
+    # back to an earlier step of the same run: the later checkpoints go, the earlier stay
+    back = run(data, tmp_path / "r", resume_from=str(root / "step_0000008"), resume="never", model_seed=7)
+    assert back.maybe_resume() == 8
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_0000008"]
+    back.train()  # the same steps again: the same run
+    _same_run(full, back)
+    # into a used run directory, from elsewhere: its checkpoints are another run's, all removed
+    other = run(data, tmp_path / "o", num_steps=4)
+    other.train()
+    fork = run(data, tmp_path / "o", resume_from=str(root / "step_0000008"), resume="never")
+    assert fork.maybe_resume() == 8 and latest_checkpoint(tmp_path / "o") is None
+
+
 def test_periodic_samples_are_written(tmp_path, data):
     from modernlm.tokenizer import train_bpe
 

@@ -5,7 +5,7 @@
 
 Writes run.out_dir/run.name/: config.yaml, metrics.jsonl, summary.json, samples.md and
 checkpoints/step_NNNNNNN/ (+ best/, latest). Running again resumes from the latest checkpoint
-(train.resume=never starts over; train.resume_from=DIR resumes from another checkpoint).
+(train.resume=never starts over; train.resume_from=DIR starts from another checkpoint).
 """
 
 from __future__ import annotations

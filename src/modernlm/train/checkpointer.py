@@ -8,6 +8,7 @@ It writes and reads model files only through the `save_model_fn` / `load_model_f
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -18,12 +19,16 @@ import torch
 from torch import nn
 
 from modernlm.checkpoint import (
+    BEST_DIR,
+    BEST_INFO_FILE,
     CHECKPOINTS_DIR,
+    checkpoint_step,
     config_differences,
     latest_checkpoint,
     load_model_config,
     load_training_state,
     load_weights_into,
+    run_checkpoints,
     save_best_checkpoint,
     save_training_checkpoint,
 )
@@ -64,8 +69,8 @@ class Checkpointer:
     `save` writes run_dir/checkpoints/step_NNNNNNN/ (model files through `save_model_fn`, the
     trainer's state as train_state.pt) and keeps the newest `keep_last`; it is collective under DDP
     (rank 0 writes, every rank waits). `update_best` keeps checkpoints/best/ = the model of the
-    lowest validation loss (with `save_best`). `resume_path`: `resume_from` (a checkpoint or a run
-    directory), else with resume="auto" the run directory's newest checkpoint, else None; `load`
+    lowest validation loss (with `save_best`). `resume_path`: with resume="auto" the run directory's
+    newest checkpoint, else `resume_from` (a checkpoint or a run directory), else None; `load`
     reads one back (model files through `load_model_fn`) and returns its training state.
     With `fsdp` (train.parallel=fsdp) a checkpoint also holds `distributed/`: model + optimizer as
     torch.distributed.checkpoint shards, written by every rank and read back on any number of ranks.
@@ -165,31 +170,62 @@ class Checkpointer:
         return True
 
     def resume_path(self) -> Path | None:
-        """The checkpoint to resume from, if any; first removes what a killed save left behind."""
-        if self.runtime.is_main:  # a killed save's temporaries; best/ set aside
+        """The checkpoint to resume from, if any; first removes what a killed save left behind.
 
+        resume_from starts a run (torchtitan's initial_load_path rule): once the run directory holds
+        checkpoints of its own, they are continued, so a run killed after it started from resume_from
+        goes on from its own newest checkpoint, not back to the start. resume=never with resume_from
+        starts over from it: the run directory's checkpoints after it are removed (all of them when it
+        lies elsewhere)."""
+        if self.runtime.is_main:  # a killed save's temporaries; best/ set aside
             clean_leftovers(self.run_dir / CHECKPOINTS_DIR)
             clean_leftovers(self.run_dir)
-        if self.resume_from:
-            path = Path(self.resume_from)
-            if (path / CHECKPOINTS_DIR).is_dir():
-                found = latest_checkpoint(path)
-                if found is None:
-                    raise UserError(f"train.resume_from: no checkpoint in run directory {self.resume_from}")
-                return found
-            if not path.is_dir():
-                raise UserError(f"train.resume_from: checkpoint directory not found: {path}")
-            return path
-        if self.resume == "auto":
-            return latest_checkpoint(self.run_dir)
-        old = self.run_dir / CHECKPOINTS_DIR
-        if self.runtime.is_main and old.is_dir() and any(old.iterdir()):
-            # starting over: an earlier run's checkpoints (and samples) beside this run's would be
-            # pruned as if they were newer and picked up by the next resume
-            shutil.rmtree(old)
-            (self.run_dir / "samples.md").unlink(missing_ok=True)
-            self.runtime.print0(f"train.resume=never: removed the earlier run's checkpoints ({old}) and samples.md")
-        return None
+        own = latest_checkpoint(self.run_dir)
+        source = self._resume_source() if self.resume_from else None
+        if self.resume == "never":
+            self._start_over(source)
+            return source
+        if source is None or own is None or own.resolve() == source.resolve():
+            return source or own
+        self.runtime.print0(
+            f"train.resume_from: {self.run_dir} has checkpoints of its own: continuing from {own.name} "
+            f"(train.resume=never starts over from {self.resume_from})"
+        )
+        return own
+
+    def _resume_source(self) -> Path:
+        """train.resume_from's checkpoint: the directory given, or a run directory's newest one."""
+        path = Path(self.resume_from)
+        if (path / CHECKPOINTS_DIR).is_dir():
+            found = latest_checkpoint(path)
+            if found is None:
+                raise UserError(f"train.resume_from: no checkpoint in run directory {self.resume_from}")
+            return found
+        if not path.is_dir():
+            raise UserError(f"train.resume_from: checkpoint directory not found: {path}")
+        return path
+
+    def _start_over(self, source: Path | None) -> None:
+        """train.resume=never: remove the run directory's checkpoints (and samples.md), which a
+        later resume would pick up and `keep_last` would prune as newer; a `source` among them (going
+        back to an earlier step of this run) stays, with those before it."""
+        root = self.run_dir / CHECKPOINTS_DIR
+        if not self.runtime.is_main or not root.is_dir() or not any(root.iterdir()):
+            return
+        if source is not None and source.resolve().parent == root.resolve():
+            last = checkpoint_step(source)
+            later = [p for p in run_checkpoints(self.run_dir, best=False) if checkpoint_step(p) > last]
+            best = root / BEST_DIR / BEST_INFO_FILE
+            if best.is_file() and json.loads(best.read_text()).get("step", 0) > last:
+                later.append(best.parent)
+            for p in later:
+                shutil.rmtree(p)
+            if later:
+                self.runtime.print0(f"train.resume=never: removed the {len(later)} checkpoints after {source.name}")
+            return
+        shutil.rmtree(root)
+        (self.run_dir / "samples.md").unlink(missing_ok=True)
+        self.runtime.print0(f"train.resume=never: removed the earlier run's checkpoints ({root}) and samples.md")
 
     def load(self, model: nn.Module, path: Path, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
         """Load the checkpoint's model files into `model`; returns its training state. A checkpoint

@@ -87,7 +87,7 @@ class TrainingConfig:
     sample_tokens: int = 48  # new tokens per sample
     max_bad_steps: int = 5  # consecutive non-finite steps that stop the run
     resume: Literal["auto", "never"] = "auto"  # auto = continue from the run dir's latest checkpoint
-    resume_from: str = ""  # a checkpoint dir (or a run dir) to resume from; overrides `resume`
+    resume_from: str = ""  # a checkpoint dir (or a run dir) to start from, until the run has its own
     progress: bool = True  # tqdm progress bar on rank 0
     # ddp: every rank holds the whole model; fsdp: FSDP2 shards weights, gradients and optimizer
     # state over the ranks (torch >= 2.6; checkpoints as sharded distributed checkpoints, which
@@ -574,8 +574,8 @@ class Trainer:
         return self.checkpointer.save(self.step, self.model, self.state_dict(), optimizer=self.optimizer)
 
     def maybe_resume(self) -> int:
-        """Resume from train.resume_from, or (train.resume=auto) from the run dir's latest
-        checkpoint, if any. Returns the step training continues from. Idempotent."""
+        """Resume from the checkpoint `Checkpointer.resume_path` picks (the run dir's newest, else
+        train.resume_from), if any. Returns the step training continues from. Idempotent."""
         if self._resume_checked:
             return self.step
         self._resume_checked = True
