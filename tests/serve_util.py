@@ -50,14 +50,16 @@ def chat_checkpoint(path: Path, chat: bool = True, max_seq_len: int = 256, **con
     return path
 
 
-def script_checkpoint(path: Path, words: Sequence[str] = SCRIPT_WORDS, first: str = "\n") -> Path:
+def script_checkpoint(
+    path: Path, words: Sequence[str] = SCRIPT_WORDS, first: str = "\n", max_seq_len: int = 512
+) -> Path:
     """A checkpoint whose greedy continuation of any prompt ending in `first` is "".join(words)."""
     tok = byte_tokenizer(eos_token="<|im_end|>")
     tok.backend.add_tokens(list(words))
     chain = [tok.encode(first)[-1], *(tok.token_to_id(w) for w in words), tok.eos_id]
     vocab = tok.vocab_size
     d = vocab + vocab % 2  # one-hot embeddings; an even width for RoPE
-    model = ModernDecoderLM(ModelConfig(vocab_size=vocab, d_model=d, n_layer=1, n_head=1, max_seq_len=512,
+    model = ModernDecoderLM(ModelConfig(vocab_size=vocab, d_model=d, n_layer=1, n_head=1, max_seq_len=max_seq_len,
                                         tie_embeddings=False))
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -19,13 +19,13 @@ import pytest
 
 pytest.importorskip("llguidance")
 openai = pytest.importorskip("openai")
-from pydantic import BaseModel, Field  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
 from modernlm import load  # noqa: E402
 from modernlm.constrain import Constraint  # noqa: E402
 from modernlm.errors import UserError  # noqa: E402
 from modernlm.generation import Sampling, TextGeneration, prompt_ids  # noqa: E402
-from tests.serve_util import chat_checkpoint, serving  # noqa: E402
+from tests.serve_util import chat_checkpoint, script_checkpoint, serving  # noqa: E402
 
 
 class Color(enum.StrEnum):
@@ -205,6 +205,43 @@ def test_server_response_format_through_openais_client(lm):
         assert e.value.body["param"] == "ignore_eos"
 
 
+def test_vllms_structured_outputs_and_guided_fields(lm):
+    """vLLM's extension (structured_outputs, and the older guided_*), for clients written for it, on
+    both endpoints: what lm.generate / lm.chat give with the same constraint (they were ignored)."""
+    prompt, choices = "Once upon a time", ["yes", "no", "maybe so"]
+    with serving(lm, kv_dtype="float32") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+
+        def chat(extra):
+            return client.chat.completions.create(model=lm.name, messages=USER, max_tokens=60, temperature=0,
+                                                  extra_body=extra).choices[0].message.content  # fmt: skip
+
+        def complete(extra):
+            return client.completions.create(model=lm.name, prompt=prompt, max_tokens=60, temperature=0,
+                                             extra_body=extra).choices[0].text  # fmt: skip
+
+        for extra, setting in [({"structured_outputs": {"choice": choices}}, {"choice": choices}),
+                               ({"guided_choice": choices}, {"choice": choices}),
+                               ({"structured_outputs": {"regex": "[a-c]{2,5}"}}, {"regex": "[a-c]{2,5}"}),
+                               ({"guided_json": Part.model_json_schema()}, {"json_schema": Part.model_json_schema()}),
+                               ({"structured_outputs": {"json_object": True}}, {"json_object": True}),
+                               ({"guided_grammar": 'root ::= "ab" | "cd"'},
+                                {"grammar": Constraint.grammar('root ::= "ab" | "cd"', syntax="gbnf")})]:  # fmt: skip
+            text = chat(extra)
+            assert text == lm.chat(USER, max_new_tokens=60, **setting), extra
+            assert complete(extra) == lm.generate(prompt, 60, **setting), extra
+        assert chat({"guided_choice": choices}) in choices and re.fullmatch("[a-c]{2,5}", complete(
+            {"guided_regex": "[a-c]{2,5}"}))  # fmt: skip
+        for extra, param in [({"guided_choice": "yes"}, "guided_choice"),
+                             ({"structured_outputs": {"regex": "(", }}, "structured_outputs.regex"),
+                             ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+                             ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex"),
+                             ({"structured_outputs": ["a"]}, "structured_outputs")]:  # fmt: skip
+            with pytest.raises(openai.BadRequestError) as e:
+                chat(extra)
+            assert e.value.body["param"] == param, e.value.body
+
+
 def test_generate_and_chat_commands_take_a_schema_file(lm, tmp_path):
     schema = tmp_path / "thing.json"
     schema.write_text(json.dumps(Thing.model_json_schema()))
@@ -254,6 +291,119 @@ def test_tool_calls_are_read_and_written_by_the_convention():
     assert stream.done()[1][0]["function"]["name"] == "get_time"
     text = CallStream()
     assert text.push("<b") == "<b" and text.push("old") == "old" and text.done() == ("", None)
+    # tool_choice auto's text branch is anything not starting with "<", so a reply that starts with a
+    # space is text, which no schema constrained: never read as a call (it was, of any function)
+    spaced = ' <tool_call>\n{"name": "rm", "arguments": {"path": "/"}}\n</tool_call>'
+    assert tool_calls(spaced) is None and tool_calls("\n" + spaced[1:]) is None
+    text = CallStream()
+    assert text.push(" ") == " " and text.push(spaced[1:]) == spaced[1:] and text.done() == ("", None)
+    # arguments as the model wrote its numbers: 1e999 read as a float came out as Infinity, no JSON
+    numbers = '{"v": 1e999, "w": 0.1000000000000000055, "n": 123456789012345678901234567890, "x": [-0.0, 2E-3]}'
+    (call,) = tool_calls(f'<tool_call>\n{{"name": "get_time", "arguments": {numbers}}}\n</tool_call>')
+    assert call["function"]["arguments"] == numbers
+    json.loads(call["function"]["arguments"], parse_constant=lambda c: pytest.fail(f"{c} is no JSON"))
+    assert tool_calls('<tool_call>\n{"name": "get_time", "arguments": {"v": NaN}}\n</tool_call>') is None
+
+
+class Address(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # the strict schema's additionalProperties: false
+    city: str = Field(max_length=12)
+    country: str = Field(max_length=12)
+
+
+class Ship(BaseModel):
+    """Ship a parcel (a nested model: its schema refers to $defs)."""
+
+    model_config = ConfigDict(extra="forbid")
+    to: Address
+    weight_kg: int = Field(ge=0, le=50)
+
+
+class Tree(BaseModel):
+    """A recursive model."""
+
+    model_config = ConfigDict(extra="forbid")
+    label: str = Field(max_length=8)
+    child: Optional[Tree]  # noqa: UP045
+
+
+class Forecast(BaseModel):  # the allOf schema below, as pydantic says it
+    model_config = ConfigDict(extra="forbid")
+    city: str = Field(max_length=10)
+    days: int = Field(ge=1, le=7)
+
+
+FORECAST = {"type": "object", "allOf": [
+    {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"]},
+    {"type": "object", "properties": {"days": {"type": "integer", "minimum": 1, "maximum": 7}}, "required": ["days"]}]}
+
+
+def test_tool_parameters_with_refs_and_allof_mean_what_they_say(lm):
+    """A call's arguments are accepted by the constraint exactly when pydantic validates them. The
+    parameters' $refs ("#/$defs/...", "#") mean the parameters' own root (they were read from the
+    call's wrapper: a 400 for every pydantic_function_tool with a nested model, and "#" took the
+    wrapper's shape), and an allOf is its branches together (closed apart, nothing matched: a 400)."""
+    import llguidance as llg
+
+    from modernlm.serve.tools import parse_tools
+
+    tools = [openai.pydantic_function_tool(Ship), openai.pydantic_function_tool(Tree),
+             {"type": "function", "function": {"name": "Forecast", "parameters": FORECAST}}]  # fmt: skip
+    grammar = parse_tools({"tools": tools, "tool_choice": "required"}).constraint().to_llguidance()
+    tok = lm.tokenizer
+    ll = llg.LLTokenizer(tok.backend.to_str(), n_vocab=tok.vocab_size, eos_token=[tok.eos_id])
+
+    def accepted(name: str, arguments: str) -> bool:
+        call = json.dumps({"name": name, "arguments": json.loads(arguments)}, separators=(",", ":"))
+        m = llg.LLMatcher(ll, grammar, log_level=0)
+        m.consume_tokens(tok.encode(f"<tool_call>\n{call}\n</tool_call>", add_bos=False))
+        return not m.is_error() and m.is_accepting()
+
+    def valid(model: type[BaseModel], arguments: str) -> bool:
+        try:
+            model.model_validate_json(arguments, strict=True)
+        except ValueError:
+            return False
+        return True
+
+    cases = [(Ship, '{"to": {"city": "Lisbon", "country": "PT"}, "weight_kg": 3}'),
+             (Ship, '{"to": {"city": "Lisbon"}, "weight_kg": 3}'), (Ship, '{"to": {"city": "Lisbon", "country": '
+             '"PT"}, "weight_kg": 60}'), (Ship, '{"to": {"city": "L", "country": "P", "x": 1}, "weight_kg": 1}'),
+             (Tree, '{"label": "root", "child": {"label": "leaf", "child": null}}'),
+             (Tree, '{"label": "root", "child": {"name": "Tree", "arguments": {"label": "x", "child": null}}}'),
+             (Forecast, '{"city": "Paris", "days": 3}'), (Forecast, '{"city": "Paris"}'),
+             (Forecast, '{"city": "Paris", "days": 3, "x": 1}'),
+             (Forecast, '{"city": "Paris", "days": 9}')]  # fmt: skip
+    verdicts = [(model.__name__, arguments, accepted(model.__name__, arguments)) for model, arguments in cases]
+    assert verdicts == [(model.__name__, arguments, valid(model, arguments)) for model, arguments in cases]
+    assert [v for _, _, v in verdicts] == [True, False, False, False, True, False, True, False, False, False]
+
+
+def test_a_reply_that_starts_with_a_space_is_text_even_when_it_reads_like_a_call(tmp_path):
+    """tool_choice auto, a model whose reply is ' <tool_call>' + a call of a function not in tools:
+    text, as the grammar's text branch took it, streamed and not (it came back as that call)."""
+    words = [" ", "<tool_call>\n", '{"name": "rm", "arguments": {"path": "/"}}', "\n</tool_call>"]
+    lm = load(script_checkpoint(tmp_path / "script", words, max_seq_len=2048))
+    with serving(lm) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+        settings = {"model": lm.name, "messages": USER, "tools": TOOLS, "max_tokens": 60, "temperature": 0}
+        r = client.chat.completions.create(**settings).choices[0]
+        assert (r.finish_reason, r.message.tool_calls, r.message.content) == ("stop", None, "".join(words))
+        chunks = [c.choices[0] for c in client.chat.completions.create(**settings, stream=True) if c.choices]
+        assert not any(c.delta.tool_calls for c in chunks)
+        assert "".join(c.delta.content or "" for c in chunks) == "".join(words)
+
+
+def test_a_number_cut_by_max_new_tokens_is_not_a_whole_reply(tmp_path):
+    """A top-level number parses however many of its digits came: a reply that ended at
+    max_new_tokens is not taken for whole (chat returned 12 for 123456)."""
+    lm = load(script_checkpoint(tmp_path / "digits", ["12", "34", "56"]))
+    number = {"type": "integer"}
+    whole = lm.chat(USER, 20, response_format=number)
+    assert (whole, whole.parsed) == ("123456", 123456)
+    for n in (1, 2, 3):  # the third token is the last digit: a fourth could still be one
+        with pytest.raises(UserError, match="raise max_new_tokens"):
+            lm.chat(USER, n, response_format=number)
 
 
 @pytest.fixture(scope="module")

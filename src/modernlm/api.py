@@ -199,8 +199,9 @@ class LM:
         (json_schema=, json_object=True, regex=, choice=, grammar=)."""
         if response_format is None:
             return "".join(self.stream_chat(messages, sampling, **settings))
-        text = "".join(self.stream_chat(messages, sampling, json_schema=response_format, **settings))
-        return Reply.of(text, response_format)
+        constrained = self._check(Sampling.make(sampling, json_schema=response_format, **settings))
+        (reply,) = TextGeneration(self.model, self._tok(), [self.chat_prompt_ids(messages)], constrained).run()
+        return Reply.of(reply.text, response_format, cut=reply.finish == "length")
 
     def stream_chat(
         self, messages: list[dict[str, str]], sampling: Sampling | int | None = None, **settings: Any
@@ -239,10 +240,13 @@ class Reply(str):
     parsed: Any
 
     @classmethod
-    def of(cls, text: str, response_format: Any) -> Reply:
+    def of(cls, text: str, response_format: Any, cut: bool = False) -> Reply:
+        """`cut`: the reply ended at max_new_tokens; a number it ends with may go on."""
         try:
             value = json.loads(text)
-        except json.JSONDecodeError:
+            if cut and isinstance(value, int | float) and not isinstance(value, bool):
+                raise ValueError
+        except ValueError:  # (json.JSONDecodeError is one)
             raise UserError(
                 f"the reply ended before its JSON was complete ({len(text)} characters): raise max_new_tokens"
             ) from None

@@ -158,17 +158,42 @@ class Constraint:
         return self.kind if self.kind == "json_object" else f"{self.kind} {self.source[:60]!r}"
 
 
-def closed(schema: Any) -> Any:
+def closed(schema: Any, close: bool = True) -> Any:
     """`schema` with "additionalProperties": false on every object that has properties and does not
-    say (JSON Schema's default lets a small model wander into extra keys it never closes)."""
+    say (JSON Schema's default lets a small model wander into extra keys it never closes). Where
+    schemas combine, closed branches would refuse each other's keys and nothing would match: the
+    branches of an allOf stay open and the object takes their keys; an object beside a $ref, anyOf
+    or oneOf stays open."""
     if isinstance(schema, list):
-        return [closed(x) for x in schema]
+        return [closed(x, close) for x in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: closed(v) for k, v in schema.items()}
-    if "properties" in out and "additionalProperties" not in out:
+    out = {k: v if k in LITERALS else closed(v, close=k != "allOf") for k, v in schema.items()}
+    parts = out.get("allOf", [])
+    if not close or "additionalProperties" in out or not isinstance(parts, list):
+        return out
+    if out.keys() & {"$ref", "anyOf", "oneOf"} or any(not isinstance(p, dict) or p.keys() & COMBINERS for p in parts):
+        return out  # some of its keys are named elsewhere: left open
+    names = {n: {} for p in parts for n in p.get("properties") or {}}  # an allOf's keys are the object's
+    if names or "properties" in out:
+        out["properties"] = names | out.get("properties", {})
         out["additionalProperties"] = False
     return out
+
+
+LITERALS = ("const", "enum", "default", "examples")  # a schema's values, not schemas
+COMBINERS = {"$ref", "allOf", "anyOf", "oneOf"}
+
+
+def rebased(schema: Any, base: str) -> Any:
+    """`schema` placed at `base` (a JSON pointer "#/...") inside another document: its local $refs
+    ("#", "#/$defs/X") are relative to its own root, so they become base, base + "/$defs/X"."""
+    if isinstance(schema, list):
+        return [rebased(x, base) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {k: base + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#")
+            else v if k in LITERALS else rebased(v, base) for k, v in schema.items()}  # fmt: skip
 
 
 def _one_line(error: str, limit: int = 300) -> str:

@@ -6,7 +6,8 @@ streaming options. A bad value raises `APIError(400, ..., param=FIELD)`, which t
 OpenAI's error shape: {"error": {"message", "type", "param", "code"}}. Fields OpenAI has and this
 server does not implement are refused by name when they would change the result (a
 frequency_penalty, functions, ...); unknown fields are ignored, as OpenAI does. `response_format`
-(json_object, json_schema) constrains the output (`constrain.py`); an unusable schema is a 400.
+(json_object, json_schema) constrains the output (`constrain.py`), as does vLLM's
+`structured_outputs` (and its older guided_json, guided_regex, ...); an unusable schema is a 400.
 `tools` / `tool_choice` and tool messages: serve/tools.py.
 
 `Choice` gathers one choice's text, tokens and finish reason from the engine's events; `response`
@@ -129,8 +130,11 @@ def _unsupported(body: dict) -> None:
 
 
 def _constraint(body: dict, tools: Tools | None) -> Constraint | None:
-    """response_format's constraint, or the tools' (not both)."""
-    fmt = _response_format(body)
+    """response_format's constraint (or vLLM's structured_outputs'), or the tools' (not two)."""
+    fmt, vllm = _response_format(body), _structured_outputs(body)
+    if fmt is not None and vllm is not None:
+        raise APIError(400, f"{vllm[1]} cannot be used with response_format", vllm[1])
+    fmt = fmt or (vllm and vllm[0])
     calls = tools.constraint() if tools is not None else None
     if calls is not None:
         try:
@@ -174,6 +178,43 @@ def _response_format(body: dict) -> Constraint | None:
     if _boolean(body, "ignore_eos"):
         raise APIError(400, "ignore_eos cannot be used with response_format (the JSON ends at eos)", "ignore_eos")
     return constraint
+
+
+VLLM_KINDS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
+              "json_object": "json_object"}  # fmt: skip
+VLLM_TYPES = {"json_schema": (dict, str), "regex": str, "choice": list, "grammar": str, "json_object": bool}
+
+
+def _structured_outputs(body: dict) -> tuple[Constraint, str] | None:
+    """vLLM's extension, for the clients written for it: `structured_outputs` {"json": schema} (or
+    regex, choice, grammar (Lark, or GBNF when it has "::="), json_object) and the older fields
+    guided_json, guided_regex, guided_choice, guided_grammar; (the constraint, its field) or None."""
+    given, spec = [], body.get("structured_outputs")
+    if spec is not None:
+        if not isinstance(spec, dict):
+            raise APIError(400, "structured_outputs must be an object", "structured_outputs")
+        given += [(f"structured_outputs.{k}", VLLM_KINDS[k], v) for k, v in spec.items() if k in VLLM_KINDS]
+    given += [(f"guided_{k}", kind, body[f"guided_{k}"]) for k, kind in VLLM_KINDS.items() if f"guided_{k}" in body]
+    given = [(name, kind, value) for name, kind, value in given if value is not None and value is not False]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise APIError(400, f"give one constraint, got {', '.join(name for name, _, _ in given)}", given[1][0])
+    ((name, kind, value),) = given
+    if not isinstance(value, VLLM_TYPES[kind]) or kind == "choice" and not all(isinstance(o, str) for o in value):
+        shape = {"json_schema": "a JSON Schema", "choice": "a list of strings", "json_object": "true"}
+        raise APIError(400, f"{name} must be {shape.get(kind, 'a string')}", name)
+    if kind == "grammar" and isinstance(value, str) and "::=" in value:
+        value = Constraint.grammar(value, syntax="gbnf")
+    try:
+        constraint = Constraint.of(**{kind: value})
+        assert constraint is not None
+        constraint.check()
+    except UserError as e:
+        raise APIError(400, f"{name}: {e}", name) from None
+    if _boolean(body, "ignore_eos"):
+        raise APIError(400, f"ignore_eos cannot be used with {name} (the output ends at eos)", "ignore_eos")
+    return constraint, name
 
 
 def _stop(body: dict) -> tuple[str, ...]:

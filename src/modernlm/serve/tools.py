@@ -35,7 +35,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from modernlm.constrain import Constraint, closed
+from modernlm.constrain import Constraint, closed, rebased
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 MAX_TOOLS = 64
@@ -77,11 +77,14 @@ class Tools:
         if self.choice == "none":
             return None
         names = [f["name"] for f in self.functions] if self.choice in ("auto", "required") else [self.choice]
-        calls = [{"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": closed(f["parameters"])},
-                  "required": ["name", "arguments"], "additionalProperties": False}
-                 for f in self.functions if f["name"] in names]  # fmt: skip
-        schema = {"anyOf": calls, "x-guidance": {"whitespace_flexible": False}} if len(calls) > 1 else \
-            dict(calls[0], **{"x-guidance": {"whitespace_flexible": False}})  # fmt: skip
+        # each function's parameters under $defs, their own $refs rebased there: a "#/$defs/X" of a
+        # pydantic model's schema means the parameters' root, not this wrapper's
+        defs = {f"f{i}": rebased(closed(f["parameters"]), f"#/$defs/f{i}")
+                for i, f in enumerate(self.functions) if f["name"] in names}  # fmt: skip
+        calls = [{"type": "object", "required": ["name", "arguments"], "additionalProperties": False,
+                  "properties": {"name": {"const": f["name"]}, "arguments": {"$ref": f"#/$defs/f{i}"}}}
+                 for i, f in enumerate(self.functions) if f["name"] in names]  # fmt: skip
+        schema = {"$defs": defs, "anyOf": calls, "x-guidance": {"whitespace_flexible": False}}
         call = f'"{OPEN}\\n" call_json "\\n{CLOSE}"\ncall_json: %json {json.dumps(schema)}'
         if self.choice == "auto":  # a call, or text that does not start like one
             return Constraint.grammar(f"start: call | TEXT\nTEXT: /[^<][\\s\\S]*/\ncall: {call}")
@@ -202,20 +205,42 @@ def _calls_text(calls: Any, i: int) -> str:
     return "\n".join(blocks)
 
 
+def _no(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")  # NaN, Infinity: Python's json reads them
+
+
+class _Number(str):
+    """A number as the model wrote it: read back as a float, 1e999 would be written out as Infinity,
+    which is no JSON, and 0.1000000000000000055 would change."""
+
+
+def _json(value: Any) -> str:
+    """JSON text of a value read with its numbers kept as `_Number`s."""
+    if isinstance(value, _Number):
+        return str(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {_json(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_json(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
 def tool_calls(text: str) -> list[dict[str, Any]] | None:
-    """The reply's calls in OpenAI's shape, when it is <tool_call> blocks and nothing else; else None."""
-    rest, calls = text.strip(), []
+    """The reply's calls in OpenAI's shape, when it is <tool_call> blocks and nothing else; else None.
+    A call starts the reply: text that starts with a space took tool_choice auto's text branch, which
+    no schema constrains."""
+    rest, calls = text.rstrip(), []
     while rest.startswith(OPEN):
         end = rest.find(CLOSE)
         if end < 0:
             return None
         try:
-            call = json.loads(rest[len(OPEN) : end])
-        except json.JSONDecodeError:
+            call = json.loads(rest[len(OPEN) : end], parse_int=_Number, parse_float=_Number, parse_constant=_no)
+        except (json.JSONDecodeError, ValueError):
             return None
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             return None
-        arguments = json.dumps(call.get("arguments", {}), ensure_ascii=False)
+        arguments = _json(call.get("arguments", {}))
         calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                       "function": {"name": call["name"], "arguments": arguments}})  # fmt: skip
         rest = rest[end + len(CLOSE) :].strip()
@@ -234,8 +259,7 @@ class CallStream:
         if self.text:
             return piece
         self.held += piece
-        start = self.held.lstrip()
-        if start and not OPEN.startswith(start[: len(OPEN)]):
+        if self.held and not OPEN.startswith(self.held[: len(OPEN)]):  # (a call starts the reply)
             self.text, out, self.held = True, self.held, ""
             return out
         return ""
