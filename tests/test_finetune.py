@@ -90,6 +90,7 @@ def test_gpt2_sst2_classification_run_reloads_to_the_same_accuracy(models, tmp_p
     records = read_metrics(run)
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in records if "val_loss" in r] == [0, 2, 4]
+    assert not any({"ppl", "val_ppl"} & set(r) for r in records)  # a label CE is no token NLL: no perplexity
     report = json.loads((run / "eval.json").read_text())
     assert report["n"] == 16 and report["step"] == 4 and set(report) >= {"before", "after"}
 
@@ -110,7 +111,7 @@ def test_gpt2_sst2_classification_run_reloads_to_the_same_accuracy(models, tmp_p
     assert accuracy == report["after"]["accuracy"]
 
 
-def test_resume_ends_where_an_uninterrupted_run_does(models, tmp_path):
+def test_resume_ends_where_an_uninterrupted_run_does(models, tmp_path, capsys):
     from safetensors.torch import load_file
 
     args = [str(models / "gpt2"), *sst2(), "train.batch_size=4", "optim.schedule=constant", "optim.lr=5e-3",
@@ -123,6 +124,13 @@ def test_resume_ends_where_an_uninterrupted_run_does(models, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [r["step"] for r in read_metrics(tmp_path / "resumed") if "loss" in r]
     assert steps == [1, 2, 3, 4]
+    # resumed with another lora.r: one line saying which shapes differ and what to do
+    capsys.readouterr()
+    assert finetune(models, tmp_path / "resumed", *args, "train.num_steps=6", "lora.r=4") == 2
+    err = capsys.readouterr().err  # after transformers' "Loading weights" bar
+    [line] = [line for line in err.splitlines() if "error:" in line]
+    assert "Traceback" not in err and "train.resume=never" in line
+    assert "size mismatch for" in line and "lora_A" in line and "[8, " in line and "[4, " in line
 
 
 def test_modernlm_checkpoint_causal_sst2_and_merged_model(models, tmp_path):
@@ -134,6 +142,7 @@ def test_modernlm_checkpoint_causal_sst2_and_merged_model(models, tmp_path):
         "optim.lr=1e-2", "eval.before=true", "save_merged=true", "lora.mlp=true",
     )  # fmt: skip
     assert code == 0
+    assert all("ppl" in r for r in read_metrics(run) if "loss" in r)  # a causal LM's loss is a token NLL
     report = json.loads((run / "eval.json").read_text())
     assert report["after"]["task"] == "sst2" and report["after"]["mode"] == "score" and report["after"]["n"] == 8
     assert report["before"]["n"] == 8

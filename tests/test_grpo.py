@@ -5,6 +5,7 @@ loss itself is checked against TRL in tests/test_grpo_loss.py."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from modernlm.align.grpo import (
     answer_reward,
     collate_rollout,
     completion_logps,
+    grpo_loss_fn,
     rollout_seed,
     sample_completions,
 )
@@ -137,6 +139,68 @@ def test_a_rollout_is_reused_num_iterations_times_and_its_state_resumes_exactly(
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["advantages"], b["advantages"])
 
 
+class _TaggedRollouts(Rollouts):
+    """Rollouts whose draw returns placeholders tagged with the rollout's index (no sampling)."""
+
+    def draw(self):
+        self.rollouts += 1
+        return [{"rollout": self.rollouts - 1} for _ in range(self.s.prompts_per_rollout * self.s.group_size // 2)]
+
+
+@pytest.mark.parametrize("micro, iters", [(1, 1), (2, 1), (3, 1), (2, 2), (1, 3)])
+def test_old_logps_are_kept_exactly_when_a_rollout_is_used_after_an_update(chat_model, micro, iters):
+    """Walk the trainer's windows (grad_accum_steps micro-batches drawn, then one optimizer step):
+    off_policy must hold iff some micro-batch is used in a later window than the one that drew
+    (sampled) its rollout, i.e. after an update; otherwise the extra forward is skipped."""
+    _, model, tok, enc = chat_model
+    problems = [{"prompt": [1, 2], "target": "1"}] * 4
+    s = GRPOSettings(group_size=2, prompts_per_rollout=micro, num_iterations=iters)
+    for ga in range(1, 13):
+        r = _TaggedRollouts(model, tok, problems, s, batch_size=2, grad_accum_steps=ga, eos_id=enc.end_id, pad_id=0)
+        drawn_in, stale = {}, False
+        for window in range(3 * micro * iters):
+            for _ in range(ga):
+                k = next(r)["rollout"]
+                drawn_in.setdefault(k, window)
+                stale |= drawn_in[k] < window
+        assert r.off_policy == stale, (micro, iters, ga)
+
+
+def test_a_rollout_straddling_an_optimizer_step_has_the_samplers_ratio(chat_model, monkeypatch):
+    """2 micro-batches per rollout, grad_accum_steps=3: rollout 2's second micro-batch is used after
+    the step its first one joined. It must carry the sampling policy's log-probs, and the loss's
+    ratio must be pi_new / pi_sampler (not 1, which would skip the correction and the clip)."""
+    rewards = iter([1.0, 0.0] * 10)  # the tiny model gets nothing right: make the advantages nonzero
+    monkeypatch.setattr("modernlm.align.grpo.answer_reward", lambda *a, **k: (next(rewards), False))
+    _, model, tok, enc = chat_model
+    model = copy.deepcopy(model)  # the fixture's model is shared: train a copy
+    problems = [{"prompt": enc.prompt([{"role": "user", "content": f"What is {i} + 1?"}]), "target": str(i + 1)}
+                for i in range(6)]  # fmt: skip
+    s = GRPOSettings(group_size=2, prompts_per_rollout=1, max_new_tokens=8, epsilon=0.05)
+    r = Rollouts(model, tok, problems, s, batch_size=1, grad_accum_steps=3, eos_id=enc.end_id, pad_id=0)
+    assert r.off_policy
+    loss_fn = grpo_loss_fn(s)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    window = [next(r) for _ in range(3)]  # rollout 1, then rollout 2's first micro-batch
+    sampler = copy.deepcopy(model)  # the policy that sampled rollout 2
+    sum(loss_fn(model, b)[0] for b in window).backward()
+    opt.step()
+    stale = next(r)  # rollout 2's second micro-batch, now after an update
+    assert stale is r.micro_batches[1] and "old_logps" in stale
+    with torch.no_grad():
+        new, _ = completion_logps(model, stale["input_ids"])
+        old, _ = completion_logps(sampler, stale["input_ids"])
+        got = loss_fn(model, stale)
+    mask = stale["completion_mask"]
+    torch.testing.assert_close(stale["old_logps"][mask], old[mask])
+    assert (new - old)[mask].abs().max() > 0.1  # the step moved the policy: the ratio is not 1
+    ratio = torch.exp(new - old)
+    adv = stale["advantages"][:, None]
+    token = -torch.minimum(ratio * adv, ratio.clamp(1 - s.epsilon, 1 + s.epsilon) * adv)
+    torch.testing.assert_close(got[0], token[mask].sum())
+    assert got[2]["clip_ratio/region_mean"] > 0  # the clip acts on the stale tokens
+
+
 def grpo_args(tmp_path: Path, ckpt: Path, *extra: str) -> list[str]:
     train = write_problems(tmp_path / "train.jsonl", 24)
     val = write_problems(tmp_path / "val.jsonl", 8, start=100)
@@ -168,6 +232,21 @@ def test_grpo_refuses_a_batch_size_that_does_not_divide_a_rollout(chat_model, tm
     assert run_command("grpo", args) == 2
     err = capsys.readouterr().err
     assert "train.batch_size (3)" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("override, named", [
+    ("data.skip=-3", "data: skip"), ("data.max_problems=-1", "data: max_problems"),
+    ("eval.max_problems=-1", "eval: max_problems"), ("grpo.top_k=-1", "grpo.top_k"),
+    ("grpo.temperature=-1", "grpo.temperature"),
+])  # fmt: skip
+def test_grpo_refuses_a_bad_count_or_sampling_setting_before_loading(chat_model, tmp_path, capsys, monkeypatch,
+                                                                     override, named):  # fmt: skip
+    """One line naming the field as the config loads: not silently (a negative count) nor at the
+    first rollout, after the model loaded and the step-0 evaluation ran (top_k)."""
+    monkeypatch.setattr("modernlm.api.load", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert run_command("grpo", grpo_args(tmp_path, chat_model[0], override)) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err and err.count("\n") == 1
 
 
 def _losses(run_dir: Path) -> list[tuple[int, float]]:

@@ -8,6 +8,7 @@ invariant that training changes only the adapter (and head) parameters.
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -288,8 +289,17 @@ def test_save_load_reproduces_logits_and_head(gpt2_tokenizer, tmp_path):
         assert torch.equal(other.eval()(**inputs).logits, expected)
     # an adapter of another rank does not fit
     wrong = lora.apply_lora(copy.deepcopy(pristine), LoraSettings(r=2), "classification")
-    with pytest.raises(UserError, match="adapter"):
+    with pytest.raises(UserError) as e:
         lora.load_adapter_weights(wrong, tmp_path / "adapter")
+    # one line saying what differs (not torch's bare "Error(s) in loading state_dict for ...:") and what to do
+    message = str(e.value)
+    assert "\n" not in message and "adapter_model.safetensors" in message and "train.resume=never" in message
+    shapes = r"copying a param with shape torch.Size\(\[4, \d+\]\) from checkpoint, the shape in current model is "
+    assert re.search(r"size mismatch for \S+lora_A\S+: " + shapes + r"torch.Size\(\[2, \d+\]\)", message), message
+    # and onto a base of another width
+    wide = transformers.GPT2Config(n_layer=2, n_embd=48, n_head=4, vocab_size=VOCAB, n_positions=128, num_labels=2)
+    with pytest.raises(UserError, match=r"does not fit this base model \(size mismatch for \S+lora_A.+\[4, 48\]\)"):
+        lora.load_adapter(transformers.GPT2ForSequenceClassification(wide), tmp_path / "adapter")
     with pytest.raises(UserError, match="missing adapter_config.json"):
         lora.load_adapter(copy.deepcopy(pristine), tmp_path)
 

@@ -126,6 +126,28 @@ def test_wiring_connects_the_stages(tmp_path):
         assert (c[n].run.out_dir, c[n].run.name) == (str(tmp_path), stages[n].run_dir)
 
 
+def test_synthetic_data_fills_only_the_data_paths_the_recipe_leaves_empty(tmp_path):
+    """A stage that names its own data keeps it under data.kind=synthetic: sft, dpo, rl and the
+    verifier alike (files or a hub dataset); an empty one gets the synthetic world's."""
+    from modernlm.commands.pipeline import Config
+    from modernlm.config import load_config
+    from modernlm.pipeline.wiring import wire
+
+    def wired(*overrides):
+        return wire(load_config(Config, "demo", [f"out_dir={tmp_path}", *overrides], command="pipeline"))
+
+    sft, prefs, train, test = (str(tmp_path / n) for n in ("sft.json", "prefs.jsonl", "train.jsonl", "test.jsonl"))
+    w = wired(f"sft.data.path={sft}", f"dpo.data.path={prefs}", f"rl.data.path={train}",
+              f"verifier.data.train_path={train}", f"verifier.data.eval_path={test}")  # fmt: skip
+    assert w["data"].kind == "synthetic"
+    assert (w["sft"].data.path, w["dpo"].data.path, w["rl"].data.path) == (sft, prefs, train)
+    assert (w["verifier"].data.train_path, w["verifier"].data.eval_path) == (train, test)
+    hub = wired("verifier.data.hf_dataset=openai/gsm8k")["verifier"].data
+    assert (hub.train_path, hub.eval_path) == ("", "")  # both splits from the hub
+    only_eval = wired(f"verifier.data.eval_path={test}")["verifier"].data
+    assert (only_eval.train_path, only_eval.eval_path) == (str(tmp_path / "data" / "gsm" / "train.jsonl"), test)
+
+
 @dataclass
 class Paths:
     inside: str

@@ -256,6 +256,24 @@ def test_bad_init_from_is_one_line_naming_the_path(tmp_path, capsys):
     assert code == 2 and "no such file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("override, named", [
+    ("data.max_train_problems=-1", "data: max_train_problems"),
+    ("data.max_eval_problems=-2", "data: max_eval_problems"),
+    ("data.max_length=-1", "data: max_length"), ("sample.top_k=-1", "sample: top_k"),
+    ("sample.temperature=-0.5", "sample: temperature"), ("sample.n_eval=0", "sample: n_eval"),
+])  # fmt: skip
+def test_a_bad_count_or_sampling_setting_is_refused_before_loading(tmp_path, capsys, monkeypatch, override, named):
+    """Refused as the config loads, in one line naming the field: not after the model loads and samples."""
+    from modernlm.cli import run_command
+
+    monkeypatch.setattr("modernlm.api.load", lambda *a, **k: pytest.fail("the model was loaded"))
+    problems = write_problems(tmp_path / "p.jsonl", [("q", "#### 1")])
+    code = run_command("verifier", ["sft", f"data.train_path={problems}", f"run.out_dir={tmp_path}", override])
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "verifier").exists()
+
+
 # ---- sampling: reused, and resumed exactly -------------------------------------------------
 
 

@@ -66,6 +66,8 @@ class GRPOSettings:
             raise UserError(f"grpo.scale_rewards: group, batch or none, got {self.scale_rewards!r}")
         if self.temperature <= 0:
             raise UserError(f"grpo.temperature: rollouts sample, so it must be > 0, got {self.temperature}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:  # here, not at the first rollout after the loading
+            raise UserError(f"grpo.top_k: must be an int >= 0 (0 = off), got {self.top_k!r}")
         if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
             raise UserError("grpo.epsilon / grpo.epsilon_high: must be >= 0")
         if self.beta < 0:
@@ -84,6 +86,12 @@ class ProblemSource:
     split: str = "train"
     skip: int = 0  # leave out the first N problems (e.g. held out from the same split for eval)
     max_problems: int = 0  # then the first N problems (0 = all)
+
+    def __post_init__(self) -> None:
+        # a ValueError: the config loader names the section (data., eval., rl.data. in a pipeline)
+        for name in ("skip", "max_problems"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def given(self) -> bool:
         return bool(self.path or self.hf_dataset)
@@ -206,8 +214,14 @@ class Rollouts:
         self.autocast = autocast
         # TaskBatches keeps the prompt order and its position; only its indices are used.
         self.order = TaskBatches(problems, s.prompts_per_rollout, pad_id, seed, rank, world_size)
-        # old log-probs are needed when a rollout's samples outlive the first optimizer step
-        self.off_policy = (n // batch_size) * s.num_iterations > grad_accum_steps
+        # The trainer takes grad_accum_steps micro-batches per optimizer step and a rollout yields
+        # `per_rollout` in a row, so rollouts start at multiples of per_rollout and steps at multiples
+        # of grad_accum_steps. Some rollout straddles a step (its later micro-batches then meet a
+        # policy updated since it was sampled, and need the sampler's log-probs for the ratio)
+        # unless every step boundary is a rollout boundary: TRL's
+        # `gradient_accumulation_steps % (steps_per_generation * num_iterations) != 0`.
+        per_rollout = (n // batch_size) * s.num_iterations
+        self.off_policy = grad_accum_steps % per_rollout != 0
         self.rollouts = 0  # rollouts drawn
         self.micro_batches: list[dict[str, Any]] = []  # the current rollout's
         self.used = 0  # micro-batches taken from it (over all its passes)

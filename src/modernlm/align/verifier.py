@@ -69,6 +69,16 @@ class DataSettings:
     val_fraction: float = 0.05  # training problems (with all their samples) held out for val_loss
     max_length: int = 0  # tokens of prompt + solution (0 = the model's max_seq_len); longer keep their end
 
+    def __post_init__(self) -> None:
+        # ValueErrors: the config loader names the section (data., or verifier.data. in a pipeline)
+        for name in ("max_train_problems", "max_eval_problems"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = all), got {getattr(self, name)}")
+        if self.max_length < 0:
+            raise ValueError(f"max_length must be >= 0 (0 = the model's max_seq_len), got {self.max_length}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
     def eval_source(self) -> str:
         """The held-out problems' source, as the report names it."""
         return self.eval_path or f"{self.hf_dataset}[{self.eval_split}]"
@@ -136,6 +146,16 @@ class SampleSettings:
     max_new_tokens: int = 256  # solution budget (a solution still open then is kept as it is)
     batch_size: int = 32  # rows per generate call and per scoring forward
     seed: int = 0  # batch b of a samples file draws with seed + b
+
+    def __post_init__(self) -> None:
+        # here, not at the first draw after the model loads (ValueErrors: the loader names the section)
+        for name in ("n_train", "n_eval", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (the N samples must differ), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
 
 
 @dataclass

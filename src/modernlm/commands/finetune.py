@@ -150,6 +150,7 @@ def main(cfg: Config) -> None:
             runtime, run_dir, val_batches=val_batches, tokenizer=tokenizer,
             save_model_fn=functools.partial(lora.save_adapter, info=info), load_model_fn=lora.load_adapter_weights,
             batch_counts=lora.task_batch_counts(data.task_type),
+            perplexity=data.task_type != "classification",  # a per-sentence label CE has no perplexity
         )  # fmt: skip
         evaluation = FinetuneEvaluation(
             lora.base_of(model), tokenizer, kind, p.eval_cfg, eval_examples, cfg.eval, runtime, run_dir,

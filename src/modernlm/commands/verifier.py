@@ -51,15 +51,9 @@ def check(cfg: Config) -> None:
         raise UserError("init_from: give the SFT checkpoint (a modernlm checkpoint or run directory)")
     if not (cfg.data.train_path or cfg.data.hf_dataset):
         raise UserError("data.train_path: give the training problems (GSM8K JSONL), or data.hf_dataset")
-    for name in ("n_train", "n_eval", "max_new_tokens", "batch_size"):
-        if getattr(cfg.sample, name) <= 0:
-            raise UserError(f"sample.{name}: must be positive, got {getattr(cfg.sample, name)}")
-    if cfg.sample.temperature <= 0:
-        raise UserError(f"sample.temperature: must be > 0 (the N samples must differ), got {cfg.sample.temperature}")
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        raise UserError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
-    if cfg.lm_coef < 0 or cfg.data.max_length < 0:
-        raise UserError("lm_coef and data.max_length must be >= 0")
+    # data.* and sample.* check themselves (DataSettings / SampleSettings), as the config loads
+    if cfg.lm_coef < 0:
+        raise UserError(f"lm_coef: must be >= 0, got {cfg.lm_coef}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("verifier: runs in one process (sampling and reranking are not sharded); no torchrun")
 

@@ -223,6 +223,13 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _mismatch(e: Exception) -> str:
+    """What a failed load_state_dict says differs: torch's first line is only "Error(s) in loading
+    state_dict for ...:", the first "size mismatch for <name>: ... shape ..." line after it says what."""
+    lines = [line.strip() for line in str(e).splitlines()]
+    return next((line.rstrip(".") for line in lines if line.startswith("size mismatch")), _first_line(e))
+
+
 def inspect_source(source: str) -> tuple[str, str]:
     """(kind, model_type) of a model source (`checkpoint.resolve_source`, the rule `modernlm.load`
     follows) without loading weights: ("modernlm", "modernlm") for our checkpoint or run
@@ -366,7 +373,7 @@ def load_adapter(base_model: nn.Module, path: str | Path, trainable: bool = Fals
         with _quiet_peft():
             return PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)
     except (ValueError, KeyError, RuntimeError, OSError) as e:
-        raise UserError(f"adapter {path}: does not fit this base model ({_first_line(e)})") from None
+        raise UserError(f"adapter {path}: does not fit this base model ({_mismatch(e)})") from None
 
 
 def load_adapter_weights(model: PeftModel, path: str | Path) -> None:
@@ -387,7 +394,10 @@ def load_adapter_weights(model: PeftModel, path: str | Path) -> None:
     try:
         set_peft_model_state_dict(model, state)
     except RuntimeError as e:  # shape mismatch: another rank or base model
-        raise UserError(f"adapter {path / ADAPTER_WEIGHTS}: {_first_line(e)}") from None
+        raise UserError(
+            f"adapter {path / ADAPTER_WEIGHTS}: does not fit this run's adapter ({_mismatch(e)}); resume with the "
+            "model and lora settings it was trained with, or start afresh (another run.name, or train.resume=never)"
+        ) from None
 
 
 def adapter_info(

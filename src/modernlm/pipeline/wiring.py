@@ -78,12 +78,11 @@ def wire(cfg: Any) -> dict[str, Any]:
         rl_cfg = replace(rl_cfg, data=replace(rl_cfg.data, path=str(gsm / "train.jsonl")), eval=rl_eval)
     rl_cfg = replace(rl_cfg, init_from=dirs[cfg.rl_start], run=run(rl_cfg.run, "rl"))
     verifier_cfg = cfg.verifier
-    if synthetic:
+    vd = verifier_cfg.data
+    if synthetic and not vd.train_path and not vd.hf_dataset:  # as rl: a recipe naming its problems keeps them
         gsm = data / "gsm"
-        verifier_data = replace(
-            verifier_cfg.data, train_path=str(gsm / "train.jsonl"), eval_path=str(gsm / "test.jsonl")
-        )
-        verifier_cfg = replace(verifier_cfg, data=verifier_data)
+        vd = replace(vd, train_path=str(gsm / "train.jsonl"), eval_path=vd.eval_path or str(gsm / "test.jsonl"))
+        verifier_cfg = replace(verifier_cfg, data=vd)
     verifier_cfg = replace(verifier_cfg, init_from=dirs["sft"], run=run(verifier_cfg.run, "verifier"))
     eval_cfg = cfg.eval
     if synthetic:
