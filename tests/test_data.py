@@ -136,6 +136,8 @@ def test_parquet(tmp_path):
     ]
     with pytest.raises(UserError, match="no column 'text'"):
         docs_of(path=str(tmp_path / "d.parquet"))
+    with pytest.raises(UserError, match=r"d\.parquet row 1: 'n' is int, expected a string"):  # was a traceback
+        docs_of(path=str(tmp_path / "d.parquet"), text_field="n")
     (tmp_path / "d.parquet.gz").write_bytes(gzip.compress((tmp_path / "d.parquet").read_bytes()))
     assert docs_of(path=str(tmp_path / "d.parquet.gz"), text_field="content") == [
         "alpha",

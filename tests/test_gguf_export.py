@@ -229,6 +229,34 @@ def test_special_tokens_outside_the_byte_alphabet_come_back_whole(tmp_path):
     assert back.decode(tok.encode(ODD_TEXT)) == ODD_TEXT
 
 
+NUMERALS = "x1y22z333 \u00bc \u00bd \u0663\u0664 \u2460\u2461 \u00b2\u00b3 \u2153 In 1999, 42 cats"
+
+
+def test_smollm2s_split_of_each_digit_goes_to_gguf_and_back(tmp_path):
+    """A tokenizer that splits each \\p{N} character alone, then as GPT-2 (SmolLM2's Digits + ByteLevel:
+    llama.cpp's "smollm") is written as "smollm" (it was "gpt-2", which llama.cpp runs without the
+    digit split) and read back with the split, on our path and transformers' (both dropped it)."""
+    from tokenizers import pre_tokenizers
+
+    from modernlm import load
+
+    tok = train_bpe(["The tower is 324 metres tall in 1999, \u00bc \u00bd \u2460. " * 20], 400)
+    gpt2_ids = tok.encode(NUMERALS)
+    tok.backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    ids = tok.encode(NUMERALS)
+    assert ids != gpt2_ids  # so reading it back with GPT-2's split alone would fail the test
+    path = tmp_path / "m.gguf"
+    write_gguf(tiny(400), tok, path, "f32")
+    assert reader(path)[0]["tokenizer.ggml.pre"] == "smollm"
+    _, back = gguf_weights.load_gguf(path, "auto")
+    assert back.encode(NUMERALS) == ids
+    assert load(path, quantize="none", progress=False).tokenizer.encode(NUMERALS) == ids
+    # and ours -> .gguf -> ours -> .gguf: the split read back is still "smollm"
+    assert gguf_export._pre_tokenizer(back, "tokenizer") == "smollm"
+
+
 def test_q8_0_file(tmp_path, tokenizer, monkeypatch):
     """Matrices in Q8_0 (a row length not a multiple of 32 in f16), norms in f32; read back by
     gguf_weights, the logits of our weights rounded by gguf's Q8_0 (llama.cpp's rounding)."""

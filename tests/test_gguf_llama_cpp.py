@@ -133,3 +133,21 @@ def test_llama_cpp_chats_as_modernlm_chat(tmp_path, trained):
     with llama_cpp.serving(path, settings) as (_, url, model_id):
         c = check_gguf.chats(url, model_id, lm, messages, 24)
     assert c["equal"] == c["total"] == 20, [r for r in c["rows"] if r["ours"] != r["llama.cpp"]]
+
+
+def test_smollm2s_tokenizer_is_llama_cpps(tmp_path):
+    """SmolLM2's .gguf says "smollm" (each \\p{N} character alone, then GPT-2's split): llama.cpp's ids
+    are ours on both load paths, on WikiText-2 and on numerals outside ASCII (¼ ② ٣ ², which GPT-2's
+    split alone joins to their neighbours: transformers' GGUF loader, and ours before, did)."""
+    from modernlm.commands.eval_table import default_baseline
+    from tests.test_gguf_export import NUMERALS
+
+    path = Path(default_baseline())
+    if not path.is_file():
+        pytest.skip(f"SmolLM2's .gguf not found at {path}")
+    lms = [load(path, progress=False), load(path, quantize="none", progress=False)]
+    lines = check_gguf.text_lines(ROOT.parent / "shared/data/wikitext-2/wiki.test.raw", 500) + [NUMERALS]
+    with llama_cpp.serving(path, ["-t", "2", "-np", "1", "-c", "128"]) as (_, url, _model_id):
+        for lm in lms:
+            r = check_gguf.tokenization(url, lm.tokenizer, lines)
+            assert r["equal"] == r["total"], r["first"]

@@ -40,8 +40,25 @@ def test_read_errors_name_the_file(tmp_path):
     with pytest.raises(UserError, match=r"fake\.txt\.gz line 1: cannot read"):
         list(text_lines(tmp_path / "fake.txt.gz"))
     (tmp_path / "latin1.txt").write_bytes("ok\ncaf\xe9\n".encode("latin-1"))
-    with pytest.raises(UserError, match=r"latin1\.txt line \d+: not UTF-8 text"):
+    with pytest.raises(UserError, match=r"latin1\.txt line 2: not UTF-8 text"):
         list(text_lines(tmp_path / "latin1.txt"))
+    # the line itself, not the last one handed out: text mode decodes ~8 KB ahead (it said line 4497
+    # for 5000), and counts a lone \r as a line's end, as here
+    lines = [f"line {i}\r\n" if i % 2 else f"line {i}\r" for i in range(1, 5000)] + ["caf\xe9\n", "more\n" * 3000]
+    for name, write in [("far.txt", lambda b: b), ("far.txt.gz", gzip.compress)]:
+        (tmp_path / name).write_bytes(write("".join(lines).encode("latin-1")))
+        with pytest.raises(UserError, match=rf"{name} line 5000: not UTF-8 text"):
+            list(text_lines(tmp_path / name))
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    """Windows tools write UTF-8 with a BOM; HF datasets' readers drop it (it was a JSON error, and
+    the first tokens of a .txt)."""
+    bom = "\ufeff".encode()
+    (tmp_path / "a.jsonl").write_bytes(bom + b'{"text": "hello"}\n')
+    assert list(jsonl_rows(tmp_path / "a.jsonl")) == [(f"{tmp_path / 'a.jsonl'} line 1", {"text": "hello"})]
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(bom + b"one\ntwo\n"))
+    assert list(text_lines(tmp_path / "a.txt.gz")) == ["one\n", "two\n"]
 
 
 def test_rows_carry_where_they_come_from(tmp_path):

@@ -41,7 +41,7 @@ from modernlm.chat import (
 from modernlm.checkpoint import checkpoint_label, load_model, resolve_source
 from modernlm.errors import UserError
 from modernlm.generation import Sampling, TextGeneration, prompt_ids
-from modernlm.gguf_weights import load_gguf
+from modernlm.gguf_weights import gguf_tokenizer, load_gguf
 from modernlm.hf.convert import from_hf, hf_tokenizer_to_ours, load_hf_tokenizer, load_transformers
 from modernlm.hf.text import render_chat_template, wrap_hf
 from modernlm.model import ModernDecoderLM
@@ -283,6 +283,8 @@ def load(
     quantize = check_quantize(quantize, f"{at}quantize", auto=True)
     src = resolve_source(source, what)
     dev = resolve_device(str(device))
+    if quantize == "auto" and backend == "transformers":
+        quantize = "none"  # auto is the fastest that applies: transformers' models decode as they are
     if quantize != "none" and backend == "transformers":
         raise UserError(f"{at}quantize={quantize} needs backend=modernlm (transformers' models decode as they are)")
     if src.kind == "modernlm":
@@ -308,6 +310,8 @@ def load(
         model, tok = load_gguf(src.path, quantize, device=dev) or (None, None)
     if model is None:
         model = load_transformers(src, dtype=dtype, device=dev, llama_only=convert, progress=progress, field=what)
+        if "gguf_file" in src.kwargs and not tokenizer:  # as llama.cpp reads the file (gguf_weights)
+            tok = gguf_tokenizer(src.path)
     try:
         if tok is None or tokenizer:
             tok = hf_tokenizer_to_ours(load_hf_tokenizer(tokenizer or src))

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 from torch import Tensor, nn
 
@@ -149,10 +149,21 @@ GPT2_SPLIT = ("gpt-2", "smollm", "default")
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types (gguf.TokenType)
 
 
+def gguf_tokenizer(path: str | Path) -> Tokenizer | None:
+    """The tokenizer of a .gguf file as `_tokenizer` builds it (None: a kind transformers builds)."""
+    from gguf import GGUFReader
+
+    try:
+        return _tokenizer(GGUFReader(str(path)))
+    except (OSError, ValueError, KeyError):  # not a file we can read: transformers' path says why
+        return None
+
+
 def _tokenizer(reader: Any) -> Tokenizer | None:
     """The file's byte-level BPE ("gpt2") tokenizer, built as transformers' GGUF loader builds it
-    (tests/test_gguf_weights.py compares the two on WikiText-2) but for control tokens outside GPT-2's
-    alphabet, which it drops and llama.cpp keeps; or None for another kind."""
+    (tests/test_gguf_weights.py compares the two on WikiText-2) but as llama.cpp reads two things it
+    drops: control tokens outside GPT-2's alphabet, and "smollm"'s split of each \\p{N} character
+    (tests/test_gguf_llama_cpp.py); or None for another kind."""
     if _field(reader, "tokenizer.ggml.model") != "gpt2" or _field(reader, "tokenizer.ggml.pre") not in GPT2_SPLIT:
         return None
     if _field(reader, "tokenizer.ggml.add_eos_token", False):
@@ -172,6 +183,9 @@ def _tokenizer(reader: Any) -> Tokenizer | None:
     backend = Backend(models.BPE(vocab, merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
                                  fuse_unk=False))  # fmt: skip
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if _field(reader, "tokenizer.ggml.pre") == "smollm":  # as llama.cpp splits it: each \p{N} alone, then GPT-2's
+        digits = pre_tokenizers.Split(Regex(r"\p{N}"), "isolated")  # (transformers' loader leaves this out)
+        backend.pre_tokenizer = pre_tokenizers.Sequence([digits, backend.pre_tokenizer])
     backend.decoder = decoders.ByteLevel()
     # control tokens stay whole and are special (transformers' loader drops those outside the
     # alphabet, a space or CJK in them: llama.cpp keeps them); user-defined ones stay whole as text

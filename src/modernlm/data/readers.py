@@ -39,10 +39,11 @@ def _read_error(where: str, e: Exception) -> UserError:
 
 @contextlib.contextmanager
 def open_text(path: str | Path) -> Iterator[TextIO]:
-    """The file as UTF-8 text (through gzip for .gz); a read error is a UserError naming the file."""
+    """The file as UTF-8 text (through gzip for .gz), a leading byte order mark dropped (Windows
+    tools write one; HF datasets' readers drop it too); a read error is a UserError naming the file."""
     path = Path(path)
     try:
-        with gzip.open(path, "rt", encoding="utf-8") if is_gzip(path) else open(path, encoding="utf-8") as f:
+        with gzip.open(path, "rt", encoding="utf-8-sig") if is_gzip(path) else open(path, encoding="utf-8-sig") as f:
             yield f
     except (UnicodeDecodeError, OSError, EOFError) as e:
         raise _read_error(str(path), e) from None
@@ -55,8 +56,26 @@ def numbered_lines(path: str | Path) -> Iterator[tuple[int, str]]:
         try:
             for lineno, line in enumerate(f, start=1):
                 yield lineno, line
-        except (UnicodeDecodeError, OSError, EOFError) as e:
+        except UnicodeDecodeError as e:
+            raise _read_error(f"{path} line {_first_bad_line(path) or lineno + 1}", e) from None
+        except (OSError, EOFError) as e:
             raise _read_error(f"{path} line {lineno + 1}", e) from None
+
+
+def _first_bad_line(path: str | Path) -> int | None:
+    """The line (as text mode counts them: after \\r\\n, \\n or \\r) of a file's first bytes that are not
+    UTF-8: text mode decodes some 8 KB ahead of the line it hands out, so the error comes lines early.
+    A line break is never inside a UTF-8 character, so the lines can be split as bytes."""
+    with gzip.open(path, "rb") if is_gzip(path) else open(path, "rb") as f:
+        n = 0
+        for raw in f:  # split at newlines; a lone carriage return inside ends a line too
+            for part in raw.removesuffix(b"\n").removesuffix(b"\r").split(b"\r"):
+                n += 1
+                try:
+                    part.decode("utf-8")
+                except UnicodeDecodeError:
+                    return n
+    return None
 
 
 def text_lines(path: str | Path) -> Iterator[str]:
@@ -156,8 +175,12 @@ def parquet_column(path: str | Path, column: str) -> Iterator[str]:
         raise UserError(f"{path}: cannot read ({e})") from None
     if column not in pf.schema_arrow.names:
         raise UserError(f"{path}: no column {column!r}; columns: {', '.join(pf.schema_arrow.names)}")
+    row = 0
     for batch in pf.iter_batches(columns=[column], batch_size=1024):
         for value in batch.column(0).to_pylist():
+            row += 1
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"{path} row {row}: {column!r} is {type(value).__name__}, expected a string")
             if value is not None:
                 yield value
 

@@ -46,9 +46,26 @@ TYPES = ("f32", "f16", "q8_0")  # --type: the matrices' type (norms stay float32
 BLOCK = 32  # Q8_0 quantizes blocks of 32 along a row; a row of another length is written in f16
 
 # The pre-tokenizers llama.cpp implements that a `tokenizers` tokenizer can equal, by the JSON of its
-# pre_tokenizer (no normalizer). GPT-2's: `modernlm tokenizer train`'s, GPT-2's own files'.
+# pre_tokenizer (no normalizer). GPT-2's: `modernlm tokenizer train`'s, GPT-2's own files'. SmolLM2's
+# ("smollm"): each \p{N} character alone first (its Digits(individual_digits), or the Split that a
+# .gguf's "smollm" loads as, gguf_weights), then GPT-2's.
 _GPT2_SPLIT = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
-PRE_TOKENIZERS = {"gpt-2": _GPT2_SPLIT}
+_DIGITS = ({"type": "Digits", "individual_digits": True},
+           {"type": "Split", "pattern": {"Regex": "\\p{N}"}, "behavior": "Isolated", "invert": False})  # fmt: skip
+
+
+def _is(pre: dict[str, Any], spec: dict[str, Any]) -> bool:
+    return all(pre.get(k) == v for k, v in spec.items())
+
+
+def llama_cpp_pre(pre: dict[str, Any]) -> str | None:
+    """llama.cpp's name for a tokenizer.json's pre_tokenizer, or None when it has none equal to it."""
+    if _is(pre, _GPT2_SPLIT):
+        return "gpt-2"
+    parts = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    if parts and len(parts) == 2 and any(_is(parts[0], d) for d in _DIGITS) and _is(parts[1], _GPT2_SPLIT):
+        return "smollm"
+    return None
 
 
 def check_exportable(cfg: ModelConfig, tokenizer: Tokenizer | None, what: str) -> None:
@@ -139,9 +156,9 @@ def _pre_tokenizer(tokenizer: Tokenizer, what: str) -> str:
         raise UserError(f"{what}: only byte-level BPE tokenizers go to GGUF (this one is {model.get('type')})")
     if data.get("normalizer") is not None or model.get("ignore_merges"):
         raise UserError(f"{what}: the tokenizer normalizes text or ignores merges: llama.cpp's 'gpt-2' would not")
-    for name, spec in PRE_TOKENIZERS.items():
-        if all(pre.get(k) == v for k, v in spec.items()):
-            return name
+    name = llama_cpp_pre(pre)
+    if name is not None:
+        return name
     raise UserError(
         f"{what}: llama.cpp has no pre-tokenizer equal to this one ({json.dumps(pre)[:120]}); "
         "train one with `modernlm tokenizer train` (GPT-2's split, which llama.cpp runs as 'gpt-2')"
