@@ -248,6 +248,26 @@ def test_backend_transformers_refuses_our_checkpoint(ckpt):
         load(ckpt, backend="transformers")
 
 
+@pytest.mark.hf
+def test_load_fastest_runs_a_non_llama_in_transformers_with_quantize_auto(tmp_path, shared_data_module):
+    """quantize=auto is the fastest that applies: for transformers' models, their own weights."""
+    import transformers
+
+    from modernlm.api import load_fastest
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    hf_tok = transformers.GPT2TokenizerFast.from_pretrained(str(shared_data_module / "gpt2-tokenizer"))
+    hf_tok.save_pretrained(tmp_path / "gpt2")
+    lm = load_fastest(tmp_path / "gpt2", quantize="auto", progress=False)
+    assert lm.kind == "transformers" and lm.weights == "float32"
+    reference = load(tmp_path / "gpt2", backend="transformers", progress=False)
+    assert lm.generate("Hello", 5) == reference.generate("Hello", 5)
+    with pytest.raises(UserError, match="quantize=int8 needs backend=modernlm"):
+        load_fastest(tmp_path / "gpt2", quantize="int8", progress=False)  # asked for by name: refused
+
+
 @pytest.fixture(scope="module")
 def hf_no_tokenizer(tmp_path_factory):
     """An HF directory with a tiny Llama's weights and config, and no tokenizer files."""

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from modernlm import load
 from tests.serve_util import chat_checkpoint as _checkpoint
@@ -89,6 +90,87 @@ def test_overflow_drops_the_oldest_turns_once(tmp_path):
     assert done.returncode == 0, done.stderr.decode()
     assert done.stderr.decode().count("dropping the oldest turns") == 1
     assert done.stdout.decode().count("\n") >= len(lines)
+
+
+@pytest.fixture(scope="module")
+def gpt2_chat(tmp_path_factory):
+    """A tiny random GPT-2 (learned positions: 64, none past them) with GPT-2's tokenizer and a ChatML
+    template that trims each content (so a content holding a special token's string is refused)."""
+    import transformers
+
+    from modernlm.chat import CHATML_TEMPLATE
+    from tests.conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "gpt2-tokenizer").is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    path = tmp_path_factory.mktemp("gpt2") / "chat"
+    tok = transformers.GPT2TokenizerFast.from_pretrained(str(SHARED_DATA / "gpt2-tokenizer"))
+    tok.chat_template = CHATML_TEMPLATE.replace("message['content']", "(message['content'] | trim)")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_positions=64, n_embd=32, n_layer=1, n_head=2, vocab_size=tok.vocab_size)
+    transformers.GPT2LMHeadModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.hf
+def test_a_non_llama_hf_model_chats_with_replies_cut_at_its_context(gpt2_chat):
+    """Default settings (backend and quantize auto) run GPT-2 in transformers; max_new_tokens past its
+    64 positions: each reply is the reply with the budget its prompt leaves, said once."""
+    lm = load(gpt2_chat, progress=False)
+    expected = []
+    for text in ("hello", "again"):  # (100 new tokens never fit with a turn before: each message alone)
+        messages = [{"role": "user", "content": text}]
+        expected.append(lm.chat(messages, max_new_tokens=64 - len(lm.chat_prompt_ids(messages))))
+    done = _chat([str(gpt2_chat), "temperature=0", "max_new_tokens=100"], ["hello", "again"])
+    assert done.returncode == 0, done.stderr.decode()
+    assert _replies(done.stdout) == "".join(f"{r}\n" for r in expected)
+    assert done.stderr.decode().count("max_new_tokens=100 does not fit the model's context of 64 tokens") == 1
+
+
+@pytest.mark.hf
+def test_a_refused_message_is_one_line_and_the_chat_goes_on(gpt2_chat):
+    """A UserError for one message (a special token's string in a content the template trims): one
+    line, the message is not kept: the chat goes on as if it had not been sent."""
+    args = [str(gpt2_chat), "temperature=0", "max_new_tokens=5"]
+    done = _chat(args, ["hello", "what is <|endoftext|>? ", "hi"])
+    assert done.returncode == 0, done.stderr.decode()
+    unsent = _chat(args, ["hello", "hi"])
+    assert _replies(done.stdout) == _replies(unsent.stdout) and _replies(done.stdout).count("\n") == 2
+    errors = [line for line in done.stderr.decode().splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "holds the special token '<|endoftext|>'" in errors[0], errors
+
+
+def test_bytes_that_are_not_utf8_are_replacement_characters(chat_ckpt):
+    lm = load(chat_ckpt)
+    hello = {"role": "user", "content": "hello"}
+    bad = {"role": "user", "content": "\ufffd\ufffd bad bytes"}  # as Ollama reads them: U+FFFD each
+    r1 = lm.chat([hello], 8)
+    r2 = lm.chat([hello, {"role": "assistant", "content": r1}, bad], 8)
+    done = subprocess.run(
+        [sys.executable, "-m", "modernlm", "chat", str(chat_ckpt), *GREEDY],
+        input=b"hello\n\xff\xfe bad bytes\n", capture_output=True, timeout=120,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    assert _replies(done.stdout) == f"{r1}\n{r2}\n"
+
+
+def test_a_system_prompt_too_long_for_the_context_is_named(tmp_path):
+    ckpt = _checkpoint(tmp_path / "short", chat=True, max_seq_len=40)
+    long = "You are a very helpful assistant who always answers with great care and detail."
+    done = _chat([str(ckpt), "--system", long, *GREEDY], ["hi"])
+    assert done.returncode == 2
+    err = done.stderr.decode().strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("modernlm chat: error: system: the system prompt is too long"), err
+    # In the chat, /system refuses it and keeps the one before.
+    lm = load(ckpt)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    expected = lm.chat(messages, min(8, 40 - len(lm.chat_prompt_ids(messages))))  # (the reply stops at 40 tokens)
+    done = _chat([str(ckpt), "--system", "Be brief.", *GREEDY], [f"/system {long}", "hi"])
+    assert done.returncode == 0, done.stderr.decode()
+    assert _replies(done.stdout) == expected + "\n"
+    assert "/system: the system prompt is too long" in done.stderr.decode()
 
 
 def test_terminal_shows_the_prompt_and_the_streamed_reply(chat_ckpt):

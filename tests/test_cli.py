@@ -69,6 +69,35 @@ def test_a_trailing_list_positional_takes_the_rest(monkeypatch):
     assert calls[-1] == ManyConfig(out="o", paths=[])
 
 
+@dataclass
+class TextFlagsConfig:
+    title: str = ""
+    system: str = ""
+    n: int = 1
+    tags: list[str] = field(default_factory=list)
+    ratio: float | None = None
+
+
+def test_a_string_flag_or_positional_is_taken_as_written(monkeypatch):
+    """`--system "[Be brief] and polite"` is text, not YAML; flags of other types still parse."""
+    calls: list = []
+    module = types.ModuleType("modernlm_fake_text")
+    module.__doc__ = "Take text.\n\n    modernlm text TITLE"
+    module.Config, module.POSITIONALS, module.main = TextFlagsConfig, ["title"], calls.append
+    module.FLAGS = {"--system": "system", "--n": "n", "--tags": "tags", "--ratio": "ratio"}
+    monkeypatch.setitem(sys.modules, "modernlm_fake_text", module)
+    monkeypatch.setitem(cli.COMMANDS, "fake text", ("modernlm_fake_text", "text"))
+    args = ["[draft] one", "--system", "[Be brief] and polite", "--n", "3", "--tags", "[a, b]", "--ratio", "0.5"]
+    assert cli.run_command("fake text", args) == 0
+    assert calls[-1] == TextFlagsConfig(
+        title="[draft] one", system="[Be brief] and polite", n=3, tags=["a", "b"], ratio=0.5
+    )
+    assert cli.run_command("fake text", ["t", "--system", "{x: 1}", "--ratio", "null"]) == 0
+    assert calls[-1] == TextFlagsConfig(title="t", system="{x: 1}")
+    assert cli.run_command("fake text", ["t", "--system", "a", "system=b"]) == 0  # key=value still wins
+    assert calls[-1].system == "b"
+
+
 def test_user_errors_exit_2_with_one_line(monkeypatch, capsys):
     _install_fake_command(monkeypatch, [])
     assert cli.run_command("fake echo", ["n=-1"]) == 2

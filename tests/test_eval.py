@@ -260,6 +260,32 @@ def test_table_default_baseline_and_bad_input(tmp_path, monkeypatch, capsys):
     _one_line_error(capsys, "eval table", ["out=table.csv"], "expected a .md file")
 
 
+def test_table_checks_every_path_and_tokenizer_before_the_first_scoring(tmp_path, monkeypatch, capsys):
+    import modernlm.api
+    from modernlm.checkpoint import save_model
+    from modernlm.model import ModernDecoderLM
+    from modernlm.tokenizer import byte_tokenizer
+    from tests.conftest import tiny_config
+
+    tok = byte_tokenizer()
+    model = ModernDecoderLM(tiny_config(vocab_size=tok.vocab_size))
+    save_model(model, tmp_path / "ours", tok)
+    save_model(model, tmp_path / "no-tokenizer")
+    (tmp_path / "text.txt").write_text("Some text to score.\n")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded (to be scored) before every path was checked")
+
+    monkeypatch.setattr(modernlm.api, "load", no_loading)
+    data = f"data={tmp_path / 'text.txt'}"
+    typo = tmp_path / "bsae"
+    args = [str(tmp_path / "ours"), f"baselines=[{tmp_path / 'ours'}, {typo}]", data]
+    _one_line_error(capsys, "eval table", args, f"baselines: {typo}: no such file or directory")
+    # a hub id is not a path (it passes); a checkpoint without tokenizer.json cannot score text
+    args = [str(tmp_path / "ours"), str(tmp_path / "no-tokenizer"), "baselines=[gpt2]", data]
+    _one_line_error(capsys, "eval table", args, f"checkpoints: {tmp_path / 'no-tokenizer'} has no tokenizer")
+
+
 # ---- eval checkpoints ---------------------------------------------------------------------------------
 
 SEQ = 16

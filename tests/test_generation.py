@@ -514,6 +514,17 @@ def test_cli_generate(tmp_path, capsys, tokenizer, text_model, stream):
     assert capsys.readouterr().out == expected + "\n"
 
 
+def test_cli_generate_prompt_bytes_that_are_not_utf8_become_u_fffd(tmp_path, capsys, tokenizer, text_model):
+    from modernlm.checkpoint import save_model
+
+    save_model(text_model, tmp_path / "ckpt", tokenizer)
+    import os
+
+    prompt = os.fsdecode(b"\xff\xfeab")  # as Python reads such bytes from the command line: lone surrogates
+    assert _cli(["generate", str(tmp_path / "ckpt"), f"prompt={prompt}", "max_new_tokens=5", "temperature=0"]) == 0
+    assert capsys.readouterr().out == generate_text(text_model, tokenizer, "\ufffd\ufffdab", 5) + "\n"
+
+
 def test_cli_generate_errors(tmp_path, capsys):
     assert _cli(["generate", "prompt=hi"]) == 2
     assert "checkpoint" in capsys.readouterr().err

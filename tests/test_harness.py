@@ -319,9 +319,38 @@ def test_command_rejects_bad_input_in_one_line(tiny_ckpt, shared_data, tmp_path,
             assert run_command("eval tasks", no_tasks) == 2
             assert "tasks" in _one_line_error(capsys)
 
+        ok = [str(tiny_ckpt), "tasks=sst2_local", f"data_dir={shared_data}"]
+        assert run_command("eval tasks", [*ok, "max_length=-5"]) == 2
+        assert _one_line_error(capsys).endswith("max_length: must be >= 1 (null = the model's context), got -5")
+        # the table is written to OUT with .md: an OUT ending in .md would be overwritten by it
+        assert run_command("eval tasks", [*ok, "--out", str(tmp_path / "results.md")]) == 2
+        assert "out: give the results JSON's name (e.g. results.json)" in _one_line_error(capsys)
+        assert not (tmp_path / "results.md").exists()
+
     missing = tmp_path / "no-such-model"
     assert run_command("eval tasks", [str(missing), "tasks=sst2_local", f"data_dir={shared_data}"]) == 2
     assert str(missing) in _one_line_error(capsys)
+
+
+def test_command_checks_the_context_before_any_task_runs(tiny_ckpt, shared_data, monkeypatch, capsys):
+    """max_length past the model's context (256), or a generation task's max_gen_toks that leaves no
+    room for a prompt in it: one line once the model is loaded, before any request is scored."""
+    from modernlm.eval.tasks.lm import ModernLMEval
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("a task ran before the context was checked")
+
+    ok = [str(tiny_ckpt), f"data_dir={shared_data}", "limit=2"]
+    with monkeypatch.context() as m:
+        m.setattr(ModernLMEval, "loglikelihood", no_scoring)
+        m.setattr(ModernLMEval, "generate_until", no_scoring)
+        assert run_command("eval tasks", [*ok, "tasks=sst2_local", "max_length=257"]) == 2
+        assert _one_line_error(capsys).endswith("max_length: must be 1 to the model's context of 256 tokens, got 257")
+        assert run_command("eval tasks", [*ok, "tasks=sst2_local,gsm8k_local", "max_gen_toks=256"]) == 2
+        line = _one_line_error(capsys)
+        assert "max_gen_toks: 256 (gsm8k_local) leaves no room for a prompt" in line and "256 tokens" in line, line
+    # log-likelihood tasks alone generate nothing: the same max_gen_toks is no mistake there
+    assert run_command("eval tasks", [*ok, "tasks=sst2_local", "max_gen_toks=256"]) == 0
 
 
 def test_command_end_to_end(tiny_ckpt, shared_data, tmp_path, capsys):

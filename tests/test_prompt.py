@@ -105,6 +105,16 @@ def test_prompt_bad_config_is_one_line_exit_2(ckpt, shared_data, tmp_path, capsy
     assert len(err.splitlines()) == 1 and message in err, err
 
 
+def test_prompt_refuses_max_new_tokens_that_fill_the_context_before_generating(ckpt, shared_data, tmp_path, capsys):
+    """Not every prompt cut to its last token (the checkpoint's context is 128 tokens)."""
+    data = shared_data / "gsm8k" / "test.jsonl"
+    args = [str(ckpt), "task=gsm8k", f"data.path={data}", "max_examples=2", "max_new_tokens=128", "progress=false"]
+    assert run_command("prompt", [*args, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "max_new_tokens: 128 leaves no room for a prompt" in err, err
+    assert not (tmp_path / "run" / "predictions.jsonl").exists()
+
+
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs" / "prompt").glob("*.yaml"))
 
 

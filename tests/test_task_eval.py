@@ -189,6 +189,17 @@ def test_wrap_modernlm_generate_equals_generation_generate(ours, ours_tok):
         assert text == _decode(tm.tokenizer, out[0, ids.size(1) :].tolist())
 
 
+def test_generate_refuses_a_budget_that_leaves_no_room_for_the_prompt(causal):
+    """As lm-eval's HFLM: max_new_tokens >= the context would cut every prompt to its last token."""
+    from modernlm.errors import UserError
+
+    tm, _ = causal
+    assert tm.max_length == 128
+    assert len(tm.generate(["Hi"], max_new_tokens=127)) == 1  # one token of prompt still fits
+    with pytest.raises(UserError, match="^max_new_tokens: 128 leaves no room for a prompt .* 128 tokens"):
+        tm.generate(GEN_PROMPTS, max_new_tokens=128)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_wrap_hf_generate_equals_hf_greedy(hf_tok, kind):
     model = _llama() if kind == "llama" else _gpt2()

@@ -20,6 +20,7 @@ import importlib
 import json
 import sys
 import textwrap
+import typing
 
 # name -> (module, one-line summary). Two-word names are command groups (`modernlm tokenizer train`).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -125,12 +126,21 @@ def run_command(name: str, argv: list[str]) -> int:
         parser.print_usage(sys.stderr)
         print(f"modernlm {name}: error: unexpected argument {bare[len(names)]!r}", file=sys.stderr)
         return 2
-    # Positionals and flags come first so that an explicit key=value still wins.
-    pre = [f"{field}={value}" for field, value in zip(names[: len(names) - rest], bare, strict=False)]
+    # Positionals and flags come first so that an explicit key=value still wins. A string field's
+    # value is taken as it is written: `--system "[Be brief] and polite"` is text, not a YAML list.
+    text = {k for k, tp in typing.get_type_hints(module.Config).items() if tp is str}
+    pre: list[str | tuple[str, str]] = [
+        (field, value) if field in text else f"{field}={value}"
+        for field, value in zip(names[: len(names) - rest], bare, strict=False)
+    ]
     if rest and bare[len(names) - 1 :]:
         pre.append(f"{names[-1]}={json.dumps(bare[len(names) - 1 :])}")  # a YAML flow list
     flag_values = {field: getattr(ns, f"flag_{field}") for field in flags.values()}
-    pre += [f"{field}={value}" for field, value in flag_values.items() if value is not None]
+    pre += [
+        (field, value) if field in text else f"{field}={value}"
+        for field, value in flag_values.items()
+        if value is not None
+    ]
     try:
         cfg = load_config(module.Config, ns.config, pre + overrides, command=name)
         if ns.print_config:

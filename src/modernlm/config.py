@@ -17,6 +17,7 @@ import difflib
 import json
 import math
 import types
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -164,16 +165,17 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def load_config(
     cls: type[T],
     path: str | Path | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
+    overrides: Sequence[str | tuple[str, Any]] = (),
     base: dict[str, Any] | None = None,
     command: str | None = None,
 ) -> T:
-    """Defaults of `cls` < `base` dict < file at `path` (or `command`'s recipe so named) < dotted `overrides`."""
+    """Defaults of `cls` < `base` dict < file at `path` (or `command`'s recipe so named) < dotted `overrides`
+    ("key=value" strings, or (key, value) pairs taken as they are)."""
     data: dict[str, Any] = dict(base or {})
     if path:
         data = merge(data, read_config_file(path, command))
     for item in overrides:
-        key, value = parse_override(item)
+        key, value = item if isinstance(item, tuple) else parse_override(item)
         set_dotted(data, key, value)
     return from_dict(cls, data)
 

@@ -114,6 +114,15 @@ class TaskModel:
             rows = [[self.tokenizer.bos_id, *r] for r in rows]
         return rows
 
+    def check_room(self, max_new_tokens: int) -> None:
+        """Refuse (as lm-eval's HFLM does) a budget that leaves no room for a prompt: cutting every
+        prompt to its last token would generate from nothing, silently."""
+        if self.max_length is not None and max_new_tokens >= self.max_length:
+            raise UserError(
+                f"max_new_tokens: {max_new_tokens} leaves no room for a prompt in the model's context "
+                f"of {self.max_length} tokens (give fewer than {self.max_length})"
+            )
+
     def fit_prompt(self, prompt: list[int], room_after: int) -> list[int]:
         """Cut a prompt from the left (keeping a leading bos) so it plus room_after tokens fit the context."""
         if self.max_length is None or len(prompt) + room_after <= self.max_length:
@@ -154,6 +163,7 @@ class ModernLMTaskModel(TaskModel):
     def complete(self, rows: list[list[int]], sampling: Sampling) -> list[str]:
         if not rows:
             return []
+        self.check_room(sampling.max_new_tokens)
         rows = [self.fit_prompt(r, sampling.max_new_tokens) for r in rows]
         if any(not r for r in rows):
             raise UserError("a prompt encodes to no tokens; set add_bos")

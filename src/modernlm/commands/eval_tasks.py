@@ -9,7 +9,9 @@ Offline tasks shipped with modernlm (src/modernlm/eval/tasks/tasks, the harness'
 on local files under data_dir): sst2_local (GLUE SST-2 validation, accuracy), gsm8k_local (GSM8K
 test, 5-shot, strict and flexible exact match), wikitext_local (WikiText-2 test by article: word
 and byte perplexity, bits per byte). Every other name is the harness's own task (it downloads its
-data). Writes the harness's results JSON (--out) and a Markdown table beside it (.md); prints the table.
+data). Writes the harness's results JSON (--out, e.g. results.json; not a .md name) and a Markdown table
+beside it (results.md); prints the table. max_length (the context the harness uses) is 1 to the
+model's context; max_gen_toks must leave room for a prompt in it (checked before any task runs).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class Config:
     compile: bool = False  # generation tasks: decode steps through torch.compile (CUDA graphs on a GPU)
     data_dir: str = "../shared/data"  # where the offline tasks find sst2/, gsm8k/, wikitext-2/
     include_path: str = ""  # more task YAMLs (a folder), as the harness's --include_path
-    out: str = ""  # the results JSON (and a .md table beside it); "" = print the table only
+    out: str = ""  # the results JSON, not .md (the .md table goes beside it); "" = print the table only
     seed: int = 0  # the harness's random, numpy, torch and few-shot seeds
     device: str = "cpu"  # cpu, cuda, cuda:1, mps, auto
     dtype: str | None = None  # float32, bfloat16, float16 (null: the checkpoint's own; float32 for HF)
@@ -59,6 +61,10 @@ def main(cfg: Config) -> None:
         raise UserError("tasks: name at least one harness task (tasks=sst2_local,gsm8k_local)")
     if cfg.limit is not None and cfg.limit < 1:
         raise UserError(f"limit must be >= 1, got {cfg.limit}")
+    if cfg.max_length is not None and cfg.max_length < 1:
+        raise UserError(f"max_length: must be >= 1 (null = the model's context), got {cfg.max_length}")
+    if cfg.out and Path(cfg.out).suffix.lower() == ".md":  # the table goes to OUT as .md: it would replace the JSON
+        raise UserError(f"out: give the results JSON's name (e.g. results.json), not {cfg.out}: the table goes beside")
     try:
         from modernlm.eval.tasks import run
     except ImportError as e:

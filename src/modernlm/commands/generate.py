@@ -66,12 +66,15 @@ def main(cfg: Config) -> None:
     from modernlm.eval.compare import CheckpointSamples, generations_markdown
     from modernlm.generation import Sampling
     from modernlm.quant import check_quantize
+    from modernlm.tokenizer import valid_unicode
 
     if not cfg.checkpoints:
         raise UserError("checkpoints: give a checkpoint or run directory (modernlm generate CHECKPOINT prompt=...)")
     if cfg.prompt and cfg.prompts:
         raise UserError("give prompt (one) or prompts (a list), not both")
     check_quantize(cfg.quantize)
+    # bytes of the command line that are not UTF-8 come as U+FFFD: tokenizers take valid Unicode only
+    prompt, prompts = valid_unicode(cfg.prompt), [valid_unicode(p) for p in cfg.prompts]
     constraint = Constraint.schema_file(cfg.schema) if cfg.schema else None
     dirs = [d for c in cfg.checkpoints for d in checkpoint_dirs(c)]
     table = len(dirs) > 1 or bool(cfg.prompts) or bool(cfg.out)
@@ -86,14 +89,14 @@ def main(cfg: Config) -> None:
     if not table:
         lm = _load(dirs[0], cfg.device, cfg.quantize)
         if cfg.stream:
-            for piece in lm.stream(cfg.prompt, sampling):
+            for piece in lm.stream(prompt, sampling):
                 print(piece, end="", flush=True)
             print()
         else:
-            print(lm.generate(cfg.prompt, sampling))
+            print(lm.generate(prompt, sampling))
         return
 
-    prompts = list(cfg.prompts) or [cfg.prompt]
+    prompts = prompts or [prompt]
     results = []
     for d in dirs:
         print(f"generate: {d}", file=sys.stderr)

@@ -232,6 +232,8 @@ def evaluate_task(
     budget = DEFAULT_MAX_NEW_TOKENS[task] if max_new_tokens is None else max_new_tokens
     if budget <= 0 and mode == "generate":
         raise UserError(f"max_new_tokens: must be positive, got {budget}")
+    if mode == "generate":
+        tm.check_room(budget)  # before any example runs
     prefix = demonstrations(few_shot)
     prompts = [prefix + ex["prompt"] for ex in examples]
     t0 = time.perf_counter()

@@ -60,6 +60,7 @@ class HFTaskModel(TaskModel):
             input_ids, attention_mask = pad_rows(rows, tok.pad_id, "right")
             start = 1  # outputs begin with the decoder start token
         else:
+            self.check_room(sampling.max_new_tokens)
             rows = [self.fit_prompt(r, sampling.max_new_tokens) for r in rows]
             if any(not r for r in rows):
                 raise UserError("a prompt encodes to no tokens; set add_bos")

@@ -71,12 +71,30 @@ class ModernLMEval(TemplateLM):
             raise UserError(f"{self.lm.source}: no tokenizer, so the harness has no text to work with")
         self.tokenizer = self.lm.tokenizer  # TemplateLM's chat_template() reads .chat_template
         self.batch_size_per_gpu = int(batch_size) if str(batch_size) != "auto" else 8
-        self._max_length = int(max_length) if max_length else self.lm.max_context
+        context = self.lm.max_context
+        if max_length and not 1 <= int(max_length) <= context:  # as `eval perplexity` refuses a longer context
+            raise UserError(f"max_length: must be 1 to the model's context of {context} tokens, got {max_length}")
+        self._max_length = int(max_length) if max_length else context
         self._max_gen_toks = int(max_gen_toks)
         self._compile = compile
         # apply_chat_template's prompts whose contents hold a special token's string (trailing
         # whitespace cut, as the harness cuts a context) -> where the template's special tokens are
         self._chats: dict[str, Spans] = {}
+
+    def check_generation(self, tasks: dict[str, Any]) -> None:
+        """A UserError when a generation task among `tasks` (the harness's Task objects by name)
+        would generate more tokens than the context leaves for a prompt: found before any task runs,
+        not when `generate_until`'s turn comes after the log-likelihood tasks."""
+        for name, task in tasks.items():
+            if task.get_config("output_type") != "generate_until":
+                continue
+            settings = dict(task.get_config("generation_kwargs") or {})
+            max_gen_toks = normalize_gen_kwargs(settings, self._max_gen_toks)["max_gen_toks"]
+            if max_gen_toks >= self.max_length:
+                raise UserError(
+                    f"max_gen_toks: {max_gen_toks} ({name}) leaves no room for a prompt in the model's "
+                    f"context of {self.max_length} tokens"
+                )
 
     # ---- what the harness asks of every model ------------------------------------------------------
 

@@ -87,10 +87,13 @@ def evaluate(lm: Any, names: list[str], manager: Any, *, limit: int | None = Non
 
     from modernlm.eval.tasks.lm import ModernLMEval
 
+    model = ModernLMEval(lm, batch_size=batch_size, max_gen_toks=max_gen_toks, max_length=max_length, compile=compile)
+    loaded = manager.load(names)
+    model.check_generation(loaded["tasks"])  # before the first task runs
     results = simple_evaluate(
-        model=ModernLMEval(lm, batch_size=batch_size, max_gen_toks=max_gen_toks, max_length=max_length,
-                           compile=compile),
-        tasks=names,
+        model=model,
+        # the tasks as built for the check (a group is built again: the harness needs its tree)
+        tasks=names if loaded["groups"] else list(loaded["tasks"].values()),
         num_fewshot=num_fewshot, limit=limit, task_manager=manager, apply_chat_template=apply_chat_template,
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False,
     )
