@@ -12,11 +12,11 @@ ids, .gguf) in the model's own chat template (ChatML for ours), replies streamed
 Ctrl-C during a reply drops it and its message; when the conversation outgrows the model's context,
 its oldest turns go (the system prompt stays), and a reply stops where the context ends. A message
 the model cannot take is one line, and the chat goes on without it; bytes that are not UTF-8 are
-read as U+FFFD. A system prompt too long for the context is refused (--system: exit 2; /system:
-the old one stays). Without a chat template (our checkpoints before SFT,
-an HF tokenizer without `chat_template`) each line is continued as plain text, with no history. HF
-Llamas are converted as they load (replies stream token by token); other architectures run in
-transformers (the reply comes at once).
+read as U+FFFD. A system prompt too long for the context is refused (--system: exit 2; /system: the
+old one stays). Without a chat template (our checkpoints before SFT, an HF tokenizer without
+`chat_template`) each line is continued as plain text, with no history. HF Llamas are converted as
+they load (replies stream token by token); other architectures run in transformers (the reply comes
+at once).
 """
 
 from __future__ import annotations
