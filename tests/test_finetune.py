@@ -127,9 +127,8 @@ def test_resume_ends_where_an_uninterrupted_run_does(models, tmp_path, capsys):
     # resumed with another lora.r: one line saying which shapes differ and what to do
     capsys.readouterr()
     assert finetune(models, tmp_path / "resumed", *args, "train.num_steps=6", "lora.r=4") == 2
-    err = capsys.readouterr().err  # after transformers' "Loading weights" bar
-    [line] = [line for line in err.splitlines() if "error:" in line]
-    assert "Traceback" not in err and "train.resume=never" in line
+    [line] = capsys.readouterr().err.strip().splitlines()  # (train.progress=false: no loading bar before it)
+    assert "train.resume=never" in line
     assert "size mismatch for" in line and "lora_A" in line and "[8, " in line and "[4, " in line
 
 

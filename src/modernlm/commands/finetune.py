@@ -134,7 +134,7 @@ def main(cfg: Config) -> None:
         lora.check_precision(p.model_type, str(runtime.dtype))  # run.dtype=auto may pick fp16 on a GPU
         model, tokenizer, kind = lora.load_base_model(
             cfg.model.source, data.task_type, dtype=cfg.model.dtype, num_labels=p.num_labels or 2,
-            tokenizer=cfg.model.tokenizer,
+            tokenizer=cfg.model.tokenizer, progress=cfg.train.progress,
         )  # fmt: skip
         pad_id, shard = TaskTokenizer(tokenizer).pad_id, dict(rank=runtime.rank, world_size=runtime.world_size)
         train_items = tokenize_examples(p.train_examples, tokenizer, data)

@@ -263,6 +263,7 @@ def load_base_model(
     dtype: str = "float32",
     num_labels: int = 2,
     tokenizer: str = "",
+    progress: bool = True,
 ) -> tuple[nn.Module, Any, str]:
     """(model, tokenizer, kind) for finetuning; kind is "hf" or "modernlm".
 
@@ -274,7 +275,7 @@ def load_base_model(
     checkpoint gets a new, randomly initialised classification head of `num_labels` outputs) and
     their HF tokenizer; `tokenizer` names another tokenizer source when the model has none.
     modernlm checkpoint and run directories load with our tokenizer (causal only). Weights are cast
-    to `dtype`.
+    to `dtype`. progress=False silences transformers' loading bars.
     """
     if dtype not in DTYPES:
         raise UserError(f"model.dtype: expected one of {list(DTYPES)}, got {dtype!r}")
@@ -285,7 +286,7 @@ def load_base_model(
     src = resolve_source(source, "model.source")
     if kind == "modernlm":
         return (*_load_modernlm(src.path, task_type, dtype, tokenizer), kind)
-    return (*_load_hf(src, task_type, dtype, num_labels, tokenizer), kind)
+    return (*_load_hf(src, task_type, dtype, num_labels, tokenizer, progress), kind)
 
 
 def _load_modernlm(ckpt: Path, task_type: str, dtype: str, tokenizer: str) -> tuple[nn.Module, Any]:
@@ -298,10 +299,13 @@ def _load_modernlm(ckpt: Path, task_type: str, dtype: str, tokenizer: str) -> tu
     return load_model(ckpt).to(DTYPES[dtype]), load_tokenizer(tokenizer or ckpt)
 
 
-def _load_hf(src: Any, task_type: str, dtype: str, num_labels: int, tokenizer: str) -> tuple[nn.Module, Any]:
+def _load_hf(
+    src: Any, task_type: str, dtype: str, num_labels: int, tokenizer: str, progress: bool
+) -> tuple[nn.Module, Any]:
     if task_type == "classification" and num_labels < 2:
         raise UserError(f"model.num_labels: a classifier needs at least 2 labels, got {num_labels}")
-    model = load_transformers(src, task_type, dtype=dtype, num_labels=num_labels, field="model.source")
+    model = load_transformers(src, task_type, dtype=dtype, num_labels=num_labels, field="model.source",
+                              progress=progress)  # fmt: skip
     try:  # a directory of tokenizer files (no config.json needed), a .gguf or a hub id
         tok = load_hf_tokenizer(tokenizer or src)
     except (OSError, ValueError, KeyError, TypeError) as e:
