@@ -365,7 +365,7 @@ def test_convert_to_gguf_user_errors(tmp_path, tokenizer):
     other = train_bpe(["some text here"] * 3, 300)
     from tokenizers import pre_tokenizers
 
-    split = [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    split = [pre_tokenizers.Whitespace(), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     other.backend.pre_tokenizer = pre_tokenizers.Sequence(split)
     save_model(tiny(320), tmp_path / "other", other)
     save_model(tiny(320), tmp_path / "bare", None)
