@@ -128,6 +128,27 @@ def test_a_non_llama_hf_model_chats_with_replies_cut_at_its_context(gpt2_chat):
     assert done.stderr.decode().count("max_new_tokens=100 does not fit the model's context of 64 tokens") == 1
 
 
+def test_a_budget_past_the_context_keeps_the_turns_that_fit(chat_ckpt):
+    """max_new_tokens >= the context (the chat default, 256, on a 256-token model): the turns that
+    fit in half the context stay (every turn but the last went, every time), and the reply is cut
+    where the context ends."""
+    from modernlm.commands.chat import Conversation
+    from modernlm.generation import Sampling
+
+    lm = load(chat_ckpt)
+    assert lm.max_context == 256
+    talk = Conversation(lm, "", Sampling(max_new_tokens=256))
+    talk.history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
+    history, ids = talk.fit("again")
+    assert history == [*talk.history, {"role": "user", "content": "again"}] and len(ids) < 128
+    assert talk.budget(len(ids)).max_new_tokens == 256 - len(ids)
+    talk.history *= 20  # ~500 tokens of turns: the oldest go until the rest fits in half the context
+    history, ids = talk.fit("again")
+    kept = len(history) - 1
+    one_more = [*talk.history[-kept - 2 :], history[-1]]
+    assert 0 < kept < 40 and len(ids) <= 128 < len(lm.chat_prompt_ids(talk.messages(one_more)))
+
+
 @pytest.mark.hf
 def test_a_refused_message_is_one_line_and_the_chat_goes_on(gpt2_chat):
     """A UserError for one message (a special token's string in a content the template trims): one

@@ -188,13 +188,16 @@ class Conversation:
 
     def fit(self, line: str) -> tuple[list[dict[str, str]], list[int]] | None:
         """The history with `line` added, its oldest turns dropped (the system prompt stays) until
-        the prompt and a whole reply fit the model's context or only `line` is left, and the
-        prompt's token ids; None when `line` leaves no room for a reply (the history stays)."""
-        lm = self.lm
+        the prompt and a whole reply (half the context when max_new_tokens is past it) fit the
+        model's context or only `line` is left, and the prompt's token ids; None when `line` leaves
+        no room for a reply (the history stays)."""
+        lm, reply = self.lm, self.sampling.max_new_tokens
+        if reply >= lm.max_context:  # no prompt leaves room for it: keep half the context for the reply
+            reply = lm.max_context // 2  # (else every turn but the last would go, every time)
         history = [*self.history, {"role": "user", "content": line}]
         ids = lm.chat_prompt_ids(self.messages(history))
         dropped = False
-        while len(history) > 1 and len(ids) + self.sampling.max_new_tokens > lm.max_context:
+        while len(history) > 1 and len(ids) + reply > lm.max_context:
             history = history[2:]  # a user message and its reply
             ids = lm.chat_prompt_ids(self.messages(history))
             dropped = True
