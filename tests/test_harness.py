@@ -327,6 +327,12 @@ def test_command_rejects_bad_input_in_one_line(tiny_ckpt, shared_data, tmp_path,
         assert "out: give the results JSON's name (e.g. results.json)" in _one_line_error(capsys)
         assert not (tmp_path / "results.md").exists()
 
+    # a max_length shorter than a continuation (" negative": several tokens): one line, not a traceback
+    assert run_command("eval tasks", [str(tiny_ckpt), "tasks=sst2_local", f"data_dir={shared_data}", "limit=2",
+                                      "max_length=1"]) == 2  # fmt: skip
+    err = capsys.readouterr().err  # (after the harness's own bars: found at the first, longest, request)
+    assert "Traceback" not in err and "max_length: 1 tokens cannot hold a continuation of" in err.splitlines()[-1]
+
     missing = tmp_path / "no-such-model"
     assert run_command("eval tasks", [str(missing), "tasks=sst2_local", f"data_dir={shared_data}"]) == 2
     assert str(missing) in _one_line_error(capsys)

@@ -173,8 +173,13 @@ class ModernLMEval(TemplateLM):
         results = []
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood requests")
         for chunk in order.get_batched(n=self.batch_size_per_gpu):
-            if not all(0 < len(cont) <= self.max_length for _, _, cont in chunk):
-                raise ValueError(f"a continuation must have 1 to max_length ({self.max_length}) tokens")
+            longest = max(len(cont) for _, _, cont in chunk)
+            if longest > self.max_length:  # (a user's max_length: the model's context holds it)
+                bar.close()  # (its line ends before the error's)
+                raise UserError(f"max_length: {self.max_length} tokens cannot hold a continuation of {longest} "
+                                "(raise it, or leave it null: the model's context)")  # fmt: skip
+            if not all(cont for _, _, cont in chunk):
+                raise ValueError("a continuation must have at least 1 token")
             # the input is context + continuation without its last token, cut to the window from the left
             inputs = [(ctx + cont)[-(self.max_length + 1) :][:-1] for _, ctx, cont in chunk]
             width = max(len(x) for x in inputs)
