@@ -357,6 +357,10 @@ def test_resume_never_with_resume_from_starts_over_from_it(tmp_path, data):
     full.train()
     root = tmp_path / "r" / "checkpoints"
     assert latest_checkpoint(tmp_path / "r").name == "step_0000012"
+    # best/ holds no training state: said in one line before anything is removed (was a traceback)
+    with pytest.raises(UserError, match="has no train_state.pt"):
+        run(data, tmp_path / "r", resume_from=str(root / "best"), resume="never").maybe_resume()
+    assert latest_checkpoint(tmp_path / "r").name == "step_0000012"
     # back to an earlier step of the same run: the later checkpoints go, the earlier stay
     back = run(data, tmp_path / "r", resume_from=str(root / "step_0000008"), resume="never", model_seed=7)
     assert back.maybe_resume() == 8

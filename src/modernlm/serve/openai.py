@@ -130,23 +130,23 @@ def _unsupported(body: dict) -> None:
 
 
 def _constraint(body: dict, tools: Tools | None) -> Constraint | None:
-    """response_format's constraint (or vLLM's structured_outputs'), or the tools' (not two)."""
-    fmt, vllm = _response_format(body), _structured_outputs(body)
-    if fmt is not None and vllm is not None:
-        raise APIError(400, f"{vllm[1]} cannot be used with response_format", vllm[1])
-    fmt = fmt or (vllm and vllm[0])
+    """The one constraint of vLLM's structured_outputs, response_format or the tools (two are a 400);
+    its output ends at eos, so not with ignore_eos."""
     calls = tools.constraint() if tools is not None else None
     if calls is not None:
         try:
             calls.check()  # the functions' parameters: a schema this cannot follow is the client's
         except UserError as e:
             raise APIError(400, f"tools: {e}", "tools") from None
-    if fmt is not None and calls is not None:
-        raise APIError(400, 'response_format cannot be used with tools (unless tool_choice is "none")',
-                       "response_format")  # fmt: skip
-    if calls is not None and _boolean(body, "ignore_eos"):
-        raise APIError(400, "ignore_eos cannot be used with tools (a call ends at eos)", "ignore_eos")
-    return fmt or calls
+    given = [(c, name) for c, name in [_structured_outputs(body) or (None, ""), (_response_format(body),
+             "response_format"), (calls, "tools")] if c is not None]  # fmt: skip
+    if len(given) > 1:
+        (_, first), (_, then) = given[:2]
+        unless = ' (unless tool_choice is "none")' if then == "tools" else ""
+        raise APIError(400, f"{first} cannot be used with {then}{unless}", first)
+    if given and _boolean(body, "ignore_eos"):
+        raise APIError(400, f"ignore_eos cannot be used with {given[0][1]} (its output ends at eos)", "ignore_eos")
+    return given[0][0] if given else None
 
 
 def _response_format(body: dict) -> Constraint | None:
@@ -175,13 +175,12 @@ def _response_format(body: dict) -> Constraint | None:
         constraint.check()
     except UserError as e:
         raise APIError(400, f"response_format: {e}", "response_format") from None
-    if _boolean(body, "ignore_eos"):
-        raise APIError(400, "ignore_eos cannot be used with response_format (the JSON ends at eos)", "ignore_eos")
     return constraint
 
 
 VLLM_KINDS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
               "json_object": "json_object"}  # fmt: skip
+GUIDED = ("json", "regex", "choice", "grammar")  # vLLM's older guided_* fields (no guided_json_object)
 VLLM_TYPES = {"json_schema": (dict, str), "regex": str, "choice": list, "grammar": str, "json_object": bool}
 
 
@@ -194,7 +193,7 @@ def _structured_outputs(body: dict) -> tuple[Constraint, str] | None:
         if not isinstance(spec, dict):
             raise APIError(400, "structured_outputs must be an object", "structured_outputs")
         given += [(f"structured_outputs.{k}", VLLM_KINDS[k], v) for k, v in spec.items() if k in VLLM_KINDS]
-    given += [(f"guided_{k}", kind, body[f"guided_{k}"]) for k, kind in VLLM_KINDS.items() if f"guided_{k}" in body]
+    given += [(f"guided_{k}", VLLM_KINDS[k], body[f"guided_{k}"]) for k in GUIDED if f"guided_{k}" in body]
     given = [(name, kind, value) for name, kind, value in given if value is not None and value is not False]
     if not given:
         return None
@@ -212,8 +211,6 @@ def _structured_outputs(body: dict) -> tuple[Constraint, str] | None:
         constraint.check()
     except UserError as e:
         raise APIError(400, f"{name}: {e}", name) from None
-    if _boolean(body, "ignore_eos"):
-        raise APIError(400, f"ignore_eos cannot be used with {name} (the output ends at eos)", "ignore_eos")
     return constraint, name
 
 

@@ -22,6 +22,7 @@ from modernlm.checkpoint import (
     BEST_DIR,
     BEST_INFO_FILE,
     CHECKPOINTS_DIR,
+    TRAIN_STATE_FILE,
     checkpoint_step,
     config_differences,
     latest_checkpoint,
@@ -203,6 +204,8 @@ class Checkpointer:
             return found
         if not path.is_dir():
             raise UserError(f"train.resume_from: checkpoint directory not found: {path}")
+        if not (path / TRAIN_STATE_FILE).is_file():  # (best/ has none): said before anything is removed
+            raise UserError(f"train.resume_from: {path} has no {TRAIN_STATE_FILE} (not a training checkpoint)")
         return path
 
     def _start_over(self, source: Path | None) -> None:
@@ -212,7 +215,7 @@ class Checkpointer:
         root = self.run_dir / CHECKPOINTS_DIR
         if not self.runtime.is_main or not root.is_dir() or not any(root.iterdir()):
             return
-        if source is not None and source.resolve().parent == root.resolve():
+        if source is not None and source.resolve().parent == root.resolve():  # a step_N of this run
             last = checkpoint_step(source)
             later = [p for p in run_checkpoints(self.run_dir, best=False) if checkpoint_step(p) > last]
             best = root / BEST_DIR / BEST_INFO_FILE
