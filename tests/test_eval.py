@@ -371,6 +371,53 @@ def test_checkpoints_another_method_is_a_new_row(tiny_run, tmp_path, capsys):
     _one_line_error(capsys, "eval checkpoints", [str(run), "data=/nonexistent"], "shard directory /nonexistent")
 
 
+def test_checkpoints_another_run_data_or_dtype_is_scored_not_skipped(tiny_run, tmp_path, capsys):
+    """The skip key holds the run, the data and the dtype: a second run (or the same run on other data
+    or in bfloat16) into the same CSV is scored, not answered with the first one's numbers."""
+    import shutil
+
+    run, _ = tiny_run
+    csv_path = tmp_path / "all.csv"
+    base = ["best=false", "device=cpu", "--out", str(csv_path)]
+    assert run_command("eval checkpoints", [str(run), *base]) == 0
+    other_run = shutil.copytree(run, tmp_path / "run2")
+    other_data = shutil.copytree(tmp_path / "shards", tmp_path / "shards2")
+    capsys.readouterr()
+    for extra in ([str(other_run)], [str(run), f"data={other_data}"], [str(run), "dtype=bfloat16"]):
+        assert run_command("eval checkpoints", [*extra, *base]) == 0
+        assert "2 scored, 0 already there" in capsys.readouterr().out, extra
+    rows = read_csv(csv_path)
+    assert len(rows) == 8 and len({tuple(r[k] for k in ("run", "data", "dtype", "checkpoint")) for r in rows}) == 8
+    assert {r["run"] for r in rows} == {str(run.resolve()), str(other_run.resolve())}
+    # step 2 of the run, of its copy, and on a copy of its data: copies, so the same number
+    assert [r["checkpoint"] for r in rows[:6:2]] == ["step_0000002"] * 3 and rows[4]["data"] != rows[0]["data"]
+    assert rows[0]["val_loss"] == rows[2]["val_loss"] == rows[4]["val_loss"] != rows[6]["val_loss"]  # (bfloat16)
+
+
+def test_checkpoints_a_row_cut_off_by_a_kill_is_scored_again(tiny_run, tmp_path, capsys):
+    run, _ = tiny_run
+    csv_path = tmp_path / "cut.csv"
+    args = [str(run), "best=false", "device=cpu", "--out", str(csv_path)]
+    assert run_command("eval checkpoints", args) == 0
+    whole = read_csv(csv_path)
+    text = csv_path.read_text()
+    csv_path.write_text(text[: text.rindex("\n", 0, -1) + 40])  # killed 40 characters into the last row
+    capsys.readouterr()
+    assert run_command("eval checkpoints", args) == 0
+    assert "1 scored, 1 already there" in capsys.readouterr().out
+    assert read_csv(csv_path) == whole  # not a glued 2-row line
+
+
+def test_checkpoints_best_without_a_step_is_one_line_before_scoring(tiny_run, tmp_path, capsys, monkeypatch):
+    import modernlm.eval.checkpoint_scores as scores
+
+    run, _ = tiny_run
+    (run / "checkpoints" / "best" / "best.json").write_text('{"val_loss": 5.3}')
+    monkeypatch.setattr(scores, "score_checkpoint", lambda *a, **k: pytest.fail("scored before the check"))
+    capsys.readouterr()
+    _one_line_error(capsys, "eval checkpoints", [str(run), "device=cpu"], "best.json: no step in it")
+
+
 # ---- the real model: SmolLM2-135M-Instruct (.gguf, de-quantized to float32) ---------------------------
 
 

@@ -7,9 +7,10 @@ Reads RUN/config.yaml (data.path, data.seq_len) and scores RUN/checkpoints/step_
 the shards' val split. The default windows are the trainer's validation windows: context =
 data.seq_len + 1 tokens (seq_len inputs and their targets), stride = context - 1, so consecutive
 windows share one token and every token after the first is scored exactly once; with the whole
-split, val_loss equals the trainer's (eval_batches=0). Rows are appended; a checkpoint already in
-the CSV with the same step and method is skipped, so rerunning after more training scores only the
-new checkpoints.
+split, val_loss equals the trainer's (eval_batches=0) when the split's length minus one is a
+multiple of seq_len (the trainer scores whole windows only; this also scores the last, shorter
+one). Rows are appended; a checkpoint of the same run already in the CSV with the same data, dtype
+and method is skipped, so rerunning after more training scores only the new checkpoints.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def windows(cfg: Config, seq_len: int) -> tuple[int, int]:
 
 
 def main(cfg: Config) -> None:
-    from modernlm.checkpoint import run_checkpoints, saved_step
+    from modernlm.checkpoint import BEST_INFO_FILE, run_checkpoints, saved_step
     from modernlm.eval.checkpoint_scores import (
         KEY,
         append_row,
@@ -86,6 +87,9 @@ def main(cfg: Config) -> None:
     checkpoints = run_checkpoints(run_dir, cfg.best)
     if not checkpoints:
         raise UserError(f"{run_dir / 'checkpoints'}: no saved checkpoints")
+    for path in checkpoints:
+        if saved_step(path) is None:  # (best/ whose best.json is missing or names no step)
+            raise UserError(f"{path / BEST_INFO_FILE}: no step in it (best=false skips {path})")
     ids = split_ids(data_path, cfg.split, cfg.max_tokens)
 
     csv_path = Path(cfg.out) if cfg.out else run_dir / CSV_FILE
@@ -95,8 +99,9 @@ def main(cfg: Config) -> None:
     for path in checkpoints:
         name, step = path.name, saved_step(path)
         row: dict[str, Any] = dict(
-            checkpoint=name, step=step, context=context, stride=stride, max_tokens=cfg.max_tokens, split=cfg.split
-        )
+            run=run_dir.resolve(), checkpoint=name, step=step, data=data_path.resolve(), split=cfg.split,
+            context=context, stride=stride, max_tokens=cfg.max_tokens, dtype=cfg.dtype,
+        )  # fmt: skip
         if tuple(str(row[k]) for k in KEY) in done:
             print(f"{name} (step {step}): already in {csv_path}, skipped")
             continue

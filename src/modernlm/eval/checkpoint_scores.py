@@ -1,8 +1,10 @@
 """Validation loss of a pretraining run's checkpoints, one CSV row each (`modernlm eval checkpoints`).
 
-A row's KEY (checkpoint, step, context, stride, max_tokens, split) says which scoring it holds: a
-checkpoint already in the CSV under the same key is not scored again. Rows are appended one at a
-time, so a killed evaluation keeps the rows it wrote.
+A row's KEY (run, checkpoint, step, data, split, context, stride, max_tokens, dtype) says which
+scoring it holds: a checkpoint already in the CSV under the same key is not scored again, and
+another run, other data or another dtype is a new row (run and data are absolute paths). Rows are
+appended one at a time, so a killed evaluation keeps the rows it wrote (a row it was cut off in is
+dropped before the next is appended).
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from modernlm.errors import UserError
 from modernlm.perplexity import NLLResult, sliding_window_nll
 
 COLUMNS = [
-    "checkpoint", "step", "tokens_seen", "val_loss", "val_ppl", "tokens_scored", "context", "stride",
-    "max_tokens", "split",
+    "run", "checkpoint", "step", "tokens_seen", "val_loss", "val_ppl", "tokens_scored", "data", "split",
+    "context", "stride", "max_tokens", "dtype",
 ]  # fmt: skip
-KEY = ("checkpoint", "step", "context", "stride", "max_tokens", "split")  # same key = already scored
+KEY = ("run", "checkpoint", "step", "data", "split", "context", "stride", "max_tokens", "dtype")  # same = scored
 
 
 def run_data(run_dir: Path, data: str) -> tuple[Path, int]:
@@ -93,9 +95,15 @@ def read_rows(csv_path: Path) -> list[dict[str, str]]:
 
 
 def append_row(csv_path: Path, row: dict[str, Any]) -> None:
-    """One row more (the header first, into a new file)."""
-    new_file = not csv_path.is_file()
+    """One row more (the header first, into a new file). A last row cut off by a kill (no newline at
+    the end) is dropped first: appending to it would glue two rows into one."""
     csv_path.parent.mkdir(parents=True, exist_ok=True)
+    if csv_path.is_file():
+        data = csv_path.read_bytes()
+        if not data.endswith(b"\n"):
+            with open(csv_path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+    new_file = not csv_path.is_file() or csv_path.stat().st_size == 0
     with open(csv_path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         if new_file:
