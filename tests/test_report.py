@@ -200,6 +200,19 @@ def test_single_run_and_dir_of_runs(tmp_path):
     assert not (runs / "report.md").exists()
 
 
+def test_results_json_without_rows_leaves_the_table_to_the_runs(tmp_path):
+    # `modernlm experiment sinks`' directory: its two runs and a results.json of its own numbers, no "rows"
+    root = tmp_path / "sinks"
+    write_training_run(root / "sink", {1: 5.0, 2: 4.0}, {2: 4.5}, params=950)
+    write_training_run(root / "nosink", {1: 5.0, 2: 4.2}, {2: 4.6}, params=900)
+    (root / "results.json").write_text(json.dumps({"context": 16, "arms": {"sink": {"ppl": [9.0]}}}))
+    header, rows = headline(collect(root))
+    assert header[0] == "model" and [r[0] for r in rows] == ["nosink", "sink"]
+    md = write_report(root)[0].read_text()
+    assert "| sink | 950 | 2 | 1.02k | 4.0000 | 4.5000 | 90.02 | 12.5 s |" in md and "n/a: no" not in md
+    assert "val ppl is the last validation perplexity" in md  # the note of the runs' table
+
+
 def test_overwrite_needs_force(pipeline, capsys):
     assert run_command("report", [str(pipeline)]) == 0
     (pipeline / "report.md").write_text("my edits")

@@ -49,14 +49,18 @@ class Config:
 
     def __post_init__(self) -> None:
         check_scoring(self.batch_size, self.max_tokens)
+        if self.data and self.hf_dataset:  # one text is scored: the file would win silently
+            raise UserError(f"data: give a text file ({self.data}) or hf_dataset ({self.hf_dataset}), not both")
 
 
 def main(cfg: Config) -> None:
     import json
+    import sys
     from pathlib import Path
 
     from modernlm.api import load
     from modernlm.data.readers import load_text
+    from modernlm.eval.sinks import nan_to_none
     from modernlm.perplexity import evaluate_text, summary_line
     from modernlm.quant import check_quantize
 
@@ -72,7 +76,10 @@ def main(cfg: Config) -> None:
         max_tokens=cfg.max_tokens, bos=cfg.bos, progress=cfg.progress,
     )  # fmt: skip
     report = {"data": data, **report}
-    payload = json.dumps(report, indent=2)
+    written = nan_to_none(report)  # JSON has no NaN: a non-finite score is null there
+    if written != report:
+        print("warning: the scores are not finite (nan or inf from the model); null in the JSON", file=sys.stderr)
+    payload = json.dumps(written, indent=2, allow_nan=False)
     if cfg.out:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from modernlm.data.corpus import CorpusConfig
 from modernlm.errors import UserError
 from modernlm.eval.sinks import SinksEvalConfig
 from modernlm.files import atomic_write
+from modernlm.generation import Sampling
 from modernlm.model import ModelConfig
 from modernlm.train.optim import OptimConfig
 from modernlm.train.trainer import TrainingConfig
@@ -76,6 +77,10 @@ def check(cfg: Config) -> int:
         )
     if e.prompt_tokens >= C:
         raise UserError(f"eval.prompt_tokens ({e.prompt_tokens}) must be < model.max_seq_len ({C})")
+    try:  # generate()'s own checks, now rather than after training both models
+        Sampling(temperature=e.temperature, top_k=e.top_k, top_p=e.top_p, seed=e.seed)
+    except UserError as err:
+        raise UserError(f"eval.{err}") from None
     return window
 
 
@@ -169,6 +174,7 @@ def load_models(runs: dict[str, Path], device: Any) -> tuple[dict[str, Any], dic
     """Each run's latest checkpoint on `device`, and what results.json says about it."""
     from modernlm.api import load
     from modernlm.checkpoint import latest_checkpoint
+    from modernlm.pipeline.report import finite
     from modernlm.train.tracking import SUMMARY_FILE, read_metrics
 
     models, info = {}, {}
@@ -183,22 +189,22 @@ def load_models(runs: dict[str, Path], device: Any) -> tuple[dict[str, Any], dic
             "run_dir": str(run_dir),
             "checkpoint": str(ckpt),
             "params": models[name].num_params(),
-            "val_loss": evals[-1]["val_loss"] if evals else None,
+            "val_loss": finite(evals[-1]["val_loss"]) if evals else None,  # a diverged run logs the string "nan"
             "train_seconds": json.loads(summary.read_text()).get("wall_time_s") if summary.is_file() else None,
         }
     return models, info
 
 
-def measure(cfg: Config, runs: dict[str, Path], data_path: Path, window: int) -> dict[str, Any]:
-    """Every arm's perplexity by position and generation statistics; the numbers of results.json."""
+def measure(cfg: Config, runs: dict[str, Path], data_path: Path, window: int, ids: Any) -> dict[str, Any]:
+    """Every arm's perplexity by position and generation statistics on `ids` (the validation
+    sequences of `eval_sequences`); the numbers of results.json."""
     import torch
 
-    from modernlm.eval.sinks import arms, eval_sequences, measure_arm, text_stats
+    from modernlm.eval.sinks import arms, measure_arm, text_stats
     from modernlm.tokenizer import load_tokenizer
 
     e, C = cfg.eval, cfg.model.max_seq_len
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    ids = eval_sequences(data_path, e.multiples * C, max(e.num_sequences, e.num_samples))
     tokenizer = load_tokenizer(data_path) if (data_path / "tokenizer.json").is_file() else None
     models, info = load_models(runs, torch.device("cuda" if use_cuda else "cpu"))
     results = {}
@@ -229,7 +235,7 @@ def derived_outputs(cfg: Config) -> list[tuple[str, Path, str]]:
 
 def main(cfg: Config) -> None:
     from modernlm.config import to_dict
-    from modernlm.eval.sinks import nan_to_none, summary_markdown
+    from modernlm.eval.sinks import eval_sequences, nan_to_none, summary_markdown
     from modernlm.pipeline.plotting import plot_sinks
 
     start = time.perf_counter()
@@ -237,9 +243,11 @@ def main(cfg: Config) -> None:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data_path = prepare_data(cfg, out)
+    e = cfg.eval  # read before training: a val split too short for eval.multiples is an error now, not after it
+    ids = eval_sequences(data_path, e.multiples * cfg.model.max_seq_len, max(e.num_sequences, e.num_samples))
     runs = train_models(cfg, data_path, out)
     trained = time.perf_counter()
-    results = measure(cfg, runs, data_path, window)
+    results = measure(cfg, runs, data_path, window, ids)
     results["eval_seconds"] = round(time.perf_counter() - trained, 1)
     results["wall_time_s"] = round(time.perf_counter() - start, 1)
     results["config"] = to_dict(cfg)

@@ -6,7 +6,8 @@ This module holds the pieces that are not specific to that command:
 
 Which checkpoints a path means (`checkpoint.checkpoint_dirs`) is the checkpoint layout's.
 - `markdown_table(header, rows)`: a GitHub-flavoured Markdown table; `md_escape` makes any text
-  safe for one cell (`|` escaped, newlines as `<br>`, HTML characters as entities).
+  safe for one cell (`|` escaped, newlines as `<br>`, HTML characters as entities); `md_fence`
+  gives the backticks that quote any text as code (a fenced block or an inline span).
 - `generations_markdown(...)`: the whole document, a header block with every sampling setting,
   then one table per prompt whose rows are checkpoints.
 """
@@ -32,6 +33,13 @@ def md_escape(text: str) -> str:
     text = text.replace("\\", "\\\\").replace("|", "\\|")
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return re.sub(r"\r\n|\r|\n", "<br>", text)
+
+
+def md_fence(text: str, shortest: int = 3) -> str:
+    """Backticks that `text` cannot close: longer than its longest run of them (at least `shortest`;
+    3 for a fenced block, 1 for an inline code span), so model text stays text, never live HTML."""
+    ticks = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    return "`" * max(shortest, ticks + 1)
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
@@ -71,4 +79,5 @@ __all__ = [
     "generations_markdown",
     "markdown_table",
     "md_escape",
+    "md_fence",
 ]

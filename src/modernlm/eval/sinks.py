@@ -28,7 +28,7 @@ from torch import Tensor
 
 from modernlm.data.shards import TokenStream
 from modernlm.errors import UserError
-from modernlm.eval.compare import markdown_table
+from modernlm.eval.compare import markdown_table, md_fence
 from modernlm.generation import generate
 from modernlm.runtime import eval_mode
 
@@ -275,7 +275,7 @@ def summary_markdown(results: dict[str, Any], e: SinksEvalConfig, *, steps: int,
     the generations' statistics, the first sample of each arm, and the plot (sinks.png)."""
     C, M, W = results["context"], results["multiples"], results["window"]
     cols = [f"{k + 1}x" for k in range(M)]
-    fmt = lambda v, spec: "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)  # noqa: E731
+    fmt = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"  # noqa: E731
     arms_ = results["arms"]
     parts = [
         "# Attention sinks past the trained context\n",
@@ -307,9 +307,13 @@ def summary_markdown(results: dict[str, Any], e: SinksEvalConfig, *, steps: int,
         parts.append(markdown_table(["arm", *cols], rows))
     parts.append("## Samples\n")
     if results.get("sample_prompt") is not None:
-        parts.append(f"Prompt: `{results['sample_prompt']!r}`; the first sample of each arm.\n")
+        # model text as code, quoted by more backticks than it holds: it cannot end the quote and turn into HTML
+        prompt = repr(results["sample_prompt"])
+        tick = md_fence(prompt, 1)
+        parts.append(f"Prompt: {tick} {prompt} {tick}; the first sample of each arm.\n")
         for a in arms_.values():
-            parts.append(f"<details><summary>{a['name']}</summary>\n\n```\n{a['sample']}\n```\n</details>\n")
+            fence = md_fence(a["sample"])
+            parts.append(f"<details><summary>{a['name']}</summary>\n\n{fence}\n{a['sample']}\n{fence}\n</details>\n")
     parts.append("![perplexity by position](sinks.png)\n")
     return "\n".join(parts)
 

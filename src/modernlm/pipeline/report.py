@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from modernlm.errors import UserError
-from modernlm.eval.compare import markdown_table, md_escape
+from modernlm.eval.compare import markdown_table, md_escape, md_fence
 from modernlm.eval.metrics import wilson_interval
 from modernlm.files import atomic_write
 from modernlm.pipeline.runner import PIPELINE_FILE
@@ -190,7 +190,7 @@ def collect(root: str | Path, max_samples: int = 3) -> ReportData:
                 continue  # the stage that writes into the pipeline directory itself: this report
             run = read_run(root / str(s.get("run_dir") or name), name, max_samples)
             run.status, run.error = s.get("status"), s.get("error")
-            run.wall_s = _finite(s.get("wall_s"))
+            run.wall_s = finite(s.get("wall_s"))
             runs.append(run)
         env = pipeline.get("environment")
         results = _read_json(root / RESULTS_FILE, [])
@@ -215,7 +215,7 @@ def collect(root: str | Path, max_samples: int = 3) -> ReportData:
         raise UserError(f"{root}: no run here (no {PIPELINE_FILE}, no {'/'.join(RUN_FILES)} in it or a subdirectory)")
     runs = [read_run(d, d.resolve().name, max_samples) for d in dirs]
     for run in runs:
-        run.wall_s = _finite(run.summary.get("wall_time_s"))
+        run.wall_s = finite(run.summary.get("wall_time_s"))
     results = runs[0].results if kind == "run" else _read_json(root / RESULTS_FILE, [])
     return ReportData(
         root=root,
@@ -231,7 +231,8 @@ def collect(root: str | Path, max_samples: int = 3) -> ReportData:
 # ---- numbers and tables -----------------------------------------------------------------------
 
 
-def _finite(v: Any) -> float | None:
+def finite(v: Any) -> float | None:
+    """`v` as a float when it is a finite number, else None (metrics.jsonl writes nan as the string "nan")."""
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         return None
     return float(v)
@@ -293,13 +294,13 @@ def _per_kind(column: str) -> bool:
 
 
 def headline(data: ReportData) -> tuple[list[str], list[list[str]]]:
-    """The headline table: results.json as given, else one row per run that has a summary.json.
+    """The headline table: results.json's rows where it has any, else one row per run that has a summary.json.
 
     The per-kind accuracies (answer_accuracy/<kind>) are left to `kind_table`, so the table stays narrow.
     """
-    if data.results is not None:
-        rows = _result_rows(data)
-        cols = data.results.get("columns") or list(dict.fromkeys(k for r in rows for k in r))
+    rows = _result_rows(data)
+    if rows:  # a results.json without rows (an experiment's own numbers) leaves the table to the runs
+        cols = (data.results or {}).get("columns") or list(dict.fromkeys(k for r in rows for k in r))
         cols = [str(c) for c in cols if not _per_kind(str(c))]
         return cols, [[fmt(c, r.get(c)) for c in cols] for r in rows]
     header = ["model", "params", "steps", "tokens", "final loss", "best val loss", "val ppl", "wall time"]
@@ -310,7 +311,7 @@ def headline(data: ReportData) -> tuple[list[str], list[list[str]]]:
             continue  # a stage without a training loop has no row
         # a perplexity only where the trainer logged one (a token NLL): exp of DPO's or GRPO's val
         # loss is no perplexity
-        ppl = next((r["val_ppl"] for r in reversed(run.metrics) if _finite(r.get("val_ppl")) is not None), None)
+        ppl = next((r["val_ppl"] for r in reversed(run.metrics) if finite(r.get("val_ppl")) is not None), None)
         rows.append(
             [
                 run.name,
@@ -340,7 +341,7 @@ def kind_table(data: ReportData) -> tuple[list[str], list[list[str]]]:
 
 def _with_interval(row: dict[str, Any], column: str) -> str:
     """An accuracy with its 95% Wilson interval ("0.75 [0.64, 0.84]") where the row counts its problems."""
-    v, n = _finite(row.get(column)), row.get(column.replace("answer_accuracy", "answer_count", 1))
+    v, n = finite(row.get(column)), row.get(column.replace("answer_accuracy", "answer_count", 1))
     if v is None:
         return "n/a"
     if not isinstance(n, int) or n <= 0:
@@ -364,7 +365,7 @@ def last_values(records: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     last: dict[str, Any] = {}
     for r in records:
         for k, v in r.items():
-            if k != "step" and _finite(v) is not None:
+            if k != "step" and finite(v) is not None:
                 last[k] = v
     return list(last.items())
 
@@ -495,11 +496,11 @@ def render(data: ReportData, now: datetime | None = None) -> list[Block]:
         blocks += [Image(ACCURACY_IMAGE, png, alt), Text(accuracy_caption(_result_rows(data)))]
     if rows:
         blocks.append(Table(header, rows))
-        if data.results is None:
+        if not _result_rows(data):  # the rows are the runs'
             blocks.append(Text("val ppl is the last validation perplexity each run logged (exp of a token NLL; "
                                "none for DPO, GRPO or the verifier, whose losses are no token NLL)."))
     else:
-        blocks.append(Text("n/a: no results.json and no summary.json."))
+        blocks.append(Text("n/a: no rows in results.json and no summary.json."))
     kind_header, kind_rows = kind_table(data)
     if kind_rows:
         blocks += [
@@ -575,11 +576,6 @@ def _md_text(s: str) -> str:
     return html.escape(s, quote=False)  # Markdown passes raw HTML through; entities are shown as text
 
 
-def _fence(text: str) -> str:
-    ticks = max((len(m) for m in re.findall(r"`+", text)), default=0)
-    return "`" * max(3, ticks + 1)
-
-
 def to_markdown(blocks: list[Block], assets: str = ASSETS_DIR) -> str:
     """Markdown; images are linked as assets/NAME (the caller writes the files)."""
     out = []
@@ -593,7 +589,7 @@ def to_markdown(blocks: list[Block], assets: str = ASSETS_DIR) -> str:
         elif isinstance(b, Image):
             out.append(f"![{md_escape(b.alt)}]({assets}/{b.name})")
         elif isinstance(b, Code):
-            fence = _fence(b.text)
+            fence = md_fence(b.text)
             code = f"{fence}\n{b.text.rstrip()}\n{fence}"
             out.append(f"{_md_text(b.fold)}:\n\n{code}" if b.fold else code)
     return "\n\n".join(out) + "\n"
@@ -669,6 +665,7 @@ def write_report(run_dir: str | Path, out: str | Path = "", force: bool = False,
 __all__ = [
     "accuracy_png",
     "collect",
+    "finite",
     "flatten",
     "fmt",
     "headline",
