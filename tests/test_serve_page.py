@@ -185,7 +185,7 @@ def test_api_key(driver, lm):
 def test_settings_are_sent(driver, url):
     open_page(driver, url, model_id(url))
     assert driver.find_element(By.ID, "temperature").get_attribute("value") == "0.7"
-    assert driver.find_element(By.ID, "max-tokens").get_attribute("value") == "256"
+    assert driver.find_element(By.ID, "max-tokens").get_attribute("value") == ""  # auto: what the context leaves
     driver.execute_script(RECORD_BODIES)
     set_value(driver, "system", "You are terse.")
     set_value(driver, "temperature", "0")
@@ -250,3 +250,101 @@ def test_stream_decoding(driver, url):
     for payloads in results:
         assert len(payloads) == 2 and payloads[1] == "[DONE]", payloads
         assert json.loads(payloads[0])["choices"][0]["delta"]["content"] == content
+
+
+def bodies(driver) -> list[dict]:
+    return driver.execute_script("return window.__bodies")
+
+
+def test_a_small_context_chats_on_max_tokens_auto_and_drops_the_oldest_turn(driver, tmp_path):
+    """A 64-token model: one turn is 21 prompt tokens, two 47, three 73. With Max tokens empty the
+    server gives each reply what the context leaves; the third message leaves out the oldest turn
+    (said on the page) instead of failing, and every reply is whole."""
+    small = load(script_checkpoint(tmp_path / "ckpt", max_seq_len=64), device="cpu", progress=False)
+    with serving(small) as base:
+        open_page(driver, base, model_id(base))
+        driver.execute_script(RECORD_BODIES)
+        set_value(driver, "temperature", "0")
+        for turn in (1, 2, 3):
+            assert send(driver, "Hi", turn) == [REPLY] * turn
+        assert [len(b["messages"]) for b in bodies(driver)] == [1, 3, 5, 3]  # the third sent twice: without turn 1
+        assert all("max_tokens" not in b for b in bodies(driver))
+        assert "error" not in " ".join(classes(driver))
+        notes = [n.get_attribute("textContent") for n in driver.find_elements(By.CSS_SELECTOR, "#messages .msg.info")]
+        assert notes == ["1 earliest turn left out: the model's context is full"]
+        finishes = [e.get_attribute("data-finish") for e in driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")]
+        assert finishes == ["stop"] * 3
+
+
+def test_max_tokens_as_typed_and_a_bad_one_is_said_before_sending(driver, url):
+    open_page(driver, url, model_id(url))
+    driver.execute_script(RECORD_BODIES)
+    set_value(driver, "max-tokens", "2.5")
+    driver.find_element(By.ID, "input").send_keys("Hi\n")
+    wait(driver, lambda d: "msg error" in classes(d), "the error")
+    assert "Max tokens" in driver.find_element(By.CSS_SELECTOR, ".msg.error").get_attribute("textContent")
+    assert bodies(driver) == [] and driver.find_element(By.ID, "input").get_attribute("value") == "Hi"
+    set_value(driver, "input", "")
+    set_value(driver, "max-tokens", "1e1")  # a number input's exponent: 10, where parseInt read 1
+    send(driver, "Hi", 1)
+    assert bodies(driver)[-1]["max_tokens"] == 10
+
+
+def test_a_server_restarted_with_another_model_is_asked_again(driver, url):
+    """The page keeps the model id of /v1/models; when the server answers model_not_found (it came
+    back with another model), the page asks /v1/models again and resends, once."""
+    open_page(driver, url, model_id(url))
+    driver.execute_script(RECORD_BODIES + "model = 'the-model-before-the-restart';")
+    assert send(driver, "Hi", 1) == [REPLY]
+    assert [b["model"] for b in bodies(driver)] == ["the-model-before-the-restart", model_id(url)]
+    assert driver.find_element(By.ID, "model").get_attribute("textContent") == model_id(url)
+
+
+def test_an_empty_reply_keeps_its_turn(driver, tmp_path):
+    silent = load(script_checkpoint(tmp_path / "ckpt", words=()), device="cpu", progress=False)
+    with serving(silent) as base:
+        open_page(driver, base, model_id(base))
+        driver.execute_script(RECORD_BODIES)
+        assert send(driver, "My name is Ann.", 1) == [""]
+        assert driver.find_element(By.CSS_SELECTOR, ".msg.assistant").get_attribute("data-note") == "[empty reply]"
+        send(driver, "What is my name?", 2)
+        assert bodies(driver)[-1]["messages"] == [
+            {"role": "user", "content": "My name is Ann."}, {"role": "assistant", "content": ""},
+            {"role": "user", "content": "What is my name?"},
+        ]  # fmt: skip
+
+
+def test_no_other_site_can_frame_the_page(driver, url):
+    """Clickjacking: another origin's page (a server on another port) frames the chat; the browser
+    must refuse to show it (frame-ancestors 'none'), while the page runs under its own policy."""
+    import http.server
+    import threading
+
+    class Framing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the handler's name)
+            body = f"<iframe id='f' src='{url}/'></iframe>".encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Framing)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        driver.get(f"http://127.0.0.1:{other.server_port}/")
+    finally:
+        other.shutdown()
+    driver.switch_to.frame(driver.find_element(By.ID, "f"))
+    try:  # the frame's document: the page, or the browser's own "refused to connect" page
+        loaded = "return document.readyState === 'complete' && location.href !== 'about:blank'"
+        wait(driver, lambda d: d.execute_script(loaded), "the frame")
+        assert driver.find_elements(By.ID, "input") == []
+    finally:
+        driver.switch_to.default_content()
+    with urllib.request.urlopen(url + "/", timeout=WAIT_S) as response:
+        policy = response.headers["Content-Security-Policy"]
+        assert "frame-ancestors 'none'" in policy and response.headers["X-Frame-Options"] == "DENY"

@@ -20,7 +20,9 @@ Design notes: docs/design.md#serveapppy
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations (the Request
 # type, imported inside make_app so that importing this module does not need FastAPI).
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -114,6 +116,21 @@ def check_servable(lm: Any) -> None:
         raise UserError(f"{lm.source}: no tokenizer, so there is no text to serve")
 
 
+def chat_page() -> tuple[str, dict[str, str]]:
+    """The chat page (chat.html) and its headers. No other site may frame it: a hidden frame under
+    a decoy could send messages as the user (clickjacking). It runs only its own inline script and
+    style, named by their hashes, and talks only to this server."""
+    html = resources.files("modernlm.serve").joinpath("chat.html").read_text("utf-8")
+
+    def digest(tag: str) -> str:
+        [body] = re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.S)
+        return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+
+    policy = (f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')}; "
+              "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")  # fmt: skip
+    return html, {"Content-Security-Policy": policy, "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff"}
+
+
 def make_app(lm: Any, cfg: ServeConfig | None = None, *, engine_thread: bool = True) -> Any:
     """The FastAPI app serving `lm` (a `modernlm.load` result). Its engine (`app.state.engine`)
     runs in a thread of its own while the app's lifespan does, or, with engine_thread=False, where
@@ -183,9 +200,11 @@ def make_app(lm: Any, cfg: ServeConfig | None = None, *, engine_thread: bool = T
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    page_html, page_headers = chat_page()
+
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
-        return HTMLResponse(resources.files("modernlm.serve").joinpath("chat.html").read_text("utf-8"))
+        return HTMLResponse(page_html, headers=page_headers)
 
     def model_card() -> dict[str, Any]:
         return {"id": name, "object": "model", "created": started, "owned_by": "modernlm",
