@@ -59,6 +59,31 @@ def test_evaluate_calls_a_compiled_forward():
     assert v.evaluate(model, forward=compiled)["val_loss"] == pytest.approx(v.evaluate(model)["val_loss"])
 
 
+def test_evaluate_packs_the_metric_names_of_every_rank(monkeypatch):
+    """Rank 1 of 2 without a validation batch: its loss_fn never ran, so it knows no metric name,
+    yet it must all-reduce as many values as rank 0 (names agreed, its values zeros)."""
+    import torch.distributed as dist
+
+    def accuracy_fn(model, batch):
+        return torch.tensor(1.0), 2, {"accuracy": 0.5}
+
+    rank1 = Runtime(device=torch.device("cpu"), dtype=torch.float32, rank=1, world_size=2, tensorboard=False)
+    reduced = []
+
+    def gather(out, names):  # rank 0 scored a batch and has the name
+        out[:] = [["accuracy"], names]
+
+    def all_reduce(t):  # rank 0's sums join this rank's
+        reduced.append(t.tolist())
+        t += torch.tensor([1.0, 2.0, 1.0], dtype=t.dtype)
+
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    result = Validator(accuracy_fn, [], rank1, perplexity=False).evaluate(torch.nn.Linear(1, 1))
+    assert reduced == [[0.0, 0.0, 0.0]]
+    assert result == {"val_loss": 0.5, "val_accuracy": 0.5}
+
+
 def test_should_save_every_n_and_the_last(tmp_path):
     def ckpt(save_every):
         return Checkpointer(tmp_path, CPU, save_model_fn=None, load_model_fn=None, save_every=save_every)

@@ -323,3 +323,67 @@ def test_fsdp_sigterm_on_two_ranks_gives_one_checkpoint_and_an_exact_resume(shar
     assert f"at step {stopped_at}" in out
     assert losses(run_dir) == full, f"k={k}, stopped at {stopped_at}"
     assert saved_steps(run_dir)[-1] == 40
+
+
+def test_fsdp_validates_when_ranks_have_different_numbers_of_val_batches(tmp_path):
+    """5 validation windows: rank 0 scores 2 batches, rank 1 one. Each FSDP forward all-gathers
+    the weights, so rank 1 must run one more (discarded) forward: it used to hang. val_loss is
+    one process's."""
+    from modernlm.data.corpus import write_shards
+
+    rng = np.random.default_rng(0)
+    val = rng.integers(0, 64, 5 * 32 + 1)
+    shards = write_shards(tmp_path / "shards", {"train": np.tile(val, 20), "val": val}, vocab_size=64)
+    args = ["pretrain", *common(shards, tmp_path, "train.num_steps=2", "train.eval_every=0", "train.eval_batches=0")]
+    run_ok(one(*args, "run.name=one"))
+    run_ok(two(*args, "run.name=fsdp", "train.parallel=fsdp"))
+    assert_same_curves(tmp_path / "one", tmp_path / "fsdp", keys=("loss", "val_loss"), least=2)
+
+
+def test_sft_and_dpo_with_one_held_out_example_on_two_ranks_match_one_process(tmp_path):
+    """One held-out example: rank 1 has no validation batch, yet both ranks must evaluate (they
+    used to disagree and hang, DDP too); under FSDP rank 1 pads with rank 0's batch, and the
+    held-out replies and the training samples (SFT) and pair scores (DPO) run on every rank (rank 0
+    alone hung or crashed; FSDP had no samples).
+    Everything logged and reported is one process's at the same global batch, DPO's training
+    metrics included (they were rank 0's share)."""
+    import json
+
+    from tests.test_verifier import chat_checkpoint
+
+    chat = chat_checkpoint(tmp_path / "chat")
+    words = ("cat", "dog", "sun", "sky", "sea")
+    (tmp_path / "sft.json").write_text(json.dumps([{"instruction": f"Echo {w}.", "input": "", "output": w}
+                                                   for w in words * 4]))  # fmt: skip
+    pairs = [{"prompt": f"Say {w}.", "chosen": w, "rejected": f"not {w} {i}"} for i, w in enumerate(words * 4)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    common_args = [
+        f"run.out_dir={tmp_path}", "run.device=cpu", "train.progress=false", "train.num_steps=2", "train.log_every=1",
+        "train.eval_every=1", "train.save_every=1000", "eval.max_examples=1",
+    ]  # fmt: skip
+    stages = {
+        "sft": [str(chat), f"data.path={tmp_path / 'sft.json'}", "data.max_length=48", "eval.val_fraction=0.1",
+                "eval.generate=2", "eval.max_new_tokens=6", "optim.lr=5e-3", "train.sample_every=2",
+                "train.sample_prompts=[Echo]", "train.sample_tokens=6"],
+        "dpo": [str(chat), f"data.path={tmp_path / 'pairs.jsonl'}", "data.max_length=48", "eval.val_fraction=0.1",
+                "optim.lr=1e-3"],
+    }  # fmt: skip
+    for stage, args in stages.items():
+        args = [stage, *args, *common_args]
+        run_ok(one(*args, f"run.name={stage}-one"))
+        for parallel in ("ddp", "fsdp"):
+            run_ok(two(*args, f"run.name={stage}-{parallel}", f"train.parallel={parallel}"))
+            a, b = tmp_path / f"{stage}-one", tmp_path / f"{stage}-{parallel}"
+            keys = ["loss", "val_loss", "grad_norm"]
+            if stage == "dpo":
+                keys += ["logps/chosen", "rewards/margins", "val_logps/chosen"]
+            assert_same_curves(a, b, keys=keys, least=2)
+            reports = [json.loads((d / "eval.json").read_text()) for d in (a, b)]
+            assert reports[0]["n_val"] == 1 and reports[0].keys() == reports[1].keys()
+            if stage == "sft":
+                assert reports[0]["n_generated"] == 1
+                assert (b / "samples.md").read_text() == (a / "samples.md").read_text()
+            else:
+                for when in ("before", "after"):
+                    for k, v in reports[0][when].items():
+                        assert reports[1][when][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (when, k)

@@ -330,14 +330,17 @@ def evaluate_pairs(
 
 class HeldOutPairs:
     """The held-out pairs' metrics before training (saved to `before_file`, kept across resumes) and
-    after (with the reference's rewards); rank 0 scores, the other ranks report nothing."""
+    after (with the reference's rewards); rank 0 scores, the other ranks report nothing. With
+    `all_ranks` (a model sharded by FSDP: its forwards are collectives) every rank scores the same
+    pairs, in step; rank 0 still keeps the report and writes."""
 
     def __init__(
         self, model: nn.Module, ref_model: nn.Module | None, items: list[dict[str, Any]], batch_size: int,
-        pad_id: int, beta: float, runtime: Runtime, before_file: Path,
+        pad_id: int, beta: float, runtime: Runtime, before_file: Path, all_ranks: bool = False,
     ):  # fmt: skip
         self.model, self.ref_model, self.items, self.batch_size = model, ref_model, items, batch_size
         self.pad_id, self.beta, self.runtime, self.before_file = pad_id, beta, runtime, before_file
+        self.scores = bool(items) and (runtime.is_main or all_ranks)  # whether this rank scores
         self.report: dict[str, Any] = {}
 
     def _score(self) -> dict[str, float]:
@@ -346,22 +349,25 @@ class HeldOutPairs:
 
     def before(self, step: int) -> None:
         """Score the pairs at step 0 (and print the accuracy); on a resumed run, read those scores."""
-        if not self.runtime.is_main:
-            return
-        if self.items and step == 0:
-            self.report["before"] = self._score()
-            atomic_write_json(self.before_file, self.report["before"])
-            self.runtime.print0(f"before: held-out pair accuracy {self.report['before']['pair_accuracy']:.3f}")
-        elif self.before_file.is_file():
+        rt = self.runtime
+        if self.scores and step == 0:
+            before = self._score()
+            if rt.is_main:
+                self.report["before"] = before
+                atomic_write_json(self.before_file, before)
+                rt.print0(f"before: held-out pair accuracy {before['pair_accuracy']:.3f}")
+        elif rt.is_main and self.before_file.is_file():
             self.report["before"] = json.loads(self.before_file.read_text())
 
     def after(self) -> dict[str, Any]:
         """The report: {"before", "after"} on rank 0 (with held-out pairs), {} elsewhere."""
-        if self.runtime.is_main and self.items:
-            if self.ref_model is not None:  # live reference: score the held-out pairs with it for rewards
-                rt = self.runtime
+        rt = self.runtime
+        if self.scores:
+            if self.ref_model is not None and rt.is_main:  # live reference: score the pairs with it for rewards
                 reference_logps(self.ref_model, self.items, 2 * self.batch_size, self.pad_id, rt.device, rt.autocast)
-            self.report["after"] = self._score()
+            after = self._score()
+            if rt.is_main:
+                self.report["after"] = after
         return self.report
 
     def text(self) -> str:

@@ -395,17 +395,18 @@ def generate_replies(
 
 
 def reply_report(
-    model: nn.Module, encoder: ChatEncoder, conversations: list[list[Message]], max_new_tokens: int, samples: Path,
-    step: int,
+    model: nn.Module, encoder: ChatEncoder, conversations: list[list[Message]], max_new_tokens: int,
+    samples: Path | None, step: int,
 ) -> dict[str, Any]:  # fmt: skip
     """Greedy replies to the held-out conversations (each cut before its last assistant turn):
-    eos_rate and n_generated for eval.json; the replies are appended to `samples` (samples.md).
-    {} without conversations."""
+    eos_rate and n_generated for eval.json; the replies are appended to `samples` (samples.md;
+    None: not written). {} without conversations."""
     if not conversations:
         return {}
     prompts = [c[: max(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in conversations]
     replies = generate_replies(model, encoder, prompts, max_new_tokens)
-    append_reply_samples(samples, step, prompts, replies)
+    if samples is not None:
+        append_reply_samples(samples, step, prompts, replies)
     return {"eos_rate": sum(r["stopped"] for r in replies) / len(replies), "n_generated": len(replies)}
 
 

@@ -70,12 +70,12 @@ def main(cfg: Config) -> None:
         ref_model = dpo.set_up_reference(model, items + val_items, cfg.dpo.precompute_ref, 2 * bs, pad, rt.device,
                                          rt.autocast)  # fmt: skip
         loss_fn = dpo.dpo_loss_fn(cfg.dpo.beta, cfg.dpo.label_smoothing, ref_model, cfg.dpo.sft_weight)
-        mine = val_items[rt.rank :: rt.world_size]
+        mine = val_items[rt.rank :: rt.world_size]  # [] on some ranks: they still join every eval
         train_batches = dpo.PreferenceBatches(items, bs, pad, seed=cfg.run.seed, rank=rt.rank, world_size=rt.world_size)
         torch.manual_seed(cfg.run.seed + rt.rank)
         trainer = Trainer(
             model, loss_fn, train_batches, cfg.train, cfg.optim, rt, run.run_dir,
-            val_batches=dpo.pair_batches(mine, bs, pad) if mine else None, tokenizer=tokenizer,
+            val_batches=dpo.pair_batches(mine, bs, pad) if val_items else None, tokenizer=tokenizer,
             perplexity=False, batch_counts=dpo.pair_batch_counts,
         )  # fmt: skip
         run.start(trainer, (
@@ -86,7 +86,7 @@ def main(cfg: Config) -> None:
         if skipped:
             rt.print0(f"skipped {sum(skipped.values())} pairs: {dict(skipped)}")
         held_out = dpo.HeldOutPairs(model, ref_model, val_items, bs, pad, cfg.dpo.beta, rt,
-                                    run.run_dir / "eval_before.json")  # fmt: skip
+                                    run.run_dir / "eval_before.json", all_ranks=trainer.sharded)  # fmt: skip
         held_out.before(trainer.step)
         summary = trainer.train()
         report = held_out.after()

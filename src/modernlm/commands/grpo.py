@@ -98,10 +98,10 @@ def main(cfg: Config) -> None:
             grad_accum_steps=cfg.train.grad_accum_steps, eos_id=encoder.end_id, pad_id=chat_pad_id(encoder),
             seed=cfg.run.seed, rank=rt.rank, world_size=rt.world_size, ref_model=ref_model, autocast=rt.autocast,
         )  # fmt: skip
-        mine = held_out[rt.rank :: rt.world_size]
+        mine = held_out[rt.rank :: rt.world_size]  # [] on some ranks: they still join every eval
         trainer = Trainer(
             model, grpo.grpo_loss_fn(s), rollouts, cfg.train, cfg.optim, rt, run.run_dir,
-            val_batches=grpo.problem_batches(mine, cfg.eval_batch_size) if mine else None,
+            val_batches=grpo.problem_batches(mine, cfg.eval_batch_size) if held_out else None,
             eval_loss_fn=grpo.greedy_accuracy_fn(model, tokenizer, encoder.end_id, s.max_new_tokens),
             tokenizer=tokenizer, perplexity=False, batch_counts=grpo.rollout_batch_counts,
         )  # fmt: skip

@@ -66,11 +66,11 @@ def main(cfg: Config) -> None:
             examples, cfg.train.batch_size, pad, pack=cfg.data.pack, max_length=cfg.data.max_length,
             seed=cfg.run.seed, rank=rt.rank, world_size=rt.world_size,
         )  # fmt: skip
-        mine = val_examples[rt.rank :: rt.world_size]
+        mine = val_examples[rt.rank :: rt.world_size]  # [] on some ranks: they still join every eval
         torch.manual_seed(cfg.run.seed + rt.rank)
         trainer = Trainer(
             model, sft.sft_loss, train_batches, cfg.train, cfg.optim, rt, run.run_dir,
-            val_batches=sft.eval_sft_batches(mine, cfg.train.batch_size, pad) if mine else None,
+            val_batches=sft.eval_sft_batches(mine, cfg.train.batch_size, pad) if val_examples else None,
             tokenizer=tokenizer, batch_counts=sft.sft_batch_counts,
             flops_per_token=model.flops_per_token(cfg.data.max_length),
             sample_fn=prompt_sampler(tokenizer, cfg.train.sample_prompts, cfg.train.sample_tokens),
@@ -82,10 +82,12 @@ def main(cfg: Config) -> None:
         ))  # fmt: skip
         summary = trainer.train()
         text = f"{summary['steps']} steps, val_loss {fmt_loss(summary['final_val_loss'])}"
-        if rt.is_main:  # greedy replies to the held-out prompts: eval.json, samples.md
+        # greedy replies to the held-out prompts: eval.json, samples.md (rank 0); a sharded model
+        # generates on every rank, the same replies, as its forwards are collectives
+        if rt.is_main or trainer.sharded:
             report = {"step": trainer.step, "val_loss": summary["final_val_loss"], "n_val": len(val_examples)}
             report |= sft.reply_report(model, encoder, conversations, cfg.eval.max_new_tokens,
-                                       run.run_dir / "samples.md", trainer.step)  # fmt: skip
+                                       run.run_dir / "samples.md" if rt.is_main else None, trainer.step)  # fmt: skip
             run.write_eval(report)
             text += f", replies ending with <|im_end|>: {report['eos_rate']:.0%}" if "eos_rate" in report else ""
         run.done(summary, text)

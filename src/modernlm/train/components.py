@@ -180,7 +180,8 @@ class Validator:
     `evaluate`: the mean loss over every target token of the batches on all ranks (val_loss),
     exp of it (val_ppl, when the loss is a token NLL: `perplexity`), and the loss_fn's metrics as
     token-weighted means named val_<name>. The last run scores `final_batches` (default: batches),
-    e.g. the whole split at the end and a sample of it along the way.
+    e.g. the whole split at the end and a sample of it along the way. `batches` is None on every
+    rank (no validation) or on none: a rank without its share gets [].
     """
 
     def __init__(
@@ -193,8 +194,10 @@ class Validator:
         every: int = 0,
         at_start: bool = True,
         perplexity: bool = True,
+        sharded: bool = False,
     ):
         self.loss_fn, self.batches, self.runtime = loss_fn, batches, runtime
+        self.sharded = sharded  # FSDP on several ranks: each forward is a collective
         self.final_batches = final_batches if final_batches is not None else batches
         self.every, self.at_start, self.perplexity = every, at_start, perplexity
 
@@ -207,7 +210,12 @@ class Validator:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, final: bool = False, forward: nn.Module | None = None) -> dict[str, float]:
         """Validation metrics of `model` (in eval mode meanwhile); the loss_fn calls `forward`
-        (default: model), e.g. its compiled version. {} when there is nothing to score."""
+        (default: model), e.g. its compiled version. {} when there is nothing to score.
+
+        Under DDP a rank may have fewer batches than another, or none (its metrics are zeros in
+        the sums). With `sharded` (FSDP on several ranks) every forward all-gathers the weights
+        with the other ranks, so a rank with fewer batches runs as many more forwards, whose
+        results are discarded: then the batches must have a len()."""
         batches = self.final_batches if final else self.batches
         if batches is None:
             return {}
@@ -216,6 +224,7 @@ class Validator:
         extra: dict[str, Tensor] = {}  # the loss_fn's metrics, weighted by n_tokens
         if forward is None:  # not `forward or model`: bool() of a torch.compile'd module calls len(), a TypeError
             forward = model
+        padding, last = self._padding(batches) if self.sharded else (0, None)
         with eval_mode(model):
             for batch in batches:
                 with rt.autocast():
@@ -225,10 +234,16 @@ class Validator:
                 totals[1] += n
                 for k, v in metrics.items():
                     extra[k] = extra.get(k, 0) + torch.as_tensor(v, device=rt.device).detach().double() * n
-            names = sorted(extra)
-            packed = torch.cat([totals, torch.stack([extra[k] for k in names])]) if names else totals
-            if rt.distributed:
-                torch.distributed.all_reduce(packed)
+                last = batch
+            for _ in range(padding):  # in step with the ranks' remaining forwards; results discarded
+                with rt.autocast():
+                    self.loss_fn(forward, to_device(last, rt.device))
+        # every rank packs the same names, in the same order (one with no batches has none)
+        names = agree_names(sorted(extra), rt)
+        zero = torch.zeros((), dtype=torch.float64, device=rt.device)
+        packed = torch.cat([totals, torch.stack([extra.get(k, zero) for k in names])]) if names else totals
+        if rt.distributed:
+            torch.distributed.all_reduce(packed)
         if packed[1].item() == 0:
             return {}
         val_loss = (packed[0] / packed[1]).item()
@@ -237,6 +252,30 @@ class Validator:
             result["val_ppl"] = math.exp(min(val_loss, 50.0))
         result.update({f"val_{k}": (packed[2 + i] / packed[1]).item() for i, k in enumerate(names)})
         return result
+
+    def _padding(self, batches: Any) -> tuple[int, Any]:
+        """(forwards this rank runs past its batches, the batch to run them on when it has none):
+        as many as the rank with the most batches has more; a rank with none gets the first batch
+        of the lowest rank that has one."""
+        rt = self.runtime
+        counts: list[Any] = [None] * rt.world_size
+        torch.distributed.all_gather_object(counts, len(batches))
+        spare = None
+        if 0 in counts and max(counts) > 0:
+            src = next(r for r, c in enumerate(counts) if c)
+            box = [next(iter(batches)) if rt.rank == src else None]
+            torch.distributed.broadcast_object_list(box, src=src)
+            spare = box[0]
+        return max(counts) - counts[rt.rank], spare
+
+
+def agree_names(names: list[str], runtime: Runtime) -> list[str]:
+    """The sorted union of every rank's metric names (this rank's alone in one process)."""
+    if not runtime.distributed:
+        return names
+    every_rank: list[Any] = [None] * runtime.world_size
+    torch.distributed.all_gather_object(every_rank, names)
+    return sorted(set().union(*every_rank))
 
 
 class TimeBudget:
@@ -361,6 +400,7 @@ __all__ = [
     "TimeBudget",
     "TrainLog",
     "Validator",
+    "agree_names",
     "every",
     "to_device",
 ]

@@ -126,7 +126,8 @@ class Trainer:
         loss_fn: see the module docstring.
         train_batches: an endless iterator of CPU batches with `state_dict`/`load_state_dict`
             (`Batches`): its position is checkpointed and resume is exact.
-        val_batches: a re-iterable of validation batches for this rank (or None).
+        val_batches: a re-iterable of validation batches for this rank, with a len(): None on
+            every rank (no validation) or on none ([] where a rank has no share).
         final_val_batches: those of the last validation run, when they differ (e.g. the whole split
             at the end, a sample of it along the way); default: val_batches.
         eval_loss_fn: loss_fn used for validation (default: loss_fn).
@@ -178,21 +179,19 @@ class Trainer:
         self.flops_per_token, self.sample_fn, self.batch_counts = flops_per_token, sample_fn, batch_counts
         if cfg.sample_every and sample_fn is None:
             warn_once("train.sample_every: this stage has no sampler (no tokenizer, or not a generating model)")
+        self.fsdp = cfg.parallel == "fsdp"
+        # FSDP on several ranks: every forward all-gathers weights with the other ranks, so each
+        # rank runs every forward (validation, samples, a stage's own evaluations) in step
+        self.sharded = self.fsdp and runtime.distributed
         self.validator = Validator(
             eval_loss_fn or loss_fn, val_batches, runtime, final_batches=final_val_batches,
-            every=cfg.eval_every, at_start=cfg.eval_at_start, perplexity=perplexity,
+            every=cfg.eval_every, at_start=cfg.eval_at_start, perplexity=perplexity, sharded=self.sharded,
         )  # fmt: skip
-        self.fsdp = cfg.parallel == "fsdp"
         if self.fsdp:
             check_fsdp(runtime, optim_cfg.name)
             if save_model_fn is not None and runtime.distributed:
                 # a stage's own saver (verifier head, LoRA adapter) would see sharded weights
                 raise UserError("train.parallel=fsdp: this stage saves its model its own way; use train.parallel=ddp")
-            if sample_fn is not None and runtime.distributed:
-                # generation on rank 0 alone would wait forever for the other ranks' shards
-                if cfg.sample_every:
-                    warn_once("train.sample_every: no samples under train.parallel=fsdp on several ranks")
-                self.sample_fn = None
         self.checkpointer = Checkpointer(
             self.run_dir, runtime, save_model_fn=save_model_fn or save_model,
             load_model_fn=load_model_fn or load_model_weights, tokenizer=tokenizer, save_every=cfg.save_every,
@@ -380,7 +379,7 @@ class Trainer:
         counts = [0, 0]  # input tokens, examples: host integers from batch_counts
         count_examples = False
         ref: Tensor | None = None
-        metrics: dict[str, Any] = {}
+        weighted: dict[str, Tensor] = {}  # the loss_fn's metrics, each times its micro-batch's tokens
         for i, batch in enumerate(micro_batches):
             if self.batch_counts is not None:
                 n_inputs, n_examples = self.batch_counts(batch)
@@ -397,22 +396,26 @@ class Trainer:
             loss_sum, n_tokens, micro_metrics, ref = self.forward_backward_step(batch, ref, n_micro)
             loss_total += loss_sum.detach()
             tokens_total += n_tokens
-            for k, v in micro_metrics.items():  # a stage's extra metrics: mean over the micro-batches
-                v = v.detach() if isinstance(v, Tensor) else v
-                metrics[k] = metrics.get(k, 0) + v / n_micro
+            for k, v in micro_metrics.items():  # a stage's extra metrics: token-weighted, as the loss
+                v = torch.as_tensor(v.detach() if isinstance(v, Tensor) else v, device=rt.device)
+                weighted[k] = weighted.get(k, 0) + v.to(loss_total.dtype) * n_tokens
+        names = sorted(weighted)  # the same loss_fn on every rank: the same names
 
         stop_flags = None
         if rt.distributed:
-            # A stop request (SIGINT / SIGTERM on any rank) rides along: every rank stops after
-            # the same step, at no extra collective.
+            # A stop request (SIGINT / SIGTERM on any rank) rides along, and so do the loss_fn's
+            # metrics (every rank's tokens in the mean): every rank stops after the same step, at
+            # no extra collective.
             flags = self.signals.flags(rt.device, loss_total.dtype)
-            sums = torch.stack([loss_total, tokens_total.to(loss_total.dtype)])
+            sums = torch.stack([loss_total, tokens_total.to(loss_total.dtype), *(weighted[k] for k in names)])
             packed = torch.cat([sums, torch.tensor(counts, dtype=sums.dtype, device=rt.device), flags])
             torch.distributed.all_reduce(packed)
-            loss_total, tokens_float, stop_flags = packed[0], packed[1], packed[4:]
-            counts = [round(v) for v in packed[2:4].tolist()]
+            loss_total, tokens_float, stop_flags = packed[0], packed[1], packed[-2:]
+            weighted = dict(zip(names, packed[2 : 2 + len(names)], strict=True))
+            counts = [round(v) for v in packed[-4:-2].tolist()]
         else:
             tokens_float = tokens_total.to(loss_total.dtype)
+        metrics = {k: weighted[k] / tokens_float.clamp_min(1) for k in names}
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         # Gradients hold grad(sum of losses) / (ref * world_size) (DDP averages over ranks):
@@ -525,8 +528,9 @@ class Trainer:
 
     def sample(self) -> None:
         """Append sample_fn's section to run_dir/samples.md (rank 0; `add_section`: rewritten
-        atomically, without a killed attempt's sections past this step)."""
-        if not (self.runtime.is_main and self.sample_fn is not None):
+        atomically, without a killed attempt's sections past this step). A sharded model samples
+        on every rank, the same tokens (sample_fn is seeded by the step), so the forwards match."""
+        if not ((self.runtime.is_main or self.sharded) and self.sample_fn is not None):
             return
         try:
             with eval_mode(self.model):
@@ -534,7 +538,7 @@ class Trainer:
         except UserError as e:  # e.g. a prompt longer than the context: the run goes on
             warn_once(f"sampling skipped: {e}")
             return
-        if not text:
+        if not text or not self.runtime.is_main:
             return
 
         add_section(self.run_dir / "samples.md", self.step, f"## step {self.step}\n\n{text}\n")
