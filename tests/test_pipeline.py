@@ -187,3 +187,25 @@ def test_the_environment_names_the_kind_of_cpu():
     needs = {"AVX512": "avx512f", "AVX2": "avx2"}.get(env["cpu_capability"])
     if needs and Path("/proc/cpuinfo").is_file():
         assert needs in env["cpu_simd"], env
+
+
+def test_held_out_data_from_a_file_and_the_hub_is_one_line_naming_the_section(tmp_path, capsys):
+    from modernlm.cli import run_command
+
+    args = ["-c", "configs/pipeline/demo.yaml", f"out_dir={tmp_path}", "eval.text.path=wiki.txt",
+            "eval.text.hf_dataset=Salesforce/wikitext"]  # fmt: skip
+    assert run_command("pipeline", args) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "eval.text: path (wiki.txt) or hf_dataset (Salesforce/wikitext): give one, not both" in line, line
+    assert not any(tmp_path.iterdir())  # refused before any stage ran
+
+
+@pytest.mark.parametrize("field", ["eval.text.path", "sft.data.path", "verifier.data.eval_path"])
+def test_a_named_file_that_is_not_there_is_one_line_before_any_stage(tmp_path, capsys, field):
+    from modernlm.cli import run_command
+
+    args = ["-c", "configs/pipeline/demo.yaml", f"out_dir={tmp_path / 'p'}", f"{field}=typo.jsonl"]
+    assert run_command("pipeline", args) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith(f"{field}: no such file: typo.jsonl"), line
+    assert not (tmp_path / "p").exists()  # before the data stage, not after pretraining

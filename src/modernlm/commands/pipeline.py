@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from modernlm.commands import dpo, grpo, prepare, pretrain, sft, tokenizer_train, verifier
+from modernlm.errors import UserError
 from modernlm.pipeline import report, table
 from modernlm.pipeline.runner import Runner, Stage
 from modernlm.pipeline.samples import SamplesStage, write_side_by_side_samples
@@ -82,9 +83,30 @@ def build_stages(cfg: Config) -> list[Stage]:
     ]  # fmt: skip
 
 
+def check_named_files(cfg: Config) -> None:
+    """Every data file the recipe names for a later stage is there now: a typo is one line before the
+    data and pretraining stages run, not minutes into the pipeline (paths under out_dir are the
+    stages' own outputs, made on the way)."""
+    named = {
+        "sft.data.path": cfg.sft.data.path, "sft.eval.val_path": cfg.sft.eval.val_path,
+        "dpo.data.path": cfg.dpo.data.path, "dpo.eval.val_path": cfg.dpo.eval.val_path,
+        "rl.data.path": cfg.rl.data.path, "rl.eval.path": cfg.rl.eval.path,
+        "verifier.data.train_path": cfg.verifier.data.train_path,
+        "verifier.data.eval_path": cfg.verifier.data.eval_path,
+        "eval.text.path": cfg.eval.text.path, "eval.problems.path": cfg.eval.problems.path,
+        "eval.pairs.path": cfg.eval.pairs.path,
+    }  # fmt: skip
+    out = Path(cfg.out_dir).resolve()
+    for name, value in named.items():
+        path = Path(value)
+        if value and not path.exists() and out not in path.resolve().parents:
+            raise UserError(f"{name}: no such file: {value}")
+
+
 def main(cfg: Config) -> None:
     from modernlm.config import to_yaml
 
+    check_named_files(cfg)
     table.check_harness_tasks(cfg.eval)  # a wrong task name or a missing file fails now, not after pretraining
     stages = build_stages(cfg)
     recipe_text = to_yaml(replace(cfg, from_stage="", only=""))

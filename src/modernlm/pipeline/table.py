@@ -44,6 +44,10 @@ class HeldOutData:
     hf_config: str = ""  # e.g. wikitext-2-raw-v1, main
     split: str = "test"
 
+    def __post_init__(self) -> None:
+        if self.path and self.hf_dataset:  # one source is read: the other would be ignored silently
+            raise ValueError(f"path ({self.path}) or hf_dataset ({self.hf_dataset}): give one, not both")
+
     def given(self) -> bool:
         return bool(self.path or self.hf_dataset)
 
