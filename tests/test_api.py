@@ -240,6 +240,20 @@ def test_convert_keeps_the_bos_rule(hf_dir, tmp_path):
     lm = load(tmp_path / "ours")
     assert lm.kind == "modernlm" and lm.tokenizer.add_bos == (hf_dir.name == "bos")
     assert lm.generate(PROMPTS[0], max_new_tokens=8) == _hf_generate(model, hf_tok, hf_tok(PROMPTS[0]).input_ids, 8)
+    # the HF template (not ChatML) is kept, and is a chat template: chat and serve take the checkpoint
+    assert lm.has_chat_template and lm.chat_prompt(MESSAGES) == hf_tok.apply_chat_template(
+        MESSAGES, add_generation_prompt=True, tokenize=False
+    )
+
+
+@pytest.mark.hf
+def test_quantize_on_an_hf_source_decodes_in_our_engine(hf_dir):
+    """load(hf, quantize=int8) with the default backend: converted and quantized as it loads (it
+    was transformers' float32 model, the setting ignored)."""
+    lm = load(hf_dir, quantize="int8", progress=False)
+    assert (lm.kind, lm.weights) == ("modernlm", "int8")
+    same = load(hf_dir, backend="modernlm", quantize="int8", progress=False)
+    assert lm.generate(PROMPTS[0], max_new_tokens=6) == same.generate(PROMPTS[0], max_new_tokens=6)
 
 
 @pytest.mark.hf
@@ -262,6 +276,7 @@ def test_load_fastest_runs_a_non_llama_in_transformers_with_quantize_auto(tmp_pa
     hf_tok.save_pretrained(tmp_path / "gpt2")
     lm = load_fastest(tmp_path / "gpt2", quantize="auto", progress=False)
     assert lm.kind == "transformers" and lm.weights == "float32"
+    assert (load(tmp_path / "gpt2", quantize="auto", progress=False).kind) == "transformers"  # load: the same rule
     reference = load(tmp_path / "gpt2", backend="transformers", progress=False)
     assert lm.generate("Hello", 5) == reference.generate("Hello", 5)
     with pytest.raises(UserError, match="quantize=int8 needs backend=modernlm"):

@@ -338,6 +338,31 @@ def test_text_stream_random_token_sequences(tokenizer):
         assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True), (trial, ids)
 
 
+def test_text_stream_with_a_byte_fallback_tokenizer():
+    """Llama 2 / Mistral style: a character outside the vocabulary is its UTF-8 bytes as <0xNN>
+    tokens, and the ByteFallback decoder writes one U+FFFD per byte of an unfinished one. Streamed
+    token by token, the text equals decoding every token at once (it was '� ���� a')."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, normalizers
+
+    from modernlm.tokenizer import Tokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for piece in ["\u2581", "a", "b", "\u2581a", "ab"]:
+        vocab[piece] = len(vocab)
+    backend = Backend(models.BPE(vocab, [("\u2581", "a"), ("a", "b")], unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])  # fmt: skip
+    tok = Tokenizer(backend, bos_token="<s>", eos_token="</s>", add_bos=True)
+    ids = [i for i in tok.encode("ab \u65e5\u672c a") if i != tok.bos_id]
+    assert sum(backend.id_to_token(i).startswith("<0x") for i in ids) == 6  # two characters of 3 bytes
+    stream = TextStream(tok, context=[tok.bos_id])
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    # (after the context's <s>, the decoder's Strip leaves the word's leading space: " ab")
+    assert "".join(pieces) == stream.text == " ab \u65e5\u672c a"
+
+
 def test_text_stream_stop_strings(tokenizer):
     stream = TextStream(tokenizer, stop=["\n\n", "END"])
     pieces = []
@@ -507,6 +532,8 @@ def test_cli_generate(tmp_path, capsys, tokenizer, text_model, stream):
     args = ["generate", str(tmp_path / "ckpt"), "prompt=A café", "max_new_tokens=15"]
     assert _cli([*args, "temperature=0", f"stream={stream}"]) == 0
     expected = generate_text(text_model, tokenizer, "A café", 15)
+    assert capsys.readouterr().out == expected + "\n"
+    assert _cli([*args, "temperature=0", f"stream={stream}", "quantize=auto"]) == 0  # ours: auto is float
     assert capsys.readouterr().out == expected + "\n"
     assert _cli([*args, "temperature=1.0", "top_k=20", "seed=4", f"stream={stream}"]) == 0
     options = dict(temperature=1.0, top_k=20, seed=4)

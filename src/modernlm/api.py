@@ -148,11 +148,12 @@ class LM:
 
     @property
     def has_chat_template(self) -> bool:
-        """Ours: the tokenizer has <|im_start|> and <|im_end|> (SFT adds them); HF: a `chat_template`."""
+        """Ours: the tokenizer has <|im_start|> and <|im_end|> (SFT adds them), or a template of its
+        own (an HF model's, kept by `convert`); HF: a `chat_template`."""
         tok = self.tokenizer
         if tok is None:
             return False
-        if self.checkpoint is not None:
+        if self.checkpoint is not None and tok.chat_template in (None, CHATML_TEMPLATE):
             return all(tok.token_to_id(t) is not None for t in (IM_START, IM_END))
         return bool(tok.chat_template)
 
@@ -283,6 +284,11 @@ def load(
     quantize = check_quantize(quantize, f"{at}quantize", auto=True)
     src = resolve_source(source, what)
     dev = resolve_device(str(device))
+    if backend == "auto" and quantize != "none" and src.kind != "modernlm":
+        # quantized decoding is our engine's: an HF Llama (or .gguf) converts as it loads; "auto"
+        # falls back to transformers' model as it is for other architectures (`load_fastest`)
+        options = dict(device=device, dtype=dtype, tokenizer=tokenizer, progress=progress, what=what, quantize=quantize)
+        return load_fastest(source, **options) if quantize == "auto" else load(source, backend="modernlm", **options)
     if quantize == "auto" and backend == "transformers":
         quantize = "none"  # auto is the fastest that applies: transformers' models decode as they are
     if quantize != "none" and backend == "transformers":

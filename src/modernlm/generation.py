@@ -515,7 +515,7 @@ class TextStream:
         self._window = list(context)[-4:]
         self._prefix = 0  # the decoding window is _window[_prefix:]
         self._read = len(self._window)  # end of the window's last clean decode
-        self._done = len(self._decode(self._window))  # characters of the window already in `text`
+        self._shown = self._decode(self._window)  # the window's text already in `text`
         self.text = ""  # generated text so far (cut at a stop string once stopped)
         self._sent = 0  # characters of `text` already handed out
         self.ids: list[int] = []
@@ -535,14 +535,19 @@ class TextStream:
     def _advance(self, final: bool) -> None:
         window = self._decode(self._window[self._prefix :])
         clean = final or not window.endswith("\ufffd")
-        if not clean:
-            window = window[:-1]  # an unfinished character: the next token may complete it
-        if len(window) > self._done:
-            self.text += window[self._done :]
-            self._done = len(window)
+        if not clean:  # an unfinished character (at most 3 of its bytes): the next token may
+            # complete it. Byte-level BPE decodes it as one U+FFFD, a byte-fallback decoder (Llama 2,
+            # Mistral) as one per byte: hold back up to 3 (more are invalid bytes for good)
+            held = min(3, len(window) - len(window.rstrip("\ufffd")))
+            window = window[: len(window) - held]
+        # A byte-fallback decoder turns every byte of a run into U+FFFD when the run's end is
+        # unfinished, characters already shown too: then nothing until the run decodes again.
+        if len(window) > len(self._shown) and (clean or window.startswith(self._shown)):
+            self.text += window[len(self._shown) :]
+            self._shown = window
         if clean:  # slide the window so decoding stays O(1) per token
             self._prefix, self._read = self._read, len(self._window)
-            self._done = len(self._decode(self._window[self._prefix :]))
+            self._shown = self._decode(self._window[self._prefix :])
 
     def _release(self, final: bool) -> str:
         # Feed the new characters to each stop string's matcher. Text before `_sent` holds no part

@@ -45,7 +45,7 @@ class Config:
     window: int = 0  # > 0: rolling KV cache of sink_size + window tokens (constant memory)
     sink_size: int = 4  # first tokens the rolling cache always keeps (StreamingLLM attention sinks)
     compile: bool = False  # torch.compile the decode steps (~20-60 s once; faster per token)
-    quantize: str = "none"  # none, int8, int4: weight-only quantized decoding (docs/model.md)
+    quantize: str = "none"  # none, int8, int4, auto (a .gguf's own blocks): weight-only decoding (docs/model.md)
     schema: str = ""  # a JSON Schema file: every output is JSON that matches it (constrained decoding)
     stream: bool = True  # print tokens as they come (one checkpoint, one prompt)
     device: str = "cpu"  # cpu, cuda, cuda:1, mps
@@ -72,7 +72,7 @@ def main(cfg: Config) -> None:
         raise UserError("checkpoints: give a checkpoint or run directory (modernlm generate CHECKPOINT prompt=...)")
     if cfg.prompt and cfg.prompts:
         raise UserError("give prompt (one) or prompts (a list), not both")
-    check_quantize(cfg.quantize)
+    check_quantize(cfg.quantize, auto=True)
     # bytes of the command line that are not UTF-8 come as U+FFFD: tokenizers take valid Unicode only
     prompt, prompts = valid_unicode(cfg.prompt), [valid_unicode(p) for p in cfg.prompts]
     constraint = Constraint.schema_file(cfg.schema) if cfg.schema else None
