@@ -87,8 +87,9 @@ def main(cfg: Config) -> None:
     checkpoints = run_checkpoints(run_dir, cfg.best)
     if not checkpoints:
         raise UserError(f"{run_dir / 'checkpoints'}: no saved checkpoints")
-    for path in checkpoints:
-        if saved_step(path) is None:  # (best/ whose best.json is missing or names no step)
+    steps = {path: saved_step(path) for path in checkpoints}
+    for path, step in steps.items():
+        if step is None:  # (best/ whose best.json is missing or names no step)
             raise UserError(f"{path / BEST_INFO_FILE}: no step in it (best=false skips {path})")
     ids = split_ids(data_path, cfg.split, cfg.max_tokens)
 
@@ -96,8 +97,8 @@ def main(cfg: Config) -> None:
     done = {tuple(row[k] for k in KEY) for row in read_rows(csv_path)}
     records = read_metrics(run_dir)
     scored = 0
-    for path in checkpoints:
-        name, step = path.name, saved_step(path)
+    for path, step in steps.items():
+        name = path.name
         row: dict[str, Any] = dict(
             run=run_dir.resolve(), checkpoint=name, step=step, data=data_path.resolve(), split=cfg.split,
             context=context, stride=stride, max_tokens=cfg.max_tokens, dtype=cfg.dtype,

@@ -84,9 +84,16 @@ def score_checkpoint(
 
 
 def read_rows(csv_path: Path) -> list[dict[str, str]]:
-    """The rows of the CSV so far (none when it does not exist yet)."""
+    """The rows of the CSV so far (none when it does not exist yet). A last row cut off by a kill (no
+    newline at its end) is dropped from the file first: appending to it would glue two rows into one."""
     if not csv_path.is_file():
         return []
+    data = csv_path.read_bytes()
+    if not data.endswith(b"\n"):
+        with open(csv_path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+        if b"\n" not in data:  # killed inside the header: an empty file, the header comes with the next row
+            return []
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames != COLUMNS:
@@ -95,14 +102,8 @@ def read_rows(csv_path: Path) -> list[dict[str, str]]:
 
 
 def append_row(csv_path: Path, row: dict[str, Any]) -> None:
-    """One row more (the header first, into a new file). A last row cut off by a kill (no newline at
-    the end) is dropped first: appending to it would glue two rows into one."""
+    """One row more (the header first, into a new or emptied file)."""
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    if csv_path.is_file():
-        data = csv_path.read_bytes()
-        if not data.endswith(b"\n"):
-            with open(csv_path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
     new_file = not csv_path.is_file() or csv_path.stat().st_size == 0
     with open(csv_path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
